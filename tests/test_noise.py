@@ -1,0 +1,231 @@
+"""Tests of hanorec.noise (NoDO) on a tiny Llama with LoRA built from config, nothing downloaded."""
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from torch.testing import assert_close
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hanorec.noise import NOISE_TARGETS, LoRANoise, add_logit_noise
+
+SIGMA = 0.1
+
+
+def tiny_lora_llama(**lora_kwargs):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+    )
+    config._attn_implementation = "eager"
+    base = LlamaForCausalLM(config)
+    lora = dict(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+    lora.update(lora_kwargs)
+    model = get_peft_model(base, LoraConfig(**lora))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.2)  # peft initialises B to 0; make the adapter matter
+    model.train()
+    return model
+
+
+@pytest.fixture
+def model():
+    return tiny_lora_llama()
+
+
+@pytest.fixture
+def ids():
+    return torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+
+
+def logits(model, ids):
+    return model(input_ids=ids).logits
+
+
+def lora_hooks(noise):
+    return [len(p.lora_A._forward_hooks) + len(p.lora_B._forward_hooks) for p in noise.pairs]
+
+
+def test_noise_targets_and_layers_found(model):
+    assert NOISE_TARGETS == ("lora", "logits", "none")
+    noise = LoRANoise(model, SIGMA)
+    assert len(noise.pairs) == 4  # 2 layers x (q_proj, v_proj)
+    assert noise.metrics() == {"noise/sigma": SIGMA}
+    assert sum(lora_hooks(noise)) == 0  # hooks exist only inside active()
+
+
+def test_sigma_zero_equals_no_noise(model, ids):
+    clean = logits(model, ids)
+    with LoRANoise(model, 0.0).active():
+        noisy = logits(model, ids)
+    assert torch.equal(clean, noisy)
+
+
+def test_draw_shared_within_and_fresh_between_contexts(model, ids):
+    noise = LoRANoise(model, SIGMA)
+    clean = logits(model, ids)
+    with noise.active():
+        first = logits(model, ids)
+        again = logits(model, ids)  # e.g. the rejected forward of the same step
+        draws_1 = {k: (d.eps_A.clone(), d.eps_B.clone()) for k, d in noise.last_draws.items()}
+        assert sum(lora_hooks(noise)) == 2 * len(noise.pairs)
+    with noise.active():
+        second = logits(model, ids)
+    assert torch.equal(first, again)
+    assert not torch.allclose(first, clean, atol=1e-4)
+    assert not torch.allclose(first, second, atol=1e-4)
+    assert len(draws_1) == 4
+    for key, (eps_A, eps_B) in draws_1.items():
+        assert eps_A.shape == (1, 4, 32) and eps_B.shape == (1, 32, 4)
+        assert not torch.equal(eps_A, noise.last_draws[key].eps_A)
+    assert sum(lora_hooks(noise)) == 0
+
+
+def test_no_noise_for_reference_or_eval(model, ids):
+    noise = LoRANoise(model, SIGMA)
+    with model.disable_adapter():
+        ref_clean = logits(model, ids)
+    model.eval()
+    eval_clean = logits(model, ids)
+    model.train()
+    with noise.active():
+        with model.disable_adapter():
+            ref_noisy = logits(model, ids)
+        model.eval()
+        eval_noisy = logits(model, ids)
+        model.train()
+        assert noise.last_draws == {}  # neither forward drew noise
+    assert torch.equal(ref_clean, ref_noisy)
+    assert torch.equal(eval_clean, eval_noisy)
+
+
+def test_weights_untouched_and_gradients_flow_through_perturbed_product(model, ids):
+    noise = LoRANoise(model, SIGMA)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    logits(model, ids).square().mean().backward()
+    clean_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    with noise.active():
+        logits(model, ids).square().mean().backward()
+    for name, param in model.named_parameters():
+        assert torch.equal(param, before[name]), name
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    assert {n.split(".")[-2] for n, _ in trainable} == {"default"}
+    assert any("lora_A" in n for n, _ in trainable) and any("lora_B" in n for n, _ in trainable)
+    for name, param in trainable:
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+        assert not torch.allclose(param.grad, clean_grads[name]), name
+
+
+def test_hooks_removed_when_the_forward_raises(model, ids):
+    noise = LoRANoise(model, SIGMA)
+
+    def boom(module, args, output):
+        raise RuntimeError("boom")
+
+    handle = model.base_model.model.lm_head.register_forward_hook(boom)
+    try:
+        with pytest.raises(RuntimeError, match="boom"), noise.active():
+            logits(model, ids)  # LoRA hooks fire, then lm_head raises
+    finally:
+        handle.remove()
+    assert len(noise.last_draws) == 4
+    assert sum(lora_hooks(noise)) == 0
+    assert not noise._is_active
+
+
+@pytest.mark.parametrize("group_ids", [None, [0, 1]])
+def test_manual_recomputation_of_one_lora_linear(model, ids, group_ids):
+    """q_proj of layer 0: y = W x + scale * (B + eps_B[g]) (A + eps_A[g]) x, per row's group g."""
+    noise = LoRANoise(model, SIGMA)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    captured = {}
+
+    def capture(module, args, output):
+        captured["x"], captured["y"] = args[0].detach(), output.detach()
+
+    handle = layer.register_forward_hook(capture)
+    try:
+        gids = None if group_ids is None else torch.tensor(group_ids)
+        with noise.active(group_ids=gids):
+            logits(model, ids)
+    finally:
+        handle.remove()
+    key = next(k for k in noise.last_draws if k[0].endswith("layers.0.self_attn.q_proj"))
+    draw = noise.last_draws[key]
+    x, y = captured["x"], captured["y"]  # (2, 7, 32)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    rows = [0, 0] if group_ids is None else group_ids
+    for i, g in enumerate(rows):
+        A_noisy, B_noisy = A + draw.eps_A[g], B + draw.eps_B[g]
+        expected = layer.base_layer(x[i]) + layer.scaling["default"] * (x[i] @ A_noisy.T @ B_noisy.T)
+        assert_close(y[i], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_group_ids_give_independent_draws(model):
+    same_rows = torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(2)).repeat(2, 1)
+    noise = LoRANoise(model, SIGMA)
+    with noise.active(group_ids=torch.tensor([0, 1])):
+        out = logits(model, same_rows)
+        draw = next(iter(noise.last_draws.values()))
+        assert draw.eps_A.shape[0] == 2 and not torch.equal(draw.eps_A[0], draw.eps_A[1])
+    assert not torch.allclose(out[0], out[1], atol=1e-4)
+    with noise.active(group_ids=torch.tensor([0, 0])):
+        out = logits(model, same_rows)
+    assert torch.equal(out[0], out[1])
+    with pytest.raises(ValueError, match="group_ids"), noise.active(group_ids=torch.tensor([0, 1, 2])):
+        logits(model, same_rows)
+
+
+def test_generator_makes_draws_reproducible(model, ids):
+    noise = LoRANoise(model, SIGMA)
+    outs = []
+    for _ in range(2):
+        with noise.active(generator=torch.Generator().manual_seed(123)):
+            outs.append(logits(model, ids))
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_lora_variants_are_refused():
+    with pytest.raises(NotImplementedError, match="plain LoRA"):
+        LoRANoise(tiny_lora_llama(use_dora=True), SIGMA)
+    with pytest.raises(ValueError, match="sigma"):
+        LoRANoise(tiny_lora_llama(), -0.1)
+
+
+def test_add_logit_noise():
+    z = torch.randn(4, 50, 64, requires_grad=True)
+    assert add_logit_noise(z, 0.0) is z
+    a = add_logit_noise(z, 0.5, generator=torch.Generator().manual_seed(0))
+    b = add_logit_noise(z, 0.5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b)
+    eps = (a - z).detach()
+    assert abs(eps.mean().item()) < 0.02 and abs(eps.std().item() - 0.5) < 0.02
+    a.sum().backward()
+    assert torch.equal(z.grad, torch.ones_like(z))
+
+
+def test_gradient_checkpointing_reuses_the_draw_when_backward_is_inside(model, ids):
+    """Checkpointing re-runs the forward during backward; inside the context it reuses the same draw."""
+
+    def noisy_grads():
+        model.zero_grad()
+        with LoRANoise(model, SIGMA).active(generator=torch.Generator().manual_seed(7)):
+            logits(model, ids).square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    plain = noisy_grads()
+    model.base_model.model.gradient_checkpointing_enable(
+        gradient_checkpointing_kwargs={"use_reentrant": False}
+    )
+    assert model.base_model.model.model.gradient_checkpointing
+    checkpointed = noisy_grads()
+    for name, grad in plain.items():
+        assert_close(checkpointed[name], grad, atol=1e-6, rtol=1e-5)
