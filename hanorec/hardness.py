@@ -1,0 +1,285 @@
+"""HaRS, the offline half: item neighbour profiles and per-sample hardness weights lambda_n.
+
+method.md section 7. The model-specific part (reading title-token embeddings and vision
+tower outputs) lives elsewhere; this module starts from item embedding tensors:
+
+    e_i       = normalize(normalize(text_i) + normalize(image_i))     # image part 0 if absent
+    s_i       = top-K cosine similarities of e_i to other items, sorted descending
+    p_i       = softmax(s_i)                                          # neighbour profile
+    D(w, l)   = || p_w - p_l ||_2                                     # pair distance
+    D_n       = mean over the sample's aligned (positive, negative) pairs
+    lambda_n  = sigmoid(D_n) / sigmoid(mean_n D_n)                    # hard pair -> lambda < 1
+
+Results are cached on disk by :class:`HardnessCache` (safetensors + a JSON sidecar).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+# ----------------------------------------------------------------------------------------
+# Embeddings and neighbour profiles
+
+
+def fuse_embeddings(
+    text: torch.Tensor, image: torch.Tensor | None = None, has_image: torch.Tensor | None = None
+) -> torch.Tensor:
+    """e_i = normalize(normalize(text_i) + normalize(image_i)); image part 0 where there is no image.
+
+    ``text`` and ``image`` are (N, D) with the same D (project first if the towers differ);
+    ``has_image`` is a (N,) bool mask, all True if omitted. ``image=None`` means no item has
+    an image, so e_i = normalize(text_i). Returns float32 (N, D), unit rows (zero rows stay 0).
+    """
+    if text.ndim != 2:
+        raise ValueError(f"text embeddings must be (N, D), got shape {tuple(text.shape)}")
+    t = F.normalize(text.float(), dim=-1)  # (N, D)
+    if image is None:
+        return t
+    if image.ndim != 2 or image.shape[0] != text.shape[0]:
+        raise ValueError(
+            f"image embeddings must be (N, D) with N={text.shape[0]} like text, got shape {tuple(image.shape)}"
+        )
+    if image.shape[1] != text.shape[1]:
+        raise ValueError(
+            f"text dim {text.shape[1]} != image dim {image.shape[1]}: project the image embeddings "
+            "to the text dimension before fusing"
+        )
+    v = F.normalize(image.float(), dim=-1)  # (N, D)
+    if has_image is not None:
+        mask = torch.as_tensor(has_image, dtype=torch.bool, device=v.device).reshape(-1)
+        if mask.shape[0] != text.shape[0]:
+            raise ValueError(f"has_image has {mask.shape[0]} entries but there are {text.shape[0]} items")
+        v = v * mask[:, None]
+    return F.normalize(t + v, dim=-1)
+
+
+@torch.no_grad()
+def neighbour_profiles(
+    emb: torch.Tensor, k: int = 10, block_size: int = 4096
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k cosine neighbours of every item, excluding the item itself.
+
+    Rows of ``emb`` (N, D) are normalized, then similarities are computed ``block_size``
+    rows at a time: peak extra memory is one (block_size, N) float32 block (block_size * N *
+    4 bytes: 1.6 GB for N=100k at the default 4096; lower block_size to save memory), never
+    (N, N). Returns ``(sims, idx)``, both (N, k): similarities sorted descending and the
+    neighbours' row indices.
+    """
+    if emb.ndim != 2:
+        raise ValueError(f"embeddings must be (N, D), got shape {tuple(emb.shape)}")
+    n = emb.shape[0]
+    if not 1 <= k < n:
+        raise ValueError(f"k={k} neighbours needs 1 <= k < N, but there are N={n} items")
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    e = F.normalize(emb.float(), dim=-1)  # (N, D)
+    sims = torch.empty(n, k, dtype=torch.float32, device=e.device)
+    idx = torch.empty(n, k, dtype=torch.long, device=e.device)
+    for start in range(0, n, block_size):
+        stop = min(start + block_size, n)
+        block = e[start:stop] @ e.T  # (B, N)
+        rows = torch.arange(stop - start, device=e.device)
+        block[rows, rows + start] = float("-inf")  # exclude the item itself
+        top = torch.topk(block, k, dim=1, largest=True, sorted=True)
+        sims[start:stop], idx[start:stop] = top.values, top.indices
+        del block
+    return sims, idx
+
+
+def profile_distributions(sims: torch.Tensor) -> torch.Tensor:
+    """p_i = softmax(s_i) over the k sorted neighbour similarities. (N, k) -> (N, k)."""
+    return torch.softmax(sims.float(), dim=-1)
+
+
+# ----------------------------------------------------------------------------------------
+# Distances and hardness weights
+
+
+def pair_distances(profiles: torch.Tensor, pos_index: torch.Tensor, neg_index: torch.Tensor) -> torch.Tensor:
+    """D(w, l) = || p_w - p_l ||_2 for aligned item indices. (P,), (P,) -> (P,)."""
+    pos = torch.as_tensor(pos_index, dtype=torch.long, device=profiles.device).reshape(-1)
+    neg = torch.as_tensor(neg_index, dtype=torch.long, device=profiles.device).reshape(-1)
+    if pos.shape != neg.shape:
+        raise ValueError(f"pos_index has {pos.numel()} entries but neg_index has {neg.numel()}")
+    n = profiles.shape[0]
+    for name, ix in (("pos_index", pos), ("neg_index", neg)):
+        if ix.numel() and (int(ix.min()) < 0 or int(ix.max()) >= n):
+            raise ValueError(
+                f"{name} must index the {n} profiles, got values in [{int(ix.min())}, {int(ix.max())}]"
+            )
+    return torch.linalg.vector_norm(profiles[pos] - profiles[neg], dim=-1)  # (P,)
+
+
+def sample_distances(
+    profiles: torch.Tensor, positive_ids: Sequence[Sequence[int]], negative_ids: Sequence[Sequence[int]]
+) -> torch.Tensor:
+    """D_n = mean over sample n's aligned (positive_ids[n][j], negative_ids[n][j]) pair distances.
+
+    ids are row indices into ``profiles``. Returns (S,).
+    """
+    if len(positive_ids) != len(negative_ids):
+        raise ValueError(
+            f"positive_ids has {len(positive_ids)} samples but negative_ids has {len(negative_ids)}"
+        )
+    pos: list[int] = []
+    neg: list[int] = []
+    owner: list[int] = []
+    for i, (p, q) in enumerate(zip(positive_ids, negative_ids)):
+        if len(p) != len(q):
+            raise ValueError(
+                f"sample {i}: {len(p)} positive ids but {len(q)} negative ids; they must be aligned"
+            )
+        if len(p) == 0:
+            raise ValueError(f"sample {i} has no (positive, negative) item pairs")
+        pos += [int(x) for x in p]
+        neg += [int(x) for x in q]
+        owner += [i] * len(p)
+    d = pair_distances(profiles, torch.tensor(pos), torch.tensor(neg))  # (P,)
+    owner_t = torch.tensor(owner, dtype=torch.long, device=d.device)
+    s = len(positive_ids)
+    sums = torch.zeros(s, dtype=d.dtype, device=d.device).index_add_(0, owner_t, d)
+    counts = torch.zeros(s, dtype=d.dtype, device=d.device).index_add_(0, owner_t, torch.ones_like(d))
+    return sums / counts  # (S,)
+
+
+def hardness_lambda(distances: torch.Tensor) -> torch.Tensor:
+    """lambda_n = sigmoid(D_n) / sigmoid(mean D) over the training set (method.md section 7).
+
+    Smaller D (profiles alike, a hard pair) -> lambda < 1; a sample at the mean gets exactly 1.
+    """
+    d = torch.as_tensor(distances).float().reshape(-1)  # (S,)
+    if d.numel() == 0:
+        raise ValueError("hardness_lambda needs at least one sample distance")
+    return torch.sigmoid(d) / torch.sigmoid(d.mean())
+
+
+# ----------------------------------------------------------------------------------------
+# On-disk cache
+
+
+def _canonical_json(obj) -> str:
+    try:
+        return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    except TypeError as err:
+        raise TypeError(f"cache key must be JSON-serializable (str, numbers, lists, dicts): {err}") from None
+
+
+def fingerprint(*parts) -> str:
+    """Stable sha256 hex digest of ``parts`` (strings, numbers, lists/tuples, dicts, tensors, arrays).
+
+    Use it to key the cache on a dataset, e.g. ``fingerprint(item_ids, titles)``. Each value
+    is tagged with its type and length, so ("ab", "c") and ("a", "bc") differ.
+    """
+    h = hashlib.sha256()
+
+    def feed(x) -> None:
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu()
+            if x.dtype == torch.bfloat16:
+                x = x.float()
+            x = x.numpy()
+        if isinstance(x, np.ndarray):
+            data = np.ascontiguousarray(x).tobytes()
+            h.update(f"A{x.dtype.str}{x.shape}:{len(data)}:".encode())
+            h.update(data)
+        elif isinstance(x, bytes):
+            h.update(f"B{len(x)}:".encode() + x)
+        elif isinstance(x, str):
+            b = x.encode()
+            h.update(f"S{len(b)}:".encode() + b)
+        elif isinstance(x, Mapping):
+            h.update(f"D{len(x)}:".encode())
+            for key in sorted(x, key=str):
+                feed(str(key))
+                feed(x[key])
+        elif isinstance(x, (list, tuple)):
+            h.update(f"L{len(x)}:".encode())
+            for item in x:
+                feed(item)
+        else:
+            h.update(("J" + _canonical_json(x) + ";").encode())
+
+    feed(list(parts))
+    return h.hexdigest()
+
+
+class HardnessCache:
+    """On-disk cache of neighbour profiles / lambdas keyed by a JSON-able dict.
+
+    The key (e.g. ``{"model": ..., "dataset": fingerprint(...), "k": 10}``) is hashed as the
+    sha256 of its sorted JSON into ``<root>/<hash>.safetensors`` plus ``<root>/<hash>.json``
+    (``{"key": ..., "meta": ...}``). Both files are written to a temp file and moved into
+    place with ``os.replace``; the sidecar is written last, so a half-written entry is a miss.
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+
+    @staticmethod
+    def key_hash(key: Mapping) -> str:
+        return hashlib.sha256(_canonical_json(dict(key)).encode()).hexdigest()
+
+    def paths(self, key: Mapping) -> tuple[Path, Path]:
+        """(tensors file, JSON sidecar) for ``key``."""
+        h = self.key_hash(key)
+        return self.root / f"{h}.safetensors", self.root / f"{h}.json"
+
+    def _sidecar(self, key: Mapping) -> dict | None:
+        tensors_path, meta_path = self.paths(key)
+        if not (tensors_path.is_file() and meta_path.is_file()):
+            return None
+        try:
+            side = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            return None
+        # Guard against a hash collision or a hand-edited file: the stored key must match.
+        if _canonical_json(side.get("key")) != _canonical_json(dict(key)):
+            return None
+        return side
+
+    def get(self, key: Mapping) -> dict[str, torch.Tensor] | None:
+        """The cached tensors for ``key``, or ``None`` on a miss."""
+        if self._sidecar(key) is None:
+            return None
+        return load_file(str(self.paths(key)[0]))
+
+    def meta(self, key: Mapping) -> dict | None:
+        """The ``meta`` dict stored with ``key``, or ``None`` on a miss."""
+        side = self._sidecar(key)
+        return None if side is None else side.get("meta", {})
+
+    def put(self, key: Mapping, tensors: Mapping[str, torch.Tensor], meta: Mapping | None = None) -> Path:
+        """Store ``tensors`` under ``key`` atomically; returns the tensors file path."""
+        key = dict(key)
+        sidecar = _canonical_json({"key": key, "meta": dict(meta or {})})
+        self.root.mkdir(parents=True, exist_ok=True)
+        tensors_path, meta_path = self.paths(key)
+        for name, t in tensors.items():
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"cache value {name!r} must be a torch.Tensor, got {type(t).__name__}")
+        # safetensors wants contiguous CPU tensors that share no memory.
+        payload = {str(name): t.detach().cpu().contiguous().clone() for name, t in tensors.items()}
+        self._atomic_write(tensors_path, lambda tmp: save_file(payload, tmp))
+        self._atomic_write(meta_path, lambda tmp: Path(tmp).write_text(sidecar))
+        return tensors_path
+
+    def _atomic_write(self, dest: Path, write) -> None:
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{dest.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            write(tmp)
+            os.replace(tmp, dest)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
