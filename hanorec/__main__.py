@@ -1,0 +1,5 @@
+import sys
+
+from hanorec.cli import main
+
+sys.exit(main())

@@ -1,0 +1,132 @@
+"""`python -m hanorec <command> [--config preset.yaml] [--section.key=value ...]`
+
+Commands:
+  make-demo   write the bundled demo dataset (deterministic): --out=assets/demo --seed=0
+  run         data -> SFT -> evaluation, prints a metrics table (resumes an interrupted run)
+  sft         stage 1 only
+  evaluate    evaluate the newest checkpoint of a run (or --checkpoint=PATH) with baselines
+  config      print the resolved configuration; `config --help` lists every key
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM ask the training loop to checkpoint and stop; a second SIGINT aborts."""
+
+    def __init__(self):
+        self.stop = False
+
+    def __call__(self) -> bool:
+        return self.stop
+
+    def install(self):
+        def handler(signum, frame):
+            if self.stop and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.stop = True
+            print(f"\nsignal {signum}: checkpointing and stopping after this step", file=sys.stderr)
+
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+        return self
+
+
+def _split_args(argv: list[str]) -> tuple[str | None, list[str], dict]:
+    config, overrides, extra = None, [], {}
+    for arg in argv:
+        if arg.startswith("--config="):
+            config = arg.split("=", 1)[1]
+        elif arg.startswith(("--checkpoint=", "--out=")):
+            k, v = arg[2:].split("=", 1)
+            extra[k] = v
+        else:
+            overrides.append(arg)
+    return config, overrides, extra
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(__doc__)
+        return 0
+    command, rest = argv[0], argv[1:]
+    # accept "--config path" as well as "--config=path"
+    fixed = []
+    i = 0
+    while i < len(rest):
+        if rest[i] in ("--config", "--checkpoint", "--out") and i + 1 < len(rest):
+            fixed.append(f"{rest[i]}={rest[i + 1]}")
+            i += 2
+        else:
+            fixed.append(rest[i])
+            i += 1
+    from hanorec.config import ConfigError, describe, load_config
+    from hanorec.data import DataError
+    from hanorec.models import ModelError
+    from hanorec.train.loop import TrainingDiverged
+    from hanorec.train.sft import ExampleTooLong
+
+    try:
+        if command == "make-demo":
+            from hanorec.data import make_demo
+
+            _, over, extra = _split_args(fixed)
+            seed = 0
+            for o in over:
+                if o.startswith("--seed="):
+                    seed = int(o.split("=", 1)[1])
+                else:
+                    raise ConfigError(f"make-demo takes --out=DIR and --seed=N, not {o!r}")
+            out = make_demo(extra.get("out", "assets/demo"), seed=seed)
+            print(f"demo dataset written to {out}")
+            return 0
+        if command == "config" and "--help" in fixed:
+            print(describe())
+            return 0
+        config_path, overrides, extra = _split_args(fixed)
+        cfg = load_config(config_path, overrides)
+        if command == "config":
+            import yaml
+
+            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            return 0
+        from hanorec import pipeline
+
+        if command == "run":
+            pipeline.run_pipeline(cfg, should_stop=_StopFlag().install())
+            return 0
+        if command == "sft":
+            _, result = pipeline.run_sft(cfg, should_stop=_StopFlag().install())
+            print(
+                f"SFT finished at step {result.global_step}/{result.total_steps}; checkpoint {result.last_checkpoint}"
+            )
+            return 0
+        if command == "evaluate":
+            from pathlib import Path
+
+            from hanorec.eval import format_results
+
+            data = pipeline.prepare_data(cfg)
+            bundle = pipeline.load_trained(
+                cfg, data.dataset, Path(cfg.output_dir) / "sft", extra.get("checkpoint")
+            )
+            ev = pipeline.run_eval(cfg, bundle, data)
+            print(format_results(cfg.task.name, ev.rows))
+            return 0
+        raise ConfigError(f"unknown command {command!r}; run `python -m hanorec --help`")
+    except (ConfigError, DataError, ModelError, TrainingDiverged, ExampleTooLong, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

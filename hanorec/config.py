@@ -1,0 +1,366 @@
+"""Configuration: dataclasses with a help text per field, YAML presets and --key=value overrides.
+
+One `RunConfig` drives every command. Sections mirror the pipeline:
+data -> task -> model (+ lora) -> sft -> pref -> eval. A YAML preset sets any subset of fields;
+command-line overrides use dotted keys (`--sft.lr=3e-4`, `--data.path=...`). Unknown keys and bad
+values are reported in one sentence naming the key and the value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration key or value a user wrote is wrong (one clear sentence)."""
+
+
+def _f(default: Any, help: str, choices: tuple | None = None, **kw):
+    meta = {"help": help}
+    if choices is not None:
+        meta["choices"] = choices
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+def _check_choices(obj) -> None:
+    for f in dataclasses.fields(obj):
+        choices = f.metadata.get("choices")
+        value = getattr(obj, f.name)
+        if choices is not None and value not in choices:
+            raise ConfigError(f"{f.name} = {value!r} is not one of {list(choices)}")
+
+
+def _positive(obj, *names: str, allow_zero: bool = False) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        if v is None:
+            continue
+        if v < 0 or (v == 0 and not allow_zero):
+            raise ConfigError(f"{n} = {v!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+@dataclass
+class DataConfig:
+    path: str = _f(
+        "assets/demo",
+        "Dataset folder: HaNoRec layout (pairs.tsv, titles.csv, images/) or MovieLens (ratings.csv, movies.csv).",
+    )
+    format: str = _f("auto", "Dataset format.", choices=("auto", "hanorec", "movielens"))
+    domain: str = _f(
+        "movies",
+        "Prompt domain (selects the template wording).",
+        choices=("movies", "micro-videos", "tv", "products"),
+    )
+    image_dir: str | None = _f(None, "Image folder when it is not <path>/images.")
+    on_error: str = _f(
+        "raise",
+        "Bad rows: 'raise' stops at the first, 'report' skips and lists them in the load summary.",
+        choices=("raise", "report"),
+    )
+    max_users: int | None = _f(None, "Keep a deterministic subset of this many users (quick runs, CI).")
+    split_policy: str = _f(
+        "leave_one_out",
+        "leave_one_out: last window test, the one before validation, earlier windows train; by_user: the reference's last window per user, users split.",
+        choices=("leave_one_out", "by_user"),
+    )
+    min_interactions: int = _f(6, "Users with fewer interactions are dropped (the reference keeps >= 6).")
+    max_items_per_user: int | None = _f(None, "Use only each user's last N items (the reference uses 6).")
+    max_train_windows_per_user: int | None = _f(
+        4, "Keep at most this many (latest) training windows per user; None keeps all."
+    )
+    image_size: int = _f(
+        64, "Images are resized to this square size before the model's processor (keeps tiny runs cheap)."
+    )
+
+    def __post_init__(self):
+        _check_choices(self)
+        _positive(
+            self,
+            "max_users",
+            "min_interactions",
+            "max_items_per_user",
+            "max_train_windows_per_user",
+            "image_size",
+        )
+
+
+@dataclass
+class TaskConfig:
+    name: str = _f(
+        "hit3",
+        "Task: hit3 (3 of 7 candidates), hit1 (yes/no), next1 (1 of 20).",
+        choices=("hit3", "hit1", "next1"),
+    )
+    n_negatives: int | None = _f(
+        None, "Random unseen negatives among the candidates (default: 4 for hit3 and hit1, 19 for next1)."
+    )
+    max_train_examples: int | None = _f(
+        None, "Cap on training examples (deterministic prefix after shuffling)."
+    )
+    max_eval_examples: int | None = _f(None, "Cap on validation/test examples.")
+
+    def __post_init__(self):
+        _check_choices(self)
+        _positive(self, "n_negatives", "max_train_examples", "max_eval_examples")
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f(
+        "tiny-qwen2.5-vl",
+        "A tiny offline preset (tiny-qwen2.5-vl, tiny-llava), a Hugging Face model id, or a local folder.",
+    )
+    dtype: str = _f(
+        "auto",
+        "Weights dtype: auto = bf16 on GPU, fp32 on CPU.",
+        choices=("auto", "float32", "bfloat16", "float16"),
+    )
+    trust_remote_code: bool = _f(False, "Allow a checkpoint's own code to run (off unless you trust it).")
+    tiny_hidden_size: int = _f(128, "Tiny presets: language model hidden size.")
+    tiny_layers: int = _f(2, "Tiny presets: language model layers.")
+    tiny_vocab_size: int = _f(600, "Tiny presets: size of the BPE vocabulary trained on the dataset's text.")
+    max_length: int = _f(
+        1024, "Longest prompt + completion in tokens; longer examples are reported and skipped."
+    )
+    attn_implementation: str | None = _f(
+        None, "Attention kernel for real checkpoints (e.g. sdpa, flash_attention_2)."
+    )
+
+    def __post_init__(self):
+        _check_choices(self)
+        _positive(self, "tiny_hidden_size", "tiny_layers", "tiny_vocab_size", "max_length")
+
+
+@dataclass
+class LoraConfig:
+    r: int = _f(8, "LoRA rank (reference 8).")
+    alpha: int = _f(32, "LoRA alpha (reference 32).")
+    dropout: float = _f(0.05, "LoRA dropout (reference 0.05).")
+    target_modules: list = _f(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "Linear layer names adapted, in the language model only (never the vision tower).",
+    )
+    modules_to_save: list = _f(
+        [], "Language-model modules trained in full beside LoRA (tiny random models: embed_tokens, lm_head)."
+    )
+
+    def __post_init__(self):
+        _positive(self, "r", "alpha")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout = {self.dropout!r} must be in [0, 1)")
+
+
+@dataclass
+class SFTConfig:
+    epochs: float = _f(5, "Training epochs (reference 5).")
+    max_steps: int | None = _f(None, "Stop after this many optimizer steps (overrides epochs).")
+    lr: float = _f(1e-4, "Peak learning rate (reference 1e-4).")
+    batch_size: int = _f(2, "Examples per device per micro-batch (reference 2).")
+    grad_accum: int = _f(8, "Gradient accumulation steps (reference 8).")
+    warmup_ratio: float = _f(0.0, "Fraction of steps with linear warm-up before the cosine decay.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    max_grad_norm: float = _f(1.0, "Gradient clipping norm (0 disables).")
+    mixed_precision: str = _f(
+        "auto", "auto = bf16 on GPU, none on CPU.", choices=("auto", "no", "bf16", "fp16")
+    )
+    log_every: int = _f(5, "Log metrics every N optimizer steps.")
+    save_every: int = _f(0, "Checkpoint every N optimizer steps (0: only at the end of each epoch).")
+    keep_checkpoints: int = _f(2, "Keep the newest N step checkpoints.")
+    log_with: str | None = _f(
+        None,
+        "Extra tracker through accelerate (tensorboard, wandb) when installed; metrics.jsonl is always written.",
+    )
+    progress_bar: bool = _f(True, "Show a progress bar.")
+
+    def __post_init__(self):
+        _check_choices(self)
+        _positive(
+            self, "epochs", "lr", "batch_size", "grad_accum", "log_every", "max_steps", "keep_checkpoints"
+        )
+        _positive(self, "save_every", "weight_decay", "max_grad_norm", allow_zero=True)
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio = {self.warmup_ratio!r} must be in [0, 1)")
+
+
+@dataclass
+class EvalConfig:
+    protocols: list = _f(
+        ["ranking"], "Evaluation protocols: ranking (title likelihood) and/or generative (decode and parse)."
+    )
+    split: str = _f("test", "Which split to evaluate.", choices=("val", "test"))
+    batch_size: int = _f(8, "Sequences scored per forward.")
+    max_new_tokens: int = _f(64, "Generative protocol: longest answer decoded.")
+    baselines: list = _f(["random", "popularity"], "Baselines on the same candidates.")
+
+    def __post_init__(self):
+        _check_choices(self)
+        for p in self.protocols:
+            if p not in ("ranking", "generative"):
+                raise ConfigError(f"protocols contains {p!r}; use 'ranking' and/or 'generative'")
+        for b in self.baselines:
+            if b not in ("random", "popularity"):
+                raise ConfigError(f"baselines contains {b!r}; use 'random' and/or 'popularity'")
+        _positive(self, "batch_size", "max_new_tokens")
+
+
+@dataclass
+class RunConfig:
+    seed: int = _f(0, "Seed for splits, candidate sampling, model init and training order.")
+    output_dir: str = _f("runs/demo", "Where the run writes checkpoints, logs and metrics.")
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Dataset."})
+    task: TaskConfig = field(default_factory=TaskConfig, metadata={"help": "Task and prompts."})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Backbone."})
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapter."})
+    sft: SFTConfig = field(default_factory=SFTConfig, metadata={"help": "Stage 1: supervised fine-tuning."})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Evaluation."})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Turn a YAML or command-line value into the field's type, or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            s = str(value).lower()
+            if s in ("true", "1", "yes", "on"):
+                return True
+            if s in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value) if not isinstance(value, str) else int(value.strip())
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if tp is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return str(value)
+        if tp is list or origin is list:
+            if isinstance(value, str):
+                parsed = (
+                    yaml.safe_load(value)
+                    if value.strip().startswith("[")
+                    else [v for v in value.split(",") if v]
+                )
+                value = parsed
+            if not isinstance(value, list):
+                raise ValueError
+            return list(value)
+    except (ValueError, TypeError):
+        raise ConfigError(f"{key} = {value!r} is not a valid {getattr(tp, '__name__', tp)}") from None
+    return value
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            known = ", ".join(sorted(names))
+            raise ConfigError(f"unknown configuration key {full!r} (known in this section: {known})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{full} must be a section of keys, got {value!r}")
+            kwargs[key] = _build(tp, value, prefix=f"{full}.")
+        else:
+            kwargs[key] = _coerce(full, value, tp)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{prefix}{e}") from None
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """`--a.b=1 --c=x` -> {"a": {"b": "1"}, "c": "x"}; values stay strings until typed by the dataclass."""
+    out: dict = {}
+    for arg in args:
+        if not arg.startswith("--") or "=" not in arg:
+            raise ConfigError(f"override {arg!r} must look like --section.key=value")
+        key, value = arg[2:].split("=", 1)
+        node = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {arg!r} conflicts with another override")
+        node[parts[-1]] = value
+    return out
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict | None = None, cls=RunConfig):
+    """Defaults <- YAML preset (if any) <- overrides. Raises ConfigError with the key and value at fault."""
+    values: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a mapping of sections, not {type(loaded).__name__}")
+        values = loaded
+    if overrides:
+        over = parse_overrides(overrides) if isinstance(overrides, list) else overrides
+        values = _merge(values, over)
+    return _build(cls, values)
+
+
+def describe(cls=RunConfig, prefix: str = "") -> str:
+    """Every key with its default and help text (for `python -m hanorec config --help`)."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.append(f"[{prefix}{f.name}] {f.metadata.get('help', '')}")
+            lines.append(describe(tp, prefix=f"{prefix}{f.name}."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        choices = f.metadata.get("choices")
+        extra = f" (one of {', '.join(map(str, choices))})" if choices else ""
+        lines.append(f"  --{prefix}{f.name}={default!r}: {f.metadata.get('help', '')}{extra}")
+    return "\n".join(lines)

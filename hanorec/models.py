@@ -1,0 +1,435 @@
+"""Models: one loading path for every backbone, tiny offline presets, LoRA on the language model only.
+
+Every model-family difference lives here (how an `<image>` placeholder becomes image tokens, which
+pixel tensors go with them, chat formatting), so tasks, scoring and training never branch on family.
+
+- Tiny presets (`tiny-qwen2.5-vl`, `tiny-llava`) are built from transformers config classes with
+  random init and a BPE tokenizer trained locally on the dataset's text: no network, ever.
+- Any Hugging Face model id or local folder loads through `AutoModelForImageTextToText`, its tokenizer
+  and its image processor (not the full processor, which needs torchvision for some families).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+TINY_PRESETS = ("tiny-qwen2.5-vl", "tiny-llava")
+FAMILIES = ("qwen2_5_vl", "qwen2_vl", "llava")
+META_FILE = "hanorec_model.json"
+
+# The text the chat template sees for one image, per family; the single image token inside it is
+# expanded to the number of visual tokens the image produces.
+IMAGE_MARKERS = {
+    "qwen2_5_vl": ("<|vision_start|><|image_pad|><|vision_end|>", "<|image_pad|>"),
+    "qwen2_vl": ("<|vision_start|><|image_pad|><|vision_end|>", "<|image_pad|>"),
+    "llava": ("<image>", "<image>"),
+}
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+class ModelError(ValueError):
+    """A model name, folder or family the user gave cannot be used (one clear sentence)."""
+
+
+@dataclass
+class EncodedPrompt:
+    """A prompt turned into token ids plus the pixel tensors its image tokens stand for."""
+
+    input_ids: list[int]
+    pixel_values: torch.Tensor | None  # qwen: (patches, dim) for all images; llava: (n_images, 3, H, W)
+    image_grid_thw: torch.Tensor | None = None  # qwen: (n_images, 3)
+    n_images: int = 0
+
+
+@dataclass
+class ModelBundle:
+    """A model with everything needed to feed it: tokenizer, image processor, family rules."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    image_processor: object
+    family: str
+    name: str
+    image_size: int | None = None  # images are resized to this square first (tiny presets)
+    meta: dict = field(default_factory=dict)
+
+    # ---- token ids ---------------------------------------------------------------------------
+    @property
+    def image_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(IMAGE_MARKERS[self.family][1])
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.tokenizer.eos_token_id
+
+    @property
+    def pad_token_id(self) -> int:
+        pid = self.tokenizer.pad_token_id
+        return self.eos_token_id if pid is None else pid
+
+    def chat_text(self, text: str) -> str:
+        """The user turn in the model's chat format, ending where the answer starts."""
+        marker = IMAGE_MARKERS[self.family][0]
+        content = text.replace("<image>", marker) if marker != "<image>" else text
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+            )
+        return f"USER: {content} ASSISTANT:"
+
+    def _image_tokens(self, n: int) -> list[int]:
+        return [self.image_token_id] * n
+
+    def encode_prompt(self, text: str, images: Sequence[Image.Image]) -> EncodedPrompt:
+        """Chat-format the text, expand every image placeholder to its visual tokens, process pixels."""
+        n_placeholders = text.count("<image>")
+        if n_placeholders != len(images):
+            raise ValueError(
+                f"the prompt has {n_placeholders} <image> placeholders but {len(images)} images were given"
+            )
+        chat = self.chat_text(text)
+        image_token = IMAGE_MARKERS[self.family][1]
+        pieces = chat.split(image_token)
+        pixel_values, grid, per_image = self._process_images(images)
+        ids: list[int] = []
+        for k, piece in enumerate(pieces):
+            if piece:
+                ids += self.tokenizer(piece, add_special_tokens=False)["input_ids"]
+            if k < len(pieces) - 1:
+                ids += self._image_tokens(per_image[k])
+        return EncodedPrompt(ids, pixel_values, grid, len(images))
+
+    def encode_completion(self, text: str, eos: bool = True) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids + [self.eos_token_id] if eos else ids
+
+    def _process_images(self, images: Sequence[Image.Image]):
+        if not images:
+            return None, None, []
+        if self.image_size:
+            images = [im.convert("RGB").resize((self.image_size, self.image_size)) for im in images]
+        out = self.image_processor(images=list(images), return_tensors="pt")
+        if self.family in ("qwen2_5_vl", "qwen2_vl"):
+            grid = out["image_grid_thw"]
+            merge = self.image_processor.merge_size
+            per_image = [int(g.prod()) // (merge * merge) for g in grid]
+            return out["pixel_values"], grid, per_image
+        # llava: every image gives the same number of patch tokens
+        cfg = (
+            self.model.config
+            if not hasattr(self.model, "get_base_model")
+            else self.model.get_base_model().config
+        )
+        vc = cfg.vision_config
+        n = (vc.image_size // vc.patch_size) ** 2
+        if getattr(cfg, "vision_feature_select_strategy", "default") == "full":
+            n += 1
+        return out["pixel_values"], None, [n] * len(images)
+
+    # ---- batching ------------------------------------------------------------------------------
+    def collate(self, prompts: Sequence[EncodedPrompt], completions: Sequence[list[int]]) -> dict:
+        """Right-padded batch of prompt+completion sequences; labels are -100 outside the completion."""
+        seqs = [p.input_ids + c for p, c in zip(prompts, completions)]
+        width = max(len(s) for s in seqs)
+        n = len(seqs)
+        input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
+        attention = torch.zeros((n, width), dtype=torch.long)
+        labels = torch.full((n, width), -100, dtype=torch.long)
+        for i, (p, c) in enumerate(zip(prompts, completions)):
+            s = p.input_ids + c
+            input_ids[i, : len(s)] = torch.tensor(s)
+            attention[i, : len(s)] = 1
+            labels[i, len(p.input_ids) : len(s)] = torch.tensor(c, dtype=torch.long)
+        batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+        batch.update(self.pixel_inputs(prompts))
+        if self.family in ("qwen2_5_vl", "qwen2_vl"):
+            batch["mm_token_type_ids"] = (input_ids == self.image_token_id).long()
+        return batch
+
+    def pixel_inputs(self, prompts: Sequence[EncodedPrompt]) -> dict:
+        with_images = [p for p in prompts if p.n_images]
+        if not with_images:
+            return {}
+        out = {"pixel_values": torch.cat([p.pixel_values for p in with_images], dim=0)}
+        if self.family in ("qwen2_5_vl", "qwen2_vl"):
+            out["image_grid_thw"] = torch.cat([p.image_grid_thw for p in with_images], dim=0)
+        return out
+
+    # ---- parts used by hardness (item embeddings) ---------------------------------------------
+    def base_model(self) -> torch.nn.Module:
+        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        self.image_processor.save_pretrained(path)
+        meta = dict(self.meta, family=self.family, image_size=self.image_size, name=self.name)
+        (path / META_FILE).write_text(json.dumps(meta, indent=2))
+
+
+# ------------------------------------------------------------------------------------------------
+# Tiny offline presets
+# ------------------------------------------------------------------------------------------------
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>"]
+FAMILY_TOKENS = {
+    "qwen2_5_vl": ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"],
+    "llava": ["<image>"],
+}
+
+
+def train_tokenizer(texts: Sequence[str], vocab_size: int, family: str):
+    """A byte-level BPE tokenizer trained on the dataset's own text, in well under a second."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = SPECIAL_TOKENS + FAMILY_TOKENS[family]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(list(texts), trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        additional_special_tokens=specials[4:],
+    )
+    fast.chat_template = TINY_CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny(
+    preset: str,
+    texts: Sequence[str],
+    *,
+    hidden_size: int = 128,
+    layers: int = 2,
+    vocab_size: int = 600,
+    image_size: int = 64,
+    seed: int = 0,
+) -> ModelBundle:
+    """A randomly initialised tiny multimodal LLM of the preset's architecture, deterministic for a seed."""
+    if preset not in TINY_PRESETS:
+        raise ModelError(f"unknown tiny preset {preset!r}; use one of {list(TINY_PRESETS)}")
+    family = "qwen2_5_vl" if preset == "tiny-qwen2.5-vl" else "llava"
+    tok = train_tokenizer(texts, vocab_size, family)
+    V = len(tok)
+    heads = max(2, hidden_size // 32)
+    head_dim = hidden_size // heads
+    text = dict(
+        vocab_size=V,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
+        max_position_embeddings=4096,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    if family == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
+
+        half = head_dim // 2  # mrope sections (temporal, height, width) must sum to head_dim / 2
+        section = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section}
+        patch = 8
+        cfg = Qwen2_5_VLConfig(
+            text_config=text,
+            vision_config=dict(
+                depth=2,
+                hidden_size=64,
+                intermediate_size=128,
+                num_heads=4,
+                patch_size=patch,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+                out_hidden_size=hidden_size,
+                window_size=4 * patch,
+                fullatt_block_indexes=[1],
+            ),
+            image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+            video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+            vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+            vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"),
+            tie_word_embeddings=False,
+        )
+        model = Qwen2_5_VLForConditionalGeneration(cfg)
+        proc = Qwen2VLImageProcessor(
+            patch_size=patch,
+            merge_size=2,
+            temporal_patch_size=2,
+            min_pixels=(image_size // 2) ** 2,
+            max_pixels=image_size * image_size,
+        )
+        # 64x64 with 8x8 patches merged 2x2 -> 16 visual tokens per image
+    else:
+        from transformers import (
+            CLIPImageProcessor,
+            CLIPVisionConfig,
+            LlamaConfig,
+            LlavaConfig,
+            LlavaForConditionalGeneration,
+        )
+
+        vision_size = 32
+        cfg = LlavaConfig(
+            vision_config=CLIPVisionConfig(
+                image_size=vision_size,
+                patch_size=8,
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                projection_dim=64,
+            ).to_dict(),
+            text_config=LlamaConfig(**text).to_dict(),
+            image_token_id=tok.convert_tokens_to_ids("<image>"),
+            vision_feature_select_strategy="default",
+            vision_feature_layer=-1,
+            tie_word_embeddings=False,
+        )
+        model = LlavaForConditionalGeneration(cfg)
+        proc = CLIPImageProcessor(
+            size={"shortest_edge": vision_size}, crop_size={"height": vision_size, "width": vision_size}
+        )
+        # 32x32 with 8x8 patches -> 16 visual tokens per image (CLS dropped)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    return ModelBundle(
+        model, tok, proc, family, preset, image_size=image_size, meta={"preset": preset, "seed": seed}
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading by id or folder
+# ------------------------------------------------------------------------------------------------
+def family_of(model_type: str) -> str:
+    mapping = {"qwen2_5_vl": "qwen2_5_vl", "qwen2_vl": "qwen2_vl", "llava": "llava"}
+    if model_type not in mapping:
+        raise ModelError(
+            f"model type {model_type!r} is not supported yet; supported families: {sorted(set(mapping))}"
+        )
+    return mapping[model_type]
+
+
+def default_dtype(dtype: str = "auto") -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def load_model(
+    name_or_path: str | Path,
+    *,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    image_size: int | None = None,
+    attn_implementation: str | None = None,
+) -> ModelBundle:
+    """Load a saved tiny preset, a local checkpoint folder or a Hugging Face model id, the same way."""
+    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+    name = str(name_or_path)
+    if name in TINY_PRESETS:
+        raise ModelError(
+            f"{name!r} is a tiny preset: build it with build_tiny() (it needs the dataset's text)"
+        )
+    path = Path(name)
+    meta = {}
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model folder {path} has no config.json")
+        if (path / META_FILE).is_file():
+            meta = json.loads((path / META_FILE).read_text())
+    try:
+        cfg = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise ModelError(
+            f"cannot load model {name!r}: not a local folder and not in the local Hugging Face cache "
+            f"(this machine may be offline): {str(e).splitlines()[0]}"
+        ) from None
+    family = family_of(cfg.model_type)
+    kwargs = {"dtype": default_dtype(dtype), "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForImageTextToText.from_pretrained(name, **kwargs)
+    tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    proc = AutoImageProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
+    size = image_size if image_size is not None else meta.get("image_size")
+    return ModelBundle(model, tok, proc, family, meta.get("name", name), image_size=size, meta=meta)
+
+
+def get_model(cfg, texts: Sequence[str] | None = None, seed: int = 0) -> ModelBundle:
+    """From a ModelConfig: build a tiny preset (needs the dataset's text) or load by id / folder."""
+    if cfg.name in TINY_PRESETS:
+        if texts is None:
+            raise ModelError(f"tiny preset {cfg.name!r} needs the dataset's text to train its tokenizer")
+        return build_tiny(
+            cfg.name,
+            texts,
+            hidden_size=cfg.tiny_hidden_size,
+            layers=cfg.tiny_layers,
+            vocab_size=cfg.tiny_vocab_size,
+            seed=seed,
+        )
+    return load_model(
+        cfg.name,
+        dtype=cfg.dtype,
+        trust_remote_code=cfg.trust_remote_code,
+        attn_implementation=cfg.attn_implementation,
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# LoRA on the language model only
+# ------------------------------------------------------------------------------------------------
+LANGUAGE_MODEL_PATTERN = r"(?:.*\.)?language_model\.(?:.*\.)?({names})"
+
+
+def lora_target_regex(target_modules: Sequence[str]) -> str:
+    """A regex peft matches against full module names: the named linears inside the language model only."""
+    names = "|".join(re.escape(n) for n in target_modules)
+    return LANGUAGE_MODEL_PATTERN.format(names=names)
+
+
+def add_lora(bundle: ModelBundle, lora_cfg, adapter_name: str = "default"):
+    """Wrap the model with a fresh LoRA adapter on the language model's linear layers (never the vision tower)."""
+    from peft import LoraConfig, get_peft_model
+
+    pcfg = LoraConfig(
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        target_modules=lora_target_regex(lora_cfg.target_modules),
+        modules_to_save=list(lora_cfg.modules_to_save) or None,
+        task_type="CAUSAL_LM",
+    )
+    bundle.model = get_peft_model(bundle.model, pcfg, adapter_name=adapter_name)
+    return bundle
+
+
+def vision_parameter_names(model: torch.nn.Module) -> list[str]:
+    return [n for n, _ in model.named_parameters() if re.search(r"(^|\.)(visual|vision_tower)\.", n)]

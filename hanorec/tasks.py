@@ -1,0 +1,243 @@
+"""Tasks and prompts (method.md section 3): hit3, hit1 and next1.
+
+A `Window` from the data splits (history + true next items) becomes an `Example`: the prompt text
+with one `<image>` placeholder per shown image, the item ids whose images fill those placeholders,
+the exact target text, and the `options` (completions) that the ranking protocol scores.
+
+Everything here is deterministic for a seed: candidates are drawn with one `random.Random(seed)`
+walked over the windows in order, so every method is evaluated on the same candidates.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from PIL import Image
+
+from hanorec.data import RecDataset, Window
+
+IMAGE_PLACEHOLDER = "<image>"
+TASKS = ("hit3", "hit1", "next1")
+
+# Per task: history length, number of true next items in a window, default number of negatives.
+TASK_SHAPES = {
+    "hit3": {"n_history": 3, "n_target": 3, "n_negatives": 4},
+    "hit1": {"n_history": 5, "n_target": 1, "n_negatives": 4},
+    "next1": {"n_history": 10, "n_target": 1, "n_negatives": 19},
+}
+
+# Domain wording: (verb in past tense, item noun singular, item noun plural).
+DOMAINS = {
+    "movies": ("watched", "movie", "movies"),
+    "micro-videos": ("viewed", "micro-video", "micro-videos"),
+    "tv": ("watched", "TV show", "TV shows"),
+    "products": ("bought", "product", "products"),
+}
+
+TEMPLATES = {
+    "hit3": (
+        "The user has {verb} the following {plural}: {history}. "
+        "Please write a {singular} that the user may {verb_present} next. "
+        "Below are the candidate {plural}: {candidates}. "
+        "Answer with the 3 candidate {plural} the user is most likely to {verb_present} next, most likely first, "
+        "one per line, each title in double quotes, and nothing else."
+    ),
+    "hit1": (
+        "The user has {verb} the following {plural}: {history}. "
+        "The user has not {verb} these {plural}: {not_watched}. "
+        "Will the user {verb_present} this {singular} next: {target}? Answer Yes or No."
+    ),
+    "next1": (
+        "The user has {verb} the following {plural}: {history}. "
+        "Below are the candidate {plural}: {candidates}. "
+        "Which {singular} will the user {verb_present} next? Answer with one candidate title in double quotes."
+    ),
+}
+PRESENT = {"watched": "watch", "viewed": "view", "bought": "buy"}
+
+
+@dataclass(frozen=True)
+class Example:
+    """One prompt as the model sees it, with everything needed to train on it and score it."""
+
+    task: str
+    user: str
+    history: tuple[str, ...]  # item ids, oldest first
+    candidates: tuple[str, ...]  # item ids in displayed order (hit3, next1); (target,) for hit1
+    targets: tuple[str, ...]  # true next items in answer order (hit3: most recent first)
+    prompt: str  # text with IMAGE_PLACEHOLDER markers
+    image_items: tuple[str, ...]  # item ids whose images fill the placeholders, in order
+    answer: str  # the exact target text
+    options: tuple[str, ...]  # completions the ranking protocol scores (one per candidate, or Yes/No)
+    correct_option: int  # index in options of the first true answer
+    label: bool | None = None  # hit1: True when the answer is Yes
+    not_watched: tuple[str, ...] = ()  # hit1: the "not watched" items shown
+    negatives: tuple[str, ...] = ()  # the sampled negatives among the candidates, in sampled order
+
+    @property
+    def option_items(self) -> tuple[str, ...]:
+        """The item id each option stands for (hit1: the target item for both Yes and No)."""
+        return self.candidates if self.task != "hit1" else (self.candidates[0], self.candidates[0])
+
+
+def quote(title: str) -> str:
+    return f'"{title}"'
+
+
+def format_titles(titles: Sequence[str]) -> str:
+    """The exact hit3/next1 target format: one quoted title per line."""
+    return "\n".join(quote(t) for t in titles)
+
+
+def _wording(domain: str) -> dict:
+    if domain not in DOMAINS:
+        raise ValueError(f"unknown domain {domain!r}; use one of {list(DOMAINS)}")
+    verb, singular, plural = DOMAINS[domain]
+    return {"verb": verb, "verb_present": PRESENT[verb], "singular": singular, "plural": plural}
+
+
+def _shown(ds: RecDataset, items: Sequence[str], with_images: bool) -> str:
+    if with_images:
+        return ", ".join(f"{IMAGE_PLACEHOLDER} {quote(ds.items[i].title)}" for i in items)
+    return ", ".join(quote(ds.items[i].title) for i in items)
+
+
+def _sample_unseen(rng: random.Random, pool: Sequence[str], seen: set[str], n: int, where: str) -> list[str]:
+    unseen_count = len(pool) - len(seen & set(pool))
+    if unseen_count < n:
+        raise ValueError(f"{where}: only {unseen_count} unseen items to draw {n} negatives from")
+    out: list[str] = []
+    chosen: set[str] = set()
+    while len(out) < n:
+        item = pool[rng.randrange(len(pool))]
+        if item not in seen and item not in chosen:
+            out.append(item)
+            chosen.add(item)
+    return out
+
+
+def build_example(
+    task: str,
+    window: Window,
+    ds: RecDataset,
+    rng: random.Random,
+    n_negatives: int | None = None,
+    domain: str | None = None,
+) -> Example:
+    """Turn one window into an Example, drawing negatives (items the user never interacted with) from rng."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; use one of {list(TASKS)}")
+    shape = TASK_SHAPES[task]
+    n_neg = shape["n_negatives"] if n_negatives is None else n_negatives
+    words = _wording(domain or ds.domain)
+    pool = sorted(ds.items)
+    seen = set(ds.sequences[window.user])
+    where = f"user {window.user}"
+    history = tuple(window.history)
+    titles = {i: ds.items[i].title for i in pool}
+
+    if task in ("hit3", "next1"):
+        targets = tuple(window.targets)
+        if task == "hit3":
+            targets = tuple(reversed(targets))  # most recent first (method.md section 3)
+        negatives = _sample_unseen(rng, pool, seen, n_neg, where)
+        candidates = list(targets) + negatives
+        rng.shuffle(candidates)
+        prompt = TEMPLATES[task].format(
+            history=_shown(ds, history, True), candidates=_shown(ds, candidates, False), **words
+        )
+        answer = format_titles([titles[i] for i in targets]) if task == "hit3" else quote(titles[targets[0]])
+        options = tuple(quote(titles[i]) for i in candidates)
+        return Example(
+            task=task,
+            user=window.user,
+            history=history,
+            candidates=tuple(candidates),
+            targets=targets,
+            prompt=prompt,
+            image_items=history,
+            answer=answer,
+            options=options,
+            correct_option=candidates.index(targets[0]),
+            negatives=tuple(negatives),
+        )
+
+    # hit1: 5 history items, n "not watched" items, and a target that is the true next item (Yes)
+    # or a random unseen item (No), 50/50.
+    not_watched = _sample_unseen(rng, pool, seen, n_neg, where)
+    label = rng.random() < 0.5
+    true_next = window.targets[0]
+    target = true_next if label else _sample_unseen(rng, pool, seen | set(not_watched), 1, where)[0]
+    prompt = TEMPLATES["hit1"].format(
+        history=_shown(ds, history, True),
+        not_watched=_shown(ds, not_watched, False),
+        target=f"{IMAGE_PLACEHOLDER} {quote(titles[target])}",
+        **words,
+    )
+    return Example(
+        task="hit1",
+        user=window.user,
+        history=history,
+        candidates=(target,),
+        targets=(true_next,),
+        prompt=prompt,
+        image_items=history + (target,),
+        answer="Yes" if label else "No",
+        options=("Yes", "No"),
+        correct_option=0 if label else 1,
+        label=label,
+        not_watched=tuple(not_watched),
+        negatives=(target,) if not label else tuple(not_watched[:1]),
+    )
+
+
+def build_examples(
+    task: str,
+    windows: Sequence[Window],
+    ds: RecDataset,
+    *,
+    seed: int = 0,
+    n_negatives: int | None = None,
+    domain: str | None = None,
+    max_examples: int | None = None,
+    shuffle: bool = False,
+) -> list[Example]:
+    """Examples for every window, deterministic for (seed, windows). shuffle=True permutes (training)."""
+    rng = random.Random(seed)
+    examples = [build_example(task, w, ds, rng, n_negatives, domain) for w in windows]
+    if shuffle:
+        random.Random(seed + 1).shuffle(examples)
+    if max_examples is not None:
+        examples = examples[:max_examples]
+    return examples
+
+
+@dataclass
+class Rendered:
+    """An example as the model sees it: text with placeholders, the images in order, the answer."""
+
+    text: str
+    images: list[Image.Image]
+    image_items: tuple[str, ...]
+    answer: str
+
+
+def render(example: Example, ds: RecDataset, image_size: int | None = None) -> Rendered:
+    """The one function the app and notebooks call to show what the model sees."""
+    images = [ds.load_image(i, size=image_size) for i in example.image_items]
+    return Rendered(
+        text=example.prompt, images=images, image_items=example.image_items, answer=example.answer
+    )
+
+
+def corpus_text(ds: RecDataset) -> list[str]:
+    """Text a local tokenizer is trained on: every title, every template in every domain, the answers."""
+    out = [ds.items[i].title for i in sorted(ds.items)]
+    for dom in DOMAINS:
+        w = _wording(dom)
+        for t in TEMPLATES.values():
+            out.append(t.format(history="", candidates="", not_watched="", target="", **w))
+    out += ["Yes", "No", '"', '"\n"']
+    return out

@@ -1,0 +1,113 @@
+"""Checkpoints: the trainable weights (PEFT adapter in safetensors), the resolved config, and the
+optimizer, scheduler and RNG state, so an interrupted run continues as if it had never stopped.
+
+Layout of one checkpoint folder (written to a temporary name, then renamed, so a kill mid-write never
+leaves a half checkpoint that looks complete):
+
+    checkpoints/step-000040/
+        adapter/                 adapter_model.safetensors + adapter_config.json (peft save_pretrained)
+        optimizer.pt scheduler.pt rng.pt
+        trainer_state.json       global step, epoch, micro-batches consumed in that epoch, metrics
+        config.yaml              the resolved RunConfig
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+STATE_FILE = "trainer_state.json"
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    done = [
+        p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / STATE_FILE).is_file()
+    ]
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    dirs = checkpoint_dirs(output_dir)
+    return dirs[-1] if dirs else None
+
+
+def save_checkpoint(
+    output_dir: str | Path,
+    *,
+    model,
+    optimizer,
+    scheduler,
+    state: dict,
+    config_yaml: str,
+    keep: int = 2,
+    extra: dict | None = None,
+) -> Path:
+    """Write a complete checkpoint atomically and prune the older ones (keeps `keep` newest)."""
+    root = Path(output_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{state['global_step']:06d}"
+    tmp = root / f".tmp-{final.name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    model.save_pretrained(tmp / "adapter")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(rng_state(), tmp / "rng.pt")
+    for name, obj in (extra or {}).items():
+        torch.save(obj, tmp / f"{name}.pt")
+    (tmp / "config.yaml").write_text(config_yaml)
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    for old in checkpoint_dirs(output_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_adapter_weights(model, adapter_dir: Path, adapter_name: str = "default") -> None:
+    """Load saved adapter weights (and modules_to_save) into an already wrapped PeftModel."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(model, weights, adapter_name=adapter_name)
+    unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k or "modules_to_save" in k]
+    if unexpected:
+        raise RuntimeError(
+            f"checkpoint {adapter_dir} holds weights this model does not have: {unexpected[:3]}"
+        )
+
+
+def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> dict:
+    """Restore weights, optimizer, scheduler and RNG from a checkpoint folder; returns its trainer state."""
+    path = Path(path)
+    load_adapter_weights(model, path / "adapter")
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    return json.loads((path / STATE_FILE).read_text())
