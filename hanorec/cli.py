@@ -4,6 +4,8 @@ Commands:
   make-demo   write the bundled demo dataset (deterministic): --out=assets/demo --seed=0
   run         data -> SFT -> evaluation, prints a metrics table (resumes an interrupted run)
   sft         stage 1 only
+  pref        stage 2 (DPO, S-DPO or HaNo-DPO by --pref.method) from the run's SFT checkpoint, then evaluation
+  compare     SFT, DPO, S-DPO, HaNo-DPO and its ablations over seeds and tasks: --seeds=0,1,2 --tasks=hit3,hit1
   evaluate    evaluate the newest checkpoint of a run (or --checkpoint=PATH) with baselines
   config      print the resolved configuration; `config --help` lists every key
 """
@@ -45,7 +47,7 @@ def _split_args(argv: list[str]) -> tuple[str | None, list[str], dict]:
     for arg in argv:
         if arg.startswith("--config="):
             config = arg.split("=", 1)[1]
-        elif arg.startswith(("--checkpoint=", "--out=")):
+        elif arg.startswith(("--checkpoint=", "--out=", "--seeds=", "--tasks=", "--variants=")):
             k, v = arg[2:].split("=", 1)
             extra[k] = v
         else:
@@ -109,6 +111,26 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"SFT finished at step {result.global_step}/{result.total_steps}; checkpoint {result.last_checkpoint}"
             )
+            return 0
+        if command == "pref":
+            from hanorec.eval import format_results
+
+            data = pipeline.prepare_data(cfg)
+            bundle, result = pipeline.run_preference(cfg, data, should_stop=_StopFlag().install())
+            print(f"{cfg.pref.method} finished at step {result.global_step}/{result.total_steps}")
+            ev = pipeline.run_eval(cfg, bundle, data, method=cfg.pref.method)
+            print(format_results(cfg.task.name, ev.rows))
+            return 0
+        if command == "compare":
+            seeds = [int(s) for s in extra.get("seeds", "0,1,2").split(",")]
+            tasks = extra.get("tasks", "hit3,hit1").split(",")
+            variants = extra["variants"].split(",") if "variants" in extra else list(pipeline.PREF_VARIANTS)
+            unknown = [v for v in variants if v not in pipeline.PREF_VARIANTS]
+            if unknown:
+                raise ConfigError(
+                    f"unknown variant {unknown[0]!r}; use some of {list(pipeline.PREF_VARIANTS)}"
+                )
+            pipeline.run_comparison(cfg, seeds=seeds, tasks=tasks, variants=variants)
             return 0
         if command == "evaluate":
             from pathlib import Path

@@ -160,7 +160,9 @@ class LoraConfig:
 
 
 @dataclass
-class SFTConfig:
+class OptimConfig:
+    """Training hyperparameters shared by both stages."""
+
     epochs: float = _f(5, "Training epochs (reference 5).")
     max_steps: int | None = _f(None, "Stop after this many optimizer steps (overrides epochs).")
     lr: float = _f(1e-4, "Peak learning rate (reference 1e-4).")
@@ -189,6 +191,62 @@ class SFTConfig:
         _positive(self, "save_every", "weight_decay", "max_grad_norm", allow_zero=True)
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio = {self.warmup_ratio!r} must be in [0, 1)")
+
+
+@dataclass
+class SFTConfig(OptimConfig):
+    """Stage 1 (method.md section 5): reference LoRA r=8, alpha=32, lr 1e-4, 5 epochs, batch 2 x 8."""
+
+
+PREF_METHODS = ("dpo", "sdpo", "hano_dpo")
+
+
+@dataclass
+class PrefConfig(OptimConfig):
+    """Stage 2 (method.md sections 6-9): DPO, S-DPO or HaNo-DPO on top of the merged SFT adapter."""
+
+    batch_size: int = _f(4, "Examples per device per micro-batch (reference 4).")
+    method: str = _f("hano_dpo", "Preference loss.", choices=PREF_METHODS)
+    beta: float = _f(0.1, "beta (DPO, S-DPO) or beta0 (HaNo-DPO).")
+    label_smoothing: float = _f(0.0, "Label smoothing eps of the sigmoid loss.")
+    k_negatives: int = _f(1, "Rejected completions per example (S-DPO uses K > 1; DPO and HaNo-DPO use 1).")
+    negative_sampling: str = _f(
+        "random",
+        "How rejected items are drawn from the prompt's negatives: random (reference) or embedding (closest to the positives in item-embedding space).",
+        choices=("random", "embedding"),
+    )
+    hardness: bool = _f(True, "HaRS: per-pair hardness weight lambda (HaNo-DPO only).")
+    responsiveness: bool = _f(
+        True, "HaRS: online responsiveness eta over the gathered micro-batch (HaNo-DPO only)."
+    )
+    hardness_k: int = _f(10, "Neighbours in an item's hardness profile (K).")
+    noise_target: str = _f(
+        "lora",
+        "NoDO: where Gaussian noise goes during training forwards of the policy.",
+        choices=("lora", "logits", "none"),
+    )
+    noise_sigma: float = _f(0.05, "NoDO noise standard deviation (0.05 MicroLens, 0.1 Netflix/MovieLens).")
+    sft_weight: float = _f(0.0, "gamma: weight of an SFT (mean-token NLL of the chosen answer) term.")
+    precompute_ref: bool = _f(False, "Score the reference once before training instead of on every step.")
+    scoring: str = _f(
+        "shared_prefix",
+        "How chosen and rejected are scored: shared_prefix (prompt encoded once) or naive (prompt repeated, like TRL).",
+        choices=("shared_prefix", "naive"),
+    )
+    sft_run: str | None = _f(
+        None, "Run folder whose SFT adapter is merged before stage 2 (default: this run's output_dir)."
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        _positive(self, "beta", "k_negatives", "hardness_k")
+        _positive(self, "noise_sigma", "sft_weight", allow_zero=True)
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"label_smoothing = {self.label_smoothing!r} must be in [0, 0.5)")
+        if self.method != "sdpo" and self.k_negatives != 1:
+            raise ConfigError(
+                f"k_negatives = {self.k_negatives} needs method sdpo; {self.method} uses one rejected completion"
+            )
 
 
 @dataclass
@@ -221,6 +279,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Backbone."})
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapter."})
     sft: SFTConfig = field(default_factory=SFTConfig, metadata={"help": "Stage 1: supervised fine-tuning."})
+    pref: PrefConfig = field(default_factory=PrefConfig, metadata={"help": "Stage 2: preference training."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Evaluation."})
 
     def to_dict(self) -> dict:
@@ -288,7 +347,9 @@ def _build(cls, values: dict, prefix: str = ""):
         full = f"{prefix}{key}"
         if key not in names:
             known = ", ".join(sorted(names))
-            raise ConfigError(f"unknown configuration key {full!r} (known in this section: {known})")
+            raise ConfigError(
+                f"unknown configuration key {full!r} = {value!r} (known in this section: {known})"
+            )
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):

@@ -283,3 +283,79 @@ class HardnessCache:
             if os.path.exists(tmp):
                 os.remove(tmp)
             raise
+
+
+# ----------------------------------------------------------------------------------------
+# Item embeddings read from the model itself, and lambda for a set of preference pairs
+
+
+@torch.no_grad()
+def item_embeddings(
+    bundle, ds, item_ids: Sequence[str] | None = None, batch_size: int = 32
+) -> tuple[list[str], torch.Tensor]:
+    """Fused item embeddings e_i from the model (method.md section 7).
+
+    text part: mean of the input-embedding rows of the title's tokens; image part: mean over the
+    image's visual tokens of the vision tower output after its merger / projector (the vectors the
+    language model reads). Returns (item ids, (N, D) unit rows).
+    """
+    ids = sorted(ds.items) if item_ids is None else list(item_ids)
+    model = bundle.base_model() if not hasattr(bundle.model, "get_input_embeddings") else bundle.model
+    embed = model.get_input_embeddings()
+    device = embed.weight.device
+    text = []
+    for i in ids:
+        tok = bundle.tokenizer(ds.items[i].title, add_special_tokens=False)["input_ids"] or [
+            bundle.pad_token_id
+        ]
+        text.append(embed(torch.tensor(tok, device=device)).float().mean(0))
+    text_t = torch.stack(text)  # (N, D)
+    image_rows, has_image = [], []
+    inner = bundle.base_model()
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start : start + batch_size]
+        images = [ds.load_image(i, size=bundle.image_size) for i in chunk]
+        pixels = bundle.pixel_inputs([bundle.encode_prompt("<image>" * len(images), images)])
+        kwargs = {"image_grid_thw": pixels["image_grid_thw"].to(device)} if "image_grid_thw" in pixels else {}
+        out = inner.get_image_features(pixels["pixel_values"].to(device, embed.weight.dtype), **kwargs)
+        feats = out.pooler_output if hasattr(out, "pooler_output") and out.pooler_output is not None else out
+        if isinstance(feats, (list, tuple)):
+            image_rows += [f.float().mean(0) for f in feats]
+        else:
+            image_rows += list(feats.float().mean(1) if feats.dim() == 3 else feats.float())
+        has_image += [ds.items[i].image_path is not None for i in chunk]
+    image_t = torch.stack(image_rows)  # (N, D)
+    return ids, fuse_embeddings(text_t.cpu(), image_t.cpu(), torch.tensor(has_image))
+
+
+def pair_hardness(
+    bundle,
+    ds,
+    pairs,
+    *,
+    k: int = 10,
+    cache_dir: str | os.PathLike | None = None,
+    model_key: str = "",
+    block_size: int = 1024,
+) -> dict[str, torch.Tensor]:
+    """lambda_n for every preference pair, with the distances D_n; cached by (model, dataset, pairs, K).
+
+    Returns {"lambda": (S,), "distance": (S,)}.
+    """
+    dataset_fp = fingerprint(sorted((i, it.title) for i, it in ds.items.items()))
+    pairs_fp = fingerprint([[list(p.positive_item_ids), list(p.negative_item_ids)] for p in pairs])
+    key = {"model": model_key or bundle.name, "dataset": dataset_fp, "pairs": pairs_fp, "k": k}
+    cache = HardnessCache(cache_dir) if cache_dir else None
+    if cache is not None and (hit := cache.get(key)) is not None:
+        return hit
+    ids, emb = item_embeddings(bundle, ds)
+    sims, _ = neighbour_profiles(emb, k=min(k, len(ids) - 1), block_size=block_size)
+    profiles = profile_distributions(sims)
+    row = {i: r for r, i in enumerate(ids)}
+    pos = [[row[i] for i in p.positive_item_ids] for p in pairs]
+    neg = [[row[i] for i in p.negative_item_ids] for p in pairs]
+    distance = sample_distances(profiles, pos, neg)
+    out = {"lambda": hardness_lambda(distance), "distance": distance}
+    if cache is not None:
+        cache.put(key, out, {"n_pairs": len(pairs), "n_items": len(ids)})
+    return out

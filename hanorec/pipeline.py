@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,3 +173,179 @@ def run_pipeline(
     (out / "results.json").write_text(json.dumps(result, indent=2))
     print_fn(f"results written to {out / 'results.json'} ({result['wall_s']:.0f} s)")
     return result
+
+
+# ------------------------------------------------------------------------------------------------
+# Stage 2 and the method comparison
+# ------------------------------------------------------------------------------------------------
+PREF_VARIANTS = {
+    "DPO": {"method": "dpo", "noise_target": "none"},
+    "S-DPO": {"method": "sdpo", "k_negatives": 3, "noise_target": "none"},
+    "HaNo-DPO": {"method": "hano_dpo"},
+    "HaNo-DPO w/o HaRS": {"method": "hano_dpo", "hardness": False, "responsiveness": False},
+    "HaNo-DPO w/o NoDO": {"method": "hano_dpo", "noise_target": "none"},
+}
+
+
+def build_preference_items(cfg: RunConfig, bundle: ModelBundle, data: PreparedData, cache_dir: Path) -> list:
+    """Pairs (with seeded or embedding-guided negatives) and their HaRS lambdas from the SFT model."""
+    from hanorec.hardness import item_embeddings, pair_hardness
+    from hanorec.pairs import build_pairs
+    from hanorec.train.preference import PrefItem
+
+    p = cfg.pref
+    emb = None
+    if p.negative_sampling == "embedding":
+        ids, e = item_embeddings(bundle, data.dataset)
+        emb = dict(zip(ids, e))
+    pairs = build_pairs(
+        data.train,
+        data.dataset,
+        seed=cfg.seed,
+        k_negatives=p.k_negatives,
+        sampling=p.negative_sampling,
+        item_embeddings=emb,
+    )
+    if p.method == "hano_dpo" and p.hardness:
+        lam = pair_hardness(
+            bundle,
+            data.dataset,
+            pairs,
+            k=p.hardness_k,
+            cache_dir=cache_dir,
+            model_key=bundle.meta.get("sft_checkpoint", bundle.name),
+        )["lambda"].tolist()
+    else:
+        lam = [1.0] * len(pairs)
+    return [PrefItem(pair, float(x)) for pair, x in zip(pairs, lam)]
+
+
+def run_preference(
+    cfg: RunConfig,
+    data: PreparedData | None = None,
+    *,
+    name: str | None = None,
+    on_log: Callable | None = None,
+    should_stop: Callable | None = None,
+    resume: bool = True,
+):
+    """Stage 2 from the run's SFT checkpoint. Returns (bundle, TrainResult)."""
+    from hanorec.train.preference import merge_sft_adapter, train_preference
+
+    data = data or prepare_data(cfg)
+    sft_dir = Path(cfg.pref.sft_run or cfg.output_dir) / "sft"
+    ckpt = latest_checkpoint(sft_dir)
+    if ckpt is None:
+        raise FileNotFoundError(
+            f"stage 2 needs an SFT checkpoint under {sft_dir / 'checkpoints'}; run `sft` first"
+        )
+    bundle = prepare_model(cfg, data.dataset, sft_dir)
+    merge_sft_adapter(bundle, cfg.lora, ckpt / "adapter")
+    bundle.meta["sft_checkpoint"] = str(ckpt.resolve())
+    out = Path(cfg.output_dir) / (name or cfg.pref.method)
+    items = build_preference_items(cfg, bundle, data, Path(cfg.output_dir) / "hardness_cache")
+    result = train_preference(
+        cfg, bundle, data.dataset, items, out, resume=resume, on_log=on_log, should_stop=should_stop
+    )
+    return bundle, result
+
+
+def _with(cfg: RunConfig, **sections) -> RunConfig:
+    """A copy of cfg with some fields of some sections replaced (validated again)."""
+    from hanorec.config import load_config
+
+    values = cfg.to_dict()
+    for section, fields_ in sections.items():
+        if isinstance(fields_, dict):
+            values[section] = {**values[section], **fields_}
+        else:
+            values[section] = fields_
+    return load_config(overrides=values)
+
+
+def run_comparison(
+    cfg: RunConfig,
+    *,
+    seeds: Sequence[int] = (0, 1, 2),
+    tasks: Sequence[str] = ("hit3", "hit1"),
+    variants: Sequence[str] = tuple(PREF_VARIANTS),
+    print_fn: Callable = print,
+) -> dict:
+    """SFT, then every preference variant from the same SFT model, per task and seed; mean and std table."""
+    from hanorec.metrics import mean_std
+
+    start = time.time()
+    root = Path(cfg.output_dir)
+    rows: list[dict] = []
+    for task in tasks:
+        for seed in seeds:
+            run_dir = root / task / f"seed{seed}"
+            c = _with(cfg, seed=seed, output_dir=str(run_dir), task={"name": task})
+            data = prepare_data(c)
+            print_fn(f"== {task} seed {seed}: {len(data.train)} train / {len(data.test)} test examples")
+            bundle, _ = run_sft(c, data)
+            ev = run_eval(c, bundle, data, method="SFT", baselines=cfg.eval.baselines)
+            rows += [{"task": task, "seed": seed, **r} for r in ev.rows]
+            del bundle
+            for v in variants:
+                over = dict(PREF_VARIANTS[v])
+                if task == "hit1" and over.get("k_negatives", 1) > 1:
+                    over["k_negatives"] = 1  # hit1 has a single rejected answer: S-DPO reduces to DPO
+                cv = _with(c, pref={**over, "sft_run": str(run_dir)})
+                slug = v.lower().replace(" ", "_").replace("/", "")
+                bundle, _ = run_preference(cv, data, name=slug)
+                ev = run_eval(cv, bundle, data, method=v, baselines=[])
+                rows += [{"task": task, "seed": seed, **r} for r in ev.rows]
+                print_fn(format_results(task, ev.rows))
+                del bundle
+    summary = summarize(rows, mean_std)
+    result = {
+        "rows": rows,
+        "summary": summary,
+        "seeds": list(seeds),
+        "tasks": list(tasks),
+        "dataset": cfg.data.path,
+        "model": cfg.model.name,
+        "wall_s": time.time() - start,
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "comparison.json").write_text(json.dumps(result, indent=2))
+    table = comparison_table(summary, len(seeds))
+    (root / "comparison.md").write_text(table + "\n")
+    print_fn(table)
+    print_fn(f"wall time {result['wall_s'] / 60:.1f} min; written to {root / 'comparison.md'}")
+    return result
+
+
+METHOD_ORDER = ["random", "popularity", "SFT", *PREF_VARIANTS]
+
+
+def summarize(rows: list[dict], mean_std) -> list[dict]:
+    """Mean and std over seeds of hit3 HR@3 / NDCG@3 and hit1 AUC, per method (ranking protocol)."""
+    out = []
+    for method in METHOD_ORDER:
+        entry: dict = {"method": method}
+        for task, metric in (("hit3", "HR@3"), ("hit3", "NDCG@3"), ("hit1", "AUC")):
+            vals = [
+                r[metric]
+                for r in rows
+                if r["task"] == task and r["method"] == method and r["protocol"] == "ranking" and metric in r
+            ]
+            if vals:
+                entry[f"{task} {metric}"] = mean_std(vals)
+        if len(entry) > 1:
+            out.append(entry)
+    return out
+
+
+def comparison_table(summary: list[dict], n_seeds: int) -> str:
+    cols = ["hit3 HR@3", "hit3 NDCG@3", "hit1 AUC"]
+    present = [c for c in cols if any(c in e for e in summary)]
+    lines = ["| method | " + " | ".join(present) + " |", "|---|" + "---:|" * len(present)]
+    for e in summary:
+        cells = [f"{e[c][0]:.4f} ± {e[c][1]:.4f}" if c in e else "-" for c in present]
+        lines.append(f"| {e['method']} | " + " | ".join(cells) + " |")
+    lines.append(
+        f"\nmean ± sample std over {n_seeds} seeds; ranking protocol (title likelihood), test split."
+    )
+    return "\n".join(lines)

@@ -1,0 +1,236 @@
+"""Stage 2: DPO, S-DPO and HaNo-DPO (method.md sections 6-9) on the shared training loop.
+
+- The SFT adapter is merged into the base weights and a fresh LoRA is trained on top; the reference
+  model is that same network with the adapter disabled (`disable_adapter()`), never a second copy.
+- HaRS: lambda_n per pair is computed once from the SFT model's item embeddings (cached on disk);
+  the responsiveness eta is computed per micro-batch over the batch gathered across processes.
+- NoDO: Gaussian noise on the policy's LoRA factors (or logits) on training forwards only; one draw
+  per step, shared by an example's chosen and rejected completions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hanorec import losses as L
+from hanorec.data import RecDataset
+from hanorec.models import ModelBundle, add_lora
+from hanorec.noise import LoRANoise, add_logit_noise
+from hanorec.pairs import PreferencePair
+from hanorec.scoring import multi_completion_logps
+from hanorec.tasks import render
+from hanorec.train.checkpoint import load_adapter_weights
+from hanorec.train.loop import TrainResult, train_loop
+
+
+@dataclass
+class PrefItem:
+    """One training item: the pair, its hardness weight, and (optionally) precomputed reference log-probs."""
+
+    pair: PreferencePair
+    hardness_lambda: float = 1.0
+    ref_logps: tuple[float, ...] | None = None  # (chosen, rejected_1..K)
+
+
+def merge_sft_adapter(bundle: ModelBundle, lora_cfg, adapter_dir: str | Path) -> ModelBundle:
+    """Load the SFT adapter, merge it into the base weights, then add a fresh LoRA for stage 2."""
+    add_lora(bundle, lora_cfg)
+    load_adapter_weights(bundle.model, Path(adapter_dir))
+    bundle.model = bundle.model.merge_and_unload()
+    add_lora(bundle, lora_cfg)
+    return bundle
+
+
+def _encode(bundle: ModelBundle, ds: RecDataset, items: Sequence[PrefItem]):
+    prompts, completions = [], []
+    for it in items:
+        r = render(it.pair.example, ds)
+        prompts.append(bundle.encode_prompt(r.text, r.images))
+        completions.append([bundle.encode_completion(c) for c in (it.pair.chosen, *it.pair.rejected)])
+    return prompts, completions
+
+
+def make_pref_collate(bundle: ModelBundle, ds: RecDataset):
+    def collate(items: list[PrefItem]) -> dict:
+        prompts, completions = _encode(bundle, ds, items)
+        return {
+            "prompts": prompts,
+            "completions": completions,
+            "lambda": torch.tensor([it.hardness_lambda for it in items], dtype=torch.float32),
+            "ref": torch.tensor([it.ref_logps for it in items]) if items[0].ref_logps is not None else None,
+        }
+
+    return collate
+
+
+def _stack(logps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    all_ = torch.stack(logps)  # (B, 1+K)
+    return all_[:, 0], all_[:, 1:]
+
+
+@torch.no_grad()
+def reference_logps(model, bundle, prompts, completions, mode: str, dtype=None) -> torch.Tensor:
+    """Log-probs under the reference: the policy with its adapter disabled. (B, 1+K)."""
+    with model.disable_adapter():
+        sums, _ = multi_completion_logps(model, bundle, prompts, completions, mode=mode, dtype=dtype)
+    return torch.stack(sums)
+
+
+def make_pref_loss(cfg, bundle: ModelBundle, accelerator, noise: LoRANoise | None) -> Callable:
+    p = cfg.pref
+    peft_model = bundle.model
+
+    def loss_fn(model, batch: dict) -> tuple[torch.Tensor, dict]:
+        device = accelerator.device
+        dtype = next(peft_model.parameters()).dtype
+        prompts = [_to(pr, device) for pr in batch["prompts"]]
+        completions = batch["completions"]
+        if batch["ref"] is not None:
+            ref = batch["ref"].to(device)
+        else:
+            ref = reference_logps(peft_model, bundle, prompts, completions, p.scoring, dtype)
+        transform = None
+        if p.noise_target == "logits" and p.noise_sigma > 0:
+
+            def transform(z):
+                return add_logit_noise(z, p.noise_sigma)
+
+        if noise is not None:
+            with noise.active():
+                sums, counts = multi_completion_logps(
+                    model,
+                    bundle,
+                    prompts,
+                    completions,
+                    mode=p.scoring,
+                    logits_transform=transform,
+                    dtype=dtype,
+                )
+        else:
+            sums, counts = multi_completion_logps(
+                model, bundle, prompts, completions, mode=p.scoring, logits_transform=transform, dtype=dtype
+            )
+        pol_c, pol_r = _stack(sums)  # (B,), (B, K)
+        ref_c, ref_r = ref[:, 0].to(pol_c.dtype), ref[:, 1:].to(pol_c.dtype)
+        n_chosen = torch.stack([c[0] for c in counts]).float()
+        if p.method == "dpo":
+            out = L.dpo_loss(
+                pol_c, pol_r[:, 0], ref_c, ref_r[:, 0], beta=p.beta, label_smoothing=p.label_smoothing
+            )
+        elif p.method == "sdpo":
+            out = L.sdpo_loss(pol_c, pol_r, ref_c, ref_r, beta=p.beta)
+        else:
+            lam = batch["lambda"].to(device) if p.hardness else torch.ones_like(pol_c)
+            out = L.hano_dpo_loss(
+                pol_c,
+                pol_r[:, 0],
+                ref_c,
+                ref_r[:, 0],
+                lam,
+                beta0=p.beta,
+                label_smoothing=p.label_smoothing,
+                use_responsiveness=p.responsiveness,
+                gather=accelerator.gather,
+                chosen_nll=-pol_c / n_chosen.clamp(min=1),
+                sft_weight=p.sft_weight,
+            )
+        loss = out.losses.mean()
+        rej_reward = out.rejected_rewards if out.rejected_rewards.dim() == 1 else out.rejected_rewards.mean(1)
+        metrics = {
+            "rewards/chosen": out.chosen_rewards.mean().item(),
+            "rewards/rejected": rej_reward.mean().item(),
+            "rewards/accuracies": (out.chosen_rewards > rej_reward).float().mean().item(),
+            "rewards/margins": (out.chosen_rewards - rej_reward).mean().item(),
+            "logps/chosen": pol_c.detach().mean().item(),
+            "logps/rejected": pol_r.detach().mean().item(),
+            "hardness/beta_mean": out.beta.mean().item(),
+            "hardness/lambda_mean": batch["lambda"].mean().item()
+            if (p.method == "hano_dpo" and p.hardness)
+            else 1.0,
+            "hardness/eta": float(out.eta) if out.eta is not None else 1.0,
+            "noise/sigma": p.noise_sigma if p.noise_target != "none" else 0.0,
+        }
+        return loss, metrics
+
+    return loss_fn
+
+
+def _to(prompt, device):
+    from dataclasses import replace
+
+    return replace(
+        prompt,
+        pixel_values=None if prompt.pixel_values is None else prompt.pixel_values.to(device),
+        image_grid_thw=None if prompt.image_grid_thw is None else prompt.image_grid_thw.to(device),
+    )
+
+
+def precompute_reference(bundle, ds, items: list[PrefItem], mode: str, batch_size: int = 8) -> list[PrefItem]:
+    """Score every pair once under the reference (adapter disabled), so training skips that forward."""
+    from dataclasses import replace
+
+    model = bundle.model
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    was = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(items), batch_size):
+        chunk = items[start : start + batch_size]
+        prompts, completions = _encode(bundle, ds, chunk)
+        ref = reference_logps(model, bundle, [_to(p, device) for p in prompts], completions, mode, dtype)
+        out += [replace(it, ref_logps=tuple(r.tolist())) for it, r in zip(chunk, ref.cpu())]
+    model.train(was)
+    return out
+
+
+def train_preference(
+    cfg,
+    bundle: ModelBundle,
+    ds: RecDataset,
+    items: list[PrefItem],
+    output_dir: str | Path,
+    *,
+    resume: bool = True,
+    on_log=None,
+    should_stop=None,
+) -> TrainResult:
+    """Train bundle.model (merged SFT + fresh LoRA) on preference items with cfg.pref's method."""
+    import yaml
+    from accelerate import Accelerator
+
+    from hanorec.train.loop import resolve_mixed_precision
+
+    p = cfg.pref
+    accelerator = Accelerator(
+        gradient_accumulation_steps=p.grad_accum,
+        mixed_precision=resolve_mixed_precision(p.mixed_precision),
+        log_with=p.log_with,
+        project_dir=str(output_dir),
+    )
+    bundle.model.to(accelerator.device)
+    if p.precompute_ref:
+        items = precompute_reference(bundle, ds, items, p.scoring)
+    noise = (
+        LoRANoise(bundle.model, p.noise_sigma) if (p.noise_target == "lora" and p.noise_sigma > 0) else None
+    )
+    loss_fn = make_pref_loss(cfg, bundle, accelerator, noise)
+    return train_loop(
+        model=bundle.model,
+        items=items,
+        collate=make_pref_collate(bundle, ds),
+        loss_fn=loss_fn,
+        train_cfg=p,
+        seed=cfg.seed,
+        output_dir=output_dir,
+        config_yaml=yaml.safe_dump(cfg.to_dict(), sort_keys=False),
+        accelerator=accelerator,
+        resume=resume,
+        on_log=on_log,
+        should_stop=should_stop,
+        stage=p.method,
+    )
