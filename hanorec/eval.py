@@ -100,7 +100,7 @@ def evaluate(
     batch_size: int = 8,
     max_new_tokens: int = 64,
     method: str = "model",
-    progress: bool = True,
+    progress: bool | None = None,
     device=None,
 ) -> EvalResult:
     """Score `examples` with the model (if given) under each protocol, and the baselines on the same candidates."""
@@ -110,6 +110,10 @@ def evaluate(
     result = EvalResult(rows)
     if bundle is not None:
         iterator = examples
+        if progress is None:
+            import sys
+
+            progress = sys.stderr.isatty()
         if progress:
             from tqdm.auto import tqdm
 

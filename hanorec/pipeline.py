@@ -154,7 +154,15 @@ def run_pipeline(
     )
     bundle, train = run_sft(cfg, data, on_log=on_log, should_stop=should_stop)
     if train.stopped_early:
-        print_fn(f"stopped at step {train.global_step}/{train.total_steps}; resume with the same command")
+        print_fn(
+            f"stopped at step {train.global_step}/{train.total_steps} ({train.last_checkpoint}); "
+            "run the same command again to resume"
+        )
+        return {
+            "stopped_early": True,
+            "train_steps": train.global_step,
+            "checkpoint": str(train.last_checkpoint),
+        }
     ev = run_eval(cfg, bundle, data)
     table = format_results(cfg.task.name, ev.rows)
     print_fn(table)

@@ -2,10 +2,27 @@
 
 SFT, preference training, evaluation, the hardness inspector and the noise lab all call this.
 logp(y|x) is the SUM of the completion tokens' log-probs (method.md section 7).
+
+Several completions of one prompt (chosen + K rejected in DPO, the candidate titles in ranking
+evaluation) can be scored two ways, with the same results up to float rounding:
+
+- ``"naive"``: one row per (prompt, completion) pair; every row repeats the prompt, images included
+  (like TRL). :func:`naive_logps`.
+- ``"shared_prefix"`` (default): one row per prompt, packed as ``[prompt, c_1, c_2, ...]`` with a
+  4-D attention mask in which every completion sees the whole prompt and its own earlier tokens
+  only, and position ids that restart after the prompt for every completion (for Qwen2-VL /
+  Qwen2.5-VL the 3-D mRoPE ids of the prompt come from the model's own ``get_rope_index``, and
+  completion token j of prompt i gets ``next_i + j`` on all three axes, exactly what the naive row
+  gives it). The prompt and its images go through the model once. :func:`shared_prefix_logps`.
+
+The shared-prefix row of a prompt holds each completion's tokens except its last one (a last token
+is only ever a target); the first token of every completion is predicted from the prompt's last
+position. Only the needed positions go through the LM head (``logits_to_keep`` as a boolean mask).
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -14,6 +31,10 @@ import torch.nn.functional as F
 from hanorec.models import EncodedPrompt, ModelBundle
 
 MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+SCORING_MODES = ("shared_prefix", "naive")
+# Attention implementations that honour an explicit 4-D mask (flash-attention kernels do not).
+PACKED_ATTENTION = ("sdpa", "eager")
+QWEN_FAMILIES = ("qwen2_5_vl", "qwen2_vl")
 
 
 def to_device(batch: dict, device) -> dict:
@@ -60,6 +81,261 @@ def batch_logps(model, batch: dict, logits_transform=None, dtype=None) -> tuple[
     return completion_logps(logits, batch["labels"], logits_transform)
 
 
+# ------------------------------------------------------------------------------------------------
+# Several completions per prompt
+# ------------------------------------------------------------------------------------------------
+def _model_device(model):
+    return next(model.parameters()).device
+
+
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _attn_implementation(model) -> str | None:
+    cfg = _base(model).config
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    return getattr(text, "_attn_implementation", None) or getattr(cfg, "_attn_implementation", None)
+
+
+def _check_inputs(prompts: Sequence[EncodedPrompt], completions: Sequence[Sequence[list[int]]]) -> None:
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completion lists")
+    for i, p in enumerate(prompts):
+        if not p.input_ids:
+            raise ValueError(f"prompt {i} has no tokens")
+
+
+def _split(values: torch.Tensor, completions: Sequence[Sequence[list[int]]]) -> list[torch.Tensor]:
+    return list(values.split([len(c) for c in completions]))
+
+
+def naive_logps(
+    model,
+    bundle: ModelBundle,
+    prompts: Sequence[EncodedPrompt],
+    completions: Sequence[Sequence[list[int]]],
+    *,
+    logits_transform=None,
+    dtype=None,
+    device=None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Like :func:`shared_prefix_logps`, one row per (prompt, completion): every row repeats the prompt.
+
+    Rows are ordered prompt by prompt, completion by completion (LoRA noise ``group_ids`` then have
+    one entry per completion). Returns per prompt (summed log-probs (C_i,), token counts (C_i,)).
+    """
+    _check_inputs(prompts, completions)
+    device = device or _model_device(model)
+    flat_p = [p for p, cs in zip(prompts, completions) for _ in cs]
+    flat_c = [list(c) for cs in completions for c in cs]
+    if not flat_c:
+        empty = torch.zeros(0, device=device)
+        return [empty for _ in prompts], [empty.long() for _ in prompts]
+    batch = to_device(bundle.collate(flat_p, flat_c), device)
+    sums, counts = batch_logps(model, batch, logits_transform=logits_transform, dtype=dtype)
+    return _split(sums, completions), _split(counts, completions)
+
+
+def _prompt_positions(
+    model, bundle: ModelBundle, batch: dict, prompt_mask: torch.Tensor, lengths: torch.Tensor
+):
+    """Position ids of the prompt tokens and the position of the first token after each prompt.
+
+    Returns (positions, next_pos): positions (P, L) for 1-D RoPE families, (3, P, L) for Qwen mRoPE,
+    correct on the prompt tokens (0 elsewhere); next_pos (P,) is the position that the token right
+    after prompt i gets in a plain prompt+completion sequence.
+    """
+    input_ids = batch["input_ids"]
+    if bundle.family in QWEN_FAMILIES:
+        inner = _base(model).model
+        positions, deltas = inner.get_rope_index(
+            input_ids,
+            mm_token_type_ids=(input_ids == bundle.image_token_id).long() * prompt_mask,
+            image_grid_thw=batch.get("image_grid_thw"),
+            attention_mask=prompt_mask,
+        )
+        next_pos = lengths + deltas.reshape(-1).to(lengths.device)
+        return positions, next_pos
+    positions = (torch.cumsum(prompt_mask, dim=1) - 1).clamp(min=0) * prompt_mask
+    return positions, lengths.clone()
+
+
+def _packed_batch(model, bundle: ModelBundle, prompts, completions, device, mask_dtype) -> dict:
+    """One row per prompt: [prompt, c_1[:-1], c_2[:-1], ...], right-padded, with its 4-D mask.
+
+    Also returns, per target token, the index (in the flattened kept logits) of the position that
+    predicts it, the target id and the global index of its completion.
+    """
+    P = len(prompts)
+    rows_ids, rows_seg, rows_off = [], [], []  # token ids; segment (0 prompt, k>0 completion k); offset in it
+    pred_flat, targets, comp_index = [], [], []  # per target token (row * L + position filled in below)
+    k_global = 0
+    for i, (p, cs) in enumerate(zip(prompts, completions)):
+        n = len(p.input_ids)
+        ids, seg, off = list(p.input_ids), [0] * n, list(range(n))
+        for k, c in enumerate(cs, start=1):
+            m = len(c)
+            if m:
+                targets += list(c)
+                comp_index += [k_global] * m
+                start = len(ids)
+                pred_flat += [(i, n - 1)] + [(i, start + j) for j in range(m - 1)]
+                ids += list(c[:-1])
+                seg += [k] * (m - 1)
+                off += list(range(m - 1))
+            k_global += 1
+        rows_ids.append(ids)
+        rows_seg.append(seg)
+        rows_off.append(off)
+    L = max(len(r) for r in rows_ids)
+    input_ids = torch.full((P, L), bundle.pad_token_id, dtype=torch.long)
+    seg = torch.full((P, L), -1, dtype=torch.long)
+    off = torch.zeros((P, L), dtype=torch.long)
+    for i in range(P):
+        w = len(rows_ids[i])
+        input_ids[i, :w] = torch.tensor(rows_ids[i], dtype=torch.long)
+        seg[i, :w] = torch.tensor(rows_seg[i], dtype=torch.long)
+        off[i, :w] = torch.tensor(rows_off[i], dtype=torch.long)
+    is_comp = seg > 0
+    if bundle.family in QWEN_FAMILIES and bool((input_ids[is_comp] == bundle.image_token_id).any()):
+        raise ValueError(
+            "a completion contains the image token; shared-prefix scoring cannot place its pixels"
+        )
+    keep = (
+        is_comp.clone()
+    )  # positions whose logits are needed: completion inputs and each prompt's last token
+    for i, j in {pf for pf in pred_flat if pf[1] < len(prompts[pf[0]].input_ids)}:
+        keep[i, j] = True
+    flat_rank = keep.flatten().long().cumsum(0) - 1  # row of each kept position in the flattened logits
+    pred = flat_rank[torch.tensor([i * L + j for i, j in pred_flat], dtype=torch.long)]
+
+    batch = {"input_ids": input_ids}
+    batch.update(bundle.pixel_inputs(prompts))
+    batch = to_device(batch, device)
+    seg, off, is_comp = seg.to(device), off.to(device), is_comp.to(device)
+    prompt_mask = (seg == 0).long()
+    lengths = torch.tensor([len(p.input_ids) for p in prompts], dtype=torch.long, device=device)
+    positions, next_pos = _prompt_positions(model, bundle, batch, prompt_mask, lengths)
+    comp_positions = (next_pos[:, None] + off) * is_comp  # (P, L)
+    positions = positions.to(device) + comp_positions.to(positions.dtype)  # broadcasts over mRoPE's 3 axes
+
+    # query q sees key k <= q of its own segment or of the prompt; padding sees padding only
+    q_seg, k_seg = seg[:, :, None], seg[:, None, :]
+    causal = torch.ones((L, L), dtype=torch.bool, device=device).tril()
+    allowed = (causal & ((q_seg == k_seg) | ((k_seg == 0) & (q_seg >= 0)))).unsqueeze(1)  # (P, 1, L, L)
+    if mask_dtype is None:
+        mask = allowed
+    else:  # additive float mask (eager attention)
+        mask = torch.zeros(allowed.shape, dtype=mask_dtype, device=device)
+        mask = mask.masked_fill(~allowed, torch.finfo(mask_dtype).min)
+    return {
+        "inputs": dict(batch, attention_mask=mask, position_ids=positions, logits_to_keep=keep.to(device)),
+        "pred": pred.to(device),
+        "targets": torch.tensor(targets, dtype=torch.long, device=device),
+        "comp_index": torch.tensor(comp_index, dtype=torch.long, device=device),
+        "n_completions": k_global,
+    }
+
+
+_FALLBACK_WARNED: set[str] = set()
+
+
+def shared_prefix_logps(
+    model,
+    bundle: ModelBundle,
+    prompts: Sequence[EncodedPrompt],
+    completions: Sequence[Sequence[list[int]]],
+    *,
+    logits_transform=None,
+    dtype=None,
+    device=None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Summed log-probs of several completions per prompt, running each prompt (and its images) once.
+
+    prompts[i] is followed by the token-id lists completions[i] (EOS included if the caller wants it).
+    Returns per prompt (summed log-probs (C_i,), token counts (C_i,)); differentiable, so the
+    policy's training forward can use it. The model sees ONE row per prompt, so LoRA noise
+    ``group_ids`` must have one entry per prompt here (not one per completion as in the naive path).
+    logits_transform is applied to each completion's own (T, V) prediction logits, as in
+    :func:`completion_logps`. dtype: the dtype pixel values are cast to.
+
+    Needs an attention implementation that accepts a 4-D mask ("sdpa", "eager"); with any other
+    (e.g. flash attention) it warns once and falls back to :func:`naive_logps`.
+    """
+    _check_inputs(prompts, completions)
+    attn = _attn_implementation(model)
+    if attn not in PACKED_ATTENTION:
+        if str(attn) not in _FALLBACK_WARNED:
+            _FALLBACK_WARNED.add(str(attn))
+            warnings.warn(
+                f"shared-prefix scoring needs sdpa or eager attention, the model uses {attn!r}: "
+                "falling back to naive scoring",
+                stacklevel=2,
+            )
+        return naive_logps(
+            model, bundle, prompts, completions, logits_transform=logits_transform, dtype=dtype, device=device
+        )
+    device = device or _model_device(model)
+    if not any(len(cs) for cs in completions):
+        empty = torch.zeros(0, device=device)
+        return [empty for _ in prompts], [empty.long() for _ in prompts]
+    model_dtype = next(model.parameters()).dtype
+    packed = _packed_batch(
+        model, bundle, prompts, completions, device, None if attn == "sdpa" else model_dtype
+    )
+    inputs = packed["inputs"]
+    if dtype is not None and "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    n = packed["n_completions"]
+    counts = torch.zeros(n, dtype=torch.long, device=device)
+    if packed["targets"].numel() == 0:  # every completion is empty
+        return _split(torch.zeros(n, device=device), completions), _split(counts, completions)
+    logits = model(**inputs, use_cache=False).logits  # (kept positions, V)
+    picked = logits[packed["pred"]].float()  # (T, V): the prediction of every completion token
+    if logits_transform is not None:
+        picked = logits_transform(picked)
+    token_logps = torch.gather(F.log_softmax(picked, dim=-1), 1, packed["targets"].unsqueeze(1)).squeeze(1)
+    sums = torch.zeros(n, dtype=token_logps.dtype, device=device).index_add(
+        0, packed["comp_index"], token_logps
+    )
+    counts = counts.index_add(0, packed["comp_index"], torch.ones_like(packed["comp_index"]))
+    return _split(sums, completions), _split(counts, completions)
+
+
+def multi_completion_logps(
+    model,
+    bundle: ModelBundle,
+    prompts: Sequence[EncodedPrompt],
+    completions: Sequence[Sequence[list[int]]],
+    *,
+    mode: str = "shared_prefix",
+    logits_transform=None,
+    dtype=None,
+    device=None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Summed log-probs and token counts of several completions per prompt, by ``mode`` (see the module doc)."""
+    if mode not in SCORING_MODES:
+        raise ValueError(f"unknown scoring mode {mode!r}; use one of {list(SCORING_MODES)}")
+    fn = shared_prefix_logps if mode == "shared_prefix" else naive_logps
+    return fn(
+        model, bundle, prompts, completions, logits_transform=logits_transform, dtype=dtype, device=device
+    )
+
+
+def _chunks(sizes: Sequence[int], budget: int) -> list[tuple[int, int]]:
+    """Consecutive prompt ranges whose completion counts sum to at most budget (at least one prompt each)."""
+    out, start, total = [], 0, 0
+    for i, n in enumerate(sizes):
+        if i > start and total + n > budget:
+            out.append((start, i))
+            start, total = i, 0
+        total += n
+    if start < len(sizes):
+        out.append((start, len(sizes)))
+    return out
+
+
 @torch.no_grad()
 def score_options(
     bundle: ModelBundle,
@@ -69,28 +345,44 @@ def score_options(
     batch_size: int = 8,
     device=None,
     eos: bool = False,
+    mode: str = "shared_prefix",
 ) -> list[torch.Tensor]:
     """Log-likelihood of every option given its prompt: one (C_i,) tensor per prompt.
 
     This is the ranking protocol's score (method.md section 4). Options are scored without EOS by default:
     an option is a first answer line, not necessarily the whole answer.
+    mode "shared_prefix" runs each prompt once for all its options (several prompts per forward while
+    their options fit in batch_size); "naive" runs batch_size (prompt, option) rows per forward.
     """
+    if mode not in SCORING_MODES:
+        raise ValueError(f"unknown scoring mode {mode!r}; use one of {list(SCORING_MODES)}")
     model = bundle.model
     device = device or next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     was_training = model.training
     model.eval()
-    flat: list[tuple[int, EncodedPrompt, list[int]]] = []
-    for i, (p, opts) in enumerate(zip(prompts, options)):
-        for o in opts:
-            flat.append((i, p, bundle.encode_completion(o, eos=eos)))
-    scores = torch.empty(len(flat))
-    for start in range(0, len(flat), batch_size):
-        chunk = flat[start : start + batch_size]
-        batch = to_device(bundle.collate([c[1] for c in chunk], [c[2] for c in chunk]), device)
-        sums, _ = batch_logps(model, batch, dtype=dtype)
-        scores[start : start + len(chunk)] = sums.float().cpu()
-    model.train(was_training)
+    try:
+        if mode == "shared_prefix":
+            encoded = [[bundle.encode_completion(o, eos=eos) for o in opts] for opts in options]
+            out: list[torch.Tensor] = []
+            for a, b in _chunks([len(o) for o in encoded], batch_size):
+                sums, _ = shared_prefix_logps(
+                    model, bundle, prompts[a:b], encoded[a:b], dtype=dtype, device=device
+                )
+                out += [s.float().cpu() for s in sums]
+            return out
+        flat: list[tuple[int, EncodedPrompt, list[int]]] = []
+        for i, (p, opts) in enumerate(zip(prompts, options)):
+            for o in opts:
+                flat.append((i, p, bundle.encode_completion(o, eos=eos)))
+        scores = torch.empty(len(flat))
+        for start in range(0, len(flat), batch_size):
+            chunk = flat[start : start + batch_size]
+            batch = to_device(bundle.collate([c[1] for c in chunk], [c[2] for c in chunk]), device)
+            sums, _ = batch_logps(model, batch, dtype=dtype)
+            scores[start : start + len(chunk)] = sums.float().cpu()
+    finally:
+        model.train(was_training)
     out, k = [], 0
     for opts in options:
         out.append(scores[k : k + len(opts)])

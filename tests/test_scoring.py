@@ -1,0 +1,234 @@
+"""Scoring: completion log-probs, and shared-prefix scoring agreeing with the naive path.
+
+Both tiny presets, fp32: log-probs, gradients of the LoRA parameters, LoRA / logit noise and the
+ranking scores must match the naive (prompt repeated per completion) path within 1e-4.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hanorec import scoring
+from hanorec.config import LoraConfig
+from hanorec.data import load_dataset, make_splits
+from hanorec.models import add_lora, build_tiny
+from hanorec.noise import LoRANoise, add_logit_noise
+from hanorec.scoring import (
+    completion_logps,
+    multi_completion_logps,
+    naive_logps,
+    score_options,
+    shared_prefix_logps,
+)
+from hanorec.tasks import TASK_SHAPES, build_examples, corpus_text, render
+
+PRESETS = ("tiny-qwen2.5-vl", "tiny-llava")
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def demo():
+    ds = load_dataset("assets/demo")
+    shape = TASK_SHAPES["hit3"]
+    splits = make_splits(ds, n_history=shape["n_history"], n_target=shape["n_target"])
+    examples = build_examples("hit3", splits.test, ds, seed=0, max_examples=3)
+    return ds, examples
+
+
+@pytest.fixture(scope="module")
+def bundles(demo):
+    ds, _ = demo
+    texts = corpus_text(ds)
+    out = {}
+    for preset in PRESETS:
+        b = build_tiny(preset, texts, hidden_size=64, seed=0)
+        b.model.float().eval()
+        out[preset] = b
+    return out
+
+
+def _inputs(bundle, demo):
+    """3 prompts with 3 images each; 1, 3 and 5 completions of different lengths (EOS or not, one empty)."""
+    ds, examples = demo
+    prompts, comps = [], []
+    for k, e in enumerate(examples):
+        r = render(e, ds)
+        prompts.append(bundle.encode_prompt(r.text, r.images))
+        n = 1 + 2 * k
+        comps.append([bundle.encode_completion(o, eos=j % 2 == 0) for j, o in enumerate(e.options[:n])])
+    comps[2][3] = comps[2][3][:1]  # a one-token completion
+    comps[2].append([])  # an empty completion: log-prob 0, 0 tokens
+    return prompts, comps
+
+
+def _max_diff(a, b):
+    return max((x - y).abs().max().item() for x, y in zip(a, b))
+
+
+def _lora_bundle(bundles, preset):
+    b = copy.deepcopy(bundles[preset])
+    torch.manual_seed(1)
+    add_lora(b, LoraConfig(dropout=0.0))
+    with torch.no_grad():  # B starts at zero: make the adapters do something
+        for name, p in b.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    b.model.train()
+    return b
+
+
+def test_completion_logps_matches_manual_sum():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7)
+    labels = torch.tensor([[-100, -100, 3, 1, -100], [-100, 2, 2, 6, 0]])
+    sums, counts = completion_logps(logits, labels)
+    logp = F.log_softmax(logits, dim=-1)
+    want0 = logp[0, 1, 3] + logp[0, 2, 1]
+    want1 = logp[1, 0, 2] + logp[1, 1, 2] + logp[1, 2, 6] + logp[1, 3, 0]
+    assert torch.allclose(sums, torch.stack([want0, want1]), atol=1e-6)
+    assert counts.tolist() == [2, 4]
+    doubled, _ = completion_logps(logits, labels, logits_transform=lambda z: 2 * z)
+    logp2 = F.log_softmax(2 * logits, dim=-1)
+    assert torch.allclose(doubled[0], logp2[0, 1, 3] + logp2[0, 2, 1], atol=1e-6)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_shared_prefix_matches_naive(bundles, demo, preset):
+    b = bundles[preset]
+    prompts, comps = _inputs(b, demo)
+    with torch.no_grad():
+        naive, naive_n = naive_logps(b.model, b, prompts, comps)
+        shared, shared_n = shared_prefix_logps(b.model, b, prompts, comps)
+    assert [len(s) for s in shared] == [len(c) for c in comps]
+    assert _max_diff(naive, shared) < TOL
+    assert all(torch.equal(x, y) for x, y in zip(naive_n, shared_n))
+    assert shared_n[2][-1] == 0 and shared[2][-1] == 0
+    assert all(bool((s < 0).all()) for s in shared[:2])
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_shared_prefix_eager_attention(bundles, demo, preset):
+    b = copy.deepcopy(bundles[preset])
+    for cfg in (b.model.config, b.model.config.get_text_config()):
+        cfg._attn_implementation = "eager"
+    prompts, comps = _inputs(b, demo)
+    with torch.no_grad():
+        naive, _ = naive_logps(b.model, b, prompts, comps)
+        shared, _ = shared_prefix_logps(b.model, b, prompts, comps)
+    assert _max_diff(naive, shared) < TOL
+
+
+def test_mrope_positions_are_checked(bundles, demo, monkeypatch):
+    """Negative control: plain 1-D positions after a Qwen prompt with images must NOT pass the test."""
+    b = bundles["tiny-qwen2.5-vl"]
+    prompts, comps = _inputs(b, demo)
+    original = scoring._prompt_positions
+
+    def one_d(model, bundle, batch, prompt_mask, lengths):
+        positions, _ = original(model, bundle, batch, prompt_mask, lengths)
+        return positions, lengths.clone()
+
+    with torch.no_grad():
+        naive, _ = naive_logps(b.model, b, prompts, comps)
+        monkeypatch.setattr(scoring, "_prompt_positions", one_d)
+        wrong, _ = shared_prefix_logps(b.model, b, prompts, comps)
+    assert _max_diff(naive, wrong) > TOL
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_shared_prefix_gradients_match(bundles, demo, preset):
+    b = _lora_bundle(bundles, preset)
+    prompts, comps = _inputs(b, demo)
+    weights = torch.linspace(-1.0, 1.0, sum(len(c) for c in comps))
+    lora = {n: p for n, p in b.model.named_parameters() if p.requires_grad and "lora_" in n}
+    assert lora
+    grads, losses = {}, {}
+    for mode in ("naive", "shared_prefix"):
+        b.model.zero_grad()
+        sums, _ = multi_completion_logps(b.model, b, prompts, comps, mode=mode)
+        loss = (torch.cat(sums) * weights).sum()
+        loss.backward()
+        losses[mode] = loss.item()
+        grads[mode] = {n: p.grad.clone() for n, p in lora.items()}
+    assert abs(losses["naive"] - losses["shared_prefix"]) < TOL
+    worst = max((grads["naive"][n] - grads["shared_prefix"][n]).abs().max().item() for n in lora)
+    assert worst < TOL
+    assert max(g.abs().max().item() for g in grads["naive"].values()) > 1e-3  # not trivially zero
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_noise_layouts_match(bundles, demo, preset):
+    """LoRA noise: naive rows use one group id per completion, shared-prefix rows one per prompt;
+    with the same generator both see the same draws. Logit noise lines up token by token too."""
+    b = _lora_bundle(bundles, preset)
+    prompts, comps = _inputs(b, demo)
+    noise = LoRANoise(b.model, sigma=0.1)
+    per_prompt = torch.arange(len(prompts))
+    per_row = per_prompt.repeat_interleave(torch.tensor([len(c) for c in comps]))
+    out = {}
+    with torch.no_grad():
+        with noise.active(group_ids=per_row, generator=torch.Generator().manual_seed(3)):
+            out["naive"], _ = naive_logps(b.model, b, prompts, comps)
+        with noise.active(group_ids=per_prompt, generator=torch.Generator().manual_seed(3)):
+            out["shared"], _ = shared_prefix_logps(b.model, b, prompts, comps)
+        clean, _ = shared_prefix_logps(b.model, b, prompts, comps)
+        assert _max_diff(out["naive"], out["shared"]) < TOL
+        assert _max_diff(out["naive"], clean) > 1e-3
+
+        def logit_noise(seed):
+            g = torch.Generator().manual_seed(seed)
+            return lambda z: add_logit_noise(z, 0.5, generator=g)
+
+        a, _ = naive_logps(b.model, b, prompts, comps, logits_transform=logit_noise(4))
+        s, _ = shared_prefix_logps(b.model, b, prompts, comps, logits_transform=logit_noise(4))
+    assert _max_diff(a, s) < TOL
+    assert _max_diff(a, clean) > 1e-3
+
+
+def test_gradient_checkpointing(bundles, demo):
+    b = _lora_bundle(bundles, "tiny-qwen2.5-vl")
+    prompts, comps = _inputs(b, demo)
+    with torch.no_grad():
+        want, _ = naive_logps(b.model, b, prompts, comps)
+    b.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    got, _ = shared_prefix_logps(b.model, b, prompts, comps)
+    torch.cat(got).sum().backward()
+    assert _max_diff(want, [g.detach() for g in got]) < TOL
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_score_options_modes_agree(bundles, demo, preset):
+    ds, examples = demo
+    b = bundles[preset]
+    b.model.train()
+    prompts = [b.encode_prompt(render(e, ds).text, render(e, ds).images) for e in examples]
+    options = [e.options for e in examples]
+    naive = score_options(b, prompts, options, mode="naive", batch_size=5)
+    shared = score_options(
+        b, prompts, options, batch_size=8
+    )  # default mode: shared prefix, 1 prompt per forward
+    packed = score_options(
+        b, prompts, options, mode="shared_prefix", batch_size=64
+    )  # all prompts in one forward
+    assert b.model.training  # mode restored
+    b.model.eval()
+    assert [s.shape for s in shared] == [(7,)] * len(examples)
+    assert _max_diff(naive, shared) < TOL and _max_diff(naive, packed) < TOL
+
+
+def test_fallback_and_bad_mode(bundles, demo, monkeypatch):
+    b = bundles["tiny-llava"]
+    prompts, comps = _inputs(b, demo)
+    with pytest.raises(ValueError, match="scoring mode"):
+        multi_completion_logps(b.model, b, prompts, comps, mode="packed")
+    monkeypatch.setattr(scoring, "_attn_implementation", lambda model: "flash_attention_2")
+    monkeypatch.setattr(scoring, "_FALLBACK_WARNED", set())
+    with torch.no_grad(), pytest.warns(UserWarning, match="falling back"):
+        got, _ = shared_prefix_logps(b.model, b, prompts, comps)
+    with torch.no_grad():
+        want, _ = naive_logps(b.model, b, prompts, comps)
+    assert _max_diff(want, got) == 0
