@@ -66,7 +66,9 @@ class DataConfig:
         "Bad rows: 'raise' stops at the first, 'report' skips and lists them in the load summary.",
         choices=("raise", "report"),
     )
-    max_users: int | None = _f(None, "Keep a deterministic subset of this many users (quick runs, CI).")
+    max_users: int | None = _f(
+        None, "Keep a deterministic subset of this many users (the same for every seed; quick runs, CI)."
+    )
     split_policy: str = _f(
         "leave_one_out",
         "leave_one_out: last window test, the one before validation, earlier windows train; by_user: the reference's last window per user, users split.",
@@ -233,13 +235,16 @@ class PrefConfig(OptimConfig):
         "How chosen and rejected are scored: shared_prefix (prompt encoded once) or naive (prompt repeated, like TRL).",
         choices=("shared_prefix", "naive"),
     )
+    max_pairs: int | None = _f(
+        None, "Use at most this many training examples as preference pairs (deterministic prefix)."
+    )
     sft_run: str | None = _f(
         None, "Run folder whose SFT adapter is merged before stage 2 (default: this run's output_dir)."
     )
 
     def __post_init__(self):
         super().__post_init__()
-        _positive(self, "beta", "k_negatives", "hardness_k")
+        _positive(self, "beta", "k_negatives", "hardness_k", "max_pairs")
         _positive(self, "noise_sigma", "sft_weight", allow_zero=True)
         if not 0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"label_smoothing = {self.label_smoothing!r} must be in [0, 0.5)")

@@ -36,7 +36,7 @@ def prepare_data(cfg: RunConfig) -> PreparedData:
     d = cfg.data
     ds = load_dataset(d.path, format=d.format, domain=d.domain, image_dir=d.image_dir, on_error=d.on_error)
     if d.max_users:
-        ds = ds.subset_users(d.max_users, seed=cfg.seed)
+        ds = ds.subset_users(d.max_users, seed=0)
     shape = TASK_SHAPES[cfg.task.name]
     splits = make_splits(
         ds,
@@ -207,7 +207,7 @@ def build_preference_items(cfg: RunConfig, bundle: ModelBundle, data: PreparedDa
         ids, e = item_embeddings(bundle, data.dataset)
         emb = dict(zip(ids, e))
     pairs = build_pairs(
-        data.train,
+        data.train[: p.max_pairs],
         data.dataset,
         seed=cfg.seed,
         k_negatives=p.k_negatives,
@@ -249,7 +249,11 @@ def run_preference(
         )
     bundle = prepare_model(cfg, data.dataset, sft_dir)
     merge_sft_adapter(bundle, cfg.lora, ckpt / "adapter")
-    bundle.meta["sft_checkpoint"] = str(ckpt.resolve())
+    import hashlib
+
+    # the hardness cache is keyed by the SFT weights themselves, not by a path that a new run may reuse
+    digest = hashlib.sha256((ckpt / "adapter" / "adapter_model.safetensors").read_bytes()).hexdigest()[:16]
+    bundle.meta["sft_checkpoint"] = f"{bundle.name}@sft-{digest}"
     out = Path(cfg.output_dir) / (name or cfg.pref.method)
     items = build_preference_items(cfg, bundle, data, Path(cfg.output_dir) / "hardness_cache")
     result = train_preference(

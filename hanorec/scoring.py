@@ -89,6 +89,7 @@ def _model_device(model):
 
 
 def _base(model):
+    model = getattr(model, "module", model)  # unwrap DistributedDataParallel
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 

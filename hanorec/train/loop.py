@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -101,6 +102,11 @@ def train_loop(
             log_with=train_cfg.log_with,
             project_dir=str(output_dir),
         )
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and accelerator.num_processes == 1:
+        raise RuntimeError(
+            f"WORLD_SIZE={os.environ['WORLD_SIZE']} but accelerate sees one process: every process would train "
+            "alone into the same folder. On CPU launch with ACCELERATE_USE_CPU=true accelerate launch --multi_gpu ..."
+        )
     set_seed(seed)
     if train_cfg.log_with:
         accelerator.init_trackers(stage)
@@ -154,8 +160,14 @@ def train_loop(
     model.train()
     while state["global_step"] < total_steps and not stopped:
         order = epoch_order(len(items), seed, state["epoch"])
+        # The loader's own generator: creating its iterator must not draw from the global torch RNG, or a
+        # resumed run (which creates it mid-epoch) would see different dropout masks than an uninterrupted one.
         loader = DataLoader(
-            _Items(items, order), batch_size=train_cfg.batch_size, shuffle=False, collate_fn=collate
+            _Items(items, order),
+            batch_size=train_cfg.batch_size,
+            shuffle=False,
+            collate_fn=collate,
+            generator=torch.Generator().manual_seed(seed * 1000 + state["epoch"]),
         )
         loader = accelerator.prepare(loader)
         if state["micro_in_epoch"]:

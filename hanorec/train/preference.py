@@ -100,7 +100,15 @@ def make_pref_loss(cfg, bundle: ModelBundle, accelerator, noise: LoRANoise | Non
                 return add_logit_noise(z, p.noise_sigma)
 
         if noise is not None:
-            with noise.active():
+            # one draw per example, shared by its chosen and rejected completions (method.md section 8):
+            # shared-prefix packs one row per example, naive has one row per completion
+            if p.scoring == "shared_prefix":
+                groups = torch.arange(len(prompts), device=device)
+            else:
+                groups = torch.arange(len(prompts), device=device).repeat_interleave(
+                    torch.tensor([len(c) for c in completions], device=device)
+                )
+            with noise.active(group_ids=groups):
                 sums, counts = multi_completion_logps(
                     model,
                     bundle,

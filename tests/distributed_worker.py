@@ -1,0 +1,110 @@
+"""Worker for tests/test_distributed.py, run by `accelerate launch` in 2 CPU processes (gloo).
+
+    python tests/distributed_worker.py eta   OUT_DIR
+    python tests/distributed_worker.py train OUT_DIR SCORING
+
+eta:   every process builds its own local preference logits h (a different batch per rank), calls
+       hano_dpo_loss with gather=accelerator.gather, and writes what it saw to OUT_DIR/rank<k>.json.
+train: one HaNo-DPO step of train_preference on a tiny LLaVA (6 pairs, batch 3 per process); every
+       process writes a checksum of its trainable weights to OUT_DIR/rank<k>.json.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+BETA0 = 0.1
+LOCAL_H = {  # (B,) per rank: [policy - ref](chosen) - [policy - ref](rejected)
+    0: [1.0, 2.0, 6.0],
+    1: [-4.0, 0.5, 10.0],
+}
+DEMO = Path(__file__).resolve().parents[1] / "assets" / "demo"
+
+
+def eta_mode(out_dir: Path) -> None:
+    from accelerate import Accelerator
+
+    from hanorec import losses as L
+
+    accelerator = Accelerator(cpu=True)
+    rank = accelerator.process_index
+    h = torch.tensor(LOCAL_H[rank])  # (B,)
+    zeros = torch.zeros_like(h)
+    lam = torch.ones_like(h)
+    out = L.hano_dpo_loss(h, zeros, zeros, zeros, lam, beta0=BETA0, gather=accelerator.gather)
+    local = L.hano_dpo_loss(h, zeros, zeros, zeros, lam, beta0=BETA0)
+    record = {
+        "rank": rank,
+        "world_size": accelerator.num_processes,
+        "backend": str(accelerator.state.backend),
+        "h": h.tolist(),
+        "gathered_h": accelerator.gather(h).tolist(),
+        "eta": float(out.eta),
+        "local_eta": float(local.eta),
+        "beta": out.beta.tolist(),
+    }
+    (out_dir / f"rank{rank}.json").write_text(json.dumps(record))
+    accelerator.wait_for_everyone()
+
+
+def train_mode(out_dir: Path, scoring: str) -> None:
+    from accelerate import PartialState
+
+    from hanorec.config import load_config
+    from hanorec.data import load_dataset, make_splits
+    from hanorec.models import add_lora, build_tiny
+    from hanorec.pairs import build_pairs
+    from hanorec.tasks import TASK_SHAPES, build_examples, corpus_text
+    from hanorec.train.preference import PrefItem, train_preference
+
+    torch.set_num_threads(1)
+    ds = load_dataset(DEMO)
+    s = TASK_SHAPES["hit3"]
+    splits = make_splits(ds, n_history=s["n_history"], n_target=s["n_target"])
+    examples = build_examples("hit3", splits.train, ds, seed=0, shuffle=True, max_examples=6)
+    run_dir = out_dir / "run"
+    cfg = load_config(
+        overrides={
+            "seed": 0,
+            "output_dir": str(run_dir),
+            "model": {"name": "tiny-llava", "tiny_hidden_size": 64, "tiny_vocab_size": 400},
+            "lora": {"r": 4, "alpha": 8},
+            "pref": {
+                "method": "hano_dpo",
+                "max_steps": 1,
+                "batch_size": 3,
+                "grad_accum": 1,
+                "log_every": 1,
+                "progress_bar": False,
+                "scoring": scoring,
+            },
+        }
+    )
+    bundle = build_tiny("tiny-llava", corpus_text(ds), hidden_size=64, vocab_size=400, seed=0)
+    add_lora(bundle, cfg.lora)
+    items = [PrefItem(p) for p in build_pairs(examples, ds, seed=0)]
+    result = train_preference(cfg, bundle, ds, items, run_dir, resume=False)
+    state = PartialState()
+    weights = [p.detach().double() for p in bundle.model.parameters() if p.requires_grad]
+    record = {
+        "rank": state.process_index,
+        "world_size": state.num_processes,
+        "global_step": result.global_step,
+        "checksum": float(sum(w.sum() for w in weights)),
+        "abs_checksum": float(sum(w.abs().sum() for w in weights)),
+    }
+    (out_dir / f"rank{state.process_index}.json").write_text(json.dumps(record))
+
+
+if __name__ == "__main__":
+    mode, out = sys.argv[1], Path(sys.argv[2])
+    if mode == "eta":
+        eta_mode(out)
+    elif mode == "train":
+        train_mode(out, sys.argv[3])
+    else:
+        raise SystemExit(f"unknown mode {mode!r}; use eta or train")
