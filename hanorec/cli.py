@@ -15,10 +15,14 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Without torchvision (CPU installs) transformers uses its PIL image processors, which is what we want.
+warnings.filterwarnings("ignore", message=".*requires torchvision.*")
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
 
 
 class _StopFlag:

@@ -89,11 +89,11 @@ def load_trained(
     cfg: RunConfig, ds: RecDataset, run_dir: str | Path, checkpoint: str | Path | None = None
 ) -> ModelBundle:
     """The base model of a run with its newest (or the given) SFT adapter loaded."""
+    ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
+    if ckpt is None or not ckpt.is_dir():
+        raise FileNotFoundError(f"no checkpoint found at {ckpt or Path(run_dir) / 'checkpoints'}")
     bundle = prepare_model(cfg, ds, run_dir)
     add_lora(bundle, cfg.lora)
-    ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
-    if ckpt is None:
-        raise FileNotFoundError(f"no checkpoint found under {Path(run_dir) / 'checkpoints'}")
     load_adapter_weights(bundle.model, ckpt / "adapter" if (ckpt / "adapter").is_dir() else ckpt)
     return bundle
 

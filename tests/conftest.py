@@ -8,9 +8,21 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Tiny models: one intra-op thread is as fast as two on a free machine, and two spin-wait badly (8-15x
+# slower) whenever anything else runs on the two cores.
+torch.set_num_threads(1)
+
+DEMO = os.path.join(os.path.dirname(__file__), "..", "assets", "demo")
 
 SHARED_ML = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "movielens-small-posters")
+
+
+@pytest.fixture(scope="session")
+def ds():
+    """The bundled demo dataset (read-only; shared by every test that needs it)."""
+    from hanorec.data import load_dataset
+
+    return load_dataset(DEMO)
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hanorec.config import LoraConfig
-from hanorec.data import load_dataset, make_splits
+from hanorec.data import make_splits
 from hanorec.models import (
     ModelError,
     add_lora,
@@ -22,20 +22,6 @@ from hanorec.tasks import IMAGE_PLACEHOLDER, TASK_SHAPES, build_examples, corpus
 DEMO = Path(__file__).resolve().parents[1] / "assets" / "demo"
 PRESETS = ("tiny-qwen2.5-vl", "tiny-llava")
 TOKENS_PER_IMAGE = 16  # both presets: 64x64 (qwen: 8x8 patches merged 2x2) / 32x32 CLIP (8x8 patches)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Two intra-op threads on two shared cores thrash when other processes run (15x slower here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def ds():
-    return load_dataset(DEMO)
 
 
 @pytest.fixture(scope="module")

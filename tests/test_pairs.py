@@ -16,18 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from hanorec.data import load_dataset, make_splits
+from hanorec.data import make_splits
 from hanorec.pairs import build_pair, build_pairs
 from hanorec.tasks import TASK_SHAPES, build_examples, format_titles, quote
 
 DEMO = Path(__file__).resolve().parents[1] / "assets" / "demo"
 N_EXAMPLES = 24
 QUOTED_LINE = re.compile(r'^"[^"\n]+"$')
-
-
-@pytest.fixture(scope="module")
-def ds():
-    return load_dataset(DEMO)
 
 
 @pytest.fixture(scope="module")

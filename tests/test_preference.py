@@ -29,7 +29,7 @@ from torch.testing import assert_close
 from hanorec import hardness as H
 from hanorec import losses as L
 from hanorec.config import load_config
-from hanorec.data import load_dataset, make_splits
+from hanorec.data import make_splits
 from hanorec.models import add_lora, build_tiny
 from hanorec.noise import LoRANoise
 from hanorec.pairs import build_pairs
@@ -90,20 +90,6 @@ def make_cfg(out_dir, **pref):
             },
         }
     )
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread is as fast, and several spin-wait badly on a shared CPU (8x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def ds():
-    return load_dataset(DEMO)
 
 
 @pytest.fixture(scope="module")

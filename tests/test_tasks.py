@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from hanorec.data import load_dataset, make_splits
+from hanorec.data import make_splits
 from hanorec.tasks import (
     DOMAINS,
     IMAGE_PLACEHOLDER,
@@ -18,11 +18,6 @@ from hanorec.tasks import (
 )
 
 DEMO = Path(__file__).resolve().parents[1] / "assets" / "demo"
-
-
-@pytest.fixture(scope="module")
-def ds():
-    return load_dataset(DEMO)
 
 
 @pytest.fixture(scope="module")

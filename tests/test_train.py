@@ -10,7 +10,7 @@ import yaml
 from safetensors.torch import load_file
 
 from hanorec.config import load_config
-from hanorec.data import load_dataset, make_splits
+from hanorec.data import make_splits
 from hanorec.models import add_lora, build_tiny
 from hanorec.tasks import TASK_SHAPES, build_examples, corpus_text
 from hanorec.train.checkpoint import checkpoint_dirs, latest_checkpoint
@@ -22,15 +22,6 @@ N_EXAMPLES = 16  # batch 2 x grad_accum 2 -> 4 optimizer steps per epoch
 TOTAL_STEPS = 6  # crosses one epoch boundary
 STOP_AT = 3  # mid-epoch
 STEPS_PER_EPOCH = 4
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Two intra-op threads on two shared cores thrash when other processes run (15x slower here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def make_cfg(out_dir, **sft):
@@ -54,11 +45,6 @@ def make_cfg(out_dir, **sft):
             },
         }
     )
-
-
-@pytest.fixture(scope="module")
-def ds():
-    return load_dataset(DEMO)
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ from trl import DPOConfig, DPOTrainer  # noqa: E402
 
 from hanorec import losses as L  # noqa: E402
 from hanorec.config import load_config  # noqa: E402
-from hanorec.data import load_dataset, make_splits  # noqa: E402
+from hanorec.data import make_splits  # noqa: E402
 from hanorec.models import EncodedPrompt, ModelBundle, build_tiny  # noqa: E402
 from hanorec.scoring import naive_logps  # noqa: E402
 from hanorec.tasks import TASK_SHAPES, build_examples, corpus_text  # noqa: E402
@@ -55,11 +55,6 @@ def one_thread_and_clean_accelerate_state():
     yield
     torch.set_num_threads(n)
     AcceleratorState._reset_state(reset_partial_state=True)
-
-
-@pytest.fixture(scope="module")
-def ds():
-    return load_dataset(DEMO)
 
 
 @pytest.fixture(scope="module")
