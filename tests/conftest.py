@@ -1,4 +1,5 @@
 import os
+import signal
 
 import pytest
 import torch
@@ -15,6 +16,15 @@ torch.set_num_threads(1)
 DEMO = os.path.join(os.path.dirname(__file__), "..", "assets", "demo")
 
 SHARED_ML = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "movielens-small-posters")
+
+
+@pytest.fixture(autouse=True)
+def keep_signal_handlers():
+    """The CLI installs SIGINT/SIGTERM handlers (checkpoint and stop); give pytest its own back."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, h in saved.items():
+        signal.signal(s, h)
 
 
 @pytest.fixture(scope="session")

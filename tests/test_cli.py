@@ -1,7 +1,6 @@
 """The command line: help lists every key, user errors exit 2 with one line on stderr, no traceback."""
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,15 +11,6 @@ import yaml
 from hanorec.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def keep_signal_handlers():
-    """`run` installs SIGINT/SIGTERM handlers; give pytest its own back."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for s, h in saved.items():
-        signal.signal(s, h)
 
 
 def run_cli(capsys, *argv):

@@ -8,11 +8,9 @@ and reaches HR@3 0.567 vs random 0.442; shortened runs do not clearly beat rando
 """
 
 import json
-import signal
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from hanorec.cli import main
@@ -20,23 +18,6 @@ from hanorec.cli import main
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Two intra-op threads on two shared cores thrash when other processes run."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def keep_signal_handlers():
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    yield
-    for s, h in saved.items():
-        signal.signal(s, h)
 
 
 def run(*argv) -> dict:
