@@ -6,6 +6,7 @@ Commands:
   sft         stage 1 only
   pref        stage 2 (DPO, S-DPO or HaNo-DPO by --pref.method) from the run's SFT checkpoint, then evaluation
   compare     SFT, DPO, S-DPO, HaNo-DPO and its ablations over seeds and tasks: --seeds=0,1,2 --tasks=hit3,hit1
+              (--readme=README.md writes the table, command, machine and wall time into the README)
   evaluate    evaluate the newest checkpoint of a run (or --checkpoint=PATH) with baselines
   config      print the resolved configuration; `config --help` lists every key
 """
@@ -51,7 +52,7 @@ def _split_args(argv: list[str]) -> tuple[str | None, list[str], dict]:
     for arg in argv:
         if arg.startswith("--config="):
             config = arg.split("=", 1)[1]
-        elif arg.startswith(("--checkpoint=", "--out=", "--seeds=", "--tasks=", "--variants=")):
+        elif arg.startswith(("--checkpoint=", "--out=", "--seeds=", "--tasks=", "--variants=", "--readme=")):
             k, v = arg[2:].split("=", 1)
             extra[k] = v
         else:
@@ -134,7 +135,14 @@ def main(argv: list[str] | None = None) -> int:
                 raise ConfigError(
                     f"unknown variant {unknown[0]!r}; use some of {list(pipeline.PREF_VARIANTS)}"
                 )
-            pipeline.run_comparison(cfg, seeds=seeds, tasks=tasks, variants=variants)
+            pipeline.run_comparison(
+                cfg,
+                seeds=seeds,
+                tasks=tasks,
+                variants=variants,
+                readme=extra.get("readme"),
+                command="python -m hanorec " + " ".join(argv),
+            )
             return 0
         if command == "evaluate":
             from pathlib import Path

@@ -282,8 +282,14 @@ def run_comparison(
     tasks: Sequence[str] = ("hit3", "hit1"),
     variants: Sequence[str] = tuple(PREF_VARIANTS),
     print_fn: Callable = print,
+    readme: str | Path | None = None,
+    command: str = "",
 ) -> dict:
-    """SFT, then every preference variant from the same SFT model, per task and seed; mean and std table."""
+    """SFT, then every preference variant from the same SFT model, per task and seed; mean and std table.
+
+    With `readme`, the table (with the command, the machine and the wall time) replaces the README section
+    marked `<!-- comparison:<output folder name> -->` (appended at the end when the markers are missing).
+    """
     from hanorec.metrics import mean_std
 
     start = time.time()
@@ -319,6 +325,8 @@ def run_comparison(
         "dataset": cfg.data.path,
         "model": cfg.model.name,
         "wall_s": time.time() - start,
+        "command": command,
+        "machine": machine_description(),
     }
     root.mkdir(parents=True, exist_ok=True)
     (root / "comparison.json").write_text(json.dumps(result, indent=2))
@@ -326,7 +334,56 @@ def run_comparison(
     (root / "comparison.md").write_text(table + "\n")
     print_fn(table)
     print_fn(f"wall time {result['wall_s'] / 60:.1f} min; written to {root / 'comparison.md'}")
+    if readme is not None:
+        update_readme_section(readme, root.name, comparison_report(result))
+        print_fn(f"README section comparison:{root.name} updated in {readme}")
     return result
+
+
+def machine_description() -> str:
+    import os
+    import platform
+
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (
+        f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores, {device}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} torch thread(s)"
+    )
+
+
+def comparison_report(result: dict) -> str:
+    """The README block of one comparison: command, machine, wall time, then the mean ± std table."""
+    table = comparison_table(result["summary"], len(result["seeds"]))
+    return (
+        f"`{result.get('command') or 'python -m hanorec compare ...'}`\n\n"
+        f"Machine: {result.get('machine', 'not recorded')}; wall time {result['wall_s'] / 60:.1f} min; "
+        f"dataset `{result['dataset']}`, model `{result['model']}`, seeds {result['seeds']}.\n\n{table}"
+    )
+
+
+def update_readme_section(readme: str | Path, key: str, body: str) -> None:
+    """Replace the text between `<!-- comparison:key -->` and `<!-- /comparison:key -->` (or append it)."""
+    import fcntl
+
+    path = Path(readme)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:  # two comparisons may finish together
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _replace_section(path, key, body)
+    path.with_name(path.name + ".lock").unlink(missing_ok=True)
+
+
+def _replace_section(path: Path, key: str, body: str) -> None:
+    text = path.read_text() if path.exists() else ""
+    start, end = f"<!-- comparison:{key} -->", f"<!-- /comparison:{key} -->"
+    block = f"{start}\n{body}\n{end}"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(text)
 
 
 METHOD_ORDER = ["random", "popularity", "SFT", *PREF_VARIANTS]
