@@ -102,9 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         config_path, overrides, extra = _split_args(fixed)
         cfg = load_config(config_path, overrides)
         if command == "config":
-            import yaml
-
-            print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            print(cfg.to_yaml())
             return 0
         from hanorec import pipeline
 

@@ -300,8 +300,7 @@ def item_embeddings(
     language model reads). Returns (item ids, (N, D) unit rows).
     """
     ids = sorted(ds.items) if item_ids is None else list(item_ids)
-    model = bundle.base_model() if not hasattr(bundle.model, "get_input_embeddings") else bundle.model
-    embed = model.get_input_embeddings()
+    embed = bundle.model.get_input_embeddings()
     device = embed.weight.device
     text = []
     for i in ids:

@@ -125,11 +125,7 @@ class ModelBundle:
             per_image = [int(g.prod()) // (merge * merge) for g in grid]
             return out["pixel_values"], grid, per_image
         # llava: every image gives the same number of patch tokens
-        cfg = (
-            self.model.config
-            if not hasattr(self.model, "get_base_model")
-            else self.model.get_base_model().config
-        )
+        cfg = self.base_model().config
         vc = cfg.vision_config
         n = (vc.image_size // vc.patch_size) ** 2
         if getattr(cfg, "vision_feature_select_strategy", "default") == "full":

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,26 +100,15 @@ def make_pref_loss(cfg, bundle: ModelBundle, accelerator, noise: LoRANoise | Non
             def transform(z):
                 return add_logit_noise(z, p.noise_sigma)
 
+        context = contextlib.nullcontext()
         if noise is not None:
             # one draw per example, shared by its chosen and rejected completions (method.md section 8):
             # shared-prefix packs one row per example, naive has one row per completion
-            if p.scoring == "shared_prefix":
-                groups = torch.arange(len(prompts), device=device)
-            else:
-                groups = torch.arange(len(prompts), device=device).repeat_interleave(
-                    torch.tensor([len(c) for c in completions], device=device)
-                )
-            with noise.active(group_ids=groups):
-                sums, counts = multi_completion_logps(
-                    model,
-                    bundle,
-                    prompts,
-                    completions,
-                    mode=p.scoring,
-                    logits_transform=transform,
-                    dtype=dtype,
-                )
-        else:
+            groups = torch.arange(len(prompts), device=device)
+            if p.scoring != "shared_prefix":
+                groups = groups.repeat_interleave(torch.tensor([len(c) for c in completions], device=device))
+            context = noise.active(group_ids=groups)
+        with context:
             sums, counts = multi_completion_logps(
                 model, bundle, prompts, completions, mode=p.scoring, logits_transform=transform, dtype=dtype
             )
@@ -208,7 +198,6 @@ def train_preference(
     should_stop=None,
 ) -> TrainResult:
     """Train bundle.model (merged SFT + fresh LoRA) on preference items with cfg.pref's method."""
-    import yaml
     from accelerate import Accelerator
 
     from hanorec.train.loop import resolve_mixed_precision
@@ -235,7 +224,7 @@ def train_preference(
         train_cfg=p,
         seed=cfg.seed,
         output_dir=output_dir,
-        config_yaml=yaml.safe_dump(cfg.to_dict(), sort_keys=False),
+        config_yaml=cfg.to_yaml(),
         accelerator=accelerator,
         resume=resume,
         on_log=on_log,

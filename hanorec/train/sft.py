@@ -60,7 +60,6 @@ def train_sft(
     accelerator=None,
 ) -> TrainResult:
     """Train the LoRA-wrapped bundle.model on examples; checkpoints and metrics go to output_dir."""
-    import yaml
 
     collate = make_sft_collate(bundle, ds, cfg.model.max_length)
     return train_loop(
@@ -71,7 +70,7 @@ def train_sft(
         train_cfg=cfg.sft,
         seed=cfg.seed,
         output_dir=output_dir,
-        config_yaml=yaml.safe_dump(cfg.to_dict(), sort_keys=False),
+        config_yaml=cfg.to_yaml(),
         resume=resume,
         on_log=on_log,
         should_stop=should_stop,
