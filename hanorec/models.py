@@ -22,6 +22,7 @@ from PIL import Image
 
 TINY_PRESETS = ("tiny-qwen2.5-vl", "tiny-llava")
 FAMILIES = ("qwen2_5_vl", "qwen2_vl", "llava")
+MROPE_FAMILIES = ("qwen2_5_vl", "qwen2_vl")  # 3-D (temporal, height, width) rotary positions
 META_FILE = "hanorec_model.json"
 
 # The text the chat template sees for one image, per family; the single image token inside it is
@@ -119,7 +120,7 @@ class ModelBundle:
         if self.image_size:
             images = [im.convert("RGB").resize((self.image_size, self.image_size)) for im in images]
         out = self.image_processor(images=list(images), return_tensors="pt")
-        if self.family in ("qwen2_5_vl", "qwen2_vl"):
+        if self.family in MROPE_FAMILIES:
             grid = out["image_grid_thw"]
             merge = self.image_processor.merge_size
             per_image = [int(g.prod()) // (merge * merge) for g in grid]
@@ -148,7 +149,7 @@ class ModelBundle:
             labels[i, len(p.input_ids) : len(s)] = torch.tensor(c, dtype=torch.long)
         batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
         batch.update(self.pixel_inputs(prompts))
-        if self.family in ("qwen2_5_vl", "qwen2_vl"):
+        if self.family in MROPE_FAMILIES:
             batch["mm_token_type_ids"] = (input_ids == self.image_token_id).long()
         return batch
 
@@ -157,13 +158,64 @@ class ModelBundle:
         if not with_images:
             return {}
         out = {"pixel_values": torch.cat([p.pixel_values for p in with_images], dim=0)}
-        if self.family in ("qwen2_5_vl", "qwen2_vl"):
+        if self.family in MROPE_FAMILIES:
             out["image_grid_thw"] = torch.cat([p.image_grid_thw for p in with_images], dim=0)
         return out
+
+    # ---- positions for shared-prefix scoring ---------------------------------------------------
+    def prompt_positions(
+        self,
+        inner: torch.nn.Module,
+        input_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        lengths: torch.Tensor,
+        image_grid_thw: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Position ids of the prompt tokens of packed rows, and the position after each prompt.
+
+        inner: the base model (no peft / DDP wrapper); input_ids, prompt_mask (P, L), prompt_mask 1 on
+        prompt tokens; lengths (P,) prompt lengths. Returns (positions, next_pos): positions (P, L)
+        for 1-D RoPE families, (3, P, L) for Qwen mRoPE (from the model's own ``get_rope_index``),
+        correct on the prompt tokens (0 elsewhere); next_pos (P,) is the position the token right
+        after prompt i gets in a plain prompt+completion sequence. Qwen: raises ValueError when an
+        image token appears outside the prompts (its pixels could not be placed).
+        """
+        if self.family in MROPE_FAMILIES:
+            if bool(((input_ids == self.image_token_id) & (prompt_mask == 0)).any()):
+                raise ValueError(
+                    "a completion contains the image token; shared-prefix scoring cannot place its pixels"
+                )
+            positions, deltas = inner.model.get_rope_index(
+                input_ids,
+                mm_token_type_ids=(input_ids == self.image_token_id).long() * prompt_mask,
+                image_grid_thw=image_grid_thw,
+                attention_mask=prompt_mask,
+            )
+            return positions, lengths + deltas.reshape(-1).to(lengths.device)
+        positions = (torch.cumsum(prompt_mask, dim=1) - 1).clamp(min=0) * prompt_mask
+        return positions, lengths.clone()
 
     # ---- parts used by hardness (item embeddings) ---------------------------------------------
     def base_model(self) -> torch.nn.Module:
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    @torch.no_grad()
+    def image_features(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """One vector per image: the mean over its visual tokens of the vision tower's output after the
+        merger / projector, i.e. the vectors the language model reads (method.md section 7). (n, D)."""
+        if not images:
+            raise ValueError("image_features needs at least one image")
+        inner = self.base_model()
+        weight = self.model.get_input_embeddings().weight
+        pixels = self.pixel_inputs([self.encode_prompt("<image>" * len(images), images)])
+        kwargs = {}
+        if "image_grid_thw" in pixels:
+            kwargs["image_grid_thw"] = pixels["image_grid_thw"].to(weight.device)
+        out = inner.get_image_features(pixels["pixel_values"].to(weight.device, weight.dtype), **kwargs)
+        feats = out.pooler_output if getattr(out, "pooler_output", None) is not None else out
+        if isinstance(feats, (list, tuple)):  # qwen: one (tokens_i, D) tensor per image
+            return torch.stack([f.float().mean(0) for f in feats])
+        return feats.float().mean(1) if feats.dim() == 3 else feats.float()  # llava: (n, tokens, D)
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
