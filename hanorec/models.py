@@ -53,6 +53,48 @@ class EncodedPrompt:
 
 
 @dataclass
+class ModelView:
+    """An example exactly as the model sees it (from :meth:`ModelBundle.model_view`).
+
+    chat_text: the text after the model's chat template, one image marker per image;
+    text: the decoded input ids, i.e. chat_text with every image token expanded to the number of
+        visual tokens its image produces (what the tokenizer and the language model see);
+    input_ids / n_tokens: the prompt's token ids and their count (image tokens included);
+    image_tokens: visual tokens per image; images: the images at the resolution the model's own
+        image processing gives them (Qwen: the resized patch grid; LLaVA: the CLIP crop), rebuilt
+        from the pixel values the model receives; image_sizes: their (width, height).
+    """
+
+    chat_text: str
+    text: str
+    input_ids: list[int]
+    image_token: str
+    image_tokens: list[int]
+    images: list[Image.Image]
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def n_image_tokens(self) -> int:
+        return sum(self.image_tokens)
+
+    @property
+    def image_sizes(self) -> list[tuple[int, int]]:
+        return [im.size for im in self.images]
+
+    def collapsed_text(self) -> str:
+        """``text`` with each run of image tokens written once with its length, e.g. ``<|image_pad|>x16``."""
+        tok = re.escape(self.image_token)
+        return re.sub(
+            f"(?:{tok})+",
+            lambda m: f"{self.image_token}x{len(m.group(0)) // len(self.image_token)}",
+            self.text,
+        )
+
+
+@dataclass
 class ModelBundle:
     """A model with everything needed to feed it: tokenizer, image processor, family rules."""
 
@@ -109,6 +151,53 @@ class ModelBundle:
             if k < len(pieces) - 1:
                 ids += self._image_tokens(per_image[k])
         return EncodedPrompt(ids, pixel_values, grid, len(images))
+
+    def model_view(self, text: str, images: Sequence[Image.Image]) -> ModelView:
+        """What the model sees for a prompt: chat-templated text, the same text with image tokens
+        expanded (the decode of :meth:`encode_prompt`'s ids), token counts and the processed images."""
+        enc = self.encode_prompt(text, images)
+        image_token = IMAGE_MARKERS[self.family][1]
+        per_image = self._process_images(images)[2] if images else []
+        return ModelView(
+            chat_text=self.chat_text(text),
+            text=self.tokenizer.decode(enc.input_ids, skip_special_tokens=False),
+            input_ids=list(enc.input_ids),
+            image_token=image_token,
+            image_tokens=list(per_image),
+            images=self.processed_images(enc),
+        )
+
+    def view_example(self, example, ds) -> ModelView:
+        """:meth:`model_view` of a task example (``example.prompt`` and the images of ``example.image_items``)."""
+        images = [ds.load_image(i, size=self.image_size) for i in example.image_items]
+        return self.model_view(example.prompt, images)
+
+    def processed_images(self, prompt: EncodedPrompt) -> list[Image.Image]:
+        """The prompt's images rebuilt from the pixel values the model receives (normalisation undone):
+        Qwen: un-patchify each image's (h*w, C*T*p*p) rows back to (C, h*p, w*p); LLaVA: (n, 3, H, W)."""
+        if not prompt.n_images:
+            return []
+        proc = self.image_processor
+        mean = torch.tensor(proc.image_mean, dtype=torch.float32).view(-1, 1, 1)
+        std = torch.tensor(proc.image_std, dtype=torch.float32).view(-1, 1, 1)
+        pixels = prompt.pixel_values.float().cpu()
+        if self.family in MROPE_FAMILIES:
+            p, m, t = proc.patch_size, proc.merge_size, proc.temporal_patch_size
+            arrays, start = [], 0
+            for gt, gh, gw in prompt.image_grid_thw.tolist():
+                rows = pixels[start : start + gt * gh * gw]
+                start += gt * gh * gw
+                x = rows.reshape(gt, gh // m, gw // m, m, m, -1, t, p, p)[0, ..., 0, :, :]  # first frame
+                # (gh/m, gw/m, mh, mw, C, ph, pw) -> (C, gh/m, mh, ph, gw/m, mw, pw) -> (C, gh*p, gw*p)
+                arrays.append(x.permute(4, 0, 2, 5, 1, 3, 6).reshape(-1, gh * p, gw * p))
+        else:
+            arrays = list(pixels)
+        out = []
+        for x in arrays:
+            x = (x * std + mean) * 255.0  # undo normalise and rescale
+            x = x.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+            out.append(Image.fromarray(x, "RGB"))
+        return out
 
     def encode_completion(self, text: str, eos: bool = True) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
