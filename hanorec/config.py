@@ -178,6 +178,11 @@ class OptimConfig:
     )
     log_every: int = _f(5, "Log metrics every N optimizer steps.")
     save_every: int = _f(0, "Checkpoint every N optimizer steps (0: only at the end of each epoch).")
+    save_every_minutes: float = _f(
+        5.0,
+        "Also checkpoint when this many minutes have passed since the last checkpoint, so a run killed outright "
+        "loses at most about this much work (0: off). When checkpoints happen never changes the result.",
+    )
     keep_checkpoints: int = _f(2, "Keep the newest N step checkpoints.")
     log_with: str | None = _f(
         None,
@@ -190,7 +195,7 @@ class OptimConfig:
         _positive(
             self, "epochs", "lr", "batch_size", "grad_accum", "log_every", "max_steps", "keep_checkpoints"
         )
-        _positive(self, "save_every", "weight_decay", "max_grad_norm", allow_zero=True)
+        _positive(self, "save_every", "save_every_minutes", "weight_decay", "max_grad_norm", allow_zero=True)
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio = {self.warmup_ratio!r} must be in [0, 1)")
 
