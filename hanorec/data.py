@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
-DOMAINS = ("movies", "micro-videos", "tv", "products")
+DOMAINS = ("movies", "micro-videos", "tv", "products", "music")
 FORMATS = ("auto", "hanorec", "movielens")
 SPLIT_POLICIES = ("leave_one_out", "by_user")
 
@@ -234,6 +234,11 @@ def load_dataset(
         sequences = _read_ratings(ratings_file, rows, problems)
         titles_name = movies_file.name
     if not sequences:
+        data_file = pairs_file if format == "hanorec" else root / "ratings.csv"
+        if not any(line.strip() for line in _read_lines(data_file)[(0 if format == "hanorec" else 1):]):
+            raise DataError(f"The file {data_file} is empty: it has no interactions to learn from.")
+        if not rows:
+            raise DataError(f"The file {root / titles_name} is empty: no item has a title.")
         raise DataError(f"The dataset at {root} has no users with at least one known item.")
 
     if image_dir is not None:

@@ -67,6 +67,7 @@ def prepare_data(
     require_windows(splits, ds, train=for_training, eval_split=cfg.eval.split)
     progress.tick(phase="split")
     t = cfg.task
+    words = t.words(d.domain)
 
     def examples(windows, offset, shuffle, cap, phase):
         out = build_examples(
@@ -75,7 +76,7 @@ def prepare_data(
             ds,
             seed=cfg.seed + offset,
             n_negatives=t.n_negatives,
-            domain=d.domain,
+            domain=words,
             max_examples=cap,
             shuffle=shuffle,
         )
@@ -98,7 +99,8 @@ def prepare_model(cfg: RunConfig, ds: RecDataset, output_dir: str | Path | None 
     if saved is not None and (saved / "config.json").is_file():
         bundle = load_model(saved, dtype=cfg.model.dtype)
     else:
-        bundle = get_model(cfg.model, corpus_text(ds), seed=cfg.seed, image_size=cfg.data.image_size)
+        texts = corpus_text(ds, cfg.task.words(cfg.data.domain))
+        bundle = get_model(cfg.model, texts, seed=cfg.seed, image_size=cfg.data.image_size)
         if saved is not None and cfg.model.name.startswith("tiny-"):
             # written under a temporary name, then renamed: a kill mid-write leaves no half model behind
             import shutil
