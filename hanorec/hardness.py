@@ -315,21 +315,12 @@ def item_embeddings(
         text.append(embed(torch.tensor(tok, device=device)).float().mean(0))
     text_t = torch.stack(text)  # (N, D)
     image_rows, has_image = [], []
-    inner = bundle.base_model()
     for start in range(0, len(ids), batch_size):
         chunk = ids[start : start + batch_size]
-        images = [ds.load_image(i, size=bundle.image_size) for i in chunk]
-        pixels = bundle.pixel_inputs([bundle.encode_prompt("<image>" * len(images), images)])
-        kwargs = {"image_grid_thw": pixels["image_grid_thw"].to(device)} if "image_grid_thw" in pixels else {}
-        out = inner.get_image_features(pixels["pixel_values"].to(device, embed.weight.dtype), **kwargs)
-        feats = out.pooler_output if hasattr(out, "pooler_output") and out.pooler_output is not None else out
-        if isinstance(feats, (list, tuple)):
-            image_rows += [f.float().mean(0) for f in feats]
-        else:
-            image_rows += list(feats.float().mean(1) if feats.dim() == 3 else feats.float())
+        image_rows.append(bundle.image_features([ds.load_image(i, size=bundle.image_size) for i in chunk]))
         has_image += [ds.items[i].image_path is not None for i in chunk]
         progress.tick()
-    image_t = torch.stack(image_rows)  # (N, D)
+    image_t = torch.cat(image_rows)  # (N, D)
     return ids, fuse_embeddings(text_t.cpu(), image_t.cpu(), torch.tensor(has_image))
 
 
