@@ -14,11 +14,20 @@ from pathlib import Path
 from hanorec.config import RunConfig
 from hanorec.data import RecDataset, Splits, load_dataset, make_splits
 from hanorec.eval import EvalResult, evaluate, format_results, train_popularity
-from hanorec.models import ModelBundle, add_lora, get_model, load_model
+from hanorec.models import ModelBundle, add_lora
+from hanorec.runs import (
+    BASE_MODEL_DIR,
+    adapter_digest,
+    base_model,
+    load_stage,
+    record_sft_source,
+    sft_dir_of,
+    write_results,
+)
 from hanorec.tasks import TASK_SHAPES, Example, build_examples, corpus_text
-from hanorec.train.checkpoint import latest_checkpoint, load_adapter_weights
+from hanorec.train.checkpoint import latest_checkpoint
 
-BASE_MODEL_DIR = "base_model"
+__all__ = ["BASE_MODEL_DIR"]  # re-exported: the run layout lives in hanorec.runs
 
 
 @dataclass
@@ -74,28 +83,14 @@ def prepare_data(cfg: RunConfig) -> PreparedData:
 
 def prepare_model(cfg: RunConfig, ds: RecDataset, output_dir: str | Path | None = None) -> ModelBundle:
     """The base model: a tiny preset is built once per run folder (and reloaded from there on resume)."""
-    saved = Path(output_dir) / BASE_MODEL_DIR if output_dir else None
-    if saved is not None and (saved / "config.json").is_file():
-        bundle = load_model(saved, dtype=cfg.model.dtype)
-    else:
-        bundle = get_model(cfg.model, corpus_text(ds), seed=cfg.seed)
-        if saved is not None and cfg.model.name.startswith("tiny-"):
-            bundle.save(saved)
-    bundle.image_size = bundle.image_size or cfg.data.image_size
-    return bundle
+    return base_model(cfg, output_dir, corpus_text(ds))
 
 
 def load_trained(
     cfg: RunConfig, ds: RecDataset, run_dir: str | Path, checkpoint: str | Path | None = None
 ) -> ModelBundle:
-    """The base model of a run with its newest (or the given) SFT adapter loaded."""
-    ckpt = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
-    if ckpt is None or not ckpt.is_dir():
-        raise FileNotFoundError(f"no checkpoint found at {ckpt or Path(run_dir) / 'checkpoints'}")
-    bundle = prepare_model(cfg, ds, run_dir)
-    add_lora(bundle, cfg.lora)
-    load_adapter_weights(bundle.model, ckpt / "adapter" if (ckpt / "adapter").is_dir() else ckpt)
-    return bundle
+    """The SFT model of a run (run_dir is its sft/ folder); see hanorec.runs.load_stage for any stage."""
+    return load_stage(Path(run_dir).parent, Path(run_dir).name, checkpoint)
 
 
 def run_sft(
@@ -176,10 +171,8 @@ def run_pipeline(
         "train_steps": train.global_step,
         "wall_s": time.time() - start,
     }
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(result, indent=2))
-    print_fn(f"results written to {out / 'results.json'} ({result['wall_s']:.0f} s)")
+    path = write_results(cfg.output_dir, result)
+    print_fn(f"results written to {path} ({result['wall_s']:.0f} s)")
     return result
 
 
@@ -241,7 +234,7 @@ def run_preference(
     from hanorec.train.preference import merge_sft_adapter, train_preference
 
     data = data or prepare_data(cfg)
-    sft_dir = Path(cfg.pref.sft_run or cfg.output_dir) / "sft"
+    sft_dir = sft_dir_of(cfg, cfg.output_dir)
     ckpt = latest_checkpoint(sft_dir)
     if ckpt is None:
         raise FileNotFoundError(
@@ -249,17 +242,54 @@ def run_preference(
         )
     bundle = prepare_model(cfg, data.dataset, sft_dir)
     merge_sft_adapter(bundle, cfg.lora, ckpt / "adapter")
-    import hashlib
-
     # the hardness cache is keyed by the SFT weights themselves, not by a path that a new run may reuse
-    digest = hashlib.sha256((ckpt / "adapter" / "adapter_model.safetensors").read_bytes()).hexdigest()[:16]
-    bundle.meta["sft_checkpoint"] = f"{bundle.name}@sft-{digest}"
+    bundle.meta["sft_checkpoint"] = f"{bundle.name}@sft-{adapter_digest(ckpt)}"
     out = Path(cfg.output_dir) / (name or cfg.pref.method)
+    record_sft_source(out, ckpt)
     items = build_preference_items(cfg, bundle, data, Path(cfg.output_dir) / "hardness_cache")
     result = train_preference(
         cfg, bundle, data.dataset, items, out, resume=resume, on_log=on_log, should_stop=should_stop
     )
     return bundle, result
+
+
+def run_preference_pipeline(
+    cfg: RunConfig,
+    *,
+    name: str | None = None,
+    on_log: Callable | None = None,
+    should_stop: Callable | None = None,
+    print_fn: Callable = print,
+) -> dict:
+    """Data, stage 2 from the run's SFT checkpoint, then evaluation; writes <run>/<stage>/results.json."""
+    start = time.time()
+    data = prepare_data(cfg)
+    bundle, train = run_preference(cfg, data, name=name, on_log=on_log, should_stop=should_stop)
+    stage = name or cfg.pref.method
+    if train.stopped_early:
+        print_fn(
+            f"{stage} stopped at step {train.global_step}/{train.total_steps} ({train.last_checkpoint}); "
+            "run the same command again to resume"
+        )
+        return {"stopped_early": True, "train_steps": train.global_step, "checkpoint": str(train.last_checkpoint)}
+    print_fn(f"{stage} finished at step {train.global_step}/{train.total_steps}")
+    ev = run_eval(cfg, bundle, data, method=stage)
+    print_fn(format_results(cfg.task.name, ev.rows))
+    result = {
+        "task": cfg.task.name,
+        "dataset": str(cfg.data.path),
+        "model": cfg.model.name,
+        "seed": cfg.seed,
+        "split": cfg.eval.split,
+        "stage": stage,
+        "rows": ev.rows,
+        "train_steps": train.global_step,
+        "checkpoint": str(train.last_checkpoint),
+        "wall_s": time.time() - start,
+    }
+    path = write_results(Path(cfg.output_dir) / stage, result)
+    print_fn(f"results written to {path} ({result['wall_s']:.0f} s)")
+    return result
 
 
 def _with(cfg: RunConfig, **sections) -> RunConfig:
