@@ -29,8 +29,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hanorec.train.checkpoint import latest_checkpoint
-
 BASE_MODEL_DIR = "base_model"
 SFT_STAGE = "sft"
 CONFIG_FILE = "config.yaml"
@@ -44,6 +42,13 @@ STATUSES = ("queued", "running", "finished", "stopped", "failed")
 
 class RunError(FileNotFoundError):
     """A run folder, stage or checkpoint a user named is missing (one clear sentence)."""
+
+
+def latest_checkpoint(stage_path: str | Path) -> Path | None:
+    """The newest complete checkpoint of a stage folder (imported lazily: reading a run needs no torch)."""
+    from hanorec.train.checkpoint import latest_checkpoint as latest
+
+    return latest(stage_path)
 
 
 def stage_slug(variant: str) -> str:
@@ -180,6 +185,9 @@ def read_status(run_dir: str | Path) -> dict:
     if not info:
         done = (run / RESULTS_FILE).is_file() or any(latest_checkpoint(run / s) for s in stages(run))
         return {"status": "finished" if done else "failed", "message": "" if done else "no status recorded"}
+    if info.get("status") != "queued" and pid_alive(info.get("runner_pid")):
+        # a background job between two commands (hanorec.jobs): its runner is alive, so it is running
+        return dict(info, status="running")
     if info.get("status") == "running" and not (
         pid_alive(info.get("pid")) or pid_alive(info.get("runner_pid"))
     ):
@@ -205,8 +213,8 @@ def write_status(run_dir: str | Path, status: str, **fields) -> dict:
         except json.JSONDecodeError:
             info = {}
     info.update(fields, status=status, updated=time.time())
-    if status in ("running", "queued"):
-        info.pop("message", None) if "message" not in fields else None
+    if status in ("running", "queued") and "message" not in fields:
+        info.pop("message", None)
     _write_json(path, info)
     return info
 
