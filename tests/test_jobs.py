@@ -90,6 +90,7 @@ def test_queue_one_at_a_time_stop_checkpoints_and_resume_finishes(manager):
     assert info["first"].status == "finished" and info["second"].status == "finished"
 
 
+@pytest.mark.slow
 def test_preference_job_trains_sft_then_the_variant(manager):
     job = manager.submit(fast(2), stage="HaNo-DPO w/o NoDO", name="pref")
     cfg = runs.read_config(manager.runs_dir / job)
