@@ -1,0 +1,205 @@
+"""Exploration helpers behind the app's panels and the notebooks: pure functions over the package.
+
+- :func:`find_datasets`: dataset folders inside a set of allowed folders.
+- :func:`dataset_stats`: users, items, sequence lengths, item popularity, missing images.
+- :func:`candidate_scores`: the ranking protocol's scores of one example's candidates (method.md section 4).
+- :func:`pair_stats`: per-pair training statistics of a preference run (reward margin, accuracy,
+  lambda, beta), computed by scoring the pairs with the trained policy and its reference (adapter
+  disabled), since training logs only batch averages.
+- :func:`spread`: the numbers that show how far lambda (or anything) spreads around its mean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hanorec.data import RecDataset
+from hanorec.tasks import Example, render
+
+__all__ = ["DatasetStats", "candidate_scores", "dataset_stats", "find_datasets", "pair_stats", "spread"]
+
+
+def is_dataset_folder(path: Path) -> bool:
+    """A folder in the hanorec format (pairs.tsv or one *_pairs.tsv) or MovieLens' (ratings.csv + movies.csv)."""
+    if not path.is_dir():
+        return False
+    if (path / "pairs.tsv").is_file() or len(list(path.glob("*_pairs.tsv"))) == 1:
+        return True
+    return (path / "ratings.csv").is_file() and (path / "movies.csv").is_file()
+
+
+def find_datasets(folders: Sequence[Path]) -> list[Path]:
+    """Every allowed folder that is a dataset, then its immediate sub-folders that are, in the given order."""
+    out: list[Path] = []
+    for folder in folders:
+        folder = Path(folder)
+        if is_dataset_folder(folder):
+            out.append(folder)
+        elif folder.is_dir():
+            out += [p for p in sorted(folder.iterdir()) if is_dataset_folder(p)]
+    return list(dict.fromkeys(out))
+
+
+@dataclass
+class DatasetStats:
+    n_users: int
+    n_items: int
+    n_interactions: int
+    missing_images: int
+    sequence_lengths: list[int]  # one per user, sorted user order
+    popularity: list[int]  # interaction count per item, most popular first
+    items_never_seen: int  # items no user interacted with
+
+    @property
+    def table(self) -> list[tuple[str, str]]:
+        lengths = np.asarray(self.sequence_lengths)
+        pop = np.asarray(self.popularity)
+        top = pop[: max(1, len(pop) // 10)].sum() / max(1, pop.sum())
+        return [
+            ("users", f"{self.n_users:,}"),
+            ("items", f"{self.n_items:,}"),
+            ("interactions", f"{self.n_interactions:,}"),
+            ("sequence length min / median / max", f"{lengths.min()} / {np.median(lengths):g} / {lengths.max()}"),
+            ("items with a missing image", f"{self.missing_images:,} ({self.missing_images / max(1, self.n_items):.1%})"),
+            ("items no user interacted with", f"{self.items_never_seen:,}"),
+            ("share of interactions on the top 10% of items", f"{top:.1%}"),
+        ]
+
+
+def dataset_stats(ds: RecDataset) -> DatasetStats:
+    """Counts for the dataset panel (all users, not a split)."""
+    pop = ds.popularity()
+    return DatasetStats(
+        n_users=len(ds.sequences),
+        n_items=len(ds.items),
+        n_interactions=sum(len(s) for s in ds.sequences.values()),
+        missing_images=sum(1 for it in ds.items.values() if it.image_path is None),
+        sequence_lengths=[len(ds.sequences[u]) for u in sorted(ds.sequences)],
+        popularity=sorted(pop.values(), reverse=True),
+        items_never_seen=sum(1 for c in pop.values() if c == 0),
+    )
+
+
+def spread(values) -> dict[str, float]:
+    """min, max, mean, std and the 5th / 95th percentiles; ``max - min`` as "range"."""
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    if v.size == 0:
+        raise ValueError("spread needs at least one value")
+    return {
+        "n": int(v.size),
+        "min": float(v.min()),
+        "p05": float(np.percentile(v, 5)),
+        "mean": float(v.mean()),
+        "p95": float(np.percentile(v, 95)),
+        "max": float(v.max()),
+        "std": float(v.std()),
+        "range": float(v.max() - v.min()),
+    }
+
+
+@torch.no_grad()
+def candidate_scores(bundle, ds: RecDataset, example: Example, *, mode: str = "shared_prefix") -> list[dict]:
+    """Every option of the example scored by title log-likelihood (the ranking protocol).
+
+    Returns one row per option in displayed order: option text, item id, log-prob, the softmax
+    probability over the options, its rank (1 = top) and whether it is a true answer.
+    """
+    from hanorec.scoring import score_options
+
+    r = render(example, ds)
+    prompt = bundle.encode_prompt(r.text, r.images)
+    logps = score_options(bundle, [prompt], [list(example.options)], mode=mode)[0].double()
+    probs = torch.softmax(logps, 0)
+    order = torch.argsort(logps, descending=True).tolist()
+    rank = {i: k + 1 for k, i in enumerate(order)}
+    true = _true_options(example)
+    return [
+        {
+            "option": opt,
+            "item": example.option_items[i],
+            "logp": float(logps[i]),
+            "prob": float(probs[i]),
+            "rank": rank[i],
+            "true": i in true,
+        }
+        for i, opt in enumerate(example.options)
+    ]
+
+
+def _true_options(example: Example) -> set[int]:
+    if example.task == "hit1":
+        return {example.correct_option}
+    return {i for i, item in enumerate(example.candidates) if item in set(example.targets)}
+
+
+@torch.no_grad()
+def pair_stats(
+    bundle,
+    ds: RecDataset,
+    pairs: Sequence,
+    lambdas: Sequence[float],
+    *,
+    beta0: float,
+    eta: float = 1.0,
+    mode: str = "shared_prefix",
+    batch_size: int = 8,
+    progress=None,
+) -> list[dict]:
+    """Per-pair statistics of a trained preference policy (method.md sections 6-7).
+
+    For pair n with chosen y_w and rejected y_l (the first rejected answer, as DPO and HaNo-DPO use):
+    h_n = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l)), the reference being the policy
+    with its adapter disabled; beta_n = beta0 * eta * lambda_n (HaRS, eq. of section 7; eta is the
+    batch responsiveness, 1 unless given); reward margin = beta_n * h_n; accurate when the margin > 0.
+    ``progress(done, total)`` is called after each batch.
+    """
+    from hanorec.scoring import multi_completion_logps
+
+    model = bundle.model
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    was = model.training
+    model.eval()
+    rows: list[dict] = []
+    try:
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start : start + batch_size]
+            prompts, completions = [], []
+            for p in chunk:
+                r = render(p.example, ds)
+                prompts.append(bundle.encode_prompt(r.text, r.images))
+                completions.append([bundle.encode_completion(c) for c in (p.chosen, p.rejected[0])])
+            pol, _ = multi_completion_logps(model, bundle, prompts, completions, mode=mode, dtype=dtype, device=device)
+            with model.disable_adapter():
+                ref, _ = multi_completion_logps(
+                    model, bundle, prompts, completions, mode=mode, dtype=dtype, device=device
+                )
+            for k, (p, a, b) in enumerate(zip(chunk, pol, ref)):
+                a, b = a.double().cpu(), b.double().cpu()
+                lam = float(lambdas[start + k])
+                beta = max(1e-6, beta0 * eta * lam)
+                h = float((a[0] - b[0]) - (a[1] - b[1]))
+                rows.append(
+                    {
+                        "pair": start + k,
+                        "user": p.example.user,
+                        "lambda": lam,
+                        "beta": beta,
+                        "chosen_reward": beta * float(a[0] - b[0]),
+                        "rejected_reward": beta * float(a[1] - b[1]),
+                        "reward_margin": beta * h,
+                        "accurate": h > 0,
+                        "logp_chosen": float(a[0]),
+                        "logp_rejected": float(a[1]),
+                    }
+                )
+            if progress is not None:
+                progress(min(start + batch_size, len(pairs)), len(pairs))
+    finally:
+        model.train(was)
+    return rows
