@@ -120,7 +120,9 @@ class AppContext:
 
     # ---- models ----------------------------------------------------------------------------
     def base_model(self, dataset: str, task: str = "hit3"):
-        """The untrained tiny preset for a dataset (random init, tokenizer trained on its text), cached."""
+        """The untrained tiny preset for a dataset (random init, tokenizer trained on its text) with a fresh
+        LoRA (B = 0, so its scores are the base model's), cached."""
+        from hanorec.models import add_lora
         from hanorec.pipeline import prepare_model
 
         cfg = self.config(dataset, task, {"model": {"name": BASE_PRESET}})
@@ -128,6 +130,7 @@ class AppContext:
 
         def make():
             bundle = prepare_model(cfg, data.dataset)
+            add_lora(bundle, cfg.lora)
             bundle.model.to(self.device).eval()
             return bundle
 
@@ -191,7 +194,7 @@ def load_run_stage(run_path: Path, stage: str):
         runs = None
     if runs is not None:
         bundle = runs.load_stage(run_path, stage)
-        return bundle, runs.read_config(run_path) if hasattr(runs, "read_config") else None
+        return bundle, runs.read_config(run_path, stage)
     from hanorec.config import load_config
     from hanorec.pipeline import load_trained, prepare_data
     from hanorec.train.checkpoint import latest_checkpoint
@@ -221,3 +224,43 @@ def pick_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ---- shared pieces of the tabs -----------------------------------------------------------------
+def example_for(ctx: AppContext, dataset: str, task: str, user: str):
+    """(PreparedData, the user's test Example for the task) exactly as a run with the default config builds it."""
+    if not user:
+        raise gr.Error("Pick a user first.")
+    data = ctx.prepared(dataset, task)
+    for e in data.test:
+        if e.user == user:
+            return data, e
+    raise gr.Error(f"User {user!r} has no test prompt for task {task} (too few interactions).")
+
+
+def users_for(ctx: AppContext, dataset: str, task: str):
+    """The user dropdown's choices: users with a test prompt for the task (the first one selected)."""
+    users = [e.user for e in ctx.prepared(dataset, task).test]
+    return gr.update(choices=users, value=users[0] if users else None)
+
+
+def example_pickers(ctx: AppContext, prefix: str, *, with_model: bool = True):
+    """Dataset, task, user (and model) dropdowns wired together; returns them."""
+    from functools import partial
+
+    datasets = ctx.dataset_choices()
+    with gr.Row():
+        dataset = gr.Dropdown(datasets, value=datasets[0][1] if datasets else None, label="Dataset", scale=3)
+        task = gr.Dropdown(list(TASKS), value="hit3", label="Task", scale=1)
+        user = gr.Dropdown([], label="User (test prompt)", scale=2)
+        model = (
+            gr.Dropdown(ctx.model_choices(), value="base", label="Model", scale=3) if with_model else None
+        )
+        refresh = gr.Button("Refresh models", scale=1, size="sm") if with_model else None
+    fill = partial(users_for, ctx)
+    dataset.change(fill, [dataset, task], user, api_visibility="private")
+    task.change(fill, [dataset, task], user, api_visibility="private")
+    on_load(fill, [dataset, task], user)
+    if with_model:
+        refresh.click(lambda: gr.update(choices=ctx.model_choices()), None, model, api_name=f"{prefix}_models")
+    return dataset, task, user, model

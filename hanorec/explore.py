@@ -203,3 +203,58 @@ def pair_stats(
     finally:
         model.train(was)
     return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# Noise at inference for one example (the noise lab): wraps hanorec.scoring.score_options(noise=...)
+# ------------------------------------------------------------------------------------------------
+SWEEP_SIGMAS = (0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2)
+
+
+def example_noise(bundle, ds: RecDataset, example: Example, *, target: str, sigma: float, draws: int, seed: int = 0):
+    """(clean scores (C,), noisy scores (draws, C), hanorec.noise.NoiseSummary) for one example's options."""
+    from hanorec.noise import NoiseSpec, noise_summary
+    from hanorec.scoring import score_options
+
+    r = render(example, ds)
+    prompt = bundle.encode_prompt(r.text, r.images)
+    options = [list(example.options)]
+    clean = score_options(bundle, [prompt], options)[0]
+    spec = NoiseSpec(target=target, sigma=float(sigma), draws=int(draws), seed=int(seed))
+    noisy = score_options(bundle, [prompt], options, noise=spec)[0]
+    return clean, noisy, noise_summary(clean, noisy, list(example.options))
+
+
+def noise_sweep(
+    bundle,
+    ds: RecDataset,
+    example: Example,
+    *,
+    target: str,
+    sigmas=SWEEP_SIGMAS,
+    draws: int = 20,
+    seed: int = 0,
+    progress=None,
+) -> list[dict]:
+    """KL from the clean distribution and top-1 / top-3 change rates per sigma (one row per sigma).
+
+    The same seed at every sigma rescales one set of standard normals (common random numbers), so the
+    curve is smooth in sigma. ``progress(done, total)`` after each sigma.
+    """
+    rows = []
+    for k, sigma in enumerate(sigmas):
+        _, noisy, summary = example_noise(bundle, ds, example, target=target, sigma=sigma, draws=draws, seed=seed)
+        d = summary.as_dict()
+        rows.append(
+            {
+                "sigma": float(sigma),
+                "kl_mean": d["kl_mean"],
+                "kl_std": d["kl_std"],
+                "top1_change_rate": d["top1_change_rate"],
+                "top3_change_rate": d["top3_change_rate"],
+                "mean_abs_shift": d["mean_abs_shift"],
+            }
+        )
+        if progress is not None:
+            progress(k + 1, len(sigmas))
+    return rows

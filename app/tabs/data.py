@@ -10,7 +10,7 @@ import gradio as gr
 import pandas as pd
 import plotly.graph_objects as go
 
-from app.common import TASKS, on_load, user_errors
+from app.common import TASKS, example_for, on_load, user_errors
 
 CANDIDATE_COLUMNS = ["#", "candidate", "item", "true next", "log-prob", "prob", "model rank"]
 
@@ -49,10 +49,7 @@ def show_user(ctx, dataset: str, task: str, user: str, model: str):
     from hanorec.explore import candidate_scores
     from hanorec.tasks import render
 
-    if not user:
-        raise gr.Error("Pick a user first.")
-    data = ctx.prepared(dataset, task)
-    example = _example(data, user)
+    data, example = example_for(ctx, dataset, task, user)
     ds = data.dataset
     bundle, _ = ctx.model(model, dataset, task)
     with user_errors("scoring the candidates"):
@@ -75,13 +72,6 @@ def refresh_models(ctx):
 
 
 # ---- pieces -------------------------------------------------------------------------------------
-def _example(data, user: str):
-    for e in data.test:
-        if e.user == user:
-            return e
-    raise gr.Error(f"User {user!r} has no test prompt for this task (too few interactions).")
-
-
 def history_gallery(ds, sequence, example) -> list:
     """Every item of the user's sequence in order; the prompt's history and the true next items marked."""
     start = _window_start(sequence, example)
@@ -118,11 +108,14 @@ def candidates_table(ds, rows) -> pd.DataFrame:
 
 def model_view(bundle, ds, example):
     """The exact text the model reads (chat template, image tokens expanded) and the images at model size."""
-    from hanorec import models
-
-    if hasattr(models, "what_the_model_sees"):
-        seen = models.what_the_model_sees(bundle, example, ds)
-        return seen.text, [(im, f"image {k + 1}") for k, im in enumerate(seen.images)]
+    if hasattr(bundle, "view_example"):  # hanorec.models.ModelBundle.view_example
+        view = bundle.view_example(example, ds)
+        head = (
+            f"[{view.n_tokens} tokens, {view.n_image_tokens} of them image tokens: "
+            f"{', '.join(map(str, view.image_tokens))} per image]\n"
+        )
+        images = [(im, f"image {k + 1}: {im.size[0]}x{im.size[1]}") for k, im in enumerate(view.images)]
+        return head + view.text, images
     from hanorec.tasks import render
 
     r = render(example, ds, image_size=bundle.image_size)
