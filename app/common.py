@@ -244,7 +244,7 @@ def users_for(ctx: AppContext, dataset: str, task: str):
     return gr.update(choices=users, value=users[0] if users else None)
 
 
-def example_pickers(ctx: AppContext, prefix: str, *, with_model: bool = True):
+def example_pickers(ctx: AppContext, prefix: str, *, with_model: bool = True, with_user: bool = True):
     """Dataset, task, user (and model) dropdowns wired together; returns them."""
     from functools import partial
 
@@ -252,15 +252,16 @@ def example_pickers(ctx: AppContext, prefix: str, *, with_model: bool = True):
     with gr.Row():
         dataset = gr.Dropdown(datasets, value=datasets[0][1] if datasets else None, label="Dataset", scale=3)
         task = gr.Dropdown(list(TASKS), value="hit3", label="Task", scale=1)
-        user = gr.Dropdown([], label="User (test prompt)", scale=2)
+        user = gr.Dropdown([], label="User (test prompt)", scale=2) if with_user else None
         model = (
             gr.Dropdown(ctx.model_choices(), value="base", label="Model", scale=3) if with_model else None
         )
         refresh = gr.Button("Refresh models", scale=1, size="sm") if with_model else None
-    fill = partial(users_for, ctx)
-    dataset.change(fill, [dataset, task], user, api_visibility="private")
-    task.change(fill, [dataset, task], user, api_visibility="private")
-    on_load(fill, [dataset, task], user)
+    if with_user:
+        fill = partial(users_for, ctx)
+        dataset.change(fill, [dataset, task], user, api_visibility="private")
+        task.change(fill, [dataset, task], user, api_visibility="private")
+        on_load(fill, [dataset, task], user)
     if with_model:
         refresh.click(lambda: gr.update(choices=ctx.model_choices()), None, model, api_name=f"{prefix}_models")
     return dataset, task, user, model
