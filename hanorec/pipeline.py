@@ -31,10 +31,26 @@ class PreparedData:
     popularity: dict
 
 
-def prepare_data(cfg: RunConfig) -> PreparedData:
-    """Load and validate the dataset, split it, and build the task's examples (all seeded)."""
+def prepare_data(
+    cfg: RunConfig,
+    *,
+    for_training: bool = True,
+    on_log: Callable | None = None,
+    should_stop: Callable | None = None,
+) -> PreparedData:
+    """Load and validate the dataset, split it, and build the task's examples (all seeded).
+
+    Raises DataError when a split the run needs is empty (the train split when for_training, and the
+    evaluated one); on_log gets one "data" event per phase and should_stop is polled between them.
+    """
+    from hanorec.data import require_windows
+    from hanorec.progress import Progress
+
+    progress = Progress("data", 5, on_log=on_log, should_stop=should_stop)
+    progress.check()
     d = cfg.data
     ds = load_dataset(d.path, format=d.format, domain=d.domain, image_dir=d.image_dir, on_error=d.on_error)
+    progress.tick(phase="load")
     if d.max_users:
         ds = ds.subset_users(d.max_users, seed=0)
     shape = TASK_SHAPES[cfg.task.name]
@@ -48,26 +64,31 @@ def prepare_data(cfg: RunConfig) -> PreparedData:
         max_train_windows_per_user=d.max_train_windows_per_user,
         seed=cfg.seed,
     )
+    require_windows(splits, ds, train=for_training, eval_split=cfg.eval.split)
+    progress.tick(phase="split")
     t = cfg.task
+    words = t.words(d.domain)
 
-    def examples(windows, offset, shuffle, cap):
-        return build_examples(
+    def examples(windows, offset, shuffle, cap, phase):
+        out = build_examples(
             t.name,
             windows,
             ds,
             seed=cfg.seed + offset,
             n_negatives=t.n_negatives,
-            domain=d.domain,
+            domain=words,
             max_examples=cap,
             shuffle=shuffle,
         )
+        progress.tick(phase=phase)
+        return out
 
     return PreparedData(
         ds,
         splits,
-        examples(splits.train, 0, True, t.max_train_examples),
-        examples(splits.val, 1000, False, t.max_eval_examples),
-        examples(splits.test, 2000, False, t.max_eval_examples),
+        examples(splits.train, 0, True, t.max_train_examples, "train examples"),
+        examples(splits.val, 1000, False, t.max_eval_examples, "val examples"),
+        examples(splits.test, 2000, False, t.max_eval_examples, "test examples"),
         dict(train_popularity(splits.train)),
     )
 
@@ -78,9 +99,17 @@ def prepare_model(cfg: RunConfig, ds: RecDataset, output_dir: str | Path | None 
     if saved is not None and (saved / "config.json").is_file():
         bundle = load_model(saved, dtype=cfg.model.dtype)
     else:
-        bundle = get_model(cfg.model, corpus_text(ds), seed=cfg.seed)
+        texts = corpus_text(ds, cfg.task.words(cfg.data.domain))
+        bundle = get_model(cfg.model, texts, seed=cfg.seed, image_size=cfg.data.image_size)
         if saved is not None and cfg.model.name.startswith("tiny-"):
-            bundle.save(saved)
+            # written under a temporary name, then renamed: a kill mid-write leaves no half model behind
+            import shutil
+
+            tmp = saved.with_name(f".tmp-{saved.name}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            bundle.save(tmp)
+            shutil.rmtree(saved, ignore_errors=True)
+            tmp.rename(saved)
     bundle.image_size = bundle.image_size or cfg.data.image_size
     return bundle
 
@@ -93,7 +122,7 @@ def load_trained(
     if ckpt is None or not ckpt.is_dir():
         raise FileNotFoundError(f"no checkpoint found at {ckpt or Path(run_dir) / 'checkpoints'}")
     bundle = prepare_model(cfg, ds, run_dir)
-    add_lora(bundle, cfg.lora)
+    add_lora(bundle, cfg.lora, seed=cfg.seed)
     load_adapter_weights(bundle.model, ckpt / "adapter" if (ckpt / "adapter").is_dir() else ckpt)
     return bundle
 
@@ -112,7 +141,7 @@ def run_sft(
     data = data or prepare_data(cfg)
     out = Path(cfg.output_dir) / "sft"
     bundle = prepare_model(cfg, data.dataset, out)
-    add_lora(bundle, cfg.lora)
+    add_lora(bundle, cfg.lora, seed=cfg.seed)
     result = train_sft(
         cfg, bundle, data.dataset, data.train, out, resume=resume, on_log=on_log, should_stop=should_stop
     )
@@ -120,9 +149,17 @@ def run_sft(
 
 
 def run_eval(
-    cfg: RunConfig, bundle: ModelBundle | None, data: PreparedData, method: str = "SFT", baselines=None
+    cfg: RunConfig,
+    bundle: ModelBundle | None,
+    data: PreparedData,
+    method: str = "SFT",
+    baselines=None,
+    *,
+    on_log: Callable | None = None,
+    should_stop: Callable | None = None,
 ) -> EvalResult:
     examples = data.test if cfg.eval.split == "test" else data.val
+    hooks = {k: v for k, v in (("on_log", on_log), ("should_stop", should_stop)) if v is not None}
     return evaluate(
         bundle,
         data.dataset,
@@ -134,6 +171,7 @@ def run_eval(
         batch_size=cfg.eval.batch_size,
         max_new_tokens=cfg.eval.max_new_tokens,
         method=method,
+        **hooks,
     )
 
 
@@ -146,7 +184,7 @@ def run_pipeline(
 ) -> dict:
     """Data, SFT and evaluation; writes results.json and returns it."""
     start = time.time()
-    data = prepare_data(cfg)
+    data = prepare_data(cfg, on_log=on_log, should_stop=should_stop)
     print_fn(str(data.dataset.summary))
     print_fn(data.splits.describe())
     print_fn(
@@ -163,7 +201,10 @@ def run_pipeline(
             "train_steps": train.global_step,
             "checkpoint": str(train.last_checkpoint),
         }
-    ev = run_eval(cfg, bundle, data)
+    ev = run_eval(cfg, bundle, data, on_log=on_log, should_stop=should_stop)
+    if getattr(ev, "stopped", False):
+        print_fn("stopped during evaluation; run the same command again to evaluate the trained model")
+        return {"stopped_early": True, "train_steps": train.global_step, "checkpoint": str(train.last_checkpoint)}
     table = format_results(cfg.task.name, ev.rows)
     print_fn(table)
     result = {
@@ -195,7 +236,15 @@ PREF_VARIANTS = {
 }
 
 
-def build_preference_items(cfg: RunConfig, bundle: ModelBundle, data: PreparedData, cache_dir: Path) -> list:
+def build_preference_items(
+    cfg: RunConfig,
+    bundle: ModelBundle,
+    data: PreparedData,
+    cache_dir: Path,
+    *,
+    on_log: Callable | None = None,
+    should_stop: Callable | None = None,
+) -> list:
     """Pairs (with seeded or embedding-guided negatives) and their HaRS lambdas from the SFT model."""
     from hanorec.hardness import item_embeddings, pair_hardness
     from hanorec.pairs import build_pairs
@@ -222,6 +271,8 @@ def build_preference_items(cfg: RunConfig, bundle: ModelBundle, data: PreparedDa
             k=p.hardness_k,
             cache_dir=cache_dir,
             model_key=bundle.meta.get("sft_checkpoint", bundle.name),
+            on_log=on_log,
+            should_stop=should_stop,
         )["lambda"].tolist()
     else:
         lam = [1.0] * len(pairs)
@@ -248,14 +299,16 @@ def run_preference(
             f"stage 2 needs an SFT checkpoint under {sft_dir / 'checkpoints'}; run `sft` first"
         )
     bundle = prepare_model(cfg, data.dataset, sft_dir)
-    merge_sft_adapter(bundle, cfg.lora, ckpt / "adapter")
+    merge_sft_adapter(bundle, cfg.lora, ckpt / "adapter", seed=cfg.seed)
     import hashlib
 
     # the hardness cache is keyed by the SFT weights themselves, not by a path that a new run may reuse
     digest = hashlib.sha256((ckpt / "adapter" / "adapter_model.safetensors").read_bytes()).hexdigest()[:16]
     bundle.meta["sft_checkpoint"] = f"{bundle.name}@sft-{digest}"
     out = Path(cfg.output_dir) / (name or cfg.pref.method)
-    items = build_preference_items(cfg, bundle, data, Path(cfg.output_dir) / "hardness_cache")
+    items = build_preference_items(
+        cfg, bundle, data, Path(cfg.output_dir) / "hardness_cache", on_log=on_log, should_stop=should_stop
+    )
     result = train_preference(
         cfg, bundle, data.dataset, items, out, resume=resume, on_log=on_log, should_stop=should_stop
     )

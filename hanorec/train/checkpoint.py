@@ -24,6 +24,10 @@ import torch
 STATE_FILE = "trainer_state.json"
 
 
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be used with this model or is damaged (one clear sentence)."""
+
+
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -94,11 +98,17 @@ def load_adapter_weights(model, adapter_dir: Path, adapter_name: str = "default"
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    weights = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    file = Path(adapter_dir) / "adapter_model.safetensors"
+    if not file.is_file():
+        raise CheckpointError(f"{adapter_dir} holds no adapter_model.safetensors: it is not an adapter checkpoint")
+    try:
+        weights = load_file(str(file))
+    except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
+        raise CheckpointError(f"{file} cannot be read ({str(e).splitlines()[0]}); the checkpoint is damaged") from None
     result = set_peft_model_state_dict(model, weights, adapter_name=adapter_name)
     unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k or "modules_to_save" in k]
     if unexpected:
-        raise RuntimeError(
+        raise CheckpointError(
             f"checkpoint {adapter_dir} holds weights this model does not have: {unexpected[:3]}"
         )
 

@@ -37,12 +37,13 @@ class PrefItem:
     ref_logps: tuple[float, ...] | None = None  # (chosen, rejected_1..K)
 
 
-def merge_sft_adapter(bundle: ModelBundle, lora_cfg, adapter_dir: str | Path) -> ModelBundle:
-    """Load the SFT adapter, merge it into the base weights, then add a fresh LoRA for stage 2."""
-    add_lora(bundle, lora_cfg)
+def merge_sft_adapter(bundle: ModelBundle, lora_cfg, adapter_dir: str | Path, seed: int = 0) -> ModelBundle:
+    """Load the SFT adapter, merge it into the base weights, then add a fresh LoRA for stage 2 (its init
+    seeded by `seed`, so a variant's result does not depend on what ran before it in the process)."""
+    add_lora(bundle, lora_cfg, seed=seed)
     load_adapter_weights(bundle.model, Path(adapter_dir))
     bundle.model = bundle.model.merge_and_unload()
-    add_lora(bundle, lora_cfg)
+    add_lora(bundle, lora_cfg, seed=seed)
     return bundle
 
 
