@@ -313,15 +313,20 @@ class HardnessCache:
 
 @torch.no_grad()
 def item_embeddings(
-    bundle, ds, item_ids: Sequence[str] | None = None, batch_size: int = 32
+    bundle, ds, item_ids: Sequence[str] | None = None, batch_size: int = 32, *, on_log=None, should_stop=None
 ) -> tuple[list[str], torch.Tensor]:
     """Fused item embeddings e_i from the model (method.md section 7).
 
     text part: mean of the input-embedding rows of the title's tokens; image part: mean over the
     image's visual tokens of the vision tower output after its merger / projector (the vectors the
     language model reads). Returns (item ids, (N, D) unit rows).
+    on_log gets a "hardness" progress event per image batch; should_stop is polled between batches
+    (it raises hanorec.progress.StopRequested).
     """
+    from hanorec.progress import Progress
+
     ids = sorted(ds.items) if item_ids is None else list(item_ids)
+    progress = Progress("hardness", -(-len(ids) // batch_size), on_log=on_log, should_stop=should_stop)
     embed = bundle.model.get_input_embeddings()
     device = embed.weight.device
     text = []
@@ -336,6 +341,7 @@ def item_embeddings(
         chunk = ids[start : start + batch_size]
         image_rows.append(bundle.image_features([ds.load_image(i, size=bundle.image_size) for i in chunk]))
         has_image += [ds.items[i].image_path is not None for i in chunk]
+        progress.tick()
     image_t = torch.cat(image_rows)  # (N, D)
     return ids, fuse_embeddings(text_t.cpu(), image_t.cpu(), torch.tensor(has_image))
 
@@ -349,6 +355,8 @@ def pair_hardness(
     cache_dir: str | os.PathLike | None = None,
     model_key: str = "",
     block_size: int = 1024,
+    on_log=None,
+    should_stop=None,
 ) -> dict[str, torch.Tensor]:
     """lambda_n for every preference pair, with the distances D_n; cached by (model, dataset, pairs, K).
 
@@ -360,7 +368,7 @@ def pair_hardness(
     cache = HardnessCache(cache_dir) if cache_dir else None
     if cache is not None and (hit := cache.get(key)) is not None:
         return hit
-    index = item_index(bundle, ds, block_size=block_size)
+    index = item_index(bundle, ds, block_size=block_size, on_log=on_log, should_stop=should_stop)
     distance = index.sample_distances(pairs, k=min(k, len(index.ids) - 1))
     out = {"lambda": hardness_lambda(distance), "distance": distance}
     if cache is not None:
@@ -403,8 +411,9 @@ class ItemIndex:
         self._profiles: dict[tuple[int, float], torch.Tensor] = {}
 
     @classmethod
-    def from_model(cls, bundle, ds, block_size: int = 4096) -> ItemIndex:
-        ids, emb = item_embeddings(bundle, ds)
+    def from_model(cls, bundle, ds, block_size: int = 4096, *, on_log=None, should_stop=None) -> ItemIndex:
+        """Embed every item of ``ds`` with the model (:func:`item_embeddings`, with its progress events)."""
+        ids, emb = item_embeddings(bundle, ds, on_log=on_log, should_stop=should_stop)
         return cls(ids, emb, {i: ds.items[i].title for i in ids}, block_size)
 
     def rows(self, item_ids: Iterable[str]) -> list[int]:
@@ -468,7 +477,9 @@ class ItemIndex:
 _INDEXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def item_index(bundle, ds, *, refresh: bool = False, block_size: int = 4096) -> ItemIndex:
+def item_index(
+    bundle, ds, *, refresh: bool = False, block_size: int = 4096, on_log=None, should_stop=None
+) -> ItemIndex:
     """The :class:`ItemIndex` of (bundle's model, dataset), built at the first call and then reused.
 
     Kept in memory per model object (released with it) and dataset fingerprint. Item embeddings read
@@ -478,7 +489,9 @@ def item_index(bundle, ds, *, refresh: bool = False, block_size: int = 4096) -> 
     per_model = _INDEXES.setdefault(bundle.model, {})
     key = dataset_fingerprint(ds)
     if refresh or key not in per_model:
-        per_model[key] = ItemIndex.from_model(bundle, ds, block_size=block_size)
+        per_model[key] = ItemIndex.from_model(
+            bundle, ds, block_size=block_size, on_log=on_log, should_stop=should_stop
+        )
     return per_model[key]
 
 

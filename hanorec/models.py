@@ -368,6 +368,11 @@ def build_tiny(
     if preset not in TINY_PRESETS:
         raise ModelError(f"unknown tiny preset {preset!r}; use one of {list(TINY_PRESETS)}")
     family = "qwen2_5_vl" if preset == "tiny-qwen2.5-vl" else "llava"
+    if family == "qwen2_5_vl" and (image_size < 16 or image_size % 16):
+        raise ModelError(
+            f"data.image_size = {image_size} does not suit {preset}: use a multiple of 16 "
+            "(8x8 patches merged 2x2), e.g. 32 or 64"
+        )
     tok = train_tokenizer(texts, vocab_size, family)
     V = len(tok)
     heads = max(2, hidden_size // 32)
@@ -519,8 +524,34 @@ def load_model(
     return ModelBundle(model, tok, proc, family, meta.get("name", name), image_size=size, meta=meta)
 
 
-def get_model(cfg, texts: Sequence[str] | None = None, seed: int = 0) -> ModelBundle:
-    """From a ModelConfig: build a tiny preset (needs the dataset's text) or load by id / folder."""
+def check_model_name(name: str) -> None:
+    """Raise ModelError before any data is loaded when `name` is neither a tiny preset, a local folder,
+    nor a model id in the local Hugging Face cache; the message lists the presets and the closest name."""
+    import difflib
+
+    if name in TINY_PRESETS or Path(name).exists():
+        return
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # an id huggingface_hub cannot even parse is not in the cache
+        cached = False
+    if cached:
+        return
+    close = difflib.get_close_matches(name, TINY_PRESETS, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ModelError(
+        f"model.name = {name!r} is not a built-in preset ({', '.join(TINY_PRESETS)}), not a local folder, "
+        f"and not in the local Hugging Face cache (nothing is downloaded at run time){hint}"
+    )
+
+
+def get_model(cfg, texts: Sequence[str] | None = None, seed: int = 0, image_size: int | None = None) -> ModelBundle:
+    """From a ModelConfig: build a tiny preset (needs the dataset's text) or load by id / folder.
+
+    image_size (tiny presets): the square size images are resized to before the processor (default 64).
+    """
     if cfg.name in TINY_PRESETS:
         if texts is None:
             raise ModelError(f"tiny preset {cfg.name!r} needs the dataset's text to train its tokenizer")
@@ -530,6 +561,7 @@ def get_model(cfg, texts: Sequence[str] | None = None, seed: int = 0) -> ModelBu
             hidden_size=cfg.tiny_hidden_size,
             layers=cfg.tiny_layers,
             vocab_size=cfg.tiny_vocab_size,
+            image_size=image_size or 64,
             seed=seed,
         )
     return load_model(
@@ -552,8 +584,13 @@ def lora_target_regex(target_modules: Sequence[str]) -> str:
     return LANGUAGE_MODEL_PATTERN.format(names=names)
 
 
-def add_lora(bundle: ModelBundle, lora_cfg, adapter_name: str = "default"):
-    """Wrap the model with a fresh LoRA adapter on the language model's linear layers (never the vision tower)."""
+def add_lora(bundle: ModelBundle, lora_cfg, adapter_name: str = "default", seed: int = 0):
+    """Wrap the model with a fresh LoRA adapter on the language model's linear layers (never the vision tower).
+
+    The adapter's random init is drawn from its own generator seeded with `seed` (the global RNG is left as
+    it was), so it does not depend on what ran before: a freshly built and a reloaded base model, or a
+    stage-2 variant run after others in the same process, get the same adapter.
+    """
     from peft import LoraConfig, get_peft_model
 
     pcfg = LoraConfig(
@@ -564,7 +601,9 @@ def add_lora(bundle: ModelBundle, lora_cfg, adapter_name: str = "default"):
         modules_to_save=list(lora_cfg.modules_to_save) or None,
         task_type="CAUSAL_LM",
     )
-    bundle.model = get_peft_model(bundle.model, pcfg, adapter_name=adapter_name)
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
+        torch.manual_seed(seed)
+        bundle.model = get_peft_model(bundle.model, pcfg, adapter_name=adapter_name)
     return bundle
 
 
