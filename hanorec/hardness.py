@@ -291,15 +291,20 @@ class HardnessCache:
 
 @torch.no_grad()
 def item_embeddings(
-    bundle, ds, item_ids: Sequence[str] | None = None, batch_size: int = 32
+    bundle, ds, item_ids: Sequence[str] | None = None, batch_size: int = 32, *, on_log=None, should_stop=None
 ) -> tuple[list[str], torch.Tensor]:
     """Fused item embeddings e_i from the model (method.md section 7).
 
     text part: mean of the input-embedding rows of the title's tokens; image part: mean over the
     image's visual tokens of the vision tower output after its merger / projector (the vectors the
     language model reads). Returns (item ids, (N, D) unit rows).
+    on_log gets a "hardness" progress event per image batch; should_stop is polled between batches
+    (it raises hanorec.progress.StopRequested).
     """
+    from hanorec.progress import Progress
+
     ids = sorted(ds.items) if item_ids is None else list(item_ids)
+    progress = Progress("hardness", -(-len(ids) // batch_size), on_log=on_log, should_stop=should_stop)
     embed = bundle.model.get_input_embeddings()
     device = embed.weight.device
     text = []
@@ -310,20 +315,12 @@ def item_embeddings(
         text.append(embed(torch.tensor(tok, device=device)).float().mean(0))
     text_t = torch.stack(text)  # (N, D)
     image_rows, has_image = [], []
-    inner = bundle.base_model()
     for start in range(0, len(ids), batch_size):
         chunk = ids[start : start + batch_size]
-        images = [ds.load_image(i, size=bundle.image_size) for i in chunk]
-        pixels = bundle.pixel_inputs([bundle.encode_prompt("<image>" * len(images), images)])
-        kwargs = {"image_grid_thw": pixels["image_grid_thw"].to(device)} if "image_grid_thw" in pixels else {}
-        out = inner.get_image_features(pixels["pixel_values"].to(device, embed.weight.dtype), **kwargs)
-        feats = out.pooler_output if hasattr(out, "pooler_output") and out.pooler_output is not None else out
-        if isinstance(feats, (list, tuple)):
-            image_rows += [f.float().mean(0) for f in feats]
-        else:
-            image_rows += list(feats.float().mean(1) if feats.dim() == 3 else feats.float())
+        image_rows.append(bundle.image_features([ds.load_image(i, size=bundle.image_size) for i in chunk]))
         has_image += [ds.items[i].image_path is not None for i in chunk]
-    image_t = torch.stack(image_rows)  # (N, D)
+        progress.tick()
+    image_t = torch.cat(image_rows)  # (N, D)
     return ids, fuse_embeddings(text_t.cpu(), image_t.cpu(), torch.tensor(has_image))
 
 
@@ -336,6 +333,8 @@ def pair_hardness(
     cache_dir: str | os.PathLike | None = None,
     model_key: str = "",
     block_size: int = 1024,
+    on_log=None,
+    should_stop=None,
 ) -> dict[str, torch.Tensor]:
     """lambda_n for every preference pair, with the distances D_n; cached by (model, dataset, pairs, K).
 
@@ -347,7 +346,7 @@ def pair_hardness(
     cache = HardnessCache(cache_dir) if cache_dir else None
     if cache is not None and (hit := cache.get(key)) is not None:
         return hit
-    ids, emb = item_embeddings(bundle, ds)
+    ids, emb = item_embeddings(bundle, ds, on_log=on_log, should_stop=should_stop)
     sims, _ = neighbour_profiles(emb, k=min(k, len(ids) - 1), block_size=block_size)
     profiles = profile_distributions(sims)
     row = {i: r for r, i in enumerate(ids)}

@@ -62,10 +62,26 @@ class PreparedData:
     popularity: dict
 
 
-def prepare_data(cfg: RunConfig) -> PreparedData:
-    """Load and validate the dataset, split it, and build the task's examples (all seeded)."""
+def prepare_data(
+    cfg: RunConfig,
+    *,
+    for_training: bool = True,
+    on_log: Callable | None = None,
+    should_stop: Callable | None = None,
+) -> PreparedData:
+    """Load and validate the dataset, split it, and build the task's examples (all seeded).
+
+    Raises DataError when a split the run needs is empty (the train split when for_training, and the
+    evaluated one); on_log gets one "data" event per phase and should_stop is polled between them.
+    """
+    from hanorec.data import require_windows
+    from hanorec.progress import Progress
+
+    progress = Progress("data", 5, on_log=on_log, should_stop=should_stop)
+    progress.check()
     d = cfg.data
     ds = load_dataset(d.path, format=d.format, domain=d.domain, image_dir=d.image_dir, on_error=d.on_error)
+    progress.tick(phase="load")
     if d.max_users:
         ds = ds.subset_users(d.max_users, seed=0)
     shape = TASK_SHAPES[cfg.task.name]
@@ -79,33 +95,38 @@ def prepare_data(cfg: RunConfig) -> PreparedData:
         max_train_windows_per_user=d.max_train_windows_per_user,
         seed=cfg.seed,
     )
+    require_windows(splits, ds, train=for_training, eval_split=cfg.eval.split)
+    progress.tick(phase="split")
     t = cfg.task
+    words = t.words(d.domain)
 
-    def examples(windows, offset, shuffle, cap):
-        return build_examples(
+    def examples(windows, offset, shuffle, cap, phase):
+        out = build_examples(
             t.name,
             windows,
             ds,
             seed=cfg.seed + offset,
             n_negatives=t.n_negatives,
-            domain=d.domain,
+            domain=words,
             max_examples=cap,
             shuffle=shuffle,
         )
+        progress.tick(phase=phase)
+        return out
 
     return PreparedData(
         ds,
         splits,
-        examples(splits.train, 0, True, t.max_train_examples),
-        examples(splits.val, 1000, False, t.max_eval_examples),
-        examples(splits.test, 2000, False, t.max_eval_examples),
+        examples(splits.train, 0, True, t.max_train_examples, "train examples"),
+        examples(splits.val, 1000, False, t.max_eval_examples, "val examples"),
+        examples(splits.test, 2000, False, t.max_eval_examples, "test examples"),
         dict(train_popularity(splits.train)),
     )
 
 
 def prepare_model(cfg: RunConfig, ds: RecDataset, output_dir: str | Path | None = None) -> ModelBundle:
     """The base model: a tiny preset is built once per run folder (and reloaded from there on resume)."""
-    return base_model(cfg, output_dir, corpus_text(ds))
+    return base_model(cfg, output_dir, corpus_text(ds, cfg.task.words(cfg.data.domain)))
 
 
 def load_trained(
@@ -129,7 +150,7 @@ def run_sft(
     data = data or prepare_data(cfg)
     out = Path(cfg.output_dir) / "sft"
     bundle = prepare_model(cfg, data.dataset, out)
-    add_lora(bundle, cfg.lora)
+    add_lora(bundle, cfg.lora, seed=cfg.seed)
     result = train_sft(
         cfg, bundle, data.dataset, data.train, out, resume=resume, on_log=on_log, should_stop=should_stop
     )
@@ -137,9 +158,17 @@ def run_sft(
 
 
 def run_eval(
-    cfg: RunConfig, bundle: ModelBundle | None, data: PreparedData, method: str = "SFT", baselines=None
+    cfg: RunConfig,
+    bundle: ModelBundle | None,
+    data: PreparedData,
+    method: str = "SFT",
+    baselines=None,
+    *,
+    on_log: Callable | None = None,
+    should_stop: Callable | None = None,
 ) -> EvalResult:
     examples = data.test if cfg.eval.split == "test" else data.val
+    hooks = {k: v for k, v in (("on_log", on_log), ("should_stop", should_stop)) if v is not None}
     return evaluate(
         bundle,
         data.dataset,
@@ -151,6 +180,7 @@ def run_eval(
         batch_size=cfg.eval.batch_size,
         max_new_tokens=cfg.eval.max_new_tokens,
         method=method,
+        **hooks,
     )
 
 
@@ -163,7 +193,7 @@ def run_pipeline(
 ) -> dict:
     """Data, SFT and evaluation; writes results.json and returns it."""
     start = time.time()
-    data = prepare_data(cfg)
+    data = prepare_data(cfg, on_log=on_log, should_stop=should_stop)
     print_fn(str(data.dataset.summary))
     print_fn(data.splits.describe())
     print_fn(
@@ -180,7 +210,10 @@ def run_pipeline(
             "train_steps": train.global_step,
             "checkpoint": str(train.last_checkpoint),
         }
-    ev = run_eval(cfg, bundle, data)
+    ev = run_eval(cfg, bundle, data, on_log=on_log, should_stop=should_stop)
+    if getattr(ev, "stopped", False):
+        print_fn("stopped during evaluation; run the same command again to evaluate the trained model")
+        return {"stopped_early": True, "train_steps": train.global_step, "checkpoint": str(train.last_checkpoint)}
     table = format_results(cfg.task.name, ev.rows)
     print_fn(table)
     result = {
@@ -221,12 +254,15 @@ def run_preference(
             f"stage 2 needs an SFT checkpoint under {sft_dir / 'checkpoints'}; run `sft` first"
         )
     bundle = prepare_model(cfg, data.dataset, sft_dir)
-    merge_sft_adapter(bundle, cfg.lora, ckpt / "adapter")
+    merge_sft_adapter(bundle, cfg.lora, ckpt / "adapter", seed=cfg.seed)
     # the hardness cache is keyed by the SFT weights themselves, not by a path that a new run may reuse
     bundle.meta["sft_checkpoint"] = f"{bundle.name}@sft-{adapter_digest(ckpt)}"
     out = Path(cfg.output_dir) / (name or cfg.pref.method)
     record_sft_source(out, ckpt)
-    items = build_preference_items(cfg, bundle, data.dataset, data.train, Path(cfg.output_dir) / "hardness_cache")
+    items = build_preference_items(
+        cfg, bundle, data.dataset, data.train, Path(cfg.output_dir) / "hardness_cache",
+        on_log=on_log, should_stop=should_stop,
+    )
     result = train_preference(
         cfg, bundle, data.dataset, items, out, resume=resume, on_log=on_log, should_stop=should_stop
     )
@@ -243,7 +279,7 @@ def run_preference_pipeline(
 ) -> dict:
     """Data, stage 2 from the run's SFT checkpoint, then evaluation; writes <run>/<stage>/results.json."""
     start = time.time()
-    data = prepare_data(cfg)
+    data = prepare_data(cfg, on_log=on_log, should_stop=should_stop)
     bundle, train = run_preference(cfg, data, name=name, on_log=on_log, should_stop=should_stop)
     stage = name or cfg.pref.method
     if train.stopped_early:
@@ -253,7 +289,10 @@ def run_preference_pipeline(
         )
         return {"stopped_early": True, "train_steps": train.global_step, "checkpoint": str(train.last_checkpoint)}
     print_fn(f"{stage} finished at step {train.global_step}/{train.total_steps}")
-    ev = run_eval(cfg, bundle, data, method=stage)
+    ev = run_eval(cfg, bundle, data, method=stage, on_log=on_log, should_stop=should_stop)
+    if getattr(ev, "stopped", False):
+        print_fn("stopped during evaluation; run the same command again to evaluate the trained model")
+        return {"stopped_early": True, "train_steps": train.global_step, "checkpoint": str(train.last_checkpoint)}
     print_fn(format_results(cfg.task.name, ev.rows))
     result = {
         "task": cfg.task.name,

@@ -230,10 +230,15 @@ def track_status(run_dir: str | Path, command: str, should_stop: Callable[[], bo
     run = Path(run_dir)
     created = not run.exists()
     write_status(run, "running", command=command, pid=os.getpid(), started=time.time())
+    from hanorec.progress import StopRequested
+
     try:
         yield
     except KeyboardInterrupt:
         write_status(run, "stopped", command=command, message="interrupted", ended=time.time())
+        raise
+    except StopRequested as e:  # a stop during data preparation, hardness or evaluation
+        write_status(run, "stopped", command=command, message=f"stopped during {e.stage}", ended=time.time())
         raise
     except BaseException as e:
         if created and [p.name for p in run.iterdir()] == [STATUS_FILE]:
@@ -368,9 +373,14 @@ def base_model(cfg, sft_dir: str | Path | None = None, texts=None):
             raise RunError(
                 f"the tiny base model of this run is missing ({saved}); it is written when SFT starts"
             )
-        bundle = get_model(cfg.model, texts, seed=cfg.seed)
+        bundle = get_model(cfg.model, texts, seed=cfg.seed, image_size=cfg.data.image_size)
         if saved is not None and cfg.model.name.startswith("tiny-"):
-            bundle.save(saved)
+            # written under a temporary name, then renamed: a kill mid-write leaves no half model behind
+            tmp = saved.with_name(f".tmp-{saved.name}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            bundle.save(tmp)
+            shutil.rmtree(saved, ignore_errors=True)
+            tmp.rename(saved)
     bundle.image_size = bundle.image_size or cfg.data.image_size
     return bundle
 
@@ -424,7 +434,7 @@ def load_stage(run_dir: str | Path, stage: str = SFT_STAGE, checkpoint: str | Pa
     checkpoint scored.
     """
     from hanorec.models import add_lora
-    from hanorec.train.checkpoint import load_adapter_weights
+    from hanorec.train.checkpoint import load_adapter_weights, read_adapter_weights
     from hanorec.train.preference import merge_sft_adapter
 
     run = Path(run_dir)
@@ -434,19 +444,20 @@ def load_stage(run_dir: str | Path, stage: str = SFT_STAGE, checkpoint: str | Pa
         present = stages(run)
         hint = f" (stages present: {', '.join(present)})" if present else ""
         raise RunError(f"no checkpoint found at {ckpt or where / 'checkpoints'}{hint}")
+    weights = read_adapter_weights(ckpt / "adapter")  # a damaged checkpoint is named before any model is built
     cfg = read_config(run, stage) if not (ckpt / CONFIG_FILE).is_file() else _load_cfg(ckpt / CONFIG_FILE)
     if cfg is None:
         raise RunError(f"no configuration found for {where} (checkpoints hold config.yaml)")
     if stage == SFT_STAGE:
         bundle = base_model(cfg, where)
-        add_lora(bundle, cfg.lora)
-        load_adapter_weights(bundle.model, ckpt / "adapter")
+        add_lora(bundle, cfg.lora, seed=cfg.seed)
+        load_adapter_weights(bundle.model, ckpt / "adapter", weights=weights)
     else:
         sft_dir = sft_dir_of(cfg, run)
         sft_ckpt = _sft_checkpoint_for(where, sft_dir)
         bundle = base_model(cfg, sft_dir)
-        merge_sft_adapter(bundle, cfg.lora, sft_ckpt / "adapter")
-        load_adapter_weights(bundle.model, ckpt / "adapter")
+        merge_sft_adapter(bundle, cfg.lora, sft_ckpt / "adapter", seed=cfg.seed)
+        load_adapter_weights(bundle.model, ckpt / "adapter", weights=weights)
         bundle.meta["sft_checkpoint_path"] = str(sft_ckpt)
     bundle.model.eval()
     bundle.meta.update(stage=stage, checkpoint=str(ckpt), run=str(run))

@@ -15,6 +15,7 @@ from hanorec.tasks import (
     corpus_text,
     format_titles,
     render,
+    wording,
 )
 
 DEMO = Path(__file__).resolve().parents[1] / "assets" / "demo"
@@ -190,6 +191,10 @@ def test_corpus_text_covers_titles_and_templates(ds):
     joined = "\n".join(texts)
     for item in list(ds.items.values())[:50]:
         assert item.title in texts
-    for _, singular, plural in DOMAINS.values():
-        assert plural in joined and singular in joined
+    for name, (_, singular, plural) in DOMAINS.items():
+        if name != "music":  # the tokenizer corpus of the first four domains is kept fixed
+            assert plural in joined and singular in joined
     assert "Yes" in texts and "No" in texts
+    assert "artists" not in joined
+    music = "\n".join(corpus_text(ds, wording("music")))
+    assert "listened to the following artists" in music

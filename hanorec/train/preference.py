@@ -48,7 +48,9 @@ PREF_VARIANTS = {
 }
 
 
-def build_preference_items(cfg, bundle: ModelBundle, ds: RecDataset, examples, cache_dir: Path) -> list[PrefItem]:
+def build_preference_items(
+    cfg, bundle: ModelBundle, ds: RecDataset, examples, cache_dir: Path, *, on_log=None, should_stop=None
+) -> list[PrefItem]:
     """Pairs (seeded or embedding-nearest negatives) from training examples, with HaRS lambdas (eq. 6-8).
 
     lambda_n comes from the SFT model's item embeddings (cached under cache_dir, keyed by the SFT weights);
@@ -78,18 +80,21 @@ def build_preference_items(cfg, bundle: ModelBundle, ds: RecDataset, examples, c
             k=p.hardness_k,
             cache_dir=cache_dir,
             model_key=bundle.meta.get("sft_checkpoint", bundle.name),
+            on_log=on_log,
+            should_stop=should_stop,
         )["lambda"].tolist()
     else:
         lam = [1.0] * len(pairs)
     return [PrefItem(pair, float(x)) for pair, x in zip(pairs, lam)]
 
 
-def merge_sft_adapter(bundle: ModelBundle, lora_cfg, adapter_dir: str | Path) -> ModelBundle:
-    """Load the SFT adapter, merge it into the base weights, then add a fresh LoRA for stage 2."""
-    add_lora(bundle, lora_cfg)
+def merge_sft_adapter(bundle: ModelBundle, lora_cfg, adapter_dir: str | Path, seed: int = 0) -> ModelBundle:
+    """Load the SFT adapter, merge it into the base weights, then add a fresh LoRA for stage 2 (its init
+    seeded by `seed`, so a variant's result does not depend on what ran before it in the process)."""
+    add_lora(bundle, lora_cfg, seed=seed)
     load_adapter_weights(bundle.model, Path(adapter_dir))
     bundle.model = bundle.model.merge_and_unload()
-    add_lora(bundle, lora_cfg)
+    add_lora(bundle, lora_cfg, seed=seed)
     return bundle
 
 
