@@ -174,7 +174,7 @@ def build(ctx) -> None:
             fig_lengths = gr.Plot(label="Sequence lengths")
             fig_pop = gr.Plot(label="Item popularity")
     with gr.Row():
-        user = gr.Dropdown([], label="User (test prompt)", scale=2)
+        user = gr.Dropdown([], label="User (test prompt)", scale=2, allow_custom_value=True)
         model = gr.Dropdown(ctx.model_choices(), value="base", label="Score candidates with", scale=3)
         refresh = gr.Button("Refresh model list", scale=1)
     gr.Markdown("**History** in time order: the items the prompt shows are marked *in prompt*, the ones to predict *true next*.")

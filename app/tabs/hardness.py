@@ -238,7 +238,7 @@ def build(ctx) -> None:
         grid = gr.Dataframe(interactive=False)
     gr.Markdown("### One user's pair")
     with gr.Row():
-        user = gr.Dropdown([], label="User (with a training pair)")
+        user = gr.Dropdown([], label="User (with a training pair)", allow_custom_value=True)
     pair_text = gr.Markdown()
     aligned = gr.Dataframe(interactive=False, label="Aligned (positive, negative) items")
     profiles = gr.Plot(label="Neighbour profiles")

@@ -139,7 +139,7 @@ def build(ctx) -> None:
     dataset, task, user, model = example_pickers(ctx, "noise")
     with gr.Row():
         target = gr.Radio(list(TARGETS), value="lora", label="Noise target", scale=1)
-        sigma = gr.Slider(0.0, 0.2, value=0.02, step=0.001, label="sigma", scale=2, elem_id="noise-sigma")
+        sigma = gr.Slider(0.0, 1.0, value=0.02, step=0.001, label="sigma (LoRA: try 0.005-0.1; logits: 0.1-1)", scale=2, elem_id="noise-sigma")
         draws = gr.Slider(1, 300, value=100, step=1, label="draws", scale=2)
         seed = gr.Number(0, label="seed", precision=0, scale=1)
     with gr.Row():
