@@ -94,10 +94,11 @@ def test_data_tab(client):
     history, cands, cand_images, prompt, answer, seen, seen_images = client.predict(
         str(DEMO), "hit3", user, "base", api_name="/data_user"
     )
-    assert len(history) >= 6 and any("in prompt" in h["caption"] for h in history)
+    assert len(history) >= 6 and sum("◆" in h["caption"] for h in history) == 3
+    assert sum("★" in h["caption"] for h in history) == 3
     rows = cands["data"]
-    assert len(rows) == 7 and sum(r[3] == "✓" for r in rows) == 3  # hit3: 3 true among 7 candidates
-    assert sorted(r[6] for r in rows) == list(range(1, 8))
+    assert len(rows) == 7 and sum(r[2] == "✓" for r in rows) == 3  # hit3: 3 true among 7 candidates
+    assert sorted(r[5] for r in rows) == list(range(1, 8))
     assert prompt.count("<image>") == 3 and answer.count("\n") == 2
     assert "<|image_pad|>" in seen and seen.count("<|image_pad|>") > 3  # placeholders expanded
     assert len(seen_images) == 3 and len(cand_images) == 7
