@@ -219,6 +219,7 @@ def run_pipeline(
         "split": cfg.eval.split,
         "rows": ev.rows,
         "train_steps": train.global_step,
+        "skipped_examples": train.skipped_examples,
         "wall_s": time.time() - start,
     }
     out = Path(cfg.output_dir)
