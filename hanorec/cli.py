@@ -7,7 +7,8 @@ Commands:
   pref        stage 2 (DPO, S-DPO or HaNo-DPO by --pref.method) from the run's SFT checkpoint, then evaluation
   compare     SFT, DPO, S-DPO, HaNo-DPO and its ablations over seeds and tasks: --seeds=0,1,2 --tasks=hit3,hit1
               (--readme=README.md writes the table, command, machine and wall time into the README)
-  evaluate    evaluate the newest checkpoint of a run (or --checkpoint=PATH) with baselines
+  evaluate    evaluate the newest checkpoint of a run's stage (--stage=sft by default, or a preference stage
+              folder such as --stage=hano_dpo; or --checkpoint=PATH) with baselines
   config      print the resolved configuration as YAML: `config --config preset.yaml --sft.lr=3e-4`;
               `config --help` lists every key with its default and help text, and
               `config --config preset.yaml --help` the same with the preset's values
@@ -87,7 +88,9 @@ def _split_args(argv: list[str]) -> tuple[str | None, list[str], dict]:
     for arg in argv:
         if arg.startswith("--config="):
             config = arg.split("=", 1)[1]
-        elif arg.startswith(("--checkpoint=", "--out=", "--seeds=", "--tasks=", "--variants=", "--readme=")):
+        elif arg.startswith(
+            ("--checkpoint=", "--out=", "--seeds=", "--tasks=", "--variants=", "--readme=", "--stage=")
+        ):
             k, v = arg[2:].split("=", 1)
             extra[k] = v
         else:
@@ -105,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     fixed = []
     i = 0
     while i < len(rest):
-        if rest[i] in ("--config", "--checkpoint", "--out") and i + 1 < len(rest):
+        if rest[i] in ("--config", "--checkpoint", "--out", "--stage") and i + 1 < len(rest):
             fixed.append(f"{rest[i]}={rest[i + 1]}")
             i += 2
         else:
@@ -165,28 +168,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{command}: {_describe_source(config_path, overrides)}; output in {cfg.output_dir}")
         from hanorec import pipeline
 
-        if command == "run":
-            pipeline.run_pipeline(cfg, should_stop=_StopFlag().install())
-            return 0
-        if command == "sft":
-            _, result = pipeline.run_sft(cfg, should_stop=_StopFlag().install())
-            print(
-                f"SFT finished at step {result.global_step}/{result.total_steps}; checkpoint {result.last_checkpoint}"
-            )
-            return 0
-        if command == "pref":
-            from hanorec.eval import format_results
+        if command in ("run", "sft", "pref"):
+            from hanorec.runs import track_status
 
             stop = _StopFlag().install()
-            data = pipeline.prepare_data(cfg, should_stop=stop)
-            bundle, result = pipeline.run_preference(cfg, data, should_stop=stop)
-            if result.stopped_early:
-                print(f"stopped at step {result.global_step}/{result.total_steps} ({result.last_checkpoint}); "
-                      "run the same command again to resume")  # fmt: skip
-                return 0
-            print(f"{cfg.pref.method} finished at step {result.global_step}/{result.total_steps}")
-            ev = pipeline.run_eval(cfg, bundle, data, method=cfg.pref.method, should_stop=stop)
-            print(format_results(cfg.task.name, ev.rows))
+            with track_status(cfg.output_dir, command, stop):
+                if command == "run":
+                    pipeline.run_pipeline(cfg, should_stop=stop)
+                elif command == "pref":
+                    pipeline.run_preference_pipeline(cfg, should_stop=stop)
+                else:
+                    _, result = pipeline.run_sft(cfg, should_stop=stop)
+                    print(
+                        f"SFT finished at step {result.global_step}/{result.total_steps}; "
+                        f"checkpoint {result.last_checkpoint}"
+                    )
             return 0
         if command == "compare":
             seeds = _int_list("seeds", extra.get("seeds", "0,1,2"))
@@ -212,15 +208,14 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 0
         if command == "evaluate":
-            from pathlib import Path
-
             from hanorec.eval import format_results
+            from hanorec.runs import load_stage
 
+            stage = extra.get("stage", "sft")
             data = pipeline.prepare_data(cfg)
-            bundle = pipeline.load_trained(
-                cfg, data.dataset, Path(cfg.output_dir) / "sft", extra.get("checkpoint")
-            )
-            ev = pipeline.run_eval(cfg, bundle, data)
+            bundle = load_stage(cfg.output_dir, stage, extra.get("checkpoint"))
+            print(f"scoring {stage} checkpoint {bundle.meta['checkpoint']}")
+            ev = pipeline.run_eval(cfg, bundle, data, method="SFT" if stage == "sft" else stage)
             print(format_results(cfg.task.name, ev.rows))
             return 0
         raise ConfigError(f"unknown command {command!r}; run `python -m hanorec --help`")

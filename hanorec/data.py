@@ -121,6 +121,15 @@ class RecDataset:
             image = image.resize((size, size), Image.Resampling.BICUBIC)
         return image
 
+    def history(self, user_id: str) -> list[Item]:
+        """The user's items in time order (oldest first); DataError naming an unknown user id."""
+        seq = self.sequences.get(str(user_id))
+        if seq is None:
+            raise DataError(
+                f"User id {user_id!r} is not in dataset {self.name!r} ({len(self.sequences)} users)."
+            )
+        return [self.items[i] for i in seq]
+
     def subset_users(self, n: int, seed: int = 0) -> RecDataset:
         """A dataset with ``n`` users drawn with ``random.Random(seed)`` from the sorted user ids
         (same inputs -> same subset), keeping only the items those users interacted with."""
@@ -351,7 +360,8 @@ def _read_item_table(
                 "(quote titles that contain commas)."
             )
             continue
-        item_id, title = fields[id_col].strip(), fields[title_col].strip()
+        # whitespace runs (a quoted title may span lines) become one space: an answer lists one title per line
+        item_id, title = fields[id_col].strip(), " ".join(fields[title_col].split())
         if not item_id:
             problems.add(f"Line {line} of {path} has an empty item id.")
             continue

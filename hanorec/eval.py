@@ -5,7 +5,7 @@ candidates. Metric arithmetic lives in hanorec.metrics; this module runs the mod
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,6 +23,7 @@ class EvalResult:
     rows: list[dict]  # one row per (method, protocol): metrics as fractions + n + candidates
     option_scores: list[list[float]] = field(default_factory=list)  # per example, the model's option scores
     generations: list[str] = field(default_factory=list)
+    stopped: bool = False  # should_stop() ended evaluation early: rows is empty
 
 
 def train_popularity(windows: Sequence[Window]) -> Counter:
@@ -37,8 +38,30 @@ def train_popularity(windows: Sequence[Window]) -> Counter:
     return counts
 
 
-def metrics_from_scores(examples: Sequence[Example], scores: np.ndarray) -> dict:
-    """Ranking-protocol metrics of one method's (N, C) option scores, per task."""
+# Model scores that differ by less than this are one tie (float32 rounding: the same option scored in a
+# packed batch, alone, or at another place in a shared-prefix row differs by ~1e-6 relative).
+TIE_ATOL, TIE_RTOL = 1e-4, 1e-5
+
+
+def snap_ties(scores: np.ndarray, true_first: Sequence[int]) -> np.ndarray:
+    """Set every option within float rounding of the true option's score to exactly that score.
+
+    The ranking protocol counts ties against the true item (hanorec.metrics.pessimistic_ranks); snapping
+    makes "a tie" mean the same whether options were scored one example at a time or packed several
+    prompts per forward, so both give the same table (tests/test_eval.py).
+    """
+    s = np.array(scores, dtype=np.float64, copy=True)
+    rows = np.arange(s.shape[0])
+    true = s[rows, np.asarray(true_first, dtype=np.int64)][:, None]
+    near = np.abs(s - true) <= TIE_ATOL + TIE_RTOL * np.abs(true)
+    return np.where(near, true, s)
+
+
+def metrics_from_scores(examples: Sequence[Example], scores: np.ndarray, snap: bool = False) -> dict:
+    """Ranking-protocol metrics of one method's (N, C) option scores, per task.
+
+    snap: treat model scores within float rounding of the true option's as ties (:func:`snap_ties`).
+    """
     task = examples[0].task
     n_cand = len(examples[0].options) if task != "hit1" else 1 + len(examples[0].not_watched)
     if task == "hit1":
@@ -46,7 +69,8 @@ def metrics_from_scores(examples: Sequence[Example], scores: np.ndarray) -> dict
         margin = scores[:, 0] - scores[:, 1] if scores.shape[1] == 2 else scores[:, 0]
         out = {"AUC": M.auc(margin, labels), "Accuracy": float(((margin > 0) == labels).mean())}
         return {**out, "n": len(examples), "candidates": n_cand}
-    return M.ranking_metrics(scores, [e.correct_option for e in examples])
+    true_first = [e.correct_option for e in examples]
+    return M.ranking_metrics(snap_ties(scores, true_first) if snap else scores, true_first)
 
 
 def baseline_scores(name: str, examples: Sequence[Example], popularity: Counter, seed: int) -> np.ndarray:
@@ -88,6 +112,81 @@ def generative_metrics(examples: Sequence[Example], ds: RecDataset, generations:
     return {**out, "n": len(examples), "candidates": 1 + len(examples[0].not_watched)}
 
 
+class _Progress:
+    """tqdm bar (with time estimate) plus ``on_log`` events and ``should_stop`` polling for evaluate."""
+
+    def __init__(self, total: int, method: str, show: bool | None, on_log, should_stop):
+        import sys
+        import time
+
+        self.total, self.done, self.method = total, 0, method
+        self.on_log, self.should_stop = on_log, should_stop
+        self._time = time.perf_counter
+        self.start = self._time()
+        if show is None:
+            show = sys.stderr.isatty()
+        self.bar = None
+        if show:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=f"eval {method}", unit="ex", dynamic_ncols=True)
+
+    def advance(self, n: int, protocol: str) -> bool:
+        """Count n finished examples; returns True when the caller should stop."""
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        if self.on_log is not None:
+            self.on_log(
+                {
+                    "stage": "eval",
+                    "step": self.done,
+                    "total_steps": self.total,
+                    "epoch": 0,
+                    "elapsed_s": self._time() - self.start,
+                    "method": self.method,
+                    "protocol": protocol,
+                }
+            )
+        return self.should_stop is not None and bool(self.should_stop())
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def rank_options(
+    bundle: ModelBundle,
+    ds: RecDataset,
+    examples: Sequence[Example],
+    *,
+    batch_size: int = 8,
+    mode: str = "shared_prefix",
+    device=None,
+    progress: _Progress | None = None,
+) -> torch.Tensor | None:
+    """Ranking-protocol scores (N, C): every option's log-likelihood given its prompt.
+
+    ``batch_size`` prompts are packed into one forward (shared-prefix: one row per prompt holding all its
+    options; naive: one row per (prompt, option), so batch_size x C rows). Each option's score is the
+    same sum of token log-probs as when its example is scored alone (equal up to float rounding, see
+    tests/test_eval.py). Returns None when ``progress`` asked to stop.
+    """
+    out: list[torch.Tensor] = []
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        prompts = []
+        for e in chunk:
+            r = render(e, ds)
+            prompts.append(bundle.encode_prompt(r.text, r.images))
+        options = [e.options for e in chunk]
+        per_forward = sum(len(o) for o in options)  # all of the chunk's options in one forward
+        out += score_options(bundle, prompts, options, batch_size=per_forward, device=device, mode=mode)
+        if progress is not None and progress.advance(len(chunk), "ranking"):
+            return None
+    return torch.stack(out)
+
+
 def evaluate(
     bundle: ModelBundle | None,
     ds: RecDataset,
@@ -102,39 +201,50 @@ def evaluate(
     method: str = "model",
     progress: bool | None = None,
     device=None,
+    scoring: str = "shared_prefix",
+    on_log: Callable[[dict], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> EvalResult:
-    """Score `examples` with the model (if given) under each protocol, and the baselines on the same candidates."""
+    """Score `examples` with the model (if given) under each protocol, and the baselines on the same candidates.
+
+    Ranking packs ``batch_size`` prompts into one forward (:func:`rank_options`); generation decodes one
+    example at a time. progress: a tqdm bar with a time estimate (default: when stderr is a terminal).
+    on_log receives one event per finished batch: ``stage="eval"``, ``step`` (examples done, over all
+    protocols), ``total_steps``, ``epoch`` (0), ``elapsed_s``, ``method``, ``protocol``. should_stop() is
+    polled after every batch; when it returns True evaluation ends early and the result has
+    ``stopped=True`` and no rows (metrics of a partial test set would mislead).
+    """
     if not examples:
         raise ValueError("no examples to evaluate")
     rows: list[dict] = []
     result = EvalResult(rows)
     if bundle is not None:
-        iterator = examples
-        if progress is None:
-            import sys
-
-            progress = sys.stderr.isatty()
-        if progress:
-            from tqdm.auto import tqdm
-
-            iterator = tqdm(examples, desc=f"eval {method}", dynamic_ncols=True, leave=False)
-        all_scores = []
-        if "ranking" in protocols or "generative" in protocols:
-            for e in iterator:
-                r = render(e, ds)
-                p = bundle.encode_prompt(r.text, r.images)
-                if "ranking" in protocols:
-                    all_scores.append(
-                        score_options(bundle, [p], [e.options], batch_size=batch_size, device=device)[0]
-                    )
-                if "generative" in protocols:
-                    result.generations.append(
-                        generate(bundle, p, max_new_tokens=max_new_tokens, device=device)
-                    )
+        model_protocols = [p for p in ("ranking", "generative") if p in protocols]
+        bar = _Progress(len(examples) * len(model_protocols), method, progress, on_log, should_stop)
+        try:
+            if "ranking" in protocols:
+                scores = rank_options(
+                    bundle, ds, examples, batch_size=batch_size, mode=scoring, device=device, progress=bar
+                )
+                if scores is None:
+                    result.stopped = True
+                    return result
+                scores = scores.numpy()
+                result.option_scores = scores.tolist()
+            if "generative" in protocols:
+                for e in examples:
+                    r = render(e, ds)
+                    p = bundle.encode_prompt(r.text, r.images)
+                    result.generations.append(generate(bundle, p, max_new_tokens=max_new_tokens, device=device))
+                    if bar.advance(1, "generative"):
+                        result.stopped = True
+                        return result
+        finally:
+            bar.close()
         if "ranking" in protocols:
-            scores = torch.stack(all_scores).numpy()
-            result.option_scores = scores.tolist()
-            rows.append({"method": method, "protocol": "ranking", **metrics_from_scores(examples, scores)})
+            rows.append(
+                {"method": method, "protocol": "ranking", **metrics_from_scores(examples, scores, snap=True)}
+            )
         if "generative" in protocols:
             rows.append(
                 {
