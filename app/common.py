@@ -252,7 +252,7 @@ def example_pickers(ctx: AppContext, prefix: str, *, with_model: bool = True, wi
     with gr.Row():
         dataset = gr.Dropdown(datasets, value=datasets[0][1] if datasets else None, label="Dataset", scale=3)
         task = gr.Dropdown(list(TASKS), value="hit3", label="Task", scale=1)
-        user = gr.Dropdown([], label="User (test prompt)", scale=2) if with_user else None
+        user = gr.Dropdown([], label="User (test prompt)", scale=2, allow_custom_value=True) if with_user else None
         model = (
             gr.Dropdown(ctx.model_choices(), value="base", label="Model", scale=3) if with_model else None
         )

@@ -13,6 +13,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+# background runs are CLI subprocesses: they find the package the same way, installed or not
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
 for _var, _value in {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
@@ -76,19 +78,19 @@ def make_context(data_dirs=None, runs_dir="runs", device="auto"):
     dirs = [Path(d).expanduser().resolve() for d in (data_dirs or [DEFAULT_DATA])]
     for d in dirs:
         if not d.is_dir():
-            raise SystemExit(f"error: the data folder {d} does not exist.")
+            raise ValueError(f"The data folder {d} does not exist.")
     runs = Path(runs_dir).expanduser().resolve()
     runs.mkdir(parents=True, exist_ok=True)
     dev = pick_device() if device == "auto" else device
-    return AppContext(data_dirs=dirs, runs_dir=runs, device=dev, jobs=_job_manager(runs))
+    return AppContext(data_dirs=dirs, runs_dir=runs, device=dev, jobs=_job_manager(runs, dev))
 
 
-def _job_manager(runs: Path):
+def _job_manager(runs: Path, device: str):
     try:
         from hanorec.jobs import JobManager
     except ImportError:  # the background-run module is optional for the other tabs
         return None
-    return JobManager(runs)
+    return JobManager(runs, device=device)
 
 
 def build_app(ctx):
@@ -111,7 +113,11 @@ def main(argv=None) -> None:
     import torch
 
     torch.set_num_threads(args.threads or default_threads())
-    ctx = make_context(args.data, args.runs, args.device)
+    try:
+        ctx = make_context(args.data, args.runs, args.device)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     demo = build_app(ctx)
     host = os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
     port = int(os.environ.get("GRADIO_SERVER_PORT", "7860"))

@@ -208,7 +208,10 @@ def pair_stats(
 # ------------------------------------------------------------------------------------------------
 # Noise at inference for one example (the noise lab): wraps hanorec.scoring.score_options(noise=...)
 # ------------------------------------------------------------------------------------------------
-SWEEP_SIGMAS = (0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2)
+SWEEP_SIGMAS = {  # per target: LoRA factors are small (rms ~0.05), logits are O(1-10)
+    "lora": (0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2),
+    "logits": (0.0, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 4.0),
+}
 
 
 def example_noise(bundle, ds: RecDataset, example: Example, *, target: str, sigma: float, draws: int, seed: int = 0):
@@ -234,7 +237,7 @@ def noise_sweep(
     example: Example,
     *,
     target: str,
-    sigmas=SWEEP_SIGMAS,
+    sigmas=None,
     draws: int = 20,
     seed: int = 0,
     progress=None,
@@ -244,6 +247,7 @@ def noise_sweep(
     The same seed at every sigma rescales one set of standard normals (common random numbers), so the
     curve is smooth in sigma. ``progress(done, total)`` after each sigma.
     """
+    sigmas = SWEEP_SIGMAS[target] if sigmas is None else sigmas
     rows = []
     for k, sigma in enumerate(sigmas):
         _, noisy, summary = example_noise(bundle, ds, example, target=target, sigma=sigma, draws=draws, seed=seed)
