@@ -254,9 +254,11 @@ def example_pickers(ctx: AppContext, prefix: str, *, with_model: bool = True, wi
         task = gr.Dropdown(list(TASKS), value="hit3", label="Task", scale=1)
         user = gr.Dropdown([], label="User (test prompt)", scale=2, allow_custom_value=True) if with_user else None
         model = (
-            gr.Dropdown(ctx.model_choices(), value="base", label="Model", scale=3) if with_model else None
+            gr.Dropdown(ctx.model_choices(), value="base", label="Model", scale=3, elem_id=f"{prefix}-model")
+            if with_model
+            else None
         )
-        refresh = gr.Button("Refresh models", scale=1, size="sm") if with_model else None
+        refresh = gr.Button("Refresh models", scale=1, size="sm", elem_id=f"{prefix}-refresh") if with_model else None
     if with_user:
         fill = partial(users_for, ctx)
         dataset.change(fill, [dataset, task], user, api_visibility="private")

@@ -181,10 +181,10 @@ def build(ctx) -> None:
         "**History** in time order (click an image to enlarge): ◆ = shown in the prompt, ★ = a true next item "
         "the model should recommend; the test prompt is the user's latest window."
     )
-    history = gr.Gallery(label="History", columns=8, height="auto", object_fit="contain", elem_id="data-history")
+    history = gr.Gallery(label="History", columns=8, height=330, object_fit="contain", elem_id="data-history")
     with gr.Row():
         cands = gr.Dataframe(headers=CANDIDATE_COLUMNS, interactive=False, label="Candidates (✓ = true next item; rank = the model's ranking by log-prob)", scale=3)
-        cand_images = gr.Gallery(label="Candidate images (✓ = true next)", columns=4, height="auto", object_fit="contain", scale=2)
+        cand_images = gr.Gallery(label="Candidate images (✓ = true next)", columns=4, height=300, object_fit="contain", scale=2)
     with gr.Row():
         prompt = gr.Textbox(label="Prompt (as written, <image> = one history image)", lines=6, elem_id="data-prompt")
         answer = gr.Textbox(label="Target answer", lines=6)

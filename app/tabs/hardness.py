@@ -251,21 +251,21 @@ def build(ctx) -> None:
     pair_text = gr.Markdown()
     aligned = gr.Dataframe(interactive=False, label="Aligned (positive, negative) items")
     profiles = gr.Plot(label="Neighbour profiles")
-    images = gr.Gallery(label="Aligned pairs: positive (+) then its negative (−)", columns=6, height="auto", object_fit="contain")
+    images = gr.Gallery(label="Aligned pairs: positive (+) then its negative (−)", columns=6, height=250, object_fit="contain")
     gr.Markdown("### Per-pair training view (after a preference run)")
-    stats_btn = gr.Button("Score the training pairs with the policy and its reference")
-    stats_text = gr.Markdown()
+    stats_btn = gr.Button("Score the training pairs with the policy and its reference", elem_id="hardness-stats")
+    stats_text = gr.Markdown(elem_id="hardness-stats-text")
     with gr.Row():
         stats = gr.Dataframe(headers=STATS_COLUMNS, interactive=False, label="Per pair (click a row)", max_height=360, show_search="filter", scale=3)
         margins = gr.Plot(label="Reward margin vs lambda", scale=2)
     with gr.Row():
         pair_n = gr.Number(0, label="pair #", precision=0, scale=1)
-        pair_btn = gr.Button("Show this pair's prompt", scale=1)
+        pair_btn = gr.Button("Show this pair's prompt", scale=1, elem_id="hardness-pair-prompt")
     with gr.Row():
         pair_prompt_box = gr.Textbox(label="Prompt", lines=5, scale=3)
         chosen = gr.Textbox(label="Chosen", lines=3, scale=1)
         rejected = gr.Textbox(label="Rejected", lines=3, scale=1)
-    pair_images = gr.Gallery(label="Prompt images", columns=10, height=140, object_fit="contain")
+    pair_images = gr.Gallery(label="Prompt images", columns=10, height=160, object_fit="contain", elem_id="hardness-prompt-images")
 
     base = [dataset, task, model]
     settings = [*base, k, temperature, sampling, seed]
