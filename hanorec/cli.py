@@ -32,6 +32,22 @@ warnings.filterwarnings("ignore", message=".*requires torchvision.*")
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
 
 
+def _quiet_libraries() -> None:
+    """Drop the notices a CPU install prints on every run (transformers without torchvision falls back to its
+    PIL image processors, which is what we want) and the shard-writing progress bars."""
+    import logging
+
+    import transformers
+
+    class _DropTorchvisionNotice(logging.Filter):
+        def filter(self, record):
+            return "requires torchvision" not in record.getMessage()
+
+    for handler in logging.getLogger("transformers").handlers:
+        handler.addFilter(_DropTorchvisionNotice())
+    transformers.utils.logging.disable_progress_bar()
+
+
 class _StopFlag:
     """SIGINT/SIGTERM ask the training loop to checkpoint and stop; a second SIGINT aborts."""
 
@@ -144,6 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if command in ("run", "sft", "pref", "compare", "evaluate"):
             check_model_name(cfg.model.name)  # before any data is loaded
+            _quiet_libraries()
             print(f"{command}: {_describe_source(config_path, overrides)}; output in {cfg.output_dir}")
         from hanorec import pipeline
 

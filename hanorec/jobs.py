@@ -80,6 +80,14 @@ class JobStatus:
         return f"{self.job_id}: {self.state}" + (f": {self.message}" if self.message else "")
 
 
+def available_trackers() -> list[str]:
+    """Experiment trackers accelerate can mirror the metrics to on this machine (`--sft.log_with=...`)."""
+    from accelerate.utils import imports
+
+    names = ("tensorboard", "wandb", "trackio")
+    return [n for n in names if getattr(imports, f"is_{n}_available", lambda: False)()]
+
+
 def commands_for(stage: str, sft_run: str | None = None) -> list[str]:
     """The CLI commands of a job: SFT is `run` (SFT + evaluation); a preference variant trains SFT in the
     same folder first (`sft`, a no-op once finished) then `pref`, or only `pref` on another run's SFT model."""

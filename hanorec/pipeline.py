@@ -168,7 +168,11 @@ def run_eval(
     should_stop: Callable | None = None,
 ) -> EvalResult:
     examples = data.test if cfg.eval.split == "test" else data.val
-    hooks = {k: v for k, v in (("on_log", on_log), ("should_stop", should_stop)) if v is not None}
+    import inspect
+
+    # the hooks go to evaluate() where it takes them (batched evaluation with progress adds them)
+    takes = inspect.signature(evaluate).parameters
+    hooks = {k: v for k, v in (("on_log", on_log), ("should_stop", should_stop)) if v is not None and k in takes}
     return evaluate(
         bundle,
         data.dataset,

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from hanorec.models import EncodedPrompt, ModelBundle
-from hanorec.noise import LoRANoise, NoiseSpec, add_logit_noise
+from hanorec.noise import LoRANoise, NoiseSpec, add_logit_noise, noise_summary
 
 MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
 SCORING_MODES = ("shared_prefix", "naive")
@@ -448,6 +448,35 @@ def _scores_under_lora_noise(model, bundle, prompts, encoded, spec: NoiseSpec, m
                 )
                 rows[i].append(torch.stack(sums).float().cpu())  # (g, C_i)
     return [torch.cat(r) for r in rows]
+
+
+def sigma_sweep(
+    bundle: ModelBundle,
+    prompt: EncodedPrompt,
+    options: Sequence[str],
+    *,
+    target: str,
+    sigmas: Sequence[float],
+    draws: int = 100,
+    seed: int = 0,
+    draws_per_forward: int = 8,
+):
+    """How the candidate distribution drifts from the clean one as sigma grows (the noise lab's curve).
+
+    For each sigma: :func:`score_options` under ``draws`` draws of NoDO noise (method.md section 8),
+    summarised by :func:`hanorec.noise.noise_summary` (KL(p_noisy || p_clean) over the candidates,
+    top-1 / top-3 change rates, mean |score shift|). The same seed at every sigma rescales one set of
+    standard normals, so the curve is smooth. Returns a pandas DataFrame, one row per sigma.
+    """
+    import pandas as pd
+
+    clean = score_options(bundle, [prompt], [options])[0]
+    rows = []
+    for sigma in sigmas:
+        spec = NoiseSpec(target, float(sigma), draws=draws, seed=seed, draws_per_forward=draws_per_forward)
+        noisy = score_options(bundle, [prompt], [options], noise=spec)[0]
+        rows.append({"sigma": float(sigma), "target": target, **noise_summary(clean, noisy).as_dict()})
+    return pd.DataFrame(rows)
 
 
 @torch.no_grad()

@@ -355,3 +355,17 @@ def test_lora_noise_needs_an_adapter(bundles, demo):
     prompts, options = _lab_inputs(b, demo)
     with pytest.raises(ValueError, match="no LoRA layer"):
         score_options(b, prompts, options, noise=NoiseSpec("lora", 0.1, draws=2))
+
+
+def test_sigma_sweep_grows_from_zero(bundles, demo):
+    """sigma 0 changes nothing (KL 0, no rank change); with logit noise a larger sigma moves the
+    distribution further (LoRA noise on an untrained tiny model saturates, so only sigma > 0 is checked)."""
+    b = _lora_bundle(bundles, "tiny-llava")
+    prompts, options = _lab_inputs(b, demo)
+    table = scoring.sigma_sweep(b, prompts[0], options[0], target="logits", sigmas=[0.0, 0.05, 0.5], draws=10)
+    assert list(table["sigma"]) == [0.0, 0.05, 0.5]
+    assert table["kl_mean"][0] == 0 and table["top1_change_rate"][0] == 0 and table["mean_abs_shift"][0] == 0
+    assert 0 < table["kl_mean"][1] < table["kl_mean"][2]
+    assert table["mean_abs_shift"][1] < table["mean_abs_shift"][2]
+    lora = scoring.sigma_sweep(b, prompts[0], options[0], target="lora", sigmas=[0.0, 0.05], draws=4)
+    assert lora["kl_mean"][0] == 0 < lora["kl_mean"][1]
