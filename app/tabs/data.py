@@ -10,7 +10,7 @@ import gradio as gr
 import pandas as pd
 import plotly.graph_objects as go
 
-from app.common import TASKS, example_for, on_load, user_errors
+from app.common import TASKS, example_for, item_image, on_load, user_errors
 
 CANDIDATE_COLUMNS = ["candidate", "item", "true next", "log-prob", "prob", "rank"]
 
@@ -59,7 +59,7 @@ def show_user(ctx, dataset: str, task: str, user: str, model: str):
     return (
         history_gallery(ds, ds.sequences[user], example),
         candidates_table(ds, rows),
-        [(ds.load_image(r["item"]), ("✓ " if r["true"] else "") + ds.items[r["item"]].title) for r in rows],
+        [(item_image(ds, r["item"]), ("✓ " if r["true"] else "") + ds.items[r["item"]].title) for r in rows],
         rendered.text,
         rendered.answer,
         seen[0],
@@ -84,7 +84,7 @@ def history_gallery(ds, sequence, example) -> list:
             mark = "★ "
         else:
             mark = ""
-        out.append((ds.load_image(item), f"{k + 1} {mark}{ds.items[item].title}"))
+        out.append((item_image(ds, item), f"{k + 1} {mark}{ds.items[item].title}"))
     return out
 
 

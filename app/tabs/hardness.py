@@ -14,7 +14,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from app.common import example_pickers, user_errors
+from app.common import example_pickers, item_image, user_errors
 
 SAMPLING = ("random", "embedding")
 STATS_COLUMNS = ["pair", "user", "lambda", "beta", "chosen_reward", "rejected_reward", "reward_margin", "accurate"]
@@ -101,8 +101,8 @@ def show_pair(ctx, dataset, task, model, k, temperature, sampling, seed, user):
     )
     gallery = []
     for j, a in enumerate(aligned):
-        gallery += [(ds.load_image(a["positive"]), f"{j + 1}+ {a['positive title']}"),
-                    (ds.load_image(a["negative"]), f"{j + 1}− {a['negative title']}")]  # fmt: skip
+        gallery += [(item_image(ds, a["positive"]), f"{j + 1}+ {a['positive title']}"),
+                    (item_image(ds, a["negative"]), f"{j + 1}− {a['negative title']}")]  # fmt: skip
     figure = profiles_figure(aligned, ids, profiles, idx)
     return text, pd.DataFrame(aligned).round(5), figure, gallery
 
