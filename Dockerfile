@@ -1,21 +1,65 @@
-# CPU image of HaNoRec Studio: the package, its pinned dependencies and the bundled demo data.
-# (Real MovieLens data is never copied in: mount ../shared/data at run time if you have it.)
+# HaNoRec Studio: the explorer app (`python app/main.py`) with the package and the bundled demo data.
+#
+# GPU image (default; CUDA runtime base, the CUDA build of torch from PyPI):
 #   docker build -t hanorec-studio .
-#   docker run --rm hanorec-studio python -m hanorec run --config configs/tiny-cpu.yaml
-FROM python:3.11-slim
+#   docker run --gpus all -p 7860:7860 hanorec-studio
+# CPU image (slim Python base, the CPU build of torch):
+#   docker build --build-arg TARGET=cpu -t hanorec-studio:cpu .
+#   docker run -p 7860:7860 hanorec-studio:cpu
+# Data from outside the repo is never copied in: mount it and name it, e.g.
+#   docker run -p 7860:7860 -v /path/to/movielens:/data:ro hanorec-studio python app/main.py --data /data
+ARG TARGET=gpu
 
-ENV PYTHONDONTWRITEBYTECODE=1 PIP_NO_CACHE_DIR=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
-    GRADIO_ANALYTICS_ENABLED=False TOKENIZERS_PARALLELISM=false
-WORKDIR /app
+# ---- bases --------------------------------------------------------------------------------------------
+FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu22.04 AS base-gpu
+# Python 3.11 (the version the pins were tested on) from the deadsnakes archive; apt versions there move,
+# so they are not pinned (the Python packages are)
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends software-properties-common gpg-agent \
+    && add-apt-repository -y ppa:deadsnakes/ppa \
+    && apt-get update \
+    && apt-get install -y --no-install-recommends python3.11 python3.11-venv \
+    && apt-get purge -y software-properties-common gpg-agent && apt-get autoremove -y \
+    && rm -rf /var/lib/apt/lists/*
+# torchvision is normal on GPU hosts (real Qwen2.5-VL processors use it); the CPU image does without
+ENV TORCH_INDEX=https://pypi.org/simple EXTRA_TORCH_PACKAGES="torchvision==0.28.0"
 
-# torch first with an exact pin, so the CPU build is used and nothing else pulls a CUDA one
-COPY requirements.txt ./
-RUN pip install torch==2.13.0 && pip install -r requirements.txt
+FROM python:3.11-slim AS base-cpu
+ENV TORCH_INDEX=https://download.pytorch.org/whl/cpu EXTRA_TORCH_PACKAGES=""
 
-COPY pyproject.toml README.md ./
-COPY hanorec ./hanorec
-COPY configs ./configs
-COPY assets ./assets
-RUN pip install --no-deps -e .
+# ---- the image ----------------------------------------------------------------------------------------
+# hadolint ignore=DL3006
+FROM base-${TARGET}
+# (TOKENIZERS_PARALLELISM is a switch, not a secret)
+# hadolint ignore=DL3064
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
+    HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
+    GRADIO_ANALYTICS_ENABLED=False GRADIO_SERVER_NAME=0.0.0.0 GRADIO_SERVER_PORT=7860 \
+    HOME=/home/user HF_HOME=/home/user/.cache/huggingface \
+    VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
 
-CMD ["python", "-m", "hanorec", "run", "--config", "configs/tiny-cpu.yaml"]
+# a non-root user with uid 1000 (what Hugging Face Spaces expects)
+RUN useradd --create-home --uid 1000 --shell /bin/bash user \
+    && python3.11 -m venv /opt/venv && chown -R user:user /opt/venv
+USER 1000
+WORKDIR /home/user/app
+
+# dependencies first (torch with an exact pin, from the index that matches the image), so code edits
+# do not reinstall them
+COPY --chown=user:user requirements.txt ./
+# (EXTRA_TORCH_PACKAGES is a list of packages, split on purpose)
+# hadolint ignore=DL3013,SC2086
+RUN pip install --upgrade pip \
+    && pip install --index-url "$TORCH_INDEX" torch==2.13.0 $EXTRA_TORCH_PACKAGES \
+    && pip install -r requirements.txt
+
+# then the code and the bundled demo data (what .dockerignore leaves out never enters the image)
+COPY --chown=user:user hanorec ./hanorec
+COPY --chown=user:user app ./app
+COPY --chown=user:user configs ./configs
+COPY --chown=user:user assets ./assets
+COPY --chown=user:user pyproject.toml README.md ./
+
+EXPOSE 7860
+CMD ["python", "app/main.py"]

@@ -7,8 +7,14 @@ Commands:
   pref        stage 2 (DPO, S-DPO or HaNo-DPO by --pref.method) from the run's SFT checkpoint, then evaluation
   compare     SFT, DPO, S-DPO, HaNo-DPO and its ablations over seeds and tasks: --seeds=0,1,2 --tasks=hit3,hit1
               (--readme=README.md writes the table, command, machine and wall time into the README)
-  evaluate    evaluate the newest checkpoint of a run (or --checkpoint=PATH) with baselines
-  config      print the resolved configuration; `config --help` lists every key
+  evaluate    evaluate the newest checkpoint of a run's stage (--stage=sft by default, or a preference stage
+              folder such as --stage=hano_dpo; or --checkpoint=PATH) with baselines
+  config      print the resolved configuration as YAML: `config --config preset.yaml --sft.lr=3e-4`;
+              `config --help` lists every key with its default and help text, and
+              `config --config preset.yaml --help` the same with the preset's values
+
+Without --config the built-in defaults are used (the bundled demo data, output in runs/demo).
+A user error (bad key or value, missing file, unusable data) ends with one sentence and exit status 2.
 """
 
 from __future__ import annotations
@@ -24,6 +30,22 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Without torchvision (CPU installs) transformers uses its PIL image processors, which is what we want.
 warnings.filterwarnings("ignore", message=".*requires torchvision.*")
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+
+
+def _quiet_libraries() -> None:
+    """Drop the notices a CPU install prints on every run (transformers without torchvision falls back to its
+    PIL image processors, which is what we want) and the shard-writing progress bars."""
+    import logging
+
+    import transformers
+
+    class _DropTorchvisionNotice(logging.Filter):
+        def filter(self, record):
+            return "requires torchvision" not in record.getMessage()
+
+    for handler in logging.getLogger("transformers").handlers:
+        handler.addFilter(_DropTorchvisionNotice())
+    transformers.utils.logging.disable_progress_bar()
 
 
 class _StopFlag:
@@ -47,12 +69,28 @@ class _StopFlag:
         return self
 
 
+def _int_list(name: str, value: str) -> list[int]:
+    try:
+        return [int(s) for s in value.split(",") if s.strip()]
+    except ValueError:
+        from hanorec.config import ConfigError
+
+        raise ConfigError(f"--{name}={value} must be comma-separated integers, e.g. --{name}=0,1,2") from None
+
+
+def _describe_source(config_path: str | None, overrides: list[str]) -> str:
+    src = f"configuration {config_path}" if config_path else "the built-in default configuration (no --config)"
+    return src + (f" with {' '.join(overrides)}" if overrides else "")
+
+
 def _split_args(argv: list[str]) -> tuple[str | None, list[str], dict]:
     config, overrides, extra = None, [], {}
     for arg in argv:
         if arg.startswith("--config="):
             config = arg.split("=", 1)[1]
-        elif arg.startswith(("--checkpoint=", "--out=", "--seeds=", "--tasks=", "--variants=", "--readme=")):
+        elif arg.startswith(
+            ("--checkpoint=", "--out=", "--seeds=", "--tasks=", "--variants=", "--readme=", "--stage=")
+        ):
             k, v = arg[2:].split("=", 1)
             extra[k] = v
         else:
@@ -70,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     fixed = []
     i = 0
     while i < len(rest):
-        if rest[i] in ("--config", "--checkpoint", "--out") and i + 1 < len(rest):
+        if rest[i] in ("--config", "--checkpoint", "--out", "--stage") and i + 1 < len(rest):
             fixed.append(f"{rest[i]}={rest[i + 1]}")
             i += 2
         else:
@@ -78,9 +116,17 @@ def main(argv: list[str] | None = None) -> int:
             i += 1
     from hanorec.config import ConfigError, describe, load_config
     from hanorec.data import DataError
-    from hanorec.models import ModelError
-    from hanorec.train.loop import TrainingDiverged
+    from hanorec.models import ModelError, check_model_name
+    from hanorec.progress import StopRequested
+    from hanorec.tasks import TaskError
+    from hanorec.train.checkpoint import CheckpointError
+    from hanorec.train.loop import EmptyTrainingSet, TrainingDiverged
     from hanorec.train.sft import ExampleTooLong
+
+    user_errors = (
+        ConfigError, DataError, ModelError, TaskError, CheckpointError, EmptyTrainingSet, TrainingDiverged,
+        ExampleTooLong, FileNotFoundError,
+    )  # fmt: skip
 
     try:
         if command == "make-demo":
@@ -90,43 +136,58 @@ def main(argv: list[str] | None = None) -> int:
             seed = 0
             for o in over:
                 if o.startswith("--seed="):
-                    seed = int(o.split("=", 1)[1])
+                    try:
+                        seed = int(o.split("=", 1)[1])
+                    except ValueError:
+                        raise ConfigError(f"{o} must be an integer, e.g. --seed=0") from None
                 else:
                     raise ConfigError(f"make-demo takes --out=DIR and --seed=N, not {o!r}")
             out = make_demo(extra.get("out", "assets/demo"), seed=seed)
             print(f"demo dataset written to {out}")
             return 0
-        if command == "config" and "--help" in fixed:
-            print(describe())
+        if command == "config" and any(a in ("--help", "-h") for a in fixed):
+            config_path, overrides, _ = _split_args([a for a in fixed if a not in ("--help", "-h")])
+            if config_path or overrides:
+                print(f"# every key with its value in {_describe_source(config_path, overrides)}")
+                print(describe(load_config(config_path, overrides)))
+            else:
+                print(describe())
             return 0
         config_path, overrides, extra = _split_args(fixed)
         cfg = load_config(config_path, overrides)
         if command == "config":
             print(cfg.to_yaml())
             return 0
+        if command in ("run", "sft", "pref", "compare", "evaluate"):
+            check_model_name(cfg.model.name)  # before any data is loaded
+            _quiet_libraries()
+            print(f"{command}: {_describe_source(config_path, overrides)}; output in {cfg.output_dir}")
         from hanorec import pipeline
 
-        if command == "run":
-            pipeline.run_pipeline(cfg, should_stop=_StopFlag().install())
-            return 0
-        if command == "sft":
-            _, result = pipeline.run_sft(cfg, should_stop=_StopFlag().install())
-            print(
-                f"SFT finished at step {result.global_step}/{result.total_steps}; checkpoint {result.last_checkpoint}"
-            )
-            return 0
-        if command == "pref":
-            from hanorec.eval import format_results
+        if command in ("run", "sft", "pref"):
+            from hanorec.runs import track_status
 
-            data = pipeline.prepare_data(cfg)
-            bundle, result = pipeline.run_preference(cfg, data, should_stop=_StopFlag().install())
-            print(f"{cfg.pref.method} finished at step {result.global_step}/{result.total_steps}")
-            ev = pipeline.run_eval(cfg, bundle, data, method=cfg.pref.method)
-            print(format_results(cfg.task.name, ev.rows))
+            stop = _StopFlag().install()
+            with track_status(cfg.output_dir, command, stop):
+                if command == "run":
+                    pipeline.run_pipeline(cfg, should_stop=stop)
+                elif command == "pref":
+                    pipeline.run_preference_pipeline(cfg, should_stop=stop)
+                else:
+                    _, result = pipeline.run_sft(cfg, should_stop=stop)
+                    print(
+                        f"SFT finished at step {result.global_step}/{result.total_steps}; "
+                        f"checkpoint {result.last_checkpoint}"
+                    )
             return 0
         if command == "compare":
-            seeds = [int(s) for s in extra.get("seeds", "0,1,2").split(",")]
-            tasks = extra.get("tasks", "hit3,hit1").split(",")
+            seeds = _int_list("seeds", extra.get("seeds", "0,1,2"))
+            tasks = [t for t in extra.get("tasks", "hit3,hit1").split(",") if t]
+            from hanorec.tasks import TASKS
+
+            bad = [t for t in tasks if t not in TASKS] or ([] if seeds and tasks else ["(none)"])
+            if bad:
+                raise ConfigError(f"--tasks names {bad[0]!r}; use some of {list(TASKS)}, comma-separated, and at least one seed")
             variants = extra["variants"].split(",") if "variants" in extra else list(pipeline.PREF_VARIANTS)
             unknown = [v for v in variants if v not in pipeline.PREF_VARIANTS]
             if unknown:
@@ -143,19 +204,22 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 0
         if command == "evaluate":
-            from pathlib import Path
-
             from hanorec.eval import format_results
+            from hanorec.runs import load_stage
 
+            stage = extra.get("stage", "sft")
             data = pipeline.prepare_data(cfg)
-            bundle = pipeline.load_trained(
-                cfg, data.dataset, Path(cfg.output_dir) / "sft", extra.get("checkpoint")
-            )
-            ev = pipeline.run_eval(cfg, bundle, data)
+            bundle = load_stage(cfg.output_dir, stage, extra.get("checkpoint"))
+            print(f"scoring {stage} checkpoint {bundle.meta['checkpoint']}")
+            ev = pipeline.run_eval(cfg, bundle, data, method="SFT" if stage == "sft" else stage)
             print(format_results(cfg.task.name, ev.rows))
             return 0
         raise ConfigError(f"unknown command {command!r}; run `python -m hanorec --help`")
-    except (ConfigError, DataError, ModelError, TrainingDiverged, ExampleTooLong, FileNotFoundError) as e:
+    except StopRequested as e:
+        print(f"stopped during {e.stage} ({e.step}/{e.total_steps}); nothing is lost: run the same command again",
+              file=sys.stderr)  # fmt: skip
+        return 0
+    except user_errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -57,8 +57,9 @@ class DataConfig:
     format: str = _f("auto", "Dataset format.", choices=("auto", "hanorec", "movielens"))
     domain: str = _f(
         "movies",
-        "Prompt domain (selects the template wording).",
-        choices=("movies", "micro-videos", "tv", "products"),
+        "Prompt domain, a preset of the template's item noun and verb (movies: watched movies; music: listened "
+        "to artists). Any other domain: --task.item_noun and --task.item_verb.",
+        choices=("movies", "micro-videos", "tv", "products", "music"),
     )
     image_dir: str | None = _f(None, "Image folder when it is not <path>/images.")
     on_error: str = _f(
@@ -109,10 +110,32 @@ class TaskConfig:
         None, "Cap on training examples (deterministic prefix after shuffling)."
     )
     max_eval_examples: int | None = _f(None, "Cap on validation/test examples.")
+    item_noun: str | None = _f(None, "The prompt's item noun, singular (e.g. artist); default: data.domain's.")
+    item_nouns: str | None = _f(None, "Its plural (default: item_noun + s).")
+    item_verb: str | None = _f(
+        None, "What the user did, past tense (e.g. 'listened to'); default: data.domain's."
+    )
+    item_verb_present: str | None = _f(
+        None, "Its present tense (e.g. 'listen to'; default: the past without -ed for a regular verb)."
+    )
 
     def __post_init__(self):
         _check_choices(self)
         _positive(self, "n_negatives", "max_train_examples", "max_eval_examples")
+        if self.item_noun or self.item_verb or self.item_nouns or self.item_verb_present:
+            self.words()  # a verb with no derivable present is reported now, not after loading data
+
+    def words(self, domain: str = "movies") -> dict:
+        """The template words: data.domain's preset with item_noun / item_verb (if set) in place."""
+        from hanorec.tasks import TaskError, wording
+
+        try:
+            return wording(
+                domain, noun=self.item_noun, nouns=self.item_nouns, verb=self.item_verb,
+                verb_present=self.item_verb_present,
+            )  # fmt: skip
+        except TaskError as e:
+            raise ConfigError(str(e)) from None
 
 
 @dataclass
@@ -178,6 +201,11 @@ class OptimConfig:
     )
     log_every: int = _f(5, "Log metrics every N optimizer steps.")
     save_every: int = _f(0, "Checkpoint every N optimizer steps (0: only at the end of each epoch).")
+    save_every_minutes: float = _f(
+        5.0,
+        "Also checkpoint when this many minutes have passed since the last checkpoint, so a run killed outright "
+        "loses at most about this much work (0: off). When checkpoints happen never changes the result.",
+    )
     keep_checkpoints: int = _f(2, "Keep the newest N step checkpoints.")
     log_with: str | None = _f(
         None,
@@ -190,7 +218,7 @@ class OptimConfig:
         _positive(
             self, "epochs", "lr", "batch_size", "grad_accum", "log_every", "max_steps", "keep_checkpoints"
         )
-        _positive(self, "save_every", "weight_decay", "max_grad_norm", allow_zero=True)
+        _positive(self, "save_every", "save_every_minutes", "weight_decay", "max_grad_norm", allow_zero=True)
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio = {self.warmup_ratio!r} must be in [0, 1)")
 
@@ -419,16 +447,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
 
 
 def describe(cls=RunConfig, prefix: str = "") -> str:
-    """Every key with its default and help text (for `python -m hanorec config --help`)."""
+    """Every key with its default and help text (for `python -m hanorec config --help`).
+
+    Given a config instance instead of a class, every key shows that instance's value (a preset's values
+    with its overrides: `config --config preset.yaml --help`)."""
     lines = []
+    obj = None if isinstance(cls, type) else cls
+    cls = type(cls) if obj is not None else cls
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
             lines.append(f"[{prefix}{f.name}] {f.metadata.get('help', '')}")
-            lines.append(describe(tp, prefix=f"{prefix}{f.name}."))
+            lines.append(describe(getattr(obj, f.name) if obj is not None else tp, prefix=f"{prefix}{f.name}."))
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if obj is not None:
+            default = getattr(obj, f.name)
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         choices = f.metadata.get("choices")
         extra = f" (one of {', '.join(map(str, choices))})" if choices else ""
         lines.append(f"  --{prefix}{f.name}={default!r}: {f.metadata.get('help', '')}{extra}")

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
-DOMAINS = ("movies", "micro-videos", "tv", "products")
+DOMAINS = ("movies", "micro-videos", "tv", "products", "music")
 FORMATS = ("auto", "hanorec", "movielens")
 SPLIT_POLICIES = ("leave_one_out", "by_user")
 
@@ -120,6 +120,15 @@ class RecDataset:
         if size is not None and image.size != (size, size):
             image = image.resize((size, size), Image.Resampling.BICUBIC)
         return image
+
+    def history(self, user_id: str) -> list[Item]:
+        """The user's items in time order (oldest first); DataError naming an unknown user id."""
+        seq = self.sequences.get(str(user_id))
+        if seq is None:
+            raise DataError(
+                f"User id {user_id!r} is not in dataset {self.name!r} ({len(self.sequences)} users)."
+            )
+        return [self.items[i] for i in seq]
 
     def subset_users(self, n: int, seed: int = 0) -> RecDataset:
         """A dataset with ``n`` users drawn with ``random.Random(seed)`` from the sorted user ids
@@ -234,6 +243,11 @@ def load_dataset(
         sequences = _read_ratings(ratings_file, rows, problems)
         titles_name = movies_file.name
     if not sequences:
+        data_file = pairs_file if format == "hanorec" else root / "ratings.csv"
+        if not any(line.strip() for line in _read_lines(data_file)[(0 if format == "hanorec" else 1):]):
+            raise DataError(f"The file {data_file} is empty: it has no interactions to learn from.")
+        if not rows:
+            raise DataError(f"The file {root / titles_name} is empty: no item has a title.")
         raise DataError(f"The dataset at {root} has no users with at least one known item.")
 
     if image_dir is not None:
@@ -502,6 +516,38 @@ class Splits:
             f"({self.n_users_dropped:,} dropped with fewer than {c.get('min_interactions')} interactions "
             f"or too short for a window); history {c.get('n_history')} items, {c.get('n_target')} targets"
         )
+
+
+def require_windows(splits: Splits, ds: RecDataset, *, train: bool = True, eval_split: str | None = "test") -> None:
+    """Raise DataError naming the cause and the way out when a split a run needs has no windows.
+
+    Training needs the train split; evaluation needs `eval_split` ("test" or "val"). Called before any
+    model is built, so an unusable task/dataset pairing never starts (or silently skips) training.
+    """
+    needed = (["train"] if train else []) + ([eval_split] if eval_split else [])
+    c = splits.config
+    for name in needed:
+        if getattr(splits, name):
+            continue
+        lengths = sorted(len(seq) for seq in ds.sequences.values())
+        median = lengths[len(lengths) // 2] if lengths else 0
+        n_hist, n_tgt = c.get("n_history", 0), c.get("n_target", 1)
+        counts = f"{len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test windows"
+        if splits.policy == "leave_one_out":
+            need = n_hist + n_tgt * {"test": 1, "val": 2, "train": 3}[name]
+            cause = (
+                f"under leave_one_out a {name} window needs a user with at least {need} items (a history of "
+                f"{n_hist} and {n_tgt} target(s){', after the val and test windows' if name == 'train' else ''}), "
+                f"and the median user here has {median}"
+            )
+            way_out = (
+                "use a task with a shorter history (hit3: 3, hit1: 5, next1: 10 items), "
+                "--data.split_policy=by_user (one window per user, users split), or a dataset with longer sequences"
+            )
+        else:
+            cause = f"by_user gives each user one window and there are only {len({w.user for w in splits.train + splits.val + splits.test})} users with one"
+            way_out = "use more users (drop --data.max_users), --data.split_policy=leave_one_out, or a task with a shorter history"
+        raise DataError(f"the {name} split of {ds.root} is empty ({counts}): {cause}; {way_out}")
 
 
 def make_splits(

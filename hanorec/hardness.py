@@ -11,6 +11,12 @@ tower outputs) lives elsewhere; this module starts from item embedding tensors:
     lambda_n  = sigmoid(D_n) / sigmoid(mean_n D_n)                    # hard pair -> lambda < 1
 
 Results are cached on disk by :class:`HardnessCache` (safetensors + a JSON sidecar).
+
+For exploration (the explorer's Hardness tab, notebook 04): :class:`ItemIndex` holds one model's item
+embeddings, computed once (:func:`item_index` keeps one per model in memory), with neighbour profiles
+for any K and profile temperature T (p_i = softmax(s_i / T); T = 1 and K = 10 are the paper's and the
+training defaults, anything else is labelled beyond the paper); :func:`pair_detail` explains one
+preference pair; :func:`pairs_table` gives D, lambda and beta over a list of pairs.
 """
 
 from __future__ import annotations
@@ -19,10 +25,13 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Mapping, Sequence
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -96,9 +105,19 @@ def neighbour_profiles(
     return sims, idx
 
 
-def profile_distributions(sims: torch.Tensor) -> torch.Tensor:
-    """p_i = softmax(s_i) over the k sorted neighbour similarities. (N, k) -> (N, k)."""
-    return torch.softmax(sims.float(), dim=-1)
+PAPER_K = 10
+PAPER_TEMPERATURE = 1.0
+
+
+def profile_distributions(sims: torch.Tensor, temperature: float = PAPER_TEMPERATURE) -> torch.Tensor:
+    """p_i = softmax(s_i / T) over the k sorted neighbour similarities. (N, k) -> (N, k).
+
+    T = 1 is the paper's profile (method.md section 7) and the training default; other temperatures
+    are for exploration only (a smaller T sharpens the profiles and widens the spread of D).
+    """
+    if not temperature > 0:
+        raise ValueError(f"the profile temperature must be > 0, got {temperature}")
+    return torch.softmax(sims.float() / temperature, dim=-1)
 
 
 # ----------------------------------------------------------------------------------------
@@ -152,15 +171,18 @@ def sample_distances(
     return sums / counts  # (S,)
 
 
-def hardness_lambda(distances: torch.Tensor) -> torch.Tensor:
+def hardness_lambda(distances: torch.Tensor, mean_distance: float | None = None) -> torch.Tensor:
     """lambda_n = sigmoid(D_n) / sigmoid(mean D) over the training set (method.md section 7).
 
     Smaller D (profiles alike, a hard pair) -> lambda < 1; a sample at the mean gets exactly 1.
+    mean_distance: the training set's mean D when ``distances`` are only some of its samples
+    (default: the mean of ``distances`` themselves).
     """
     d = torch.as_tensor(distances).float().reshape(-1)  # (S,)
     if d.numel() == 0:
         raise ValueError("hardness_lambda needs at least one sample distance")
-    return torch.sigmoid(d) / torch.sigmoid(d.mean())
+    mean = d.mean() if mean_distance is None else torch.tensor(float(mean_distance))
+    return torch.sigmoid(d) / torch.sigmoid(mean)
 
 
 # ----------------------------------------------------------------------------------------
@@ -291,15 +313,20 @@ class HardnessCache:
 
 @torch.no_grad()
 def item_embeddings(
-    bundle, ds, item_ids: Sequence[str] | None = None, batch_size: int = 32
+    bundle, ds, item_ids: Sequence[str] | None = None, batch_size: int = 32, *, on_log=None, should_stop=None
 ) -> tuple[list[str], torch.Tensor]:
     """Fused item embeddings e_i from the model (method.md section 7).
 
     text part: mean of the input-embedding rows of the title's tokens; image part: mean over the
     image's visual tokens of the vision tower output after its merger / projector (the vectors the
     language model reads). Returns (item ids, (N, D) unit rows).
+    on_log gets a "hardness" progress event per image batch; should_stop is polled between batches
+    (it raises hanorec.progress.StopRequested).
     """
+    from hanorec.progress import Progress
+
     ids = sorted(ds.items) if item_ids is None else list(item_ids)
+    progress = Progress("hardness", -(-len(ids) // batch_size), on_log=on_log, should_stop=should_stop)
     embed = bundle.model.get_input_embeddings()
     device = embed.weight.device
     text = []
@@ -310,20 +337,12 @@ def item_embeddings(
         text.append(embed(torch.tensor(tok, device=device)).float().mean(0))
     text_t = torch.stack(text)  # (N, D)
     image_rows, has_image = [], []
-    inner = bundle.base_model()
     for start in range(0, len(ids), batch_size):
         chunk = ids[start : start + batch_size]
-        images = [ds.load_image(i, size=bundle.image_size) for i in chunk]
-        pixels = bundle.pixel_inputs([bundle.encode_prompt("<image>" * len(images), images)])
-        kwargs = {"image_grid_thw": pixels["image_grid_thw"].to(device)} if "image_grid_thw" in pixels else {}
-        out = inner.get_image_features(pixels["pixel_values"].to(device, embed.weight.dtype), **kwargs)
-        feats = out.pooler_output if hasattr(out, "pooler_output") and out.pooler_output is not None else out
-        if isinstance(feats, (list, tuple)):
-            image_rows += [f.float().mean(0) for f in feats]
-        else:
-            image_rows += list(feats.float().mean(1) if feats.dim() == 3 else feats.float())
+        image_rows.append(bundle.image_features([ds.load_image(i, size=bundle.image_size) for i in chunk]))
         has_image += [ds.items[i].image_path is not None for i in chunk]
-    image_t = torch.stack(image_rows)  # (N, D)
+        progress.tick()
+    image_t = torch.cat(image_rows)  # (N, D)
     return ids, fuse_embeddings(text_t.cpu(), image_t.cpu(), torch.tensor(has_image))
 
 
@@ -336,25 +355,295 @@ def pair_hardness(
     cache_dir: str | os.PathLike | None = None,
     model_key: str = "",
     block_size: int = 1024,
+    on_log=None,
+    should_stop=None,
 ) -> dict[str, torch.Tensor]:
     """lambda_n for every preference pair, with the distances D_n; cached by (model, dataset, pairs, K).
 
     Returns {"lambda": (S,), "distance": (S,)}.
     """
-    dataset_fp = fingerprint(sorted((i, it.title) for i, it in ds.items.items()))
+    dataset_fp = dataset_fingerprint(ds)
     pairs_fp = fingerprint([[list(p.positive_item_ids), list(p.negative_item_ids)] for p in pairs])
     key = {"model": model_key or bundle.name, "dataset": dataset_fp, "pairs": pairs_fp, "k": k}
     cache = HardnessCache(cache_dir) if cache_dir else None
     if cache is not None and (hit := cache.get(key)) is not None:
         return hit
-    ids, emb = item_embeddings(bundle, ds)
-    sims, _ = neighbour_profiles(emb, k=min(k, len(ids) - 1), block_size=block_size)
-    profiles = profile_distributions(sims)
-    row = {i: r for r, i in enumerate(ids)}
-    pos = [[row[i] for i in p.positive_item_ids] for p in pairs]
-    neg = [[row[i] for i in p.negative_item_ids] for p in pairs]
-    distance = sample_distances(profiles, pos, neg)
+    index = item_index(bundle, ds, block_size=block_size, on_log=on_log, should_stop=should_stop)
+    distance = index.sample_distances(pairs, k=min(k, len(index.ids) - 1))
     out = {"lambda": hardness_lambda(distance), "distance": distance}
     if cache is not None:
-        cache.put(key, out, {"n_pairs": len(pairs), "n_items": len(ids)})
+        cache.put(key, out, {"n_pairs": len(pairs), "n_items": len(index.ids)})
     return out
+
+
+def dataset_fingerprint(ds) -> str:
+    """sha256 of the dataset's (item id, title) list: what item embeddings depend on besides the model."""
+    return fingerprint(sorted((i, it.title) for i, it in ds.items.items()))
+
+
+# ----------------------------------------------------------------------------------------
+# Exploration: one model's item index, one pair in detail, lambda over many pairs
+
+
+class ItemIndex:
+    """Item embeddings e_i of one model (method.md section 7), with neighbour profiles on demand.
+
+    The embeddings are computed once (by :func:`item_embeddings`); top-K neighbours are computed once
+    per K (:func:`neighbour_profiles`), profiles p_i = softmax(s_i / T) once per (K, T), so re-sampling
+    negatives or re-drawing a chart never re-embeds an item.
+    """
+
+    def __init__(
+        self,
+        ids: Sequence[str],
+        embeddings: torch.Tensor,
+        titles: Mapping[str, str] | None = None,
+        block_size: int = 4096,
+    ):
+        if len(ids) != embeddings.shape[0]:
+            raise ValueError(f"{len(ids)} item ids but {embeddings.shape[0]} embedding rows")
+        self.ids = list(ids)
+        self.embeddings = embeddings  # (N, D), unit rows
+        self.titles = dict(titles or {})
+        self.row = {i: r for r, i in enumerate(self.ids)}
+        self.block_size = block_size
+        self._neighbours: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._profiles: dict[tuple[int, float], torch.Tensor] = {}
+
+    @classmethod
+    def from_model(cls, bundle, ds, block_size: int = 4096, *, on_log=None, should_stop=None) -> ItemIndex:
+        """Embed every item of ``ds`` with the model (:func:`item_embeddings`, with its progress events)."""
+        ids, emb = item_embeddings(bundle, ds, on_log=on_log, should_stop=should_stop)
+        return cls(ids, emb, {i: ds.items[i].title for i in ids}, block_size)
+
+    def rows(self, item_ids: Iterable[str]) -> list[int]:
+        out = []
+        for i in item_ids:
+            if i not in self.row:
+                raise ValueError(f"item id {i!r} is not in the item index ({len(self.ids)} items)")
+            out.append(self.row[i])
+        return out
+
+    def embedding_dict(self) -> dict[str, torch.Tensor]:
+        """{item id: e_i}, the form :func:`hanorec.pairs.build_pairs` takes for embedding sampling."""
+        return dict(zip(self.ids, self.embeddings))
+
+    def _check_k(self, k: int) -> int:
+        if not 1 <= k < len(self.ids):
+            raise ValueError(f"K={k} neighbours needs 1 <= K < {len(self.ids)} (the number of items)")
+        return int(k)
+
+    def neighbours(self, k: int = PAPER_K) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sims (N, K) sorted descending, neighbour rows (N, K)), computed once per K."""
+        k = self._check_k(k)
+        if k not in self._neighbours:
+            self._neighbours[k] = neighbour_profiles(self.embeddings, k=k, block_size=self.block_size)
+        return self._neighbours[k]
+
+    def profiles(self, k: int = PAPER_K, temperature: float = PAPER_TEMPERATURE) -> torch.Tensor:
+        """p_i = softmax(s_i / T) for every item, (N, K), computed once per (K, T)."""
+        key = (self._check_k(k), float(temperature))
+        if key not in self._profiles:
+            self._profiles[key] = profile_distributions(self.neighbours(k)[0], temperature)
+        return self._profiles[key]
+
+    def sample_distances(
+        self, pairs, k: int = PAPER_K, temperature: float = PAPER_TEMPERATURE
+    ) -> torch.Tensor:
+        """D_n of every preference pair (mean over its aligned (positive, negative) item pairs), (S,)."""
+        pos = [self.rows(p.positive_item_ids) for p in pairs]
+        neg = [self.rows(p.negative_item_ids) for p in pairs]
+        return sample_distances(self.profiles(k, temperature), pos, neg)
+
+    def profile_table(
+        self, item_id: str, k: int = PAPER_K, temperature: float = PAPER_TEMPERATURE
+    ) -> pd.DataFrame:
+        """Item i's neighbour profile: rank, neighbour id, title, similarity s_ij, probability p_ij."""
+        r = self.rows([item_id])[0]
+        sims, idx = self.neighbours(k)
+        p = self.profiles(k, temperature)[r]
+        ids = [self.ids[j] for j in idx[r].tolist()]
+        return pd.DataFrame(
+            {
+                "rank": range(1, len(ids) + 1),
+                "neighbour": ids,
+                "title": [self.titles.get(i, "") for i in ids],
+                "similarity": sims[r].numpy(),
+                "p": p.numpy(),
+            }
+        )
+
+
+_INDEXES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def item_index(
+    bundle, ds, *, refresh: bool = False, block_size: int = 4096, on_log=None, should_stop=None
+) -> ItemIndex:
+    """The :class:`ItemIndex` of (bundle's model, dataset), built at the first call and then reused.
+
+    Kept in memory per model object (released with it) and dataset fingerprint. Item embeddings read
+    the input embeddings and the vision tower, which LoRA never trains here; pass refresh=True after
+    changing those weights.
+    """
+    per_model = _INDEXES.setdefault(bundle.model, {})
+    key = dataset_fingerprint(ds)
+    if refresh or key not in per_model:
+        per_model[key] = ItemIndex.from_model(
+            bundle, ds, block_size=block_size, on_log=on_log, should_stop=should_stop
+        )
+    return per_model[key]
+
+
+def beyond_paper_note(k: int, temperature: float) -> str:
+    """'' for the paper's setting (K = 10, T = 1), else a sentence saying what differs."""
+    parts = []
+    if int(k) != PAPER_K:
+        parts.append(f"K = {k} neighbours (the paper uses {PAPER_K})")
+    if float(temperature) != PAPER_TEMPERATURE:
+        parts.append(f"profile temperature {temperature:g} (the paper's softmax has none, i.e. 1)")
+    return (
+        ""
+        if not parts
+        else "Beyond the paper: " + " and ".join(parts) + "; training uses the paper's setting."
+    )
+
+
+def observed_eta_range(metrics) -> tuple[float, float] | None:
+    """(min, max) of the responsiveness eta logged during preference training, or None if never logged.
+
+    metrics: a run's metrics.jsonl path or its rows (dicts with "hardness/eta", method.md section 7).
+    """
+    if isinstance(metrics, (str, os.PathLike)):
+        path = Path(metrics)
+        if not path.is_file():
+            raise FileNotFoundError(f"no metrics log at {path}")
+        rows = []
+        for n, line in enumerate(path.read_text().splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    raise ValueError(f"{path} line {n} is not JSON") from None
+    else:
+        rows = list(metrics)
+    etas = [
+        float(r["hardness/eta"]) for r in rows if isinstance(r, Mapping) and r.get("hardness/eta") is not None
+    ]
+    return (min(etas), max(etas)) if etas else None
+
+
+@dataclass
+class PairHardness:
+    """One preference pair's HaRS numbers (method.md section 7), from :func:`pair_detail`.
+
+    items: one row per aligned (positive, negative) item pair with its distance D(w, l) = ||p_w - p_l||_2;
+    distance: the sample's D_n (their mean); lam: lambda_n = sigmoid(D_n) / sigmoid(mean D);
+    beta: beta0 * lambda_n (eta = 1); beta_range: beta0 * eta * lambda_n at the observed eta's min and
+    max (None without a training log); profiles: each item's neighbour profile table (see
+    :meth:`ItemIndex.profile_table`); note: '' in the paper's setting, else what is beyond the paper.
+    """
+
+    items: pd.DataFrame
+    distance: float
+    mean_distance: float
+    lam: float
+    beta0: float
+    beta: float
+    eta_range: tuple[float, float] | None
+    beta_range: tuple[float, float] | None
+    k: int
+    temperature: float
+    profiles: dict[str, pd.DataFrame] = field(default_factory=dict)
+    note: str = ""
+
+    def summary(self) -> dict:
+        """The scalars, for a one-row table."""
+        return {
+            "D": self.distance,
+            "mean D": self.mean_distance,
+            "lambda": self.lam,
+            "beta0": self.beta0,
+            "beta = beta0 x lambda": self.beta,
+            "eta range": self.eta_range,
+            "beta range (eta)": self.beta_range,
+            "K": self.k,
+            "temperature": self.temperature,
+        }
+
+
+def pair_detail(
+    pair,
+    index: ItemIndex,
+    *,
+    mean_distance: float,
+    beta0: float = 0.1,
+    k: int = PAPER_K,
+    temperature: float = PAPER_TEMPERATURE,
+    eta_range: tuple[float, float] | None = None,
+) -> PairHardness:
+    """Explain one preference pair's hardness weight (method.md section 7).
+
+    For each aligned (w, l): D(w, l) = ||p_w - p_l||_2 with p = softmax(s / T) over the top-K
+    neighbour similarities; D_n = mean_j D(w_j, l_j); lambda_n = sigmoid(D_n) / sigmoid(mean_distance)
+    (mean_distance: the training set's mean D at the same K and T, e.g. ``pairs_table(...).attrs``);
+    beta_n = beta0 * eta * lambda_n, shown at eta = 1 and over ``eta_range`` (see :func:`observed_eta_range`).
+    """
+    pos, neg = list(pair.positive_item_ids), list(pair.negative_item_ids)
+    profiles = index.profiles(k, temperature)
+    d_items = pair_distances(profiles, torch.tensor(index.rows(pos)), torch.tensor(index.rows(neg)))  # (P,)
+    d = float(d_items.mean())
+    lam = float(hardness_lambda(torch.tensor([d]), mean_distance)[0])
+    items = pd.DataFrame(
+        {
+            "positive": pos,
+            "positive_title": [index.titles.get(i, "") for i in pos],
+            "negative": neg,
+            "negative_title": [index.titles.get(i, "") for i in neg],
+            "distance": d_items.numpy(),
+        }
+    )
+    beta_range = None if eta_range is None else (beta0 * eta_range[0] * lam, beta0 * eta_range[1] * lam)
+    return PairHardness(
+        items=items,
+        distance=d,
+        mean_distance=float(mean_distance),
+        lam=lam,
+        beta0=beta0,
+        beta=beta0 * lam,
+        eta_range=eta_range,
+        beta_range=beta_range,
+        k=k,
+        temperature=temperature,
+        profiles={i: index.profile_table(i, k, temperature) for i in dict.fromkeys(pos + neg)},
+        note=beyond_paper_note(k, temperature),
+    )
+
+
+def pairs_table(
+    pairs, index: ItemIndex, *, beta0: float = 0.1, k: int = PAPER_K, temperature: float = PAPER_TEMPERATURE
+) -> pd.DataFrame:
+    """D_n, lambda_n and beta_n = beta0 * lambda_n (eta = 1) of every pair: lambda's distribution.
+
+    lambda_n = sigmoid(D_n) / sigmoid(mean over these pairs of D) (method.md section 7): pass the
+    whole training set. attrs: mean_distance, k, temperature, note (beyond-the-paper label or '').
+    """
+    if not pairs:
+        raise ValueError("pairs_table needs at least one preference pair")
+    d = index.sample_distances(pairs, k, temperature)  # (S,)
+    lam = hardness_lambda(d)
+    table = pd.DataFrame(
+        {
+            "pair": range(len(pairs)),
+            "user": [p.example.user for p in pairs],
+            "task": [p.example.task for p in pairs],
+            "n_item_pairs": [len(p.positive_item_ids) for p in pairs],
+            "distance": d.numpy(),
+            "lambda": lam.numpy(),
+            "beta": (beta0 * lam).numpy(),
+        }
+    )
+    table.attrs.update(
+        mean_distance=float(d.mean()), k=k, temperature=temperature, note=beyond_paper_note(k, temperature)
+    )
+    return table

@@ -22,6 +22,7 @@ from PIL import Image
 
 TINY_PRESETS = ("tiny-qwen2.5-vl", "tiny-llava")
 FAMILIES = ("qwen2_5_vl", "qwen2_vl", "llava")
+MROPE_FAMILIES = ("qwen2_5_vl", "qwen2_vl")  # 3-D (temporal, height, width) rotary positions
 META_FILE = "hanorec_model.json"
 
 # The text the chat template sees for one image, per family; the single image token inside it is
@@ -49,6 +50,48 @@ class EncodedPrompt:
     pixel_values: torch.Tensor | None  # qwen: (patches, dim) for all images; llava: (n_images, 3, H, W)
     image_grid_thw: torch.Tensor | None = None  # qwen: (n_images, 3)
     n_images: int = 0
+
+
+@dataclass
+class ModelView:
+    """An example exactly as the model sees it (from :meth:`ModelBundle.model_view`).
+
+    chat_text: the text after the model's chat template, one image marker per image;
+    text: the decoded input ids, i.e. chat_text with every image token expanded to the number of
+        visual tokens its image produces (what the tokenizer and the language model see);
+    input_ids / n_tokens: the prompt's token ids and their count (image tokens included);
+    image_tokens: visual tokens per image; images: the images at the resolution the model's own
+        image processing gives them (Qwen: the resized patch grid; LLaVA: the CLIP crop), rebuilt
+        from the pixel values the model receives; image_sizes: their (width, height).
+    """
+
+    chat_text: str
+    text: str
+    input_ids: list[int]
+    image_token: str
+    image_tokens: list[int]
+    images: list[Image.Image]
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def n_image_tokens(self) -> int:
+        return sum(self.image_tokens)
+
+    @property
+    def image_sizes(self) -> list[tuple[int, int]]:
+        return [im.size for im in self.images]
+
+    def collapsed_text(self) -> str:
+        """``text`` with each run of image tokens written once with its length, e.g. ``<|image_pad|>x16``."""
+        tok = re.escape(self.image_token)
+        return re.sub(
+            f"(?:{tok})+",
+            lambda m: f"{self.image_token}x{len(m.group(0)) // len(self.image_token)}",
+            self.text,
+        )
 
 
 @dataclass
@@ -109,6 +152,53 @@ class ModelBundle:
                 ids += self._image_tokens(per_image[k])
         return EncodedPrompt(ids, pixel_values, grid, len(images))
 
+    def model_view(self, text: str, images: Sequence[Image.Image]) -> ModelView:
+        """What the model sees for a prompt: chat-templated text, the same text with image tokens
+        expanded (the decode of :meth:`encode_prompt`'s ids), token counts and the processed images."""
+        enc = self.encode_prompt(text, images)
+        image_token = IMAGE_MARKERS[self.family][1]
+        per_image = self._process_images(images)[2] if images else []
+        return ModelView(
+            chat_text=self.chat_text(text),
+            text=self.tokenizer.decode(enc.input_ids, skip_special_tokens=False),
+            input_ids=list(enc.input_ids),
+            image_token=image_token,
+            image_tokens=list(per_image),
+            images=self.processed_images(enc),
+        )
+
+    def view_example(self, example, ds) -> ModelView:
+        """:meth:`model_view` of a task example (``example.prompt`` and the images of ``example.image_items``)."""
+        images = [ds.load_image(i, size=self.image_size) for i in example.image_items]
+        return self.model_view(example.prompt, images)
+
+    def processed_images(self, prompt: EncodedPrompt) -> list[Image.Image]:
+        """The prompt's images rebuilt from the pixel values the model receives (normalisation undone):
+        Qwen: un-patchify each image's (h*w, C*T*p*p) rows back to (C, h*p, w*p); LLaVA: (n, 3, H, W)."""
+        if not prompt.n_images:
+            return []
+        proc = self.image_processor
+        mean = torch.tensor(proc.image_mean, dtype=torch.float32).view(-1, 1, 1)
+        std = torch.tensor(proc.image_std, dtype=torch.float32).view(-1, 1, 1)
+        pixels = prompt.pixel_values.float().cpu()
+        if self.family in MROPE_FAMILIES:
+            p, m, t = proc.patch_size, proc.merge_size, proc.temporal_patch_size
+            arrays, start = [], 0
+            for gt, gh, gw in prompt.image_grid_thw.tolist():
+                rows = pixels[start : start + gt * gh * gw]
+                start += gt * gh * gw
+                x = rows.reshape(gt, gh // m, gw // m, m, m, -1, t, p, p)[0, ..., 0, :, :]  # first frame
+                # (gh/m, gw/m, mh, mw, C, ph, pw) -> (C, gh/m, mh, ph, gw/m, mw, pw) -> (C, gh*p, gw*p)
+                arrays.append(x.permute(4, 0, 2, 5, 1, 3, 6).reshape(-1, gh * p, gw * p))
+        else:
+            arrays = list(pixels)
+        out = []
+        for x in arrays:
+            x = (x * std + mean) * 255.0  # undo normalise and rescale
+            x = x.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+            out.append(Image.fromarray(x, "RGB"))
+        return out
+
     def encode_completion(self, text: str, eos: bool = True) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         return ids + [self.eos_token_id] if eos else ids
@@ -119,7 +209,7 @@ class ModelBundle:
         if self.image_size:
             images = [im.convert("RGB").resize((self.image_size, self.image_size)) for im in images]
         out = self.image_processor(images=list(images), return_tensors="pt")
-        if self.family in ("qwen2_5_vl", "qwen2_vl"):
+        if self.family in MROPE_FAMILIES:
             grid = out["image_grid_thw"]
             merge = self.image_processor.merge_size
             per_image = [int(g.prod()) // (merge * merge) for g in grid]
@@ -148,7 +238,7 @@ class ModelBundle:
             labels[i, len(p.input_ids) : len(s)] = torch.tensor(c, dtype=torch.long)
         batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
         batch.update(self.pixel_inputs(prompts))
-        if self.family in ("qwen2_5_vl", "qwen2_vl"):
+        if self.family in MROPE_FAMILIES:
             batch["mm_token_type_ids"] = (input_ids == self.image_token_id).long()
         return batch
 
@@ -157,13 +247,64 @@ class ModelBundle:
         if not with_images:
             return {}
         out = {"pixel_values": torch.cat([p.pixel_values for p in with_images], dim=0)}
-        if self.family in ("qwen2_5_vl", "qwen2_vl"):
+        if self.family in MROPE_FAMILIES:
             out["image_grid_thw"] = torch.cat([p.image_grid_thw for p in with_images], dim=0)
         return out
+
+    # ---- positions for shared-prefix scoring ---------------------------------------------------
+    def prompt_positions(
+        self,
+        inner: torch.nn.Module,
+        input_ids: torch.Tensor,
+        prompt_mask: torch.Tensor,
+        lengths: torch.Tensor,
+        image_grid_thw: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Position ids of the prompt tokens of packed rows, and the position after each prompt.
+
+        inner: the base model (no peft / DDP wrapper); input_ids, prompt_mask (P, L), prompt_mask 1 on
+        prompt tokens; lengths (P,) prompt lengths. Returns (positions, next_pos): positions (P, L)
+        for 1-D RoPE families, (3, P, L) for Qwen mRoPE (from the model's own ``get_rope_index``),
+        correct on the prompt tokens (0 elsewhere); next_pos (P,) is the position the token right
+        after prompt i gets in a plain prompt+completion sequence. Qwen: raises ValueError when an
+        image token appears outside the prompts (its pixels could not be placed).
+        """
+        if self.family in MROPE_FAMILIES:
+            if bool(((input_ids == self.image_token_id) & (prompt_mask == 0)).any()):
+                raise ValueError(
+                    "a completion contains the image token; shared-prefix scoring cannot place its pixels"
+                )
+            positions, deltas = inner.model.get_rope_index(
+                input_ids,
+                mm_token_type_ids=(input_ids == self.image_token_id).long() * prompt_mask,
+                image_grid_thw=image_grid_thw,
+                attention_mask=prompt_mask,
+            )
+            return positions, lengths + deltas.reshape(-1).to(lengths.device)
+        positions = (torch.cumsum(prompt_mask, dim=1) - 1).clamp(min=0) * prompt_mask
+        return positions, lengths.clone()
 
     # ---- parts used by hardness (item embeddings) ---------------------------------------------
     def base_model(self) -> torch.nn.Module:
         return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+
+    @torch.no_grad()
+    def image_features(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """One vector per image: the mean over its visual tokens of the vision tower's output after the
+        merger / projector, i.e. the vectors the language model reads (method.md section 7). (n, D)."""
+        if not images:
+            raise ValueError("image_features needs at least one image")
+        inner = self.base_model()
+        weight = self.model.get_input_embeddings().weight
+        pixels = self.pixel_inputs([self.encode_prompt("<image>" * len(images), images)])
+        kwargs = {}
+        if "image_grid_thw" in pixels:
+            kwargs["image_grid_thw"] = pixels["image_grid_thw"].to(weight.device)
+        out = inner.get_image_features(pixels["pixel_values"].to(weight.device, weight.dtype), **kwargs)
+        feats = out.pooler_output if getattr(out, "pooler_output", None) is not None else out
+        if isinstance(feats, (list, tuple)):  # qwen: one (tokens_i, D) tensor per image
+            return torch.stack([f.float().mean(0) for f in feats])
+        return feats.float().mean(1) if feats.dim() == 3 else feats.float()  # llava: (n, tokens, D)
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -227,6 +368,11 @@ def build_tiny(
     if preset not in TINY_PRESETS:
         raise ModelError(f"unknown tiny preset {preset!r}; use one of {list(TINY_PRESETS)}")
     family = "qwen2_5_vl" if preset == "tiny-qwen2.5-vl" else "llava"
+    if family == "qwen2_5_vl" and (image_size < 16 or image_size % 16):
+        raise ModelError(
+            f"data.image_size = {image_size} does not suit {preset}: use a multiple of 16 "
+            "(8x8 patches merged 2x2), e.g. 32 or 64"
+        )
     tok = train_tokenizer(texts, vocab_size, family)
     V = len(tok)
     heads = max(2, hidden_size // 32)
@@ -378,8 +524,34 @@ def load_model(
     return ModelBundle(model, tok, proc, family, meta.get("name", name), image_size=size, meta=meta)
 
 
-def get_model(cfg, texts: Sequence[str] | None = None, seed: int = 0) -> ModelBundle:
-    """From a ModelConfig: build a tiny preset (needs the dataset's text) or load by id / folder."""
+def check_model_name(name: str) -> None:
+    """Raise ModelError before any data is loaded when `name` is neither a tiny preset, a local folder,
+    nor a model id in the local Hugging Face cache; the message lists the presets and the closest name."""
+    import difflib
+
+    if name in TINY_PRESETS or Path(name).exists():
+        return
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # an id huggingface_hub cannot even parse is not in the cache
+        cached = False
+    if cached:
+        return
+    close = difflib.get_close_matches(name, TINY_PRESETS, n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise ModelError(
+        f"model.name = {name!r} is not a built-in preset ({', '.join(TINY_PRESETS)}), not a local folder, "
+        f"and not in the local Hugging Face cache (nothing is downloaded at run time){hint}"
+    )
+
+
+def get_model(cfg, texts: Sequence[str] | None = None, seed: int = 0, image_size: int | None = None) -> ModelBundle:
+    """From a ModelConfig: build a tiny preset (needs the dataset's text) or load by id / folder.
+
+    image_size (tiny presets): the square size images are resized to before the processor (default 64).
+    """
     if cfg.name in TINY_PRESETS:
         if texts is None:
             raise ModelError(f"tiny preset {cfg.name!r} needs the dataset's text to train its tokenizer")
@@ -389,6 +561,7 @@ def get_model(cfg, texts: Sequence[str] | None = None, seed: int = 0) -> ModelBu
             hidden_size=cfg.tiny_hidden_size,
             layers=cfg.tiny_layers,
             vocab_size=cfg.tiny_vocab_size,
+            image_size=image_size or 64,
             seed=seed,
         )
     return load_model(
@@ -411,8 +584,13 @@ def lora_target_regex(target_modules: Sequence[str]) -> str:
     return LANGUAGE_MODEL_PATTERN.format(names=names)
 
 
-def add_lora(bundle: ModelBundle, lora_cfg, adapter_name: str = "default"):
-    """Wrap the model with a fresh LoRA adapter on the language model's linear layers (never the vision tower)."""
+def add_lora(bundle: ModelBundle, lora_cfg, adapter_name: str = "default", seed: int = 0):
+    """Wrap the model with a fresh LoRA adapter on the language model's linear layers (never the vision tower).
+
+    The adapter's random init is drawn from its own generator seeded with `seed` (the global RNG is left as
+    it was), so it does not depend on what ran before: a freshly built and a reloaded base model, or a
+    stage-2 variant run after others in the same process, get the same adapter.
+    """
     from peft import LoraConfig, get_peft_model
 
     pcfg = LoraConfig(
@@ -423,7 +601,9 @@ def add_lora(bundle: ModelBundle, lora_cfg, adapter_name: str = "default"):
         modules_to_save=list(lora_cfg.modules_to_save) or None,
         task_type="CAUSAL_LM",
     )
-    bundle.model = get_peft_model(bundle.model, pcfg, adapter_name=adapter_name)
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
+        torch.manual_seed(seed)
+        bundle.model = get_peft_model(bundle.model, pcfg, adapter_name=adapter_name)
     return bundle
 
 

@@ -11,6 +11,13 @@ Two targets, chosen elsewhere by ``noise_target`` (one of :data:`NOISE_TARGETS`)
 
 Noise is for the policy's training forwards only: the reference forward (adapter disabled) and
 evaluation (model.eval()) stay clean.
+
+Noise at inference (the noise lab, notebook 05) is explicit and separate: a :class:`NoiseSpec` given to
+``hanorec.scoring.score_options(..., noise=spec)`` scores the candidates under ``draws`` independent
+draws (``LoRANoise.active(inference=True)`` lets the LoRA hooks fire in eval mode for that call only).
+Pure summaries of such draws: :func:`noise_summary` (score shift per candidate, top-1 / top-3 change
+rate, KL from the clean distribution over candidates) and :func:`lora_factor_scale` (the size of the
+LoRA factors sigma is added to).
 """
 
 from __future__ import annotations
@@ -19,12 +26,64 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import pandas as pd
 import torch
 from torch import Tensor, nn
 
-__all__ = ["NOISE_TARGETS", "LoRADraw", "LoRANoise", "add_logit_noise"]
+__all__ = [
+    "NOISE_TARGETS",
+    "LoRADraw",
+    "LoRANoise",
+    "LoRAScale",
+    "NoiseSpec",
+    "NoiseSummary",
+    "add_logit_noise",
+    "lora_factor_scale",
+    "noise_summary",
+]
 
 NOISE_TARGETS = ("lora", "logits", "none")
+INFERENCE_TARGETS = ("lora", "logits")
+
+
+@dataclass(frozen=True)
+class NoiseSpec:
+    """Noise at inference: score candidates under ``draws`` independent NoDO draws (method.md section 8).
+
+    target: "lora" (eps_A, eps_B ~ N(0, sigma^2) on every LoRA factor: scale (B + eps_B)(A + eps_A) x)
+        or "logits" (z' = z + eps, eps ~ N(0, sigma^2), on each completion token's prediction logits).
+    sigma: the noise standard deviation (>= 0; 0 gives the clean scores in every draw).
+    draws: number of independent draws (one noisy model per draw, shared by every prompt and option).
+    seed: seeds a CPU torch.Generator for reproducible draws (None: torch's global generator);
+        ``generator`` overrides it. The same seed gives the same standard normals for every sigma, so
+        a sweep over sigma rescales one set of draws (common random numbers).
+    draws_per_forward: "lora": how many draws share one batched forward (each row of the batch uses
+        its own draw through LoRANoise group_ids); draws depend on (seed, draws_per_forward).
+        Memory grows with it; 8 is plenty on CPU, raise it on a GPU.
+    """
+
+    target: str
+    sigma: float
+    draws: int = 1
+    seed: int | None = 0
+    generator: torch.Generator | None = None
+    draws_per_forward: int = 8
+
+    def __post_init__(self):
+        if self.target not in INFERENCE_TARGETS:
+            raise ValueError(f"noise target must be one of {list(INFERENCE_TARGETS)}, got {self.target!r}")
+        if not self.sigma >= 0:
+            raise ValueError(f"noise sigma must be >= 0, got {self.sigma}")
+        if self.draws < 1:
+            raise ValueError(f"the number of noise draws must be >= 1, got {self.draws}")
+        if self.draws_per_forward < 1:
+            raise ValueError(f"draws_per_forward must be >= 1, got {self.draws_per_forward}")
+
+    def make_generator(self) -> torch.Generator | None:
+        """The generator the draws come from: ``generator``, else a CPU one seeded with ``seed``."""
+        if self.generator is not None:
+            return self.generator
+        return None if self.seed is None else torch.Generator().manual_seed(int(self.seed))
 
 
 def _randn(shape: tuple[int, ...], sigma: float, like: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -69,12 +128,12 @@ class _Pair:
         self.lora_A: nn.Linear = layer.lora_A[adapter]
         self.lora_B: nn.Linear = layer.lora_B[adapter]
 
-    def enabled(self, module: nn.Module) -> bool:
-        """Noise applies only to a training forward of an enabled, active, unmerged adapter."""
+    def enabled(self, module: nn.Module, inference: bool = False) -> bool:
+        """Noise applies only to a training forward (or, with inference=True, any forward) of an
+        enabled, active, unmerged adapter."""
         layer = self.layer
         return (
-            module.training
-            and layer.training
+            (inference or (module.training and layer.training))
             and not layer.disable_adapters
             and not layer.merged
             and self.adapter in layer.active_adapters
@@ -145,6 +204,8 @@ class LoRANoise:
         self.last_draws: dict[tuple[str, str], LoRADraw] = {}
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._is_active = False
+        self._group_ids: Tensor | None = None
+        self._num_groups = 1
 
     def metrics(self) -> dict[str, float]:
         """Values to log beside the TRL metrics."""
@@ -152,7 +213,11 @@ class LoRANoise:
 
     @contextmanager
     def active(
-        self, group_ids: Tensor | None = None, generator: torch.Generator | None = None
+        self,
+        group_ids: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        *,
+        inference: bool = False,
     ) -> Iterator[LoRANoise]:
         """Perturb every training forward inside the block with one draw per LoRA pair (see the class doc).
 
@@ -160,6 +225,8 @@ class LoRANoise:
             (rows of one example, e.g. its chosen and rejected completions, share an id). Every
             noisy forward inside the block must then have N rows. None: all rows share one draw.
         generator: optional torch.Generator for reproducible draws (draws are made on its device).
+        inference: also perturb forwards in eval mode (noise at inference, see :class:`NoiseSpec`);
+            the default False keeps NoDO a training-only perturbation.
         """
         if self._is_active:
             raise RuntimeError("LoRANoise.active() is already open; contexts cannot be nested")
@@ -172,10 +239,12 @@ class LoRANoise:
             if group_ids.numel() == 0 or int(group_ids.min()) < 0:
                 raise ValueError("group_ids must be a non-empty tensor of non-negative integers")
         num_groups = 1 if group_ids is None else int(group_ids.max()) + 1
+        self._num_groups = num_groups
+        self._group_ids = group_ids
         self._is_active = True
         try:
             for pair in self.pairs:
-                a_hook, b_hook = self._make_hooks(pair, group_ids, num_groups, generator)
+                a_hook, b_hook = self._make_hooks(pair, num_groups, generator, inference)
                 self._hooks.append(pair.lora_A.register_forward_hook(a_hook))
                 self._hooks.append(pair.lora_B.register_forward_hook(b_hook))
             yield self
@@ -184,6 +253,28 @@ class LoRANoise:
                 handle.remove()
             self._hooks = []
             self._is_active = False
+            self._group_ids = None
+
+    def set_group_ids(self, group_ids: Tensor | None) -> None:
+        """Inside ``active(group_ids=...)``: the rows of the NEXT forwards use these draws instead.
+
+        The draws of the context stay the same (draw g is one noisy model throughout), so batches of
+        different sizes (e.g. one prompt after another) can reuse them. Ids must be < the number of
+        draws the context was opened with. A no-op at sigma 0.
+        """
+        if self.sigma == 0:
+            return
+        if not self._is_active:
+            raise RuntimeError("set_group_ids() needs an open LoRANoise.active() context")
+        if group_ids is not None:
+            group_ids = torch.as_tensor(group_ids).long().flatten()
+            if group_ids.numel() == 0 or int(group_ids.min()) < 0 or int(group_ids.max()) >= self._num_groups:
+                raise ValueError(
+                    f"group_ids must be non-empty integers in [0, {self._num_groups}) for this context"
+                )
+        elif self._num_groups != 1:
+            raise ValueError("group_ids=None needs a context opened with one draw")
+        self._group_ids = group_ids
 
     def _draw(
         self, pair: _Pair, num_groups: int, generator: torch.Generator | None
@@ -199,10 +290,11 @@ class LoRANoise:
             self.last_draws[key] = draw
         return draw
 
-    def _make_hooks(self, pair: _Pair, group_ids: Tensor | None, num_groups: int, generator):
+    def _make_hooks(self, pair: _Pair, num_groups: int, generator, inference):
         def perturb(x: Tensor, eps: Tensor) -> Tensor:
             """x @ eps^T per row: x (N, ..., in), eps (G, out, in) -> (N, ..., out)."""
             eps = eps.to(x.dtype)
+            group_ids = self._group_ids
             if group_ids is None:
                 return x @ eps[0].T
             if x.shape[0] != group_ids.numel():
@@ -213,15 +305,164 @@ class LoRANoise:
             return torch.einsum("n...i,noi->n...o", x, per_row)
 
         def a_hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
-            if not pair.enabled(module):
+            if not pair.enabled(module, inference):
                 return None
             draw = self._draw(pair, num_groups, generator)
             return output + perturb(args[0], draw.eps_A)
 
         def b_hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
-            if not pair.enabled(module):
+            if not pair.enabled(module, inference):
                 return None
             draw = self._draw(pair, num_groups, generator)
             return output + perturb(args[0], draw.eps_B)
 
         return a_hook, b_hook
+
+
+# ------------------------------------------------------------------------------------------------
+# Summaries of noise at inference (pure: tensors in, plain values out)
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class LoRAScale:
+    """How big the LoRA factors are, to read sigma against: eps ~ N(0, sigma^2) is added to every entry.
+
+    a_rms / b_rms: root mean square of all entries of every lora_A / lora_B (over all pairs);
+    a_std / b_std: their standard deviations; per_pair: one row per (module, adapter) with the same.
+    sigma / a_rms is the noise-to-signal ratio on A. A fresh adapter has B = 0 (b_rms 0).
+    """
+
+    a_rms: float
+    b_rms: float
+    a_std: float
+    b_std: float
+    n_pairs: int
+    per_pair: pd.DataFrame
+
+
+@torch.no_grad()
+def lora_factor_scale(model: nn.Module) -> LoRAScale:
+    """The scale of the LoRA factors A and B that NoDO perturbs (method.md section 8).
+
+    Raises ValueError when the model has no LoRA layer (then only logit noise applies).
+    """
+    pairs = LoRANoise(model, 0.0).pairs
+    if not pairs:
+        raise ValueError("the model has no LoRA adapter, so there are no LoRA factors to perturb")
+    rows, all_a, all_b = [], [], []
+    for p in pairs:
+        a = p.lora_A.weight.detach().float().flatten()
+        b = p.lora_B.weight.detach().float().flatten()
+        all_a.append(a)
+        all_b.append(b)
+        rows.append(
+            {
+                "module": p.name,
+                "adapter": p.adapter,
+                "A_rms": a.square().mean().sqrt().item(),
+                "B_rms": b.square().mean().sqrt().item(),
+                "A_std": a.std().item(),
+                "B_std": b.std().item(),
+                "A_shape": tuple(p.lora_A.weight.shape),
+                "B_shape": tuple(p.lora_B.weight.shape),
+            }
+        )
+    a, b = torch.cat(all_a), torch.cat(all_b)
+    return LoRAScale(
+        a_rms=a.square().mean().sqrt().item(),
+        b_rms=b.square().mean().sqrt().item(),
+        a_std=a.std().item(),
+        b_std=b.std().item(),
+        n_pairs=len(pairs),
+        per_pair=pd.DataFrame(rows),
+    )
+
+
+@dataclass
+class NoiseSummary:
+    """How noise moved the candidate scores (from :func:`noise_summary`).
+
+    per_candidate: one row per candidate: option, clean score, noisy mean / std, shift mean / std
+        (shift = noisy - clean), clean and mean noisy probability, and how often it was top-1 under noise.
+    top1_change_rate: fraction of draws whose top-1 candidate differs from the clean top-1.
+    top3_change_rate: fraction of draws whose top-3 SET differs from the clean top-3 (order ignored).
+    kl: (draws,) KL(p_noisy || p_clean) of the softmax over candidates, per draw; kl_mean its mean.
+    """
+
+    per_candidate: pd.DataFrame
+    top1_change_rate: float
+    top3_change_rate: float
+    kl: Tensor
+    kl_mean: float
+    draws: int
+
+    def as_dict(self) -> dict:
+        """The scalars, for a table or a JSON log."""
+        return {
+            "draws": self.draws,
+            "top1_change_rate": self.top1_change_rate,
+            "top3_change_rate": self.top3_change_rate,
+            "kl_mean": self.kl_mean,
+            "kl_std": float(self.kl.std()) if self.draws > 1 else 0.0,
+            "mean_abs_shift": float(self.per_candidate["shift_mean"].abs().mean()),
+        }
+
+
+def _top_sets(scores: Tensor, k: int) -> Tensor:
+    """(D, C) -> (D, C) bool: membership of each candidate in the draw's top-k."""
+    idx = scores.topk(k, dim=-1).indices
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, idx, True)
+
+
+def noise_summary(clean: Tensor, noisy: Tensor, options: list[str] | None = None) -> NoiseSummary:
+    """Summaries the noise lab shows, from clean scores (C,) and per-draw noisy scores (D, C).
+
+    Scores are candidate log-likelihoods logp(y_c | x) (the ranking protocol, method.md section 4);
+    the distribution over candidates is p = softmax(scores). Per draw d:
+    top-1 change = [argmax noisy_d != argmax clean]; top-3 change = [top3(noisy_d) != top3(clean)] as sets;
+    KL_d = sum_c p_d(c) (log p_d(c) - log p_clean(c)) = KL(p_noisy || p_clean), the direction of
+    DPO's KL(pi_theta || pi_ref) with the clean model as the reference.
+    """
+    clean = torch.as_tensor(clean).double().reshape(-1)  # (C,)
+    noisy = torch.as_tensor(noisy).double()
+    if noisy.dim() == 1:
+        noisy = noisy[None]
+    if noisy.dim() != 2 or noisy.shape[1] != clean.shape[0]:
+        raise ValueError(
+            f"noisy scores must be (draws, {clean.shape[0]}) to match {clean.shape[0]} clean scores, "
+            f"got shape {tuple(noisy.shape)}"
+        )
+    n_draws, n_cand = noisy.shape
+    if n_cand == 0:
+        raise ValueError("noise_summary needs at least one candidate")
+    if options is not None and len(options) != n_cand:
+        raise ValueError(f"{len(options)} option names for {n_cand} candidates")
+    shift = noisy - clean  # (D, C)
+    log_p_clean = torch.log_softmax(clean, -1)  # (C,)
+    log_p_noisy = torch.log_softmax(noisy, -1)  # (D, C)
+    kl = (log_p_noisy.exp() * (log_p_noisy - log_p_clean)).sum(-1).clamp(min=0.0)  # (D,)
+    top1 = noisy.argmax(-1)  # (D,)
+    k3 = min(3, n_cand)
+    top3_changed = (_top_sets(noisy, k3) != _top_sets(clean[None], k3)).any(-1)  # (D,)
+    std = noisy.std(0) if n_draws > 1 else torch.zeros(n_cand, dtype=noisy.dtype)
+    shift_std = shift.std(0) if n_draws > 1 else torch.zeros(n_cand, dtype=noisy.dtype)
+    table = pd.DataFrame(
+        {
+            "option": options if options is not None else [str(c) for c in range(n_cand)],
+            "clean": clean.numpy(),
+            "noisy_mean": noisy.mean(0).numpy(),
+            "noisy_std": std.numpy(),
+            "shift_mean": shift.mean(0).numpy(),
+            "shift_std": shift_std.numpy(),
+            "p_clean": log_p_clean.exp().numpy(),
+            "p_noisy_mean": log_p_noisy.exp().mean(0).numpy(),
+            "top1_rate": torch.bincount(top1, minlength=n_cand).double().div(n_draws).numpy(),
+        }
+    )
+    return NoiseSummary(
+        per_candidate=table,
+        top1_change_rate=float((top1 != clean.argmax()).double().mean()),
+        top3_change_rate=float(top3_changed.double().mean()),
+        kl=kl.float(),
+        kl_mean=float(kl.mean()),
+        draws=n_draws,
+    )

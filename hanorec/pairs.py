@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from hanorec.data import RecDataset
-from hanorec.tasks import Example, format_titles, quote
+from hanorec.tasks import Example, TaskError, format_titles, quote
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,10 @@ def build_pair(
     titles = ds.items
     if example.task == "hit1":
         if k_negatives != 1:
-            raise ValueError("hit1 has one rejected answer (the other of Yes/No); use k_negatives=1")
+            raise TaskError(
+                f"hit1 has one rejected answer (the other of Yes/No), so pref.k_negatives = {k_negatives} cannot "
+                "work; use --pref.k_negatives=1 (S-DPO on hit1 is DPO)"
+            )
         rejected = "No" if example.label else "Yes"
         true_next = example.targets[0]
         neg = (
@@ -87,7 +90,9 @@ def build_pair(
     )
     if example.task == "next1":
         if k_negatives > len(negs):
-            raise ValueError(f"next1 has {len(negs)} negatives, fewer than k_negatives={k_negatives}")
+            raise TaskError(
+                f"next1 has {len(negs)} negatives, fewer than k_negatives = {k_negatives} (--pref.k_negatives); lower it"
+            )
         chosen_neg = negs[:k_negatives]
         rejected = tuple(quote(titles[n].title) for n in chosen_neg)
         return PreferencePair(
@@ -98,7 +103,10 @@ def build_pair(
     n_target = len(example.targets)
     subsets = list(itertools.combinations(negs, n_target))
     if k_negatives > len(subsets):
-        raise ValueError(f"hit3 with {len(negs)} negatives allows at most {len(subsets)} rejected answers")
+        raise TaskError(
+            f"hit3 with {len(negs)} negatives allows at most {len(subsets)} rejected answers, fewer than "
+            f"pref.k_negatives = {k_negatives}; lower it or raise --task.n_negatives"
+        )
     rejected, pos_ids, neg_ids = [], [], []
     for subset in subsets[:k_negatives]:
         rejected.append(format_titles([titles[n].title for n in subset]))

@@ -29,12 +29,12 @@ import torch
 import torch.nn.functional as F
 
 from hanorec.models import EncodedPrompt, ModelBundle
+from hanorec.noise import LoRANoise, NoiseSpec, add_logit_noise, noise_summary
 
 MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
 SCORING_MODES = ("shared_prefix", "naive")
 # Attention implementations that honour an explicit 4-D mask (flash-attention kernels do not).
 PACKED_ATTENTION = ("sdpa", "eager")
-QWEN_FAMILIES = ("qwen2_5_vl", "qwen2_vl")
 
 
 def to_device(batch: dict, device) -> dict:
@@ -49,6 +49,25 @@ def forward_logits(model, batch: dict, dtype: torch.dtype | None = None) -> torc
     return model(**inputs, use_cache=False).logits
 
 
+def _sum_token_logps(
+    picked: torch.Tensor, targets: torch.Tensor, owner: torch.Tensor, n: int, logits_transform=None
+) -> torch.Tensor:
+    """sum over a completion's tokens of log softmax(z_t)[y_t]: picked (T, V) prediction logits z_t,
+    targets (T,) y_t, owner (T,) completion index of each token -> (n,) summed log-probs."""
+    if logits_transform is not None:
+        picked = logits_transform(picked)
+    token_logps = torch.gather(F.log_softmax(picked, dim=-1), 1, targets.unsqueeze(1)).squeeze(1)  # (T,)
+    return torch.zeros(n, dtype=token_logps.dtype, device=picked.device).index_add(0, owner, token_logps)
+
+
+def _naive_predictions(logits: torch.Tensor, labels: torch.Tensor):
+    """(picked (T, V) float, targets (T,), owning row (T,), completion mask (N, L-1)) of a plain batch."""
+    shift_labels = labels[:, 1:]  # (N, L-1)
+    mask = shift_labels != -100  # (N, L-1)
+    picked = logits[:, :-1][mask].float()  # (T, V) only the completion positions
+    return picked, shift_labels[mask], mask.nonzero()[:, 0], mask
+
+
 def completion_logps(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -60,20 +79,9 @@ def completion_logps(
     logits_transform (e.g. NoDO logit noise) is applied to the completion positions only.
     Returns (sum_logps (N,), n_tokens (N,)).
     """
-    shift_labels = labels[:, 1:]  # (N, L-1)
-    mask = shift_labels != -100  # (N, L-1)
-    picked = logits[:, :-1][mask].float()  # (T, V) only the completion positions
-    if logits_transform is not None:
-        picked = logits_transform(picked)
-    token_logps = torch.gather(F.log_softmax(picked, dim=-1), 1, shift_labels[mask].unsqueeze(1)).squeeze(
-        1
-    )  # (T,)
-    row = mask.nonzero()[:, 0]  # (T,) which row each completion token belongs to
-    sums = torch.zeros(labels.shape[0], dtype=token_logps.dtype, device=logits.device).index_add(
-        0, row, token_logps
-    )
-    counts = mask.sum(dim=1)
-    return sums, counts
+    picked, targets, row, mask = _naive_predictions(logits, labels)
+    sums = _sum_token_logps(picked, targets, row, labels.shape[0], logits_transform)
+    return sums, mask.sum(dim=1)
 
 
 def batch_logps(model, batch: dict, logits_transform=None, dtype=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,19 +155,9 @@ def _prompt_positions(
     correct on the prompt tokens (0 elsewhere); next_pos (P,) is the position that the token right
     after prompt i gets in a plain prompt+completion sequence.
     """
-    input_ids = batch["input_ids"]
-    if bundle.family in QWEN_FAMILIES:
-        inner = _base(model).model
-        positions, deltas = inner.get_rope_index(
-            input_ids,
-            mm_token_type_ids=(input_ids == bundle.image_token_id).long() * prompt_mask,
-            image_grid_thw=batch.get("image_grid_thw"),
-            attention_mask=prompt_mask,
-        )
-        next_pos = lengths + deltas.reshape(-1).to(lengths.device)
-        return positions, next_pos
-    positions = (torch.cumsum(prompt_mask, dim=1) - 1).clamp(min=0) * prompt_mask
-    return positions, lengths.clone()
+    return bundle.prompt_positions(
+        _base(model), batch["input_ids"], prompt_mask, lengths, batch.get("image_grid_thw")
+    )
 
 
 def _packed_batch(model, bundle: ModelBundle, prompts, completions, device, mask_dtype) -> dict:
@@ -199,10 +197,6 @@ def _packed_batch(model, bundle: ModelBundle, prompts, completions, device, mask
         seg[i, :w] = torch.tensor(rows_seg[i], dtype=torch.long)
         off[i, :w] = torch.tensor(rows_off[i], dtype=torch.long)
     is_comp = seg > 0
-    if bundle.family in QWEN_FAMILIES and bool((input_ids[is_comp] == bundle.image_token_id).any()):
-        raise ValueError(
-            "a completion contains the image token; shared-prefix scoring cannot place its pixels"
-        )
     keep = (
         is_comp.clone()
     )  # positions whose logits are needed: completion inputs and each prompt's last token
@@ -281,7 +275,19 @@ def shared_prefix_logps(
     if not any(len(cs) for cs in completions):
         empty = torch.zeros(0, device=device)
         return [empty for _ in prompts], [empty.long() for _ in prompts]
+    picked, targets, owner, n = _shared_prefix_predictions(model, bundle, prompts, completions, dtype, device)
+    counts = torch.zeros(n, dtype=torch.long, device=device)
+    if targets.numel() == 0:  # every completion is empty
+        return _split(torch.zeros(n, device=device), completions), _split(counts, completions)
+    sums = _sum_token_logps(picked, targets, owner, n, logits_transform)
+    counts = counts.index_add(0, owner, torch.ones_like(owner))
+    return _split(sums, completions), _split(counts, completions)
+
+
+def _shared_prefix_predictions(model, bundle, prompts, completions, dtype, device):
+    """One packed forward: (picked (T, V) float prediction logits, targets (T,), owner (T,), n completions)."""
     model_dtype = next(model.parameters()).dtype
+    attn = _attn_implementation(model)
     packed = _packed_batch(
         model, bundle, prompts, completions, device, None if attn == "sdpa" else model_dtype
     )
@@ -289,19 +295,11 @@ def shared_prefix_logps(
     if dtype is not None and "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     n = packed["n_completions"]
-    counts = torch.zeros(n, dtype=torch.long, device=device)
-    if packed["targets"].numel() == 0:  # every completion is empty
-        return _split(torch.zeros(n, device=device), completions), _split(counts, completions)
+    if packed["targets"].numel() == 0:
+        return None, packed["targets"], packed["comp_index"], n
     logits = model(**inputs, use_cache=False).logits  # (kept positions, V)
     picked = logits[packed["pred"]].float()  # (T, V): the prediction of every completion token
-    if logits_transform is not None:
-        picked = logits_transform(picked)
-    token_logps = torch.gather(F.log_softmax(picked, dim=-1), 1, packed["targets"].unsqueeze(1)).squeeze(1)
-    sums = torch.zeros(n, dtype=token_logps.dtype, device=device).index_add(
-        0, packed["comp_index"], token_logps
-    )
-    counts = counts.index_add(0, packed["comp_index"], torch.ones_like(packed["comp_index"]))
-    return _split(sums, completions), _split(counts, completions)
+    return picked, packed["targets"], packed["comp_index"], n
 
 
 def multi_completion_logps(
@@ -347,48 +345,138 @@ def score_options(
     device=None,
     eos: bool = False,
     mode: str = "shared_prefix",
+    noise: NoiseSpec | None = None,
 ) -> list[torch.Tensor]:
     """Log-likelihood of every option given its prompt: one (C_i,) tensor per prompt.
 
-    This is the ranking protocol's score (method.md section 4). Options are scored without EOS by default:
-    an option is a first answer line, not necessarily the whole answer.
-    mode "shared_prefix" runs each prompt once for all its options (several prompts per forward while
-    their options fit in batch_size); "naive" runs batch_size (prompt, option) rows per forward.
+    This is the ranking protocol's score (method.md section 4): s_c = logp(y_c | x), summed over the
+    option's tokens. Options are scored without EOS by default: an option is a first answer line,
+    not necessarily the whole answer. mode "shared_prefix" runs each prompt once for all its options
+    (several prompts per forward while their options fit in batch_size); "naive" runs batch_size
+    (prompt, option) rows per forward. The model is put in eval mode for the call (no dropout, no
+    training-time NoDO) and restored after.
+
+    noise: score under noise at inference instead (see :class:`hanorec.noise.NoiseSpec`); then one
+    (draws, C_i) tensor per prompt, row d being the scores under draw d (one noisy model per draw,
+    shared by every prompt). "logits": one forward, then z' = z + eps per draw on every completion
+    token's prediction logits. "lora": draws_per_forward copies of each prompt per forward, each
+    under its own (eps_A, eps_B) via LoRANoise group_ids. At sigma 0 every row equals the clean scores.
     """
     if mode not in SCORING_MODES:
         raise ValueError(f"unknown scoring mode {mode!r}; use one of {list(SCORING_MODES)}")
+    if len(prompts) != len(options):
+        raise ValueError(f"{len(prompts)} prompts but {len(options)} option lists")
     model = bundle.model
     device = device or next(model.parameters()).device
     dtype = next(model.parameters()).dtype
+    encoded = [[bundle.encode_completion(o, eos=eos) for o in opts] for opts in options]
     was_training = model.training
     model.eval()
     try:
-        if mode == "shared_prefix":
-            encoded = [[bundle.encode_completion(o, eos=eos) for o in opts] for opts in options]
-            out: list[torch.Tensor] = []
-            for a, b in _chunks([len(o) for o in encoded], batch_size):
-                sums, _ = shared_prefix_logps(
-                    model, bundle, prompts[a:b], encoded[a:b], dtype=dtype, device=device
-                )
-                out += [s.float().cpu() for s in sums]
-            return out
-        flat: list[tuple[int, EncodedPrompt, list[int]]] = []
-        for i, (p, opts) in enumerate(zip(prompts, options)):
-            for o in opts:
-                flat.append((i, p, bundle.encode_completion(o, eos=eos)))
-        scores = torch.empty(len(flat))
-        for start in range(0, len(flat), batch_size):
-            chunk = flat[start : start + batch_size]
-            batch = to_device(bundle.collate([c[1] for c in chunk], [c[2] for c in chunk]), device)
-            sums, _ = batch_logps(model, batch, dtype=dtype)
-            scores[start : start + len(chunk)] = sums.float().cpu()
+        if noise is not None and noise.target == "lora":
+            return _scores_under_lora_noise(model, bundle, prompts, encoded, noise, mode, dtype, device)
+        gen = noise.make_generator() if noise is not None else None
+        n_draws = noise.draws if noise is not None else 1
+        out: list[torch.Tensor] = []
+        for a, b in _chunks([len(o) for o in encoded], batch_size):
+            picked, targets, owner, n = _predictions(
+                model, bundle, prompts[a:b], encoded[a:b], mode, batch_size, dtype, device
+            )
+            draws = []
+            for _ in range(n_draws):
+                transform = None
+                if noise is not None:
+                    transform = lambda z: add_logit_noise(z, noise.sigma, gen)  # noqa: E731
+                if picked is None:  # every option is empty
+                    draws.append(torch.zeros(n))
+                else:
+                    draws.append(_sum_token_logps(picked, targets, owner, n, transform).float().cpu())
+            per_prompt = [_split(d, encoded[a:b]) for d in draws]  # draws x prompts
+            for i in range(b - a):
+                out.append(per_prompt[0][i] if noise is None else torch.stack([d[i] for d in per_prompt]))
+        return out
     finally:
         model.train(was_training)
-    out, k = [], 0
-    for opts in options:
-        out.append(scores[k : k + len(opts)])
-        k += len(opts)
-    return out
+
+
+def _predictions(model, bundle, prompts, completions, mode, batch_size, dtype, device):
+    """(picked (T, V), targets (T,), owner (T,), n) for all completions of ``prompts`` (see scoring)."""
+    n = sum(len(c) for c in completions)
+    if mode == "shared_prefix" and _attn_implementation(model) in PACKED_ATTENTION:
+        return _shared_prefix_predictions(model, bundle, prompts, completions, dtype, device)
+    flat_p = [p for p, cs in zip(prompts, completions) for _ in cs]
+    flat_c = [list(c) for cs in completions for c in cs]
+    parts, offset = [], 0
+    for start in range(0, len(flat_c), batch_size):
+        batch = to_device(
+            bundle.collate(flat_p[start : start + batch_size], flat_c[start : start + batch_size]), device
+        )
+        picked, targets, row, _ = _naive_predictions(forward_logits(model, batch, dtype), batch["labels"])
+        parts.append((picked, targets, row + offset))
+        offset += batch["input_ids"].shape[0]
+    if not parts or all(p[1].numel() == 0 for p in parts):
+        return None, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), n
+    return (
+        torch.cat([p[0] for p in parts]),
+        torch.cat([p[1] for p in parts]),
+        torch.cat([p[2] for p in parts]),
+        n,
+    )
+
+
+def _scores_under_lora_noise(model, bundle, prompts, encoded, spec: NoiseSpec, mode, dtype, device):
+    """(draws, C_i) per prompt under LoRA noise: draws_per_forward copies of a prompt per forward."""
+    noise = LoRANoise(model, spec.sigma)
+    gen = spec.make_generator()
+    if mode == "shared_prefix" and _attn_implementation(model) not in PACKED_ATTENTION:
+        mode = "naive"  # the packed path would fall back anyway, with another row layout
+    rows: list[list[torch.Tensor]] = [[] for _ in prompts]
+    for d0 in range(0, spec.draws, spec.draws_per_forward):
+        g = min(spec.draws_per_forward, spec.draws - d0)
+        draw_ids = torch.arange(g)
+        with noise.active(group_ids=draw_ids, generator=gen, inference=True):
+            for i, (p, comps) in enumerate(zip(prompts, encoded)):
+                if not comps:
+                    rows[i].append(torch.zeros(g, 0))
+                    continue
+                # shared_prefix: one row per copy; naive: one row per (copy, option)
+                noise.set_group_ids(
+                    draw_ids if mode == "shared_prefix" else draw_ids.repeat_interleave(len(comps))
+                )
+                sums, _ = multi_completion_logps(
+                    model, bundle, [p] * g, [comps] * g, mode=mode, dtype=dtype, device=device
+                )
+                rows[i].append(torch.stack(sums).float().cpu())  # (g, C_i)
+    return [torch.cat(r) for r in rows]
+
+
+def sigma_sweep(
+    bundle: ModelBundle,
+    prompt: EncodedPrompt,
+    options: Sequence[str],
+    *,
+    target: str,
+    sigmas: Sequence[float],
+    draws: int = 100,
+    seed: int = 0,
+    draws_per_forward: int = 8,
+):
+    """How the candidate distribution drifts from the clean one as sigma grows (the noise lab's curve).
+
+    For each sigma: :func:`score_options` under ``draws`` draws of NoDO noise (method.md section 8),
+    summarised by :func:`hanorec.noise.noise_summary` (KL(p_noisy || p_clean) over the candidates,
+    top-1 / top-3 change rates, mean |score shift|). The same seed at every sigma rescales one set of
+    standard normals, so the curve is smooth. Returns a pandas DataFrame, one row per sigma.
+    """
+    import pandas as pd
+
+    clean = score_options(bundle, [prompt], [options])[0]
+    rows = []
+    for sigma in sigmas:
+        spec = NoiseSpec(target, float(sigma), draws=draws, seed=seed, draws_per_forward=draws_per_forward)
+        noisy = score_options(bundle, [prompt], [options], noise=spec)[0]
+        rows.append({"sigma": float(sigma), "target": target, **noise_summary(clean, noisy).as_dict()})
+    return pd.DataFrame(rows)
 
 
 @torch.no_grad()

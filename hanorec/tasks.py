@@ -28,13 +28,23 @@ TASK_SHAPES = {
     "next1": {"n_history": 10, "n_target": 1, "n_negatives": 19},
 }
 
-# Domain wording: (verb in past tense, item noun singular, item noun plural).
+# Domain wording: (verb in past tense, item noun singular, item noun plural). Any other domain: name the
+# noun and verb yourself (`--task.item_noun=artist --task.item_verb="listened to"`, see `wording`).
 DOMAINS = {
     "movies": ("watched", "movie", "movies"),
     "micro-videos": ("viewed", "micro-video", "micro-videos"),
     "tv": ("watched", "TV show", "TV shows"),
     "products": ("bought", "product", "products"),
+    "music": ("listened to", "artist", "artists"),  # LastFM, the S-DPO paper's dataset
 }
+# The tiny presets' tokenizers are trained on these domains' wording (kept fixed so a tokenizer, and every
+# measured number, does not change when a domain is added); a run in another domain adds its own wording.
+_CORPUS_DOMAINS = ("movies", "micro-videos", "tv", "products")
+
+
+class TaskError(ValueError):
+    """A task, domain wording or candidate count that cannot work with this dataset (one clear sentence)."""
+
 
 TEMPLATES = {
     "hit3": (
@@ -55,7 +65,7 @@ TEMPLATES = {
         "Which {singular} will the user {verb_present} next? Answer with one candidate title in double quotes."
     ),
 }
-PRESENT = {"watched": "watch", "viewed": "view", "bought": "buy"}
+PRESENT = {"watched": "watch", "viewed": "view", "bought": "buy", "listened to": "listen to"}
 
 
 @dataclass(frozen=True)
@@ -93,9 +103,47 @@ def format_titles(titles: Sequence[str]) -> str:
 
 def _wording(domain: str) -> dict:
     if domain not in DOMAINS:
-        raise ValueError(f"unknown domain {domain!r}; use one of {list(DOMAINS)}")
+        raise TaskError(f"unknown domain {domain!r}; use one of {list(DOMAINS)} or name the item noun and verb")
     verb, singular, plural = DOMAINS[domain]
     return {"verb": verb, "verb_present": PRESENT[verb], "singular": singular, "plural": plural}
+
+
+def wording(
+    domain: str = "movies",
+    *,
+    noun: str | None = None,
+    nouns: str | None = None,
+    verb: str | None = None,
+    verb_present: str | None = None,
+) -> dict:
+    """The words the prompt templates use: a domain preset, with any of its parts replaced.
+
+    noun / nouns: the item noun, singular and plural ("artist", "artists"; plural defaults to noun + "s").
+    verb / verb_present: what the user did, past and present ("listened to", "listen to"); the present
+    defaults to the past without its "-ed" for a regular verb ("played" -> "play").
+    """
+    words = dict(_wording(domain))
+    if noun:
+        words["singular"], words["plural"] = noun, nouns or f"{noun}s"
+    elif nouns:
+        words["plural"] = nouns
+    if verb:
+        words["verb"] = verb
+        if verb_present:
+            words["verb_present"] = verb_present
+        elif verb in PRESENT:
+            words["verb_present"] = PRESENT[verb]
+        else:
+            head, _, rest = verb.partition(" ")
+            if not (head.endswith("ed") and len(head) > 3):
+                raise TaskError(
+                    f"item_verb = {verb!r} is not a regular past tense; also give its present, "
+                    f"e.g. --task.item_verb_present={verb!r}"
+                )
+            words["verb_present"] = " ".join(p for p in (head[:-2], rest) if p)
+    elif verb_present:
+        words["verb_present"] = verb_present
+    return words
 
 
 def _shown(ds: RecDataset, items: Sequence[str], with_images: bool) -> str:
@@ -107,7 +155,10 @@ def _shown(ds: RecDataset, items: Sequence[str], with_images: bool) -> str:
 def _sample_unseen(rng: random.Random, pool: Sequence[str], seen: set[str], n: int, where: str) -> list[str]:
     unseen_count = len(pool) - len(seen & set(pool))
     if unseen_count < n:
-        raise ValueError(f"{where}: only {unseen_count} unseen items to draw {n} negatives from")
+        raise TaskError(
+            f"{where}: only {unseen_count} unseen items (never interacted with), too few to draw {n} negative "
+            "candidates; lower --task.n_negatives or use a dataset with more items"
+        )
     out: list[str] = []
     chosen: set[str] = set()
     while len(out) < n:
@@ -124,14 +175,16 @@ def build_example(
     ds: RecDataset,
     rng: random.Random,
     n_negatives: int | None = None,
-    domain: str | None = None,
+    domain: str | dict | None = None,
 ) -> Example:
-    """Turn one window into an Example, drawing negatives (items the user never interacted with) from rng."""
+    """Turn one window into an Example, drawing negatives (items the user never interacted with) from rng.
+
+    domain: a domain name, or the words themselves as made by `wording` (default: the dataset's domain)."""
     if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; use one of {list(TASKS)}")
+        raise TaskError(f"unknown task {task!r}; use one of {list(TASKS)}")
     shape = TASK_SHAPES[task]
     n_neg = shape["n_negatives"] if n_negatives is None else n_negatives
-    words = _wording(domain or ds.domain)
+    words = domain if isinstance(domain, dict) else _wording(domain or ds.domain)
     pool = sorted(ds.items)
     seen = set(ds.sequences[window.user])
     where = f"user {window.user}"
@@ -200,7 +253,7 @@ def build_examples(
     *,
     seed: int = 0,
     n_negatives: int | None = None,
-    domain: str | None = None,
+    domain: str | dict | None = None,
     max_examples: int | None = None,
     shuffle: bool = False,
 ) -> list[Example]:
@@ -232,11 +285,12 @@ def render(example: Example, ds: RecDataset, image_size: int | None = None) -> R
     )
 
 
-def corpus_text(ds: RecDataset) -> list[str]:
-    """Text a local tokenizer is trained on: every title, every template in every domain, the answers."""
+def corpus_text(ds: RecDataset, words: dict | None = None) -> list[str]:
+    """Text a local tokenizer is trained on: every title, every template in the built-in domains (and in
+    `words`, a run's own wording, when it is not one of them), the answers."""
     out = [ds.items[i].title for i in sorted(ds.items)]
-    for dom in DOMAINS:
-        w = _wording(dom)
+    extra = [words] if words and words not in [_wording(d) for d in _CORPUS_DOMAINS] else []
+    for w in [_wording(dom) for dom in _CORPUS_DOMAINS] + extra:
         for t in TEMPLATES.values():
             out.append(t.format(history="", candidates="", not_watched="", target="", **w))
     out += ["Yes", "No", '"', '"\n"']

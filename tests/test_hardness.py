@@ -196,3 +196,143 @@ def test_neighbour_profiles_100k_items():
     assert (sims[:, :-1] >= sims[:, 1:]).all()
     assert (idx != torch.arange(100_000)[:, None]).all()
     assert elapsed < 600, f"took {elapsed:.0f} s"
+
+
+# ----------------------------------------------------------------------------------------
+# Exploration API: ItemIndex, pair_detail, pairs_table, item_index reuse, eta range
+
+
+def _fake_pair(pos, neg, user="u1", task="hit3"):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        positive_item_ids=tuple(pos),
+        negative_item_ids=tuple(neg),
+        example=SimpleNamespace(user=user, task=task),
+    )
+
+
+@pytest.fixture
+def hand_index():
+    """5 items in 2-D: a, b, c close together on the x axis, d and e on the y axis."""
+    from hanorec.hardness import ItemIndex
+
+    emb = F.normalize(torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.8, 0.3], [0.1, 1.0], [0.0, 1.0]]), dim=-1)
+    return ItemIndex(list("abcde"), emb, {i: i.upper() * 3 for i in "abcde"})
+
+
+def test_profile_temperature():
+    """T = 0.5 doubles the similarities inside the softmax; T = 1 is the paper's profile exactly."""
+    s = torch.tensor([[0.9, 0.5, 0.1]])
+    assert_close(profile_distributions(s, 0.5), torch.softmax(2 * s, -1))
+    assert torch.equal(profile_distributions(s, 1.0), profile_distributions(s))
+    with pytest.raises(ValueError, match="temperature"):
+        profile_distributions(s, 0.0)
+
+
+def test_hardness_lambda_with_a_given_mean():
+    """lambda = sigmoid(0.2) / sigmoid(0.5) when the training set's mean D is 0.5."""
+    assert_close(hardness_lambda(torch.tensor([0.2]), 0.5), torch.tensor([_sigmoid(0.2) / _sigmoid(0.5)]))
+
+
+def test_item_index_caches_neighbours_and_profiles(hand_index, monkeypatch):
+    from hanorec import hardness
+
+    calls = []
+    real = hardness.neighbour_profiles
+    monkeypatch.setattr(hardness, "neighbour_profiles", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    p1 = hand_index.profiles(2)
+    assert hand_index.profiles(2) is p1 and len(calls) == 1
+    p_sharp = hand_index.profiles(2, temperature=0.1)
+    assert len(calls) == 1 and not torch.equal(p1, p_sharp)  # a new temperature reuses the neighbours
+    sims, idx = real(hand_index.embeddings, k=2)
+    assert_close(p1, profile_distributions(sims))
+    table = hand_index.profile_table("a", k=2)
+    assert list(table["neighbour"]) == ["b", "c"] and list(table["title"]) == ["BBB", "CCC"]
+    assert_close(torch.tensor(table["p"].to_numpy()), p1[0])
+    with pytest.raises(ValueError, match="item id 'z'"):
+        hand_index.profile_table("z")
+    with pytest.raises(ValueError, match="1 <= K < 5"):
+        hand_index.profiles(5)
+
+
+def test_pair_detail_matches_the_pure_functions(hand_index):
+    """D(w, l) from pair_distances on the index's profiles; D_n their mean; lambda = sigmoid(D_n) /
+    sigmoid(mean D); beta = beta0 * lambda, and beta0 * eta * lambda at the ends of the eta range."""
+    from hanorec.hardness import beyond_paper_note, pair_detail
+
+    pair = _fake_pair("ab", "de")
+    p = hand_index.profiles(2)
+    want = pair_distances(p, torch.tensor([0, 1]), torch.tensor([3, 4]))
+    d = pair_detail(pair, hand_index, mean_distance=0.3, beta0=0.2, k=2, eta_range=(0.5, 2.0))
+    assert_close(torch.tensor(d.items["distance"].to_numpy()), want)
+    assert list(d.items["negative_title"]) == ["DDD", "EEE"]
+    assert abs(d.distance - float(want.mean())) < 1e-6
+    lam = _sigmoid(d.distance) / _sigmoid(0.3)
+    assert abs(d.lam - lam) < 1e-6 and abs(d.beta - 0.2 * lam) < 1e-6
+    assert d.beta_range == pytest.approx((0.2 * 0.5 * lam, 0.2 * 2.0 * lam))
+    assert set(d.profiles) == set("abde") and "Beyond the paper: K = 2" in d.note
+    assert d.summary()["beta = beta0 x lambda"] == d.beta
+    sharp = pair_detail(pair, hand_index, mean_distance=0.3, k=2, temperature=0.5)
+    assert "temperature 0.5" in sharp.note and sharp.beta_range is None
+    assert beyond_paper_note(10, 1.0) == ""
+
+
+def test_pairs_table_and_a_harder_pair_gets_a_smaller_beta(hand_index):
+    """(a, b) are alike (a hard pair, small D); (a, e) are far apart: with one mean D the hard pair
+    gets the smaller lambda and beta (method.md section 7's check)."""
+    from hanorec.hardness import pair_detail, pairs_table
+
+    pairs = [_fake_pair("a", "b"), _fake_pair("a", "e", user="u2")]
+    table = pairs_table(pairs, hand_index, beta0=0.1, k=2)
+    d = hand_index.sample_distances(pairs, k=2)
+    assert_close(torch.tensor(table["lambda"].to_numpy()), hardness_lambda(d))
+    assert table["beta"][0] < table["beta"][1] and list(table["user"]) == ["u1", "u2"]
+    assert abs(table.attrs["mean_distance"] - float(d.mean())) < 1e-7
+    one = pair_detail(pairs[0], hand_index, mean_distance=table.attrs["mean_distance"], k=2)
+    assert abs(one.lam - table["lambda"][0]) < 1e-6
+    with pytest.raises(ValueError, match="at least one"):
+        pairs_table([], hand_index)
+
+
+def test_observed_eta_range(tmp_path):
+    from hanorec.hardness import observed_eta_range
+
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"step": 1, "hardness/eta": 0.98}\n{"step": 2, "loss": 0.6}\n\n{"hardness/eta": 1.03}\n')
+    assert observed_eta_range(log) == (0.98, 1.03)
+    assert observed_eta_range([{"loss": 1.0}]) is None
+    log.write_text('{"hardness/eta": 1.0}\nnot json\n')
+    with pytest.raises(ValueError, match="line 2 is not JSON"):
+        observed_eta_range(log)
+    with pytest.raises(FileNotFoundError, match="no metrics log"):
+        observed_eta_range(tmp_path / "missing.jsonl")
+
+
+def test_item_index_built_once_per_model_and_used_by_pair_hardness(ds, monkeypatch):
+    """Re-sampling negatives must not re-embed the items: item_index keeps one index per model object,
+    pair_hardness reads it, and its lambdas equal pairs_table's."""
+    from hanorec import hardness
+    from hanorec.data import make_splits
+    from hanorec.models import build_tiny
+    from hanorec.pairs import build_pairs
+    from hanorec.tasks import build_examples, corpus_text
+
+    bundle = build_tiny("tiny-llava", corpus_text(ds), hidden_size=64, seed=0)
+    examples = build_examples("hit3", make_splits(ds, n_history=3, n_target=3).train, ds, max_examples=40)
+    calls = []
+    real = hardness.item_embeddings
+    monkeypatch.setattr(hardness, "item_embeddings", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    index = hardness.item_index(bundle, ds)
+    assert hardness.item_index(bundle, ds) is index and len(calls) == 1
+    first = hardness.pair_hardness(bundle, ds, build_pairs(examples, ds, seed=0))
+    resampled_pairs = build_pairs(examples, ds, seed=1)
+    second = hardness.pair_hardness(bundle, ds, resampled_pairs)
+    assert len(calls) == 1 and not torch.equal(first["distance"], second["distance"])
+    table = hardness.pairs_table(resampled_pairs, index)
+    assert_close(torch.tensor(table["lambda"].to_numpy()), second["lambda"])
+    assert hardness.item_index(bundle, ds, refresh=True) is not index and len(calls) == 2
+    # a sharper profile widens the spread of lambda (at T = 1 it is close to 1 everywhere)
+    assert (
+        hardness.pairs_table(resampled_pairs, index, temperature=0.05)["lambda"].std() > table["lambda"].std()
+    )

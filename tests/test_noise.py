@@ -229,3 +229,103 @@ def test_gradient_checkpointing_reuses_the_draw_when_backward_is_inside(model, i
     checkpointed = noisy_grads()
     for name, grad in plain.items():
         assert_close(checkpointed[name], grad, atol=1e-6, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# Noise at inference: spec, summaries, LoRA scale
+# ------------------------------------------------------------------------------------------------
+def test_noise_spec_validation():
+    from hanorec.noise import NoiseSpec
+
+    for bad, match in [
+        (dict(target="none", sigma=0.1), "target"),
+        (dict(target="lora", sigma=-1.0), "sigma"),
+        (dict(target="logits", sigma=0.1, draws=0), "draws"),
+        (dict(target="logits", sigma=0.1, draws_per_forward=0), "draws_per_forward"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            NoiseSpec(**bad)
+    g1 = NoiseSpec("lora", 0.1, seed=3).make_generator()
+    g2 = NoiseSpec("lora", 0.1, seed=3).make_generator()
+    assert torch.equal(torch.randn(4, generator=g1), torch.randn(4, generator=g2))
+    assert NoiseSpec("lora", 0.1, seed=None).make_generator() is None
+
+
+def test_noise_summary_hand_numbers():
+    """clean = (0, 1, 2, 3); draw 0 = clean (nothing changes); draw 1 swaps candidates 0 and 3.
+
+    top-1: clean 3, draws (3, 0) -> change rate 1/2. top-3 sets: clean {1,2,3}; draw 1 {0,1,2} -> 1/2.
+    KL(p_1 || p_clean) = sum p_1 (log p_1 - log p_clean) with p = softmax; draw 0 gives 0.
+    shift = noisy - clean: candidate 0 moves by (0, 3), mean 1.5, std (n-1) 2.1213.
+    """
+    from hanorec.noise import noise_summary
+
+    clean = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    noisy = torch.stack([clean, torch.tensor([3.0, 1.0, 2.0, 0.0])])
+    s = noise_summary(clean, noisy, ["a", "b", "c", "d"])
+    assert s.top1_change_rate == 0.5 and s.top3_change_rate == 0.5 and s.draws == 2
+    p0, p1 = torch.softmax(clean.double(), 0), torch.softmax(noisy[1].double(), 0)
+    want_kl = float((p1 * (p1.log() - p0.log())).sum())
+    assert s.kl[0] == 0 and abs(float(s.kl[1]) - want_kl) < 1e-6 and abs(s.kl_mean - want_kl / 2) < 1e-6
+    t = s.per_candidate.set_index("option")
+    assert t.loc["a", "shift_mean"] == 1.5 and abs(t.loc["a", "shift_std"] - 2.1213203) < 1e-6
+    assert t.loc["b", "shift_mean"] == 0 and t.loc["b", "noisy_std"] == 0
+    assert list(t["top1_rate"]) == [0.5, 0.0, 0.0, 0.5]
+    assert abs(t["p_clean"].sum() - 1) < 1e-9
+    assert s.as_dict()["mean_abs_shift"] == 0.75
+    with pytest.raises(ValueError, match="draws, 4"):
+        noise_summary(clean, torch.zeros(2, 3))
+
+
+def test_noise_summary_fewer_than_three_candidates():
+    from hanorec.noise import noise_summary
+
+    s = noise_summary(torch.tensor([0.0, 1.0]), torch.tensor([[1.0, 0.0]]))
+    assert s.top1_change_rate == 1.0 and s.top3_change_rate == 0.0  # top-3 of 2 = both, always
+    assert s.as_dict()["kl_std"] == 0.0
+
+
+def test_lora_factor_scale(model):
+    """RMS over every entry of every lora_A (resp. lora_B): set A = 0.5 and B = 2 everywhere -> 0.5, 2."""
+    from hanorec.noise import lora_factor_scale
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_A" in name:
+                p.fill_(0.5)
+            elif "lora_B" in name:
+                p.fill_(-2.0)
+    s = lora_factor_scale(model)
+    assert s.n_pairs == 4 and len(s.per_pair) == 4
+    assert abs(s.a_rms - 0.5) < 1e-6 and abs(s.b_rms - 2.0) < 1e-6 and s.a_std < 1e-6
+    assert s.per_pair["A_shape"].iloc[0] == (4, 32)
+    with pytest.raises(ValueError, match="no LoRA adapter"):
+        lora_factor_scale(
+            LlamaForCausalLM(
+                LlamaConfig(
+                    vocab_size=16,
+                    hidden_size=8,
+                    intermediate_size=8,
+                    num_hidden_layers=1,
+                    num_attention_heads=2,
+                )
+            )
+        )
+
+
+def test_set_group_ids_routes_rows_to_the_context_draws(model, ids):
+    """Two identical rows: with group ids (0, 1) they get different draws; after set_group_ids((1, 1))
+    both use draw 1 of the same context, so they agree, and row 1 is unchanged."""
+    same = ids[:1].repeat(2, 1)
+    noise = LoRANoise(model, SIGMA)
+    with pytest.raises(RuntimeError, match="open"):
+        noise.set_group_ids(torch.tensor([0]))
+    with noise.active(group_ids=torch.tensor([0, 1])):
+        split = logits(model, same)
+        with pytest.raises(ValueError, match=r"\[0, 2\)"):
+            noise.set_group_ids(torch.tensor([0, 2]))
+        noise.set_group_ids(torch.tensor([1, 1]))
+        joined = logits(model, same)
+    assert not torch.allclose(split[0], split[1], atol=1e-4)
+    assert torch.equal(joined[0], joined[1]) and torch.equal(joined[1], split[1])
+    LoRANoise(model, 0.0).set_group_ids(torch.tensor([5]))  # sigma 0: nothing to route

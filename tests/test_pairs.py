@@ -116,7 +116,7 @@ def test_next1_pairs_aligned_and_formatted(ds, examples, k):
             _assert_quoted_lines(rej, 1)
             assert rej in e.options  # formatted exactly like a candidate option
         assert len(set(p.rejected)) == k
-    with pytest.raises(ValueError, match="fewer than k_negatives"):
+    with pytest.raises(ValueError, match="fewer than k_negatives ="):
         build_pair(examples["next1"][0], ds, random.Random(0), k_negatives=20)
 
 

@@ -267,6 +267,7 @@ def test_pair_hardness_cache_is_reused(hardness_run, merged, ds, pairs, monkeypa
         {"pairs": pairs, "k": 5, "model_key": "sft-test"},
         {"pairs": pairs, "k": 10, "model_key": "another-sft"},
     ):
+        H._INDEXES.clear()  # forget the in-memory item index, so a disk-cache miss must re-embed
         with pytest.raises(AssertionError, match="recomputed"):
             H.pair_hardness(merged, ds, cache_dir=cache_dir, **kwargs)
 

@@ -1,7 +1,7 @@
 """The comparison's README block: the command, machine and wall time travel with the table."""
 
 from hanorec.metrics import mean_std
-from hanorec.pipeline import comparison_report, summarize, update_readme_section
+from hanorec.report import comparison_report, summarize, update_readme_section
 
 
 def _result():

@@ -16,7 +16,7 @@ from hanorec import scoring
 from hanorec.config import LoraConfig
 from hanorec.data import load_dataset, make_splits
 from hanorec.models import add_lora, build_tiny
-from hanorec.noise import LoRANoise, add_logit_noise
+from hanorec.noise import LoRANoise, NoiseSpec, add_logit_noise
 from hanorec.scoring import (
     completion_logps,
     multi_completion_logps,
@@ -232,3 +232,140 @@ def test_fallback_and_bad_mode(bundles, demo, monkeypatch):
     with torch.no_grad():
         want, _ = naive_logps(b.model, b, prompts, comps)
     assert _max_diff(want, got) == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Noise at inference: score_options(..., noise=NoiseSpec(...))
+# ------------------------------------------------------------------------------------------------
+def _lab_inputs(b, demo):
+    ds, examples = demo
+    prompts = [b.encode_prompt(render(e, ds).text, render(e, ds).images) for e in examples[:2]]
+    return prompts, [e.options for e in examples[:2]]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("target", ["lora", "logits"])
+@pytest.mark.parametrize("mode", scoring.SCORING_MODES)
+def test_noise_sigma_zero_is_clean_bit_for_bit(bundles, demo, preset, target, mode):
+    """sigma = 0: every draw's scores equal the clean scores exactly (torch.equal, not allclose)."""
+    b = _lora_bundle(bundles, preset)
+    prompts, options = _lab_inputs(b, demo)
+    clean = score_options(b, prompts, options, mode=mode)
+    noisy = score_options(
+        b, prompts, options, mode=mode, noise=NoiseSpec(target, 0.0, draws=3, draws_per_forward=2)
+    )
+    for c, n in zip(clean, noisy):
+        assert n.shape == (3, len(c))
+        assert torch.equal(n, c.expand(3, -1))
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("target", ["lora", "logits"])
+def test_noise_moves_scores_and_seed_reproduces(bundles, demo, preset, target):
+    b = _lora_bundle(bundles, preset)
+    prompts, options = _lab_inputs(b, demo)
+    clean = score_options(b, prompts, options)
+    spec = NoiseSpec(target, 0.1, draws=5, seed=7, draws_per_forward=2)
+    first = score_options(b, prompts, options, noise=spec)
+    again = score_options(b, prompts, options, noise=spec)
+    other = score_options(
+        b, prompts, options, noise=NoiseSpec(target, 0.1, draws=5, seed=8, draws_per_forward=2)
+    )
+    for c, f, a, o in zip(clean, first, again, other):
+        assert f.shape == (5, len(c))
+        assert torch.equal(f, a)  # same seed -> same draws
+        assert (f - c).abs().max() > 1e-3  # sigma > 0 moves the scores
+        assert (f[1:] - f[:1]).abs().max() > 1e-4  # draws differ from each other
+        assert (f - o).abs().max() > 1e-4  # another seed, other draws
+    assert b.model.training  # the caller's mode is restored
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("target", ["lora", "logits"])
+def test_noise_layouts_agree_at_inference(bundles, demo, preset, target):
+    """The same draws reach every option both ways: shared-prefix rows (one group id per prompt copy)
+    and naive rows (one per copy and option) give the same noisy scores; so do 1 and 3 draws per forward
+    for logit noise (whose draws do not depend on the batching)."""
+    b = _lora_bundle(bundles, preset)
+    prompts, options = _lab_inputs(b, demo)
+    spec = NoiseSpec(target, 0.1, draws=4, seed=3, draws_per_forward=3)
+    shared = score_options(b, prompts, options, noise=spec)
+    naive = score_options(b, prompts, options, mode="naive", batch_size=5, noise=spec)
+    assert _max_diff(shared, naive) < TOL
+    if target == "logits":
+        one = score_options(
+            b, prompts, options, noise=NoiseSpec(target, 0.1, draws=4, seed=3, draws_per_forward=1)
+        )
+        assert _max_diff(shared, one) == 0
+
+
+def test_lora_noise_at_inference_is_the_perturbed_adapter(bundles, demo):
+    """One draw of LoRA noise at inference equals the clean scores of a copy whose factors were
+    replaced by A + eps_A, B + eps_B (the draw the context recorded): scale (B + eps_B)(A + eps_A) x."""
+    b = _lora_bundle(bundles, "tiny-llava")
+    prompts, options = _lab_inputs(b, demo)
+    noise = LoRANoise(b.model, 0.2)
+    b.model.eval()
+    encoded = [[b.encode_completion(o, eos=False) for o in opts] for opts in options]
+    with torch.no_grad(), noise.active(generator=torch.Generator().manual_seed(5), inference=True):
+        noisy, _ = shared_prefix_logps(b.model, b, prompts, encoded)
+        draws = dict(noise.last_draws)
+    assert len(draws) == len(noise.pairs)
+    moved = copy.deepcopy(b)
+    with torch.no_grad():
+        for pair in LoRANoise(moved.model, 0.2).pairs:
+            d = draws[(pair.name, pair.adapter)]
+            pair.lora_A.weight += d.eps_A[0]
+            pair.lora_B.weight += d.eps_B[0]
+    want = score_options(moved, prompts, options)
+    assert _max_diff([n.float() for n in noisy], want) < TOL
+    assert _max_diff(want, score_options(b, prompts, options)) > 1e-3
+
+
+def test_training_forwards_unchanged_by_inference_noise(bundles, demo):
+    """Training-time NoDO behaves exactly as before around a noisy scoring call: the same generator gives
+    the same training-mode logits before and after, eval forwards stay clean without inference=True,
+    and no hook is left behind."""
+    b = _lora_bundle(bundles, "tiny-llava")
+    prompts, comps = _inputs(b, demo)
+    noise = LoRANoise(b.model, 0.1)
+
+    def train_forward():
+        b.model.train()
+        with torch.no_grad(), noise.active(generator=torch.Generator().manual_seed(11)):
+            return naive_logps(b.model, b, prompts, comps)[0]
+
+    before = train_forward()
+    options = _lab_inputs(b, demo)[1]
+    score_options(b, prompts[:2], options, noise=NoiseSpec("lora", 0.3, draws=3))
+    after = train_forward()
+    assert _max_diff(before, after) == 0
+    b.model.eval()
+    with torch.no_grad():
+        clean, _ = naive_logps(b.model, b, prompts, comps)
+        with noise.active(generator=torch.Generator().manual_seed(11)):
+            still_clean, _ = naive_logps(b.model, b, prompts, comps)
+    assert _max_diff(clean, still_clean) == 0
+    assert _max_diff(before, clean) > 1e-3
+    assert all(len(p.lora_A._forward_hooks) + len(p.lora_B._forward_hooks) == 0 for p in noise.pairs)
+
+
+def test_lora_noise_needs_an_adapter(bundles, demo):
+    b = bundles["tiny-llava"]
+    prompts, options = _lab_inputs(b, demo)
+    with pytest.raises(ValueError, match="no LoRA layer"):
+        score_options(b, prompts, options, noise=NoiseSpec("lora", 0.1, draws=2))
+
+
+def test_sigma_sweep_grows_from_zero(bundles, demo):
+    """sigma 0 changes nothing (KL 0, no rank change); with logit noise a larger sigma moves the
+    distribution further (LoRA noise on an untrained tiny model saturates, so only sigma > 0 is checked)."""
+    b = _lora_bundle(bundles, "tiny-llava")
+    prompts, options = _lab_inputs(b, demo)
+    table = scoring.sigma_sweep(b, prompts[0], options[0], target="logits", sigmas=[0.0, 0.05, 0.5], draws=10)
+    assert list(table["sigma"]) == [0.0, 0.05, 0.5]
+    assert table["kl_mean"][0] == 0 and table["top1_change_rate"][0] == 0 and table["mean_abs_shift"][0] == 0
+    assert 0 < table["kl_mean"][1] < table["kl_mean"][2]
+    assert table["mean_abs_shift"][1] < table["mean_abs_shift"][2]
+    lora = scoring.sigma_sweep(b, prompts[0], options[0], target="lora", sigmas=[0.0, 0.05], draws=4)
+    assert lora["kl_mean"][0] == 0 < lora["kl_mean"][1]

@@ -24,6 +24,10 @@ import torch
 STATE_FILE = "trainer_state.json"
 
 
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be used with this model or is damaged (one clear sentence)."""
+
+
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -89,16 +93,29 @@ def save_checkpoint(
     return final
 
 
-def load_adapter_weights(model, adapter_dir: Path, adapter_name: str = "default") -> None:
-    """Load saved adapter weights (and modules_to_save) into an already wrapped PeftModel."""
-    from peft import set_peft_model_state_dict
+def read_adapter_weights(adapter_dir: str | Path) -> dict:
+    """The tensors of a saved adapter, or one sentence saying why the folder is not a usable adapter."""
     from safetensors.torch import load_file
 
-    weights = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    file = Path(adapter_dir) / "adapter_model.safetensors"
+    if not file.is_file():
+        raise CheckpointError(f"{adapter_dir} holds no adapter_model.safetensors: it is not an adapter checkpoint")
+    try:
+        return load_file(str(file))
+    except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
+        raise CheckpointError(f"{file} cannot be read ({str(e).splitlines()[0]}); the checkpoint is damaged") from None
+
+
+def load_adapter_weights(model, adapter_dir: Path, adapter_name: str = "default", weights: dict | None = None) -> None:
+    """Load saved adapter weights (and modules_to_save) into an already wrapped PeftModel
+    (`weights`: what read_adapter_weights already returned for adapter_dir)."""
+    from peft import set_peft_model_state_dict
+
+    weights = read_adapter_weights(adapter_dir) if weights is None else weights
     result = set_peft_model_state_dict(model, weights, adapter_name=adapter_name)
     unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k or "modules_to_save" in k]
     if unexpected:
-        raise RuntimeError(
+        raise CheckpointError(
             f"checkpoint {adapter_dir} holds weights this model does not have: {unexpected[:3]}"
         )
 

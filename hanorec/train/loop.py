@@ -68,6 +68,262 @@ def cosine_with_warmup(optimizer, warmup: int, total: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+@dataclass(frozen=True)
+class StepPlan:
+    """How many micro-batches and optimizer steps a run takes (printed before training starts)."""
+
+    n_items: int
+    micro_per_epoch: int
+    steps_per_epoch: int
+    total_steps: int
+    epochs: float
+    max_steps: int | None
+
+    def describe(self, stage: str) -> str:
+        how = f"max_steps={self.max_steps}" if self.max_steps else f"{self.epochs:g} epochs x {self.steps_per_epoch}"
+        return f"{stage}: {self.total_steps} optimizer steps ({how}) over {self.n_items} examples"
+
+
+LONG_RUN_STEPS = 5000  # above this a CPU run takes hours; the plan says so before it starts
+
+
+def plan_steps(n_items: int, train_cfg, num_processes: int = 1) -> StepPlan:
+    if n_items <= 0:
+        raise EmptyTrainingSet("there are no training examples, so there is nothing to train on")
+    micro = math.ceil(n_items / (train_cfg.batch_size * num_processes))
+    per_epoch = max(1, math.ceil(micro / train_cfg.grad_accum))
+    total = train_cfg.max_steps or max(1, math.ceil(per_epoch * train_cfg.epochs))
+    return StepPlan(n_items, micro, per_epoch, total, train_cfg.epochs, train_cfg.max_steps)
+
+
+class EmptyTrainingSet(ValueError):
+    """Training was asked to run over zero items (it would never reach a step)."""
+
+
+def trim_metrics_log(log_path: Path, through_step: int) -> int:
+    """Keep the lines of metrics.jsonl up to `through_step` (a resumed run rewrites what follows); returns
+    how many lines were dropped. Lines a killed process left half-written are dropped too."""
+    if not log_path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in log_path.read_text().splitlines():
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            dropped += 1
+            continue
+        if step <= through_step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = log_path.with_name(log_path.name + ".tmp")
+        tmp.write_text("".join(k + "\n" for k in kept))
+        os.replace(tmp, log_path)
+    return dropped
+
+
+class _Run:
+    """The state of one training run and its steps: resume, one micro-batch, log, checkpoint."""
+
+    def __init__(self, *, model, items, collate, loss_fn, train_cfg, seed, output_dir, config_yaml,
+                 accelerator, on_log, should_stop, stage):  # fmt: skip
+        self.items, self.collate, self.loss_fn, self.cfg, self.seed = items, collate, loss_fn, train_cfg, seed
+        self.output_dir, self.config_yaml, self.stage = Path(output_dir), config_yaml, stage
+        self.acc, self.on_log, self.should_stop = accelerator, on_log, should_stop
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the model has no trainable parameters (was LoRA added?)")
+        self.plan = plan_steps(len(items), train_cfg, accelerator.num_processes)
+        self.total_steps = self.plan.total_steps
+        optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+        warmup = int(train_cfg.warmup_ratio * self.total_steps)
+        scheduler = cosine_with_warmup(optimizer, warmup, self.total_steps)
+        self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
+        self.state = {"global_step": 0, "epoch": 0, "micro_in_epoch": 0, "stage": stage}
+        self.log_path = self.output_dir / "metrics.jsonl"
+        self.history: list[dict] = []
+        self.running: dict[str, list[float]] = {}
+        self.last_ckpt: Path | None = None
+        self.last_save_time = time.time()
+        self.start = time.time()
+        self.bar = None
+
+    # ---- start --------------------------------------------------------------------------------------
+    def resume(self, enabled: bool) -> None:
+        """Continue from the newest checkpoint, or say why the run starts at step 0; the metrics log keeps
+        each step once either way."""
+        ckpt = latest_checkpoint(self.output_dir) if enabled else None
+        if ckpt is not None:
+            self.state.update(
+                load_checkpoint(
+                    ckpt, model=self.acc.unwrap_model(self.model), optimizer=self.optimizer,
+                    scheduler=self.scheduler,
+                )  # fmt: skip
+            )
+            self.last_ckpt = ckpt
+            self.acc.print(f"{self.stage}: resumed from {ckpt} at step {self.state['global_step']}/{self.total_steps}")
+        elif self.log_path.is_file() and self.log_path.stat().st_size:
+            why = "resume is off" if not enabled else f"no complete checkpoint under {self.output_dir / 'checkpoints'}"
+            self.acc.print(
+                f"{self.stage}: starting over at step 0 ({why}); the earlier attempt's logged steps are discarded"
+            )
+        if self.acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            trim_metrics_log(self.log_path, self.state["global_step"])
+
+    def announce(self) -> None:
+        if self.state["global_step"] == 0:
+            self.acc.print(self.plan.describe(self.stage))
+            if self.total_steps > LONG_RUN_STEPS:
+                self.acc.print(
+                    f"warning: {self.total_steps} steps is a long run (hours on a CPU); for a quick one set "
+                    f"--{'sft' if self.stage == 'sft' else 'pref'}.max_steps=N, or fewer examples with --data.max_users=N or --task.max_train_examples=N"
+                )
+        if self.cfg.progress_bar and self.acc.is_main_process:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total_steps, initial=self.state["global_step"], desc=self.stage, dynamic_ncols=True)
+
+    # ---- one epoch's data ------------------------------------------------------------------------
+    def epoch_loader(self):
+        epoch = self.state["epoch"]
+        # The loader's own generator: creating its iterator must not draw from the global torch RNG, or a
+        # resumed run (which creates it mid-epoch) would see different dropout masks than an uninterrupted one.
+        loader = DataLoader(
+            _Items(self.items, epoch_order(len(self.items), self.seed, epoch)),
+            batch_size=self.cfg.batch_size,
+            shuffle=False,
+            collate_fn=self.collate,
+            generator=torch.Generator().manual_seed(self.seed * 1000 + epoch),
+        )
+        loader = self.acc.prepare(loader)
+        if self.state["micro_in_epoch"]:
+            loader = self.acc.skip_first_batches(loader, self.state["micro_in_epoch"])
+        return loader
+
+    # ---- one micro-batch -------------------------------------------------------------------------
+    def micro_step(self, batch) -> None:
+        with self.acc.accumulate(self.model):
+            loss, metrics = self.loss_fn(self.model, batch)
+            if not torch.isfinite(loss.detach()).all():
+                self.diverged(loss)
+            self.acc.backward(loss)
+            if self.acc.sync_gradients and self.cfg.max_grad_norm:
+                self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad()
+        self.state["micro_in_epoch"] += 1
+        for k, v in {"loss": loss.detach().float().item(), **metrics}.items():
+            self.running.setdefault(k, []).append(float(v))
+
+    def diverged(self, loss) -> None:
+        where = f"the last good checkpoint is {self.last_ckpt}" if self.last_ckpt else "no checkpoint was written yet"
+        raise TrainingDiverged(
+            f"{self.stage} loss became {loss.item()} at step {self.state['global_step'] + 1} "
+            f"(epoch {self.state['epoch']}); training stopped and {where}. Lower the learning rate or check the data."
+        )
+
+    # ---- after an optimizer step ----------------------------------------------------------------
+    @property
+    def epoch_progress(self) -> float:
+        return self.state["epoch"] + self.state["micro_in_epoch"] / max(1, self.plan.micro_per_epoch)
+
+    def log_step(self) -> None:
+        step = self.state["global_step"]
+        if self.bar is not None:
+            self.bar.update(1)
+        if step % self.cfg.log_every and step != self.total_steps:
+            return
+        record = {
+            "stage": self.stage,
+            "step": step,
+            "total_steps": self.total_steps,
+            "epoch": self.epoch_progress,
+            "lr": self.scheduler.get_last_lr()[0],
+            **{k: sum(v) / len(v) for k, v in self.running.items()},
+            "elapsed_s": time.time() - self.start,
+        }
+        self.running = {}
+        self.history.append(record)
+        if self.acc.is_main_process:
+            with self.log_path.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{record['loss']:.4f}")
+        if self.cfg.log_with:
+            self.acc.log(record, step=step)
+        if self.on_log is not None:
+            self.on_log(record)
+
+    def checkpoint_due(self) -> bool:
+        """Every save_every steps, and whenever save_every_minutes have passed since the last checkpoint.
+
+        Saving reads the RNG state but never draws from it, so when checkpoints happen does not change
+        training; under several processes the main process's clock decides for all."""
+        step = self.state["global_step"]
+        if self.cfg.save_every and step % self.cfg.save_every == 0:
+            return True
+        if not self.cfg.save_every_minutes:
+            return False
+        due = time.time() - self.last_save_time >= 60 * self.cfg.save_every_minutes
+        if self.acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            due = broadcast_object_list([due])[0]
+        return due
+
+    def checkpoint(self) -> Path | None:
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            self.last_ckpt = save_checkpoint(
+                self.output_dir,
+                model=self.acc.unwrap_model(self.model),
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                state=self.state,
+                config_yaml=self.config_yaml,
+                keep=self.cfg.keep_checkpoints,
+            )
+        self.last_save_time = time.time()
+        return self.last_ckpt
+
+    # ---- the whole run --------------------------------------------------------------------------
+    def run_epoch(self) -> bool:
+        """Train until the epoch ends, the last step, or a stop request; True when training must end."""
+        for batch in self.epoch_loader():
+            self.micro_step(batch)
+            if not self.acc.sync_gradients:
+                continue
+            self.state["global_step"] += 1
+            self.log_step()
+            if self.checkpoint_due():
+                self.checkpoint()
+            if self.should_stop is not None and self.should_stop():
+                self.stopped = True
+                return True
+            if self.state["global_step"] >= self.total_steps:
+                return True
+        self.state["epoch"] += 1
+        self.state["micro_in_epoch"] = 0
+        if not self.cfg.save_every:
+            self.checkpoint()
+        return False
+
+    def run(self) -> TrainResult:
+        self.stopped = False
+        self.model.train()
+        while self.state["global_step"] < self.total_steps and not self.run_epoch():
+            pass
+        step = self.state["global_step"]
+        if self.last_ckpt is None or int(self.last_ckpt.name.split("-")[1]) != step:
+            self.checkpoint()
+        if self.bar is not None:
+            self.bar.close()
+        return TrainResult(step, self.total_steps, self.stopped, self.last_ckpt, self.history, time.time() - self.start)
+
+
 def train_loop(
     *,
     model: torch.nn.Module,
@@ -87,13 +343,16 @@ def train_loop(
     """Train `model` on `items`; loss_fn(model, batch) returns (scalar loss, metrics of floats).
 
     train_cfg has: epochs, max_steps, lr, batch_size, grad_accum, warmup_ratio, weight_decay,
-    max_grad_norm, log_every, save_every, keep_checkpoints, progress_bar.
-    on_log receives every logged metrics dict (the app streams these); should_stop() is polled after every
-    optimizer step and ends the run with a checkpoint.
+    max_grad_norm, log_every, save_every, save_every_minutes, keep_checkpoints, progress_bar.
+    on_log receives every logged record (stage, step, total_steps, epoch, elapsed_s, lr and the loss
+    metrics; the app streams these); should_stop() is polled after every optimizer step and ends the run
+    with a checkpoint. Zero items raise EmptyTrainingSet before anything is built.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    if len(items) == 0:
+        raise EmptyTrainingSet(f"{stage} has no training examples, so there is nothing to train on")
     output_dir = Path(output_dir)
     if accelerator is None:
         accelerator = Accelerator(
@@ -110,134 +369,14 @@ def train_loop(
     set_seed(seed)
     if train_cfg.log_with:
         accelerator.init_trackers(stage)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters (was LoRA added?)")
-    optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
-    micro_per_epoch = math.ceil(len(items) / (train_cfg.batch_size * accelerator.num_processes))
-    steps_per_epoch = max(1, math.ceil(micro_per_epoch / train_cfg.grad_accum))
-    total_steps = train_cfg.max_steps or max(1, math.ceil(steps_per_epoch * train_cfg.epochs))
-    scheduler = cosine_with_warmup(optimizer, int(train_cfg.warmup_ratio * total_steps), total_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-
-    state = {"global_step": 0, "epoch": 0, "micro_in_epoch": 0, "stage": stage}
-    ckpt = latest_checkpoint(output_dir) if resume else None
-    if ckpt is not None:
-        state.update(
-            load_checkpoint(
-                ckpt, model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler
-            )
-        )
-        accelerator.print(f"resumed from {ckpt} at step {state['global_step']}")
-    log_path = output_dir / "metrics.jsonl"
-    output_dir.mkdir(parents=True, exist_ok=True)
-    history: list[dict] = []
-    last_ckpt = ckpt
-    bar = None
-    if train_cfg.progress_bar and accelerator.is_main_process:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total_steps, initial=state["global_step"], desc=stage, dynamic_ncols=True)
-
-    def checkpoint() -> Path | None:
-        nonlocal last_ckpt
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            last_ckpt = save_checkpoint(
-                output_dir,
-                model=accelerator.unwrap_model(model),
-                optimizer=optimizer,
-                scheduler=scheduler,
-                state=state,
-                config_yaml=config_yaml,
-                keep=train_cfg.keep_checkpoints,
-            )
-        return last_ckpt
-
-    start = time.time()
-    running: dict[str, list[float]] = {}
-    stopped = False
-    model.train()
-    while state["global_step"] < total_steps and not stopped:
-        order = epoch_order(len(items), seed, state["epoch"])
-        # The loader's own generator: creating its iterator must not draw from the global torch RNG, or a
-        # resumed run (which creates it mid-epoch) would see different dropout masks than an uninterrupted one.
-        loader = DataLoader(
-            _Items(items, order),
-            batch_size=train_cfg.batch_size,
-            shuffle=False,
-            collate_fn=collate,
-            generator=torch.Generator().manual_seed(seed * 1000 + state["epoch"]),
-        )
-        loader = accelerator.prepare(loader)
-        if state["micro_in_epoch"]:
-            loader = accelerator.skip_first_batches(loader, state["micro_in_epoch"])
-        for batch in loader:
-            with accelerator.accumulate(model):
-                loss, metrics = loss_fn(model, batch)
-                if not torch.isfinite(loss.detach()).all():
-                    where = (
-                        f"the last good checkpoint is {last_ckpt}"
-                        if last_ckpt
-                        else "no checkpoint was written yet"
-                    )
-                    raise TrainingDiverged(
-                        f"{stage} loss became {loss.item()} at step {state['global_step'] + 1} (epoch {state['epoch']}); "
-                        f"training stopped and {where}. Lower the learning rate or check the data."
-                    )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and train_cfg.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), train_cfg.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            state["micro_in_epoch"] += 1
-            for k, v in {"loss": loss.detach().float().item(), **metrics}.items():
-                running.setdefault(k, []).append(float(v))
-            if not accelerator.sync_gradients:
-                continue
-            state["global_step"] += 1
-            if bar is not None:
-                bar.update(1)
-            step = state["global_step"]
-            if step % train_cfg.log_every == 0 or step == total_steps:
-                record = {k: sum(v) / len(v) for k, v in running.items()}
-                record = {
-                    "step": step,
-                    "epoch": state["epoch"] + state["micro_in_epoch"] / max(1, micro_per_epoch),
-                    "lr": scheduler.get_last_lr()[0],
-                    **record,
-                    "elapsed_s": time.time() - start,
-                }
-                running = {}
-                history.append(record)
-                if accelerator.is_main_process:
-                    with log_path.open("a") as fh:
-                        fh.write(json.dumps({"stage": stage, **record}) + "\n")
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{record['loss']:.4f}")
-                if train_cfg.log_with:
-                    accelerator.log(record, step=step)
-                if on_log is not None:
-                    on_log(record)
-            if train_cfg.save_every and step % train_cfg.save_every == 0:
-                checkpoint()
-            if should_stop is not None and should_stop():
-                stopped = True
-            if step >= total_steps or stopped:
-                break
-        else:
-            state["epoch"] += 1
-            state["micro_in_epoch"] = 0
-            if not train_cfg.save_every:
-                checkpoint()
-            continue
-        break
-    if stopped or state["global_step"] >= total_steps:
-        if last_ckpt is None or int(last_ckpt.name.split("-")[1]) != state["global_step"]:
-            checkpoint()
-    if bar is not None:
-        bar.close()
+    run = _Run(
+        model=model, items=items, collate=collate, loss_fn=loss_fn, train_cfg=train_cfg, seed=seed,
+        output_dir=output_dir, config_yaml=config_yaml, accelerator=accelerator, on_log=on_log,
+        should_stop=should_stop, stage=stage,
+    )  # fmt: skip
+    run.resume(resume)
+    run.announce()
+    result = run.run()
     if train_cfg.log_with:
         accelerator.end_training()
-    return TrainResult(state["global_step"], total_steps, stopped, last_ckpt, history, time.time() - start)
+    return result

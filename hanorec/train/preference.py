@@ -37,12 +37,64 @@ class PrefItem:
     ref_logps: tuple[float, ...] | None = None  # (chosen, rejected_1..K)
 
 
-def merge_sft_adapter(bundle: ModelBundle, lora_cfg, adapter_dir: str | Path) -> ModelBundle:
-    """Load the SFT adapter, merge it into the base weights, then add a fresh LoRA for stage 2."""
-    add_lora(bundle, lora_cfg)
+# The stage-2 variants the method comparison trains from one SFT model (method.md sections 6-9; the two
+# ablations of table 3): name -> the pref.* fields that differ from the defaults.
+PREF_VARIANTS = {
+    "DPO": {"method": "dpo", "noise_target": "none"},
+    "S-DPO": {"method": "sdpo", "k_negatives": 3, "noise_target": "none"},
+    "HaNo-DPO": {"method": "hano_dpo"},
+    "HaNo-DPO w/o HaRS": {"method": "hano_dpo", "hardness": False, "responsiveness": False},
+    "HaNo-DPO w/o NoDO": {"method": "hano_dpo", "noise_target": "none"},
+}
+
+
+def build_preference_items(
+    cfg, bundle: ModelBundle, ds: RecDataset, examples, cache_dir: Path, *, on_log=None, should_stop=None
+) -> list[PrefItem]:
+    """Pairs (seeded or embedding-nearest negatives) from training examples, with HaRS lambdas (eq. 6-8).
+
+    lambda_n comes from the SFT model's item embeddings (cached under cache_dir, keyed by the SFT weights);
+    it is 1 for every method but HaNo-DPO with hardness on.
+    """
+    from hanorec.hardness import item_embeddings, pair_hardness
+    from hanorec.pairs import build_pairs
+
+    p = cfg.pref
+    emb = None
+    if p.negative_sampling == "embedding":
+        ids, e = item_embeddings(bundle, ds)
+        emb = dict(zip(ids, e))
+    pairs = build_pairs(
+        list(examples)[: p.max_pairs],
+        ds,
+        seed=cfg.seed,
+        k_negatives=p.k_negatives,
+        sampling=p.negative_sampling,
+        item_embeddings=emb,
+    )
+    if p.method == "hano_dpo" and p.hardness:
+        lam = pair_hardness(
+            bundle,
+            ds,
+            pairs,
+            k=p.hardness_k,
+            cache_dir=cache_dir,
+            model_key=bundle.meta.get("sft_checkpoint", bundle.name),
+            on_log=on_log,
+            should_stop=should_stop,
+        )["lambda"].tolist()
+    else:
+        lam = [1.0] * len(pairs)
+    return [PrefItem(pair, float(x)) for pair, x in zip(pairs, lam)]
+
+
+def merge_sft_adapter(bundle: ModelBundle, lora_cfg, adapter_dir: str | Path, seed: int = 0) -> ModelBundle:
+    """Load the SFT adapter, merge it into the base weights, then add a fresh LoRA for stage 2 (its init
+    seeded by `seed`, so a variant's result does not depend on what ran before it in the process)."""
+    add_lora(bundle, lora_cfg, seed=seed)
     load_adapter_weights(bundle.model, Path(adapter_dir))
     bundle.model = bundle.model.merge_and_unload()
-    add_lora(bundle, lora_cfg)
+    add_lora(bundle, lora_cfg, seed=seed)
     return bundle
 
 

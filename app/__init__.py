@@ -1,0 +1,1 @@
+"""The HaNoRec Studio explorer (Gradio): `python app/main.py`."""

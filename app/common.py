@@ -1,0 +1,267 @@
+"""What every tab shares: the allowed folders, the device, the job manager, and small caches.
+
+`AppContext` holds no method logic: loading goes through hanorec.pipeline / hanorec.runs, path checks
+through hanorec.paths. Errors from the package become `gr.Error` with the package's own sentence.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gradio as gr
+
+from hanorec.paths import PathError, confine
+
+TASKS = ("hit3", "hit1", "next1")
+BASE_PRESET = "tiny-qwen2.5-vl"
+UNTRAINED = f"untrained {BASE_PRESET} (random init)"
+# Errors a user can cause; anything else is a bug and is reported as one sentence too.
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError, PathError)
+
+
+@contextmanager
+def user_errors(what: str = ""):
+    """Turn a package exception into one sentence in the UI (gr.Error), never a traceback."""
+    try:
+        yield
+    except gr.Error:
+        raise
+    except USER_ERRORS as e:
+        raise gr.Error(_sentence(e)) from None
+    except Exception as e:  # noqa: BLE001 - the UI shows one sentence; the log keeps the traceback
+        import logging
+
+        logging.getLogger("hanorec.app").exception("unexpected error %s", what)
+        raise gr.Error(f"Unexpected error{' ' + what if what else ''}: {type(e).__name__}: {_sentence(e)}") from None
+
+
+def _sentence(e: BaseException) -> str:
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    text = " ".join(text.split()) or type(e).__name__
+    return text if text.endswith((".", "!", "?")) else text + "."
+
+
+class _LRU:
+    """A tiny thread-safe LRU cache: switching back to a dataset or model is instant."""
+
+    def __init__(self, size: int):
+        self.size, self.data, self.lock = size, OrderedDict(), threading.RLock()
+
+    def get(self, key, make: Callable):
+        with self.lock:
+            if key in self.data:
+                self.data.move_to_end(key)
+                return self.data[key]
+        value = make()
+        with self.lock:
+            self.data[key] = value
+            self.data.move_to_end(key)
+            while len(self.data) > self.size:
+                self.data.popitem(last=False)
+        return value
+
+
+@dataclass
+class AppContext:
+    """Shared state of one running app (see app/tabs/*.py: each `build(ctx)`)."""
+
+    data_dirs: list[Path]
+    runs_dir: Path
+    device: str = "cpu"
+    jobs: object = None  # hanorec.jobs.JobManager
+    _data: _LRU = field(default_factory=lambda: _LRU(6), repr=False)
+    _models: _LRU = field(default_factory=lambda: _LRU(3), repr=False)
+    _extra: _LRU = field(default_factory=lambda: _LRU(8), repr=False)
+
+    # ---- paths -----------------------------------------------------------------------------
+    def resolve_path(self, user_text: str, *, must_exist: bool = True) -> Path:
+        """The typed path confined to the data folders and the runs folder, else gr.Error (one sentence)."""
+        try:
+            return confine(user_text, [*self.data_dirs, self.runs_dir], must_exist=must_exist)
+        except PathError as e:
+            raise gr.Error(str(e)) from None
+
+    def dataset_choices(self) -> list[tuple[str, str]]:
+        from hanorec.explore import find_datasets
+
+        return [(_label(p), str(p)) for p in find_datasets(self.data_dirs)]
+
+    # ---- data ------------------------------------------------------------------------------
+    def config(self, dataset: str, task: str, overrides: dict | None = None):
+        from hanorec.config import load_config
+
+        path = self.resolve_path(dataset)
+        over = {"data": {"path": str(path)}, "task": {"name": task}}
+        for k, v in (overrides or {}).items():
+            over[k] = {**over.get(k, {}), **v} if isinstance(v, dict) else v
+        with user_errors("reading the configuration"):
+            return load_config(overrides=over)
+
+    def prepared(self, dataset: str, task: str):
+        """hanorec.pipeline.PreparedData for the dataset and task (default config, seed 0), cached."""
+        from hanorec.pipeline import prepare_data
+
+        cfg = self.config(dataset, task)
+        with user_errors("loading the dataset"):
+            return self._data.get(("data", cfg.data.path, task), lambda: prepare_data(cfg))
+
+    def prepared_for(self, cfg):
+        """PreparedData exactly as the run with this config made it (its seed, task, subset), cached."""
+        from hanorec.pipeline import prepare_data
+
+        key = ("run-data", cfg.to_yaml())
+        with user_errors("loading the run's dataset"):
+            return self._data.get(key, lambda: prepare_data(cfg))
+
+    # ---- models ----------------------------------------------------------------------------
+    def base_model(self, dataset: str, task: str = "hit3"):
+        """The untrained tiny preset for a dataset (random init, tokenizer trained on its text) with a fresh
+        LoRA (B = 0, so its scores are the base model's), cached."""
+        from hanorec.models import add_lora
+        from hanorec.pipeline import prepare_model
+
+        cfg = self.config(dataset, task, {"model": {"name": BASE_PRESET}})
+        data = self.prepared(dataset, task)
+
+        def make():
+            bundle = prepare_model(cfg, data.dataset)
+            add_lora(bundle, cfg.lora)
+            bundle.model.to(self.device).eval()
+            return bundle
+
+        with user_errors("building the model"):
+            return self._models.get(("base", cfg.data.path), make)
+
+    def model_choices(self) -> list[tuple[str, str]]:
+        """(label, value) for every model a panel can score with: the untrained preset, then each run's stages."""
+        out = [(UNTRAINED, "base")]
+        for run in list_runs(self.runs_dir):
+            out += [(f"{run['name']} / {stage}", f"{run['path']}::{stage}") for stage in run["stages"]]
+        return out
+
+    def model(self, source: str, dataset: str, task: str = "hit3"):
+        """(bundle, run config or None) for a value of model_choices(); cached."""
+        if not source or source == "base":
+            return self.base_model(dataset, task), None
+        run_path, _, stage = source.rpartition("::")
+        path = self.resolve_path(run_path)
+
+        def make():
+            bundle, cfg = load_run_stage(path, stage)
+            bundle.model.to(self.device).eval()
+            return bundle, cfg
+
+        with user_errors(f"loading {stage} of run {path.name}"):
+            return self._models.get(("run", str(path), stage), make)
+
+    def cached(self, key, make: Callable):
+        """A small general cache for derived values (item embeddings, neighbour profiles)."""
+        return self._extra.get(key, make)
+
+    def cached_model(self, key, make: Callable):
+        return self._models.get(key, make)
+
+
+def list_runs(root: Path) -> list[dict]:
+    """Runs under root with their stages (hanorec.runs when present)."""
+    try:
+        from hanorec import runs
+    except ImportError:
+        runs = None
+    if runs is not None:
+        return [
+            {"name": r.name, "path": str(r.path), "stages": list(r.stages), "status": r.status}
+            for r in runs.list_runs(root)
+        ]
+    out = []
+    for d in sorted(Path(root).glob("*/")) if Path(root).is_dir() else []:
+        stages = [s.name for s in sorted(d.iterdir()) if (s / "checkpoints").is_dir()]
+        if stages:
+            out.append({"name": d.name, "path": str(d), "stages": stages, "status": "finished"})
+    return out
+
+
+def load_run_stage(run_path: Path, stage: str):
+    """(bundle, RunConfig) of a run's stage (hanorec.runs when present, else the SFT loader)."""
+    try:
+        from hanorec import runs
+    except ImportError:
+        runs = None
+    if runs is not None:
+        bundle = runs.load_stage(run_path, stage)
+        return bundle, runs.read_config(run_path, stage)
+    from hanorec.config import load_config
+    from hanorec.pipeline import load_trained, prepare_data
+    from hanorec.train.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(run_path / stage)
+    if ckpt is None:
+        raise FileNotFoundError(f"The run {run_path.name} has no checkpoint for stage {stage}.")
+    cfg = load_config(ckpt / "config.yaml")
+    return load_trained(cfg, prepare_data(cfg).dataset, run_path / stage, ckpt), cfg
+
+
+def on_load(fn, inputs, outputs) -> None:
+    """Run fn when the page loads (inside a tab's build, the enclosing Blocks is the page)."""
+    from gradio.context import Context
+
+    Context.root_block.load(fn, inputs, outputs, api_visibility="private")
+
+
+def _label(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def pick_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ---- shared pieces of the tabs -----------------------------------------------------------------
+def example_for(ctx: AppContext, dataset: str, task: str, user: str):
+    """(PreparedData, the user's test Example for the task) exactly as a run with the default config builds it."""
+    if not user:
+        raise gr.Error("Pick a user first.")
+    data = ctx.prepared(dataset, task)
+    for e in data.test:
+        if e.user == user:
+            return data, e
+    raise gr.Error(f"User {user!r} has no test prompt for task {task} (too few interactions).")
+
+
+def users_for(ctx: AppContext, dataset: str, task: str):
+    """The user dropdown's choices: users with a test prompt for the task (the first one selected)."""
+    users = [e.user for e in ctx.prepared(dataset, task).test]
+    return gr.update(choices=users, value=users[0] if users else None)
+
+
+def example_pickers(ctx: AppContext, prefix: str, *, with_model: bool = True, with_user: bool = True):
+    """Dataset, task, user (and model) dropdowns wired together; returns them."""
+    from functools import partial
+
+    datasets = ctx.dataset_choices()
+    with gr.Row():
+        dataset = gr.Dropdown(datasets, value=datasets[0][1] if datasets else None, label="Dataset", scale=3)
+        task = gr.Dropdown(list(TASKS), value="hit3", label="Task", scale=1)
+        user = gr.Dropdown([], label="User (test prompt)", scale=2, allow_custom_value=True) if with_user else None
+        model = (
+            gr.Dropdown(ctx.model_choices(), value="base", label="Model", scale=3) if with_model else None
+        )
+        refresh = gr.Button("Refresh models", scale=1, size="sm") if with_model else None
+    if with_user:
+        fill = partial(users_for, ctx)
+        dataset.change(fill, [dataset, task], user, api_visibility="private")
+        task.change(fill, [dataset, task], user, api_visibility="private")
+        on_load(fill, [dataset, task], user)
+    if with_model:
+        refresh.click(lambda: gr.update(choices=ctx.model_choices()), None, model, api_name=f"{prefix}_models")
+    return dataset, task, user, model

@@ -1,0 +1,205 @@
+"""Data tab: a dataset's statistics, one user's history, the task's candidates and the exact prompt.
+
+Every handler is a few lines over hanorec.pipeline.prepare_data (the examples exactly as a run builds
+them: same splits, same seeded candidates), hanorec.tasks.render and hanorec.explore.
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+import pandas as pd
+import plotly.graph_objects as go
+
+from app.common import TASKS, example_for, on_load, user_errors
+
+CANDIDATE_COLUMNS = ["candidate", "item", "true next", "log-prob", "prob", "rank"]
+
+
+# ---- handlers ---------------------------------------------------------------------------------
+def open_dataset(ctx, dataset: str, task: str):
+    """Statistics of the dataset and the users that have a test prompt for the task."""
+    from hanorec.explore import dataset_stats
+
+    data = ctx.prepared(dataset, task)
+    stats = dataset_stats(data.dataset)
+    users = [e.user for e in data.test]
+    table = pd.DataFrame(stats.table, columns=["statistic", "value"])
+    summary = f"**{data.dataset.name}**: {data.splits.describe()}. {len(users)} users have a test prompt for {task}."
+    return (
+        gr.update(choices=users, value=users[0] if users else None),
+        summary,
+        table,
+        lengths_figure(stats),
+        popularity_figure(stats),
+        images_figure(stats),
+    )
+
+
+def open_typed(ctx, typed: str, task: str):
+    """A dataset folder typed by the user (confined to the allowed folders)."""
+    path = str(ctx.resolve_path(typed))
+    choices = ctx.dataset_choices()
+    if path not in [v for _, v in choices]:
+        choices.append((typed, path))
+    return (gr.update(choices=choices, value=path), *open_dataset(ctx, path, task))
+
+
+def show_user(ctx, dataset: str, task: str, user: str, model: str):
+    """The user's history (images and titles), the test prompt's candidates scored by the model, the prompt."""
+    from hanorec.explore import candidate_scores
+    from hanorec.tasks import render
+
+    data, example = example_for(ctx, dataset, task, user)
+    ds = data.dataset
+    bundle, _ = ctx.model(model, dataset, task)
+    with user_errors("scoring the candidates"):
+        rows = candidate_scores(bundle, ds, example)
+        seen = model_view(bundle, ds, example)
+    rendered = render(example, ds)
+    return (
+        history_gallery(ds, ds.sequences[user], example),
+        candidates_table(ds, rows),
+        [(ds.load_image(r["item"]), ("✓ " if r["true"] else "") + ds.items[r["item"]].title) for r in rows],
+        rendered.text,
+        rendered.answer,
+        seen[0],
+        seen[1],
+    )
+
+
+def refresh_models(ctx):
+    return gr.update(choices=ctx.model_choices())
+
+
+# ---- pieces -------------------------------------------------------------------------------------
+def history_gallery(ds, sequence, example) -> list:
+    """Every item of the user's sequence in order; the prompt's history and the true next items marked."""
+    start = _window_start(sequence, example)
+    n_hist = len(example.history)
+    out = []
+    for k, item in enumerate(sequence):
+        if start <= k < start + n_hist:
+            mark = "◆ "
+        elif start + n_hist <= k < start + n_hist + len(example.targets):
+            mark = "★ "
+        else:
+            mark = ""
+        out.append((ds.load_image(item), f"{k + 1} {mark}{ds.items[item].title}"))
+    return out
+
+
+def _window_start(sequence, example) -> int:
+    h = list(example.history)
+    for k in range(len(sequence) - len(h), -1, -1):
+        if list(sequence[k : k + len(h)]) == h:
+            return k
+    return -1
+
+
+def candidates_table(ds, rows) -> pd.DataFrame:
+    return pd.DataFrame(
+        [
+            [r["option"], r["item"], "✓" if r["true"] else "", round(r["logp"], 2), round(r["prob"], 3), r["rank"]]
+            for r in rows
+        ],
+        columns=CANDIDATE_COLUMNS,
+    )
+
+
+def model_view(bundle, ds, example):
+    """The exact text the model reads (chat template, image tokens expanded) and the images at model size."""
+    if hasattr(bundle, "view_example"):  # hanorec.models.ModelBundle.view_example
+        view = bundle.view_example(example, ds)
+        head = (
+            f"[{view.n_tokens} tokens, {view.n_image_tokens} of them image tokens: "
+            f"{', '.join(map(str, view.image_tokens))} per image]\n"
+        )
+        images = [(im, f"image {k + 1}: {im.size[0]}x{im.size[1]}") for k, im in enumerate(view.images)]
+        return head + view.text, images
+    from hanorec.tasks import render
+
+    r = render(example, ds, image_size=bundle.image_size)
+    ids = bundle.encode_prompt(r.text, r.images).input_ids
+    text = bundle.tokenizer.decode(ids, skip_special_tokens=False)
+    return text, [(im, f"image {k + 1}: {im.size[0]}x{im.size[1]}") for k, im in enumerate(r.images)]
+
+
+def lengths_figure(stats) -> go.Figure:
+    fig = go.Figure(go.Histogram(x=stats.sequence_lengths, marker_color="#4c78a8"))
+    return _layout(fig, "Sequence length per user", "items in the sequence", "users")
+
+
+def popularity_figure(stats) -> go.Figure:
+    fig = go.Figure(go.Scatter(y=stats.popularity, mode="lines", line_color="#f58518"))
+    fig.update_yaxes(type="log")
+    return _layout(fig, "Item popularity (long tail)", "item rank", "interactions (log)")
+
+
+def images_figure(stats) -> go.Figure:
+    fig = go.Figure(
+        go.Bar(
+            x=["users", "items", "items with image", "missing images"],
+            y=[stats.n_users, stats.n_items, stats.n_items - stats.missing_images, stats.missing_images],
+            marker_color=["#4c78a8", "#72b7b2", "#54a24b", "#e45756"],
+            text=[stats.n_users, stats.n_items, stats.n_items - stats.missing_images, stats.missing_images],
+            textposition="inside",
+        )
+    )
+    return _layout(fig, "Users, items and missing images", "", "count")
+
+
+def _layout(fig: go.Figure, title: str, x: str, y: str) -> go.Figure:
+    fig.update_layout(
+        title=title, xaxis_title=x, yaxis_title=y, height=300, margin=dict(l=40, r=10, t=40, b=40), template="plotly_white"
+    )
+    return fig
+
+
+# ---- layout -------------------------------------------------------------------------------------
+def build(ctx) -> None:
+    from functools import partial
+
+    datasets = ctx.dataset_choices()
+    with gr.Row():
+        dataset = gr.Dropdown(datasets, value=datasets[0][1] if datasets else None, label="Dataset", scale=3)
+        typed = gr.Textbox(label="…or type a dataset folder (inside the allowed folders)", scale=3)
+        open_btn = gr.Button("Open folder", scale=1)
+        task = gr.Dropdown(list(TASKS), value="hit3", label="Task", scale=1)
+    summary = gr.Markdown()
+    with gr.Accordion("Dataset statistics", open=True):
+        with gr.Row():
+            stats_table = gr.Dataframe(headers=["statistic", "value"], interactive=False, label="Counts")
+            fig_images = gr.Plot(label="Users, items, missing images")
+        with gr.Row():
+            fig_lengths = gr.Plot(label="Sequence lengths")
+            fig_pop = gr.Plot(label="Item popularity")
+    with gr.Row():
+        user = gr.Dropdown([], label="User (test prompt)", scale=2, allow_custom_value=True)
+        model = gr.Dropdown(ctx.model_choices(), value="base", label="Score candidates with", scale=3)
+        refresh = gr.Button("Refresh model list", scale=1)
+    gr.Markdown(
+        "**History** in time order (click an image to enlarge): ◆ = shown in the prompt, ★ = a true next item "
+        "the model should recommend; the test prompt is the user's latest window."
+    )
+    history = gr.Gallery(label="History", columns=8, height="auto", object_fit="contain", elem_id="data-history")
+    with gr.Row():
+        cands = gr.Dataframe(headers=CANDIDATE_COLUMNS, interactive=False, label="Candidates (✓ = true next item; rank = the model's ranking by log-prob)", scale=3)
+        cand_images = gr.Gallery(label="Candidate images (✓ = true next)", columns=4, height="auto", object_fit="contain", scale=2)
+    with gr.Row():
+        prompt = gr.Textbox(label="Prompt (as written, <image> = one history image)", lines=6, elem_id="data-prompt")
+        answer = gr.Textbox(label="Target answer", lines=6)
+    with gr.Accordion("What the model sees (chat template, image tokens expanded, images at model size)", open=False):
+        seen_text = gr.Textbox(label="Model input text", lines=8, max_lines=20)
+        seen_images = gr.Gallery(label="Images as the model receives them", columns=10, height=140, object_fit="contain")
+
+    stats_out = [user, summary, stats_table, fig_lengths, fig_pop, fig_images]
+    user_out = [history, cands, cand_images, prompt, answer, seen_text, seen_images]
+    user_in = [dataset, task, user, model]
+    load = partial(open_dataset, ctx)
+    dataset.change(load, [dataset, task], stats_out, api_name="data_open")
+    task.change(load, [dataset, task], stats_out, api_visibility="private")
+    open_btn.click(partial(open_typed, ctx), [typed, task], [dataset, *stats_out], api_name="data_open_typed")
+    user.change(partial(show_user, ctx), user_in, user_out, api_name="data_user")
+    model.change(partial(show_user, ctx), user_in, user_out, api_visibility="private")
+    refresh.click(partial(refresh_models, ctx), None, model, api_name="data_models")
+    on_load(load, [dataset, task], stats_out)

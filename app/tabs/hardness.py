@@ -1,0 +1,278 @@
+"""Hardness tab: HaRS (method.md section 7) on a model's own item embeddings.
+
+For the training pairs of a run (or the untrained model on a dataset): each pair's profile distance D,
+lambda and beta = beta0 x lambda; the lambda distribution and its spread; one user's pair with each
+negative's neighbour profile beside the positive's; re-sampling the negatives; K and the profile
+temperature (1 = the paper); after a preference run, per-pair reward margins and accuracy.
+Handlers are a few lines over hanorec.explore, hanorec.hardness and hanorec.pairs.
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from app.common import example_pickers, user_errors
+
+SAMPLING = ("random", "embedding")
+STATS_COLUMNS = ["pair", "user", "lambda", "beta", "chosen_reward", "rejected_reward", "reward_margin", "accurate"]
+
+
+# ---- state shared by the handlers (cached in the context) ---------------------------------------
+def _setup(ctx, dataset, task, model):
+    """(cfg, PreparedData, embedding ids, embeddings) for the chosen model: a run's own config and data,
+    the item embeddings of the model lambda is computed from (a preference stage: its run's SFT model)."""
+    from hanorec.hardness import item_embeddings
+
+    source = model or "base"
+    if source == "base":
+        cfg = ctx.config(dataset, task)
+        data = ctx.prepared(dataset, task)
+        emb_source = "base"
+    else:
+        run, _, stage = source.rpartition("::")
+        cfg = ctx.model(source, dataset, task)[1] or ctx.config(dataset, task)
+        data = ctx.prepared_for(cfg)
+        emb_source = f"{run}::sft"
+    bundle, _ = ctx.model(emb_source, dataset, task)
+
+    def embed():
+        with user_errors("computing item embeddings"):
+            return item_embeddings(bundle, data.dataset)
+
+    ids, emb = ctx.cached(("emb", emb_source, str(cfg.data.path)), embed)
+    return cfg, data, ids, emb
+
+
+def _pairs(ctx, dataset, task, model, k, temperature, sampling, seed):
+    from hanorec.explore import item_profiles, pair_hardness_rows, training_pairs
+
+    cfg, data, ids, emb = _setup(ctx, dataset, task, model)
+    with user_errors("building the preference pairs"):
+        pairs = training_pairs(cfg, data, ids, emb, sampling=sampling, seed=int(seed))
+        _, idx, profiles = item_profiles(emb, int(k), float(temperature))
+        rows = pair_hardness_rows(pairs, ids, profiles, beta0=cfg.pref.beta)
+    return cfg, data, ids, pairs, idx, profiles, rows
+
+
+# ---- handlers -----------------------------------------------------------------------------------
+def compute(ctx, dataset, task, model, k, temperature, sampling, seed):
+    """lambda and beta of every training pair; the distribution and its spread in numbers."""
+    from hanorec.explore import spread
+
+    cfg, data, _, pairs, _, _, rows = _pairs(ctx, dataset, task, model, k, temperature, sampling, seed)
+    lam = [r["lambda"] for r in rows]
+    s = spread(lam)
+    beyond = "" if float(temperature) == 1.0 else " **Temperature ≠ 1 is beyond the paper** (exploration only)."
+    text = (
+        f"**{len(rows)} training pairs** ({cfg.task.name}, {sampling} negatives, K = {int(k)}, temperature {temperature:g}, "
+        f"beta0 = {cfg.pref.beta:g}). lambda: min **{s['min']:.5f}**, 5% {s['p05']:.5f}, mean {s['mean']:.5f}, "
+        f"95% {s['p95']:.5f}, max **{s['max']:.5f}** (range {s['range']:.2e}, std {s['std']:.2e}). "
+        f"beta = beta0 x lambda spans {cfg.pref.beta * s['min']:.5f} to {cfg.pref.beta * s['max']:.5f}; "
+        "training also multiplies it by the batch responsiveness eta (see the run's metrics)." + beyond
+    )
+    users = sorted({r["user"] for r in rows})
+    table = pd.DataFrame(rows).round(6)
+    return text, lambda_figure(lam), table, gr.update(choices=users, value=users[0] if users else None)
+
+
+def show_pair(ctx, dataset, task, model, k, temperature, sampling, seed, user):
+    """One user's training pair: aligned (positive, negative) items, distances, lambda, beta, profiles."""
+    from hanorec.explore import aligned_pair_rows
+
+    if not user:
+        raise gr.Error("Compute the pairs and pick a user first.")
+    _, data, ids, pairs, idx, profiles, rows = _pairs(ctx, dataset, task, model, k, temperature, sampling, seed)
+    n = next((r["pair"] for r in rows if r["user"] == user), None)
+    if n is None:
+        raise gr.Error(f"User {user!r} has no training pair with these settings.")
+    pair, ds = pairs[n], data.dataset
+    aligned = aligned_pair_rows(pair, ids, profiles, ds)
+    r = rows[n]
+    flat = float(profiles[[ids.index(a["positive"]) for a in aligned]].max(1).values.mean())
+    text = (
+        f"Pair {n} of user {user}: D = {r['D']:.5f} (mean of the {len(aligned)} aligned distances), "
+        f"**lambda = {r['lambda']:.5f}**, **beta = {r['beta']:.5f}**. Chosen: {_one_line(pair.chosen)}; "
+        f"rejected: {_one_line(pair.rejected[0])}. The positives' largest profile weight is {flat:.3f} "
+        f"(1/K = {1 / profiles.shape[1]:.3f} would be a flat profile: near-flat profiles are why lambda stays "
+        "close to 1; a lower temperature sharpens them)."
+    )
+    gallery = []
+    for j, a in enumerate(aligned):
+        gallery += [(ds.load_image(a["positive"]), f"{j + 1}+ {a['positive title']}"),
+                    (ds.load_image(a["negative"]), f"{j + 1}− {a['negative title']}")]  # fmt: skip
+    figure = profiles_figure(aligned, ids, profiles, idx)
+    return text, pd.DataFrame(aligned).round(5), figure, gallery
+
+
+def _one_line(answer: str) -> str:
+    return " / ".join(answer.splitlines())
+
+
+def spread_grid(ctx, dataset, task, model, sampling, seed):
+    """lambda's spread for several K and temperatures: what widens it."""
+    from hanorec.explore import lambda_spread_grid, training_pairs
+
+    cfg, data, ids, emb = _setup(ctx, dataset, task, model)
+    with user_errors("computing the spread grid"):
+        pairs = training_pairs(cfg, data, ids, emb, sampling=sampling, seed=int(seed))
+        grid = lambda_spread_grid(emb, pairs, ids)
+    return pd.DataFrame(grid).round(6)
+
+
+def score_pairs(ctx, dataset, task, model, progress=gr.Progress()):
+    """Per-pair reward margin and accuracy of a trained preference stage (policy vs its reference)."""
+    from hanorec.explore import item_profiles, pair_hardness_rows, pair_stats, training_pairs
+
+    if not model or model == "base" or model.endswith("::sft"):
+        raise gr.Error("Choose a preference stage of a run (DPO, S-DPO, HaNo-DPO...) to see its per-pair training view.")
+    cfg, data, ids, emb = _setup(ctx, dataset, task, model)
+    bundle, _ = ctx.model(model, dataset, task)
+    with user_errors("scoring the training pairs"):
+        pairs = training_pairs(cfg, data, ids, emb)
+        hard = cfg.pref.method == "hano_dpo" and cfg.pref.hardness
+        lam = [r["lambda"] for r in pair_hardness_rows(pairs, ids, item_profiles(emb, cfg.pref.hardness_k)[2], beta0=1.0)]
+        lam = lam if hard else [1.0] * len(pairs)
+        progress(0, desc="scoring pairs")
+        rows = pair_stats(
+            bundle, data.dataset, pairs, lam, beta0=cfg.pref.beta,
+            progress=lambda done, total: progress(done / total, desc=f"pair {done}/{total}"),
+        )  # fmt: skip
+    df = pd.DataFrame(rows).round(5)
+    acc = df["accurate"].mean()
+    text = (
+        f"**{len(df)} training pairs** of {cfg.pref.method} scored with the trained policy and its reference (adapter "
+        f"disabled): reward accuracy **{acc:.1%}**, mean margin {df['reward_margin'].mean():.4g}. Sort by a column header, "
+        "filter with the search box; pick a pair number below to see its prompt and images."
+    )
+    return text, df, margins_figure(df)
+
+
+def pair_prompt(ctx, dataset, task, model, pair_index):
+    """The prompt, chosen and rejected answers and the images of training pair `pair_index`."""
+    from hanorec.explore import training_pairs
+    from hanorec.tasks import render
+
+    cfg, data, ids, emb = _setup(ctx, dataset, task, model)
+    pairs = training_pairs(cfg, data, ids, emb)
+    n = int(pair_index or 0)
+    if not 0 <= n < len(pairs):
+        raise gr.Error(f"Pair {n} does not exist; there are {len(pairs)} pairs (0 to {len(pairs) - 1}).")
+    pair = pairs[n]
+    r = render(pair.example, data.dataset)
+    images = [(im, data.dataset.items[i].title) for im, i in zip(r.images, r.image_items)]
+    return r.text, pair.chosen, "\n---\n".join(pair.rejected), images
+
+
+def select_pair(evt: gr.SelectData):
+    """Clicking a row of the per-pair table picks that pair."""
+    row = evt.row_value if evt is not None and evt.row_value else None
+    return int(row[0]) if row else 0
+
+
+# ---- figures ------------------------------------------------------------------------------------
+def lambda_figure(lam) -> go.Figure:
+    fig = go.Figure(go.Histogram(x=lam, nbinsx=40, marker_color="#4c78a8"))
+    fig.add_vline(x=1.0, line_dash="dot", line_color="grey", annotation_text="lambda = 1 (DPO)")
+    fig.update_layout(
+        title="lambda over the training pairs (x axis zoomed to the data)", xaxis_title="lambda", yaxis_title="pairs",
+        height=320, template="plotly_white", margin=dict(l=40, r=10, t=40, b=40),
+    )  # fmt: skip
+    fig.update_xaxes(tickformat=".4f")
+    return fig
+
+
+def profiles_figure(aligned, ids, profiles, idx) -> go.Figure:
+    """Per aligned pair: the positive's and the negative's softmax profile over their K nearest neighbours."""
+    row = {i: r for r, i in enumerate(ids)}
+    n = len(aligned)
+    fig = make_subplots(rows=1, cols=n, subplot_titles=[f"pair {j + 1}: distance {a['distance']:.4f}" for j, a in enumerate(aligned)])
+    k = profiles.shape[1]
+    for j, a in enumerate(aligned):
+        for key, color, name in (("positive", "#54a24b", "positive"), ("negative", "#e45756", "negative")):
+            r = row[a[key]]
+            fig.add_trace(
+                go.Bar(
+                    x=list(range(1, k + 1)), y=profiles[r].tolist(), name=name, marker_color=color,
+                    showlegend=j == 0, hovertext=[f"neighbour {ids[int(q)]}" for q in idx[r]],
+                ),
+                row=1, col=j + 1,
+            )  # fmt: skip
+    fig.update_layout(
+        title="Neighbour profiles: softmax over each item's K most similar items (sorted); D = distance between them",
+        barmode="group", height=320, template="plotly_white", margin=dict(l=40, r=10, t=60, b=40),
+    )  # fmt: skip
+    fig.update_xaxes(title_text="neighbour rank")
+    return fig
+
+
+def margins_figure(df: pd.DataFrame) -> go.Figure:
+    fig = go.Figure()
+    for ok, color, name in ((True, "#54a24b", "chosen ranked higher"), (False, "#e45756", "rejected ranked higher")):
+        part = df[df["accurate"] == ok]
+        fig.add_trace(go.Scatter(x=part["lambda"], y=part["reward_margin"], mode="markers", marker_color=color, name=name,
+                                 text=[f"pair {p}, user {u}" for p, u in zip(part["pair"], part["user"])]))  # fmt: skip
+    fig.update_layout(
+        title="Reward margin per training pair against its lambda", xaxis_title="lambda", yaxis_title="reward margin",
+        height=340, template="plotly_white", margin=dict(l=40, r=10, t=40, b=40),
+    )  # fmt: skip
+    return fig
+
+
+# ---- layout -------------------------------------------------------------------------------------
+def build(ctx) -> None:
+    from functools import partial
+
+    gr.Markdown(
+        "**HaRS**: each item's *profile* is a softmax over its K most similar items (the model's own fused title + "
+        "image embeddings); a pair's distance D compares the positive's and negative's profiles, "
+        "lambda = sigmoid(D) / sigmoid(mean D) and beta = beta0 x lambda: a hard negative (profile like the "
+        "positive's) gets a smaller beta. Choose a run's preference stage to use its own data and pairs."
+    )
+    dataset, task, _, model = example_pickers(ctx, "hardness", with_user=False)
+    with gr.Row():
+        k = gr.Slider(2, 50, value=10, step=1, label="K neighbours (paper: 10)")
+        temperature = gr.Slider(0.01, 2.0, value=1.0, step=0.01, label="profile temperature (1 = paper; other values are beyond it)")
+        sampling = gr.Radio(list(SAMPLING), value="random", label="negative sampling")
+        seed = gr.Number(0, label="sampling seed", precision=0)
+    go_btn = gr.Button("Compute lambda for the training pairs", variant="primary", elem_id="hardness-run")
+    summary = gr.Markdown(elem_id="hardness-summary")
+    with gr.Row():
+        hist = gr.Plot(label="lambda distribution")
+        table = gr.Dataframe(headers=["pair", "user", "D", "lambda", "beta"], interactive=False, label="Pairs (D, lambda, beta)", max_height=320, show_search="filter")
+    with gr.Accordion("What widens the spread: lambda range per K and temperature", open=False):
+        grid_btn = gr.Button("Compute the grid")
+        grid = gr.Dataframe(headers=["K", "temperature", "lambda min", "lambda max", "lambda std", "paper"], interactive=False)
+    gr.Markdown("### One user's pair")
+    with gr.Row():
+        user = gr.Dropdown([], label="User (with a training pair)", allow_custom_value=True)
+    pair_text = gr.Markdown()
+    aligned = gr.Dataframe(interactive=False, label="Aligned (positive, negative) items")
+    profiles = gr.Plot(label="Neighbour profiles")
+    images = gr.Gallery(label="Aligned pairs: positive (+) then its negative (−)", columns=6, height="auto", object_fit="contain")
+    gr.Markdown("### Per-pair training view (after a preference run)")
+    stats_btn = gr.Button("Score the training pairs with the policy and its reference")
+    stats_text = gr.Markdown()
+    with gr.Row():
+        stats = gr.Dataframe(headers=STATS_COLUMNS, interactive=False, label="Per pair (click a row)", max_height=360, show_search="filter", scale=3)
+        margins = gr.Plot(label="Reward margin vs lambda", scale=2)
+    with gr.Row():
+        pair_n = gr.Number(0, label="pair #", precision=0, scale=1)
+        pair_btn = gr.Button("Show this pair's prompt", scale=1)
+    with gr.Row():
+        pair_prompt_box = gr.Textbox(label="Prompt", lines=5, scale=3)
+        chosen = gr.Textbox(label="Chosen", lines=3, scale=1)
+        rejected = gr.Textbox(label="Rejected", lines=3, scale=1)
+    pair_images = gr.Gallery(label="Prompt images", columns=10, height=140, object_fit="contain")
+
+    base = [dataset, task, model]
+    settings = [*base, k, temperature, sampling, seed]
+    go_btn.click(partial(compute, ctx), settings, [summary, hist, table, user], api_name="hardness_compute")
+    user.change(partial(show_pair, ctx), [*settings, user], [pair_text, aligned, profiles, images], api_name="hardness_pair")
+    grid_btn.click(partial(spread_grid, ctx), [*base, sampling, seed], grid, api_name="hardness_grid")
+    stats_btn.click(partial(score_pairs, ctx), base, [stats_text, stats, margins], api_name="hardness_stats")
+    stats.select(select_pair, None, pair_n, api_visibility="private")
+    pair_btn.click(partial(pair_prompt, ctx), [*base, pair_n], [pair_prompt_box, chosen, rejected, pair_images], api_name="hardness_pair_prompt")
+    pair_n.submit(partial(pair_prompt, ctx), [*base, pair_n], [pair_prompt_box, chosen, rejected, pair_images], api_visibility="private")

@@ -1,0 +1,365 @@
+"""Exploration helpers behind the app's panels and the notebooks: pure functions over the package.
+
+- :func:`find_datasets`: dataset folders inside a set of allowed folders.
+- :func:`dataset_stats`: users, items, sequence lengths, item popularity, missing images.
+- :func:`candidate_scores`: the ranking protocol's scores of one example's candidates (method.md section 4).
+- :func:`pair_stats`: per-pair training statistics of a preference run (reward margin, accuracy,
+  lambda, beta), computed by scoring the pairs with the trained policy and its reference (adapter
+  disabled), since training logs only batch averages.
+- :func:`spread`: the numbers that show how far lambda (or anything) spreads around its mean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hanorec.data import RecDataset
+from hanorec.tasks import Example, render
+
+__all__ = ["DatasetStats", "candidate_scores", "dataset_stats", "find_datasets", "pair_stats", "spread"]
+
+
+def is_dataset_folder(path: Path) -> bool:
+    """A folder in the hanorec format (pairs.tsv or one *_pairs.tsv) or MovieLens' (ratings.csv + movies.csv)."""
+    if not path.is_dir():
+        return False
+    if (path / "pairs.tsv").is_file() or len(list(path.glob("*_pairs.tsv"))) == 1:
+        return True
+    return (path / "ratings.csv").is_file() and (path / "movies.csv").is_file()
+
+
+def find_datasets(folders: Sequence[Path]) -> list[Path]:
+    """Every allowed folder that is a dataset, then its immediate sub-folders that are, in the given order."""
+    out: list[Path] = []
+    for folder in folders:
+        folder = Path(folder)
+        if is_dataset_folder(folder):
+            out.append(folder)
+        elif folder.is_dir():
+            out += [p for p in sorted(folder.iterdir()) if is_dataset_folder(p)]
+    return list(dict.fromkeys(out))
+
+
+@dataclass
+class DatasetStats:
+    n_users: int
+    n_items: int
+    n_interactions: int
+    missing_images: int
+    sequence_lengths: list[int]  # one per user, sorted user order
+    popularity: list[int]  # interaction count per item, most popular first
+    items_never_seen: int  # items no user interacted with
+
+    @property
+    def table(self) -> list[tuple[str, str]]:
+        lengths = np.asarray(self.sequence_lengths)
+        pop = np.asarray(self.popularity)
+        top = pop[: max(1, len(pop) // 10)].sum() / max(1, pop.sum())
+        return [
+            ("users", f"{self.n_users:,}"),
+            ("items", f"{self.n_items:,}"),
+            ("interactions", f"{self.n_interactions:,}"),
+            ("sequence length min / median / max", f"{lengths.min()} / {np.median(lengths):g} / {lengths.max()}"),
+            ("items with a missing image", f"{self.missing_images:,} ({self.missing_images / max(1, self.n_items):.1%})"),
+            ("items no user interacted with", f"{self.items_never_seen:,}"),
+            ("share of interactions on the top 10% of items", f"{top:.1%}"),
+        ]
+
+
+def dataset_stats(ds: RecDataset) -> DatasetStats:
+    """Counts for the dataset panel (all users, not a split)."""
+    pop = ds.popularity()
+    return DatasetStats(
+        n_users=len(ds.sequences),
+        n_items=len(ds.items),
+        n_interactions=sum(len(s) for s in ds.sequences.values()),
+        missing_images=sum(1 for it in ds.items.values() if it.image_path is None),
+        sequence_lengths=[len(ds.sequences[u]) for u in sorted(ds.sequences)],
+        popularity=sorted(pop.values(), reverse=True),
+        items_never_seen=sum(1 for c in pop.values() if c == 0),
+    )
+
+
+def spread(values) -> dict[str, float]:
+    """min, max, mean, std and the 5th / 95th percentiles; ``max - min`` as "range"."""
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    if v.size == 0:
+        raise ValueError("spread needs at least one value")
+    return {
+        "n": int(v.size),
+        "min": float(v.min()),
+        "p05": float(np.percentile(v, 5)),
+        "mean": float(v.mean()),
+        "p95": float(np.percentile(v, 95)),
+        "max": float(v.max()),
+        "std": float(v.std()),
+        "range": float(v.max() - v.min()),
+    }
+
+
+@torch.no_grad()
+def candidate_scores(bundle, ds: RecDataset, example: Example, *, mode: str = "shared_prefix") -> list[dict]:
+    """Every option of the example scored by title log-likelihood (the ranking protocol).
+
+    Returns one row per option in displayed order: option text, item id, log-prob, the softmax
+    probability over the options, its rank (1 = top) and whether it is a true answer.
+    """
+    from hanorec.scoring import score_options
+
+    r = render(example, ds)
+    prompt = bundle.encode_prompt(r.text, r.images)
+    logps = score_options(bundle, [prompt], [list(example.options)], mode=mode)[0].double()
+    probs = torch.softmax(logps, 0)
+    order = torch.argsort(logps, descending=True).tolist()
+    rank = {i: k + 1 for k, i in enumerate(order)}
+    true = _true_options(example)
+    return [
+        {
+            "option": opt,
+            "item": example.option_items[i],
+            "logp": float(logps[i]),
+            "prob": float(probs[i]),
+            "rank": rank[i],
+            "true": i in true,
+        }
+        for i, opt in enumerate(example.options)
+    ]
+
+
+def _true_options(example: Example) -> set[int]:
+    if example.task == "hit1":
+        return {example.correct_option}
+    return {i for i, item in enumerate(example.candidates) if item in set(example.targets)}
+
+
+@torch.no_grad()
+def pair_stats(
+    bundle,
+    ds: RecDataset,
+    pairs: Sequence,
+    lambdas: Sequence[float],
+    *,
+    beta0: float,
+    eta: float = 1.0,
+    mode: str = "shared_prefix",
+    batch_size: int = 8,
+    progress=None,
+) -> list[dict]:
+    """Per-pair statistics of a trained preference policy (method.md sections 6-7).
+
+    For pair n with chosen y_w and rejected y_l (the first rejected answer, as DPO and HaNo-DPO use):
+    h_n = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l)), the reference being the policy
+    with its adapter disabled; beta_n = beta0 * eta * lambda_n (HaRS, eq. of section 7; eta is the
+    batch responsiveness, 1 unless given); reward margin = beta_n * h_n; accurate when the margin > 0.
+    ``progress(done, total)`` is called after each batch.
+    """
+    from hanorec.scoring import multi_completion_logps
+
+    model = bundle.model
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    was = model.training
+    model.eval()
+    rows: list[dict] = []
+    try:
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start : start + batch_size]
+            prompts, completions = [], []
+            for p in chunk:
+                r = render(p.example, ds)
+                prompts.append(bundle.encode_prompt(r.text, r.images))
+                completions.append([bundle.encode_completion(c) for c in (p.chosen, p.rejected[0])])
+            pol, _ = multi_completion_logps(model, bundle, prompts, completions, mode=mode, dtype=dtype, device=device)
+            with model.disable_adapter():
+                ref, _ = multi_completion_logps(
+                    model, bundle, prompts, completions, mode=mode, dtype=dtype, device=device
+                )
+            for k, (p, a, b) in enumerate(zip(chunk, pol, ref)):
+                a, b = a.double().cpu(), b.double().cpu()
+                lam = float(lambdas[start + k])
+                beta = max(1e-6, beta0 * eta * lam)
+                h = float((a[0] - b[0]) - (a[1] - b[1]))
+                rows.append(
+                    {
+                        "pair": start + k,
+                        "user": p.example.user,
+                        "lambda": lam,
+                        "beta": beta,
+                        "chosen_reward": beta * float(a[0] - b[0]),
+                        "rejected_reward": beta * float(a[1] - b[1]),
+                        "reward_margin": beta * h,
+                        "accurate": h > 0,
+                        "logp_chosen": float(a[0]),
+                        "logp_rejected": float(a[1]),
+                    }
+                )
+            if progress is not None:
+                progress(min(start + batch_size, len(pairs)), len(pairs))
+    finally:
+        model.train(was)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# Noise at inference for one example (the noise lab): wraps hanorec.scoring.score_options(noise=...)
+# ------------------------------------------------------------------------------------------------
+SWEEP_SIGMAS = {  # per target: LoRA factors are small (rms ~0.05), logits are O(1-10)
+    "lora": (0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2),
+    "logits": (0.0, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 4.0),
+}
+
+
+def example_noise(bundle, ds: RecDataset, example: Example, *, target: str, sigma: float, draws: int, seed: int = 0):
+    """(clean scores (C,), noisy scores (draws, C), hanorec.noise.NoiseSummary) for one example's options."""
+    from hanorec.noise import NoiseSpec, noise_summary
+    from hanorec.scoring import score_options
+
+    r = render(example, ds)
+    prompt = bundle.encode_prompt(r.text, r.images)
+    options = [list(example.options)]
+    clean = score_options(bundle, [prompt], options)[0]
+    # many draws per batched forward: one forward per draw costs ~10x more on a small CPU (tiny models)
+    spec = NoiseSpec(
+        target=target, sigma=float(sigma), draws=int(draws), seed=int(seed), draws_per_forward=min(int(draws), 64)
+    )
+    noisy = score_options(bundle, [prompt], options, noise=spec)[0]
+    return clean, noisy, noise_summary(clean, noisy, list(example.options))
+
+
+def noise_sweep(
+    bundle,
+    ds: RecDataset,
+    example: Example,
+    *,
+    target: str,
+    sigmas=None,
+    draws: int = 20,
+    seed: int = 0,
+    progress=None,
+) -> list[dict]:
+    """KL from the clean distribution and top-1 / top-3 change rates per sigma (one row per sigma).
+
+    The same seed at every sigma rescales one set of standard normals (common random numbers), so the
+    curve is smooth in sigma. ``progress(done, total)`` after each sigma.
+    """
+    sigmas = SWEEP_SIGMAS[target] if sigmas is None else sigmas
+    rows = []
+    for k, sigma in enumerate(sigmas):
+        _, noisy, summary = example_noise(bundle, ds, example, target=target, sigma=sigma, draws=draws, seed=seed)
+        d = summary.as_dict()
+        rows.append(
+            {
+                "sigma": float(sigma),
+                "kl_mean": d["kl_mean"],
+                "kl_std": d["kl_std"],
+                "top1_change_rate": d["top1_change_rate"],
+                "top3_change_rate": d["top3_change_rate"],
+                "mean_abs_shift": d["mean_abs_shift"],
+            }
+        )
+        if progress is not None:
+            progress(k + 1, len(sigmas))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# Hardness (HaRS, method.md section 7) for exploration: K and the profile temperature may vary here
+# ------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def item_profiles(emb: torch.Tensor, k: int = 10, temperature: float = 1.0):
+    """(sims (N, k), neighbour rows (N, k), profiles (N, k)): p_i = softmax(s_i / temperature).
+
+    temperature 1 is the paper's profile (hanorec.hardness.profile_distributions); any other value is an
+    exploration beyond the paper (a lower temperature sharpens the profiles and widens the lambda spread).
+    """
+    from hanorec.hardness import neighbour_profiles
+
+    if not temperature > 0:
+        raise ValueError(f"the profile temperature must be > 0, got {temperature}")
+    n = emb.shape[0]
+    sims, idx = neighbour_profiles(emb, k=max(1, min(int(k), n - 1)))
+    return sims, idx, torch.softmax(sims.float() / float(temperature), dim=-1)
+
+
+def pair_hardness_rows(pairs: Sequence, ids: Sequence[str], profiles: torch.Tensor, *, beta0: float) -> list[dict]:
+    """One row per preference pair: its user, D_n (mean aligned profile distance), lambda_n and beta0 * lambda_n.
+
+    lambda_n = sigmoid(D_n) / sigmoid(mean D) over these pairs (hanorec.hardness.hardness_lambda).
+    """
+    from hanorec.hardness import hardness_lambda, sample_distances
+
+    row = {i: r for r, i in enumerate(ids)}
+    pos = [[row[i] for i in p.positive_item_ids] for p in pairs]
+    neg = [[row[i] for i in p.negative_item_ids] for p in pairs]
+    distance = sample_distances(profiles, pos, neg)
+    lam = hardness_lambda(distance)
+    return [
+        {
+            "pair": n,
+            "user": p.example.user,
+            "D": float(distance[n]),
+            "lambda": float(lam[n]),
+            "beta": max(1e-6, beta0 * float(lam[n])),
+        }
+        for n, p in enumerate(pairs)
+    ]
+
+
+def aligned_pair_rows(pair, ids: Sequence[str], profiles: torch.Tensor, ds: RecDataset) -> list[dict]:
+    """Each aligned (positive, negative) item pair of one preference pair with its profile distance."""
+    from hanorec.hardness import pair_distances
+
+    row = {i: r for r, i in enumerate(ids)}
+    pos = torch.tensor([row[i] for i in pair.positive_item_ids])
+    neg = torch.tensor([row[i] for i in pair.negative_item_ids])
+    d = pair_distances(profiles, pos, neg)
+    return [
+        {
+            "positive": p,
+            "positive title": ds.items[p].title,
+            "negative": q,
+            "negative title": ds.items[q].title,
+            "distance": float(d[j]),
+        }
+        for j, (p, q) in enumerate(zip(pair.positive_item_ids, pair.negative_item_ids))
+    ]
+
+
+def lambda_spread_grid(
+    emb: torch.Tensor, pairs: Sequence, ids: Sequence[str], ks=(5, 10, 20, 50), temperatures=(1.0, 0.3, 0.1, 0.03)
+) -> list[dict]:
+    """The spread of lambda over the pairs for each (K, temperature): what widens it (temperature 1 = paper)."""
+    out = []
+    for k in ks:
+        for t in temperatures:
+            _, _, prof = item_profiles(emb, k, t)
+            lam = [r["lambda"] for r in pair_hardness_rows(pairs, ids, prof, beta0=1.0)]
+            s = spread(lam)
+            out.append({"K": min(k, emb.shape[0] - 1), "temperature": t, "lambda min": s["min"], "lambda max": s["max"],
+                        "lambda std": s["std"], "paper": t == 1.0})  # fmt: skip
+    return out
+
+
+def training_pairs(cfg, data, emb_ids=None, emb=None, *, sampling: str | None = None, seed: int | None = None):
+    """The preference pairs a run with this config trains on (hanorec.pairs.build_pairs over the first
+    cfg.pref.max_pairs training examples); sampling / seed may be changed to re-sample the negatives."""
+    from hanorec.pairs import build_pairs
+
+    p = cfg.pref
+    sampling = sampling or p.negative_sampling
+    table = dict(zip(emb_ids, emb)) if sampling == "embedding" else None
+    if sampling == "embedding" and table is None:
+        raise ValueError("embedding-nearest negatives need the model's item embeddings")
+    return build_pairs(
+        data.train[: p.max_pairs],
+        data.dataset,
+        seed=cfg.seed if seed is None else int(seed),
+        k_negatives=p.k_negatives,
+        sampling=sampling,
+        item_embeddings=table,
+    )

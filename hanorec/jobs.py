@@ -1,0 +1,426 @@
+"""Background training jobs: one run at a time per device, a visible queue, stop and resume.
+
+    jobs = JobManager("runs")
+    job = jobs.submit({"sft": {"max_steps": 30}}, stage="SFT")      # -> job id (the run folder's name)
+    jobs.status(job)            # JobStatus: queued (position) / running (stage, step, total) / finished ...
+    jobs.stop(job)              # SIGTERM: the CLI checkpoints after the current step and stops
+    jobs.resume(job)            # back in the queue; the CLI resumes from the newest checkpoint
+
+A job is a run folder (hanorec.runs) holding config.yaml (the resolved configuration), job.json (the CLI
+commands to run, e.g. `python -m hanorec sft --config=<run>/config.yaml` then `pref`), status.json and
+job.log. A small runner process (`python -m hanorec.jobs <run>`, in its own session) runs those commands
+one after the other as subprocesses, so a crash or a stop never takes the app down and a run continues
+when the browser or the app closes.
+
+The queue is the run folders whose status is 'queued', in submission order: nothing else is kept, so a
+browser reload or an app restart finds every job again. Queued jobs start when a JobManager on the same
+runs folder is alive (it checks every `poll_s` seconds and on every call); one job runs at a time per
+runs folder, which is one device (`device` is recorded for display and passed on as the CLI's device).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hanorec import runs
+
+JOB_FILE = "job.json"
+LOG_FILE = "job.log"
+LOCK_FILE = ".jobs.lock"
+STAGES = ("SFT", "DPO", "S-DPO", "HaNo-DPO", "HaNo-DPO w/o HaRS", "HaNo-DPO w/o NoDO")
+
+
+class JobError(ValueError):
+    """A job request that cannot be honoured (unknown job, bad stage, nothing to resume): one sentence."""
+
+
+@dataclass
+class JobStatus:
+    job_id: str
+    run_dir: Path
+    state: str  # queued | running | finished | stopped | failed
+    stage: str = "SFT"  # what was asked for: SFT or a preference variant
+    position: int | None = None  # 1 = next to start (queued jobs only)
+    command: str | None = None  # the CLI command running now (sft, pref, run)
+    step: int | None = None
+    total: int | None = None
+    epoch: float | None = None
+    elapsed_s: float | None = None
+    message: str = ""
+    log_tail: str = ""
+    metrics: list[dict] = field(default_factory=list)
+
+    @property
+    def fraction(self) -> float:
+        if self.state == "finished":
+            return 1.0
+        return min(1.0, self.step / self.total) if self.step and self.total else 0.0
+
+    def describe(self) -> str:
+        """One line for a person: 'running: pref step 12/30', 'queued: position 2', 'failed: <sentence>'."""
+        if self.state == "queued":
+            return f"{self.job_id}: queued, position {self.position}"
+        if self.state == "running":
+            where = f" {self.command}" if self.command else ""
+            if self.step is not None:
+                total = f"/{self.total}" if self.total else ""
+                return f"{self.job_id}: running{where}, step {self.step}{total}"
+            return f"{self.job_id}: running{where}, preparing data and model"
+        return f"{self.job_id}: {self.state}" + (f": {self.message}" if self.message else "")
+
+
+def available_trackers() -> list[str]:
+    """Experiment trackers accelerate can mirror the metrics to on this machine (`--sft.log_with=...`)."""
+    from accelerate.utils import imports
+
+    names = ("tensorboard", "wandb", "trackio")
+    return [n for n in names if getattr(imports, f"is_{n}_available", lambda: False)()]
+
+
+def commands_for(stage: str, sft_run: str | None = None) -> list[str]:
+    """The CLI commands of a job: SFT is `run` (SFT + evaluation); a preference variant trains SFT in the
+    same folder first (`sft`, a no-op once finished) then `pref`, or only `pref` on another run's SFT model."""
+    if stage == "SFT":
+        return ["run"]
+    if stage not in STAGES:
+        raise JobError(f"stage {stage!r} is not one of {list(STAGES)}")
+    return ["pref"] if sft_run else ["sft", "pref"]
+
+
+def stage_of(command: str, cfg) -> str:
+    """The stage folder a CLI command trains into."""
+    return runs.SFT_STAGE if command in ("run", "sft") else cfg.pref.method
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+class JobManager:
+    """Queue and run training jobs in the background under `runs_dir` (see the module docstring)."""
+
+    def __init__(
+        self,
+        runs_dir: str | Path,
+        *,
+        device: str | None = None,
+        poll_s: float = 1.0,
+        autostart: bool = True,
+        python: str = sys.executable,
+        env: dict | None = None,
+    ):
+        self.runs_dir = Path(runs_dir).resolve()
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        self.device = device
+        self.python = python
+        self.env = dict(env or {})
+        self._procs: dict[str, subprocess.Popen] = {}
+        self._closed = threading.Event()
+        self._thread = None
+        if autostart:
+            self._thread = threading.Thread(target=self._loop, args=(poll_s,), daemon=True, name="hanorec-jobs")
+            self._thread.start()
+
+    # ---- submitting ----------------------------------------------------------------------------
+    def submit(
+        self,
+        overrides: dict | list[str] | None = None,
+        *,
+        stage: str = "SFT",
+        config: str | Path | None = None,
+        name: str | None = None,
+        sft_run: str | Path | None = None,
+    ) -> str:
+        """Queue a run: the resolved config (preset file <- stage's variant <- overrides) goes to
+        <runs_dir>/<name>/config.yaml; returns the job id (the run folder's name). ConfigError for bad values."""
+        from hanorec.config import load_config, parse_overrides
+
+        commands = commands_for(stage, sft_run)
+        over = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
+        if stage != "SFT":
+            from hanorec.train.preference import PREF_VARIANTS
+
+            over = _merge({"pref": dict(PREF_VARIANTS[stage])}, over)
+        if sft_run:
+            sft = Path(sft_run).resolve()
+            if runs.latest_checkpoint(sft / runs.SFT_STAGE) is None:
+                raise JobError(f"run {sft} has no SFT checkpoint to start {stage} from")
+            over = _merge(over, {"pref": {"sft_run": str(sft)}})
+        name = name or self._new_name(stage)
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name):
+            raise JobError(f"run name {name!r} may use letters, digits, '.', '_' and '-' only")
+        run = self.runs_dir / name
+        if run.exists():
+            raise JobError(f"a run named {name!r} already exists in {self.runs_dir}")
+        over = _merge(over, {"output_dir": str(run)})
+        cfg = load_config(config, over)
+        data = Path(cfg.data.path)
+        if not data.is_dir():
+            raise JobError(f"dataset folder {cfg.data.path} does not exist")
+        cfg.data.path = str(data.resolve())
+        with _lock(self.runs_dir):
+            run.mkdir(parents=True)
+            cfg.save(run / runs.CONFIG_FILE)
+            job = {
+                "stage": stage,
+                "commands": commands,
+                "cwd": str(Path.cwd()),
+                "device": self.device,
+                "submitted": time.time(),
+            }
+            runs._write_json(run / JOB_FILE, job)
+            runs.write_status(run, "queued", queued_at=time.time(), stage=stage)
+        self.tick()
+        return name
+
+    def _new_name(self, stage: str) -> str:
+        base = time.strftime("%Y%m%d-%H%M%S") + "-" + runs.stage_slug(stage).replace("_", "-")
+        name, i = base, 2
+        while (self.runs_dir / name).exists():
+            name, i = f"{base}-{i}", i + 1
+        return name
+
+    # ---- reading back ------------------------------------------------------------------------
+    def _run(self, job_id: str) -> Path:
+        run = (self.runs_dir / job_id).resolve()
+        if run.parent != self.runs_dir or not (run / JOB_FILE).is_file():
+            raise JobError(f"no job named {job_id!r} in {self.runs_dir}")
+        return run
+
+    def queue(self) -> list[str]:
+        """Queued job ids, next to start first."""
+        queued = []
+        for run in self._job_dirs():
+            st = runs.read_status(run)
+            if st.get("status") == "queued":
+                queued.append((st.get("queued_at", 0.0), run.name))
+        return [name for _, name in sorted(queued)]
+
+    def running(self) -> str | None:
+        """The job running now, if any."""
+        for run in self._job_dirs():
+            if runs.read_status(run).get("status") == "running":
+                return run.name
+        return None
+
+    def _job_dirs(self) -> list[Path]:
+        return [p for p in sorted(self.runs_dir.iterdir()) if (p / JOB_FILE).is_file()]
+
+    def jobs(self) -> list[JobStatus]:
+        """Every job: the running one, then the queue in order, then the rest newest first."""
+        self.tick()
+        out = [self.status(p.name, tick=False) for p in self._job_dirs()]
+        order = {"running": 0, "queued": 1}
+        return sorted(
+            out,
+            key=lambda s: (order.get(s.state, 2), s.position or 0, -runs._mtime(s.run_dir / runs.STATUS_FILE)),
+        )
+
+    def status(self, job_id: str, *, tick: bool = True) -> JobStatus:
+        if tick:
+            self.tick()
+        run = self._run(job_id)
+        job = json.loads((run / JOB_FILE).read_text())
+        st = runs.read_status(run)
+        state = st.get("status", "failed")
+        out = JobStatus(job_id, run, state, stage=job.get("stage", "SFT"), message=st.get("message", ""))
+        out.log_tail = log_tail(run)
+        if state == "queued":
+            q = self.queue()
+            out.position = q.index(job_id) + 1 if job_id in q else None
+            return out
+        out.command = st.get("command")
+        try:
+            cfg = runs.read_config(run)
+        except Exception:  # noqa: BLE001 - a hand-edited config must not hide the job
+            cfg = None
+        if cfg is not None and out.command:
+            stage_dir = stage_of(out.command, cfg)
+            out.metrics = runs.read_metrics(run, stage_dir)
+            section = cfg.sft if stage_dir == runs.SFT_STAGE else cfg.pref
+            out.total = section.max_steps
+            if out.metrics:
+                last = out.metrics[-1]
+                out.step = int(last["step"])
+                out.total = int(last.get("total_steps") or out.total or 0) or None
+                out.epoch, out.elapsed_s = last.get("epoch"), last.get("elapsed_s")
+        if state == "failed" and not out.message:
+            out.message = last_error(run)
+        return out
+
+    def wait(self, job_id: str, timeout: float = 600.0, states=("finished", "stopped", "failed")) -> JobStatus:
+        """Block until the job reaches one of `states` (notebooks and tests); JobError on timeout."""
+        end = time.time() + timeout
+        while True:
+            st = self.status(job_id)
+            if st.state in states:
+                return st
+            if time.time() > end:
+                raise JobError(f"job {job_id} is still {st.state} after {timeout:.0f} s")
+            time.sleep(0.2)
+
+    # ---- control -----------------------------------------------------------------------------
+    def stop(self, job_id: str) -> JobStatus:
+        """A queued job leaves the queue; a running one gets SIGTERM (checkpoint after this step, then stop)."""
+        run = self._run(job_id)
+        with _lock(self.runs_dir):
+            st = runs.read_status(run)
+            if st["status"] == "queued":
+                runs.write_status(run, "stopped", message="removed from the queue before it started")
+            elif st["status"] == "running":
+                pid = st.get("runner_pid") or st.get("pid")
+                try:
+                    os.kill(int(pid), signal.SIGTERM)
+                except (ProcessLookupError, TypeError):
+                    pass
+            else:
+                raise JobError(f"job {job_id} is {st['status']}, not running or queued")
+        return self.status(job_id)
+
+    def resume(self, job_id: str) -> JobStatus:
+        """Queue a stopped or failed job again with the same commands; training resumes from its checkpoint."""
+        run = self._run(job_id)
+        with _lock(self.runs_dir):
+            st = runs.read_status(run)
+            if st["status"] not in ("stopped", "failed"):
+                raise JobError(f"job {job_id} is {st['status']}; only a stopped or failed job can be resumed")
+            runs.write_status(run, "queued", queued_at=time.time(), message="", runner_pid=None)
+        return self.status(job_id)
+
+    def tick(self) -> str | None:
+        """Start the next queued job when none is running; returns the job started, if any."""
+        for name, proc in list(self._procs.items()):
+            if proc.poll() is not None:  # reap a finished runner (no zombie reads as alive)
+                del self._procs[name]
+        with _lock(self.runs_dir):
+            if self.running() is not None:
+                return None
+            queued = self.queue()
+            if not queued:
+                return None
+            run = self.runs_dir / queued[0]
+            log = open(run / LOG_FILE, "a")
+            env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+            package_root = str(Path(__file__).resolve().parents[1])
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+            job = json.loads((run / JOB_FILE).read_text())
+            proc = subprocess.Popen(
+                [self.python, "-m", "hanorec.jobs", str(run)],
+                cwd=job.get("cwd") or None,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                start_new_session=True,  # Ctrl-C in the app's terminal does not reach the run
+            )
+            log.close()
+            self._procs[run.name] = proc
+            runs.write_status(run, "running", pid=proc.pid, runner_pid=proc.pid, started=time.time(), command=None)
+            return run.name
+
+    def close(self) -> None:
+        """Stop checking the queue (running jobs go on; a new JobManager picks the queue up again)."""
+        self._closed.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _loop(self, poll_s: float) -> None:
+        while not self._closed.wait(poll_s):
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - the scheduler must outlive one bad run folder
+                import logging
+
+                logging.getLogger("hanorec.jobs").exception("job scheduler")
+
+
+
+@contextmanager
+def _lock(runs_dir: Path):
+    """Queue changes and status writes of jobs are serialised across processes (app, runners)."""
+    with open(Path(runs_dir) / LOCK_FILE, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
+
+
+def log_tail(run: Path, n_chars: int = 4000) -> str:
+    path = Path(run) / LOG_FILE
+    if not path.is_file():
+        return ""
+    with open(path, "rb") as fh:
+        fh.seek(max(0, path.stat().st_size - n_chars))
+        text = fh.read().decode("utf-8", "replace")
+    return text.replace("\r", "\n")
+
+
+def last_error(run: Path) -> str:
+    """The CLI's own 'error: ...' sentence from the job's log, else its last line."""
+    lines = [ln.strip() for ln in log_tail(run, 20000).splitlines() if ln.strip()]
+    errors = [ln[len("error: ") :] for ln in lines if ln.startswith("error: ")]
+    return errors[-1] if errors else (lines[-1] if lines else "")
+
+
+# ------------------------------------------------------------------------------------------------
+# the runner: `python -m hanorec.jobs <run folder>`
+# ------------------------------------------------------------------------------------------------
+def run_job(run_dir: str | Path) -> int:
+    """Run a job's CLI commands one after the other; SIGTERM is passed on to the command running now and
+    no further command starts. The final status is the CLI's own, or stopped / failed when it could not say."""
+    run = Path(run_dir).resolve()
+    job = json.loads((run / JOB_FILE).read_text())
+    state = {"stop": False, "child": None}
+
+    def on_term(signum, frame):
+        state["stop"] = True
+        if state["child"] is not None and state["child"].poll() is None:
+            state["child"].send_signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    rc = 0
+    for command in job["commands"]:
+        if state["stop"]:
+            break
+        argv = [sys.executable, "-m", "hanorec", command, f"--config={run / runs.CONFIG_FILE}"]
+        print(f"$ {' '.join(argv[1:])}", flush=True)
+        with _lock(run.parent):
+            runs.write_status(run, "running", command=command, pid=os.getpid(), runner_pid=os.getpid())
+        state["child"] = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+        if state["stop"]:  # SIGTERM arrived while the child was starting
+            state["child"].send_signal(signal.SIGTERM)
+        rc = state["child"].wait()
+        st = runs.read_status(run)
+        if rc != 0:
+            if state["stop"] and rc < 0:
+                _final(run, "stopped", "stopped before training started")
+            else:
+                _final(run, "failed", st.get("message") or last_error(run) or f"{command} exited with status {rc}")
+            return rc
+        if st.get("status") == "stopped" or state["stop"]:
+            _final(run, "stopped", st.get("message") or "stopped on request")
+            return 0
+    _final(run, "finished", "")
+    return rc
+
+
+def _final(run: Path, status: str, message: str) -> None:
+    with _lock(run.parent):
+        runs.write_status(run, status, message=message, runner_pid=None, ended=time.time())
+
+
+if __name__ == "__main__":
+    sys.exit(run_job(sys.argv[1]))
