@@ -212,7 +212,10 @@ def _progress_label(st) -> str:
     return st.state
 
 
-def jobs_table(jobs) -> pd.DataFrame:
+def jobs_table(jobs, finished_shown: int = 5) -> pd.DataFrame:
+    """The running job, the queue in order, then the newest few that ended."""
+    active = [j for j in jobs if j.state in ("running", "queued")]
+    jobs = active + [j for j in jobs if j.state not in ("running", "queued")][:finished_shown]
     rows = [
         [j.job_id, j.stage, j.state, j.position or "", _progress_label(j) if j.state == "running" else "", j.message]
         for j in jobs
@@ -259,8 +262,9 @@ def past_runs(ctx):
 
 
 def refresh_runs(ctx):
+    """The past runs again, and the job picker's choices (jobs launched from another page included)."""
     table, names, sft_runs = past_runs(ctx)
-    return table, gr.update(choices=names), gr.update(choices=[FROM_SCRATCH, *sft_runs])
+    return table, gr.update(choices=names), gr.update(choices=[FROM_SCRATCH, *sft_runs]), gr.update(choices=job_choices(ctx))
 
 
 def _summary_row(info, stage: str) -> list:
@@ -384,7 +388,7 @@ def build(ctx) -> None:
     job.change(partial(poll, ctx), [job], watched, api_name="train_poll")
     stop_btn.click(partial(stop, ctx), [job], status, api_name="train_stop")
     resume_btn.click(partial(resume, ctx), [job], status, api_name="train_resume")
-    refresh_btn.click(partial(refresh_runs, ctx), None, [past, chosen, sft_from], api_name="train_runs")
+    refresh_btn.click(partial(refresh_runs, ctx), None, [past, chosen, sft_from, job], api_name="train_runs")
     compare_btn.click(partial(compare, ctx), [chosen, metric], [cmp_table, cmp_fig], api_name="train_compare")
     _on_load(partial(page_load, ctx), None, [job, past, chosen, sft_from])
 
