@@ -40,6 +40,7 @@ CURVES = [
     ("hardness/beta_mean", "mean beta"),
     ("noise/sigma", "noise sigma"),
 ]
+STAGE_COLORS = ["#636efa", "#ef553b", "#00cc96", "#ab63fa"]
 JOB_COLUMNS = ["job", "stage", "state", "queue position", "progress", "message"]
 RUN_COLUMNS = ["run", "stage", "status", "steps", "final loss", "reward margin", "reward acc.", "eval"]
 
@@ -242,7 +243,9 @@ def curves_figure(rows: list[dict]) -> go.Figure:
             pts = [(r["step"], r[key]) for r in rows if r.get("stage_dir") == s and key in r]
             if pts:
                 x, y = zip(*pts)
-                trace = go.Scatter(x=x, y=y, mode="lines+markers", name=s, legendgroup=s, showlegend=s not in shown)
+                color = STAGE_COLORS[stages_.index(s) % len(STAGE_COLORS)]  # one colour per stage in every panel
+                trace = go.Scatter(x=x, y=y, mode="lines+markers", name=s, legendgroup=s, showlegend=s not in shown,
+                                   line={"color": color}, marker={"color": color})  # fmt: skip
                 fig.add_trace(trace, row=i // 3 + 1, col=i % 3 + 1)
                 shown.add(s)
     fig.update_layout(height=460, margin=dict(l=40, r=10, t=40, b=30), legend_title_text="stage")
@@ -353,7 +356,7 @@ def build(ctx) -> None:
             sampling = gr.Dropdown(["random", "embedding"], value="random", label="negative sampling")
         with gr.Row():
             epochs = gr.Number(1, label="epochs", minimum=0.01)
-            lr = gr.Number(None, label="learning rate (empty: preset's)", minimum=0)
+            lr = gr.Number(0, label="learning rate (0: the preset's)", minimum=0)
             max_steps = gr.Number(30, precision=0, label="max steps (empty: epochs)", minimum=1)
             eval_examples = gr.Number(40, precision=0, label="evaluation prompts (empty: all)", minimum=1)
             log_with = gr.Dropdown([NO_TRACKER, *available_trackers()], value=NO_TRACKER,
