@@ -108,8 +108,10 @@ def test_data_tab(page, shots):
 
 def test_train_tab_runs_a_tiny_training_to_the_end(page, shots):
     open_tab(page, "Train")
-    page.get_by_label("max steps (empty: epochs)").fill("2")
-    page.get_by_label("evaluation prompts (empty: all)").fill("2")
+    page.get_by_role("combobox", name="Stage", exact=True).click()
+    page.get_by_role("option", name="HaNo-DPO", exact=True).click()  # SFT then HaNo-DPO in one run
+    page.get_by_label("max steps (empty: epochs)", exact=True).fill("2")
+    page.get_by_label("evaluation prompts (empty: all)", exact=True).fill("2")
     page.locator("#train-launch").click()
     status = page.locator("#train-status")
     status.get_by_text("finished").wait_for(timeout=TRAIN_TIMEOUT_MS)
@@ -119,9 +121,17 @@ def test_train_tab_runs_a_tiny_training_to_the_end(page, shots):
 
 def test_hardness_tab(page, shots):
     open_tab(page, "Hardness")
+    page.locator("#hardness-refresh").click()  # the run trained above appears among the models
+    page.locator("#hardness-model input").click()
+    page.get_by_role("option", name="hano_dpo").first.click()
     page.locator("#hardness-run").click()
     page.locator("#hardness-summary").get_by_text("training pairs").wait_for(timeout=120_000)
     page.get_by_text("mean of the 3 aligned distances").wait_for(timeout=60_000)
+    page.locator("#hardness-stats").click()
+    page.locator("#hardness-stats-text").get_by_text("reward accuracy").wait_for(timeout=120_000)
+    page.get_by_label("pair #", exact=True).fill("1")
+    page.locator("#hardness-pair-prompt").click()
+    page.locator("#hardness-prompt-images img").first.wait_for(timeout=60_000)
     no_errors(page)
     shoot(page, shots, "hardness")
 
@@ -144,5 +154,7 @@ def test_noise_lab_chart_changes_with_sigma(page, shots):
     small = run("0.01")
     large = run("0.1")
     assert small != large
+    page.locator("#noise-sweep").click()
+    page.locator("#noise-sweep-plot .main-svg").first.wait_for(timeout=180_000)
     no_errors(page)
     shoot(page, shots, "noise")
