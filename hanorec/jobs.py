@@ -315,7 +315,7 @@ class JobManager:
         """Start the next queued job when none is running; returns the job started, if any."""
         for name, proc in list(self._procs.items()):
             if proc.poll() is not None:  # reap a finished runner (no zombie reads as alive)
-                del self._procs[name]
+                self._procs.pop(name, None)
         with _lock(self.runs_dir):
             if self.running() is not None:
                 return None
@@ -403,8 +403,9 @@ def run_job(run_dir: str | Path) -> int:
     signal.signal(signal.SIGINT, on_term)
     rc = 0
     for command in job["commands"]:
-        if state["stop"]:
-            break
+        if state["stop"]:  # SIGTERM between two commands
+            _final(run, "stopped", f"stopped before {command}; resume runs it")
+            return 0
         argv = [sys.executable, "-m", "hanorec", command, f"--config={run / runs.CONFIG_FILE}"]
         print(f"$ python {' '.join(argv[1:])}", flush=True)
         with _lock(run.parent):
