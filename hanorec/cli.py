@@ -161,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         if command in ("run", "sft", "pref", "compare", "evaluate"):
             check_model_name(cfg.model.name)  # before any data is loaded
             _quiet_libraries()
+            if cfg.threads:
+                import torch
+
+                torch.set_num_threads(cfg.threads)
             print(f"{command}: {_describe_source(config_path, overrides)}; output in {cfg.output_dir}")
         from hanorec import pipeline
 

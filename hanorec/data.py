@@ -360,7 +360,8 @@ def _read_item_table(
                 "(quote titles that contain commas)."
             )
             continue
-        item_id, title = fields[id_col].strip(), fields[title_col].strip()
+        # whitespace runs (a quoted title may span lines) become one space: an answer lists one title per line
+        item_id, title = fields[id_col].strip(), " ".join(fields[title_col].split())
         if not item_id:
             problems.add(f"Line {line} of {path} has an empty item id.")
             continue

@@ -80,6 +80,12 @@ class JobStatus:
         return f"{self.job_id}: {self.state}" + (f": {self.message}" if self.message else "")
 
 
+def default_env() -> dict:
+    """On small machines a run uses one torch thread: the tiny models are as fast on one, and two threads
+    spin-wait badly (8-15x slower) whenever anything else, the app included, uses the cores."""
+    return {"OMP_NUM_THREADS": "1"} if (os.cpu_count() or 1) <= 4 else {}
+
+
 def available_trackers() -> list[str]:
     """Experiment trackers accelerate can mirror the metrics to on this machine (`--sft.log_with=...`)."""
     from accelerate.utils import imports
@@ -314,7 +320,7 @@ class JobManager:
                 return None
             run = self.runs_dir / queued[0]
             log = open(run / LOG_FILE, "a")
-            env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+            env = {**default_env(), **os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
             package_root = str(Path(__file__).resolve().parents[1])
             env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
             job = json.loads((run / JOB_FILE).read_text())
@@ -396,7 +402,7 @@ def run_job(run_dir: str | Path) -> int:
         if state["stop"]:
             break
         argv = [sys.executable, "-m", "hanorec", command, f"--config={run / runs.CONFIG_FILE}"]
-        print(f"$ {' '.join(argv[1:])}", flush=True)
+        print(f"$ python {' '.join(argv[1:])}", flush=True)
         with _lock(run.parent):
             runs.write_status(run, "running", command=command, pid=os.getpid(), runner_pid=os.getpid())
         state["child"] = subprocess.Popen(argv, stdin=subprocess.DEVNULL)

@@ -228,6 +228,7 @@ def run_pipeline(
         "split": cfg.eval.split,
         "rows": ev.rows,
         "train_steps": train.global_step,
+        "skipped_examples": train.skipped_examples,
         "wall_s": time.time() - start,
     }
     path = write_results(cfg.output_dir, result)

@@ -105,7 +105,7 @@ def test_preference_job_trains_sft_then_the_variant(manager):
     done = manager.wait(other, timeout=300)
     assert done.state == "finished", done.log_tail
     assert runs.stages(done.run_dir) == ["dpo"]
-    assert "$ -m hanorec sft" not in done.log_tail
+    assert "$ python -m hanorec sft" not in done.log_tail and "$ python -m hanorec pref" in done.log_tail
     runs.load_stage(done.run_dir, "dpo")  # base and SFT adapter come from the other run
 
 

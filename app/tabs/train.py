@@ -28,7 +28,7 @@ NO_TRACKER = "none (metrics.jsonl only)"
 QUICK = {
     "model": {"tiny_hidden_size": 128, "tiny_layers": 2},
     "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "modules_to_save": ["embed_tokens", "lm_head"]},
-    "sft": {"lr": 2e-3, "batch_size": 8, "grad_accum": 1, "log_every": 1, "progress_bar": False},
+    "sft": {"lr": 2e-3, "batch_size": 4, "grad_accum": 1, "log_every": 1, "progress_bar": False},
     "pref": {"batch_size": 4, "grad_accum": 1, "log_every": 1, "progress_bar": False},
     "eval": {"batch_size": 14, "baselines": ["random", "popularity"]},
 }

@@ -34,6 +34,7 @@ class TrainResult:
     last_checkpoint: Path | None
     history: list[dict] = field(default_factory=list)
     wall_s: float = 0.0
+    skipped_examples: int = 0  # longer than model.max_length, left out before training
 
 
 class _Items(torch.utils.data.Dataset):
