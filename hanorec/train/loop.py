@@ -4,6 +4,12 @@ accelerate handles device placement, mixed precision, gradient accumulation and 
 `accelerate launch -m hanorec sft ...` works with the same entry point. The data order is a seeded
 permutation per epoch, so a resumed run skips exactly the micro-batches already consumed and, with the
 restored optimizer, scheduler and RNG state, reaches the same weights as an uninterrupted run.
+
+`train_loop` reads as its steps: plan the number of optimizer steps (refusing zero items), resume from the
+newest checkpoint or say why it starts over (trimming metrics.jsonl to the resumed step), announce the plan,
+then per epoch build the seeded loader and per micro-batch take one accumulation step; after each optimizer
+step log (every event: stage, step, total_steps, epoch, elapsed_s, lr and the loss metrics), checkpoint when
+due (every save_every steps, at each epoch end, and every save_every_minutes) and honour should_stop.
 """
 
 from __future__ import annotations
