@@ -202,3 +202,12 @@ def test_sigkill_at_any_moment_then_rerun_gives_the_uninterrupted_result(tmp_pat
         assert message in again.stdout, again.stdout
         assert_same_run(ref, out)
         assert json.loads((out / "results.json").read_text())["rows"] == expected
+
+
+def test_resuming_with_another_configuration_says_what_differs(tmp_path, capsys):
+    pipeline.run_sft(load_config(overrides=overrides(tmp_path, steps=2)))
+    capsys.readouterr()
+    pipeline.run_sft(load_config(overrides=overrides(tmp_path, steps=3, lr=5e-4, progress_bar=False)))
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "differs from the checkpoint's in sft.lr, sft.max_steps" in out
+    assert "another --output_dir" in out
