@@ -52,6 +52,7 @@ def wait_for(predicate, timeout=120.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@pytest.mark.slow  # three CLI subprocesses: about a minute on 2 shared cores
 def test_queue_one_at_a_time_stop_checkpoints_and_resume_finishes(manager):
     first = manager.submit(fast(3), name="first")
     second = manager.submit(fast(400), name="second")
