@@ -58,24 +58,39 @@ def timed(fn, *args, **kwargs) -> float:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--users", type=int, default=10, help="users to switch between (default 10)")
+    ap.add_argument("--starts", type=int, default=3, help="app starts timed for 'page served' (default 3; median)")
     ap.add_argument("--out", help="also write the JSON result here")
     args = ap.parse_args(argv)
 
     from gradio_client import Client
 
-    port = free_port()
-    env = dict(os.environ, GRADIO_SERVER_PORT=str(port), GRADIO_SERVER_NAME="127.0.0.1")
-    env.pop("PYTHONPATH", None)  # as a user's clone: the app finds the package itself
     runs = tempfile.mkdtemp(prefix="bench-app-runs-")
+    load_before = os.getloadavg()[0]
     start = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "app" / "main.py"), "--runs", runs],
-        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+
+    def start_app():
+        port = free_port()
+        env = dict(os.environ, GRADIO_SERVER_PORT=str(port), GRADIO_SERVER_NAME="127.0.0.1")
+        env.pop("PYTHONPATH", None)  # as a user's clone: the app finds the package itself
+        proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "app" / "main.py"), "--runs", runs],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        return proc, f"http://127.0.0.1:{port}/"
+
+    served_all = []
+    for _ in range(max(1, args.starts) - 1):
+        proc, url = start_app()
+        try:
+            served_all.append(wait_served(url, proc))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    proc, url = start_app()
     try:
-        url = f"http://127.0.0.1:{port}/"
-        served = wait_served(url, proc)
-        client = Client(url, verbose=False)
+        served_all.append(wait_served(url, proc))
+        served = statistics.median(served_all)
+        client = Client(url, verbose=False, download_files=False)  # a browser fetches images lazily
         users_update, *_ = client.predict(str(DEMO), "hit3", api_name="/data_open")
         users = users_update["choices"]
         users = [u[0] if isinstance(u, (list, tuple)) else u for u in users][: args.users + 1]
@@ -99,7 +114,9 @@ def main(argv=None) -> dict:
     result = {
         "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores, "
         f"{'GPU ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU'}, torch {torch.__version__}",
+        "load_average_1min_at_start": round(load_before, 2),
         "page_served_s": round(served, 2),
+        "page_served_s_each": [round(x, 2) for x in served_all],
         "first_user_s_builds_model": round(first, 2),
         "switch_user_s_median": round(statistics.median(switch), 3),
         "switch_user_s_max": round(max(switch), 3),
@@ -108,14 +125,14 @@ def main(argv=None) -> dict:
         "wall_s": round(total, 1),
     }
     rows = [
-        ("page served after start", f"{result['page_served_s']:.2f} s", "< 10 s"),
+        (f"page served after start (median of {len(served_all)})", f"{result['page_served_s']:.2f} s", "< 10 s"),
         ("first user (builds the tiny model)", f"{result['first_user_s_builds_model']:.2f} s", "-"),
         (f"switch user + score 7 candidates (median of {len(switch)})", f"{result['switch_user_s_median']:.3f} s", "< 1 s"),
         ("switch user + score 7 candidates (max)", f"{result['switch_user_s_max']:.3f} s", "< 1 s"),
         ("100 noise draws, 7 candidates, LoRA", f"{noise['lora']:.2f} s", "< 5 s"),
         ("100 noise draws, 7 candidates, logits", f"{noise['logits']:.2f} s", "< 5 s"),
     ]
-    print(f"Machine: {result['machine']}")
+    print(f"Machine: {result['machine']}; 1-minute load average at start {load_before:.2f}")
     print("| measurement | time | target |\n|---|---:|---|")
     for r in rows:
         print(f"| {r[0]} | {r[1]} | {r[2]} |")

@@ -1,7 +1,7 @@
 """The real page in Debian's chromium (Playwright pointed at /usr/bin/chromium; no browser download).
 
-Goes through all four tabs on the bundled demo data, starts a tiny training run in the Train tab and sees
-it finish, checks that the noise lab's chart changes with sigma, fails on any browser console error or
+Goes through all four tabs on the bundled demo data, starts a tiny training run in the Train tab, reloads
+the page while it runs and sees it finish, checks that the noise lab's chart changes with sigma, fails on any browser console error or
 visible error, and saves one screenshot per tab (to $HANOREC_SCREENSHOTS, default a temporary folder).
 
 Run: `python -m pytest -m browser tests/test_browser.py` (CI installs chromium with apt first).
@@ -114,7 +114,14 @@ def test_train_tab_runs_a_tiny_training_to_the_end(page, shots):
     page.get_by_label("evaluation prompts (empty: all)", exact=True).fill("2")
     page.locator("#train-launch").click()
     status = page.locator("#train-status")
-    status.get_by_text("finished").wait_for(timeout=TRAIN_TIMEOUT_MS)
+    status.get_by_text("hano-dpo").wait_for(timeout=60_000)
+    # the run goes on while the page is gone; the reloaded page follows it again
+    no_errors(page)
+    page.reload(wait_until="networkidle")
+    page.console_errors.clear()  # leaving the page aborts its pending polls (AbortError): not an app error
+    page.get_by_text("users have a test prompt").wait_for(timeout=60_000)
+    open_tab(page, "Train")
+    page.locator("#train-status").get_by_text("finished").wait_for(timeout=TRAIN_TIMEOUT_MS)
     no_errors(page)
     shoot(page, shots, "train")
 

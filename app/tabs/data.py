@@ -190,7 +190,7 @@ def build(ctx) -> None:
         answer = gr.Textbox(label="Target answer", lines=6)
     with gr.Accordion("What the model sees (chat template, image tokens expanded, images at model size)", open=False):
         seen_text = gr.Textbox(label="Model input text", lines=8, max_lines=20)
-        seen_images = gr.Gallery(label="Images as the model receives them", columns=10, height=140, object_fit="contain")
+        seen_images = gr.Gallery(label="Images as the model receives them", columns=8, height=200, object_fit="contain")
 
     stats_out = [user, summary, stats_table, fig_lengths, fig_pop, fig_images]
     user_out = [history, cands, cand_images, prompt, answer, seen_text, seen_images]

@@ -17,7 +17,7 @@ from plotly.subplots import make_subplots
 from app.common import example_pickers, item_image, user_errors
 
 SAMPLING = ("random", "embedding")
-STATS_COLUMNS = ["pair", "user", "lambda", "beta", "chosen_reward", "rejected_reward", "reward_margin", "accurate"]
+STATS_COLUMNS = ["pair", "user", "lambda", "beta", "reward_margin", "accurate", "chosen_reward", "rejected_reward"]
 
 
 # ---- state shared by the handlers (cached in the context) ---------------------------------------
@@ -141,6 +141,7 @@ def score_pairs(ctx, dataset, task, model, progress=gr.Progress()):
             progress=lambda done, total: progress(done / total, desc=f"pair {done}/{total}"),
         )  # fmt: skip
     df = pd.DataFrame(rows).round(5)
+    df = df[STATS_COLUMNS + [c for c in df.columns if c not in STATS_COLUMNS]]
     acc = df["accurate"].mean()
     text = (
         f"**{len(df)} training pairs** of {cfg.pref.method} scored with the trained policy and its reference (adapter "
@@ -265,7 +266,7 @@ def build(ctx) -> None:
         pair_prompt_box = gr.Textbox(label="Prompt", lines=5, scale=3)
         chosen = gr.Textbox(label="Chosen", lines=3, scale=1)
         rejected = gr.Textbox(label="Rejected", lines=3, scale=1)
-    pair_images = gr.Gallery(label="Prompt images", columns=10, height=160, object_fit="contain", elem_id="hardness-prompt-images")
+    pair_images = gr.Gallery(label="Prompt images", columns=6, height=220, object_fit="contain", elem_id="hardness-prompt-images")
 
     base = [dataset, task, model]
     settings = [*base, k, temperature, sampling, seed]
