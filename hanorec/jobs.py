@@ -217,9 +217,10 @@ class JobManager:
         return [name for _, name in sorted(queued)]
 
     def running(self) -> str | None:
-        """The job running now, if any."""
-        for run in self._job_dirs():
-            if runs.read_status(run).get("status") == "running":
+        """The run training now in runs_dir, if any: a job, or a CLI run started by hand into this folder
+        (it holds the device too, so the queue waits for it)."""
+        for run in sorted(self.runs_dir.iterdir()):
+            if (run / runs.STATUS_FILE).is_file() and runs.read_status(run).get("status") == "running":
                 return run.name
         return None
 

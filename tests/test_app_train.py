@@ -165,6 +165,8 @@ def test_errors_are_one_sentence(ctx, tmp_path):
         launch(ctx, lr=-1.0)
     with pytest.raises(gr.Error):
         launch(ctx, backbone=str(tmp_path.parent / "elsewhere"))  # a folder outside the allowed ones
+    with pytest.raises(gr.Error, match="hit1 has one rejected answer"):
+        T.launch(ctx, str(DEMO), "tiny-llava", "S-DPO", "hit1", T.FROM_SCRATCH, *FORM.values(), "")
     with pytest.raises(gr.Error, match="Pick a job"):
         T.stop(ctx, "")
     with pytest.raises(gr.Error, match="no job named 'nope'"):

@@ -52,6 +52,7 @@ def wait_for(predicate, timeout=120.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@pytest.mark.slow  # three CLI subprocesses: about a minute on 2 shared cores
 def test_queue_one_at_a_time_stop_checkpoints_and_resume_finishes(manager):
     first = manager.submit(fast(3), name="first")
     second = manager.submit(fast(400), name="second")
@@ -177,3 +178,15 @@ def test_runner_stops_at_the_first_failing_command_with_its_sentence(tmp_path):
     assert st["message"].startswith("unknown command 'trian'") and st.get("runner_pid") is None
     text = (run / "job.log").read_text()
     assert "$ python -m hanorec config" in text and "seed: 0" in text and "hanorec run" not in text
+
+
+def test_a_cli_run_in_the_same_folder_holds_the_queue(tmp_path):
+    import os
+
+    runs.write_status(tmp_path / "by-hand", "running", command="sft", pid=os.getpid())  # alive: this process
+    m = JobManager(tmp_path, autostart=False)
+    job = m.submit(fast(2), name="waits")
+    assert m.running() == "by-hand"
+    assert m.status(job).state == "queued" and m.status(job).position == 1
+    m.stop(job)
+    assert m.status(job).state == "stopped"

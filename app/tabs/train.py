@@ -123,6 +123,9 @@ def backbone_name(ctx, text: str) -> str:
 def launch(ctx, dataset, backbone, stage, task, sft_from, beta0, sigma, noise_target, k_negatives, sampling,
            epochs, lr, max_steps, eval_examples, log_with, seed=0, name=""):  # fmt: skip
     """Queue a run (it starts at once when nothing else runs); returns the job picker and its status."""
+    if stage == "S-DPO" and task == "hit1" and int(k_negatives or 1) != 1:  # found before SFT, not after
+        raise gr.Error(f"hit1 has one rejected answer (the other of Yes/No), so K negatives = {k_negatives} "
+                       "cannot work; use K = 1 (S-DPO on hit1 is DPO).")  # fmt: skip
     data_path = str(ctx.resolve_path(dataset))
     model = backbone_name(ctx, backbone)
     sft_run = None
