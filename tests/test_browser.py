@@ -107,6 +107,10 @@ def test_data_tab(page, shots):
     assert page.locator("#data-history img").count() >= 6
     prompt = page.locator("#data-prompt textarea").input_value()
     assert "<image>" in prompt
+    page.get_by_text("What the model sees").click()  # the accordion: chat template, image tokens expanded
+    seen = page.locator("#data-seen textarea")
+    seen.wait_for(timeout=30_000)
+    assert "<|image_pad|>" in seen.input_value()
     no_errors(page)
     shoot(page, shots, "data")
 
