@@ -69,12 +69,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def make_context(data_dirs=None, runs_dir="runs", device="auto", threads=0):
     """The AppContext for these folders: missing data folders are an error, the runs folder is created.
     torch is imported only when the first model loads, so the page is served sooner."""
-    from app.common import AppContext
-
     dirs = [Path(d).expanduser().resolve() for d in (data_dirs or [DEFAULT_DATA])]
     for d in dirs:
         if not d.is_dir():
             raise ValueError(f"The data folder {d} does not exist.")
+    from app.common import AppContext  # gradio: imported once the arguments are known to be good
     runs = Path(runs_dir).expanduser().resolve()
     runs.mkdir(parents=True, exist_ok=True)
     jobs = _job_manager(runs, None if device == "auto" else device)
