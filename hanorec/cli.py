@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                 tasks=tasks,
                 variants=variants,
                 readme=extra.get("readme"),
-                command="python -m hanorec " + " ".join(argv),
+                command=".venv/bin/python -m hanorec " + " ".join(argv),
             )
             return 0
         if command == "evaluate":
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             from hanorec.runs import load_stage
 
             stage = extra.get("stage", "sft")
-            data = pipeline.prepare_data(cfg)
+            data = pipeline.prepare_data(cfg, for_training=False)
             bundle = load_stage(cfg.output_dir, stage, extra.get("checkpoint"))
             print(f"scoring {stage} checkpoint {bundle.meta['checkpoint']}")
             ev = pipeline.run_eval(cfg, bundle, data, method="SFT" if stage == "sft" else stage)

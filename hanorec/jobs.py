@@ -229,14 +229,15 @@ class JobManager:
     def jobs(self) -> list[JobStatus]:
         """Every job: the running one, then the queue in order, then the rest newest first."""
         self.tick()
-        out = [self.status(p.name, tick=False) for p in self._job_dirs()]
+        out = [self.status(p.name, tick=False, detail=False) for p in self._job_dirs()]
         order = {"running": 0, "queued": 1}
         return sorted(
             out,
             key=lambda s: (order.get(s.state, 2), s.position or 0, -runs._mtime(s.run_dir / runs.STATUS_FILE)),
         )
 
-    def status(self, job_id: str, *, tick: bool = True) -> JobStatus:
+    def status(self, job_id: str, *, tick: bool = True, detail: bool = True) -> JobStatus:
+        """A job's state from its run folder; with detail (or while it runs) its progress, metrics and log."""
         if tick:
             self.tick()
         run = self._run(job_id)
@@ -244,12 +245,15 @@ class JobManager:
         st = runs.read_status(run)
         state = st.get("status", "failed")
         out = JobStatus(job_id, run, state, stage=job.get("stage", "SFT"), message=st.get("message", ""))
-        out.log_tail = log_tail(run)
+        if detail:
+            out.log_tail = log_tail(run)
         if state == "queued":
             q = self.queue()
             out.position = q.index(job_id) + 1 if job_id in q else None
             return out
         out.command = st.get("command")
+        if not detail and state != "running":
+            return out
         try:
             cfg = runs.read_config(run)
         except Exception:  # noqa: BLE001 - a hand-edited config must not hide the job
@@ -264,7 +268,7 @@ class JobManager:
                 out.step = int(last["step"])
                 out.total = int(last.get("total_steps") or out.total or 0) or None
                 out.epoch, out.elapsed_s = last.get("epoch"), last.get("elapsed_s")
-        if state == "failed" and not out.message:
+        if state == "failed" and not out.message and detail:
             out.message = last_error(run)
         return out
 
@@ -311,7 +315,7 @@ class JobManager:
         """Start the next queued job when none is running; returns the job started, if any."""
         for name, proc in list(self._procs.items()):
             if proc.poll() is not None:  # reap a finished runner (no zombie reads as alive)
-                del self._procs[name]
+                self._procs.pop(name, None)
         with _lock(self.runs_dir):
             if self.running() is not None:
                 return None
@@ -399,8 +403,9 @@ def run_job(run_dir: str | Path) -> int:
     signal.signal(signal.SIGINT, on_term)
     rc = 0
     for command in job["commands"]:
-        if state["stop"]:
-            break
+        if state["stop"]:  # SIGTERM between two commands
+            _final(run, "stopped", f"stopped before {command}; resume runs it")
+            return 0
         argv = [sys.executable, "-m", "hanorec", command, f"--config={run / runs.CONFIG_FILE}"]
         print(f"$ python {' '.join(argv[1:])}", flush=True)
         with _lock(run.parent):

@@ -155,3 +155,25 @@ def test_commands_per_stage():
     assert commands_for("SFT") == ["run"]
     assert commands_for("HaNo-DPO") == ["sft", "pref"]
     assert commands_for("S-DPO", sft_run="runs/x") == ["pref"]
+
+
+def test_runner_stops_at_the_first_failing_command_with_its_sentence(tmp_path):
+    """`python -m hanorec.jobs <run>` runs the job's CLI commands in order; a failing one ends the job."""
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "job"
+    run.mkdir()
+    (run / "config.yaml").write_text("seed: 0\n")
+    (run / "job.json").write_text(json.dumps({"stage": "SFT", "commands": ["config", "trian", "run"]}))
+    runs.write_status(run, "queued")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    with open(run / "job.log", "w") as log:
+        rc = subprocess.run([sys.executable, "-m", "hanorec.jobs", str(run)], stdout=log, stderr=subprocess.STDOUT,
+                            env=env, timeout=120).returncode  # fmt: skip
+    st = runs.read_status(run)
+    assert rc == 2 and st["status"] == "failed", (run / "job.log").read_text()
+    assert st["message"].startswith("unknown command 'trian'") and st.get("runner_pid") is None
+    text = (run / "job.log").read_text()
+    assert "$ python -m hanorec config" in text and "seed: 0" in text and "hanorec run" not in text
