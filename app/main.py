@@ -114,7 +114,8 @@ def main(argv=None) -> None:
     demo = build_app(ctx)
     host = os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
     port = int(os.environ.get("GRADIO_SERVER_PORT", "7860"))
-    print(f"HaNoRec Studio: data {', '.join(map(str, ctx.data_dirs))}; runs {ctx.runs_dir}; device {args.device}")
+    device = "auto (cuda when available, chosen when the first model loads)" if args.device == "auto" else args.device
+    print(f"HaNoRec Studio: data {', '.join(map(str, ctx.data_dirs))}; runs {ctx.runs_dir}; device {device}")
     demo.launch(server_name=host, server_port=port, share=args.share, allowed_paths=[str(d) for d in ctx.data_dirs])
 
 
