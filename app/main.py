@@ -69,12 +69,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 def make_context(data_dirs=None, runs_dir="runs", device="auto", threads=0):
     """The AppContext for these folders: missing data folders are an error, the runs folder is created.
     torch is imported only when the first model loads, so the page is served sooner."""
-    from app.common import AppContext
-
     dirs = [Path(d).expanduser().resolve() for d in (data_dirs or [DEFAULT_DATA])]
     for d in dirs:
         if not d.is_dir():
             raise ValueError(f"The data folder {d} does not exist.")
+    from app.common import AppContext  # gradio: imported once the arguments are known to be good
     runs = Path(runs_dir).expanduser().resolve()
     runs.mkdir(parents=True, exist_ok=True)
     jobs = _job_manager(runs, None if device == "auto" else device)
@@ -115,7 +114,8 @@ def main(argv=None) -> None:
     demo = build_app(ctx)
     host = os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
     port = int(os.environ.get("GRADIO_SERVER_PORT", "7860"))
-    print(f"HaNoRec Studio: data {', '.join(map(str, ctx.data_dirs))}; runs {ctx.runs_dir}; device {args.device}")
+    device = "auto (cuda when available, chosen when the first model loads)" if args.device == "auto" else args.device
+    print(f"HaNoRec Studio: data {', '.join(map(str, ctx.data_dirs))}; runs {ctx.runs_dir}; device {device}")
     demo.launch(server_name=host, server_port=port, share=args.share, allowed_paths=[str(d) for d in ctx.data_dirs])
 
 

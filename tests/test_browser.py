@@ -92,7 +92,12 @@ def open_tab(page, name: str) -> None:
 
 
 def shoot(page, shots: Path, name: str) -> None:
-    page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
+    """A full-page PNG, 1280 wide, quantized to 256 colours (small enough for the README)."""
+    from PIL import Image
+
+    path = shots / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    Image.open(path).convert("RGB").quantize(256, dither=Image.Dither.NONE).save(path, optimize=True)
 
 
 def test_data_tab(page, shots):
@@ -102,6 +107,10 @@ def test_data_tab(page, shots):
     assert page.locator("#data-history img").count() >= 6
     prompt = page.locator("#data-prompt textarea").input_value()
     assert "<image>" in prompt
+    page.get_by_text("What the model sees").click()  # the accordion: chat template, image tokens expanded
+    seen = page.locator("#data-seen textarea")
+    seen.wait_for(timeout=30_000)
+    assert "<|image_pad|>" in seen.input_value()
     no_errors(page)
     shoot(page, shots, "data")
 

@@ -189,8 +189,10 @@ def build(ctx) -> None:
         prompt = gr.Textbox(label="Prompt (as written, <image> = one history image)", lines=6, elem_id="data-prompt")
         answer = gr.Textbox(label="Target answer", lines=6)
     with gr.Accordion("What the model sees (chat template, image tokens expanded, images at model size)", open=False):
-        seen_text = gr.Textbox(label="Model input text", lines=8, max_lines=20)
-        seen_images = gr.Gallery(label="Images as the model receives them", columns=8, height=200, object_fit="contain")
+        with gr.Row():
+            seen_text = gr.Textbox(label="Model input text", lines=12, max_lines=20, scale=3, elem_id="data-seen")
+            seen_images = gr.Gallery(label="Images as the model receives them", columns=5, height=300,
+                                     object_fit="contain", scale=2)  # fmt: skip
 
     stats_out = [user, summary, stats_table, fig_lengths, fig_pop, fig_images]
     user_out = [history, cands, cand_images, prompt, answer, seen_text, seen_images]

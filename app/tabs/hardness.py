@@ -263,10 +263,14 @@ def build(ctx) -> None:
         pair_n = gr.Number(0, label="pair #", precision=0, scale=1)
         pair_btn = gr.Button("Show this pair's prompt", scale=1, elem_id="hardness-pair-prompt")
     with gr.Row():
-        pair_prompt_box = gr.Textbox(label="Prompt", lines=5, scale=3)
-        chosen = gr.Textbox(label="Chosen", lines=3, scale=1)
-        rejected = gr.Textbox(label="Rejected", lines=3, scale=1)
-    pair_images = gr.Gallery(label="Prompt images", columns=6, height=220, object_fit="contain", elem_id="hardness-prompt-images")
+        with gr.Column(scale=3):
+            pair_prompt_box = gr.Textbox(label="Prompt", lines=5)
+            with gr.Row():
+                chosen = gr.Textbox(label="Chosen", lines=3)
+                rejected = gr.Textbox(label="Rejected", lines=3)
+        # a narrow column: a gallery spreads a few images over its whole width
+        pair_images = gr.Gallery(label="Prompt images", columns=5, height=300, object_fit="contain",
+                                 elem_id="hardness-prompt-images", scale=2)  # fmt: skip
 
     base = [dataset, task, model]
     settings = [*base, k, temperature, sampling, seed]
