@@ -32,6 +32,22 @@ warnings.filterwarnings("ignore", message=".*requires torchvision.*")
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
 
 
+def _quiet_libraries() -> None:
+    """Drop the notices a CPU install prints on every run (transformers without torchvision falls back to its
+    PIL image processors, which is what we want) and the shard-writing progress bars."""
+    import logging
+
+    import transformers
+
+    class _DropTorchvisionNotice(logging.Filter):
+        def filter(self, record):
+            return "requires torchvision" not in record.getMessage()
+
+    for handler in logging.getLogger("transformers").handlers:
+        handler.addFilter(_DropTorchvisionNotice())
+    transformers.utils.logging.disable_progress_bar()
+
+
 class _StopFlag:
     """SIGINT/SIGTERM ask the training loop to checkpoint and stop; a second SIGINT aborts."""
 
@@ -144,6 +160,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if command in ("run", "sft", "pref", "compare", "evaluate"):
             check_model_name(cfg.model.name)  # before any data is loaded
+            _quiet_libraries()
+            if cfg.threads:
+                import torch
+
+                torch.set_num_threads(cfg.threads)
             print(f"{command}: {_describe_source(config_path, overrides)}; output in {cfg.output_dir}")
         from hanorec import pipeline
 
@@ -183,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                 tasks=tasks,
                 variants=variants,
                 readme=extra.get("readme"),
-                command="python -m hanorec " + " ".join(argv),
+                command=".venv/bin/python -m hanorec " + " ".join(argv),
             )
             return 0
         if command == "evaluate":
@@ -191,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             from hanorec.runs import load_stage
 
             stage = extra.get("stage", "sft")
-            data = pipeline.prepare_data(cfg)
+            data = pipeline.prepare_data(cfg, for_training=False)
             bundle = load_stage(cfg.output_dir, stage, extra.get("checkpoint"))
             print(f"scoring {stage} checkpoint {bundle.meta['checkpoint']}")
             ev = pipeline.run_eval(cfg, bundle, data, method="SFT" if stage == "sft" else stage)

@@ -28,7 +28,10 @@ def app_ctx(tmp_path_factory):
     from app.main import make_context
 
     runs = tmp_path_factory.mktemp("runs")
-    return make_context([str(DEMO)], str(runs), "cpu")
+    ctx = make_context([str(DEMO)], str(runs), "cpu")
+    yield ctx
+    if ctx.jobs is not None:
+        ctx.jobs.close()
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +67,13 @@ def test_help_runs_from_a_fresh_clone_without_install(tmp_path):
 def test_missing_data_folder_is_one_sentence(tmp_path):
     from app.main import make_context
 
-    with pytest.raises(SystemExit, match="does not exist"):
+    with pytest.raises(ValueError, match="does not exist"):
         make_context([str(tmp_path / "nothere")], str(tmp_path / "runs"))
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "app" / "main.py"), "--data", str(tmp_path / "nothere")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 2 and "does not exist" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_resolve_path_confines_to_allowed_folders(app_ctx, tmp_path):
@@ -89,10 +97,11 @@ def test_data_tab(client):
     history, cands, cand_images, prompt, answer, seen, seen_images = client.predict(
         str(DEMO), "hit3", user, "base", api_name="/data_user"
     )
-    assert len(history) >= 6 and any("in prompt" in h["caption"] for h in history)
+    assert len(history) >= 6 and sum("◆" in h["caption"] for h in history) == 3
+    assert sum("★" in h["caption"] for h in history) == 3
     rows = cands["data"]
-    assert len(rows) == 7 and sum(r[3] == "✓" for r in rows) == 3  # hit3: 3 true among 7 candidates
-    assert sorted(r[6] for r in rows) == list(range(1, 8))
+    assert len(rows) == 7 and sum(r[2] == "✓" for r in rows) == 3  # hit3: 3 true among 7 candidates
+    assert sorted(r[5] for r in rows) == list(range(1, 8))
     assert prompt.count("<image>") == 3 and answer.count("\n") == 2
     assert "<|image_pad|>" in seen and seen.count("<|image_pad|>") > 3  # placeholders expanded
     assert len(seen_images) == 3 and len(cand_images) == 7
@@ -113,3 +122,62 @@ def test_data_tab_errors_are_one_sentence(client):
         client.predict("/etc", "hit3", api_name="/data_open_typed")
     with pytest.raises(AppError, match="'..'"):
         client.predict("../secret", "hit3", api_name="/data_open_typed")
+
+
+def _first_user(client, task="hit3"):
+    users, *_ = client.predict(str(DEMO), task, api_name="/data_open")
+    return users["value"]
+
+
+def test_noise_lab_moves_scores_and_sigma_zero_is_clean(client):
+    user = _first_user(client)
+    text0, fig0, table0 = client.predict(str(DEMO), "hit3", user, "base", "lora", 0.0, 20, 0, api_name="/noise_draw")
+    assert "Top-1 changed in **0%**" in text0 and "rms(A)" in text0
+    shifts0 = [row[table0["headers"].index("shift_std")] for row in table0["data"]]
+    assert max(abs(s) for s in shifts0) == 0.0  # sigma 0: every draw is the clean score
+    text, fig, table = client.predict(str(DEMO), "hit3", user, "base", "lora", 0.05, 20, 0, api_name="/noise_draw")
+    shifts = [row[table["headers"].index("shift_std")] for row in table["data"]]
+    assert min(shifts) > 0 and fig != fig0
+    assert len(table["data"]) == 7
+    text_l, _, _ = client.predict(str(DEMO), "hit3", user, "base", "logits", 0.5, 20, 0, api_name="/noise_draw")
+    assert "logits" in text_l
+
+
+def test_noise_sweep_kl_grows_with_sigma(client):
+    user = _first_user(client)
+    fig, table = client.predict(str(DEMO), "hit3", user, "base", "logits", 25, 0, 0.02, api_name="/noise_sweep")
+    cols = table["headers"]
+    rows = [dict(zip(cols, r)) for r in table["data"]]
+    assert rows[0]["sigma"] == 0 and rows[0]["kl_mean"] == 0
+    assert rows[-1]["kl_mean"] > rows[1]["kl_mean"] > 0
+
+
+def test_noise_lab_bad_user_is_one_sentence(client):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="has no test prompt"):
+        client.predict(str(DEMO), "hit3", "nobody", "base", "lora", 0.01, 5, 0, api_name="/noise_draw")
+
+
+def test_hardness_tab_on_the_untrained_model(client):
+    text, fig, table, users = client.predict(str(DEMO), "hit3", "base", 10, 1.0, "random", 0, api_name="/hardness_compute")
+    assert "training pairs" in text and "lambda: min" in text and "beyond the paper" not in text
+    cols = table["headers"]
+    lam = [r[cols.index("lambda")] for r in table["data"]]
+    assert len(lam) > 100 and min(lam) < 1 < max(lam)
+    text_t, _, table_t, _ = client.predict(str(DEMO), "hit3", "base", 10, 0.05, "random", 0, api_name="/hardness_compute")
+    lam_t = [r[cols.index("lambda")] for r in table_t["data"]]
+    assert "beyond the paper" in text_t and max(lam_t) - min(lam_t) > max(lam) - min(lam)  # sharper profiles widen it
+    pair_text, aligned, profiles, images = client.predict(
+        str(DEMO), "hit3", "base", 10, 1.0, "embedding", 0, users["value"], api_name="/hardness_pair"
+    )
+    assert "lambda =" in pair_text and len(aligned["data"]) == 3 and len(images) == 6
+    grid = client.predict(str(DEMO), "hit3", "base", "random", 0, api_name="/hardness_grid")
+    assert len(grid["data"]) == 16
+
+
+def test_hardness_per_pair_view_needs_a_preference_stage(client):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="preference stage"):
+        client.predict(str(DEMO), "hit3", "base", api_name="/hardness_stats")

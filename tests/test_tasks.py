@@ -198,3 +198,62 @@ def test_corpus_text_covers_titles_and_templates(ds):
     assert "artists" not in joined
     music = "\n".join(corpus_text(ds, wording("music")))
     assert "listened to the following artists" in music
+
+
+def test_domain_wording_presets_and_custom_words():
+    assert wording("music")["verb"] == "listened to" and wording("music")["verb_present"] == "listen to"
+    assert wording("music")["plural"] == "artists"
+    custom = wording("movies", noun="podcast", verb="played")
+    assert custom == {"verb": "played", "verb_present": "play", "singular": "podcast", "plural": "podcasts"}
+    assert wording("products", nouns="goods")["plural"] == "goods"
+    from hanorec.tasks import TaskError
+
+    with pytest.raises(TaskError, match="item_verb_present"):
+        wording(verb="read")
+
+
+def test_a_text_only_music_dataset_runs_end_to_end(tmp_path, capsys):
+    """A LastFM-like dataset (artists, no images) in the music domain: prompts speak of artists one listened
+    to, and data -> SFT -> evaluation runs through the command line."""
+    import json
+
+    from hanorec.cli import main
+    from hanorec.config import load_config
+    from hanorec.pipeline import prepare_data
+
+    root = tmp_path / "lastfm"
+    root.mkdir()
+    (root / "titles.csv").write_text("item,title\n" + "".join(f"{i},Band {i}\n" for i in range(1, 41)))
+    (root / "pairs.tsv").write_text(
+        "".join(f"u{u}\t" + " ".join(str(1 + (u * 5 + 3 * k) % 40) for k in range(12)) + "\n" for u in range(24))
+    )
+    over = [f"--data.path={root}", "--data.domain=music", f"--output_dir={tmp_path / 'run'}"]
+    data = prepare_data(load_config(overrides=over))
+    ex = data.train[0]
+    assert "The user has listened to the following artists:" in ex.prompt
+    assert "Answer with the 3 candidate artists the user is most likely to listen to next" in ex.prompt
+    assert data.dataset.summary.missing_images == len(data.dataset.items)  # text only: grey placeholders
+    podcast = prepare_data(load_config(overrides=[*over, "--task.item_noun=podcast", "--task.item_verb=played"]))
+    assert "The user has played the following podcasts:" in podcast.train[0].prompt
+    tiny = ["--model.name=tiny-llava", "--model.tiny_hidden_size=64", "--sft.max_steps=2",
+            "--sft.progress_bar=false", "--task.max_eval_examples=8"]  # fmt: skip
+    assert main(["run", *over, *tiny]) == 0
+    rows = json.loads((tmp_path / "run" / "results.json").read_text())["rows"]
+    assert {r["method"] for r in rows} == {"SFT", "random", "popularity"}
+
+
+def test_image_size_is_honoured_by_the_tiny_presets(tmp_path):
+    from hanorec.config import load_config
+    from hanorec.pipeline import prepare_data, prepare_model
+    from hanorec.tasks import render
+
+    cfg = load_config(overrides=["--data.image_size=32", "--data.max_users=5", f"--output_dir={tmp_path}"])
+    data = prepare_data(cfg)
+    bundle = prepare_model(cfg, data.dataset, tmp_path / "sft")
+    assert bundle.image_size == 32
+    r = render(data.test[0], data.dataset)
+    enc = bundle.encode_prompt(r.text, r.images)
+    n_images = r.text.count(IMAGE_PLACEHOLDER)
+    assert enc.input_ids.count(bundle.image_token_id) == 4 * n_images  # 32x32: 4x4 patches merged 2x2
+    again = prepare_model(cfg, data.dataset, tmp_path / "sft")  # reloaded from the run folder
+    assert again.image_size == 32

@@ -10,9 +10,9 @@ import gradio as gr
 import pandas as pd
 import plotly.graph_objects as go
 
-from app.common import TASKS, example_for, on_load, user_errors
+from app.common import TASKS, example_for, item_image, on_load, user_errors
 
-CANDIDATE_COLUMNS = ["#", "candidate", "item", "true next", "log-prob", "prob", "model rank"]
+CANDIDATE_COLUMNS = ["candidate", "item", "true next", "log-prob", "prob", "rank"]
 
 
 # ---- handlers ---------------------------------------------------------------------------------
@@ -59,7 +59,7 @@ def show_user(ctx, dataset: str, task: str, user: str, model: str):
     return (
         history_gallery(ds, ds.sequences[user], example),
         candidates_table(ds, rows),
-        [(ds.load_image(r["item"]), ("✓ " if r["true"] else "") + ds.items[r["item"]].title) for r in rows],
+        [(item_image(ds, r["item"]), ("✓ " if r["true"] else "") + ds.items[r["item"]].title) for r in rows],
         rendered.text,
         rendered.answer,
         seen[0],
@@ -79,12 +79,12 @@ def history_gallery(ds, sequence, example) -> list:
     out = []
     for k, item in enumerate(sequence):
         if start <= k < start + n_hist:
-            mark = "in prompt · "
+            mark = "◆ "
         elif start + n_hist <= k < start + n_hist + len(example.targets):
-            mark = "true next · "
+            mark = "★ "
         else:
             mark = ""
-        out.append((ds.load_image(item), f"{k + 1}. {mark}{ds.items[item].title}"))
+        out.append((item_image(ds, item), f"{k + 1} {mark}{ds.items[item].title}"))
     return out
 
 
@@ -99,8 +99,8 @@ def _window_start(sequence, example) -> int:
 def candidates_table(ds, rows) -> pd.DataFrame:
     return pd.DataFrame(
         [
-            [k + 1, r["option"], r["item"], "✓" if r["true"] else "", round(r["logp"], 3), round(r["prob"], 4), r["rank"]]
-            for k, r in enumerate(rows)
+            [r["option"], r["item"], "✓" if r["true"] else "", round(r["logp"], 2), round(r["prob"], 3), r["rank"]]
+            for r in rows
         ],
         columns=CANDIDATE_COLUMNS,
     )
@@ -142,7 +142,7 @@ def images_figure(stats) -> go.Figure:
             y=[stats.n_users, stats.n_items, stats.n_items - stats.missing_images, stats.missing_images],
             marker_color=["#4c78a8", "#72b7b2", "#54a24b", "#e45756"],
             text=[stats.n_users, stats.n_items, stats.n_items - stats.missing_images, stats.missing_images],
-            textposition="outside",
+            textposition="inside",
         )
     )
     return _layout(fig, "Users, items and missing images", "", "count")
@@ -174,20 +174,25 @@ def build(ctx) -> None:
             fig_lengths = gr.Plot(label="Sequence lengths")
             fig_pop = gr.Plot(label="Item popularity")
     with gr.Row():
-        user = gr.Dropdown([], label="User (test prompt)", scale=2)
+        user = gr.Dropdown([], label="User (test prompt)", scale=2, allow_custom_value=True)
         model = gr.Dropdown(ctx.model_choices(), value="base", label="Score candidates with", scale=3)
         refresh = gr.Button("Refresh model list", scale=1)
-    gr.Markdown("**History** in time order: the items the prompt shows are marked *in prompt*, the ones to predict *true next*.")
-    history = gr.Gallery(label="History", columns=10, height=260, object_fit="contain", elem_id="data-history")
+    gr.Markdown(
+        "**History** in time order (click an image to enlarge): ◆ = shown in the prompt, ★ = a true next item "
+        "the model should recommend; the test prompt is the user's latest window."
+    )
+    history = gr.Gallery(label="History", columns=8, height=330, object_fit="contain", elem_id="data-history")
     with gr.Row():
-        cands = gr.Dataframe(headers=CANDIDATE_COLUMNS, interactive=False, label="Candidates (✓ = true next item)", scale=3)
-        cand_images = gr.Gallery(label="Candidate images", columns=5, height=220, object_fit="contain", scale=2)
+        cands = gr.Dataframe(headers=CANDIDATE_COLUMNS, interactive=False, label="Candidates (✓ = true next item; rank = the model's ranking by log-prob)", scale=3)
+        cand_images = gr.Gallery(label="Candidate images (✓ = true next)", columns=4, height=300, object_fit="contain", scale=2)
     with gr.Row():
         prompt = gr.Textbox(label="Prompt (as written, <image> = one history image)", lines=6, elem_id="data-prompt")
         answer = gr.Textbox(label="Target answer", lines=6)
     with gr.Accordion("What the model sees (chat template, image tokens expanded, images at model size)", open=False):
-        seen_text = gr.Textbox(label="Model input text", lines=8, max_lines=20)
-        seen_images = gr.Gallery(label="Images as the model receives them", columns=10, height=140, object_fit="contain")
+        with gr.Row():
+            seen_text = gr.Textbox(label="Model input text", lines=12, max_lines=20, scale=3, elem_id="data-seen")
+            seen_images = gr.Gallery(label="Images as the model receives them", columns=5, height=300,
+                                     object_fit="contain", scale=2)  # fmt: skip
 
     stats_out = [user, summary, stats_table, fig_lengths, fig_pop, fig_images]
     user_out = [history, cands, cand_images, prompt, answer, seen_text, seen_images]

@@ -14,9 +14,10 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from app.common import example_pickers, user_errors
+from app.common import example_pickers, item_image, user_errors
 
 SAMPLING = ("random", "embedding")
+STATS_COLUMNS = ["pair", "user", "lambda", "beta", "reward_margin", "accurate", "chosen_reward", "rejected_reward"]
 
 
 # ---- state shared by the handlers (cached in the context) ---------------------------------------
@@ -90,16 +91,24 @@ def show_pair(ctx, dataset, task, model, k, temperature, sampling, seed, user):
     pair, ds = pairs[n], data.dataset
     aligned = aligned_pair_rows(pair, ids, profiles, ds)
     r = rows[n]
+    flat = float(profiles[[ids.index(a["positive"]) for a in aligned]].max(1).values.mean())
     text = (
         f"Pair {n} of user {user}: D = {r['D']:.5f} (mean of the {len(aligned)} aligned distances), "
-        f"**lambda = {r['lambda']:.5f}**, **beta = {r['beta']:.5f}**. Chosen answer: {pair.chosen!r}; "
-        f"rejected: {pair.rejected[0]!r}."
+        f"**lambda = {r['lambda']:.5f}**, **beta = {r['beta']:.5f}**. Chosen: {_one_line(pair.chosen)}; "
+        f"rejected: {_one_line(pair.rejected[0])}. The positives' largest profile weight is {flat:.3f} "
+        f"(1/K = {1 / profiles.shape[1]:.3f} would be a flat profile: near-flat profiles are why lambda stays "
+        "close to 1; a lower temperature sharpens them)."
     )
     gallery = []
-    for a in aligned:
-        gallery += [(ds.load_image(a["positive"]), f"+ {a['positive title']}"), (ds.load_image(a["negative"]), f"− {a['negative title']}")]
+    for j, a in enumerate(aligned):
+        gallery += [(item_image(ds, a["positive"]), f"{j + 1}+ {a['positive title']}"),
+                    (item_image(ds, a["negative"]), f"{j + 1}− {a['negative title']}")]  # fmt: skip
     figure = profiles_figure(aligned, ids, profiles, idx)
     return text, pd.DataFrame(aligned).round(5), figure, gallery
+
+
+def _one_line(answer: str) -> str:
+    return " / ".join(answer.splitlines())
 
 
 def spread_grid(ctx, dataset, task, model, sampling, seed):
@@ -132,6 +141,7 @@ def score_pairs(ctx, dataset, task, model, progress=gr.Progress()):
             progress=lambda done, total: progress(done / total, desc=f"pair {done}/{total}"),
         )  # fmt: skip
     df = pd.DataFrame(rows).round(5)
+    df = df[STATS_COLUMNS + [c for c in df.columns if c not in STATS_COLUMNS]]
     acc = df["accurate"].mean()
     text = (
         f"**{len(df)} training pairs** of {cfg.pref.method} scored with the trained policy and its reference (adapter "
@@ -232,31 +242,35 @@ def build(ctx) -> None:
     summary = gr.Markdown(elem_id="hardness-summary")
     with gr.Row():
         hist = gr.Plot(label="lambda distribution")
-        table = gr.Dataframe(interactive=False, label="Pairs (D, lambda, beta)", max_height=320, show_search="filter")
+        table = gr.Dataframe(headers=["pair", "user", "D", "lambda", "beta"], interactive=False, label="Pairs (D, lambda, beta)", max_height=320, show_search="filter")
     with gr.Accordion("What widens the spread: lambda range per K and temperature", open=False):
         grid_btn = gr.Button("Compute the grid")
-        grid = gr.Dataframe(interactive=False)
+        grid = gr.Dataframe(headers=["K", "temperature", "lambda min", "lambda max", "lambda std", "paper"], interactive=False)
     gr.Markdown("### One user's pair")
     with gr.Row():
-        user = gr.Dropdown([], label="User (with a training pair)")
+        user = gr.Dropdown([], label="User (with a training pair)", allow_custom_value=True)
     pair_text = gr.Markdown()
     aligned = gr.Dataframe(interactive=False, label="Aligned (positive, negative) items")
     profiles = gr.Plot(label="Neighbour profiles")
-    images = gr.Gallery(label="Positives (+) and negatives (−)", columns=6, height=180, object_fit="contain")
+    images = gr.Gallery(label="Aligned pairs: positive (+) then its negative (−)", columns=6, height=250, object_fit="contain")
     gr.Markdown("### Per-pair training view (after a preference run)")
-    stats_btn = gr.Button("Score the training pairs with the policy and its reference")
-    stats_text = gr.Markdown()
+    stats_btn = gr.Button("Score the training pairs with the policy and its reference", elem_id="hardness-stats")
+    stats_text = gr.Markdown(elem_id="hardness-stats-text")
     with gr.Row():
-        stats = gr.Dataframe(interactive=False, label="Per pair (click a row)", max_height=360, show_search="filter", scale=3)
+        stats = gr.Dataframe(headers=STATS_COLUMNS, interactive=False, label="Per pair (click a row)", max_height=360, show_search="filter", scale=3)
         margins = gr.Plot(label="Reward margin vs lambda", scale=2)
     with gr.Row():
         pair_n = gr.Number(0, label="pair #", precision=0, scale=1)
-        pair_btn = gr.Button("Show this pair's prompt", scale=1)
+        pair_btn = gr.Button("Show this pair's prompt", scale=1, elem_id="hardness-pair-prompt")
     with gr.Row():
-        pair_prompt_box = gr.Textbox(label="Prompt", lines=5, scale=3)
-        chosen = gr.Textbox(label="Chosen", lines=3, scale=1)
-        rejected = gr.Textbox(label="Rejected", lines=3, scale=1)
-    pair_images = gr.Gallery(label="Prompt images", columns=10, height=140, object_fit="contain")
+        with gr.Column(scale=3):
+            pair_prompt_box = gr.Textbox(label="Prompt", lines=5)
+            with gr.Row():
+                chosen = gr.Textbox(label="Chosen", lines=3)
+                rejected = gr.Textbox(label="Rejected", lines=3)
+        # a narrow column: a gallery spreads a few images over its whole width
+        pair_images = gr.Gallery(label="Prompt images", columns=5, height=300, object_fit="contain",
+                                 elem_id="hardness-prompt-images", scale=2)  # fmt: skip
 
     base = [dataset, task, model]
     settings = [*base, k, temperature, sampling, seed]

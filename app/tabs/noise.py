@@ -87,20 +87,18 @@ def _short(text: str, n: int = 34) -> str:
 
 
 def scores_figure(labels, clean, noisy, sigma) -> go.Figure:
+    """One box per candidate: how far its score moved (noisy - clean) over the draws."""
     fig = go.Figure()
     for k, label in enumerate(labels):
+        shift = (noisy[:, k] - clean[k]).tolist()
         fig.add_trace(
-            go.Box(y=noisy[:, k].tolist(), name=label, boxpoints=False, marker_color="#4c78a8", showlegend=False)
-        )
-    fig.add_trace(
-        go.Scatter(
-            x=labels, y=clean.tolist(), mode="markers", name="clean score",
-            marker=dict(symbol="diamond", size=11, color="#e45756"),
-        )
-    )  # fmt: skip
+            go.Box(y=shift, name=f"{label}<br>clean {float(clean[k]):.1f}", boxpoints="outliers",
+                   marker_color="#4c78a8", showlegend=False)
+        )  # fmt: skip
+    fig.add_hline(y=0, line_color="#e45756", line_dash="dot", annotation_text="clean score")
     fig.update_layout(
-        title=f"Candidate log-likelihood: clean (red) and under noise sigma = {sigma:g} (boxes over draws)",
-        yaxis_title="log p(candidate | prompt)",
+        title=f"How far each candidate's score moves under noise sigma = {sigma:g} (one box over the draws; ✓ = true next)",
+        yaxis_title="noisy − clean log p(candidate | prompt)",
         height=380,
         margin=dict(l=50, r=10, t=50, b=90),
         template="plotly_white",
@@ -139,7 +137,7 @@ def build(ctx) -> None:
     dataset, task, user, model = example_pickers(ctx, "noise")
     with gr.Row():
         target = gr.Radio(list(TARGETS), value="lora", label="Noise target", scale=1)
-        sigma = gr.Slider(0.0, 0.2, value=0.02, step=0.001, label="sigma", scale=2, elem_id="noise-sigma")
+        sigma = gr.Slider(0.0, 1.0, value=0.02, step=0.001, label="sigma (LoRA: try 0.005-0.1; logits: 0.1-1)", scale=2, elem_id="noise-sigma")
         draws = gr.Slider(1, 300, value=100, step=1, label="draws", scale=2)
         seed = gr.Number(0, label="seed", precision=0, scale=1)
     with gr.Row():
@@ -147,9 +145,12 @@ def build(ctx) -> None:
         run_sweep = gr.Button("Sweep sigma (KL vs sigma)", elem_id="noise-sweep")
     summary = gr.Markdown(elem_id="noise-summary")
     scores = gr.Plot(label="Scores per candidate", elem_id="noise-scores")
-    table = gr.Dataframe(interactive=False, label="Per candidate (shift = noisy - clean, top1_rate = share of draws it was top-1)")
+    table = gr.Dataframe(headers=["candidate", "clean", "noisy_mean", "shift_mean", "shift_std", "top1_rate"], interactive=False, label="Per candidate (shift = noisy - clean, top1_rate = share of draws it was top-1)")
     sweep_plot = gr.Plot(label="Sweep over sigma", elem_id="noise-sweep-plot")
-    sweep_table = gr.Dataframe(interactive=False, label="Sweep values")
+    sweep_table = gr.Dataframe(
+        headers=["sigma", "kl_mean", "kl_std", "top1_change_rate", "top3_change_rate", "mean_abs_shift"],
+        interactive=False, label="Sweep values",
+    )  # fmt: skip
 
     inputs = [dataset, task, user, model, target, sigma, draws, seed]
     run.click(partial(draw_noise, ctx), inputs, [summary, scores, table], api_name="noise_draw")

@@ -1,0 +1,406 @@
+"""Train tab: launch a small run in the background, watch it live, stop and resume it, compare past runs.
+
+Every handler is a few lines over hanorec.jobs (submit, status, stop, resume: the run is a subprocess of the
+CLI, one at a time, later launches wait in a queue) and hanorec.runs (the run folders, their metrics logs
+and results). The curves read the run's own metrics.jsonl; `log_with` mirrors the same metrics to
+TensorBoard, W&B or trackio through accelerate where one is installed.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from hanorec import runs
+from hanorec.jobs import STAGES, available_trackers
+
+PRESETS = ("tiny-qwen2.5-vl", "tiny-llava")
+TASKS = ("hit3", "hit1", "next1")
+FROM_SCRATCH = "train SFT first, in this run"
+NO_TRACKER = "none (metrics.jsonl only)"
+# A launch from the app finishes in about a minute on 2 CPU cores with a tiny preset: few steps, small
+# evaluation; the rest is the tiny CPU preset (configs/tiny-cpu.yaml).
+QUICK = {
+    "model": {"tiny_hidden_size": 128, "tiny_layers": 2},
+    "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "modules_to_save": ["embed_tokens", "lm_head"]},
+    "sft": {"lr": 2e-3, "batch_size": 4, "grad_accum": 1, "log_every": 1, "progress_bar": False},
+    "pref": {"batch_size": 4, "grad_accum": 1, "log_every": 1, "progress_bar": False},
+    "eval": {"batch_size": 14, "baselines": ["random", "popularity"]},
+}
+CURVES = [
+    ("loss", "loss"),
+    ("rewards/margins", "reward margin"),
+    ("rewards/accuracies", "reward accuracy"),
+    ("hardness/eta", "eta (responsiveness)"),
+    ("hardness/beta_mean", "mean beta"),
+    ("noise/sigma", "noise sigma"),
+]
+STAGE_COLORS = ["#636efa", "#ef553b", "#00cc96", "#ab63fa"]
+JOB_COLUMNS = ["job", "stage", "state", "queue position", "progress", "message"]
+RUN_COLUMNS = ["run", "stage", "status", "steps", "final loss", "reward margin", "reward acc.", "eval"]
+
+
+@contextmanager
+def _errors():
+    """Package errors reach the page as their own one sentence (gr.Error), never a traceback."""
+    try:
+        yield
+    except gr.Error:
+        raise
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        raise gr.Error(str(e.args[0]) if isinstance(e, KeyError) else str(e)) from None
+
+
+# ---- launching -----------------------------------------------------------------------------------
+def form_overrides(
+    data_path: str,
+    backbone: str,
+    stage: str,
+    task: str,
+    *,
+    beta0: float = 0.1,
+    sigma: float = 0.05,
+    noise_target: str = "lora",
+    k_negatives: int = 1,
+    sampling: str = "random",
+    epochs: float = 1,
+    lr: float | None = None,
+    max_steps: int | None = 30,
+    eval_examples: int | None = 40,
+    log_with: str | None = None,
+    seed: int = 0,
+) -> dict:
+    """The form's values as config overrides (the variant's own fields are added by JobManager.submit)."""
+    over: dict = {
+        "seed": int(seed),
+        "data": {"path": data_path},
+        "task": {"name": task, "max_eval_examples": int(eval_examples) if eval_examples else None},
+        "model": {"name": backbone},
+        "sft": {"epochs": epochs, "max_steps": int(max_steps) if max_steps else None},
+        "pref": {"epochs": epochs, "max_steps": int(max_steps) if max_steps else None, "beta": beta0},
+    }
+    if backbone.startswith("tiny-"):
+        over = _merge(QUICK, over)
+    if stage != "SFT":
+        pref = {"noise_sigma": sigma, "negative_sampling": sampling}
+        if stage in ("HaNo-DPO", "HaNo-DPO w/o HaRS"):
+            pref["noise_target"] = noise_target  # the other variants are defined by their noise (none)
+        if stage == "S-DPO":
+            pref["k_negatives"] = int(k_negatives)
+        if max_steps:
+            pref["max_pairs"] = int(max_steps) * over["pref"].get("batch_size", 4)
+        over["pref"].update(pref)
+    if lr:
+        over["sft" if stage == "SFT" else "pref"]["lr"] = float(lr)
+    if log_with and log_with != NO_TRACKER:
+        over["sft"]["log_with"] = over["pref"]["log_with"] = log_with
+    return over
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def backbone_name(ctx, text: str) -> str:
+    """A tiny preset, a Hugging Face id (org/name, from the local cache), or a local folder (confined)."""
+    text = (text or "").strip()
+    if not text:
+        raise gr.Error("Pick a backbone: a tiny preset, a Hugging Face id or a model folder.")
+    if text in PRESETS:
+        return text
+    looks_like_id = text.count("/") == 1 and not text.startswith((".", "/", "~")) and not Path(text).exists()
+    return text if looks_like_id else str(ctx.resolve_path(text))
+
+
+def launch(ctx, dataset, backbone, stage, task, sft_from, beta0, sigma, noise_target, k_negatives, sampling,
+           epochs, lr, max_steps, eval_examples, log_with, seed=0, name=""):  # fmt: skip
+    """Queue a run (it starts at once when nothing else runs); returns the job picker and its status."""
+    if stage == "S-DPO" and task == "hit1" and int(k_negatives or 1) != 1:  # found before SFT, not after
+        raise gr.Error(f"hit1 has one rejected answer (the other of Yes/No), so K negatives = {k_negatives} "
+                       "cannot work; use K = 1 (S-DPO on hit1 is DPO).")  # fmt: skip
+    data_path = str(ctx.resolve_path(dataset))
+    model = backbone_name(ctx, backbone)
+    sft_run = None
+    if sft_from and sft_from != FROM_SCRATCH and stage != "SFT":
+        sft_run = str(ctx.resolve_path(str(Path(ctx.runs_dir) / sft_from)))
+    over = form_overrides(data_path, model, stage, task, beta0=beta0, sigma=sigma, noise_target=noise_target,
+                          k_negatives=k_negatives, sampling=sampling, epochs=epochs, lr=lr, max_steps=max_steps,
+                          eval_examples=eval_examples, log_with=log_with, seed=seed)  # fmt: skip
+    with _errors():
+        job = ctx.jobs.submit(over, stage=stage, name=(name or "").strip() or None, sft_run=sft_run)
+        status = ctx.jobs.status(job)
+    return gr.update(choices=job_choices(ctx), value=job), status_text(status)
+
+
+# ---- watching ------------------------------------------------------------------------------------
+def job_choices(ctx) -> list[str]:
+    return [j.job_id for j in ctx.jobs.jobs()]
+
+
+def current_job(ctx) -> str | None:
+    """What the page shows after a reload: the running job, else the next queued, else the newest."""
+    jobs = ctx.jobs.jobs()
+    return jobs[0].job_id if jobs else None
+
+
+def poll(ctx, job_id):
+    """The timer's refresh: status line, progress bar, live curves, log tail and the queue."""
+    jobs = ctx.jobs.jobs()
+    table = jobs_table(jobs)
+    if not job_id:
+        return "No run selected: launch one above.", progress_html(None), curves_figure([]), "", table
+    with _errors():
+        st = ctx.jobs.status(job_id)
+    return status_text(st), progress_html(st), curves_figure(runs.read_metrics(st.run_dir)), st.log_tail, table
+
+
+def stop(ctx, job_id):
+    """SIGTERM to the run: it writes a checkpoint after the current step and stops (or leaves the queue)."""
+    if not job_id:
+        raise gr.Error("Pick a job to stop.")
+    with _errors():
+        return status_text(ctx.jobs.stop(job_id))
+
+
+def resume(ctx, job_id):
+    """Queue a stopped or failed run again; training continues from its newest checkpoint."""
+    if not job_id:
+        raise gr.Error("Pick a job to resume.")
+    with _errors():
+        return status_text(ctx.jobs.resume(job_id))
+
+
+def page_load(ctx):
+    """On (re)load: the job to follow, the past runs, and the choices that depend on them."""
+    job = current_job(ctx)
+    table, names, sft_runs = past_runs(ctx)
+    return (
+        gr.update(choices=job_choices(ctx), value=job),
+        table,
+        gr.update(choices=names),
+        gr.update(choices=[FROM_SCRATCH, *sft_runs], value=FROM_SCRATCH),
+    )
+
+
+def status_text(st) -> str:
+    line = st.describe()
+    if st.state == "running" and st.elapsed_s and st.step and st.total:
+        eta = st.elapsed_s / st.step * (st.total - st.step)
+        line += f" ({st.elapsed_s:.0f} s, about {eta:.0f} s left in this stage)"
+    if st.state in ("stopped", "failed"):
+        line += " Press Resume to continue from the newest checkpoint."
+    return f"**{st.stage}** · {line}"
+
+
+def progress_html(st) -> str:
+    value, label = (0.0, "") if st is None else (st.fraction, _progress_label(st))
+    return (
+        f'<div class="hanorec-progress"><progress value="{value:.4f}" max="1" style="width:100%"></progress>'
+        f"<span>{label}</span></div>"
+    )
+
+
+def _progress_label(st) -> str:
+    if st.state == "queued":
+        return f"queued, position {st.position}"
+    if st.step is not None:
+        return f"{st.command or ''} step {st.step}/{st.total or '?'} · {st.state}"
+    return st.state
+
+
+def jobs_table(jobs, finished_shown: int = 5) -> pd.DataFrame:
+    """The running job, the queue in order, then the newest few that ended."""
+    active = [j for j in jobs if j.state in ("running", "queued")]
+    jobs = active + [j for j in jobs if j.state not in ("running", "queued")][:finished_shown]
+    rows = [
+        [j.job_id, j.stage, j.state, j.position or "", _progress_label(j) if j.state == "running" else "", j.message]
+        for j in jobs
+    ]
+    return pd.DataFrame(rows, columns=JOB_COLUMNS)
+
+
+def _last_per_step(rows: list[dict]) -> list[dict]:
+    """A resumed run may log a step twice (after a crash): keep the newest row per (stage, step)."""
+    out: dict = {}
+    for r in rows:
+        out[(r.get("stage_dir"), r.get("step"))] = r
+    return list(out.values())
+
+
+def curves_figure(rows: list[dict]) -> go.Figure:
+    """Loss, reward margin and accuracy, eta, mean beta and noise sigma against the step, one line per stage."""
+    fig = make_subplots(rows=2, cols=3, subplot_titles=[t for _, t in CURVES])
+    rows = _last_per_step(rows)
+    stages_ = list(dict.fromkeys(r.get("stage_dir") for r in rows))
+    shown: set = set()
+    for i, (key, _) in enumerate(CURVES):
+        for s in stages_:
+            pts = [(r["step"], r[key]) for r in rows if r.get("stage_dir") == s and key in r]
+            if pts:
+                x, y = zip(*pts)
+                color = STAGE_COLORS[stages_.index(s) % len(STAGE_COLORS)]  # one colour per stage in every panel
+                trace = go.Scatter(x=x, y=y, mode="lines+markers", name=s, legendgroup=s, showlegend=s not in shown,
+                                   line={"color": color}, marker={"color": color})  # fmt: skip
+                fig.add_trace(trace, row=i // 3 + 1, col=i % 3 + 1)
+                shown.add(s)
+    fig.update_layout(height=460, margin=dict(l=40, r=10, t=40, b=30), legend_title_text="stage")
+    if not rows:
+        fig.add_annotation(text="no metrics logged yet", showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5)
+    return fig
+
+
+# ---- past runs and comparison --------------------------------------------------------------------
+def past_runs(ctx):
+    """(table of runs x stages, names to compare, runs whose SFT model a new preference run can start from)."""
+    infos = runs.list_runs(ctx.runs_dir)
+    table = pd.DataFrame([_summary_row(i, s) for i in infos for s in i.stages or ["-"]], columns=RUN_COLUMNS)
+    names = [f"{i.name}::{s}" for i in infos for s in i.stages]
+    sft_runs = [i.name for i in infos if "sft" in i.stages and runs.latest_checkpoint(i.path / "sft")]
+    return table, names, sft_runs
+
+
+def refresh_runs(ctx):
+    """The past runs again, and the job picker's choices (jobs launched from another page included)."""
+    table, names, sft_runs = past_runs(ctx)
+    return table, gr.update(choices=names), gr.update(choices=[FROM_SCRATCH, *sft_runs]), gr.update(choices=job_choices(ctx))
+
+
+def _summary_row(info, stage: str) -> list:
+    rows = [r for r in info.metrics if r.get("stage_dir") == stage]
+    last = rows[-1] if rows else {}
+    res = info.stage_results.get(stage) or (info.results if stage == "sft" else None)
+    return [
+        info.name,
+        runs.stage_label(info.config, stage) if stage != "-" else "-",
+        info.status,
+        last.get("step", ""),
+        _fmt(last.get("loss")),
+        _fmt(last.get("rewards/margins")),
+        _fmt(last.get("rewards/accuracies")),
+        _eval_text(res),
+    ]
+
+
+def _fmt(v) -> str:
+    return "" if v is None else f"{v:.4f}"
+
+
+def _eval_text(res: dict | None) -> str:
+    if not res:
+        return ""
+    keep = ("HR@1", "HR@3", "NDCG@3", "AUC", "Accuracy")
+    for r in res.get("rows", []):
+        if r.get("method") not in ("random", "popularity") and r.get("protocol") == "ranking":
+            return ", ".join(f"{k} {r[k]:.3f}" for k in keep if k in r)
+    return ""
+
+
+def compare(ctx, selected: list[str], metric: str):
+    """The chosen runs' stages side by side: a table of final metrics and one metric's curve per stage."""
+    if not selected:
+        raise gr.Error("Choose one or more runs to compare.")
+    rows, fig = [], go.Figure()
+    for value in selected:
+        run_name, _, stage = value.rpartition("::")
+        with _errors():
+            info = runs.run_info(ctx.resolve_path(str(Path(ctx.runs_dir) / run_name)))
+        rows.append(_summary_row(info, stage))
+        pts = [(r["step"], r[metric]) for r in _last_per_step(info.metrics) if r.get("stage_dir") == stage and metric in r]
+        if pts:
+            x, y = zip(*pts)
+            fig.add_trace(go.Scatter(x=x, y=y, mode="lines", name=f"{run_name} / {rows[-1][1]}"))
+    fig.update_layout(height=360, xaxis_title="step", yaxis_title=metric, margin=dict(l=40, r=10, t=30, b=40))
+    return pd.DataFrame(rows, columns=RUN_COLUMNS), fig
+
+
+# ---- layout --------------------------------------------------------------------------------------
+def _dataset_choices(ctx) -> list:
+    if hasattr(ctx, "dataset_choices"):
+        return ctx.dataset_choices()
+    return [(str(d), str(d)) for d in ctx.data_dirs]
+
+
+def build(ctx) -> None:
+    from functools import partial
+
+    if getattr(ctx, "jobs", None) is None:
+        gr.Markdown("Background runs are not available (hanorec.jobs could not be loaded).")
+        return
+    datasets = _dataset_choices(ctx)
+    gr.Markdown(
+        "Launch a small run in the background (it keeps running if you close the page; one run at a time, "
+        "later launches wait in the queue). A preference stage starts from an SFT model: trained first in the "
+        "same run, or taken from a finished run."
+    )
+    with gr.Row():
+        dataset = gr.Dropdown(datasets, value=datasets[0][1] if datasets else None, label="Dataset", scale=3)
+        backbone = gr.Dropdown(list(PRESETS), value=PRESETS[0], allow_custom_value=True, scale=2,
+                               label="Backbone (tiny preset, Hugging Face id, or model folder)")  # fmt: skip
+        stage = gr.Dropdown(list(STAGES), value="SFT", label="Stage", scale=2)
+        task = gr.Dropdown(list(TASKS), value="hit3", label="Task", scale=1)
+    with gr.Row():
+        sft_from = gr.Dropdown([FROM_SCRATCH], value=FROM_SCRATCH, label="SFT model for a preference stage", scale=3)
+        name = gr.Textbox(label="Run name (optional)", placeholder="date-stage", scale=2)
+        seed = gr.Number(0, precision=0, label="Seed", scale=1)
+    with gr.Accordion("Hyperparameters", open=True):
+        with gr.Row():
+            beta0 = gr.Number(0.1, label="beta0 (beta for DPO / S-DPO)", minimum=1e-6)
+            sigma = gr.Number(0.05, label="noise sigma (NoDO)", minimum=0)
+            noise_target = gr.Dropdown(["lora", "logits", "none"], value="lora", label="noise target")
+            k_neg = gr.Number(3, precision=0, label="K negatives (S-DPO)", minimum=1)
+            sampling = gr.Dropdown(["random", "embedding"], value="random", label="negative sampling")
+        with gr.Row():
+            epochs = gr.Number(1, label="epochs", minimum=0.01)
+            lr = gr.Number(0, label="learning rate (0: the preset's)", minimum=0)
+            max_steps = gr.Number(30, precision=0, label="max steps (empty: epochs)", minimum=1)
+            eval_examples = gr.Number(40, precision=0, label="evaluation prompts (empty: all)", minimum=1)
+            log_with = gr.Dropdown([NO_TRACKER, *available_trackers()], value=NO_TRACKER,
+                                   label="also log to (installed trackers)")  # fmt: skip
+    launch_btn = gr.Button("Launch in background", variant="primary", elem_id="train-launch")
+    with gr.Row():
+        job = gr.Dropdown([], label="Job", scale=3, elem_id="train-job")
+        stop_btn = gr.Button("Stop (checkpoint)", scale=1, elem_id="train-stop")
+        resume_btn = gr.Button("Resume", scale=1, elem_id="train-resume")
+    status = gr.Markdown(elem_id="train-status")
+    bar = gr.HTML(progress_html(None), elem_id="train-progress")
+    curves = gr.Plot(label="Live curves (from the run's metrics.jsonl)")
+    with gr.Accordion("Log", open=False):
+        log = gr.Textbox(lines=12, max_lines=12, label="job.log (last lines)", autoscroll=True)
+    jobs = gr.Dataframe(headers=JOB_COLUMNS, interactive=False, label="Jobs (running, then the queue)")
+    gr.Markdown("### Past runs")
+    refresh_btn = gr.Button("Refresh", size="sm")
+    past = gr.Dataframe(headers=RUN_COLUMNS, interactive=False, label="Runs and their stages")
+    with gr.Row():
+        chosen = gr.Dropdown([], multiselect=True, label="Compare (run::stage)", scale=4)
+        metric = gr.Dropdown([k for k, _ in CURVES] + ["lr"], value="loss", label="metric", scale=1)
+        compare_btn = gr.Button("Compare", scale=1)
+    cmp_table = gr.Dataframe(headers=RUN_COLUMNS, interactive=False, label="Side by side")
+    cmp_fig = gr.Plot(label="Metric by step")
+    timer = gr.Timer(1.0)
+
+    form = [dataset, backbone, stage, task, sft_from, beta0, sigma, noise_target, k_neg, sampling, epochs, lr,
+            max_steps, eval_examples, log_with, seed, name]  # fmt: skip
+    watched = [status, bar, curves, log, jobs]
+    launch_btn.click(partial(launch, ctx), form, [job, status], api_name="train_launch")
+    timer.tick(partial(poll, ctx), [job], watched, api_visibility="private", show_progress="hidden")
+    job.change(partial(poll, ctx), [job], watched, api_name="train_poll")
+    stop_btn.click(partial(stop, ctx), [job], status, api_name="train_stop")
+    resume_btn.click(partial(resume, ctx), [job], status, api_name="train_resume")
+    refresh_btn.click(partial(refresh_runs, ctx), None, [past, chosen, sft_from, job], api_name="train_runs")
+    compare_btn.click(partial(compare, ctx), [chosen, metric], [cmp_table, cmp_fig], api_name="train_compare")
+    _on_load(partial(page_load, ctx), None, [job, past, chosen, sft_from])
+
+
+def _on_load(fn, inputs, outputs) -> None:
+    """Run fn when the page (re)loads: the enclosing Blocks is the page."""
+    from gradio.context import Context
+
+    Context.root_block.load(fn, inputs, outputs, api_visibility="private")
