@@ -80,6 +80,12 @@ class JobStatus:
         return f"{self.job_id}: {self.state}" + (f": {self.message}" if self.message else "")
 
 
+def default_env() -> dict:
+    """On small machines a run uses one torch thread: the tiny models are as fast on one, and two threads
+    spin-wait badly (8-15x slower) whenever anything else, the app included, uses the cores."""
+    return {"OMP_NUM_THREADS": "1"} if (os.cpu_count() or 1) <= 4 else {}
+
+
 def available_trackers() -> list[str]:
     """Experiment trackers accelerate can mirror the metrics to on this machine (`--sft.log_with=...`)."""
     from accelerate.utils import imports
@@ -211,9 +217,10 @@ class JobManager:
         return [name for _, name in sorted(queued)]
 
     def running(self) -> str | None:
-        """The job running now, if any."""
-        for run in self._job_dirs():
-            if runs.read_status(run).get("status") == "running":
+        """The run training now in runs_dir, if any: a job, or a CLI run started by hand into this folder
+        (it holds the device too, so the queue waits for it)."""
+        for run in sorted(self.runs_dir.iterdir()):
+            if (run / runs.STATUS_FILE).is_file() and runs.read_status(run).get("status") == "running":
                 return run.name
         return None
 
@@ -223,14 +230,15 @@ class JobManager:
     def jobs(self) -> list[JobStatus]:
         """Every job: the running one, then the queue in order, then the rest newest first."""
         self.tick()
-        out = [self.status(p.name, tick=False) for p in self._job_dirs()]
+        out = [self.status(p.name, tick=False, detail=False) for p in self._job_dirs()]
         order = {"running": 0, "queued": 1}
         return sorted(
             out,
             key=lambda s: (order.get(s.state, 2), s.position or 0, -runs._mtime(s.run_dir / runs.STATUS_FILE)),
         )
 
-    def status(self, job_id: str, *, tick: bool = True) -> JobStatus:
+    def status(self, job_id: str, *, tick: bool = True, detail: bool = True) -> JobStatus:
+        """A job's state from its run folder; with detail (or while it runs) its progress, metrics and log."""
         if tick:
             self.tick()
         run = self._run(job_id)
@@ -238,12 +246,15 @@ class JobManager:
         st = runs.read_status(run)
         state = st.get("status", "failed")
         out = JobStatus(job_id, run, state, stage=job.get("stage", "SFT"), message=st.get("message", ""))
-        out.log_tail = log_tail(run)
+        if detail:
+            out.log_tail = log_tail(run)
         if state == "queued":
             q = self.queue()
             out.position = q.index(job_id) + 1 if job_id in q else None
             return out
         out.command = st.get("command")
+        if not detail and state != "running":
+            return out
         try:
             cfg = runs.read_config(run)
         except Exception:  # noqa: BLE001 - a hand-edited config must not hide the job
@@ -258,7 +269,7 @@ class JobManager:
                 out.step = int(last["step"])
                 out.total = int(last.get("total_steps") or out.total or 0) or None
                 out.epoch, out.elapsed_s = last.get("epoch"), last.get("elapsed_s")
-        if state == "failed" and not out.message:
+        if state == "failed" and not out.message and detail:
             out.message = last_error(run)
         return out
 
@@ -305,7 +316,7 @@ class JobManager:
         """Start the next queued job when none is running; returns the job started, if any."""
         for name, proc in list(self._procs.items()):
             if proc.poll() is not None:  # reap a finished runner (no zombie reads as alive)
-                del self._procs[name]
+                self._procs.pop(name, None)
         with _lock(self.runs_dir):
             if self.running() is not None:
                 return None
@@ -314,7 +325,7 @@ class JobManager:
                 return None
             run = self.runs_dir / queued[0]
             log = open(run / LOG_FILE, "a")
-            env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+            env = {**default_env(), **os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
             package_root = str(Path(__file__).resolve().parents[1])
             env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
             job = json.loads((run / JOB_FILE).read_text())
@@ -393,10 +404,11 @@ def run_job(run_dir: str | Path) -> int:
     signal.signal(signal.SIGINT, on_term)
     rc = 0
     for command in job["commands"]:
-        if state["stop"]:
-            break
+        if state["stop"]:  # SIGTERM between two commands
+            _final(run, "stopped", f"stopped before {command}; resume runs it")
+            return 0
         argv = [sys.executable, "-m", "hanorec", command, f"--config={run / runs.CONFIG_FILE}"]
-        print(f"$ {' '.join(argv[1:])}", flush=True)
+        print(f"$ python {' '.join(argv[1:])}", flush=True)
         with _lock(run.parent):
             runs.write_status(run, "running", command=command, pid=os.getpid(), runner_pid=os.getpid())
         state["child"] = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
