@@ -190,3 +190,13 @@ def test_a_cli_run_in_the_same_folder_holds_the_queue(tmp_path):
     assert m.status(job).state == "queued" and m.status(job).position == 1
     m.stop(job)
     assert m.status(job).state == "stopped"
+
+
+def test_device_reaches_the_run_through_its_environment():
+    from hanorec.jobs import device_env
+
+    assert device_env(None) == device_env("auto") == device_env("cuda") == {}
+    assert device_env("cpu") == {"CUDA_VISIBLE_DEVICES": ""}
+    assert device_env("cuda:1") == {"CUDA_VISIBLE_DEVICES": "1"}
+    with pytest.raises(JobError, match="'tpu' is not one of"):
+        JobManager("unused-never-created", device="tpu", autostart=False)
