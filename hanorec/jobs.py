@@ -61,6 +61,7 @@ class JobStatus:
     message: str = ""
     log_tail: str = ""
     metrics: list[dict] = field(default_factory=list)
+    commands: list[str] = field(default_factory=list)  # the job's CLI commands, in order
 
     @property
     def fraction(self) -> float:
@@ -74,6 +75,8 @@ class JobStatus:
             return f"{self.job_id}: queued, position {self.position}"
         if self.state == "running":
             where = f" {self.command}" if self.command else ""
+            if self.command in self.commands and len(self.commands) > 1:
+                where += f" (command {self.commands.index(self.command) + 1} of {len(self.commands)})"
             if self.step is not None:
                 total = f"/{self.total}" if self.total else ""
                 return f"{self.job_id}: running{where}, step {self.step}{total}"
@@ -259,6 +262,7 @@ class JobManager:
         st = runs.read_status(run)
         state = st.get("status", "failed")
         out = JobStatus(job_id, run, state, stage=job.get("stage", "SFT"), message=st.get("message", ""))
+        out.commands = list(job.get("commands", []))
         if detail:
             out.log_tail = log_tail(run)
         if state == "queued":
