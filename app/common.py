@@ -51,13 +51,24 @@ class _LRU:
 
     def __init__(self, size: int):
         self.size, self.data, self.lock = size, OrderedDict(), threading.RLock()
+        self.building: dict = {}  # key -> the lock held while that value is made (made once, not per caller)
 
     def get(self, key, make: Callable):
         with self.lock:
             if key in self.data:
                 self.data.move_to_end(key)
                 return self.data[key]
-        value = make()
+            building = self.building.setdefault(key, threading.Lock())
+        with building:
+            with self.lock:
+                if key in self.data:  # another session made it while this one waited
+                    self.data.move_to_end(key)
+                    return self.data[key]
+            try:
+                value = make()
+            finally:
+                with self.lock:
+                    self.building.pop(key, None)
         with self.lock:
             self.data[key] = value
             self.data.move_to_end(key)

@@ -167,11 +167,11 @@ def pair_stats(
     model = bundle.model
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    was = model.training
-    model.eval()
     rows: list[dict] = []
-    try:
-        with torch.no_grad():
+    with bundle.lock, torch.no_grad():  # eval mode and a disabled adapter: no concurrent caller sees them
+        was = model.training
+        model.eval()
+        try:
             for start in range(0, len(pairs), batch_size):
                 chunk = pairs[start : start + batch_size]
                 prompts, completions = [], []
@@ -205,8 +205,8 @@ def pair_stats(
                     )
                 if progress is not None:
                     progress(min(start + batch_size, len(pairs)), len(pairs))
-    finally:
-        model.train(was)
+        finally:
+            model.train(was)
     return rows
 
 
