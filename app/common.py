@@ -51,13 +51,24 @@ class _LRU:
 
     def __init__(self, size: int):
         self.size, self.data, self.lock = size, OrderedDict(), threading.RLock()
+        self.building: dict = {}  # key -> the lock held while that value is made (made once, not per caller)
 
     def get(self, key, make: Callable):
         with self.lock:
             if key in self.data:
                 self.data.move_to_end(key)
                 return self.data[key]
-        value = make()
+            building = self.building.setdefault(key, threading.Lock())
+        with building:
+            with self.lock:
+                if key in self.data:  # another session made it while this one waited
+                    self.data.move_to_end(key)
+                    return self.data[key]
+            try:
+                value = make()
+            finally:
+                with self.lock:
+                    self.building.pop(key, None)
         with self.lock:
             self.data[key] = value
             self.data.move_to_end(key)
@@ -72,11 +83,13 @@ class AppContext:
 
     data_dirs: list[Path]
     runs_dir: Path
-    device: str = "cpu"
+    device: str = "auto"  # "auto" becomes cuda / cpu when the first model loads (torch is imported then)
     jobs: object = None  # hanorec.jobs.JobManager
+    threads: int = 0  # torch CPU threads; 0 = default_threads()
     _data: _LRU = field(default_factory=lambda: _LRU(6), repr=False)
     _models: _LRU = field(default_factory=lambda: _LRU(3), repr=False)
     _extra: _LRU = field(default_factory=lambda: _LRU(8), repr=False)
+    _threads_set: bool = field(default=False, repr=False)
 
     # ---- paths -----------------------------------------------------------------------------
     def resolve_path(self, user_text: str, *, must_exist: bool = True) -> Path:
@@ -119,6 +132,17 @@ class AppContext:
             return self._data.get(key, lambda: prepare_data(cfg))
 
     # ---- models ----------------------------------------------------------------------------
+    def torch_ready(self) -> str:
+        """Import torch (not needed to serve the page), set its threads, resolve device "auto"; the device."""
+        import torch
+
+        if not self._threads_set:
+            torch.set_num_threads(self.threads or default_threads())
+            self._threads_set = True
+        if self.device == "auto":
+            self.device = pick_device()
+        return self.device
+
     def base_model(self, dataset: str, task: str = "hit3"):
         """The untrained tiny preset for a dataset (random init, tokenizer trained on its text) with a fresh
         LoRA (B = 0, so its scores are the base model's), cached."""
@@ -129,6 +153,7 @@ class AppContext:
         data = self.prepared(dataset, task)
 
         def make():
+            self.torch_ready()
             bundle = prepare_model(cfg, data.dataset)
             add_lora(bundle, cfg.lora)
             bundle.model.to(self.device).eval()
@@ -152,6 +177,7 @@ class AppContext:
         path = self.resolve_path(run_path)
 
         def make():
+            self.torch_ready()
             bundle, cfg = load_run_stage(path, stage)
             bundle.model.to(self.device).eval()
             return bundle, cfg
@@ -220,6 +246,21 @@ def _label(path: Path) -> str:
         return str(path)
 
 
+def item_image(ds, item: str):
+    """An item's image for a gallery: its file (served as is, no re-encoding) or the grey placeholder."""
+    path = ds.items[item].image_path
+    return str(path) if path is not None else ds.load_image(item)
+
+
+def default_threads() -> int:
+    """1 on machines with up to 4 cores: the tiny models run as fast on one thread, and more threads spin-wait
+    when the cores are shared; half the cores (at most 8) on bigger machines."""
+    import os
+
+    cores = os.cpu_count() or 1
+    return 1 if cores <= 4 else min(8, cores // 2)
+
+
 def pick_device() -> str:
     import torch
 
@@ -254,9 +295,11 @@ def example_pickers(ctx: AppContext, prefix: str, *, with_model: bool = True, wi
         task = gr.Dropdown(list(TASKS), value="hit3", label="Task", scale=1)
         user = gr.Dropdown([], label="User (test prompt)", scale=2, allow_custom_value=True) if with_user else None
         model = (
-            gr.Dropdown(ctx.model_choices(), value="base", label="Model", scale=3) if with_model else None
+            gr.Dropdown(ctx.model_choices(), value="base", label="Model", scale=3, elem_id=f"{prefix}-model")
+            if with_model
+            else None
         )
-        refresh = gr.Button("Refresh models", scale=1, size="sm") if with_model else None
+        refresh = gr.Button("Refresh models", scale=1, size="sm", elem_id=f"{prefix}-refresh") if with_model else None
     if with_user:
         fill = partial(users_for, ctx)
         dataset.change(fill, [dataset, task], user, api_visibility="private")

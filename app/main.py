@@ -66,26 +66,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def default_threads() -> int:
-    cores = os.cpu_count() or 1
-    return 1 if cores <= 4 else min(8, cores // 2)
-
-
-def make_context(data_dirs=None, runs_dir="runs", device="auto"):
-    """The AppContext for these folders: missing data folders are an error, the runs folder is created."""
-    from app.common import AppContext, pick_device
-
+def make_context(data_dirs=None, runs_dir="runs", device="auto", threads=0):
+    """The AppContext for these folders: missing data folders are an error, the runs folder is created.
+    torch is imported only when the first model loads, so the page is served sooner."""
     dirs = [Path(d).expanduser().resolve() for d in (data_dirs or [DEFAULT_DATA])]
     for d in dirs:
         if not d.is_dir():
             raise ValueError(f"The data folder {d} does not exist.")
+    from app.common import AppContext  # gradio: imported once the arguments are known to be good
     runs = Path(runs_dir).expanduser().resolve()
     runs.mkdir(parents=True, exist_ok=True)
-    dev = pick_device() if device == "auto" else device
-    return AppContext(data_dirs=dirs, runs_dir=runs, device=dev, jobs=_job_manager(runs, dev))
+    jobs = _job_manager(runs, None if device == "auto" else device)
+    return AppContext(data_dirs=dirs, runs_dir=runs, device=device, jobs=jobs, threads=threads)
 
 
-def _job_manager(runs: Path, device: str):
+def _job_manager(runs: Path, device: str | None):
     try:
         from hanorec.jobs import JobManager
     except ImportError:  # the background-run module is optional for the other tabs
@@ -98,6 +93,7 @@ def build_app(ctx):
 
     import app.tabs as tabs
 
+    gr.set_static_paths([str(d) for d in ctx.data_dirs])  # item images are served from their files directly
     with gr.Blocks(title="HaNoRec Studio", analytics_enabled=False) as demo:
         gr.Markdown(INTRO)
         for name in TABS:
@@ -110,18 +106,16 @@ def build_app(ctx):
 def main(argv=None) -> None:
     args = parse_args(argv)
     warnings.filterwarnings("ignore", message=".*torchvision.*")
-    import torch
-
-    torch.set_num_threads(args.threads or default_threads())
     try:
-        ctx = make_context(args.data, args.runs, args.device)
+        ctx = make_context(args.data, args.runs, args.device, args.threads)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     demo = build_app(ctx)
     host = os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
     port = int(os.environ.get("GRADIO_SERVER_PORT", "7860"))
-    print(f"HaNoRec Studio: data {', '.join(map(str, ctx.data_dirs))}; runs {ctx.runs_dir}; device {ctx.device}")
+    device = "auto (cuda when available, chosen when the first model loads)" if args.device == "auto" else args.device
+    print(f"HaNoRec Studio: data {', '.join(map(str, ctx.data_dirs))}; runs {ctx.runs_dir}; device {device}")
     demo.launch(server_name=host, server_port=port, share=args.share, allowed_paths=[str(d) for d in ctx.data_dirs])
 
 

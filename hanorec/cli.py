@@ -161,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         if command in ("run", "sft", "pref", "compare", "evaluate"):
             check_model_name(cfg.model.name)  # before any data is loaded
             _quiet_libraries()
+            if cfg.threads:
+                import torch
+
+                torch.set_num_threads(cfg.threads)
             print(f"{command}: {_describe_source(config_path, overrides)}; output in {cfg.output_dir}")
         from hanorec import pipeline
 
@@ -200,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                 tasks=tasks,
                 variants=variants,
                 readme=extra.get("readme"),
-                command="python -m hanorec " + " ".join(argv),
+                command=".venv/bin/python -m hanorec " + " ".join(argv),
             )
             return 0
         if command == "evaluate":
@@ -208,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             from hanorec.runs import load_stage
 
             stage = extra.get("stage", "sft")
-            data = pipeline.prepare_data(cfg)
+            data = pipeline.prepare_data(cfg, for_training=False)
             bundle = load_stage(cfg.output_dir, stage, extra.get("checkpoint"))
             print(f"scoring {stage} checkpoint {bundle.meta['checkpoint']}")
             ev = pipeline.run_eval(cfg, bundle, data, method="SFT" if stage == "sft" else stage)

@@ -208,7 +208,10 @@ def load_dataset(
         raise DataError(f"Unknown on_error {on_error!r}; expected 'raise' or 'report'.")
     root = Path(path).expanduser()
     if not root.exists():
-        raise DataError(f"The dataset folder {root} does not exist.")
+        raise DataError(
+            f"The dataset folder {root} does not exist; point --data.path at your copy (the README's "
+            "'Your own data' says where data comes from and what layout it takes)."
+        )
     if not root.is_dir():
         raise DataError(f"The dataset path {root} is a file, not a folder.")
 
@@ -360,7 +363,8 @@ def _read_item_table(
                 "(quote titles that contain commas)."
             )
             continue
-        item_id, title = fields[id_col].strip(), fields[title_col].strip()
+        # whitespace runs (a quoted title may span lines) become one space: an answer lists one title per line
+        item_id, title = fields[id_col].strip(), " ".join(fields[title_col].split())
         if not item_id:
             problems.add(f"Line {line} of {path} has an empty item id.")
             continue

@@ -281,4 +281,5 @@ METRIC_COLUMNS = {
 
 def format_results(task: str, rows: list[dict], markdown: bool = False) -> str:
     cols = [c for c in METRIC_COLUMNS[task] if any(c in r for r in rows)]
-    return M.format_table(rows, cols, markdown=markdown)
+    note = "metrics are fractions in [0, 1], higher is better; n = examples scored, candidates = options each"
+    return M.format_table(rows, cols, markdown=markdown) + ("\n\n" if markdown else "\n") + note

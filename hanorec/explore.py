@@ -16,10 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from hanorec.data import RecDataset
 from hanorec.tasks import Example, render
+
+# torch is imported inside the functions that need it: listing datasets and their statistics (the app's
+# first page) must not wait for it.
 
 __all__ = ["DatasetStats", "candidate_scores", "dataset_stats", "find_datasets", "pair_stats", "spread"]
 
@@ -102,13 +104,14 @@ def spread(values) -> dict[str, float]:
     }
 
 
-@torch.no_grad()
 def candidate_scores(bundle, ds: RecDataset, example: Example, *, mode: str = "shared_prefix") -> list[dict]:
     """Every option of the example scored by title log-likelihood (the ranking protocol).
 
     Returns one row per option in displayed order: option text, item id, log-prob, the softmax
     probability over the options, its rank (1 = top) and whether it is a true answer.
     """
+    import torch
+
     from hanorec.scoring import score_options
 
     r = render(example, ds)
@@ -137,7 +140,6 @@ def _true_options(example: Example) -> set[int]:
     return {i for i, item in enumerate(example.candidates) if item in set(example.targets)}
 
 
-@torch.no_grad()
 def pair_stats(
     bundle,
     ds: RecDataset,
@@ -158,50 +160,53 @@ def pair_stats(
     batch responsiveness, 1 unless given); reward margin = beta_n * h_n; accurate when the margin > 0.
     ``progress(done, total)`` is called after each batch.
     """
+    import torch
+
     from hanorec.scoring import multi_completion_logps
 
     model = bundle.model
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    was = model.training
-    model.eval()
     rows: list[dict] = []
-    try:
-        for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start : start + batch_size]
-            prompts, completions = [], []
-            for p in chunk:
-                r = render(p.example, ds)
-                prompts.append(bundle.encode_prompt(r.text, r.images))
-                completions.append([bundle.encode_completion(c) for c in (p.chosen, p.rejected[0])])
-            pol, _ = multi_completion_logps(model, bundle, prompts, completions, mode=mode, dtype=dtype, device=device)
-            with model.disable_adapter():
-                ref, _ = multi_completion_logps(
-                    model, bundle, prompts, completions, mode=mode, dtype=dtype, device=device
-                )
-            for k, (p, a, b) in enumerate(zip(chunk, pol, ref)):
-                a, b = a.double().cpu(), b.double().cpu()
-                lam = float(lambdas[start + k])
-                beta = max(1e-6, beta0 * eta * lam)
-                h = float((a[0] - b[0]) - (a[1] - b[1]))
-                rows.append(
-                    {
-                        "pair": start + k,
-                        "user": p.example.user,
-                        "lambda": lam,
-                        "beta": beta,
-                        "chosen_reward": beta * float(a[0] - b[0]),
-                        "rejected_reward": beta * float(a[1] - b[1]),
-                        "reward_margin": beta * h,
-                        "accurate": h > 0,
-                        "logp_chosen": float(a[0]),
-                        "logp_rejected": float(a[1]),
-                    }
-                )
-            if progress is not None:
-                progress(min(start + batch_size, len(pairs)), len(pairs))
-    finally:
-        model.train(was)
+    with bundle.lock, torch.no_grad():  # eval mode and a disabled adapter: no concurrent caller sees them
+        was = model.training
+        model.eval()
+        try:
+            for start in range(0, len(pairs), batch_size):
+                chunk = pairs[start : start + batch_size]
+                prompts, completions = [], []
+                for p in chunk:
+                    r = render(p.example, ds)
+                    prompts.append(bundle.encode_prompt(r.text, r.images))
+                    completions.append([bundle.encode_completion(c) for c in (p.chosen, p.rejected[0])])
+                pol, _ = multi_completion_logps(model, bundle, prompts, completions, mode=mode, dtype=dtype, device=device)
+                with model.disable_adapter():
+                    ref, _ = multi_completion_logps(
+                        model, bundle, prompts, completions, mode=mode, dtype=dtype, device=device
+                    )
+                for k, (p, a, b) in enumerate(zip(chunk, pol, ref)):
+                    a, b = a.double().cpu(), b.double().cpu()
+                    lam = float(lambdas[start + k])
+                    beta = max(1e-6, beta0 * eta * lam)
+                    h = float((a[0] - b[0]) - (a[1] - b[1]))
+                    rows.append(
+                        {
+                            "pair": start + k,
+                            "user": p.example.user,
+                            "lambda": lam,
+                            "beta": beta,
+                            "chosen_reward": beta * float(a[0] - b[0]),
+                            "rejected_reward": beta * float(a[1] - b[1]),
+                            "reward_margin": beta * h,
+                            "accurate": h > 0,
+                            "logp_chosen": float(a[0]),
+                            "logp_rejected": float(a[1]),
+                        }
+                    )
+                if progress is not None:
+                    progress(min(start + batch_size, len(pairs)), len(pairs))
+        finally:
+            model.train(was)
     return rows
 
 
@@ -270,13 +275,14 @@ def noise_sweep(
 # ------------------------------------------------------------------------------------------------
 # Hardness (HaRS, method.md section 7) for exploration: K and the profile temperature may vary here
 # ------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def item_profiles(emb: torch.Tensor, k: int = 10, temperature: float = 1.0):
+def item_profiles(emb, k: int = 10, temperature: float = 1.0):
     """(sims (N, k), neighbour rows (N, k), profiles (N, k)): p_i = softmax(s_i / temperature).
 
     temperature 1 is the paper's profile (hanorec.hardness.profile_distributions); any other value is an
     exploration beyond the paper (a lower temperature sharpens the profiles and widens the lambda spread).
     """
+    import torch
+
     from hanorec.hardness import neighbour_profiles
 
     if not temperature > 0:
@@ -286,7 +292,7 @@ def item_profiles(emb: torch.Tensor, k: int = 10, temperature: float = 1.0):
     return sims, idx, torch.softmax(sims.float() / float(temperature), dim=-1)
 
 
-def pair_hardness_rows(pairs: Sequence, ids: Sequence[str], profiles: torch.Tensor, *, beta0: float) -> list[dict]:
+def pair_hardness_rows(pairs: Sequence, ids: Sequence[str], profiles, *, beta0: float) -> list[dict]:
     """One row per preference pair: its user, D_n (mean aligned profile distance), lambda_n and beta0 * lambda_n.
 
     lambda_n = sigmoid(D_n) / sigmoid(mean D) over these pairs (hanorec.hardness.hardness_lambda).
@@ -310,8 +316,10 @@ def pair_hardness_rows(pairs: Sequence, ids: Sequence[str], profiles: torch.Tens
     ]
 
 
-def aligned_pair_rows(pair, ids: Sequence[str], profiles: torch.Tensor, ds: RecDataset) -> list[dict]:
+def aligned_pair_rows(pair, ids: Sequence[str], profiles, ds: RecDataset) -> list[dict]:
     """Each aligned (positive, negative) item pair of one preference pair with its profile distance."""
+    import torch
+
     from hanorec.hardness import pair_distances
 
     row = {i: r for r, i in enumerate(ids)}
@@ -331,7 +339,7 @@ def aligned_pair_rows(pair, ids: Sequence[str], profiles: torch.Tensor, ds: RecD
 
 
 def lambda_spread_grid(
-    emb: torch.Tensor, pairs: Sequence, ids: Sequence[str], ks=(5, 10, 20, 50), temperatures=(1.0, 0.3, 0.1, 0.03)
+    emb, pairs: Sequence, ids: Sequence[str], ks=(5, 10, 20, 50), temperatures=(1.0, 0.3, 0.1, 0.03)
 ) -> list[dict]:
     """The spread of lambda over the pairs for each (K, temperature): what widens it (temperature 1 = paper)."""
     out = []

@@ -15,7 +15,8 @@ when the browser or the app closes.
 The queue is the run folders whose status is 'queued', in submission order: nothing else is kept, so a
 browser reload or an app restart finds every job again. Queued jobs start when a JobManager on the same
 runs folder is alive (it checks every `poll_s` seconds and on every call); one job runs at a time per
-runs folder, which is one device (`device` is recorded for display and passed on as the CLI's device).
+runs folder, which is one device (`device`: 'cpu', 'cuda:N' or auto, given to the run through
+CUDA_VISIBLE_DEVICES).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class JobStatus:
     message: str = ""
     log_tail: str = ""
     metrics: list[dict] = field(default_factory=list)
+    commands: list[str] = field(default_factory=list)  # the job's CLI commands, in order
 
     @property
     def fraction(self) -> float:
@@ -73,11 +75,30 @@ class JobStatus:
             return f"{self.job_id}: queued, position {self.position}"
         if self.state == "running":
             where = f" {self.command}" if self.command else ""
+            if self.command in self.commands and len(self.commands) > 1:
+                where += f" (command {self.commands.index(self.command) + 1} of {len(self.commands)})"
             if self.step is not None:
                 total = f"/{self.total}" if self.total else ""
                 return f"{self.job_id}: running{where}, step {self.step}{total}"
             return f"{self.job_id}: running{where}, preparing data and model"
         return f"{self.job_id}: {self.state}" + (f": {self.message}" if self.message else "")
+
+
+def default_env() -> dict:
+    """On small machines a run uses one torch thread: the tiny models are as fast on one, and two threads
+    spin-wait badly (8-15x slower) whenever anything else, the app included, uses the cores."""
+    return {"OMP_NUM_THREADS": "1"} if (os.cpu_count() or 1) <= 4 else {}
+
+
+def device_env(device: str | None) -> dict:
+    """The environment that puts a run on the app's device: 'cuda:N' shows it GPU N only, 'cpu' no GPU."""
+    if not device or device in ("auto", "cuda"):
+        return {}
+    if device == "cpu":
+        return {"CUDA_VISIBLE_DEVICES": ""}
+    if re.fullmatch(r"cuda:\d+", device):
+        return {"CUDA_VISIBLE_DEVICES": device.split(":", 1)[1]}
+    raise JobError(f"device {device!r} is not one of cpu, cuda, cuda:N or auto")
 
 
 def available_trackers() -> list[str]:
@@ -123,6 +144,7 @@ class JobManager:
         python: str = sys.executable,
         env: dict | None = None,
     ):
+        self._device_env = device_env(device)
         self.runs_dir = Path(runs_dir).resolve()
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.device = device
@@ -211,9 +233,10 @@ class JobManager:
         return [name for _, name in sorted(queued)]
 
     def running(self) -> str | None:
-        """The job running now, if any."""
-        for run in self._job_dirs():
-            if runs.read_status(run).get("status") == "running":
+        """The run training now in runs_dir, if any: a job, or a CLI run started by hand into this folder
+        (it holds the device too, so the queue waits for it)."""
+        for run in sorted(self.runs_dir.iterdir()):
+            if (run / runs.STATUS_FILE).is_file() and runs.read_status(run).get("status") == "running":
                 return run.name
         return None
 
@@ -223,14 +246,15 @@ class JobManager:
     def jobs(self) -> list[JobStatus]:
         """Every job: the running one, then the queue in order, then the rest newest first."""
         self.tick()
-        out = [self.status(p.name, tick=False) for p in self._job_dirs()]
+        out = [self.status(p.name, tick=False, detail=False) for p in self._job_dirs()]
         order = {"running": 0, "queued": 1}
         return sorted(
             out,
             key=lambda s: (order.get(s.state, 2), s.position or 0, -runs._mtime(s.run_dir / runs.STATUS_FILE)),
         )
 
-    def status(self, job_id: str, *, tick: bool = True) -> JobStatus:
+    def status(self, job_id: str, *, tick: bool = True, detail: bool = True) -> JobStatus:
+        """A job's state from its run folder; with detail (or while it runs) its progress, metrics and log."""
         if tick:
             self.tick()
         run = self._run(job_id)
@@ -238,12 +262,16 @@ class JobManager:
         st = runs.read_status(run)
         state = st.get("status", "failed")
         out = JobStatus(job_id, run, state, stage=job.get("stage", "SFT"), message=st.get("message", ""))
-        out.log_tail = log_tail(run)
+        out.commands = list(job.get("commands", []))
+        if detail:
+            out.log_tail = log_tail(run)
         if state == "queued":
             q = self.queue()
             out.position = q.index(job_id) + 1 if job_id in q else None
             return out
         out.command = st.get("command")
+        if not detail and state != "running":
+            return out
         try:
             cfg = runs.read_config(run)
         except Exception:  # noqa: BLE001 - a hand-edited config must not hide the job
@@ -258,7 +286,7 @@ class JobManager:
                 out.step = int(last["step"])
                 out.total = int(last.get("total_steps") or out.total or 0) or None
                 out.epoch, out.elapsed_s = last.get("epoch"), last.get("elapsed_s")
-        if state == "failed" and not out.message:
+        if state == "failed" and not out.message and detail:
             out.message = last_error(run)
         return out
 
@@ -305,7 +333,7 @@ class JobManager:
         """Start the next queued job when none is running; returns the job started, if any."""
         for name, proc in list(self._procs.items()):
             if proc.poll() is not None:  # reap a finished runner (no zombie reads as alive)
-                del self._procs[name]
+                self._procs.pop(name, None)
         with _lock(self.runs_dir):
             if self.running() is not None:
                 return None
@@ -314,7 +342,7 @@ class JobManager:
                 return None
             run = self.runs_dir / queued[0]
             log = open(run / LOG_FILE, "a")
-            env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+            env = {**default_env(), **os.environ, **self._device_env, **self.env, "PYTHONUNBUFFERED": "1"}
             package_root = str(Path(__file__).resolve().parents[1])
             env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
             job = json.loads((run / JOB_FILE).read_text())
@@ -393,10 +421,11 @@ def run_job(run_dir: str | Path) -> int:
     signal.signal(signal.SIGINT, on_term)
     rc = 0
     for command in job["commands"]:
-        if state["stop"]:
-            break
+        if state["stop"]:  # SIGTERM between two commands
+            _final(run, "stopped", f"stopped before {command}; resume runs it")
+            return 0
         argv = [sys.executable, "-m", "hanorec", command, f"--config={run / runs.CONFIG_FILE}"]
-        print(f"$ {' '.join(argv[1:])}", flush=True)
+        print(f"$ python {' '.join(argv[1:])}", flush=True)
         with _lock(run.parent):
             runs.write_status(run, "running", command=command, pid=os.getpid(), runner_pid=os.getpid())
         state["child"] = subprocess.Popen(argv, stdin=subprocess.DEVNULL)

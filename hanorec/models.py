@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +95,29 @@ class ModelView:
         )
 
 
+class ModelLock:
+    """A re-entrant lock for one model. A deep copy (a copied model) gets a fresh lock; a shallow copy shares
+    the model, so it shares the lock."""
+
+    def __init__(self):
+        self._lock = threading.RLock()
+
+    def __enter__(self):
+        return self._lock.__enter__()
+
+    def __exit__(self, *exc):
+        return self._lock.__exit__(*exc)
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return ModelLock()
+
+    def __reduce__(self):
+        return (ModelLock, ())
+
+
 @dataclass
 class ModelBundle:
     """A model with everything needed to feed it: tokenizer, image processor, family rules."""
@@ -105,6 +129,9 @@ class ModelBundle:
     name: str
     image_size: int | None = None  # images are resized to this square first (tiny presets)
     meta: dict = field(default_factory=dict)
+    # held by every call that runs the model with changed state (eval mode, noise hooks, a disabled
+    # adapter), so concurrent callers (the app serves several sessions) never see each other's state
+    lock: ModelLock = field(default_factory=lambda: ModelLock(), repr=False, compare=False)
 
     # ---- token ids ---------------------------------------------------------------------------
     @property

@@ -168,11 +168,6 @@ def run_eval(
     should_stop: Callable | None = None,
 ) -> EvalResult:
     examples = data.test if cfg.eval.split == "test" else data.val
-    import inspect
-
-    # the hooks go to evaluate() where it takes them (batched evaluation with progress adds them)
-    takes = inspect.signature(evaluate).parameters
-    hooks = {k: v for k, v in (("on_log", on_log), ("should_stop", should_stop)) if v is not None and k in takes}
     return evaluate(
         bundle,
         data.dataset,
@@ -184,7 +179,8 @@ def run_eval(
         batch_size=cfg.eval.batch_size,
         max_new_tokens=cfg.eval.max_new_tokens,
         method=method,
-        **hooks,
+        on_log=on_log,
+        should_stop=should_stop,
     )
 
 
@@ -215,7 +211,7 @@ def run_pipeline(
             "checkpoint": str(train.last_checkpoint),
         }
     ev = run_eval(cfg, bundle, data, on_log=on_log, should_stop=should_stop)
-    if getattr(ev, "stopped", False):
+    if ev.stopped:
         print_fn("stopped during evaluation; run the same command again to evaluate the trained model")
         return {"stopped_early": True, "train_steps": train.global_step, "checkpoint": str(train.last_checkpoint)}
     table = format_results(cfg.task.name, ev.rows)
@@ -228,6 +224,7 @@ def run_pipeline(
         "split": cfg.eval.split,
         "rows": ev.rows,
         "train_steps": train.global_step,
+        "skipped_examples": train.skipped_examples,
         "wall_s": time.time() - start,
     }
     path = write_results(cfg.output_dir, result)
@@ -294,7 +291,7 @@ def run_preference_pipeline(
         return {"stopped_early": True, "train_steps": train.global_step, "checkpoint": str(train.last_checkpoint)}
     print_fn(f"{stage} finished at step {train.global_step}/{train.total_steps}")
     ev = run_eval(cfg, bundle, data, method=stage, on_log=on_log, should_stop=should_stop)
-    if getattr(ev, "stopped", False):
+    if ev.stopped:
         print_fn("stopped during evaluation; run the same command again to evaluate the trained model")
         return {"stopped_early": True, "train_steps": train.global_step, "checkpoint": str(train.last_checkpoint)}
     print_fn(format_results(cfg.task.name, ev.rows))

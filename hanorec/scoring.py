@@ -370,6 +370,12 @@ def score_options(
     device = device or next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     encoded = [[bundle.encode_completion(o, eos=eos) for o in opts] for opts in options]
+    with bundle.lock:
+        return _score_options_locked(bundle, prompts, encoded, batch_size, device, dtype, mode, noise)
+
+
+def _score_options_locked(bundle, prompts, encoded, batch_size, device, dtype, mode, noise):
+    model = bundle.model
     was_training = model.training
     model.eval()
     try:
@@ -489,6 +495,11 @@ def generate(bundle: ModelBundle, prompt: EncodedPrompt, *, max_new_tokens: int 
     batch = to_device(batch, device)
     if "pixel_values" in batch:
         batch["pixel_values"] = batch["pixel_values"].to(next(model.parameters()).dtype)
+    with bundle.lock:
+        return _generate_locked(bundle, model, batch, max_new_tokens)
+
+
+def _generate_locked(bundle, model, batch, max_new_tokens):
     was_training = model.training
     model.eval()
     out = model.generate(

@@ -28,7 +28,10 @@ def app_ctx(tmp_path_factory):
     from app.main import make_context
 
     runs = tmp_path_factory.mktemp("runs")
-    return make_context([str(DEMO)], str(runs), "cpu")
+    ctx = make_context([str(DEMO)], str(runs), "cpu")
+    yield ctx
+    if ctx.jobs is not None:
+        ctx.jobs.close()
 
 
 @pytest.fixture(scope="module")

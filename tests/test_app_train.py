@@ -94,6 +94,25 @@ def test_form_overrides_per_stage():
     assert "lora" not in real and real["model"]["name"] == "org/model"
 
 
+def test_past_runs_table_compare_and_curves_of_a_finished_run(ctx):
+    """A run made in-process (the CLI's `run`) is listed, compared and drawn."""
+    from hanorec.config import load_config
+    from hanorec.pipeline import run_pipeline
+
+    cfg = load_config(overrides=T.form_overrides(str(DEMO), "tiny-llava", "SFT", "hit3", max_steps=3, eval_examples=2))
+    cfg.output_dir = str(ctx.runs_dir / "inproc")
+    cfg.model.tiny_hidden_size, cfg.task.max_train_examples = 64, 12
+    run_pipeline(cfg, print_fn=lambda *a: None)
+    table, names, sft_runs = T.past_runs(ctx)
+    assert list(table["run"]) == ["inproc"] and list(table["steps"]) == [3] and sft_runs == ["inproc"]
+    assert table["eval"].item().startswith("HR@1") and names == ["inproc::sft"]
+    cmp_table, fig = T.compare(ctx, names, "loss")
+    assert cmp_table["stage"].item() == "SFT" and [list(t.x) for t in fig.data] == [[1, 2, 3]]
+    curves = T.curves_figure(runs.read_metrics(ctx.runs_dir / "inproc"))
+    assert [t.name for t in curves.data] == ["sft"]  # SFT logs a loss only
+
+
+@pytest.mark.slow
 def test_launch_watch_and_compare_a_tiny_run(ctx):
     picker, status = launch(ctx, name="tab-sft")
     assert picker["value"] == "tab-sft" and "tab-sft" in status
@@ -146,6 +165,8 @@ def test_errors_are_one_sentence(ctx, tmp_path):
         launch(ctx, lr=-1.0)
     with pytest.raises(gr.Error):
         launch(ctx, backbone=str(tmp_path.parent / "elsewhere"))  # a folder outside the allowed ones
+    with pytest.raises(gr.Error, match="hit1 has one rejected answer"):
+        T.launch(ctx, str(DEMO), "tiny-llava", "S-DPO", "hit1", T.FROM_SCRATCH, *FORM.values(), "")
     with pytest.raises(gr.Error, match="Pick a job"):
         T.stop(ctx, "")
     with pytest.raises(gr.Error, match="no job named 'nope'"):

@@ -1,7 +1,7 @@
 """The real page in Debian's chromium (Playwright pointed at /usr/bin/chromium; no browser download).
 
-Goes through all four tabs on the bundled demo data, starts a tiny training run in the Train tab and sees
-it finish, checks that the noise lab's chart changes with sigma, fails on any browser console error or
+Goes through all four tabs on the bundled demo data, starts a tiny training run in the Train tab, reloads
+the page while it runs and sees it finish, checks that the noise lab's chart changes with sigma, fails on any browser console error or
 visible error, and saves one screenshot per tab (to $HANOREC_SCREENSHOTS, default a temporary folder).
 
 Run: `python -m pytest -m browser tests/test_browser.py` (CI installs chromium with apt first).
@@ -92,7 +92,12 @@ def open_tab(page, name: str) -> None:
 
 
 def shoot(page, shots: Path, name: str) -> None:
-    page.screenshot(path=str(shots / f"{name}.png"), full_page=True)
+    """A full-page PNG, 1280 wide, quantized to 256 colours (small enough for the README)."""
+    from PIL import Image
+
+    path = shots / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    Image.open(path).convert("RGB").quantize(256, dither=Image.Dither.NONE).save(path, optimize=True)
 
 
 def test_data_tab(page, shots):
@@ -102,26 +107,47 @@ def test_data_tab(page, shots):
     assert page.locator("#data-history img").count() >= 6
     prompt = page.locator("#data-prompt textarea").input_value()
     assert "<image>" in prompt
+    page.get_by_text("What the model sees").click()  # the accordion: chat template, image tokens expanded
+    seen = page.locator("#data-seen textarea")
+    seen.wait_for(timeout=30_000)
+    assert "<|image_pad|>" in seen.input_value()
     no_errors(page)
     shoot(page, shots, "data")
 
 
 def test_train_tab_runs_a_tiny_training_to_the_end(page, shots):
     open_tab(page, "Train")
-    page.get_by_label("max steps (empty: epochs)").fill("2")
-    page.get_by_label("evaluation prompts (empty: all)").fill("2")
+    page.get_by_role("combobox", name="Stage", exact=True).click()
+    page.get_by_role("option", name="HaNo-DPO", exact=True).click()  # SFT then HaNo-DPO in one run
+    page.get_by_label("max steps (empty: epochs)", exact=True).fill("2")
+    page.get_by_label("evaluation prompts (empty: all)", exact=True).fill("2")
     page.locator("#train-launch").click()
     status = page.locator("#train-status")
-    status.get_by_text("finished").wait_for(timeout=TRAIN_TIMEOUT_MS)
+    status.get_by_text("hano-dpo").wait_for(timeout=60_000)
+    # the run goes on while the page is gone; the reloaded page follows it again
+    no_errors(page)
+    page.reload(wait_until="networkidle")
+    page.console_errors.clear()  # leaving the page aborts its pending polls (AbortError): not an app error
+    page.get_by_text("users have a test prompt").wait_for(timeout=60_000)
+    open_tab(page, "Train")
+    page.locator("#train-status").get_by_text("finished").wait_for(timeout=TRAIN_TIMEOUT_MS)
     no_errors(page)
     shoot(page, shots, "train")
 
 
 def test_hardness_tab(page, shots):
     open_tab(page, "Hardness")
+    page.locator("#hardness-refresh").click()  # the run trained above appears among the models
+    page.locator("#hardness-model input").click()
+    page.get_by_role("option", name="hano_dpo").first.click()
     page.locator("#hardness-run").click()
     page.locator("#hardness-summary").get_by_text("training pairs").wait_for(timeout=120_000)
     page.get_by_text("mean of the 3 aligned distances").wait_for(timeout=60_000)
+    page.locator("#hardness-stats").click()
+    page.locator("#hardness-stats-text").get_by_text("reward accuracy").wait_for(timeout=120_000)
+    page.get_by_label("pair #", exact=True).fill("1")
+    page.locator("#hardness-pair-prompt").click()
+    page.locator("#hardness-prompt-images img").first.wait_for(timeout=60_000)
     no_errors(page)
     shoot(page, shots, "hardness")
 
@@ -144,5 +170,7 @@ def test_noise_lab_chart_changes_with_sigma(page, shots):
     small = run("0.01")
     large = run("0.1")
     assert small != large
+    page.locator("#noise-sweep").click()
+    page.locator("#noise-sweep-plot .main-svg").first.wait_for(timeout=180_000)
     no_errors(page)
     shoot(page, shots, "noise")

@@ -52,6 +52,7 @@ def wait_for(predicate, timeout=120.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@pytest.mark.slow  # three CLI subprocesses: about a minute on 2 shared cores
 def test_queue_one_at_a_time_stop_checkpoints_and_resume_finishes(manager):
     first = manager.submit(fast(3), name="first")
     second = manager.submit(fast(400), name="second")
@@ -98,14 +99,14 @@ def test_preference_job_trains_sft_then_the_variant(manager):
     done = manager.wait(job, timeout=300)
     assert done.state == "finished", done.log_tail
     assert runs.stages(done.run_dir) == ["sft", "hano_dpo"]
-    assert done.command == "pref" and done.step == 2
+    assert done.command == "pref" and done.step == 2 and done.commands == ["sft", "pref"]
     assert runs.read_results(done.run_dir, "hano_dpo")["stage"] == "hano_dpo"
     # another variant from this run's SFT model: only `pref` runs
     other = manager.submit(fast(2), stage="DPO", name="dpo-only", sft_run=str(done.run_dir))
     done = manager.wait(other, timeout=300)
     assert done.state == "finished", done.log_tail
     assert runs.stages(done.run_dir) == ["dpo"]
-    assert "$ -m hanorec sft" not in done.log_tail
+    assert "$ python -m hanorec sft" not in done.log_tail and "$ python -m hanorec pref" in done.log_tail
     runs.load_stage(done.run_dir, "dpo")  # base and SFT adapter come from the other run
 
 
@@ -152,6 +153,54 @@ def test_bad_requests_are_one_sentence(tmp_path):
 
 
 def test_commands_per_stage():
+    from hanorec.jobs import JobStatus
+
+    running = JobStatus("j", Path("j"), "running", command="pref", step=3, total=30, commands=["sft", "pref"])
+    assert running.describe() == "j: running pref (command 2 of 2), step 3/30"
     assert commands_for("SFT") == ["run"]
     assert commands_for("HaNo-DPO") == ["sft", "pref"]
     assert commands_for("S-DPO", sft_run="runs/x") == ["pref"]
+
+
+def test_runner_stops_at_the_first_failing_command_with_its_sentence(tmp_path):
+    """`python -m hanorec.jobs <run>` runs the job's CLI commands in order; a failing one ends the job."""
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "job"
+    run.mkdir()
+    (run / "config.yaml").write_text("seed: 0\n")
+    (run / "job.json").write_text(json.dumps({"stage": "SFT", "commands": ["config", "trian", "run"]}))
+    runs.write_status(run, "queued")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    with open(run / "job.log", "w") as log:
+        rc = subprocess.run([sys.executable, "-m", "hanorec.jobs", str(run)], stdout=log, stderr=subprocess.STDOUT,
+                            env=env, timeout=120).returncode  # fmt: skip
+    st = runs.read_status(run)
+    assert rc == 2 and st["status"] == "failed", (run / "job.log").read_text()
+    assert st["message"].startswith("unknown command 'trian'") and st.get("runner_pid") is None
+    text = (run / "job.log").read_text()
+    assert "$ python -m hanorec config" in text and "seed: 0" in text and "hanorec run" not in text
+
+
+def test_a_cli_run_in_the_same_folder_holds_the_queue(tmp_path):
+    import os
+
+    runs.write_status(tmp_path / "by-hand", "running", command="sft", pid=os.getpid())  # alive: this process
+    m = JobManager(tmp_path, autostart=False)
+    job = m.submit(fast(2), name="waits")
+    assert m.running() == "by-hand"
+    assert m.status(job).state == "queued" and m.status(job).position == 1
+    m.stop(job)
+    assert m.status(job).state == "stopped"
+
+
+def test_device_reaches_the_run_through_its_environment():
+    from hanorec.jobs import device_env
+
+    assert device_env(None) == device_env("auto") == device_env("cuda") == {}
+    assert device_env("cpu") == {"CUDA_VISIBLE_DEVICES": ""}
+    assert device_env("cuda:1") == {"CUDA_VISIBLE_DEVICES": "1"}
+    with pytest.raises(JobError, match="'tpu' is not one of"):
+        JobManager("unused-never-created", device="tpu", autostart=False)

@@ -68,13 +68,16 @@ def trained(tmp_path_factory):
     sft_scores = scores(sft_bundle, data)
     pref_bundle, pref_result = run_preference(cfg, data)
     pref_scores = scores(pref_bundle, data)
+    sdpo_bundle, _ = run_preference(tiny_cfg(out, method="sdpo", k_negatives=3, noise_target="none"), data,
+                                    name="s-dpo")  # fmt: skip
     assert sft_result.global_step == 2 and pref_result.global_step == 2
-    return {"out": out, "cfg": cfg, "data": data, "sft": sft_scores, "hano_dpo": pref_scores}
+    return {"out": out, "cfg": cfg, "data": data, "sft": sft_scores, "hano_dpo": pref_scores,
+            "s-dpo": scores(sdpo_bundle, data)}  # fmt: skip
 
 
 def test_every_stage_reloads_to_the_model_training_ended_with(trained):
     out, data = trained["out"], trained["data"]
-    assert runs.stages(out) == ["sft", "hano_dpo"]
+    assert runs.stages(out) == ["sft", "hano_dpo", "s-dpo"]
     base = runs.base_model(trained["cfg"], out / "sft")
     base_scores = scores(base, data)
     sft = runs.load_stage(out, "sft")
@@ -87,6 +90,9 @@ def test_every_stage_reloads_to_the_model_training_ended_with(trained):
     assert sft.meta["checkpoint"].endswith("sft/checkpoints/step-000002")
     assert pref.meta["checkpoint"].endswith("hano_dpo/checkpoints/step-000002")
     assert not sft.model.training and not pref.model.training
+    got_sdpo = scores(runs.load_stage(out, "s-dpo"), data)  # a comparison-style folder name, K = 3
+    torch.testing.assert_close(got_sdpo, trained["s-dpo"], rtol=0, atol=1e-5)
+    assert (got_sdpo - got_sft).abs().max() > 1e-3 and (got_sdpo - got_pref).abs().max() > 1e-3
 
 
 def test_a_fresh_lora_on_the_base_scores_like_the_base(trained):
@@ -118,15 +124,18 @@ def test_metrics_and_listing(trained):
     rows = runs.read_metrics(out, "hano_dpo")
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["stage"] == "hano_dpo" and "rewards/margins" in r for r in rows)
-    assert [r["stage_dir"] for r in runs.read_metrics(out)][-2:] == ["hano_dpo", "hano_dpo"]
+    every = runs.read_metrics(out)
+    assert [r["stage_dir"] for r in every] == ["sft", "hano_dpo", "hano_dpo", "s-dpo", "s-dpo"]
+    assert every[-1]["stage"] == "sdpo"  # the loss it trained with; stage_dir is the folder
     (info,) = runs.list_runs(out.parent)
-    assert info.name == "tiny" and info.stages == ["sft", "hano_dpo"]
+    assert info.name == "tiny" and info.stages == ["sft", "hano_dpo", "s-dpo"]
+    assert [runs.stage_label(info.config, s) for s in info.stages] == ["SFT", "HaNo-DPO", "S-DPO"]
     assert info.status == "finished"  # no status.json (not started by the CLI): it holds checkpoints
     assert info.config["pref"]["method"] == "hano_dpo"
 
 
 def test_missing_stage_is_one_sentence(trained):
-    with pytest.raises(runs.RunError, match=r"no checkpoint found at .*dpo.*stages present: sft, hano_dpo"):
+    with pytest.raises(runs.RunError, match=r"no checkpoint found at .*dpo.*stages present: sft, hano_dpo, s-dpo"):
         runs.load_stage(trained["out"], "dpo")
 
 

@@ -369,3 +369,36 @@ def test_sigma_sweep_grows_from_zero(bundles, demo):
     assert table["mean_abs_shift"][1] < table["mean_abs_shift"][2]
     lora = scoring.sigma_sweep(b, prompts[0], options[0], target="lora", sigmas=[0.0, 0.05], draws=4)
     assert lora["kl_mean"][0] == 0 < lora["kl_mean"][1]
+
+
+def test_concurrent_callers_never_see_each_others_noise(bundles, demo):
+    """The app serves several sessions on one model: clean scoring in one thread while another scores under
+    LoRA noise (hooks on the shared modules) must give exactly the clean scores, and both must finish."""
+    import threading
+
+    b = _lora_bundle(bundles, "tiny-qwen2.5-vl")
+    prompts, options = _lab_inputs(b, demo)
+    clean = score_options(b, prompts, options)
+    spec = NoiseSpec("lora", 0.1, draws=8, seed=3, draws_per_forward=4)
+    alone = score_options(b, prompts, options, noise=spec)
+    results, errors = {"clean": [], "noisy": []}, []
+
+    def worker(kind):
+        try:
+            for _ in range(4):
+                out = score_options(b, prompts, options, noise=spec if kind == "noisy" else None)
+                results[kind].append(out)
+        except Exception as e:  # collected: an exception in a thread would otherwise pass silently
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in ("clean", "noisy", "clean", "noisy")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    assert len(results["clean"]) == 8 and len(results["noisy"]) == 8
+    for out in results["clean"]:
+        assert all(torch.equal(o, c) for o, c in zip(out, clean))
+    for out in results["noisy"]:
+        assert all(torch.equal(o, a) for o, a in zip(out, alone))

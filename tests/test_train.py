@@ -275,3 +275,31 @@ def test_epoch_order_and_schedule():
 
     expected = [0.5, 1.0] + [0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(0, 4)]
     torch.testing.assert_close(lrs, expected)
+
+
+def test_example_lengths_match_the_encoding_and_too_long_ones_are_skipped(ds, train_examples, tmp_path):
+    from hanorec.tasks import render
+    from hanorec.train.loop import EmptyTrainingSet
+    from hanorec.train.sft import drop_too_long, example_lengths
+
+    cfg = make_cfg(tmp_path)
+    for preset in ("tiny-llava", "tiny-qwen2.5-vl"):
+        bundle = build_tiny(preset, corpus_text(ds), hidden_size=64, vocab_size=400)
+        exact = []
+        for ex in train_examples[:6]:
+            r = render(ex, ds)
+            exact.append(len(bundle.encode_prompt(r.text, r.images).input_ids) + len(bundle.encode_completion(ex.answer)))
+        assert example_lengths(bundle, ds, train_examples[:6]) == exact, preset
+    cut = sorted(exact)[2]
+    kept, skipped = drop_too_long(bundle, ds, train_examples[:6], cut)
+    assert skipped == sum(n > cut for n in exact) > 0 and len(kept) == 6 - skipped
+    with pytest.raises(EmptyTrainingSet, match="max_length=10 "):
+        drop_too_long(bundle, ds, train_examples[:6], 10)
+    # through SFT: the run trains on what fits and reports how many it left out
+    bundle = fresh_bundle(cfg, ds)
+    lengths = example_lengths(bundle, ds, train_examples)
+    cut = sorted(lengths)[len(lengths) // 2]
+    cfg = make_cfg(tmp_path, max_steps=1)
+    cfg.model.max_length = cut
+    result = train_sft(cfg, bundle, ds, train_examples, tmp_path)
+    assert result.skipped_examples == sum(n > cut for n in lengths) > 0 and result.global_step == 1

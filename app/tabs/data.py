@@ -10,7 +10,7 @@ import gradio as gr
 import pandas as pd
 import plotly.graph_objects as go
 
-from app.common import TASKS, example_for, on_load, user_errors
+from app.common import TASKS, example_for, item_image, on_load, user_errors
 
 CANDIDATE_COLUMNS = ["candidate", "item", "true next", "log-prob", "prob", "rank"]
 
@@ -59,7 +59,7 @@ def show_user(ctx, dataset: str, task: str, user: str, model: str):
     return (
         history_gallery(ds, ds.sequences[user], example),
         candidates_table(ds, rows),
-        [(ds.load_image(r["item"]), ("✓ " if r["true"] else "") + ds.items[r["item"]].title) for r in rows],
+        [(item_image(ds, r["item"]), ("✓ " if r["true"] else "") + ds.items[r["item"]].title) for r in rows],
         rendered.text,
         rendered.answer,
         seen[0],
@@ -84,7 +84,7 @@ def history_gallery(ds, sequence, example) -> list:
             mark = "★ "
         else:
             mark = ""
-        out.append((ds.load_image(item), f"{k + 1} {mark}{ds.items[item].title}"))
+        out.append((item_image(ds, item), f"{k + 1} {mark}{ds.items[item].title}"))
     return out
 
 
@@ -181,16 +181,18 @@ def build(ctx) -> None:
         "**History** in time order (click an image to enlarge): ◆ = shown in the prompt, ★ = a true next item "
         "the model should recommend; the test prompt is the user's latest window."
     )
-    history = gr.Gallery(label="History", columns=8, height="auto", object_fit="contain", elem_id="data-history")
+    history = gr.Gallery(label="History", columns=8, height=330, object_fit="contain", elem_id="data-history")
     with gr.Row():
         cands = gr.Dataframe(headers=CANDIDATE_COLUMNS, interactive=False, label="Candidates (✓ = true next item; rank = the model's ranking by log-prob)", scale=3)
-        cand_images = gr.Gallery(label="Candidate images (✓ = true next)", columns=4, height="auto", object_fit="contain", scale=2)
+        cand_images = gr.Gallery(label="Candidate images (✓ = true next)", columns=4, height=300, object_fit="contain", scale=2)
     with gr.Row():
         prompt = gr.Textbox(label="Prompt (as written, <image> = one history image)", lines=6, elem_id="data-prompt")
         answer = gr.Textbox(label="Target answer", lines=6)
     with gr.Accordion("What the model sees (chat template, image tokens expanded, images at model size)", open=False):
-        seen_text = gr.Textbox(label="Model input text", lines=8, max_lines=20)
-        seen_images = gr.Gallery(label="Images as the model receives them", columns=10, height=140, object_fit="contain")
+        with gr.Row():
+            seen_text = gr.Textbox(label="Model input text", lines=12, max_lines=20, scale=3, elem_id="data-seen")
+            seen_images = gr.Gallery(label="Images as the model receives them", columns=5, height=300,
+                                     object_fit="contain", scale=2)  # fmt: skip
 
     stats_out = [user, summary, stats_table, fig_lengths, fig_pop, fig_images]
     user_out = [history, cands, cand_images, prompt, answer, seen_text, seen_images]

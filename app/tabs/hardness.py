@@ -14,10 +14,10 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from app.common import example_pickers, user_errors
+from app.common import example_pickers, item_image, user_errors
 
 SAMPLING = ("random", "embedding")
-STATS_COLUMNS = ["pair", "user", "lambda", "beta", "chosen_reward", "rejected_reward", "reward_margin", "accurate"]
+STATS_COLUMNS = ["pair", "user", "lambda", "beta", "reward_margin", "accurate", "chosen_reward", "rejected_reward"]
 
 
 # ---- state shared by the handlers (cached in the context) ---------------------------------------
@@ -101,8 +101,8 @@ def show_pair(ctx, dataset, task, model, k, temperature, sampling, seed, user):
     )
     gallery = []
     for j, a in enumerate(aligned):
-        gallery += [(ds.load_image(a["positive"]), f"{j + 1}+ {a['positive title']}"),
-                    (ds.load_image(a["negative"]), f"{j + 1}− {a['negative title']}")]  # fmt: skip
+        gallery += [(item_image(ds, a["positive"]), f"{j + 1}+ {a['positive title']}"),
+                    (item_image(ds, a["negative"]), f"{j + 1}− {a['negative title']}")]  # fmt: skip
     figure = profiles_figure(aligned, ids, profiles, idx)
     return text, pd.DataFrame(aligned).round(5), figure, gallery
 
@@ -141,6 +141,7 @@ def score_pairs(ctx, dataset, task, model, progress=gr.Progress()):
             progress=lambda done, total: progress(done / total, desc=f"pair {done}/{total}"),
         )  # fmt: skip
     df = pd.DataFrame(rows).round(5)
+    df = df[STATS_COLUMNS + [c for c in df.columns if c not in STATS_COLUMNS]]
     acc = df["accurate"].mean()
     text = (
         f"**{len(df)} training pairs** of {cfg.pref.method} scored with the trained policy and its reference (adapter "
@@ -251,21 +252,25 @@ def build(ctx) -> None:
     pair_text = gr.Markdown()
     aligned = gr.Dataframe(interactive=False, label="Aligned (positive, negative) items")
     profiles = gr.Plot(label="Neighbour profiles")
-    images = gr.Gallery(label="Aligned pairs: positive (+) then its negative (−)", columns=6, height="auto", object_fit="contain")
+    images = gr.Gallery(label="Aligned pairs: positive (+) then its negative (−)", columns=6, height=250, object_fit="contain")
     gr.Markdown("### Per-pair training view (after a preference run)")
-    stats_btn = gr.Button("Score the training pairs with the policy and its reference")
-    stats_text = gr.Markdown()
+    stats_btn = gr.Button("Score the training pairs with the policy and its reference", elem_id="hardness-stats")
+    stats_text = gr.Markdown(elem_id="hardness-stats-text")
     with gr.Row():
         stats = gr.Dataframe(headers=STATS_COLUMNS, interactive=False, label="Per pair (click a row)", max_height=360, show_search="filter", scale=3)
         margins = gr.Plot(label="Reward margin vs lambda", scale=2)
     with gr.Row():
         pair_n = gr.Number(0, label="pair #", precision=0, scale=1)
-        pair_btn = gr.Button("Show this pair's prompt", scale=1)
+        pair_btn = gr.Button("Show this pair's prompt", scale=1, elem_id="hardness-pair-prompt")
     with gr.Row():
-        pair_prompt_box = gr.Textbox(label="Prompt", lines=5, scale=3)
-        chosen = gr.Textbox(label="Chosen", lines=3, scale=1)
-        rejected = gr.Textbox(label="Rejected", lines=3, scale=1)
-    pair_images = gr.Gallery(label="Prompt images", columns=10, height=140, object_fit="contain")
+        with gr.Column(scale=3):
+            pair_prompt_box = gr.Textbox(label="Prompt", lines=5)
+            with gr.Row():
+                chosen = gr.Textbox(label="Chosen", lines=3)
+                rejected = gr.Textbox(label="Rejected", lines=3)
+        # a narrow column: a gallery spreads a few images over its whole width
+        pair_images = gr.Gallery(label="Prompt images", columns=5, height=300, object_fit="contain",
+                                 elem_id="hardness-prompt-images", scale=2)  # fmt: skip
 
     base = [dataset, task, model]
     settings = [*base, k, temperature, sampling, seed]

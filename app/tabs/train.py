@@ -28,7 +28,7 @@ NO_TRACKER = "none (metrics.jsonl only)"
 QUICK = {
     "model": {"tiny_hidden_size": 128, "tiny_layers": 2},
     "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "modules_to_save": ["embed_tokens", "lm_head"]},
-    "sft": {"lr": 2e-3, "batch_size": 8, "grad_accum": 1, "log_every": 1, "progress_bar": False},
+    "sft": {"lr": 2e-3, "batch_size": 4, "grad_accum": 1, "log_every": 1, "progress_bar": False},
     "pref": {"batch_size": 4, "grad_accum": 1, "log_every": 1, "progress_bar": False},
     "eval": {"batch_size": 14, "baselines": ["random", "popularity"]},
 }
@@ -40,6 +40,7 @@ CURVES = [
     ("hardness/beta_mean", "mean beta"),
     ("noise/sigma", "noise sigma"),
 ]
+STAGE_COLORS = ["#636efa", "#ef553b", "#00cc96", "#ab63fa"]
 JOB_COLUMNS = ["job", "stage", "state", "queue position", "progress", "message"]
 RUN_COLUMNS = ["run", "stage", "status", "steps", "final loss", "reward margin", "reward acc.", "eval"]
 
@@ -122,6 +123,9 @@ def backbone_name(ctx, text: str) -> str:
 def launch(ctx, dataset, backbone, stage, task, sft_from, beta0, sigma, noise_target, k_negatives, sampling,
            epochs, lr, max_steps, eval_examples, log_with, seed=0, name=""):  # fmt: skip
     """Queue a run (it starts at once when nothing else runs); returns the job picker and its status."""
+    if stage == "S-DPO" and task == "hit1" and int(k_negatives or 1) != 1:  # found before SFT, not after
+        raise gr.Error(f"hit1 has one rejected answer (the other of Yes/No), so K negatives = {k_negatives} "
+                       "cannot work; use K = 1 (S-DPO on hit1 is DPO).")  # fmt: skip
     data_path = str(ctx.resolve_path(dataset))
     model = backbone_name(ctx, backbone)
     sft_run = None
@@ -212,7 +216,10 @@ def _progress_label(st) -> str:
     return st.state
 
 
-def jobs_table(jobs) -> pd.DataFrame:
+def jobs_table(jobs, finished_shown: int = 5) -> pd.DataFrame:
+    """The running job, the queue in order, then the newest few that ended."""
+    active = [j for j in jobs if j.state in ("running", "queued")]
+    jobs = active + [j for j in jobs if j.state not in ("running", "queued")][:finished_shown]
     rows = [
         [j.job_id, j.stage, j.state, j.position or "", _progress_label(j) if j.state == "running" else "", j.message]
         for j in jobs
@@ -239,7 +246,9 @@ def curves_figure(rows: list[dict]) -> go.Figure:
             pts = [(r["step"], r[key]) for r in rows if r.get("stage_dir") == s and key in r]
             if pts:
                 x, y = zip(*pts)
-                trace = go.Scatter(x=x, y=y, mode="lines+markers", name=s, legendgroup=s, showlegend=s not in shown)
+                color = STAGE_COLORS[stages_.index(s) % len(STAGE_COLORS)]  # one colour per stage in every panel
+                trace = go.Scatter(x=x, y=y, mode="lines+markers", name=s, legendgroup=s, showlegend=s not in shown,
+                                   line={"color": color}, marker={"color": color})  # fmt: skip
                 fig.add_trace(trace, row=i // 3 + 1, col=i % 3 + 1)
                 shown.add(s)
     fig.update_layout(height=460, margin=dict(l=40, r=10, t=40, b=30), legend_title_text="stage")
@@ -259,8 +268,9 @@ def past_runs(ctx):
 
 
 def refresh_runs(ctx):
+    """The past runs again, and the job picker's choices (jobs launched from another page included)."""
     table, names, sft_runs = past_runs(ctx)
-    return table, gr.update(choices=names), gr.update(choices=[FROM_SCRATCH, *sft_runs])
+    return table, gr.update(choices=names), gr.update(choices=[FROM_SCRATCH, *sft_runs]), gr.update(choices=job_choices(ctx))
 
 
 def _summary_row(info, stage: str) -> list:
@@ -349,7 +359,7 @@ def build(ctx) -> None:
             sampling = gr.Dropdown(["random", "embedding"], value="random", label="negative sampling")
         with gr.Row():
             epochs = gr.Number(1, label="epochs", minimum=0.01)
-            lr = gr.Number(None, label="learning rate (empty: preset's)", minimum=0)
+            lr = gr.Number(0, label="learning rate (0: the preset's)", minimum=0)
             max_steps = gr.Number(30, precision=0, label="max steps (empty: epochs)", minimum=1)
             eval_examples = gr.Number(40, precision=0, label="evaluation prompts (empty: all)", minimum=1)
             log_with = gr.Dropdown([NO_TRACKER, *available_trackers()], value=NO_TRACKER,
@@ -384,7 +394,7 @@ def build(ctx) -> None:
     job.change(partial(poll, ctx), [job], watched, api_name="train_poll")
     stop_btn.click(partial(stop, ctx), [job], status, api_name="train_stop")
     resume_btn.click(partial(resume, ctx), [job], status, api_name="train_resume")
-    refresh_btn.click(partial(refresh_runs, ctx), None, [past, chosen, sft_from], api_name="train_runs")
+    refresh_btn.click(partial(refresh_runs, ctx), None, [past, chosen, sft_from, job], api_name="train_runs")
     compare_btn.click(partial(compare, ctx), [chosen, metric], [cmp_table, cmp_fig], api_name="train_compare")
     _on_load(partial(page_load, ctx), None, [job, past, chosen, sft_from])
 

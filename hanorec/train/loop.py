@@ -4,6 +4,12 @@ accelerate handles device placement, mixed precision, gradient accumulation and 
 `accelerate launch -m hanorec sft ...` works with the same entry point. The data order is a seeded
 permutation per epoch, so a resumed run skips exactly the micro-batches already consumed and, with the
 restored optimizer, scheduler and RNG state, reaches the same weights as an uninterrupted run.
+
+`train_loop` reads as its steps: plan the number of optimizer steps (refusing zero items), resume from the
+newest checkpoint or say why it starts over (trimming metrics.jsonl to the resumed step), announce the plan,
+then per epoch build the seeded loader and per micro-batch take one accumulation step; after each optimizer
+step log (every event: stage, step, total_steps, epoch, elapsed_s, lr and the loss metrics), checkpoint when
+due (every save_every steps, at each epoch end, and every save_every_minutes) and honour should_stop.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ class TrainResult:
     last_checkpoint: Path | None
     history: list[dict] = field(default_factory=list)
     wall_s: float = 0.0
+    skipped_examples: int = 0  # longer than model.max_length, left out before training
 
 
 class _Items(torch.utils.data.Dataset):
@@ -123,6 +130,32 @@ def trim_metrics_log(log_path: Path, through_step: int) -> int:
     return dropped
 
 
+def config_changes(saved_yaml: Path, current_yaml: str) -> list[str]:
+    """Dotted keys whose values differ between a checkpoint's config.yaml and the current configuration
+    (keys that never change results, like threads and progress_bar, are left out)."""
+    import yaml
+
+    if not saved_yaml.is_file() or not current_yaml:
+        return []
+    try:
+        saved, current = yaml.safe_load(saved_yaml.read_text()) or {}, yaml.safe_load(current_yaml) or {}
+    except yaml.YAMLError:
+        return []
+    quiet = {"threads", "progress_bar", "log_with", "keep_checkpoints", "save_every", "save_every_minutes"}
+
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in (d.items() if isinstance(d, dict) else []):
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            elif k not in quiet:
+                out[f"{prefix}{k}"] = v
+        return out
+
+    a, b = flat(saved), flat(current)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
 class _Run:
     """The state of one training run and its steps: resume, one micro-batch, log, checkpoint."""
 
@@ -161,8 +194,16 @@ class _Run:
                     scheduler=self.scheduler,
                 )  # fmt: skip
             )
+            # the metrics of steps since the last log line, so the next line averages the same steps
+            self.running = self.state.pop("running", {})
             self.last_ckpt = ckpt
             self.acc.print(f"{self.stage}: resumed from {ckpt} at step {self.state['global_step']}/{self.total_steps}")
+            changed = config_changes(ckpt / "config.yaml", self.config_yaml)
+            if changed:
+                self.acc.print(
+                    f"warning: this configuration differs from the checkpoint's in {', '.join(changed[:6])}; "
+                    "to start a separate run, give it another --output_dir"
+                )
         elif self.log_path.is_file() and self.log_path.stat().st_size:
             why = "resume is off" if not enabled else f"no complete checkpoint under {self.output_dir / 'checkpoints'}"
             self.acc.print(
@@ -282,7 +323,7 @@ class _Run:
                 model=self.acc.unwrap_model(self.model),
                 optimizer=self.optimizer,
                 scheduler=self.scheduler,
-                state=self.state,
+                state={**self.state, "running": self.running} if self.running else self.state,
                 config_yaml=self.config_yaml,
                 keep=self.cfg.keep_checkpoints,
             )

@@ -62,7 +62,7 @@ def build_preference_items(
     p = cfg.pref
     emb = None
     if p.negative_sampling == "embedding":
-        ids, e = item_embeddings(bundle, ds)
+        ids, e = item_embeddings(bundle, ds, on_log=on_log, should_stop=should_stop)
         emb = dict(zip(ids, e))
     pairs = build_pairs(
         list(examples)[: p.max_pairs],

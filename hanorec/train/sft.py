@@ -8,10 +8,10 @@ from pathlib import Path
 import torch
 
 from hanorec.data import RecDataset
-from hanorec.models import ModelBundle
+from hanorec.models import IMAGE_MARKERS, ModelBundle
 from hanorec.scoring import batch_logps
 from hanorec.tasks import Example, render
-from hanorec.train.loop import TrainResult, train_loop
+from hanorec.train.loop import EmptyTrainingSet, TrainResult, train_loop
 
 
 class ExampleTooLong(ValueError):
@@ -39,6 +39,48 @@ def make_sft_collate(bundle: ModelBundle, ds: RecDataset, max_length: int, image
     return collate
 
 
+def example_lengths(bundle: ModelBundle, ds: RecDataset, examples: Sequence[Example]) -> list[int]:
+    """Prompt + answer tokens of each example, as `make_sft_collate` would encode it, without processing
+    every image: an image's token count is computed once per size (fixed-size presets) or once per item."""
+    image_token = IMAGE_MARKERS[bundle.family][1]
+    fixed: list[int] = []
+    per_item: dict[str, int] = {}
+
+    def image_tokens(item: str) -> int:
+        if bundle.image_size and fixed:
+            return fixed[0]
+        if item not in per_item:
+            img = ds.load_image(item, size=bundle.image_size)
+            n = bundle.encode_prompt("<image>", [img]).input_ids.count(bundle.image_token_id)
+            per_item[item] = n
+            if bundle.image_size:
+                fixed.append(n)
+        return per_item[item]
+
+    out = []
+    for ex in examples:
+        pieces = bundle.chat_text(ex.prompt).split(image_token)
+        n = sum(len(bundle.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in pieces if p)
+        n += sum(image_tokens(i) for i in ex.image_items)
+        out.append(n + len(bundle.encode_completion(ex.answer)))
+    return out
+
+
+def drop_too_long(
+    bundle: ModelBundle, ds: RecDataset, examples: Sequence[Example], max_length: int
+) -> tuple[list[Example], int]:
+    """(the examples that fit in max_length tokens, how many were skipped)."""
+    lengths = example_lengths(bundle, ds, examples)
+    kept = [ex for ex, n in zip(examples, lengths) if n <= max_length]
+    skipped = len(examples) - len(kept)
+    if examples and not kept:
+        raise EmptyTrainingSet(
+            f"every one of the {len(examples)} training examples is longer than model.max_length={max_length} "
+            f"tokens (the shortest has {min(lengths)}); raise --model.max_length or use smaller images"
+        )
+    return kept, skipped
+
+
 def sft_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
     """Mean negative log-likelihood per answer token over the micro-batch."""
     dtype = next(p for p in model.parameters()).dtype
@@ -59,12 +101,19 @@ def train_sft(
     should_stop: Callable[[], bool] | None = None,
     accelerator=None,
 ) -> TrainResult:
-    """Train the LoRA-wrapped bundle.model on examples; checkpoints and metrics go to output_dir."""
+    """Train the LoRA-wrapped bundle.model on examples; checkpoints and metrics go to output_dir.
 
+    Examples longer than model.max_length are skipped, counted in the result's `skipped_examples` and
+    reported before training starts."""
+
+    items, skipped = drop_too_long(bundle, ds, list(examples), cfg.model.max_length)
+    if skipped:
+        print(f"sft: skipped {skipped} of {len(examples)} training examples longer than "
+              f"model.max_length={cfg.model.max_length} tokens")  # fmt: skip
     collate = make_sft_collate(bundle, ds, cfg.model.max_length)
-    return train_loop(
+    result = train_loop(
         model=bundle.model,
-        items=list(examples),
+        items=items,
         collate=collate,
         loss_fn=sft_loss,
         train_cfg=cfg.sft,
@@ -77,3 +126,5 @@ def train_sft(
         stage="sft",
         accelerator=accelerator,
     )
+    result.skipped_examples = skipped
+    return result
