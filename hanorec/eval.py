@@ -23,6 +23,9 @@ class EvalResult:
     rows: list[dict]  # one row per (method, protocol): metrics as fractions + n + candidates
     option_scores: list[list[float]] = field(default_factory=list)  # per example, the model's option scores
     generations: list[str] = field(default_factory=list)
+    # per method (model and baselines), the ranking protocol's value for each example, as columns
+    # (:func:`per_example_values`): what a paired comparison between methods resamples (hanorec.stats)
+    per_example: dict[str, dict[str, list]] = field(default_factory=dict)
     stopped: bool = False  # should_stop() ended evaluation early: rows is empty
 
 
@@ -71,6 +74,28 @@ def metrics_from_scores(examples: Sequence[Example], scores: np.ndarray, snap: b
         return {**out, "n": len(examples), "candidates": n_cand}
     true_first = [e.correct_option for e in examples]
     return M.ranking_metrics(snap_ties(scores, true_first) if snap else scores, true_first)
+
+
+def per_example_values(examples: Sequence[Example], scores: np.ndarray, snap: bool = False) -> dict[str, list]:
+    """The ranking protocol per example, as columns, with each example's user id.
+
+    hit3 / next1: ``HR@1``, ``HR@3``, ``NDCG@3`` per example (their means are the row of
+    :func:`metrics_from_scores`). hit1: the Yes-minus-No ``score`` and the ``label``, since AUC is not a mean
+    over examples (hanorec.stats.paired_bootstrap_auc recomputes it on resampled users).
+    """
+    users = [e.user for e in examples]
+    scores = np.asarray(scores, dtype=np.float64)
+    if examples[0].task == "hit1":
+        margin = scores[:, 0] - scores[:, 1] if scores.shape[1] == 2 else scores[:, 0]
+        return {"user": users, "score": margin.tolist(), "label": [bool(e.label) for e in examples]}
+    true_first = [e.correct_option for e in examples]
+    ranks = M.pessimistic_ranks(snap_ties(scores, true_first) if snap else scores, true_first)
+    return {
+        "user": users,
+        "HR@1": (ranks < 1).astype(float).tolist(),
+        "HR@3": (ranks < 3).astype(float).tolist(),
+        "NDCG@3": np.where(ranks < 3, 1.0 / np.log2(ranks + 2.0), 0.0).tolist(),
+    }
 
 
 def baseline_scores(name: str, examples: Sequence[Example], popularity: Counter, seed: int) -> np.ndarray:
@@ -245,6 +270,7 @@ def evaluate(
             rows.append(
                 {"method": method, "protocol": "ranking", **metrics_from_scores(examples, scores, snap=True)}
             )
+            result.per_example[method] = per_example_values(examples, scores, snap=True)
         if "generative" in protocols:
             rows.append(
                 {
@@ -258,6 +284,7 @@ def evaluate(
             raise ValueError("the popularity baseline needs training popularity counts")
         scores = baseline_scores(name, examples, popularity or Counter(), seed)
         rows.append({"method": name, "protocol": "ranking", **metrics_from_scores(examples, scores)})
+        result.per_example[name] = per_example_values(examples, scores)
     return result
 
 

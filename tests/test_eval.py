@@ -19,6 +19,7 @@ from hanorec.eval import (
     evaluate,
     format_results,
     metrics_from_scores,
+    per_example_values,
     rank_options,
     snap_ties,
     train_popularity,
@@ -67,12 +68,49 @@ def test_batched_tables_match_one_at_a_time(ds, bundles, preset, task, n_negativ
     np.testing.assert_allclose(np.array(after.option_scores), before, atol=1e-5, rtol=1e-6)
     rows_before = [{"method": "model", "protocol": "ranking", **metrics_from_scores(examples, before, snap=True)}]
     assert after.rows[0] == rows_before[0]
+    # the per-example values average to the aggregated row (hit1: AUC recomputed from scores and labels)
+    _check_per_example(after.per_example["model"], after.rows[0], examples)
     assert format_results(task, after.rows[:1]) == format_results(task, rows_before)
     if task == "hit3":
         assert after.rows[0]["candidates"] == 3 + (n_negatives or TASK_SHAPES["hit3"]["n_negatives"])
     # the naive path (prompt repeated per option) gives the same scores too
     naive = rank_options(bundle, ds, examples, batch_size=4, mode="naive").numpy()
     np.testing.assert_allclose(naive, before, atol=1e-5, rtol=1e-6)
+
+
+def _check_per_example(values, row, examples):
+    assert values["user"] == [e.user for e in examples]
+    if examples[0].task == "hit1":
+        assert values["label"] == [e.label for e in examples]
+        assert np.isclose(metrics_from_scores(examples, np.array(values["score"])[:, None])["AUC"], row["AUC"])
+        return
+    for metric in ("HR@1", "HR@3", "NDCG@3"):
+        assert len(values[metric]) == len(examples)
+        assert np.isclose(np.mean(values[metric]), row[metric]), metric
+
+
+@pytest.mark.parametrize("task", ["hit3", "hit1", "next1"])
+def test_per_example_values_average_to_the_rows_for_baselines(ds, task):
+    examples, splits = _examples(ds, task, 40)
+    ev = evaluate(None, ds, examples, popularity=train_popularity(splits.train), progress=False)
+    assert set(ev.per_example) == {"random", "popularity"}
+    for row in ev.rows:
+        _check_per_example(ev.per_example[row["method"]], row, examples)
+
+
+def test_per_example_values_by_hand():
+    """Ranks 0, 2 and 3 of the true option (ties pessimistic): HR@3 1, 1, 0; NDCG@3 1, 1/log2(4), 0."""
+    examples, _ = _examples_stub(3)
+    scores = np.array([[3.0, 2.0, 1.0, 0.0], [1.0, 3.0, 1.0, 0.0], [0.0, 1.0, 1.0, 1.0]])
+    v = per_example_values(examples, scores)
+    assert v["HR@1"] == [1.0, 0.0, 0.0] and v["HR@3"] == [1.0, 1.0, 0.0]
+    assert np.allclose(v["NDCG@3"], [1.0, 0.5, 0.0])
+
+
+def _examples_stub(n):
+    from types import SimpleNamespace
+
+    return [SimpleNamespace(task="hit3", user=f"u{i}", correct_option=0) for i in range(n)], None
 
 
 def test_ties_resolved_the_same_way(ds, bundles):
