@@ -21,6 +21,8 @@ from hanorec.report import (
     comparison_report,
     comparison_table,
     machine_description,
+    paired_differences,
+    paired_table,
     summarize,
     update_readme_section,
 )
@@ -47,6 +49,8 @@ __all__ = [
     "comparison_report",
     "comparison_table",
     "machine_description",
+    "paired_differences",
+    "paired_table",
     "summarize",
     "update_readme_section",
 ]
@@ -335,7 +339,11 @@ def run_comparison(
     readme: str | Path | None = None,
     command: str = "",
 ) -> dict:
-    """SFT, then every preference variant from the same SFT model, per task and seed; mean and std table.
+    """SFT, then every preference variant from the same SFT model, per task and seed; mean and std table,
+    and each method's paired difference against SFT and DPO with a bootstrap interval over test users.
+
+    comparison.json keeps the per-example ranking values of every (task, seed, method) under
+    ``per_example`` (hanorec.eval.per_example_values), so the intervals can be recomputed from it.
 
     With `readme`, the table (with the command, the machine and the wall time) replaces the README section
     marked `<!-- comparison:<output folder name> -->` (appended at the end when the markers are missing).
@@ -345,6 +353,14 @@ def run_comparison(
     start = time.time()
     root = Path(cfg.output_dir)
     rows: list[dict] = []
+    per_example: list[dict] = []
+
+    def keep(task, seed, ev):
+        per_example.extend(
+            {"task": task, "seed": seed, "method": m, "protocol": "ranking", "values": v}
+            for m, v in ev.per_example.items()
+        )
+
     for task in tasks:
         for seed in seeds:
             run_dir = root / task / f"seed{seed}"
@@ -354,6 +370,7 @@ def run_comparison(
             bundle, _ = run_sft(c, data)
             ev = run_eval(c, bundle, data, method="SFT", baselines=cfg.eval.baselines)
             rows += [{"task": task, "seed": seed, **r} for r in ev.rows]
+            keep(task, seed, ev)
             del bundle
             for v in variants:
                 over = dict(PREF_VARIANTS[v])
@@ -363,12 +380,17 @@ def run_comparison(
                 bundle, _ = run_preference(cv, data, name=stage_slug(v))
                 ev = run_eval(cv, bundle, data, method=v, baselines=[])
                 rows += [{"task": task, "seed": seed, **r} for r in ev.rows]
+                keep(task, seed, ev)
                 print_fn(format_results(task, ev.rows))
                 del bundle
     summary = summarize(rows, mean_std)
+    paired = paired_differences(per_example)
     result = {
         "rows": rows,
         "summary": summary,
+        "paired": paired,
+        "protocol": "ranking",
+        "split": cfg.eval.split,
         "seeds": list(seeds),
         "tasks": list(tasks),
         "dataset": cfg.data.path,
@@ -376,10 +398,11 @@ def run_comparison(
         "wall_s": time.time() - start,
         "command": command,
         "machine": machine_description(),
+        "per_example": per_example,
     }
     root.mkdir(parents=True, exist_ok=True)
     (root / "comparison.json").write_text(json.dumps(result, indent=2))
-    table = comparison_table(summary, len(seeds))
+    table = comparison_table(summary, len(seeds)) + "\n\n" + paired_table(paired, len(seeds), "ranking", cfg.eval.split)
     (root / "comparison.md").write_text(table + "\n")
     print_fn(table)
     print_fn(f"wall time {result['wall_s'] / 60:.1f} min; written to {root / 'comparison.md'}")

@@ -1,4 +1,5 @@
-"""The method comparison as text: mean ± std over seeds per method, and its README section.
+"""The method comparison as text: mean ± std over seeds per method, the paired differences against SFT and
+DPO with their bootstrap intervals (hanorec.stats), and its README section.
 
 `python -m hanorec compare --readme=README.md` writes each comparison (command, machine, wall time, table)
 between `<!-- comparison:<name> -->` markers, so rerunning the command regenerates the README's numbers.
@@ -6,6 +7,7 @@ between `<!-- comparison:<name> -->` markers, so rerunning the command regenerat
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from hanorec.train.preference import PREF_VARIANTS
@@ -25,8 +27,13 @@ def machine_description() -> str:
 
 
 def comparison_report(result: dict) -> str:
-    """The README block of one comparison: command, machine, wall time, then the mean ± std table."""
+    """The README block of one comparison: command, machine, wall time, the mean ± std table, then the
+    paired-difference table when the result holds one."""
     table = comparison_table(result["summary"], len(result["seeds"]))
+    if result.get("paired"):
+        table += "\n\n" + paired_table(
+            result["paired"], len(result["seeds"]), result.get("protocol", "ranking"), result.get("split", "test")
+        )
     return (
         f"`{result.get('command') or 'python -m hanorec compare ...'}`\n\n"
         f"Machine: {result.get('machine', 'not recorded')}; wall time {result['wall_s'] / 60:.1f} min; "
@@ -87,5 +94,101 @@ def comparison_table(summary: list[dict], n_seeds: int) -> str:
         lines.append(f"| {e['method']} | " + " | ".join(cells) + " |")
     lines.append(
         f"\nmean ± sample std over {n_seeds} seeds; ranking protocol (title likelihood), test split."
+    )
+    return "\n".join(lines)
+
+
+PAIRED_METRICS = (("hit3", "HR@3"), ("hit3", "NDCG@3"), ("hit1", "AUC"))
+
+
+def paired_differences(
+    per_example: list[dict],
+    references: Sequence[str] = ("SFT", "DPO"),
+    *,
+    n_boot: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> list[dict]:
+    """Each method against each reference: mean paired difference and bootstrap interval over test users.
+
+    ``per_example`` holds one entry per (task, seed, method): ``{"task", "seed", "method", "values"}`` with
+    ``values`` the columns of hanorec.eval.per_example_values (same examples in the same order for every
+    method of one task and seed). Seeds are pooled: hit3 metrics by :func:`hanorec.stats.paired_bootstrap`
+    (a user's seeds resampled together), hit1 AUC by :func:`hanorec.stats.paired_bootstrap_auc` with the
+    seed as group. Returns one dict per (reference, method) with a :class:`PairedDifference` dict per
+    ``"<task> <metric>"`` present.
+    """
+    from hanorec.stats import paired_bootstrap, paired_bootstrap_auc
+
+    by_key = {(e["task"], e["seed"], e["method"]): e["values"] for e in per_example}
+    methods = [m for m in METHOD_ORDER if any(k[2] == m for k in by_key)]
+    methods += sorted({k[2] for k in by_key} - set(methods))
+    out = []
+    for ref in references:
+        for method in methods:
+            if method == ref:
+                continue
+            entry: dict = {"method": method, "reference": ref}
+            for task, metric in PAIRED_METRICS:
+                seeds = sorted(s for (t, s, m) in by_key if t == task and m == method and (t, s, ref) in by_key)
+                a = [by_key[(task, s, method)] for s in seeds]
+                b = [by_key[(task, s, ref)] for s in seeds]
+                if not seeds or any(metric not in x and "score" not in x for x in a):
+                    continue
+                for s, x, y in zip(seeds, a, b):
+                    if x["user"] != y["user"]:
+                        raise ValueError(f"{task} seed {s}: {method} and {ref} were scored on different examples")
+                users = [u for x in a for u in x["user"]]
+                if metric == "AUC":
+                    d = paired_bootstrap_auc(
+                        [v for x in a for v in x["score"]],
+                        [v for y in b for v in y["score"]],
+                        [v for x in a for v in x["label"]],
+                        users,
+                        groups=[s for s, x in zip(seeds, a) for _ in x["user"]],
+                        n_boot=n_boot,
+                        seed=seed,
+                        level=level,
+                    )
+                else:
+                    d = paired_bootstrap(
+                        [v for x in a for v in x[metric]],
+                        [v for y in b for v in y[metric]],
+                        users,
+                        n_boot=n_boot,
+                        seed=seed,
+                        level=level,
+                    )
+                entry[f"{task} {metric}"] = d.to_dict()
+            if len(entry) > 2:
+                out.append(entry)
+    return out
+
+
+def paired_table(paired: list[dict], n_seeds: int, protocol: str = "ranking", split: str = "test") -> str:
+    """Markdown: per reference, each method's mean paired difference [95% CI]; * marks an interval without 0."""
+    if not paired:
+        return "no paired differences: the comparison has no method beside its references"
+    cols = [f"{t} {m}" for t, m in PAIRED_METRICS]
+    present = [c for c in cols if any(c in e for e in paired)]
+    lines = ["| method | vs | " + " | ".join(present) + " |", "|---|---|" + "---:|" * len(present)]
+    for e in paired:
+        cells = []
+        for c in present:
+            d = e.get(c)
+            if d is None:
+                cells.append("-")
+            else:
+                star = " *" if d["excludes_zero"] else ""
+                cells.append(f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]{star}")
+        lines.append(f"| {e['method']} | {e['reference']} | " + " | ".join(cells) + " |")
+    level = next((e[c]["level"] for e in paired for c in present if c in e), 0.95)
+    users = {c.split()[0]: e[c]["n_users"] for e in paired for c in present if c in e}
+    sizes = ", ".join(f"{t}: {n} users" for t, n in users.items())
+    lines.append(
+        f"\nmethod minus reference: mean per-user paired difference [{level:.0%} percentile bootstrap interval "
+        f"over test users ({sizes}), pooled over {n_seeds} seeds, a user's seeds resampled together]; "
+        f"* marks an interval that excludes 0. {protocol.capitalize()} protocol"
+        f"{' (title likelihood)' if protocol == 'ranking' else ''}, {split} split."
     )
     return "\n".join(lines)

@@ -1,5 +1,7 @@
 """The comparison's README block: the command, machine and wall time travel with the table."""
 
+import pytest
+
 from hanorec.metrics import mean_std
 from hanorec.report import comparison_report, summarize, update_readme_section
 
@@ -42,3 +44,68 @@ def test_section_is_replaced_in_place_and_appended_when_missing(tmp_path):
     assert text.startswith("intro\n<!-- comparison:demo -->\nnew table")
     assert text.endswith("<!-- comparison:movielens -->\nother\n<!-- /comparison:movielens -->\n")
     assert not (tmp_path / "README.md.lock").exists()
+
+
+def _per_example():
+    """Two seeds, 30 users. hit3: DPO hits where SFT does and on 10 more users; HaNo-DPO equals SFT.
+    hit1: SFT ranks every Yes above every No (AUC 1), DPO's scores are reversed (AUC 0)."""
+    import numpy as np
+
+    users = [f"u{i}" for i in range(30)]
+    rng = np.random.default_rng(0)
+    out = []
+    for seed in (0, 1):
+        sft = (rng.random(30) < 0.4).astype(float)
+        dpo = sft.copy()
+        dpo[np.flatnonzero(sft == 0)[:10]] = 1.0
+        for method, hits in (("SFT", sft), ("DPO", dpo), ("HaNo-DPO", sft)):
+            values = {"user": users, "HR@1": hits.tolist(), "HR@3": hits.tolist(), "NDCG@3": (hits / 2).tolist()}
+            out.append({"task": "hit3", "seed": seed, "method": method, "values": values})
+        labels = [i % 2 == 0 for i in range(30)]
+        score = [float(i % 2 == 0) + rng.random() * 0.1 for i in range(30)]
+        for method, s in (("SFT", score), ("DPO", [-v for v in score]), ("HaNo-DPO", score)):
+            out.append({"task": "hit1", "seed": seed, "method": method, "values": {"user": users, "score": s, "label": labels}})
+    return out
+
+
+def test_paired_table_renders_the_bootstrap_numbers():
+    from hanorec.report import paired_differences, paired_table
+    from hanorec.stats import paired_bootstrap
+
+    paired = paired_differences(_per_example(), n_boot=300)
+    got = {(e["method"], e["reference"]): e for e in paired}
+    assert set(got) == {("DPO", "SFT"), ("HaNo-DPO", "SFT"), ("SFT", "DPO"), ("HaNo-DPO", "DPO")}
+    # DPO over SFT on hit3: 10 more hits out of 30 users in each seed -> +1/3, the whole interval above 0
+    d = got[("DPO", "SFT")]["hit3 HR@3"]
+    assert d["mean"] == pytest.approx(1 / 3) and d["excludes_zero"] and d["n_users"] == 30
+    pe = {(e["task"], e["seed"], e["method"]): e["values"] for e in _per_example()}
+    direct = paired_bootstrap(
+        pe[("hit3", 0, "DPO")]["HR@3"] + pe[("hit3", 1, "DPO")]["HR@3"],
+        pe[("hit3", 0, "SFT")]["HR@3"] + pe[("hit3", 1, "SFT")]["HR@3"],
+        pe[("hit3", 0, "SFT")]["user"] * 2,
+        n_boot=300,
+    )
+    assert d == direct.to_dict()
+    # identical methods: 0 with an interval containing 0; hit1 AUC 0 - 1 = -1 against SFT
+    same = got[("HaNo-DPO", "SFT")]
+    assert same["hit3 NDCG@3"]["mean"] == 0.0 and not same["hit3 NDCG@3"]["excludes_zero"]
+    assert got[("DPO", "SFT")]["hit1 AUC"]["mean"] == pytest.approx(-1.0)
+    assert got[("HaNo-DPO", "DPO")]["hit1 AUC"]["mean"] == pytest.approx(1.0)
+
+    table = paired_table(paired, 2, "ranking", "test")
+    lines = table.splitlines()
+    assert lines[0] == "| method | vs | hit3 HR@3 | hit3 NDCG@3 | hit1 AUC |"
+    row = next(line for line in lines if line.startswith("| DPO | SFT |"))
+    assert f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] *" in row
+    assert "| HaNo-DPO | SFT | +0.0000 [+0.0000, +0.0000] | +0.0000 [+0.0000, +0.0000] | +0.0000 [+0.0000, +0.0000] |" in table
+    assert "Ranking protocol (title likelihood), test split." in table
+    assert "hit3: 30 users" in table and "pooled over 2 seeds" in table
+
+
+def test_report_carries_the_paired_table_when_present():
+    from hanorec.report import paired_differences
+
+    result = {**_result(), "paired": paired_differences(_per_example(), n_boot=50), "split": "val"}
+    text = comparison_report(result)
+    assert "| DPO | SFT |" in text and "Ranking protocol (title likelihood), val split." in text
+    assert "| method | vs |" not in comparison_report(_result())
