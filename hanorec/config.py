@@ -256,6 +256,13 @@ class PrefConfig(OptimConfig):
         choices=("lora", "logits", "none"),
     )
     noise_sigma: float = _f(0.05, "NoDO noise standard deviation (0.05 MicroLens, 0.1 Netflix/MovieLens).")
+    noise_draw: str = _f(
+        "micro_batch",
+        "NoDO (lora target): one noise draw per forward of the whole micro-batch, shared by every chosen and "
+        "rejected row in it (the authors' code), or one draw per example, shared by its own chosen and "
+        "rejected rows (this project's earlier behaviour).",
+        choices=("micro_batch", "example"),
+    )
     sft_weight: float = _f(0.0, "gamma: weight of an SFT (mean-token NLL of the chosen answer) term.")
     precompute_ref: bool = _f(False, "Score the reference once before training instead of on every step.")
     scoring: str = _f(
