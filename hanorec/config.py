@@ -283,6 +283,11 @@ class PrefConfig(OptimConfig):
         _positive(self, "noise_sigma", "sft_weight", allow_zero=True)
         if not 0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"label_smoothing = {self.label_smoothing!r} must be in [0, 0.5)")
+        if self.method == "hano_dpo" and self.responsiveness and self.batch_size < 3:
+            raise ConfigError(
+                f"pref.batch_size = {self.batch_size}: HaNo-DPO's responsiveness eta is a trimmed mean over the "
+                "micro-batch and needs at least 3 pairs in it; raise batch_size or set pref.responsiveness=false"
+            )
         if self.method != "sdpo" and self.k_negatives != 1:
             raise ConfigError(
                 f"k_negatives = {self.k_negatives} needs method sdpo; {self.method} uses one rejected completion"

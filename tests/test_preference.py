@@ -582,3 +582,36 @@ def test_nodo_draw_is_shared_by_the_micro_batch_or_per_example(merged, ds, items
         else:
             expected = [0, 1] if scoring == "shared_prefix" else [0] * k1 + [1] * k1
             assert groups_seen == [expected]
+
+
+def test_short_micro_batches_are_dropped_and_refused(merged, ds, items, tmp_path, monkeypatch):
+    """As the authors' trainer: preference training drops each epoch's last partial micro-batch (so eta's
+    trimmed mean always has the full batch), the plan says so, and HaNo-DPO refuses a micro-batch under 3."""
+    from hanorec.config import ConfigError
+    from hanorec.train import preference as P
+    from hanorec.train.loop import plan_steps
+
+    cfg = make_cfg(tmp_path, method="hano_dpo", max_steps=None, epochs=1)
+    plan = plan_steps(7, cfg.pref, 1, drop_last=True)
+    assert (plan.micro_per_epoch, plan.steps_per_epoch, plan.dropped_per_epoch) == (2, 2, 1)
+    assert "last partial micro-batch" in plan.describe("hano_dpo")
+    assert plan_steps(7, cfg.pref, 1).micro_per_epoch == 3  # SFT keeps it
+    sizes = []
+    real = P.make_pref_collate
+
+    def spy_collate(bundle, ds_):
+        collate = real(bundle, ds_)
+
+        def wrapped(batch_items):
+            sizes.append(len(batch_items))
+            return collate(batch_items)
+
+        return wrapped
+
+    monkeypatch.setattr(P, "make_pref_collate", spy_collate)
+    result = P.train_preference(cfg, copy.deepcopy(merged), ds, items[:7], tmp_path / "run", resume=False)
+    assert result.global_step == 2 and sizes == [3, 3]
+    with pytest.raises(ConfigError, match="at least 3 pairs"):
+        make_cfg(tmp_path, method="hano_dpo", batch_size=2)
+    make_cfg(tmp_path, method="hano_dpo", batch_size=2, responsiveness=False)  # no trimmed mean: allowed
+    make_cfg(tmp_path, method="dpo", noise_target="none", batch_size=2)

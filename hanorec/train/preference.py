@@ -285,4 +285,5 @@ def train_preference(
         on_log=on_log,
         should_stop=should_stop,
         stage=p.method,
+        drop_last=True,  # as the authors' trainer: eta's trimmed mean never sees a short micro-batch
     )
