@@ -110,6 +110,11 @@ class TaskConfig:
         None, "Cap on training examples (deterministic prefix after shuffling)."
     )
     max_eval_examples: int | None = _f(None, "Cap on validation/test examples.")
+    hit1_target_image: bool = _f(
+        False,
+        "hit1: also show the target item's image (beyond the authors' prompt, which shows only the 5 history "
+        "images; off by default to follow them).",
+    )
     item_noun: str | None = _f(None, "The prompt's item noun, singular (e.g. artist); default: data.domain's.")
     item_nouns: str | None = _f(None, "Its plural (default: item_noun + s).")
     item_verb: str | None = _f(

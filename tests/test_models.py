@@ -73,7 +73,7 @@ def test_unknown_tiny_preset(ds):
         build_tiny("tiny-gpt", ["a"])
 
 
-@pytest.mark.parametrize("task, n_images", [("hit3", 3), ("hit1", 6)])
+@pytest.mark.parametrize("task, n_images", [("hit3", 3), ("hit1", 5)])
 def test_encode_prompt_image_token_count(bundle, ds, examples, task, n_images):
     ex = examples[task][0]
     p = encode(bundle, ds, ex)
