@@ -129,3 +129,18 @@ def test_no_zero_gpu_without_the_spaces_package(monkeypatch):
     monkeypatch.setenv(spaces.ZERO_GPU_ENV, "true")
     monkeypatch.setattr(spaces.importlib.util, "find_spec", lambda name: None)
     assert not spaces.on_zero_gpu()
+
+
+def test_space_front_matter_matches_the_gradio_pin():
+    import re
+
+    import yaml
+
+    text = (REPO / "docs" / "space.md").read_text()
+    block = re.search(r"^---\n(.*?)^---$", text, flags=re.S | re.M)
+    assert block, "docs/space.md holds no front matter block"
+    meta = yaml.safe_load(block.group(1))
+    pin = re.search(r"^gradio>=([\d.]+),<([\d.]+)", (REPO / "requirements.txt").read_text(), flags=re.M)
+    assert meta["sdk"] == "gradio" and meta["sdk_version"] == pin.group(1)
+    assert (REPO / meta["app_file"]).is_file() and meta["app_file"] == "app/main.py"
+    assert meta["suggested_hardware"] and "spaces" not in (REPO / "requirements.txt").read_text()
