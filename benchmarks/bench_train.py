@@ -14,13 +14,14 @@ Item 4, memory: peak memory (torch profiler memory timeline: parameters, gradien
 activations that the step touches) of the HaNo-DPO step against an SFT step on the same examples, and
 the time per epoch saved by precomputing the reference log-probs (pref.precompute_ref).
 
-    python benchmarks/bench_train.py [--repeats 5] [--ks 1,3,7] [--batch 4] [--memory] [--threads 1]
+    python benchmarks/bench_train.py [--repeats 5] [--ks 1,3,7] [--batch 4] [--memory] [--profile] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import time
 from functools import partial
 from types import SimpleNamespace
 
@@ -215,6 +216,39 @@ def memory(preset: str, args) -> dict:
     }
 
 
+def profile(preset: str, k: int, args) -> None:
+    """Where a step's time goes, both modes: torch.profiler over 3 steps after 2 warm-up steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    ds, bundle, items = setup(preset, k, args)
+    bundle.model.train()
+    batch = make_pref_collate(bundle, ds)(items[: args.batch])
+    optimizer = torch.optim.AdamW([p for p in bundle.model.parameters() if p.requires_grad], lr=1e-5)
+    noise = LoRANoise(bundle.model, 0.05)
+    print(f"profile of 3 steps, {preset}, K={k} (torch.profiler, self CPU time):")
+    for mode in ("naive", "shared_prefix"):
+        step = make_step(bundle, pref_cfg(k, mode), batch, optimizer, noise)
+        step(), step()
+        t0 = time.perf_counter()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                step()
+        wall = time.perf_counter() - t0
+        ops = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+        total = sum(e.self_cpu_time_total for e in ops) / 1e6
+
+        mm = sum(e.self_cpu_time_total for e in ops if e.key in ("aten::mm", "aten::addmm", "aten::bmm")) / 1e6
+        attn = sum(e.self_cpu_time_total for e in ops if "attention" in e.key) / 1e6
+        conv = sum(e.self_cpu_time_total for e in ops if "convolution" in e.key) / 1e6
+        print(
+            f"  {mode:13s} {wall:.2f}s: matmuls {mm:.2f}s ({100 * mm / wall:.0f}%), attention {attn:.2f}s "
+            f"({100 * attn / wall:.0f}%), patch convolution {conv:.2f}s, other torch ops {total - mm - attn - conv:.2f}s "
+            f"({100 * (total - mm - attn - conv) / wall:.0f}%), outside torch ops (Python, hooks, optimizer "
+            f"bookkeeping) {wall - total:.2f}s ({100 * (wall - total) / wall:.0f}%)",
+            flush=True,
+        )
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5)
@@ -227,6 +261,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared CPU)")
     ap.add_argument("--memory", action="store_true", help="also item 4: peak memory and precomputed reference")
     ap.add_argument("--no-throughput", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="also profile both modes at K=3 (first preset)")
     args = ap.parse_args(argv)
     args.ks = [int(k) for k in args.ks.split(",")]
     torch.set_num_threads(args.threads)
@@ -238,6 +273,8 @@ def main(argv=None) -> dict:
             out["throughput"] += throughput(preset, args)
         if args.memory:
             out["memory"].append(memory(preset, args))
+    if args.profile:
+        profile(args.presets.split(",")[0], 3, args)
     return out
 
 

@@ -12,7 +12,7 @@ log-probs with the adapter disabled (no grad), the policy's log-probs under NoDO
 (HaNo-DPO at K = 1, the K-negative S-DPO form at K > 1), backward, AdamW on the LoRA (r 8, alpha 32) of
 the language model. ``--checkpointing`` turns on gradient checkpointing (then backward runs inside the
 NoDO noise context so the recomputed forward sees the same draws, as hanorec.noise.LoRANoise asks; the
-step here always does that). Without it, naive scoring at K = 7 needs about 65 GB at batch 2.
+step here always does that). Without it, naive scoring at K = 7 needs an estimated 65 GB at batch 2.
 Per K and scoring mode: median step time over ``--repeats`` after ``--warmup``, pairs per second, peak
 GPU memory (torch.cuda.max_memory_allocated), and model FLOPs utilisation:
 

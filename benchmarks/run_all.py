@@ -2,7 +2,7 @@
 
     python benchmarks/run_all.py [--quick] [--out benchmarks/last_run.txt]
 
-Runs, each in its own process, one after the other: bench_train.py --memory (items 1 and 4),
+Runs, each in its own process, one after the other: bench_train.py --memory --profile (items 1, 4),
 bench_trl.py --profile (item 2), bench_eval.py (item 3), bench_quickstart.py (item 5; its app part is
 skipped with a message while app/main.py is absent) and gpu_step.py --tiny (the CPU smoke test of item
 6's GPU script). Prints the load average before and after (other processes on the machine slow both
@@ -26,7 +26,7 @@ sys.path.insert(0, str(HERE))
 from common import ROOT, header, load_average  # noqa: E402
 
 FULL = [
-    ("bench_train.py", ["--memory"]),
+    ("bench_train.py", ["--memory", "--profile"]),
     ("bench_trl.py", ["--profile"]),
     ("bench_eval.py", []),
     ("bench_quickstart.py", []),

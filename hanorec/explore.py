@@ -281,15 +281,11 @@ def item_profiles(emb, k: int = 10, temperature: float = 1.0):
     temperature 1 is the paper's profile (hanorec.hardness.profile_distributions); any other value is an
     exploration beyond the paper (a lower temperature sharpens the profiles and widens the lambda spread).
     """
-    import torch
+    from hanorec.hardness import neighbour_profiles, profile_distributions
 
-    from hanorec.hardness import neighbour_profiles
-
-    if not temperature > 0:
-        raise ValueError(f"the profile temperature must be > 0, got {temperature}")
     n = emb.shape[0]
     sims, idx = neighbour_profiles(emb, k=max(1, min(int(k), n - 1)))
-    return sims, idx, torch.softmax(sims.float() / float(temperature), dim=-1)
+    return sims, idx, profile_distributions(sims, float(temperature))
 
 
 def pair_hardness_rows(pairs: Sequence, ids: Sequence[str], profiles, *, beta0: float) -> list[dict]:

@@ -15,7 +15,8 @@ when the browser or the app closes.
 The queue is the run folders whose status is 'queued', in submission order: nothing else is kept, so a
 browser reload or an app restart finds every job again. Queued jobs start when a JobManager on the same
 runs folder is alive (it checks every `poll_s` seconds and on every call); one job runs at a time per
-runs folder, which is one device (`device` is recorded for display and passed on as the CLI's device).
+runs folder, which is one device (`device`: 'cpu', 'cuda:N' or auto, given to the run through
+CUDA_VISIBLE_DEVICES).
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class JobStatus:
     message: str = ""
     log_tail: str = ""
     metrics: list[dict] = field(default_factory=list)
+    commands: list[str] = field(default_factory=list)  # the job's CLI commands, in order
 
     @property
     def fraction(self) -> float:
@@ -73,6 +75,8 @@ class JobStatus:
             return f"{self.job_id}: queued, position {self.position}"
         if self.state == "running":
             where = f" {self.command}" if self.command else ""
+            if self.command in self.commands and len(self.commands) > 1:
+                where += f" (command {self.commands.index(self.command) + 1} of {len(self.commands)})"
             if self.step is not None:
                 total = f"/{self.total}" if self.total else ""
                 return f"{self.job_id}: running{where}, step {self.step}{total}"
@@ -84,6 +88,17 @@ def default_env() -> dict:
     """On small machines a run uses one torch thread: the tiny models are as fast on one, and two threads
     spin-wait badly (8-15x slower) whenever anything else, the app included, uses the cores."""
     return {"OMP_NUM_THREADS": "1"} if (os.cpu_count() or 1) <= 4 else {}
+
+
+def device_env(device: str | None) -> dict:
+    """The environment that puts a run on the app's device: 'cuda:N' shows it GPU N only, 'cpu' no GPU."""
+    if not device or device in ("auto", "cuda"):
+        return {}
+    if device == "cpu":
+        return {"CUDA_VISIBLE_DEVICES": ""}
+    if re.fullmatch(r"cuda:\d+", device):
+        return {"CUDA_VISIBLE_DEVICES": device.split(":", 1)[1]}
+    raise JobError(f"device {device!r} is not one of cpu, cuda, cuda:N or auto")
 
 
 def available_trackers() -> list[str]:
@@ -129,6 +144,7 @@ class JobManager:
         python: str = sys.executable,
         env: dict | None = None,
     ):
+        self._device_env = device_env(device)
         self.runs_dir = Path(runs_dir).resolve()
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.device = device
@@ -246,6 +262,7 @@ class JobManager:
         st = runs.read_status(run)
         state = st.get("status", "failed")
         out = JobStatus(job_id, run, state, stage=job.get("stage", "SFT"), message=st.get("message", ""))
+        out.commands = list(job.get("commands", []))
         if detail:
             out.log_tail = log_tail(run)
         if state == "queued":
@@ -325,7 +342,7 @@ class JobManager:
                 return None
             run = self.runs_dir / queued[0]
             log = open(run / LOG_FILE, "a")
-            env = {**default_env(), **os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
+            env = {**default_env(), **os.environ, **self._device_env, **self.env, "PYTHONUNBUFFERED": "1"}
             package_root = str(Path(__file__).resolve().parents[1])
             env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
             job = json.loads((run / JOB_FILE).read_text())

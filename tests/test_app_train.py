@@ -181,3 +181,19 @@ def test_the_tab_builds_and_exposes_its_handlers(ctx):
         T.build(ctx)
     names = {d.api_name for d in demo.fns.values() if d.api_name}
     assert {"train_launch", "train_poll", "train_stop", "train_resume", "train_runs", "train_compare"} <= names
+
+
+def test_past_runs_refresh_when_a_job_changes_state(ctx):
+    """The timer refreshes the past runs only when a job starts, ends or is queued (a finished run must not
+    stay listed as running until the page is reloaded)."""
+    unchanged = T.refresh_if_jobs_changed(ctx, "")
+    assert unchanged[:4] == (gr.skip(),) * 4 and unchanged[4] == ""
+    job = ctx.jobs.submit(T.form_overrides(str(DEMO), "tiny-llava", "SFT", "hit3", max_steps=3), name="a-run")
+    ctx.jobs.stop(job)  # an ended job: its state no longer moves while the test looks at it
+    ctx.jobs.wait(job, timeout=120)
+    state = ctx.jobs.status(job).state
+    assert state in ("stopped", "finished", "failed")
+    table, names, sft_from, picker, seen = T.refresh_if_jobs_changed(ctx, f"{job}:running")
+    assert seen == f"{job}:{state}" and list(table["run"]) == ["a-run"] and job in picker["choices"]
+    assert list(table["status"]) == [state]
+    assert T.refresh_if_jobs_changed(ctx, seen)[:4] == (gr.skip(),) * 4

@@ -99,7 +99,7 @@ def test_preference_job_trains_sft_then_the_variant(manager):
     done = manager.wait(job, timeout=300)
     assert done.state == "finished", done.log_tail
     assert runs.stages(done.run_dir) == ["sft", "hano_dpo"]
-    assert done.command == "pref" and done.step == 2
+    assert done.command == "pref" and done.step == 2 and done.commands == ["sft", "pref"]
     assert runs.read_results(done.run_dir, "hano_dpo")["stage"] == "hano_dpo"
     # another variant from this run's SFT model: only `pref` runs
     other = manager.submit(fast(2), stage="DPO", name="dpo-only", sft_run=str(done.run_dir))
@@ -153,6 +153,10 @@ def test_bad_requests_are_one_sentence(tmp_path):
 
 
 def test_commands_per_stage():
+    from hanorec.jobs import JobStatus
+
+    running = JobStatus("j", Path("j"), "running", command="pref", step=3, total=30, commands=["sft", "pref"])
+    assert running.describe() == "j: running pref (command 2 of 2), step 3/30"
     assert commands_for("SFT") == ["run"]
     assert commands_for("HaNo-DPO") == ["sft", "pref"]
     assert commands_for("S-DPO", sft_run="runs/x") == ["pref"]
@@ -190,3 +194,13 @@ def test_a_cli_run_in_the_same_folder_holds_the_queue(tmp_path):
     assert m.status(job).state == "queued" and m.status(job).position == 1
     m.stop(job)
     assert m.status(job).state == "stopped"
+
+
+def test_device_reaches_the_run_through_its_environment():
+    from hanorec.jobs import device_env
+
+    assert device_env(None) == device_env("auto") == device_env("cuda") == {}
+    assert device_env("cpu") == {"CUDA_VISIBLE_DEVICES": ""}
+    assert device_env("cuda:1") == {"CUDA_VISIBLE_DEVICES": "1"}
+    with pytest.raises(JobError, match="'tpu' is not one of"):
+        JobManager("unused-never-created", device="tpu", autostart=False)

@@ -211,3 +211,17 @@ def test_resuming_with_another_configuration_says_what_differs(tmp_path, capsys)
     out = capsys.readouterr().out
     assert "resumed from" in out and "differs from the checkpoint's in sft.lr, sft.max_steps" in out
     assert "another --output_dir" in out
+
+
+def test_a_stop_between_two_log_lines_keeps_the_log_identical(tmp_path):
+    """Stopped at step 3 with a log line every 4 steps: the resumed run's step-4 line still averages steps
+    1-4, so metrics.jsonl equals the uninterrupted run's."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    pipeline.run_sft(load_config(overrides=overrides(a, steps=6, log_every=4)))
+    polls = []
+    _, r = pipeline.run_sft(
+        load_config(overrides=overrides(b, steps=6, log_every=4)), should_stop=lambda: polls.append(1) or len(polls) >= 3
+    )
+    assert r.stopped_early and r.global_step == 3
+    pipeline.run_sft(load_config(overrides=overrides(b, steps=6, log_every=4)))
+    assert_same_run(a, b)

@@ -273,6 +273,19 @@ def refresh_runs(ctx):
     return table, gr.update(choices=names), gr.update(choices=[FROM_SCRATCH, *sft_runs]), gr.update(choices=job_choices(ctx))
 
 
+def jobs_signature(ctx) -> str:
+    """Each job's id and state: when it changes (a run starts, ends or is queued) the past runs are stale."""
+    return "|".join(f"{j.job_id}:{j.state}" for j in ctx.jobs.jobs())
+
+
+def refresh_if_jobs_changed(ctx, last: str):
+    """The timer's second refresh: the past runs and the pickers again, only when a job changed state."""
+    now = jobs_signature(ctx)
+    if now == last:
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip(), last
+    return (*refresh_runs(ctx), now)
+
+
 def _summary_row(info, stage: str) -> list:
     rows = [r for r in info.metrics if r.get("stage_dir") == stage]
     last = rows[-1] if rows else {}
@@ -385,6 +398,7 @@ def build(ctx) -> None:
     cmp_table = gr.Dataframe(headers=RUN_COLUMNS, interactive=False, label="Side by side")
     cmp_fig = gr.Plot(label="Metric by step")
     timer = gr.Timer(1.0)
+    seen_jobs = gr.State("")  # jobs_signature() at the last refresh of the past runs
 
     form = [dataset, backbone, stage, task, sft_from, beta0, sigma, noise_target, k_neg, sampling, epochs, lr,
             max_steps, eval_examples, log_with, seed, name]  # fmt: skip
@@ -395,6 +409,8 @@ def build(ctx) -> None:
     stop_btn.click(partial(stop, ctx), [job], status, api_name="train_stop")
     resume_btn.click(partial(resume, ctx), [job], status, api_name="train_resume")
     refresh_btn.click(partial(refresh_runs, ctx), None, [past, chosen, sft_from, job], api_name="train_runs")
+    timer.tick(partial(refresh_if_jobs_changed, ctx), [seen_jobs], [past, chosen, sft_from, job, seen_jobs],
+               api_visibility="private", show_progress="hidden")  # fmt: skip
     compare_btn.click(partial(compare, ctx), [chosen, metric], [cmp_table, cmp_fig], api_name="train_compare")
     _on_load(partial(page_load, ctx), None, [job, past, chosen, sft_from])
 

@@ -194,6 +194,8 @@ class _Run:
                     scheduler=self.scheduler,
                 )  # fmt: skip
             )
+            # the metrics of steps since the last log line, so the next line averages the same steps
+            self.running = self.state.pop("running", {})
             self.last_ckpt = ckpt
             self.acc.print(f"{self.stage}: resumed from {ckpt} at step {self.state['global_step']}/{self.total_steps}")
             changed = config_changes(ckpt / "config.yaml", self.config_yaml)
@@ -321,7 +323,7 @@ class _Run:
                 model=self.acc.unwrap_model(self.model),
                 optimizer=self.optimizer,
                 scheduler=self.scheduler,
-                state=self.state,
+                state={**self.state, "running": self.running} if self.running else self.state,
                 config_yaml=self.config_yaml,
                 keep=self.cfg.keep_checkpoints,
             )
