@@ -540,6 +540,13 @@ def load_model(
             f"cannot load model {name!r}: not a local folder and not in the local Hugging Face cache "
             f"(this machine may be offline): {str(e).splitlines()[0]}"
         ) from None
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise ModelError(
+            f"model {name!r} ships its own Python code, which runs only with --model.trust_remote_code=true "
+            "(off by default: turn it on only for a checkpoint you trust)"
+        ) from None
     family = family_of(cfg.model_type)
     kwargs = {"dtype": default_dtype(dtype), "trust_remote_code": trust_remote_code}
     if attn_implementation:
