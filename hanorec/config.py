@@ -81,7 +81,9 @@ class DataConfig:
         4, "Keep at most this many (latest) training windows per user; None keeps all."
     )
     image_size: int = _f(
-        64, "Images are resized to this square size before the model's processor (keeps tiny runs cheap)."
+        64,
+        "Tiny presets: images are resized to this square size before the processor (keeps tiny runs cheap). "
+        "Real checkpoints use their processor's own resizing instead (see model.max_pixels).",
     )
 
     def __post_init__(self):
@@ -164,10 +166,15 @@ class ModelConfig:
     attn_implementation: str | None = _f(
         None, "Attention kernel for real checkpoints (e.g. sdpa, flash_attention_2)."
     )
+    max_pixels: int | None = _f(
+        262144,
+        "Real checkpoints: their image processor picks each image's resolution, capped at this many pixels "
+        "(Qwen2-VL family; 262,144 = the authors' cap for preference training). Tiny presets use data.image_size.",
+    )
 
     def __post_init__(self):
         _check_choices(self)
-        _positive(self, "tiny_hidden_size", "tiny_layers", "tiny_vocab_size", "max_length")
+        _positive(self, "tiny_hidden_size", "tiny_layers", "tiny_vocab_size", "max_length", "max_pixels")
 
 
 @dataclass

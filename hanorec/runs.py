@@ -378,7 +378,8 @@ def base_model(cfg, sft_dir: str | Path | None = None, texts=None):
             bundle.save(tmp)
             shutil.rmtree(saved, ignore_errors=True)
             tmp.rename(saved)
-    bundle.image_size = bundle.image_size or cfg.data.image_size
+    if bundle.image_size is None and cfg.model.name.startswith("tiny-"):
+        bundle.image_size = cfg.data.image_size  # real checkpoints keep their processor's own resizing
     return bundle
 
 
