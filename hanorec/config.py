@@ -81,7 +81,9 @@ class DataConfig:
         4, "Keep at most this many (latest) training windows per user; None keeps all."
     )
     image_size: int = _f(
-        64, "Images are resized to this square size before the model's processor (keeps tiny runs cheap)."
+        64,
+        "Tiny presets: images are resized to this square size before the processor (keeps tiny runs cheap). "
+        "Real checkpoints use their processor's own resizing instead (see model.max_pixels).",
     )
 
     def __post_init__(self):
@@ -110,6 +112,11 @@ class TaskConfig:
         None, "Cap on training examples (deterministic prefix after shuffling)."
     )
     max_eval_examples: int | None = _f(None, "Cap on validation/test examples.")
+    hit1_target_image: bool = _f(
+        False,
+        "hit1: also show the target item's image (beyond the authors' prompt, which shows only the 5 history "
+        "images; off by default to follow them).",
+    )
     item_noun: str | None = _f(None, "The prompt's item noun, singular (e.g. artist); default: data.domain's.")
     item_nouns: str | None = _f(None, "Its plural (default: item_noun + s).")
     item_verb: str | None = _f(
@@ -159,10 +166,15 @@ class ModelConfig:
     attn_implementation: str | None = _f(
         None, "Attention kernel for real checkpoints (e.g. sdpa, flash_attention_2)."
     )
+    max_pixels: int | None = _f(
+        262144,
+        "Real checkpoints: their image processor picks each image's resolution, capped at this many pixels "
+        "(Qwen2-VL family; 262,144 = the authors' cap for preference training). Tiny presets use data.image_size.",
+    )
 
     def __post_init__(self):
         _check_choices(self)
-        _positive(self, "tiny_hidden_size", "tiny_layers", "tiny_vocab_size", "max_length")
+        _positive(self, "tiny_hidden_size", "tiny_layers", "tiny_vocab_size", "max_length", "max_pixels")
 
 
 @dataclass
@@ -256,6 +268,13 @@ class PrefConfig(OptimConfig):
         choices=("lora", "logits", "none"),
     )
     noise_sigma: float = _f(0.05, "NoDO noise standard deviation (0.05 MicroLens, 0.1 Netflix/MovieLens).")
+    noise_draw: str = _f(
+        "micro_batch",
+        "NoDO (lora target): one noise draw per forward of the whole micro-batch, shared by every chosen and "
+        "rejected row in it (the authors' code), or one draw per example, shared by its own chosen and "
+        "rejected rows (this project's earlier behaviour).",
+        choices=("micro_batch", "example"),
+    )
     sft_weight: float = _f(0.0, "gamma: weight of an SFT (mean-token NLL of the chosen answer) term.")
     precompute_ref: bool = _f(False, "Score the reference once before training instead of on every step.")
     scoring: str = _f(
@@ -276,6 +295,11 @@ class PrefConfig(OptimConfig):
         _positive(self, "noise_sigma", "sft_weight", allow_zero=True)
         if not 0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"label_smoothing = {self.label_smoothing!r} must be in [0, 0.5)")
+        if self.method == "hano_dpo" and self.responsiveness and self.batch_size < 3:
+            raise ConfigError(
+                f"pref.batch_size = {self.batch_size}: HaNo-DPO's responsiveness eta is a trimmed mean over the "
+                "micro-batch and needs at least 3 pairs in it; raise batch_size or set pref.responsiveness=false"
+            )
         if self.method != "sdpo" and self.k_negatives != 1:
             raise ConfigError(
                 f"k_negatives = {self.k_negatives} needs method sdpo; {self.method} uses one rejected completion"

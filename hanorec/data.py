@@ -33,6 +33,7 @@ import math
 import os
 import random
 import re
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -111,11 +112,15 @@ class RecDataset:
             side = size or PLACEHOLDER_SIZE
             return Image.new("RGB", (side, side), PLACEHOLDER_COLOR)
         try:
-            with Image.open(item.image_path) as im:
-                image = im.convert("RGB")
-        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+            with warnings.catch_warnings():
+                # above Image.MAX_IMAGE_PIXELS (89 M pixels) refuse instead of decoding gigabytes for a poster
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(item.image_path) as im:
+                    image = im.convert("RGB")
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError,
+                Image.DecompressionBombWarning) as e:  # fmt: skip
             raise DataError(
-                f"The image {item.image_path} of item {item_id!r} cannot be read ({e})."
+                f"The image {item.image_path} of item {item_id!r} cannot be read ({str(e).rstrip('.')})."
             ) from None
         if size is not None and image.size != (size, size):
             image = image.resize((size, size), Image.Resampling.BICUBIC)
@@ -485,8 +490,10 @@ def _index_images(folder: Path) -> dict[str, Path]:
 
 def _image_header_ok(path: Path) -> bool:
     try:
-        with Image.open(path) as im:
-            im.verify()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # too many pixels: refused
+            with Image.open(path) as im:
+                im.verify()
         return True
     except Exception:  # PIL raises many kinds for a bad file
         return False

@@ -362,6 +362,13 @@ def pair_hardness(
 
     Returns {"lambda": (S,), "distance": (S,)}.
     """
+    if not 1 <= k < len(ds.items):
+        from hanorec.config import ConfigError
+
+        raise ConfigError(
+            f"pref.hardness_k = {k} neighbours needs 1 <= K < {len(ds.items)} (the items of dataset {ds.name!r}); "
+            "lower --pref.hardness_k"
+        )
     dataset_fp = dataset_fingerprint(ds)
     pairs_fp = fingerprint([[list(p.positive_item_ids), list(p.negative_item_ids)] for p in pairs])
     key = {"model": model_key or bundle.name, "dataset": dataset_fp, "pairs": pairs_fp, "k": k}

@@ -517,8 +517,13 @@ def load_model(
     trust_remote_code: bool = False,
     image_size: int | None = None,
     attn_implementation: str | None = None,
+    max_pixels: int | None = None,
 ) -> ModelBundle:
-    """Load a saved tiny preset, a local checkpoint folder or a Hugging Face model id, the same way."""
+    """Load a saved tiny preset, a local checkpoint folder or a Hugging Face model id, the same way.
+
+    A saved tiny preset keeps its fixed square image size; any other model lets its own image processor
+    choose the resolution, capped at ``max_pixels`` per image where the processor takes a cap (Qwen2-VL
+    family; the authors cap preference training at 262,144 pixels)."""
     from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
 
     name = str(name_or_path)
@@ -540,6 +545,13 @@ def load_model(
             f"cannot load model {name!r}: not a local folder and not in the local Hugging Face cache "
             f"(this machine may be offline): {str(e).splitlines()[0]}"
         ) from None
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise ModelError(
+            f"model {name!r} ships its own Python code, which runs only with --model.trust_remote_code=true "
+            "(off by default: turn it on only for a checkpoint you trust)"
+        ) from None
     family = family_of(cfg.model_type)
     kwargs = {"dtype": default_dtype(dtype), "trust_remote_code": trust_remote_code}
     if attn_implementation:
@@ -548,7 +560,25 @@ def load_model(
     tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
     proc = AutoImageProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
     size = image_size if image_size is not None else meta.get("image_size")
+    if size is None and max_pixels:
+        cap_image_pixels(proc, max_pixels)
     return ModelBundle(model, tok, proc, family, meta.get("name", name), image_size=size, meta=meta)
+
+
+def cap_image_pixels(processor, max_pixels: int) -> bool:
+    """Cap the pixels per image of a processor that resizes by pixel count (Qwen2-VL family: its size's
+    longest_edge is a pixel count): larger images are scaled down keeping their aspect ratio. Returns False
+    (processor unchanged) for fixed-size processors such as CLIP's, which resize every image to one size."""
+    size = getattr(processor, "size", None)
+    if not hasattr(processor, "merge_size") or size is None:
+        return False
+    cap = int(max_pixels)
+    if isinstance(size, dict):
+        processor.size = {**size, "longest_edge": cap, "shortest_edge": min(size.get("shortest_edge") or cap, cap)}
+    else:  # transformers' SizeDict
+        size.longest_edge = cap
+        size.shortest_edge = min(size.shortest_edge or cap, cap)
+    return True
 
 
 def check_model_name(name: str) -> None:
@@ -596,6 +626,7 @@ def get_model(cfg, texts: Sequence[str] | None = None, seed: int = 0, image_size
         dtype=cfg.dtype,
         trust_remote_code=cfg.trust_remote_code,
         attn_implementation=cfg.attn_implementation,
+        max_pixels=cfg.max_pixels,
     )
 
 

@@ -114,6 +114,7 @@ def prepare_data(
             domain=words,
             max_examples=cap,
             shuffle=shuffle,
+            hit1_target_image=t.hit1_target_image,
         )
         progress.tick(phase=phase)
         return out

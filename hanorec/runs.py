@@ -169,19 +169,21 @@ def pid_alive(pid: int | None) -> bool:
         return True
 
 
+def _status_json(run: Path) -> dict:
+    """The run's status.json as written, or {} when it is missing or unreadable (a write cut short)."""
+    try:
+        return json.loads((run / STATUS_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
 def read_status(run_dir: str | Path) -> dict:
     """status.json with 'status' made true: a 'running' run whose processes are gone reads as 'failed'.
 
     Runs without a status.json (older CLI runs) read as 'finished' when they hold results or a checkpoint.
     """
     run = Path(run_dir)
-    path = run / STATUS_FILE
-    info: dict = {}
-    if path.is_file():
-        try:
-            info = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            info = {}
+    info = _status_json(run)
     if not info:
         done = (run / RESULTS_FILE).is_file() or any(latest_checkpoint(run / s) for s in stages(run))
         return {"status": "finished" if done else "failed", "message": "" if done else "no status recorded"}
@@ -206,12 +208,7 @@ def write_status(run_dir: str | Path, status: str, **fields) -> dict:
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     path = run / STATUS_FILE
-    info: dict = {}
-    if path.is_file():
-        try:
-            info = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            info = {}
+    info = _status_json(run)
     info.update(fields, status=status, updated=time.time())
     if status in ("running", "queued") and "message" not in fields:
         info.pop("message", None)
@@ -381,7 +378,8 @@ def base_model(cfg, sft_dir: str | Path | None = None, texts=None):
             bundle.save(tmp)
             shutil.rmtree(saved, ignore_errors=True)
             tmp.rename(saved)
-    bundle.image_size = bundle.image_size or cfg.data.image_size
+    if bundle.image_size is None and cfg.model.name.startswith("tiny-"):
+        bundle.image_size = cfg.data.image_size  # real checkpoints keep their processor's own resizing
     return bundle
 
 

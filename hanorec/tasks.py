@@ -176,6 +176,7 @@ def build_example(
     rng: random.Random,
     n_negatives: int | None = None,
     domain: str | dict | None = None,
+    hit1_target_image: bool = False,
 ) -> Example:
     """Turn one window into an Example, drawing negatives (items the user never interacted with) from rng.
 
@@ -226,7 +227,7 @@ def build_example(
     prompt = TEMPLATES["hit1"].format(
         history=_shown(ds, history, True),
         not_watched=_shown(ds, not_watched, False),
-        target=f"{IMAGE_PLACEHOLDER} {quote(titles[target])}",
+        target=f"{IMAGE_PLACEHOLDER} {quote(titles[target])}" if hit1_target_image else quote(titles[target]),
         **words,
     )
     return Example(
@@ -236,7 +237,7 @@ def build_example(
         candidates=(target,),
         targets=(true_next,),
         prompt=prompt,
-        image_items=history + (target,),
+        image_items=history + ((target,) if hit1_target_image else ()),
         answer="Yes" if label else "No",
         options=("Yes", "No"),
         correct_option=0 if label else 1,
@@ -256,10 +257,14 @@ def build_examples(
     domain: str | dict | None = None,
     max_examples: int | None = None,
     shuffle: bool = False,
+    hit1_target_image: bool = False,
 ) -> list[Example]:
-    """Examples for every window, deterministic for (seed, windows). shuffle=True permutes (training)."""
+    """Examples for every window, deterministic for (seed, windows). shuffle=True permutes (training).
+
+    hit1_target_image: also show the hit1 target item's image (an option beyond the authors' prompt, which
+    shows the 5 history images only; the default follows the authors)."""
     rng = random.Random(seed)
-    examples = [build_example(task, w, ds, rng, n_negatives, domain) for w in windows]
+    examples = [build_example(task, w, ds, rng, n_negatives, domain, hit1_target_image) for w in windows]
     if shuffle:
         random.Random(seed + 1).shuffle(examples)
     if max_examples is not None:

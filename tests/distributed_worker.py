@@ -1,7 +1,7 @@
 """Worker for tests/test_distributed.py, run by `accelerate launch` in 2 CPU processes (gloo).
 
     python tests/distributed_worker.py eta   OUT_DIR
-    python tests/distributed_worker.py train OUT_DIR SCORING
+    python tests/distributed_worker.py train OUT_DIR SCORING [STEPS]
 
 eta:   every process builds its own local preference logits h (a different batch per rank), calls
        hano_dpo_loss with gather=accelerator.gather, and writes what it saw to OUT_DIR/rank<k>.json.
@@ -12,6 +12,7 @@ train: one HaNo-DPO step of train_preference on a tiny LLaVA (6 pairs, batch 3 p
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -51,8 +52,9 @@ def eta_mode(out_dir: Path) -> None:
     accelerator.wait_for_everyone()
 
 
-def train_mode(out_dir: Path, scoring: str) -> None:
+def train_mode(out_dir: Path, scoring: str, steps: int = 1) -> None:
     from accelerate import PartialState
+    from accelerate.state import AcceleratorState
 
     from hanorec.config import load_config
     from hanorec.data import load_dataset, make_splits
@@ -75,7 +77,7 @@ def train_mode(out_dir: Path, scoring: str) -> None:
             "lora": {"r": 4, "alpha": 8},
             "pref": {
                 "method": "hano_dpo",
-                "max_steps": 1,
+                "max_steps": steps,
                 "batch_size": 3,
                 "grad_accum": 1,
                 "log_every": 1,
@@ -94,6 +96,8 @@ def train_mode(out_dir: Path, scoring: str) -> None:
         "rank": state.process_index,
         "world_size": state.num_processes,
         "global_step": result.global_step,
+        "distributed_type": str(AcceleratorState().distributed_type),
+        "use_fsdp_env": os.environ.get("ACCELERATE_USE_FSDP", ""),
         "checksum": float(sum(w.sum() for w in weights)),
         "abs_checksum": float(sum(w.abs().sum() for w in weights)),
     }
@@ -105,6 +109,6 @@ if __name__ == "__main__":
     if mode == "eta":
         eta_mode(out)
     elif mode == "train":
-        train_mode(out, sys.argv[3])
+        train_mode(out, sys.argv[3], int(sys.argv[4]) if len(sys.argv) > 4 else 1)
     else:
         raise SystemExit(f"unknown mode {mode!r}; use eta or train")

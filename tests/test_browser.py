@@ -74,7 +74,9 @@ def page(url):
         pg.console_errors = []
         pg.on("console", lambda m: m.type == "error" and pg.console_errors.append(m.text))
         pg.on("pageerror", lambda e: pg.console_errors.append(str(e)))
-        pg.goto(url, wait_until="networkidle")
+        # "load", not "networkidle": the Train tab polls its jobs every second, so the network is never idle
+        pg.goto(url, wait_until="load")
+        pg.get_by_role("tab", name="Noise lab").wait_for(timeout=60_000)
         yield pg
         browser.close()
 
@@ -126,7 +128,8 @@ def test_train_tab_runs_a_tiny_training_to_the_end(page, shots):
     status.get_by_text("hano-dpo").wait_for(timeout=60_000)
     # the run goes on while the page is gone; the reloaded page follows it again
     no_errors(page)
-    page.reload(wait_until="networkidle")
+    page.reload(wait_until="load")
+    page.get_by_role("tab", name="Train").wait_for(timeout=60_000)
     page.console_errors.clear()  # leaving the page aborts its pending polls (AbortError): not an app error
     page.get_by_text("users have a test prompt").wait_for(timeout=60_000)
     open_tab(page, "Train")

@@ -73,7 +73,7 @@ def test_unknown_tiny_preset(ds):
         build_tiny("tiny-gpt", ["a"])
 
 
-@pytest.mark.parametrize("task, n_images", [("hit3", 3), ("hit1", 6)])
+@pytest.mark.parametrize("task, n_images", [("hit3", 3), ("hit1", 5)])
 def test_encode_prompt_image_token_count(bundle, ds, examples, task, n_images):
     ex = examples[task][0]
     p = encode(bundle, ds, ex)
@@ -231,3 +231,29 @@ def test_unsupported_family():
     assert family_of("llava") == "llava"
     with pytest.raises(ModelError, match="'gpt2'"):
         family_of("gpt2")
+
+
+def test_real_checkpoints_use_the_processor_resizing_under_a_pixel_cap(ds, tmp_path):
+    """A checkpoint folder that is not a saved tiny preset keeps its processor's own resizing (no fixed
+    square), capped at model.max_pixels: a 128x128 poster becomes at most max_pixels pixels of patches,
+    aspect ratio kept; a saved tiny preset keeps its fixed image size."""
+    from PIL import Image
+
+    from hanorec.models import META_FILE, cap_image_pixels, load_model
+
+    tiny = build_tiny("tiny-qwen2.5-vl", corpus_text(ds), hidden_size=64, vocab_size=400, seed=0)
+    tiny.save(tmp_path / "saved")
+    assert load_model(tmp_path / "saved").image_size == 64
+    (tmp_path / "saved" / META_FILE).unlink()  # now it looks like any checkpoint folder
+    real = load_model(tmp_path / "saved", max_pixels=32 * 32)
+    assert real.image_size is None and real.image_processor.size.longest_edge == 32 * 32
+    wide = Image.new("RGB", (256, 128), "red")
+    p = real.encode_prompt(f"{IMAGE_PLACEHOLDER} a title", [wide])
+    t, h, w = p.image_grid_thw[0].tolist()
+    patch = real.image_processor.patch_size
+    assert h * w * patch * patch <= 32 * 32 and w > h  # capped, aspect ratio kept
+    uncapped = load_model(tmp_path / "saved", max_pixels=256 * 128)
+    _, h2, w2 = uncapped.encode_prompt(f"{IMAGE_PLACEHOLDER} a title", [wide]).image_grid_thw[0].tolist()
+    assert h2 * w2 > h * w
+    clip = build_tiny("tiny-llava", corpus_text(ds), hidden_size=64, vocab_size=400, seed=0)
+    assert cap_image_pixels(clip.image_processor, 1024) is False  # CLIP resizes to one fixed size anyway

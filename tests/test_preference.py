@@ -535,3 +535,83 @@ def test_run_preference_pipeline(tmp_path, sampling):
     lam = load_file(str(cached))["lambda"]
     assert lam.shape == (2 * BATCH,) and not torch.allclose(lam, torch.ones_like(lam), atol=1e-6, rtol=0)
     assert "sft_checkpoint" in bundle.meta
+
+
+@pytest.mark.parametrize("scoring", ["shared_prefix", "naive"])
+def test_nodo_draw_is_shared_by_the_micro_batch_or_per_example(merged, ds, items, tmp_path, monkeypatch, scoring):
+    """The same pair twice in one micro-batch: with noise_draw=micro_batch both copies see one perturbation
+    (identical policy log-probs), with noise_draw=example each copy gets its own (different log-probs);
+    in both, an example's chosen and rejected rows share their draw (checked by the hooks' group ids)."""
+    from accelerate import Accelerator
+
+    from hanorec.train import preference as P
+
+    captured = []
+    real = P.multi_completion_logps
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        captured.append(torch.stack(out[0]).detach())
+        return out
+
+    monkeypatch.setattr(P, "multi_completion_logps", spy)
+    groups_seen = []
+    real_active = LoRANoise.active
+
+    def active_spy(self, group_ids=None, *a, **k):
+        groups_seen.append(None if group_ids is None else group_ids.tolist())
+        return real_active(self, group_ids, *a, **k)
+
+    monkeypatch.setattr(LoRANoise, "active", active_spy)
+    bundle = copy.deepcopy(merged)
+    bundle.model.train()
+    for m in bundle.model.modules():  # LoRA dropout would make the two copies differ by itself
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    batch = make_pref_collate(bundle, ds)([items[0], items[0]])
+    k1 = len(batch["completions"][0])  # chosen + rejected rows of one example
+    for draw, same in (("micro_batch", True), ("example", False)):
+        cfg = make_cfg(tmp_path, method="hano_dpo", noise_target="lora", noise_sigma=0.2, noise_draw=draw, scoring=scoring)
+        loss_fn = P.make_pref_loss(cfg, bundle, Accelerator(cpu=True), LoRANoise(bundle.model, 0.2))
+        captured.clear(), groups_seen.clear()
+        loss_fn(bundle.model, batch)
+        policy = captured[-1]  # (2, 1+K): the reference is scored first, without noise
+        assert torch.equal(policy[0], policy[1]) is same, draw
+        if draw == "micro_batch":
+            assert groups_seen == [None]
+        else:
+            expected = [0, 1] if scoring == "shared_prefix" else [0] * k1 + [1] * k1
+            assert groups_seen == [expected]
+
+
+def test_short_micro_batches_are_dropped_and_refused(merged, ds, items, tmp_path, monkeypatch):
+    """As the authors' trainer: preference training drops each epoch's last partial micro-batch (so eta's
+    trimmed mean always has the full batch), the plan says so, and HaNo-DPO refuses a micro-batch under 3."""
+    from hanorec.config import ConfigError
+    from hanorec.train import preference as P
+    from hanorec.train.loop import plan_steps
+
+    cfg = make_cfg(tmp_path, method="hano_dpo", max_steps=None, epochs=1)
+    plan = plan_steps(7, cfg.pref, 1, drop_last=True)
+    assert (plan.micro_per_epoch, plan.steps_per_epoch, plan.dropped_per_epoch) == (2, 2, 1)
+    assert "last partial micro-batch" in plan.describe("hano_dpo")
+    assert plan_steps(7, cfg.pref, 1).micro_per_epoch == 3  # SFT keeps it
+    sizes = []
+    real = P.make_pref_collate
+
+    def spy_collate(bundle, ds_):
+        collate = real(bundle, ds_)
+
+        def wrapped(batch_items):
+            sizes.append(len(batch_items))
+            return collate(batch_items)
+
+        return wrapped
+
+    monkeypatch.setattr(P, "make_pref_collate", spy_collate)
+    result = P.train_preference(cfg, copy.deepcopy(merged), ds, items[:7], tmp_path / "run", resume=False)
+    assert result.global_step == 2 and sizes == [3, 3]
+    with pytest.raises(ConfigError, match="at least 3 pairs"):
+        make_cfg(tmp_path, method="hano_dpo", batch_size=2)
+    make_cfg(tmp_path, method="hano_dpo", batch_size=2, responsiveness=False)  # no trimmed mean: allowed
+    make_cfg(tmp_path, method="dpo", noise_target="none", batch_size=2)

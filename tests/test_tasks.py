@@ -93,9 +93,10 @@ def test_hit1_label_balance_and_answer(ds, splits, examples):
         assert ex.targets == w.targets
         assert len(ex.not_watched) == 4 and not set(ex.not_watched) & seen
         assert ex.options == ("Yes", "No")
-        assert ex.image_items == ex.history + (shown,)
-        assert ex.prompt.count(IMAGE_PLACEHOLDER) == 6
-        assert f"{IMAGE_PLACEHOLDER} {quoted(ds, shown)}?" in ex.prompt
+        # the authors' prompt: images for the 5 history items only; the target by its title
+        assert ex.image_items == ex.history
+        assert ex.prompt.count(IMAGE_PLACEHOLDER) == 5
+        assert f"next: {quoted(ds, shown)}?" in ex.prompt
         for item in ex.not_watched:
             assert quoted(ds, item) in ex.prompt
         if ex.label:
@@ -103,6 +104,17 @@ def test_hit1_label_balance_and_answer(ds, splits, examples):
         else:
             assert shown != w.targets[0] and ex.answer == "No" and ex.correct_option == 1
             assert shown not in seen and shown not in ex.not_watched
+
+
+def test_hit1_target_image_is_an_option(ds, splits):
+    """--task.hit1_target_image=true adds the target item's image (beyond the authors' prompt)."""
+    plain = build_examples("hit1", splits["hit1"].val, ds, seed=0, max_examples=5)
+    shown = build_examples("hit1", splits["hit1"].val, ds, seed=0, max_examples=5, hit1_target_image=True)
+    for a, b in zip(plain, shown):
+        (target,) = b.candidates
+        assert a.candidates == b.candidates and a.answer == b.answer  # the same draws, only the images differ
+        assert b.image_items == b.history + (target,) and b.prompt.count(IMAGE_PLACEHOLDER) == 6
+        assert f"{IMAGE_PLACEHOLDER} {quoted(ds, target)}?" in b.prompt
 
 
 def test_next1_has_20_candidates(ds, splits, examples):

@@ -278,8 +278,13 @@ def jobs_signature(ctx) -> str:
     return "|".join(f"{j.job_id}:{j.state}" for j in ctx.jobs.jobs())
 
 
+def tick(ctx, job_id, last: str):
+    """The timer's one request per second: the followed job's view, and the past runs when a job changed."""
+    return (*poll(ctx, job_id), *refresh_if_jobs_changed(ctx, last))
+
+
 def refresh_if_jobs_changed(ctx, last: str):
-    """The timer's second refresh: the past runs and the pickers again, only when a job changed state."""
+    """The past runs and the pickers again, only when a job changed state (part of the timer's tick)."""
     now = jobs_signature(ctx)
     if now == last:
         return gr.skip(), gr.skip(), gr.skip(), gr.skip(), last
@@ -404,13 +409,12 @@ def build(ctx) -> None:
             max_steps, eval_examples, log_with, seed, name]  # fmt: skip
     watched = [status, bar, curves, log, jobs]
     launch_btn.click(partial(launch, ctx), form, [job, status], api_name="train_launch")
-    timer.tick(partial(poll, ctx), [job], watched, api_visibility="private", show_progress="hidden")
+    timer.tick(partial(tick, ctx), [job, seen_jobs], [*watched, past, chosen, sft_from, job, seen_jobs],
+               api_visibility="private", show_progress="hidden")  # fmt: skip
     job.change(partial(poll, ctx), [job], watched, api_name="train_poll")
     stop_btn.click(partial(stop, ctx), [job], status, api_name="train_stop")
     resume_btn.click(partial(resume, ctx), [job], status, api_name="train_resume")
     refresh_btn.click(partial(refresh_runs, ctx), None, [past, chosen, sft_from, job], api_name="train_runs")
-    timer.tick(partial(refresh_if_jobs_changed, ctx), [seen_jobs], [past, chosen, sft_from, job, seen_jobs],
-               api_visibility="private", show_progress="hidden")  # fmt: skip
     compare_btn.click(partial(compare, ctx), [chosen, metric], [cmp_table, cmp_fig], api_name="train_compare")
     _on_load(partial(page_load, ctx), None, [job, past, chosen, sft_from])
 

@@ -14,14 +14,17 @@ leaves a half checkpoint that looks complete):
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 STATE_FILE = "trainer_state.json"
+PAUSE_ENV = "HANOREC_TEST_CHECKPOINT_PAUSE_S"  # seconds to pause mid-write (tests/test_reliability.py)
 
 
 class CheckpointError(ValueError):
@@ -88,6 +91,8 @@ def save_checkpoint(
     tmp.mkdir()
     model.save_pretrained(tmp / "adapter")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if os.environ.get(PAUSE_ENV):  # tests only: widen the mid-write window so a kill can land in it
+        time.sleep(float(os.environ[PAUSE_ENV]))
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng.pt")
     for name, obj in (extra or {}).items():
@@ -98,6 +103,7 @@ def save_checkpoint(
         shutil.rmtree(final)
     tmp.rename(final)
     for old in checkpoint_dirs(output_dir)[:-keep]:
+        (old / STATE_FILE).unlink(missing_ok=True)  # first: a kill mid-delete must not leave a half folder that looks complete
         shutil.rmtree(old, ignore_errors=True)
     return final
 

@@ -85,22 +85,38 @@ class StepPlan:
     total_steps: int
     epochs: float
     max_steps: int | None
+    dropped_per_epoch: int = 0  # items left out of each epoch's order when the last partial micro-batch is dropped
 
     def describe(self, stage: str) -> str:
         how = f"max_steps={self.max_steps}" if self.max_steps else f"{self.epochs:g} epochs x {self.steps_per_epoch}"
-        return f"{stage}: {self.total_steps} optimizer steps ({how}) over {self.n_items} examples"
+        text = f"{stage}: {self.total_steps} optimizer steps ({how}) over {self.n_items} examples"
+        if self.dropped_per_epoch:
+            text += (
+                f"; the last partial micro-batch of each epoch ({self.dropped_per_epoch} examples of the epoch's "
+                "shuffled order) is dropped, as the authors' trainer does"
+            )
+        return text
 
 
 LONG_RUN_STEPS = 5000  # above this a CPU run takes hours; the plan says so before it starts
 
 
-def plan_steps(n_items: int, train_cfg, num_processes: int = 1) -> StepPlan:
+def plan_steps(n_items: int, train_cfg, num_processes: int = 1, drop_last: bool = False) -> StepPlan:
+    """drop_last: each epoch leaves out its last partial micro-batch (preference training, where the
+    responsiveness eta is a trimmed mean over the micro-batch and a short one would distort it)."""
     if n_items <= 0:
         raise EmptyTrainingSet("there are no training examples, so there is nothing to train on")
-    micro = math.ceil(n_items / (train_cfg.batch_size * num_processes))
+    per_micro = train_cfg.batch_size * num_processes
+    micro = n_items // per_micro if drop_last else math.ceil(n_items / per_micro)
+    if micro == 0:
+        raise EmptyTrainingSet(
+            f"{n_items} examples do not fill one micro-batch of {per_micro} ({train_cfg.batch_size} per process x "
+            f"{num_processes}), and the last partial micro-batch is dropped; lower batch_size or use more examples"
+        )
     per_epoch = max(1, math.ceil(micro / train_cfg.grad_accum))
     total = train_cfg.max_steps or max(1, math.ceil(per_epoch * train_cfg.epochs))
-    return StepPlan(n_items, micro, per_epoch, total, train_cfg.epochs, train_cfg.max_steps)
+    dropped = n_items - micro * per_micro if drop_last else 0
+    return StepPlan(n_items, micro, per_epoch, total, train_cfg.epochs, train_cfg.max_steps, dropped)
 
 
 class EmptyTrainingSet(ValueError):
@@ -160,14 +176,15 @@ class _Run:
     """The state of one training run and its steps: resume, one micro-batch, log, checkpoint."""
 
     def __init__(self, *, model, items, collate, loss_fn, train_cfg, seed, output_dir, config_yaml,
-                 accelerator, on_log, should_stop, stage):  # fmt: skip
+                 accelerator, on_log, should_stop, stage, drop_last=False):  # fmt: skip
         self.items, self.collate, self.loss_fn, self.cfg, self.seed = items, collate, loss_fn, train_cfg, seed
         self.output_dir, self.config_yaml, self.stage = Path(output_dir), config_yaml, stage
         self.acc, self.on_log, self.should_stop = accelerator, on_log, should_stop
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameters (was LoRA added?)")
-        self.plan = plan_steps(len(items), train_cfg, accelerator.num_processes)
+        self.drop_last = drop_last
+        self.plan = plan_steps(len(items), train_cfg, accelerator.num_processes, drop_last)
         self.total_steps = self.plan.total_steps
         optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
         warmup = int(train_cfg.warmup_ratio * self.total_steps)
@@ -235,6 +252,7 @@ class _Run:
             _Items(self.items, epoch_order(len(self.items), self.seed, epoch)),
             batch_size=self.cfg.batch_size,
             shuffle=False,
+            drop_last=self.drop_last,
             collate_fn=self.collate,
             generator=torch.Generator().manual_seed(self.seed * 1000 + epoch),
         )
@@ -380,6 +398,7 @@ def train_loop(
     on_log: Callable[[dict], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     stage: str = "sft",
+    drop_last: bool = False,
 ) -> TrainResult:
     """Train `model` on `items`; loss_fn(model, batch) returns (scalar loss, metrics of floats).
 
@@ -387,7 +406,8 @@ def train_loop(
     max_grad_norm, log_every, save_every, save_every_minutes, keep_checkpoints, progress_bar.
     on_log receives every logged record (stage, step, total_steps, epoch, elapsed_s, lr and the loss
     metrics; the app streams these); should_stop() is polled after every optimizer step and ends the run
-    with a checkpoint. Zero items raise EmptyTrainingSet before anything is built.
+    with a checkpoint. Zero items raise EmptyTrainingSet before anything is built. drop_last leaves out each
+    epoch's last partial micro-batch (see plan_steps).
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -413,7 +433,7 @@ def train_loop(
     run = _Run(
         model=model, items=items, collate=collate, loss_fn=loss_fn, train_cfg=train_cfg, seed=seed,
         output_dir=output_dir, config_yaml=config_yaml, accelerator=accelerator, on_log=on_log,
-        should_stop=should_stop, stage=stage,
+        should_stop=should_stop, stage=stage, drop_last=drop_last,
     )  # fmt: skip
     run.resume(resume)
     run.announce()

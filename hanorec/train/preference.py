@@ -4,8 +4,9 @@
   model is that same network with the adapter disabled (`disable_adapter()`), never a second copy.
 - HaRS: lambda_n per pair is computed once from the SFT model's item embeddings (cached on disk);
   the responsiveness eta is computed per micro-batch over the batch gathered across processes.
-- NoDO: Gaussian noise on the policy's LoRA factors (or logits) on training forwards only; one draw
-  per step, shared by an example's chosen and rejected completions.
+- NoDO: Gaussian noise on the policy's LoRA factors (or logits) on training forwards only; by default
+  one draw per forward of the micro-batch, shared by all its rows (pref.noise_draw=micro_batch, as the
+  authors' code does), or one draw per example, shared by its chosen and rejected rows (=example).
 """
 
 from __future__ import annotations
@@ -154,11 +155,13 @@ def make_pref_loss(cfg, bundle: ModelBundle, accelerator, noise: LoRANoise | Non
 
         context = contextlib.nullcontext()
         if noise is not None:
-            # one draw per example, shared by its chosen and rejected completions (method.md section 8):
-            # shared-prefix packs one row per example, naive has one row per completion
-            groups = torch.arange(len(prompts), device=device)
-            if p.scoring != "shared_prefix":
-                groups = groups.repeat_interleave(torch.tensor([len(c) for c in completions], device=device))
+            groups = None  # micro_batch: one draw for every row of the forward (method.md section 8)
+            if p.noise_draw == "example":
+                # one draw per example, shared by its chosen and rejected completions: shared-prefix packs
+                # one row per example, naive has one row per completion
+                groups = torch.arange(len(prompts), device=device)
+                if p.scoring != "shared_prefix":
+                    groups = groups.repeat_interleave(torch.tensor([len(c) for c in completions], device=device))
             context = noise.active(group_ids=groups)
         with context:
             sums, counts = multi_completion_logps(
@@ -282,4 +285,5 @@ def train_preference(
         on_log=on_log,
         should_stop=should_stop,
         stage=p.method,
+        drop_last=True,  # as the authors' trainer: eta's trimmed mean never sees a short micro-batch
     )

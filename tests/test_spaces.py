@@ -1,0 +1,146 @@
+"""ZeroGPU support (hanorec.spaces): training as a sequence of short calls, each resuming from the newest
+checkpoint, reaches the same weights and metrics log as one uninterrupted run; the `spaces` decorator is
+used only on ZeroGPU, so local runs are unaffected."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hanorec import pipeline, spaces
+from hanorec.config import load_config
+from hanorec.train.checkpoint import latest_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 6
+
+
+def cfg_for(out: Path):
+    return load_config(
+        overrides={
+            "seed": 0,
+            "output_dir": str(out),
+            "data": {"path": str(REPO / "assets" / "demo"), "max_users": 40},
+            "task": {"max_train_examples": 48, "max_eval_examples": 12},
+            "model": {"name": "tiny-llava", "tiny_hidden_size": 64, "tiny_vocab_size": 400},
+            "lora": {"r": 4, "alpha": 8, "dropout": 0.05},
+            "sft": {
+                "max_steps": STEPS, "batch_size": 2, "grad_accum": 2, "lr": 1e-3, "log_every": 1,
+                "save_every": 0, "save_every_minutes": 0, "progress_bar": False,
+            },
+            "eval": {"baselines": []},
+        }
+    )  # fmt: skip
+
+
+def adapter(out: Path) -> dict:
+    return load_file(str(latest_checkpoint(out / "sft") / "adapter" / "adapter_model.safetensors"))
+
+
+def metrics(out: Path) -> list[tuple]:
+    rows = [json.loads(x) for x in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"], r["lr"]) for r in rows]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("whole")
+    cfg = cfg_for(out)
+    data = pipeline.prepare_data(cfg)
+    _, result = pipeline.run_sft(cfg, data)
+    assert result.global_step == STEPS and not result.stopped_early
+    return out, data
+
+
+@pytest.mark.parametrize("per_call, calls", [(2, 3), (4, 2)])
+def test_chunked_training_reaches_the_unchunked_weights(tmp_path, reference, per_call, calls):
+    ref, data = reference
+    cfg = cfg_for(tmp_path)
+    seen = []
+    chunked = spaces.train_in_chunks(
+        lambda stop: pipeline.run_sft(cfg, data, should_stop=stop)[1],
+        max_steps_per_call=per_call,
+        on_chunk=lambda i, r: seen.append((i, r.global_step)),
+    )
+    assert chunked.calls == calls
+    assert seen == [(i + 1, min(STEPS, (i + 1) * per_call)) for i in range(calls)]
+    assert all(r.stopped_early for r in chunked.results[:-1])
+    assert metrics(tmp_path) == metrics(ref)  # every step once, the same losses, bit for bit
+    a, b = adapter(ref), adapter(tmp_path)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_a_time_budget_ends_each_call_with_a_checkpoint(tmp_path, reference):
+    _, data = reference
+    cfg = cfg_for(tmp_path)
+    with pytest.raises(RuntimeError, match=r"did not finish in 2 calls \(step 2/6\)"):
+        spaces.train_in_chunks(
+            lambda stop: pipeline.run_sft(cfg, data, should_stop=stop)[1], max_seconds_per_call=1e-9, max_calls=2
+        )
+    assert latest_checkpoint(tmp_path / "sft").name == "step-000002"
+
+
+def test_budget_refuses_nonsense():
+    with pytest.raises(ValueError, match="max_steps per call must be at least 1"):
+        spaces.Budget(max_steps=0)
+    with pytest.raises(ValueError, match="needs max_steps or max_seconds"):
+        spaces.Budget()
+
+
+class _Done:
+    stopped_early, global_step, total_steps = False, 1, 1
+
+
+def test_spaces_decorator_only_on_zero_gpu(tmp_path, monkeypatch):
+    """A `spaces` package on the path is not enough: without SPACES_ZERO_GPU the call runs directly; with it,
+    every call goes through spaces.GPU(duration=...)."""
+    pkg = tmp_path / "spaces"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        "CALLS = []\n"
+        "def GPU(duration=60):\n"
+        "    def wrap(fn):\n"
+        "        def inner(*a, **k):\n"
+        "            CALLS.append(duration)\n"
+        "            return fn(*a, **k)\n"
+        "        return inner\n"
+        "    return wrap\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "spaces", raising=False)
+    monkeypatch.delenv(spaces.ZERO_GPU_ENV, raising=False)
+    assert not spaces.on_zero_gpu()
+    spaces.train_in_chunks(lambda stop: _Done(), max_steps_per_call=1)
+    assert "spaces" not in sys.modules, "a local run must not import spaces"
+    monkeypatch.setenv(spaces.ZERO_GPU_ENV, "true")
+    assert spaces.on_zero_gpu()
+    spaces.train_in_chunks(lambda stop: _Done(), max_steps_per_call=1, gpu_duration_s=90)
+    assert sys.modules["spaces"].CALLS == [90]
+
+
+def test_no_zero_gpu_without_the_spaces_package(monkeypatch):
+    monkeypatch.setenv(spaces.ZERO_GPU_ENV, "true")
+    monkeypatch.setattr(spaces.importlib.util, "find_spec", lambda name: None)
+    assert not spaces.on_zero_gpu()
+
+
+def test_space_front_matter_matches_the_gradio_pin():
+    import re
+
+    import yaml
+
+    text = (REPO / "docs" / "space.md").read_text()
+    block = re.search(r"^---\n(.*?)^---$", text, flags=re.S | re.M)
+    assert block, "docs/space.md holds no front matter block"
+    meta = yaml.safe_load(block.group(1))
+    pin = re.search(r"^gradio>=([\d.]+),<([\d.]+)", (REPO / "requirements.txt").read_text(), flags=re.M)
+    assert meta["sdk"] == "gradio" and meta["sdk_version"] == pin.group(1)
+    assert (REPO / meta["app_file"]).is_file() and meta["app_file"] == "app/main.py"
+    assert meta["suggested_hardware"] and "spaces" not in (REPO / "requirements.txt").read_text()
