@@ -181,3 +181,28 @@ def test_hardness_per_pair_view_needs_a_preference_stage(client):
 
     with pytest.raises(AppError, match="preference stage"):
         client.predict(str(DEMO), "hit3", "base", api_name="/hardness_stats")
+
+
+@pytest.mark.slow
+def test_train_tab_through_gradio_client(client):
+    """Launch a tiny SFT run through the Train tab's API, follow it to the end by polling, then list and
+    compare it: the same calls the page makes."""
+    import time
+
+    job_update, status = client.predict(
+        str(DEMO), "tiny-llava", "SFT", "hit3", "train SFT first, in this run", 0.1, 0.05, "lora", 3, "random",
+        1, 0, 2, 2, "none (metrics.jsonl only)", 0, "via-client", api_name="/train_launch",
+    )  # fmt: skip
+    job = job_update["value"]
+    assert job == "via-client" and "via-client" in status
+    end, text = time.time() + 300, ""
+    while time.time() < end:
+        text, *_ = client.predict(job, api_name="/train_poll")
+        if "finished" in text or "failed" in text:
+            break
+        time.sleep(1)
+    assert "finished" in text, text
+    table, chosen, *_ = client.predict(api_name="/train_runs")
+    assert "via-client" in [row[0] for row in table["data"]]
+    cmp_table, fig = client.predict(["via-client::sft"], "loss", api_name="/train_compare")
+    assert cmp_table["data"] and cmp_table["data"][0][0] == "via-client"
