@@ -205,33 +205,11 @@ def run_pipeline(
         f"{cfg.task.name}: {len(data.train)} train / {len(data.val)} val / {len(data.test)} test examples"
     )
     bundle, train = run_sft(cfg, data, on_log=on_log, should_stop=should_stop)
-    if train.stopped_early:
-        print_fn(
-            f"stopped at step {train.global_step}/{train.total_steps} ({train.last_checkpoint}); "
-            "run the same command again to resume"
-        )
-        return {
-            "stopped_early": True,
-            "train_steps": train.global_step,
-            "checkpoint": str(train.last_checkpoint),
-        }
-    ev = run_eval(cfg, bundle, data, on_log=on_log, should_stop=should_stop)
-    if ev.stopped:
-        print_fn("stopped during evaluation; run the same command again to evaluate the trained model")
-        return {"stopped_early": True, "train_steps": train.global_step, "checkpoint": str(train.last_checkpoint)}
-    table = format_results(cfg.task.name, ev.rows)
-    print_fn(table)
-    result = {
-        "task": cfg.task.name,
-        "dataset": str(cfg.data.path),
-        "model": cfg.model.name,
-        "seed": cfg.seed,
-        "split": cfg.eval.split,
-        "rows": ev.rows,
-        "train_steps": train.global_step,
-        "skipped_examples": train.skipped_examples,
-        "wall_s": time.time() - start,
-    }
+    result = _evaluate_trained(cfg, bundle, train, data, "SFT", "", start, on_log, should_stop, print_fn)
+    if result.get("stopped_early"):
+        return result
+    result["skipped_examples"] = train.skipped_examples
+    result["wall_s"] = time.time() - start
     path = write_results(cfg.output_dir, result)
     print_fn(f"results written to {path} ({result['wall_s']:.0f} s)")
     return result
@@ -275,6 +253,35 @@ def run_preference(
     return bundle, result
 
 
+def _evaluate_trained(cfg, bundle, train, data, method, prefix, start, on_log, should_stop, print_fn) -> dict:
+    """After a training stage: say how it ended, evaluate it, print the table; the result's common fields
+    (or {"stopped_early": True, ...} when training or evaluation was stopped: rerun to resume)."""
+    stopped = {"stopped_early": True, "train_steps": train.global_step, "checkpoint": str(train.last_checkpoint)}
+    if train.stopped_early:
+        print_fn(
+            f"{prefix}stopped at step {train.global_step}/{train.total_steps} ({train.last_checkpoint}); "
+            "run the same command again to resume"
+        )
+        return stopped
+    if prefix:
+        print_fn(f"{prefix}finished at step {train.global_step}/{train.total_steps}")
+    ev = run_eval(cfg, bundle, data, method=method, on_log=on_log, should_stop=should_stop)
+    if ev.stopped:
+        print_fn("stopped during evaluation; run the same command again to evaluate the trained model")
+        return stopped
+    print_fn(format_results(cfg.task.name, ev.rows))
+    return {
+        "task": cfg.task.name,
+        "dataset": str(cfg.data.path),
+        "model": cfg.model.name,
+        "seed": cfg.seed,
+        "split": cfg.eval.split,
+        "rows": ev.rows,
+        "train_steps": train.global_step,
+        "wall_s": time.time() - start,
+    }
+
+
 def run_preference_pipeline(
     cfg: RunConfig,
     *,
@@ -288,30 +295,10 @@ def run_preference_pipeline(
     data = prepare_data(cfg, on_log=on_log, should_stop=should_stop)
     bundle, train = run_preference(cfg, data, name=name, on_log=on_log, should_stop=should_stop)
     stage = name or cfg.pref.method
-    if train.stopped_early:
-        print_fn(
-            f"{stage} stopped at step {train.global_step}/{train.total_steps} ({train.last_checkpoint}); "
-            "run the same command again to resume"
-        )
-        return {"stopped_early": True, "train_steps": train.global_step, "checkpoint": str(train.last_checkpoint)}
-    print_fn(f"{stage} finished at step {train.global_step}/{train.total_steps}")
-    ev = run_eval(cfg, bundle, data, method=stage, on_log=on_log, should_stop=should_stop)
-    if ev.stopped:
-        print_fn("stopped during evaluation; run the same command again to evaluate the trained model")
-        return {"stopped_early": True, "train_steps": train.global_step, "checkpoint": str(train.last_checkpoint)}
-    print_fn(format_results(cfg.task.name, ev.rows))
-    result = {
-        "task": cfg.task.name,
-        "dataset": str(cfg.data.path),
-        "model": cfg.model.name,
-        "seed": cfg.seed,
-        "split": cfg.eval.split,
-        "stage": stage,
-        "rows": ev.rows,
-        "train_steps": train.global_step,
-        "checkpoint": str(train.last_checkpoint),
-        "wall_s": time.time() - start,
-    }
+    result = _evaluate_trained(cfg, bundle, train, data, stage, f"{stage} ", start, on_log, should_stop, print_fn)
+    if result.get("stopped_early"):
+        return result
+    result.update(stage=stage, checkpoint=str(train.last_checkpoint))
     path = write_results(Path(cfg.output_dir) / stage, result)
     print_fn(f"results written to {path} ({result['wall_s']:.0f} s)")
     return result
