@@ -52,3 +52,21 @@ def shared_path(*parts: str) -> str:
 def movielens_dir():
     """The shared MovieLens-with-posters copy (skipped without it, required under CI=true)."""
     return shared_path("data", "movielens-small-posters")
+
+
+def tiny_sft_overrides(out, steps: int, max_train_examples: int = 64, **sft) -> dict:
+    """A few SFT steps of a tiny LLaVA on 40 demo users, saved only at the end (checkpoint tests, chunked
+    training); sft keys override the defaults."""
+    return {
+        "seed": 0,
+        "output_dir": str(out),
+        "data": {"path": os.path.abspath(DEMO), "max_users": 40},
+        "task": {"max_train_examples": max_train_examples, "max_eval_examples": 12},
+        "model": {"name": "tiny-llava", "tiny_hidden_size": 64, "tiny_vocab_size": 400},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.05},
+        "sft": {
+            "max_steps": steps, "batch_size": 2, "grad_accum": 2, "lr": 1e-3, "log_every": 1,
+            "save_every": 0, "save_every_minutes": 0, "progress_bar": False, **sft,
+        },
+        "eval": {"baselines": []},
+    }  # fmt: skip

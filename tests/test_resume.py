@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_sft_overrides
 from safetensors.torch import load_file
 
 from hanorec import pipeline
@@ -24,19 +25,7 @@ STEPS = 8
 
 
 def overrides(out: Path, steps: int = STEPS, **sft) -> dict:
-    return {
-        "seed": 0,
-        "output_dir": str(out),
-        "data": {"path": str(REPO / "assets" / "demo"), "max_users": 40},
-        "task": {"max_train_examples": 64, "max_eval_examples": 12},
-        "model": {"name": "tiny-llava", "tiny_hidden_size": 64, "tiny_vocab_size": 400},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.05},
-        "sft": {
-            "max_steps": steps, "batch_size": 2, "grad_accum": 2, "lr": 1e-3, "log_every": 1,
-            "save_every": 0, "save_every_minutes": 0, "progress_bar": False, **sft,
-        },
-        "eval": {"baselines": []},
-    }  # fmt: skip
+    return tiny_sft_overrides(out, steps, **sft)
 
 
 def losses(run_dir: Path) -> list[tuple[int, float, float]]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_sft_overrides
 from safetensors.torch import load_file
 
 from hanorec import pipeline, spaces
@@ -21,21 +22,7 @@ STEPS = 6
 
 
 def cfg_for(out: Path):
-    return load_config(
-        overrides={
-            "seed": 0,
-            "output_dir": str(out),
-            "data": {"path": str(REPO / "assets" / "demo"), "max_users": 40},
-            "task": {"max_train_examples": 48, "max_eval_examples": 12},
-            "model": {"name": "tiny-llava", "tiny_hidden_size": 64, "tiny_vocab_size": 400},
-            "lora": {"r": 4, "alpha": 8, "dropout": 0.05},
-            "sft": {
-                "max_steps": STEPS, "batch_size": 2, "grad_accum": 2, "lr": 1e-3, "log_every": 1,
-                "save_every": 0, "save_every_minutes": 0, "progress_bar": False,
-            },
-            "eval": {"baselines": []},
-        }
-    )  # fmt: skip
+    return load_config(overrides=tiny_sft_overrides(out, STEPS, max_train_examples=48))
 
 
 def adapter(out: Path) -> dict:
