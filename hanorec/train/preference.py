@@ -23,7 +23,7 @@ from hanorec.data import RecDataset
 from hanorec.models import ModelBundle, add_lora
 from hanorec.noise import LoRANoise, add_logit_noise
 from hanorec.pairs import PreferencePair
-from hanorec.scoring import multi_completion_logps
+from hanorec.scoring import multi_completion_logps, pack_shared_prefix
 from hanorec.tasks import render
 from hanorec.train.checkpoint import load_adapter_weights
 from hanorec.train.loop import TrainResult, train_loop
@@ -127,10 +127,14 @@ def _stack(logps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def reference_logps(model, bundle, prompts, completions, mode: str, dtype=None) -> torch.Tensor:
-    """Log-probs under the reference: the policy with its adapter disabled. (B, 1+K)."""
+def reference_logps(model, bundle, prompts, completions, mode: str, dtype=None, packed=None) -> torch.Tensor:
+    """Log-probs under the reference: the policy with its adapter disabled. (B, 1+K).
+
+    packed: the step's :func:`hanorec.scoring.pack_shared_prefix` batch, shared with the policy forward."""
     with model.disable_adapter():
-        sums, _ = multi_completion_logps(model, bundle, prompts, completions, mode=mode, dtype=dtype)
+        sums, _ = multi_completion_logps(
+            model, bundle, prompts, completions, mode=mode, dtype=dtype, packed=packed
+        )
     return torch.stack(sums)
 
 
@@ -143,10 +147,16 @@ def make_pref_loss(cfg, bundle: ModelBundle, accelerator, noise: LoRANoise | Non
         dtype = next(peft_model.parameters()).dtype
         prompts = [_to(pr, device) for pr in batch["prompts"]]
         completions = batch["completions"]
+        packed = None
+        if p.scoring == "shared_prefix":
+            # one packing and one pass of the frozen vision tower serve the reference and the policy forward
+            # (under the autocast the prepared model's forward runs in, so mixed precision sees the same)
+            with getattr(accelerator, "autocast", contextlib.nullcontext)():
+                packed = pack_shared_prefix(peft_model, bundle, prompts, completions, dtype=dtype, device=device)
         if batch["ref"] is not None:
             ref = batch["ref"].to(device)
         else:
-            ref = reference_logps(peft_model, bundle, prompts, completions, p.scoring, dtype)
+            ref = reference_logps(peft_model, bundle, prompts, completions, p.scoring, dtype, packed)
         transform = None
         if p.noise_target == "logits" and p.noise_sigma > 0:
 
@@ -165,8 +175,9 @@ def make_pref_loss(cfg, bundle: ModelBundle, accelerator, noise: LoRANoise | Non
             context = noise.active(group_ids=groups)
         with context:
             sums, counts = multi_completion_logps(
-                model, bundle, prompts, completions, mode=p.scoring, logits_transform=transform, dtype=dtype
-            )
+                model, bundle, prompts, completions, mode=p.scoring, logits_transform=transform, dtype=dtype,
+                packed=packed,
+            )  # fmt: skip
         pol_c, pol_r = _stack(sums)  # (B,), (B, K)
         ref_c, ref_r = ref[:, 0].to(pol_c.dtype), ref[:, 1:].to(pol_c.dtype)
         n_chosen = torch.stack([c[0] for c in counts]).float()
