@@ -142,7 +142,24 @@ def make_pref_loss(cfg, bundle: ModelBundle, accelerator, noise: LoRANoise | Non
     p = cfg.pref
     peft_model = bundle.model
 
+    pending = [contextlib.ExitStack()]  # the last step's NoDO context while its backward has not run
+
     def loss_fn(model, batch: dict) -> tuple[torch.Tensor, dict]:
+        pending[0].close()  # a step whose backward never ran (its loss was not finite) left it open
+        stack = contextlib.ExitStack()
+        try:
+            loss, metrics = step(model, batch, stack)
+        except BaseException:
+            stack.close()
+            raise
+        if loss.requires_grad:
+            _close_after_backward(loss, stack)
+            pending[0] = stack
+        else:
+            stack.close()
+        return loss, metrics
+
+    def step(model, batch: dict, noise_context: contextlib.ExitStack) -> tuple[torch.Tensor, dict]:
         device = accelerator.device
         dtype = next(peft_model.parameters()).dtype
         prompts = [_to(pr, device) for pr in batch["prompts"]]
@@ -163,7 +180,6 @@ def make_pref_loss(cfg, bundle: ModelBundle, accelerator, noise: LoRANoise | Non
             def transform(z):
                 return add_logit_noise(z, p.noise_sigma)
 
-        context = contextlib.nullcontext()
         if noise is not None:
             groups = None  # micro_batch: one draw for every row of the forward (method.md section 8)
             if p.noise_draw == "example":
@@ -172,12 +188,12 @@ def make_pref_loss(cfg, bundle: ModelBundle, accelerator, noise: LoRANoise | Non
                 groups = torch.arange(len(prompts), device=device)
                 if p.scoring != "shared_prefix":
                     groups = groups.repeat_interleave(torch.tensor([len(c) for c in completions], device=device))
-            context = noise.active(group_ids=groups)
-        with context:
-            sums, counts = multi_completion_logps(
-                model, bundle, prompts, completions, mode=p.scoring, logits_transform=transform, dtype=dtype,
-                packed=packed,
-            )  # fmt: skip
+            # open until backward has run (gradient checkpointing re-runs the forward then, under the same draw)
+            noise_context.enter_context(noise.active(group_ids=groups))
+        sums, counts = multi_completion_logps(
+            model, bundle, prompts, completions, mode=p.scoring, logits_transform=transform, dtype=dtype,
+            packed=packed,
+        )  # fmt: skip
         pol_c, pol_r = _stack(sums)  # (B,), (B, K)
         ref_c, ref_r = ref[:, 0].to(pol_c.dtype), ref[:, 1:].to(pol_c.dtype)
         n_chosen = torch.stack([c[0] for c in counts]).float()
@@ -220,7 +236,22 @@ def make_pref_loss(cfg, bundle: ModelBundle, accelerator, noise: LoRANoise | Non
         }
         return loss, metrics
 
+    loss_fn.close_noise = lambda: pending[0].close()
     return loss_fn
+
+
+def _close_after_backward(loss: torch.Tensor, context: contextlib.ExitStack) -> None:
+    """Close ``context`` (the step's NoDO context) when the backward pass through ``loss`` has finished.
+
+    With gradient checkpointing, backward re-runs the policy's forward; inside the still open context the
+    LoRA noise hooks reuse (and replay) the step's draw, so the re-run computes what the original forward
+    did. Without checkpointing nothing runs forward during backward and keeping the context open changes
+    nothing."""
+
+    def at_backward_start(grad):
+        torch.autograd.Variable._execution_engine.queue_callback(context.close)
+
+    loss.register_hook(at_backward_start)
 
 
 def _to(prompt, device):
@@ -282,19 +313,24 @@ def train_preference(
         LoRANoise(bundle.model, p.noise_sigma) if (p.noise_target == "lora" and p.noise_sigma > 0) else None
     )
     loss_fn = make_pref_loss(cfg, bundle, accelerator, noise)
-    return train_loop(
-        model=bundle.model,
-        items=items,
-        collate=make_pref_collate(bundle, ds),
-        loss_fn=loss_fn,
-        train_cfg=p,
-        seed=cfg.seed,
-        output_dir=output_dir,
-        config_yaml=cfg.to_yaml(),
-        accelerator=accelerator,
-        resume=resume,
-        on_log=on_log,
-        should_stop=should_stop,
-        stage=p.method,
-        drop_last=True,  # as the authors' trainer: eta's trimmed mean never sees a short micro-batch
-    )
+    try:
+        return train_loop(
+            model=bundle.model,
+            items=items,
+            collate=make_pref_collate(bundle, ds),
+            loss_fn=loss_fn,
+            train_cfg=p,
+            seed=cfg.seed,
+            output_dir=output_dir,
+            config_yaml=cfg.to_yaml(),
+            accelerator=accelerator,
+            resume=resume,
+            on_log=on_log,
+            should_stop=should_stop,
+            stage=p.method,
+            drop_last=True,  # as the authors' trainer: eta's trimmed mean never sees a short micro-batch
+        )
+    finally:
+        close = getattr(loss_fn, "close_noise", None)  # a wrapped loss function (benchmarks) may not have it
+        if close is not None:
+            close()
