@@ -131,11 +131,40 @@ def reference_logps(model, bundle, prompts, completions, mode: str, dtype=None, 
     """Log-probs under the reference: the policy with its adapter disabled. (B, 1+K).
 
     packed: the step's :func:`hanorec.scoring.pack_shared_prefix` batch, shared with the policy forward."""
-    with model.disable_adapter():
+    with _adapter_disabled(model):
         sums, _ = multi_completion_logps(
             model, bundle, prompts, completions, mode=mode, dtype=dtype, packed=packed
         )
     return torch.stack(sums)
+
+
+@contextlib.contextmanager
+def _adapter_disabled(model):
+    """``model.disable_adapter()``, minus peft's model-status survey on every call (a few ms of a tiny
+    model's step) where it is known to be moot: a LoRA-type PeftModel whose adapters are enabled, without
+    trained biases. The layers are switched off and back on by the same peft calls."""
+    from peft import PeftModel
+
+    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None))
+    plain = (
+        isinstance(model, PeftModel)
+        and config is not None
+        and not config.is_prompt_learning
+        and not config.is_adaption_prompt
+        and getattr(config, "bias", "none") == "none"
+        and not model._adapters_disabled
+    )
+    if not plain:
+        with model.disable_adapter():
+            yield
+        return
+    model.base_model.disable_adapter_layers()
+    model._adapters_disabled = True
+    try:
+        yield
+    finally:
+        model.base_model.enable_adapter_layers()
+        model._adapters_disabled = False
 
 
 def make_pref_loss(cfg, bundle: ModelBundle, accelerator, noise: LoRANoise | None) -> Callable:
