@@ -239,6 +239,33 @@ class OptimConfig:
 class SFTConfig(OptimConfig):
     """Stage 1 (method.md section 5): reference LoRA r=8, alpha=32, lr 1e-4, 5 epochs, batch 2 x 8."""
 
+    val_every_epoch: bool = _f(
+        False,
+        "Score the validation split (ranking protocol) after every epoch and at the end; logged as "
+        "val/<metric> in metrics.jsonl. Always on when patience is set.",
+    )
+    patience: int | None = _f(
+        None,
+        "Early stopping: end SFT when val_metric has not improved for this many validations; the stage's "
+        "adapter is then the best validation's, not the last step's (None: train every epoch, keep the last).",
+    )
+    val_metric: str = _f(
+        "auto",
+        "Validation metric (auto: AUC for hit1, HR@3 for hit3 and next1).",
+        choices=("auto", "HR@1", "HR@3", "NDCG@3", "AUC", "Accuracy"),
+    )
+    max_val_examples: int | None = _f(
+        200, "Score at most this many validation examples per validation (a deterministic prefix; None: all)."
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        _positive(self, "patience", "max_val_examples")
+
+    @property
+    def validates(self) -> bool:
+        return self.val_every_epoch or self.patience is not None
+
 
 PREF_METHODS = ("dpo", "sdpo", "hano_dpo")
 

@@ -157,8 +157,9 @@ def run_sft(
     bundle = prepare_model(cfg, data.dataset, out)
     add_lora(bundle, cfg.lora, seed=cfg.seed)
     result = train_sft(
-        cfg, bundle, data.dataset, data.train, out, resume=resume, on_log=on_log, should_stop=should_stop
-    )
+        cfg, bundle, data.dataset, data.train, out, resume=resume, on_log=on_log, should_stop=should_stop,
+        val_examples=data.val,
+    )  # fmt: skip
     return bundle, result
 
 
@@ -209,6 +210,11 @@ def run_pipeline(
     if result.get("stopped_early"):
         return result
     result["skipped_examples"] = train.skipped_examples
+    if train.validation:  # per-epoch validation: the curve, the best, and which adapter the stage kept
+        result["sft_validation"] = {
+            "history": train.validation, "best": train.best, "early_stopped": train.early_stopped,
+            "kept": train.kept, "summary": train.summary("sft"),
+        }  # fmt: skip
     result["wall_s"] = time.time() - start
     path = write_results(cfg.output_dir, result)
     print_fn(f"results written to {path} ({result['wall_s']:.0f} s)")
