@@ -2,7 +2,7 @@
 
 Two targets, chosen elsewhere by ``noise_target`` (one of :data:`NOISE_TARGETS`):
 
-- "lora" (the reference implementation, default): :class:`LoRANoise`. Inside ``with noise.active():``
+- "lora" (the authors' code, default): :class:`LoRANoise`. Inside ``with noise.active():``
   every TRAINING forward of an active LoRA pair (A, B) computes the adapter as
   ``scale * (B + eps_B) (A + eps_A) dropout(x)`` with eps ~ N(0, sigma^2) elementwise. Stored
   weights are never touched and gradients flow through the perturbed product to A and B.
@@ -141,7 +141,7 @@ class _Pair:
 
 
 class LoRANoise:
-    """NoDO on LoRA adapters (method.md section 8, the reference implementation).
+    """NoDO on LoRA adapters (method.md section 8, as the authors' code does it).
 
     Usage, once per training step::
 
