@@ -280,6 +280,14 @@ class PrefConfig(OptimConfig):
         "rejected rows (this project's earlier behaviour).",
         choices=("micro_batch", "example"),
     )
+    noise_scale: str = _f(
+        "absolute",
+        "NoDO (lora target): absolute = eps ~ N(0, sigma^2) on every LoRA factor (the paper's); relative = an "
+        "extension beyond the paper: each lora_A / lora_B factor's eps has std sigma x RMS(that factor), measured "
+        "when the step draws, so sigma is a noise-to-signal ratio that carries across model widths (a factor "
+        "still at 0, like a fresh adapter's B, gets no noise).",
+        choices=("absolute", "relative"),
+    )
     sft_weight: float = _f(0.0, "gamma: weight of an SFT (mean-token NLL of the chosen answer) term.")
     precompute_ref: bool = _f(False, "Score the reference once before training instead of on every step.")
     scoring: str = _f(
@@ -304,6 +312,11 @@ class PrefConfig(OptimConfig):
             raise ConfigError(
                 f"pref.batch_size = {self.batch_size}: HaNo-DPO's responsiveness eta is a trimmed mean over the "
                 "micro-batch and needs at least 3 pairs in it; raise batch_size or set pref.responsiveness=false"
+            )
+        if self.noise_scale == "relative" and self.noise_target == "logits":
+            raise ConfigError(
+                "pref.noise_scale = 'relative' scales sigma by each LoRA factor's RMS and needs "
+                "pref.noise_target = 'lora'; logit noise has no factor to measure"
             )
         if self.method != "sdpo" and self.k_negatives != 1:
             raise ConfigError(
