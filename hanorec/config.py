@@ -327,18 +327,41 @@ class PrefConfig(OptimConfig):
 @dataclass
 class EvalConfig:
     protocols: list = _f(
-        ["ranking"], "Evaluation protocols: ranking (title likelihood) and/or generative (decode and parse)."
+        ["ranking"],
+        "Evaluation protocols: ranking (title likelihood, ours), generative (greedy decoding, lenient matching, "
+        "ours) and/or paper (the authors': seeded sampling, exact titles, hit1 AUC over Yes/No answers only, "
+        "the first eval.paper_max_examples examples).",
     )
     split: str = _f("test", "Which split to evaluate.", choices=("val", "test"))
     batch_size: int = _f(8, "Sequences scored per forward.")
     max_new_tokens: int = _f(64, "Generative protocol: longest answer decoded.")
     baselines: list = _f(["random", "popularity"], "Baselines on the same candidates.")
+    sample_temperature: float = _f(0.95, "Paper protocol: sampling temperature (the authors' 0.95).")
+    sample_top_p: float = _f(0.7, "Paper protocol: nucleus sampling top-p (the authors' 0.7).")
+    sample_top_k: int = _f(50, "Paper protocol: top-k (50, LLaMA-Factory's default, which the authors' run kept).")
+    paper_max_examples: int | None = _f(
+        3000,
+        "Paper protocol: score only the first N evaluated examples, in order (the authors cap the test set at "
+        "3,000); null scores all. The other protocols and the baselines score every example.",
+    )
+
+    def sampling(self) -> dict:
+        """The paper protocol's keyword arguments for sampled decoding (no repetition penalty, as the authors)."""
+        return {
+            "temperature": self.sample_temperature,
+            "top_p": self.sample_top_p,
+            "top_k": self.sample_top_k,
+            "repetition_penalty": 1.0,
+        }
 
     def __post_init__(self):
         _check_choices(self)
         for p in self.protocols:
-            if p not in ("ranking", "generative"):
-                raise ConfigError(f"protocols contains {p!r}; use 'ranking' and/or 'generative'")
+            if p not in ("ranking", "generative", "paper"):
+                raise ConfigError(f"protocols contains {p!r}; use some of 'ranking', 'generative' and 'paper'")
+        _positive(self, "sample_temperature", "sample_top_k", "paper_max_examples")
+        if not 0 < self.sample_top_p <= 1:
+            raise ConfigError(f"sample_top_p = {self.sample_top_p!r} must be in (0, 1]")
         for b in self.baselines:
             if b not in ("random", "popularity"):
                 raise ConfigError(f"baselines contains {b!r}; use 'random' and/or 'popularity'")
