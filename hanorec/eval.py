@@ -26,9 +26,9 @@ from hanorec.tasks import Example, render
 
 PROTOCOLS = ("ranking", "generative", "paper")
 # The authors' decoding (their inference script and LLaMA-Factory's defaults: sampling, temperature 0.95,
-# top-p 0.7, top-k 50, no repetition penalty, up to 512 new tokens) and their test cap (max_samples 3000).
+# top-p 0.7, top-k 50, no repetition penalty; 512 new tokens at most, eval.max_new_tokens in the paper presets)
+# and their test cap (max_samples 3000).
 PAPER_SAMPLING = {"temperature": 0.95, "top_p": 0.7, "top_k": 50, "repetition_penalty": 1.0}
-PAPER_MAX_NEW_TOKENS = 512
 PAPER_MAX_EXAMPLES = 3000
 
 
