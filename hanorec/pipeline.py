@@ -187,6 +187,8 @@ def run_eval(
         method=method,
         on_log=on_log,
         should_stop=should_stop,
+        sampling=cfg.eval.sampling(),
+        paper_max_examples=cfg.eval.paper_max_examples,
     )
 
 
@@ -275,13 +277,15 @@ def _evaluate_trained(cfg, bundle, train, data, method, prefix, start, on_log, s
     if ev.stopped:
         print_fn("stopped during evaluation; run the same command again to evaluate the trained model")
         return stopped
-    print_fn(format_results(cfg.task.name, ev.rows))
+    print_fn(format_results(cfg.task.name, ev.rows, split=cfg.eval.split, split_policy=cfg.data.split_policy))
     return {
         "task": cfg.task.name,
         "dataset": str(cfg.data.path),
         "model": cfg.model.name,
         "seed": cfg.seed,
         "split": cfg.eval.split,
+        "split_policy": cfg.data.split_policy,
+        "protocols": list(cfg.eval.protocols),
         "rows": ev.rows,
         "train_steps": train.global_step,
         "wall_s": time.time() - start,
@@ -375,16 +379,21 @@ def run_comparison(
                 ev = run_eval(cv, bundle, data, method=v, baselines=[])
                 rows += [{"task": task, "seed": seed, **r} for r in ev.rows]
                 keep(task, seed, ev)
-                print_fn(format_results(task, ev.rows))
+                print_fn(format_results(task, ev.rows, split=cfg.eval.split, split_policy=cfg.data.split_policy))
                 del bundle
-    summary = summarize(rows, mean_std)
+    # the mean ± std table reads the ranking protocol when the run has it; paired intervals always do (the
+    # per-example values kept are the ranking protocol's)
+    protocol = "ranking" if "ranking" in cfg.eval.protocols else cfg.eval.protocols[0]
+    summary = summarize(rows, mean_std, protocol)
     paired = paired_differences(per_example)
     result = {
         "rows": rows,
         "summary": summary,
         "paired": paired,
-        "protocol": "ranking",
+        "protocol": protocol,
+        "paired_protocol": "ranking",
         "split": cfg.eval.split,
+        "split_policy": cfg.data.split_policy,
         "seeds": list(seeds),
         "tasks": list(tasks),
         "dataset": cfg.data.path,
@@ -396,7 +405,12 @@ def run_comparison(
     }
     root.mkdir(parents=True, exist_ok=True)
     (root / "comparison.json").write_text(json.dumps(result, indent=2))
-    table = comparison_table(summary, len(seeds)) + "\n\n" + paired_table(paired, len(seeds), "ranking", cfg.eval.split)
+    split, policy = cfg.eval.split, cfg.data.split_policy
+    table = (
+        comparison_table(summary, len(seeds), protocol, split, policy)
+        + "\n\n"
+        + paired_table(paired, len(seeds), "ranking", split, policy)
+    )
     (root / "comparison.md").write_text(table + "\n")
     print_fn(table)
     print_fn(f"wall time {result['wall_s'] / 60:.1f} min; written to {root / 'comparison.md'}")
