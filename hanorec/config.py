@@ -229,6 +229,11 @@ class OptimConfig:
         "Extra tracker through accelerate (tensorboard, wandb) when installed; metrics.jsonl is always written.",
     )
     progress_bar: bool = _f(True, "Show a progress bar.")
+    gradient_checkpointing: bool = _f(
+        False,
+        "Recompute the language model's activations during backward instead of keeping them (less memory, "
+        "about a third more compute); NoDO noise is replayed, so gradients match a run without it.",
+    )
 
     def __post_init__(self):
         _check_choices(self)

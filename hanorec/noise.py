@@ -178,8 +178,9 @@ class LoRANoise:
     The hooks do nothing when the module is in eval mode, the adapter is disabled
     (``with model.disable_adapter():``), inactive or merged. Hooks exist only inside ``active()``
     and are removed on exit, also when the body raises. With gradient checkpointing the forward is
-    re-run during backward, so call ``backward()`` inside the same context (the re-run then reuses
-    the same draws).
+    re-run during backward, so call ``backward()`` inside the same context: the re-run then reuses
+    the same draws, and (draws from the global RNG) draws again without using the result, so the RNG
+    advances as in the original forward and LoRA dropout masks come back the same.
 
     Only LoRA layers whose lora_A / lora_B are ``nn.Linear`` are perturbed (Linear and its
     quantised kin); Embedding / Conv LoRA layers are left clean and listed in ``skipped``. LoRA
@@ -225,6 +226,7 @@ class LoRANoise:
         if self.sigma > 0 and not self.pairs:
             raise ValueError("LoRA noise found no LoRA layer with nn.Linear lora_A / lora_B in the model")
         self.last_draws: dict[tuple[str, str], LoRADraw] = {}
+        self._replay: set[tuple[str, str]] = set()  # draws a checkpointed re-run must replay (see _draw)
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._is_active = False
         self._group_ids: Tensor | None = None
@@ -254,6 +256,7 @@ class LoRANoise:
         if self._is_active:
             raise RuntimeError("LoRANoise.active() is already open; contexts cannot be nested")
         self.last_draws = {}
+        self._replay = set()
         if self.sigma == 0:
             yield self
             return
@@ -304,17 +307,29 @@ class LoRANoise:
     ) -> LoRADraw:  # drawn lazily, once per context
         key = (pair.name, pair.adapter)
         draw = self.last_draws.get(key)
+        in_backward = torch._C._current_graph_task_id() != -1  # a forward re-run by gradient checkpointing
         if draw is None:
-            wA, wB = pair.lora_A.weight, pair.lora_B.weight
-            sigma_A, sigma_B = self.sigma, self.sigma
-            if self.scale == "relative":  # sigma x the factor's own RMS, measured now (extension beyond the paper)
-                sigma_A, sigma_B = self.sigma * _rms(wA), self.sigma * _rms(wB)
-            draw = LoRADraw(
-                eps_A=_randn((num_groups, *wA.shape), sigma_A, wA, generator),  # (G, r, in)
-                eps_B=_randn((num_groups, *wB.shape), sigma_B, wB, generator),  # (G, out, r)
-            )
+            draw = self._fresh_draw(pair, num_groups, generator)
             self.last_draws[key] = draw
+            if generator is None and not in_backward:
+                self._replay.add(key)
+        elif in_backward and key in self._replay:
+            # Gradient checkpointing re-runs this forward during backward from the RNG state its segment
+            # began with. Drawing again (and keeping the cached draw) advances the global RNG exactly as the
+            # original forward did, so LoRA dropout after this point gets its original masks too.
+            self._replay.discard(key)
+            self._fresh_draw(pair, num_groups, generator)
         return draw
+
+    def _fresh_draw(self, pair: _Pair, num_groups: int, generator: torch.Generator | None) -> LoRADraw:
+        wA, wB = pair.lora_A.weight, pair.lora_B.weight
+        sigma_A, sigma_B = self.sigma, self.sigma
+        if self.scale == "relative":  # sigma x the factor's own RMS, measured now (extension beyond the paper)
+            sigma_A, sigma_B = self.sigma * _rms(wA), self.sigma * _rms(wB)
+        return LoRADraw(
+            eps_A=_randn((num_groups, *wA.shape), sigma_A, wA, generator),  # (G, r, in)
+            eps_B=_randn((num_groups, *wB.shape), sigma_B, wB, generator),  # (G, out, r)
+        )
 
     def _make_hooks(self, pair: _Pair, num_groups: int, generator, inference):
         def perturb(x: Tensor, eps: Tensor) -> Tensor:

@@ -240,6 +240,8 @@ class _Run:
         self.items, self.collate, self.loss_fn, self.cfg, self.seed = items, collate, loss_fn, train_cfg, seed
         self.output_dir, self.config_yaml, self.stage = Path(output_dir), config_yaml, stage
         self.acc, self.on_log, self.should_stop = accelerator, on_log, should_stop
+        if getattr(train_cfg, "gradient_checkpointing", False):  # the model's own layers, non-reentrant
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameters (was LoRA added?)")
