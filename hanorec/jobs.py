@@ -530,7 +530,9 @@ def run_job_chunked(
                     return pipeline.run_sft(cfg, data, should_stop=_either(budget, stop))[1]
             else:
                 def train(budget, cfg=cfg, data=data):
-                    return pipeline.run_preference(cfg, data, should_stop=_either(budget, stop))[1]
+                    return pipeline.run_preference(
+                        cfg, data, should_stop=stop.is_set, train_should_stop=_either(budget, stop)
+                    )[1]
             chunked = spaces.train_in_chunks(
                 train, max_steps_per_call=max_steps_per_call, max_seconds_per_call=max_seconds_per_call,
                 gpu_duration_s=duration, should_stop=stop.is_set,

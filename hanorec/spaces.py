@@ -92,7 +92,9 @@ def train_in_chunks(
     """Run `train_call(should_stop) -> TrainResult` again and again until training is complete.
 
     Each call must resume from the newest checkpoint of its run folder (pipeline.run_sft and
-    pipeline.run_preference do, with resume=True) and honour should_stop; a call that returns with
+    pipeline.run_preference do, with resume=True) and honour should_stop (the budget counts every poll
+    as a step, so give it to pipeline.run_preference as train_should_stop: its pair and hardness
+    preparation polls should_stop too); a call that returns with
     `stopped_early` False has finished the run. Without an explicit budget a call stops after half of
     `gpu_duration_s`, leaving the other half for building the model, loading the checkpoint and writing
     the next one. On ZeroGPU each call runs inside `spaces.GPU(duration=gpu_duration_s)`; there, what

@@ -208,3 +208,40 @@ def test_stop_on_zero_gpu_ends_the_running_call_and_no_other_starts(tmp_path, mo
     ckpt = runs.latest_checkpoint(stopped.run_dir / "sft")
     assert ckpt is not None and 1 <= int(ckpt.name.split("-")[1]) < 400
     assert all(name == "_one_call" for _, name in sys.modules["spaces"].CALLS)  # no evaluation after a stop
+
+
+@pytest.mark.slow
+def test_hano_dpo_job_on_zero_gpu_chunks_sft_and_preference(tmp_path, monkeypatch):
+    """A HaNo-DPO job from the Train tab on ZeroGPU trains SFT then HaNo-DPO, each in GPU calls that resume
+    from the newest checkpoint, then evaluates in one more call; the HaNo-DPO adapter equals an unchunked run's."""
+    from test_app_train import DEMO, FORM, make_ctx
+
+    from app.tabs import train as T
+    from hanorec import runs
+    from hanorec.jobs import JobManager
+
+    fake_spaces_package(tmp_path, monkeypatch)
+    monkeypatch.setenv(spaces.ZERO_GPU_ENV, "1")
+    runs_dir = (tmp_path / "runs").resolve()
+    runs_dir.mkdir()
+    ctx = make_ctx(runs_dir)
+    ctx.jobs.close()
+    ctx.jobs = JobManager(runs_dir, poll_s=0.2, chunk_steps=2)
+    try:
+        form = {**FORM, "max_steps": 4}
+        T.launch(ctx, str(DEMO), "tiny-llava", "HaNo-DPO", "hit3", T.FROM_SCRATCH, *form.values(), "zero-pref")
+        done = ctx.jobs.wait("zero-pref", timeout=900)
+    finally:
+        ctx.jobs.close()
+    assert done.state == "finished", done.log_tail
+    calls = sys.modules["spaces"].CALLS
+    assert calls == [(60, "_one_call")] * 4 + [(60, "run_preference_pipeline")], calls
+    run = runs_dir / "zero-pref"
+    cfg = runs.read_config(run)
+    cfg.output_dir = str(tmp_path / "whole")
+    pipeline.run_sft(cfg)
+    pipeline.run_preference_pipeline(cfg, print_fn=lambda *a: None)
+    a = load_file(str(latest_checkpoint(tmp_path / "whole" / "hano_dpo") / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(latest_checkpoint(run / "hano_dpo") / "adapter" / "adapter_model.safetensors"))
+    assert latest_checkpoint(run / "hano_dpo").name == "step-000004"
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
