@@ -234,8 +234,12 @@ def run_preference(
     on_log: Callable | None = None,
     should_stop: Callable | None = None,
     resume: bool = True,
+    train_should_stop: Callable | None = None,
 ):
-    """Stage 2 from the run's SFT checkpoint. Returns (bundle, TrainResult)."""
+    """Stage 2 from the run's SFT checkpoint. Returns (bundle, TrainResult).
+
+    train_should_stop (default should_stop) is polled by the training loop only, after every optimizer step,
+    not while the pairs and their hardness are prepared: hanorec.spaces' per-call budgets count steps."""
     from hanorec.train.preference import merge_sft_adapter, train_preference
 
     data = data or prepare_data(cfg)
@@ -256,8 +260,9 @@ def run_preference(
         on_log=on_log, should_stop=should_stop,
     )
     result = train_preference(
-        cfg, bundle, data.dataset, items, out, resume=resume, on_log=on_log, should_stop=should_stop
-    )
+        cfg, bundle, data.dataset, items, out, resume=resume, on_log=on_log,
+        should_stop=should_stop if train_should_stop is None else train_should_stop,
+    )  # fmt: skip
     return bundle, result
 
 
