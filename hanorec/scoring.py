@@ -604,8 +604,22 @@ def sigma_sweep(
 
 
 @torch.no_grad()
-def generate(bundle: ModelBundle, prompt: EncodedPrompt, *, max_new_tokens: int = 64, device=None) -> str:
-    """Greedy decoding of one answer (the generative protocol)."""
+def generate(
+    bundle: ModelBundle,
+    prompt: EncodedPrompt,
+    *,
+    max_new_tokens: int = 64,
+    device=None,
+    sampling: dict | None = None,
+    seed: int | None = None,
+) -> str:
+    """Decode one answer: greedy (the generative protocol), or sampled when ``sampling`` is given.
+
+    sampling: keyword arguments of ``model.generate`` for sampled decoding (the paper protocol passes
+    temperature, top_p, top_k and repetition_penalty; do_sample is set here). The draw is seeded with
+    ``seed`` inside a forked RNG state (torch's global generators are left as they were), so the same
+    prompt and seed give the same answer whatever else was decoded before.
+    """
     model = bundle.model
     device = device or next(model.parameters()).device
     batch = bundle.collate([prompt], [[]])
@@ -614,19 +628,24 @@ def generate(bundle: ModelBundle, prompt: EncodedPrompt, *, max_new_tokens: int 
     if "pixel_values" in batch:
         batch["pixel_values"] = batch["pixel_values"].to(next(model.parameters()).dtype)
     with bundle.lock:
-        return _generate_locked(bundle, model, batch, max_new_tokens)
+        return _generate_locked(bundle, model, batch, max_new_tokens, sampling, seed)
 
 
-def _generate_locked(bundle, model, batch, max_new_tokens):
+def _generate_locked(bundle, model, batch, max_new_tokens, sampling=None, seed=None):
     was_training = model.training
     model.eval()
-    out = model.generate(
-        **batch,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=bundle.pad_token_id,
-        eos_token_id=bundle.eos_token_id,
-    )
+    kwargs = {"do_sample": False} if sampling is None else {**sampling, "do_sample": True}
+    device = batch["input_ids"].device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=sampling is not None):
+        if sampling is not None and seed is not None:
+            torch.manual_seed(seed)
+        out = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=bundle.pad_token_id,
+            eos_token_id=bundle.eos_token_id,
+            **kwargs,
+        )
     model.train(was_training)
     new = out[0, batch["input_ids"].shape[1] :]
     return bundle.tokenizer.decode(new, skip_special_tokens=True)

@@ -80,8 +80,15 @@ def save_checkpoint(
     config_yaml: str,
     keep: int = 2,
     extra: dict | None = None,
+    model_state_dict: dict | None = None,
+    optimizer_state: dict | None = None,
 ) -> Path:
-    """Write a complete checkpoint atomically and prune the older ones (keeps `keep` newest)."""
+    """Write a complete checkpoint atomically and prune the older ones (keeps `keep` newest).
+
+    Main process only. Under FSDP / ZeRO-3 the weights and optimizer state are sharded: pass what
+    `hanorec.train.sharding.gather_for_checkpoint` gathered on every process as `model_state_dict` (full
+    tensors, of which peft keeps the adapter) and `optimizer_state`; None reads them from `model` and
+    `optimizer` directly (one process, DDP)."""
     root = Path(output_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state['global_step']:06d}"
@@ -89,8 +96,11 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    model.save_pretrained(tmp / "adapter")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if model_state_dict is None:
+        model.save_pretrained(tmp / "adapter")
+    else:
+        model.save_pretrained(tmp / "adapter", state_dict=model_state_dict)
+    torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
     if os.environ.get(PAUSE_ENV):  # tests only: widen the mid-write window so a kill can land in it
         time.sleep(float(os.environ[PAUSE_ENV]))
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -136,10 +146,22 @@ def load_adapter_weights(model, adapter_dir: Path, adapter_name: str = "default"
 
 
 def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and RNG from a checkpoint folder; returns its trainer state."""
+    """Restore weights, optimizer, scheduler and RNG from a checkpoint folder; returns its trainer state.
+
+    Under FSDP2 every process must call it (full tensors are distributed to the shards collectively)."""
+    import warnings
+
+    from hanorec.train.sharding import load_optimizer_state, loads_full_tensors
+
     path = Path(path)
-    load_adapter_weights(model, path / "adapter")
-    optimizer.load_state_dict(_load_tensors(path / "optimizer.pt"))
+    with loads_full_tensors(model):
+        load_adapter_weights(model, path / "adapter")
+    if not load_optimizer_state(model, optimizer, _load_tensors(path / "optimizer.pt")):
+        warnings.warn(
+            f"{path} holds no optimizer state (a sharded run whose optimizer state stays per process): "
+            "training continues with a fresh optimizer state, so it will not match an uninterrupted run exactly",
+            stacklevel=2,
+        )
     scheduler.load_state_dict(_load_tensors(path / "scheduler.pt"))
     set_rng_state(_load_tensors(path / "rng.pt"))
     return json.loads((path / STATE_FILE).read_text())

@@ -339,7 +339,7 @@ def train_preference(
     if p.precompute_ref:
         items = precompute_reference(bundle, ds, items, p.scoring)
     noise = (
-        LoRANoise(bundle.model, p.noise_sigma) if (p.noise_target == "lora" and p.noise_sigma > 0) else None
+        LoRANoise(bundle.model, p.noise_sigma, scale=p.noise_scale) if (p.noise_target == "lora" and p.noise_sigma > 0) else None
     )
     loss_fn = make_pref_loss(cfg, bundle, accelerator, noise)
     try:
