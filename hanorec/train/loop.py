@@ -226,7 +226,8 @@ class _Run:
             self.state.update(
                 load_checkpoint(
                     ckpt, model=self.acc.unwrap_model(self.model), optimizer=self.optimizer,
-                    scheduler=self.scheduler,
+                    scheduler=self.scheduler, process_index=self.acc.process_index,
+                    num_processes=self.acc.num_processes,
                 )  # fmt: skip
             )
             # the metrics of steps since the last log line, so the next line averages the same steps
@@ -358,6 +359,13 @@ class _Run:
 
         self.acc.wait_for_everyone()
         model_state, optimizer_state = gather_for_checkpoint(self.acc, self.model, self.optimizer)
+        extra = None
+        if self.acc.num_processes > 1:  # each process's own RNG: their dropout masks differ (batch shapes)
+            from accelerate.utils import gather_object
+
+            from hanorec.train.checkpoint import PROCESS_RNG, rng_state
+
+            extra = {PROCESS_RNG: gather_object([rng_state()])}
         if self.acc.is_main_process:
             self.last_ckpt = save_checkpoint(
                 self.output_dir,
@@ -369,6 +377,7 @@ class _Run:
                 keep=self.cfg.keep_checkpoints,
                 model_state_dict=model_state,
                 optimizer_state=optimizer_state,
+                extra=extra,
             )
         else:  # the same name save_checkpoint gives it, so every process decides alike whether a save is due
             self.last_ckpt = self.output_dir / "checkpoints" / f"step-{self.state['global_step']:06d}"
