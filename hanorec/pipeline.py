@@ -157,8 +157,9 @@ def run_sft(
     bundle = prepare_model(cfg, data.dataset, out)
     add_lora(bundle, cfg.lora, seed=cfg.seed)
     result = train_sft(
-        cfg, bundle, data.dataset, data.train, out, resume=resume, on_log=on_log, should_stop=should_stop
-    )
+        cfg, bundle, data.dataset, data.train, out, resume=resume, on_log=on_log, should_stop=should_stop,
+        val_examples=data.val,
+    )  # fmt: skip
     return bundle, result
 
 
@@ -186,6 +187,8 @@ def run_eval(
         method=method,
         on_log=on_log,
         should_stop=should_stop,
+        sampling=cfg.eval.sampling(),
+        paper_max_examples=cfg.eval.paper_max_examples,
     )
 
 
@@ -209,6 +212,11 @@ def run_pipeline(
     if result.get("stopped_early"):
         return result
     result["skipped_examples"] = train.skipped_examples
+    if train.validation:  # per-epoch validation: the curve, the best, and which adapter the stage kept
+        result["sft_validation"] = {
+            "history": train.validation, "best": train.best, "early_stopped": train.early_stopped,
+            "kept": train.kept, "summary": train.summary("sft"),
+        }  # fmt: skip
     result["wall_s"] = time.time() - start
     path = write_results(cfg.output_dir, result)
     print_fn(f"results written to {path} ({result['wall_s']:.0f} s)")
@@ -274,13 +282,15 @@ def _evaluate_trained(cfg, bundle, train, data, method, prefix, start, on_log, s
     if ev.stopped:
         print_fn("stopped during evaluation; run the same command again to evaluate the trained model")
         return stopped
-    print_fn(format_results(cfg.task.name, ev.rows))
+    print_fn(format_results(cfg.task.name, ev.rows, split=cfg.eval.split, split_policy=cfg.data.split_policy))
     return {
         "task": cfg.task.name,
         "dataset": str(cfg.data.path),
         "model": cfg.model.name,
         "seed": cfg.seed,
         "split": cfg.eval.split,
+        "split_policy": cfg.data.split_policy,
+        "protocols": list(cfg.eval.protocols),
         "rows": ev.rows,
         "train_steps": train.global_step,
         "wall_s": time.time() - start,
@@ -374,16 +384,21 @@ def run_comparison(
                 ev = run_eval(cv, bundle, data, method=v, baselines=[])
                 rows += [{"task": task, "seed": seed, **r} for r in ev.rows]
                 keep(task, seed, ev)
-                print_fn(format_results(task, ev.rows))
+                print_fn(format_results(task, ev.rows, split=cfg.eval.split, split_policy=cfg.data.split_policy))
                 del bundle
-    summary = summarize(rows, mean_std)
+    # the mean ± std table reads the ranking protocol when the run has it; paired intervals always do (the
+    # per-example values kept are the ranking protocol's)
+    protocol = "ranking" if "ranking" in cfg.eval.protocols else cfg.eval.protocols[0]
+    summary = summarize(rows, mean_std, protocol)
     paired = paired_differences(per_example)
     result = {
         "rows": rows,
         "summary": summary,
         "paired": paired,
-        "protocol": "ranking",
+        "protocol": protocol,
+        "paired_protocol": "ranking",
         "split": cfg.eval.split,
+        "split_policy": cfg.data.split_policy,
         "seeds": list(seeds),
         "tasks": list(tasks),
         "dataset": cfg.data.path,
@@ -395,7 +410,12 @@ def run_comparison(
     }
     root.mkdir(parents=True, exist_ok=True)
     (root / "comparison.json").write_text(json.dumps(result, indent=2))
-    table = comparison_table(summary, len(seeds)) + "\n\n" + paired_table(paired, len(seeds), "ranking", cfg.eval.split)
+    split, policy = cfg.eval.split, cfg.data.split_policy
+    table = (
+        comparison_table(summary, len(seeds), protocol, split, policy)
+        + "\n\n"
+        + paired_table(paired, len(seeds), "ranking", split, policy)
+    )
     (root / "comparison.md").write_text(table + "\n")
     print_fn(table)
     print_fn(f"wall time {result['wall_s'] / 60:.1f} min; written to {root / 'comparison.md'}")

@@ -36,8 +36,9 @@ def test_comparison_json_holds_per_example_values_and_the_paired_table(tmp_path)
     # the saved intervals are recomputed from the saved per-example values, and comparison.md renders them
     assert saved["paired"] == paired_differences(saved["per_example"]) == result["paired"]
     md = (tmp_path / "cmp" / "comparison.md").read_text()
-    assert paired_table(saved["paired"], 2, "ranking", "test") in md
+    assert paired_table(saved["paired"], 2, "ranking", "test", saved["split_policy"]) in md
     assert saved["protocol"] == "ranking" and saved["split"] == "test"
+    assert "ranking protocol (title likelihood), test split (leave_one_out windows)." in md
 
 
 def test_sweep_reuses_the_comparison_sft_models_and_pairs_each_setting_with_the_reference(tmp_path):

@@ -41,6 +41,46 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     wall_s: float = 0.0
     skipped_examples: int = 0  # longer than model.max_length, left out before training
+    validation: list[dict] = field(default_factory=list)  # one record per validation (see Validation)
+    best: dict | None = None  # the best validation record (step, epoch, metric, value)
+    early_stopped: bool = False  # ended by patience, not by should_stop: nothing left to resume
+    kept: str = "last"  # which weights the stage's final checkpoint holds: "last" or "best" (by validation)
+
+    def summary(self, stage: str = "sft") -> str:
+        """One line on validation and which adapter the stage keeps (empty when there was no validation)."""
+        if not self.validation:
+            return ""
+        b = self.best
+        metric = b["metric"]
+        curve = ", ".join(f"{r['value']:.4f}" for r in self.validation)
+        how = (
+            f"stopped early after {len(self.validation)} validations (val {metric} did not improve)"
+            if self.early_stopped
+            else f"{len(self.validation)} validations"
+        )
+        kept = (
+            f"the stage's adapter is the best validation's (step {b['step']}, epoch {b['epoch']:g})"
+            if self.kept == "best"
+            else "the stage's adapter is the last step's"
+        )
+        return f"{stage}: {how}; val {metric} per validation: {curve}; best {b['value']:.4f} at step {b['step']}; {kept}"
+
+
+@dataclass
+class Validation:
+    """Validation after every epoch and at the end of training, with optional early stopping.
+
+    evaluate(model) returns metrics (fractions, higher is better) including `metric`; it runs with the model
+    in eval mode and the global RNG restored afterwards, so validating never changes the training trajectory
+    (a run with validation reaches the same weights step for step as one without, until early stopping ends
+    it). patience: stop when `metric` has not improved for this many validations; the stage's final
+    checkpoint then holds the best validation's weights. The history, the best record and the best weights
+    are in every checkpoint, so a killed run resumes with the same history.
+    """
+
+    evaluate: Callable[[torch.nn.Module], dict]
+    metric: str
+    patience: int | None = None
 
 
 class _Items(torch.utils.data.Dataset):
@@ -146,6 +186,26 @@ def trim_metrics_log(log_path: Path, through_step: int) -> int:
     return dropped
 
 
+def drop_unrecorded_validations(log_path: Path, history: list[dict]) -> int:
+    """Drop validation lines (keys val/...) of steps the resumed checkpoint's history does not hold (a run
+    killed between a validation and its checkpoint validates again after resuming); returns how many."""
+    if not log_path.is_file():
+        return 0
+    steps = {r["step"] for r in history}
+    kept, dropped = [], 0
+    for line in log_path.read_text().splitlines():
+        row = json.loads(line)
+        if any(k.startswith("val/") for k in row) and row["step"] not in steps:
+            dropped += 1
+        else:
+            kept.append(line)
+    if dropped:
+        tmp = log_path.with_name(log_path.name + ".tmp")
+        tmp.write_text("".join(k + "\n" for k in kept))
+        os.replace(tmp, log_path)
+    return dropped
+
+
 def config_changes(saved_yaml: Path, current_yaml: str) -> list[str]:
     """Dotted keys whose values differ between a checkpoint's config.yaml and the current configuration
     (keys that never change results, like threads and progress_bar, are left out)."""
@@ -176,10 +236,12 @@ class _Run:
     """The state of one training run and its steps: resume, one micro-batch, log, checkpoint."""
 
     def __init__(self, *, model, items, collate, loss_fn, train_cfg, seed, output_dir, config_yaml,
-                 accelerator, on_log, should_stop, stage, drop_last=False):  # fmt: skip
+                 accelerator, on_log, should_stop, stage, drop_last=False, validation=None):  # fmt: skip
         self.items, self.collate, self.loss_fn, self.cfg, self.seed = items, collate, loss_fn, train_cfg, seed
         self.output_dir, self.config_yaml, self.stage = Path(output_dir), config_yaml, stage
         self.acc, self.on_log, self.should_stop = accelerator, on_log, should_stop
+        if getattr(train_cfg, "gradient_checkpointing", False):  # the model's own layers, non-reentrant
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         from hanorec.train.sharding import cpu_fsdp_requested, shard_model
 
         # accelerate 1.15 ignores an FSDP launch on CPU (runs DDP): shard with torch's FSDP2 ourselves,
@@ -209,6 +271,10 @@ class _Run:
         # otherwise step num_processes times per optimizer step, ending the schedule N times too early
         self.scheduler.split_batches = True
         self.state = {"global_step": 0, "epoch": 0, "micro_in_epoch": 0, "stage": stage}
+        self.validation = validation
+        self.best_weights: dict | None = None  # trainable tensors of the best validation (CPU copies)
+        if validation is not None:
+            self.state["val"] = {"history": [], "best": None, "since_best": 0, "early_stopped": False, "kept": "last"}
         self.log_path = self.output_dir / "metrics.jsonl"
         self.history: list[dict] = []
         self.running: dict[str, list[float]] = {}
@@ -233,6 +299,13 @@ class _Run:
             # the metrics of steps since the last log line, so the next line averages the same steps
             self.running = self.state.pop("running", {})
             self.last_ckpt = ckpt
+            if self.validation is not None:
+                self.state.setdefault(
+                    "val", {"history": [], "best": None, "since_best": 0, "early_stopped": False, "kept": "last"}
+                )
+                best_file = ckpt / "best_weights.pt"
+                if best_file.is_file():
+                    self.best_weights = torch.load(best_file, weights_only=True)
             self.acc.print(f"{self.stage}: resumed from {ckpt} at step {self.state['global_step']}/{self.total_steps}")
             changed = config_changes(ckpt / "config.yaml", self.config_yaml)
             if changed:
@@ -248,6 +321,8 @@ class _Run:
         if self.acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             trim_metrics_log(self.log_path, self.state["global_step"])
+            if self.validation is not None:
+                drop_unrecorded_validations(self.log_path, self.state["val"]["history"])
 
     def announce(self) -> None:
         if self.state["global_step"] == 0:
@@ -375,6 +450,7 @@ class _Run:
                 state={**self.state, "running": self.running} if self.running else self.state,
                 config_yaml=self.config_yaml,
                 keep=self.cfg.keep_checkpoints,
+                extra={"best_weights": self.best_weights} if self.best_weights is not None else None,
                 model_state_dict=model_state,
                 optimizer_state=optimizer_state,
                 extra=extra,
@@ -403,21 +479,105 @@ class _Run:
                 return True
         self.state["epoch"] += 1
         self.state["micro_in_epoch"] = 0
-        if not self.cfg.save_every:
+        validated = self.validate()
+        if not self.cfg.save_every or validated:
             self.checkpoint()
-        return False
+        return self.early_stopped
+
+    # ---- validation and early stopping ------------------------------------------------------------
+    @property
+    def early_stopped(self) -> bool:
+        return self.validation is not None and self.state["val"]["early_stopped"]
+
+    def validate(self) -> bool:
+        """Validate at this step unless already done; True when it ran. Updates the best record and weights,
+        counts validations since the best, and sets early_stopped when patience has run out."""
+        if self.validation is None:
+            return False
+        val, step = self.state["val"], self.state["global_step"]
+        if val["history"] and val["history"][-1]["step"] == step:
+            return False
+        from hanorec.train.checkpoint import rng_state, set_rng_state
+
+        model = self.acc.unwrap_model(self.model)
+        saved = rng_state()
+        model.eval()
+        try:
+            with torch.no_grad():
+                metrics = self.validation.evaluate(model)
+        finally:
+            model.train()
+            set_rng_state(saved)
+        name = self.validation.metric
+        value = float(metrics[name])
+        record = {"step": step, "epoch": round(self.epoch_progress, 6), "metric": name, "value": value,
+                  "metrics": {k: float(v) for k, v in metrics.items()}}  # fmt: skip
+        val["history"].append(record)
+        best = val["best"]
+        if best is None or value > best["value"]:
+            val["best"], val["since_best"] = record, 0
+            self.best_weights = {
+                n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad
+            }
+        else:
+            val["since_best"] += 1
+        patience = self.validation.patience
+        if patience is not None and val["since_best"] >= patience and step < self.total_steps:
+            val["early_stopped"] = True
+        event = {
+            "stage": self.stage,
+            "step": step,
+            "total_steps": self.total_steps,
+            "epoch": self.epoch_progress,
+            **{f"val/{k}": float(v) for k, v in metrics.items()},
+            f"val/best_{name}": val["best"]["value"],
+            "elapsed_s": time.time() - self.start,
+        }
+        if self.acc.is_main_process:
+            with self.log_path.open("a") as fh:
+                fh.write(json.dumps(event) + "\n")
+        if self.cfg.log_with:
+            self.acc.log(event, step=step)
+        if self.on_log is not None:
+            self.on_log(event)
+        return True
+
+    def keep_best(self) -> bool:
+        """With patience: put the best validation's weights in the model (the stage's final adapter); True
+        when this changed the run's state (the final checkpoint must then be written again)."""
+        if self.validation is None or self.validation.patience is None or self.best_weights is None:
+            return False
+        val = self.state["val"]
+        if val["kept"] == "best":
+            return False
+        val["kept"] = "best"
+        model = self.acc.unwrap_model(self.model)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in self.best_weights:
+                    p.copy_(self.best_weights[n].to(p.device, p.dtype))
+        return True
 
     def run(self) -> TrainResult:
         self.stopped = False
         self.model.train()
-        while self.state["global_step"] < self.total_steps and not self.run_epoch():
+        while self.state["global_step"] < self.total_steps and not self.early_stopped and not self.run_epoch():
             pass
         step = self.state["global_step"]
-        if self.last_ckpt is None or int(self.last_ckpt.name.split("-")[1]) != step:
+        changed = False
+        if not self.stopped:
+            changed = self.validate()
+            changed = self.keep_best() or changed
+        if changed or self.last_ckpt is None or int(self.last_ckpt.name.split("-")[1]) != step:
             self.checkpoint()
         if self.bar is not None:
             self.bar.close()
-        return TrainResult(step, self.total_steps, self.stopped, self.last_ckpt, self.history, time.time() - self.start)
+        result = TrainResult(step, self.total_steps, self.stopped, self.last_ckpt, self.history, time.time() - self.start)
+        if self.validation is not None:
+            val = self.state["val"]
+            result.validation, result.best = list(val["history"]), val["best"]
+            result.early_stopped, result.kept = val["early_stopped"], val["kept"]
+        return result
 
 
 def train_loop(
@@ -436,6 +596,7 @@ def train_loop(
     should_stop: Callable[[], bool] | None = None,
     stage: str = "sft",
     drop_last: bool = False,
+    validation: Validation | None = None,
 ) -> TrainResult:
     """Train `model` on `items`; loss_fn(model, batch) returns (scalar loss, metrics of floats).
 
@@ -444,7 +605,8 @@ def train_loop(
     on_log receives every logged record (stage, step, total_steps, epoch, elapsed_s, lr and the loss
     metrics; the app streams these); should_stop() is polled after every optimizer step and ends the run
     with a checkpoint. Zero items raise EmptyTrainingSet before anything is built. drop_last leaves out each
-    epoch's last partial micro-batch (see plan_steps).
+    epoch's last partial micro-batch (see plan_steps). validation: score after every epoch and at the end,
+    with optional early stopping (see Validation); its events carry val/<metric> keys instead of the loss.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -470,7 +632,7 @@ def train_loop(
     run = _Run(
         model=model, items=items, collate=collate, loss_fn=loss_fn, train_cfg=train_cfg, seed=seed,
         output_dir=output_dir, config_yaml=config_yaml, accelerator=accelerator, on_log=on_log,
-        should_stop=should_stop, stage=stage, drop_last=drop_last,
+        should_stop=should_stop, stage=stage, drop_last=drop_last, validation=validation,
     )  # fmt: skip
     run.resume(resume)
     run.announce()

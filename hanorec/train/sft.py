@@ -11,7 +11,7 @@ from hanorec.data import RecDataset
 from hanorec.models import IMAGE_MARKERS, ModelBundle
 from hanorec.scoring import batch_logps
 from hanorec.tasks import Example, render
-from hanorec.train.loop import EmptyTrainingSet, TrainResult, train_loop
+from hanorec.train.loop import EmptyTrainingSet, TrainResult, Validation, train_loop
 
 
 class ExampleTooLong(ValueError):
@@ -89,6 +89,48 @@ def sft_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
     return loss, {"answer_tokens": float(counts.sum())}
 
 
+TASK_VAL_METRICS = {"hit1": ("AUC", "Accuracy"), "hit3": ("HR@3", "HR@1", "NDCG@3"), "next1": ("HR@3", "HR@1", "NDCG@3")}
+
+
+def val_metric_name(cfg) -> str:
+    """sft.val_metric resolved for the task (auto: AUC for hit1, HR@3 for hit3 and next1)."""
+    from hanorec.config import ConfigError
+
+    allowed = TASK_VAL_METRICS[cfg.task.name]
+    name = allowed[0] if cfg.sft.val_metric == "auto" else cfg.sft.val_metric
+    if name not in allowed:
+        raise ConfigError(
+            f"sft.val_metric = {name!r} is not a metric of task {cfg.task.name} (use one of {list(allowed)} or auto)"
+        )
+    return name
+
+
+def sft_validation(cfg, bundle: ModelBundle, ds: RecDataset, val_examples: Sequence[Example]) -> Validation:
+    """Per-epoch validation on (a prefix of) the validation split with the ranking protocol of hanorec.eval
+    (the same batched scoring and metric code as the test table), for early stopping (sft.patience)."""
+    from hanorec.eval import metrics_from_scores, rank_options
+
+    metric = val_metric_name(cfg)
+    examples = list(val_examples)[: cfg.sft.max_val_examples] if cfg.sft.max_val_examples else list(val_examples)
+    if not examples:
+        raise EmptyTrainingSet(
+            "sft validation (sft.val_every_epoch or sft.patience) needs validation examples, and the "
+            "validation split is empty; turn validation off or use more users"
+        )
+    if cfg.task.name == "hit1" and len({e.label for e in examples}) < 2:
+        raise EmptyTrainingSet(
+            f"the {len(examples)} hit1 validation examples all have the same answer, so AUC is undefined; "
+            "raise sft.max_val_examples"
+        )
+
+    def evaluate(model) -> dict:
+        scores = rank_options(bundle, ds, examples, batch_size=cfg.eval.batch_size)
+        row = metrics_from_scores(examples, scores.numpy(), snap=True)
+        return {k: row[k] for k in TASK_VAL_METRICS[cfg.task.name]} | {"n": len(examples)}
+
+    return Validation(evaluate=evaluate, metric=metric, patience=cfg.sft.patience)
+
+
 def train_sft(
     cfg,
     bundle: ModelBundle,
@@ -100,17 +142,21 @@ def train_sft(
     on_log: Callable[[dict], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     accelerator=None,
+    val_examples: Sequence[Example] | None = None,
 ) -> TrainResult:
     """Train the LoRA-wrapped bundle.model on examples; checkpoints and metrics go to output_dir.
 
     Examples longer than model.max_length are skipped, counted in the result's `skipped_examples` and
-    reported before training starts."""
+    reported before training starts. With sft.val_every_epoch or sft.patience, val_examples are scored
+    after every epoch and at the end (:func:`sft_validation`); with patience, training stops once the
+    validation metric has not improved for that many validations and the stage keeps the best adapter."""
 
     items, skipped = drop_too_long(bundle, ds, list(examples), cfg.model.max_length)
     if skipped:
         print(f"sft: skipped {skipped} of {len(examples)} training examples longer than "
               f"model.max_length={cfg.model.max_length} tokens")  # fmt: skip
     collate = make_sft_collate(bundle, ds, cfg.model.max_length)
+    validation = sft_validation(cfg, bundle, ds, val_examples or []) if cfg.sft.validates else None
     result = train_loop(
         model=bundle.model,
         items=items,
@@ -125,6 +171,9 @@ def train_sft(
         should_stop=should_stop,
         stage="sft",
         accelerator=accelerator,
+        validation=validation,
     )
     result.skipped_examples = skipped
+    if result.validation and not result.stopped_early:
+        print(result.summary("sft"))
     return result
