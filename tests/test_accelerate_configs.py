@@ -108,7 +108,7 @@ def _records(out: Path, proc) -> list[dict]:
     return sorted((json.loads(f.read_text()) for f in out.glob("rank*.json")), key=lambda r: r["rank"])
 
 
-def run_fsdp(out: Path, steps: int, *flags: str, dropout: float = 0.0) -> list[dict]:
+def run_fsdp(out: Path, steps: int, *flags: str, dropout: float = 0.0, scoring: str = "naive") -> list[dict]:
     """WORKER's preference run launched with configs/accelerate/fsdp.yaml on 2 CPU processes (gloo)."""
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("rank*.json"):
@@ -116,7 +116,7 @@ def run_fsdp(out: Path, steps: int, *flags: str, dropout: float = 0.0) -> list[d
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "fsdp.yaml"),
         "--num_processes", "2", "--mixed_precision", "no", "--main_process_ip", "127.0.0.1",
-        "--main_process_port", str(_free_port()), str(WORKER), "train", str(out), "naive", str(steps),
+        "--main_process_port", str(_free_port()), str(WORKER), "train", str(out), scoring, str(steps),
         f"--lora_dropout={dropout}", *flags,
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300, check=False)
@@ -191,3 +191,16 @@ def test_preference_steps_sharded_with_fsdp_on_two_cpu_processes(tmp_path):
         assert torch.equal(again[k], uninterrupted[k]), k
     assert [r["checksum"] for r in resumed] == [r["checksum"] for r in whole]
     assert resumed[0]["losses"] == whole[0]["losses"][-1:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["tiny-llava", "tiny-qwen2.5-vl"])
+def test_fsdp_on_cpu_with_the_vision_tower_run_once(tmp_path, model):
+    """Shared-prefix scoring runs the frozen vision tower once per step, outside the model's forward
+    (hanorec.scoring.encode_images): under the loop's own FSDP2 the vision part is a unit of its own, so both
+    families train sharded with it and save the full adapter."""
+    records = run_fsdp(tmp_path, 2, f"--model={model}", scoring="shared_prefix")
+    assert all(r["sharded"] and r["local_numel"] * 2 == r["numel"] and r["global_step"] == 2 for r in records)
+    assert records[0]["checksum"] == records[1]["checksum"]
+    saved = _adapter(tmp_path, 2)
+    assert sum(v.numel() for v in saved.values()) == records[0]["numel"]
