@@ -2,7 +2,8 @@
 
     python tests/distributed_worker.py eta   OUT_DIR
     python tests/distributed_worker.py train OUT_DIR SCORING [STEPS] [--batch=N] [--lora_dropout=P]
-                                             [--stop_after=K] [--resume]
+                                             [--stop_after=K] [--resume] [--model=PRESET]
+                                             [--modules_to_save=a,b]
 
 eta:   every process builds its own local preference logits h (a different batch per rank), calls
        hano_dpo_loss with gather=accelerator.gather, and writes what it saw to OUT_DIR/rank<k>.json.
@@ -58,7 +59,8 @@ def eta_mode(out_dir: Path) -> None:
 
 def train_mode(
     out_dir: Path, scoring: str, steps: int = 1, *, batch: int = 3, lora_dropout: float = 0.05,
-    stop_after: int | None = None, resume: bool = False,
+    stop_after: int | None = None, resume: bool = False, model: str = "tiny-llava",
+    modules_to_save: tuple[str, ...] = (),
 ) -> None:  # fmt: skip
     from accelerate import PartialState
     from accelerate.state import AcceleratorState
@@ -80,8 +82,8 @@ def train_mode(
         overrides={
             "seed": 0,
             "output_dir": str(run_dir),
-            "model": {"name": "tiny-llava", "tiny_hidden_size": 64, "tiny_vocab_size": 400},
-            "lora": {"r": 4, "alpha": 8, "dropout": lora_dropout},
+            "model": {"name": model, "tiny_hidden_size": 64, "tiny_vocab_size": 400},
+            "lora": {"r": 4, "alpha": 8, "dropout": lora_dropout, "modules_to_save": list(modules_to_save)},
             "pref": {
                 "method": "hano_dpo",
                 "max_steps": steps,
@@ -93,7 +95,7 @@ def train_mode(
             },
         }
     )
-    bundle = build_tiny("tiny-llava", corpus_text(ds), hidden_size=64, vocab_size=400, seed=0)
+    bundle = build_tiny(model, corpus_text(ds), hidden_size=64, vocab_size=400, seed=0)
     add_lora(bundle, cfg.lora)
     items = [PrefItem(p) for p in build_pairs(examples, ds, seed=0)]
     should_stop = None
@@ -140,6 +142,8 @@ if __name__ == "__main__":
             out, sys.argv[3], int(sys.argv[4]) if len(sys.argv) > 4 else 1,
             batch=int(flags.get("batch", 3)), lora_dropout=float(flags.get("lora_dropout", 0.05)),
             stop_after=int(flags["stop_after"]) if "stop_after" in flags else None, resume="resume" in flags,
+            model=flags.get("model", "tiny-llava"),
+            modules_to_save=tuple(m for m in flags.get("modules_to_save", "").split(",") if m),
         )  # fmt: skip
     else:
         raise SystemExit(f"unknown mode {mode!r}; use eta or train")

@@ -108,7 +108,7 @@ def _records(out: Path, proc) -> list[dict]:
     return sorted((json.loads(f.read_text()) for f in out.glob("rank*.json")), key=lambda r: r["rank"])
 
 
-def run_fsdp(out: Path, steps: int, *flags: str) -> list[dict]:
+def run_fsdp(out: Path, steps: int, *flags: str, dropout: float = 0.0, scoring: str = "naive") -> list[dict]:
     """WORKER's preference run launched with configs/accelerate/fsdp.yaml on 2 CPU processes (gloo)."""
     out.mkdir(parents=True, exist_ok=True)
     for old in out.glob("rank*.json"):
@@ -116,8 +116,8 @@ def run_fsdp(out: Path, steps: int, *flags: str) -> list[dict]:
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "fsdp.yaml"),
         "--num_processes", "2", "--mixed_precision", "no", "--main_process_ip", "127.0.0.1",
-        "--main_process_port", str(_free_port()), str(WORKER), "train", str(out), "naive", str(steps),
-        "--lora_dropout=0", *flags,
+        "--main_process_port", str(_free_port()), str(WORKER), "train", str(out), scoring, str(steps),
+        f"--lora_dropout={dropout}", *flags,
     ]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300, check=False)
     return _records(out, proc)
@@ -144,7 +144,8 @@ def test_preference_steps_sharded_with_fsdp_on_two_cpu_processes(tmp_path):
     each process holds half of every LoRA factor; the run matches a one-process run on the same global batch
     (per-step loss averaged over the processes, eta, final weights, the saved adapter); the checkpoint holds
     the full adapter and optimizer state, written once; a run stopped after step 2 and resumed ends on the
-    same weights bit for bit."""
+    same weights bit for bit, also with LoRA dropout on (each process restores its own RNG state: their
+    dropout masks differ)."""
     import torch
     from torch.testing import assert_close
 
@@ -178,12 +179,28 @@ def test_preference_steps_sharded_with_fsdp_on_two_cpu_processes(tmp_path):
     assert sum(s["exp_avg"].numel() for s in optim["state"].values()) == single["numel"]
     lines = (tmp_path / "fsdp" / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [1, 2, 3], "only the main process logs"
-    # stopped after step 2 (checkpoint), resumed under FSDP: the same weights as the uninterrupted run
-    first = run_fsdp(tmp_path / "resumed", steps, "--stop_after=2")
+    # stopped after step 2 (checkpoint), resumed under FSDP: the same weights as the uninterrupted run, with
+    # LoRA dropout on (the ranks' RNG streams differ, so each must get its own back)
+    whole = run_fsdp(tmp_path / "dropout", steps, dropout=0.05)
+    first = run_fsdp(tmp_path / "resumed", steps, "--stop_after=2", dropout=0.05)
     assert all(r["global_step"] == 2 for r in first)
-    resumed = run_fsdp(tmp_path / "resumed", steps, "--resume")
+    resumed = run_fsdp(tmp_path / "resumed", steps, "--resume", dropout=0.05)
     assert all(r["global_step"] == steps and r["steps_logged"] == [3] for r in resumed)
-    again = _adapter(tmp_path / "resumed", steps)
-    for k in sharded:
-        assert torch.equal(again[k], sharded[k]), k
-    assert resumed[0]["checksum"] == records[0]["checksum"]
+    again, uninterrupted = _adapter(tmp_path / "resumed", steps), _adapter(tmp_path / "dropout", steps)
+    for k in uninterrupted:
+        assert torch.equal(again[k], uninterrupted[k]), k
+    assert [r["checksum"] for r in resumed] == [r["checksum"] for r in whole]
+    assert resumed[0]["losses"] == whole[0]["losses"][-1:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["tiny-llava", "tiny-qwen2.5-vl"])
+def test_fsdp_on_cpu_with_the_vision_tower_run_once(tmp_path, model):
+    """Shared-prefix scoring runs the frozen vision tower once per step, outside the model's forward
+    (hanorec.scoring.encode_images): under the loop's own FSDP2 the vision part is a unit of its own, so both
+    families train sharded with it and save the full adapter."""
+    records = run_fsdp(tmp_path, 2, f"--model={model}", scoring="shared_prefix")
+    assert all(r["sharded"] and r["local_numel"] * 2 == r["numel"] and r["global_step"] == 2 for r in records)
+    assert records[0]["checksum"] == records[1]["checksum"]
+    saved = _adapter(tmp_path, 2)
+    assert sum(v.numel() for v in saved.values()) == records[0]["numel"]

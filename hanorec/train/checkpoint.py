@@ -7,6 +7,7 @@ leaves a half checkpoint that looks complete):
     checkpoints/step-000040/
         adapter/                 adapter_model.safetensors + adapter_config.json (peft save_pretrained)
         optimizer.pt scheduler.pt rng.pt
+        rng_processes.pt         every process's RNG state (runs on several processes only)
         trainer_state.json       global step, epoch, micro-batches consumed in that epoch, metrics
         config.yaml              the resolved RunConfig
 """
@@ -145,10 +146,11 @@ def load_adapter_weights(model, adapter_dir: Path, adapter_name: str = "default"
         )
 
 
-def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> dict:
+def load_checkpoint(path: Path, *, model, optimizer, scheduler, process_index: int = 0, num_processes: int = 1) -> dict:
     """Restore weights, optimizer, scheduler and RNG from a checkpoint folder; returns its trainer state.
 
-    Under FSDP2 every process must call it (full tensors are distributed to the shards collectively)."""
+    Under several processes every process must call it, and each gets back its own RNG state (see
+    process_rng_state)."""
     import warnings
 
     from hanorec.train.sharding import load_optimizer_state, loads_full_tensors
@@ -163,8 +165,23 @@ def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> dict:
             stacklevel=2,
         )
     scheduler.load_state_dict(_load_tensors(path / "scheduler.pt"))
-    set_rng_state(_load_tensors(path / "rng.pt"))
+    set_rng_state(process_rng_state(path, process_index, num_processes))
     return json.loads((path / STATE_FILE).read_text())
+
+
+PROCESS_RNG = "rng_processes"  # extra=: every process's RNG state, in process order (a multi-process run)
+
+
+def process_rng_state(path: Path, process_index: int = 0, num_processes: int = 1) -> dict:
+    """This process's RNG state: its own from rng_processes.pt when the checkpoint was written by as many
+    processes (their states differ: each draws dropout masks for its own batch's shapes), else the main
+    process's (rng.pt)."""
+    per_process = Path(path) / f"{PROCESS_RNG}.pt"
+    if num_processes > 1 and per_process.is_file():
+        states = _load_tensors(per_process)
+        if len(states) == num_processes:
+            return states[process_index]
+    return _load_tensors(Path(path) / "rng.pt")
 
 
 def _load_tensors(file: Path):

@@ -292,7 +292,8 @@ class _Run:
             self.state.update(
                 load_checkpoint(
                     ckpt, model=self.acc.unwrap_model(self.model), optimizer=self.optimizer,
-                    scheduler=self.scheduler,
+                    scheduler=self.scheduler, process_index=self.acc.process_index,
+                    num_processes=self.acc.num_processes,
                 )  # fmt: skip
             )
             # the metrics of steps since the last log line, so the next line averages the same steps
@@ -433,6 +434,13 @@ class _Run:
 
         self.acc.wait_for_everyone()
         model_state, optimizer_state = gather_for_checkpoint(self.acc, self.model, self.optimizer)
+        extra = {"best_weights": self.best_weights} if self.best_weights is not None else {}
+        if self.acc.num_processes > 1:  # each process's own RNG: their dropout masks differ (batch shapes)
+            from accelerate.utils import gather_object
+
+            from hanorec.train.checkpoint import PROCESS_RNG, rng_state
+
+            extra[PROCESS_RNG] = gather_object([rng_state()])
         if self.acc.is_main_process:
             self.last_ckpt = save_checkpoint(
                 self.output_dir,
@@ -442,9 +450,9 @@ class _Run:
                 state={**self.state, "running": self.running} if self.running else self.state,
                 config_yaml=self.config_yaml,
                 keep=self.cfg.keep_checkpoints,
-                extra={"best_weights": self.best_weights} if self.best_weights is not None else None,
                 model_state_dict=model_state,
                 optimizer_state=optimizer_state,
+                extra=extra or None,
             )
         else:  # the same name save_checkpoint gives it, so every process decides alike whether a save is due
             self.last_ckpt = self.output_dir / "checkpoints" / f"step-{self.state['global_step']:06d}"

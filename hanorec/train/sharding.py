@@ -53,18 +53,49 @@ def _block_classes(model) -> set[str]:
     return names
 
 
+# Called outside the root's forward: hanorec.scoring.encode_images runs the frozen vision part once per
+# preference step through get_image_features, so each must be a unit of its own that unshards itself.
+VISION_MODULES = ("visual", "vision_tower", "multi_modal_projector")
+
+
+def _vision_units(part: torch.nn.Module) -> list[torch.nn.Module]:
+    """The units that shard a vision part: the part itself, or, for a transformers model (LLaVA's CLIP
+    tower, Qwen's visual), its children that hold parameters. FSDP2 swaps a unit's class, and transformers
+    looks a model's output recording up by its class, so a swapped CLIPVisionModel returns no hidden states."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(part, PreTrainedModel):
+        return [part]
+    return [
+        c for c in part.children()
+        if not isinstance(c, (torch.nn.ModuleList, torch.nn.ModuleDict)) and any(True for _ in c.parameters())
+    ]  # fmt: skip
+
+
 def shard_model(model: torch.nn.Module) -> int:
     """FSDP2 in place: one `fully_shard` unit per transformer block (the classes `_no_split_modules` names,
-    as accelerate's TRANSFORMER_BASED_WRAP), then the root. Returns the number of block units.
-    Call before building the optimizer: the parameters become new (sharded) DTensor parameters."""
+    as accelerate's TRANSFORMER_BASED_WRAP), one per vision part (VISION_MODULES), then the root. Returns
+    the number of block units. Call before building the optimizer: the parameters become new (sharded)
+    DTensor parameters."""
     from torch.distributed.fsdp import fully_shard
 
     reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").strip().lower() not in ("false", "0", "no")
     classes = _block_classes(model)
+    vision = {
+        name: module for name, module in model.named_modules() if name.rsplit(".", 1)[-1] in VISION_MODULES
+    }
+    vision = {n: m for n, m in vision.items() if not any(n.startswith(v + ".") for v in vision)}  # outermost
     blocks = [m for m in model.modules() if type(m).__name__ in classes]
     for block in blocks:
         fully_shard(block, reshard_after_forward=reshard)
+    for part in vision.values():
+        for unit in _vision_units(part):
+            if not is_fsdp2(unit):  # a block already
+                fully_shard(unit, reshard_after_forward=reshard)
     fully_shard(model, reshard_after_forward=reshard)
+    # FSDP2 picks its root at the first forward; a vision part called first would claim it, so settle it now
+    # (torch 2.13's FSDPModule keeps this step private)
+    model._get_fsdp_state()._lazy_init()
     return len(blocks)
 
 
