@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             bundle = load_stage(cfg.output_dir, stage, extra.get("checkpoint"))
             print(f"scoring {stage} checkpoint {bundle.meta['checkpoint']}")
             ev = pipeline.run_eval(cfg, bundle, data, method="SFT" if stage == "sft" else stage)
-            print(format_results(cfg.task.name, ev.rows))
+            print(format_results(cfg.task.name, ev.rows, split=cfg.eval.split, split_policy=cfg.data.split_policy))
             return 0
         raise ConfigError(f"unknown command {command!r}; run `python -m hanorec --help`")
     except StopRequested as e:

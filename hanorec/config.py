@@ -72,11 +72,16 @@ class DataConfig:
     )
     split_policy: str = _f(
         "leave_one_out",
-        "leave_one_out: last window test, the one before validation, earlier windows train; by_user: the reference's last window per user, users split.",
-        choices=("leave_one_out", "by_user"),
+        "leave_one_out: last window test, the one before validation, earlier windows train (ours); "
+        "last_window_by_user: one window per user, its last n_history + n_target items, users split seeded "
+        "80/10/10 into train/val/test; mirrors what is known of the authors' pre-split files, whose split "
+        "procedure is unpublished (by_user: the older name of the same policy).",
+        choices=("leave_one_out", "last_window_by_user", "by_user"),
     )
-    min_interactions: int = _f(6, "Users with fewer interactions are dropped (the reference keeps >= 6).")
-    max_items_per_user: int | None = _f(None, "Use only each user's last N items (the reference uses 6).")
+    min_interactions: int = _f(6, "Users with fewer interactions are dropped (the authors' code skips rows under 6).")
+    max_items_per_user: int | None = _f(
+        None, "Use only each user's last N items (the authors' code keeps a row's last 6)."
+    )
     max_train_windows_per_user: int | None = _f(
         4, "Keep at most this many (latest) training windows per user; None keeps all."
     )
@@ -224,6 +229,11 @@ class OptimConfig:
         "Extra tracker through accelerate (tensorboard, wandb) when installed; metrics.jsonl is always written.",
     )
     progress_bar: bool = _f(True, "Show a progress bar.")
+    gradient_checkpointing: bool = _f(
+        False,
+        "Recompute the language model's activations during backward instead of keeping them (less memory, "
+        "one more forward pass of the policy per step); NoDO noise is replayed, so gradients match a run without it.",
+    )
 
     def __post_init__(self):
         _check_choices(self)
@@ -302,6 +312,14 @@ class PrefConfig(OptimConfig):
         "rejected rows (this project's earlier behaviour).",
         choices=("micro_batch", "example"),
     )
+    noise_scale: str = _f(
+        "absolute",
+        "NoDO (lora target): absolute = eps ~ N(0, sigma^2) on every LoRA factor (the paper's); relative = an "
+        "extension beyond the paper: each lora_A / lora_B factor's eps has std sigma x RMS(that factor), measured "
+        "when the step draws, so sigma is a noise-to-signal ratio that carries across model widths (a factor "
+        "still at 0, like a fresh adapter's B, gets no noise).",
+        choices=("absolute", "relative"),
+    )
     sft_weight: float = _f(0.0, "gamma: weight of an SFT (mean-token NLL of the chosen answer) term.")
     precompute_ref: bool = _f(False, "Score the reference once before training instead of on every step.")
     scoring: str = _f(
@@ -327,6 +345,11 @@ class PrefConfig(OptimConfig):
                 f"pref.batch_size = {self.batch_size}: HaNo-DPO's responsiveness eta is a trimmed mean over the "
                 "micro-batch and needs at least 3 pairs in it; raise batch_size or set pref.responsiveness=false"
             )
+        if self.noise_scale == "relative" and self.noise_target == "logits":
+            raise ConfigError(
+                "pref.noise_scale = 'relative' scales sigma by each LoRA factor's RMS and needs "
+                "pref.noise_target = 'lora'; logit noise has no factor to measure"
+            )
         if self.method != "sdpo" and self.k_negatives != 1:
             raise ConfigError(
                 f"k_negatives = {self.k_negatives} needs method sdpo; {self.method} uses one rejected completion"
@@ -336,18 +359,41 @@ class PrefConfig(OptimConfig):
 @dataclass
 class EvalConfig:
     protocols: list = _f(
-        ["ranking"], "Evaluation protocols: ranking (title likelihood) and/or generative (decode and parse)."
+        ["ranking"],
+        "Evaluation protocols: ranking (title likelihood, ours), generative (greedy decoding, lenient matching, "
+        "ours) and/or paper (the authors': seeded sampling, exact titles, hit1 AUC over Yes/No answers only, "
+        "the first eval.paper_max_examples examples).",
     )
     split: str = _f("test", "Which split to evaluate.", choices=("val", "test"))
     batch_size: int = _f(8, "Sequences scored per forward.")
     max_new_tokens: int = _f(64, "Generative protocol: longest answer decoded.")
     baselines: list = _f(["random", "popularity"], "Baselines on the same candidates.")
+    sample_temperature: float = _f(0.95, "Paper protocol: sampling temperature (the authors' 0.95).")
+    sample_top_p: float = _f(0.7, "Paper protocol: nucleus sampling top-p (the authors' 0.7).")
+    sample_top_k: int = _f(50, "Paper protocol: top-k (50, LLaMA-Factory's default, which the authors' run kept).")
+    paper_max_examples: int | None = _f(
+        3000,
+        "Paper protocol: score only the first N evaluated examples, in order (the authors cap the test set at "
+        "3,000); null scores all. The other protocols and the baselines score every example.",
+    )
+
+    def sampling(self) -> dict:
+        """The paper protocol's keyword arguments for sampled decoding (no repetition penalty, as the authors)."""
+        return {
+            "temperature": self.sample_temperature,
+            "top_p": self.sample_top_p,
+            "top_k": self.sample_top_k,
+            "repetition_penalty": 1.0,
+        }
 
     def __post_init__(self):
         _check_choices(self)
         for p in self.protocols:
-            if p not in ("ranking", "generative"):
-                raise ConfigError(f"protocols contains {p!r}; use 'ranking' and/or 'generative'")
+            if p not in ("ranking", "generative", "paper"):
+                raise ConfigError(f"protocols contains {p!r}; use some of 'ranking', 'generative' and 'paper'")
+        _positive(self, "sample_temperature", "sample_top_k", "paper_max_examples")
+        if not 0 < self.sample_top_p <= 1:
+            raise ConfigError(f"sample_top_p = {self.sample_top_p!r} must be in (0, 1]")
         for b in self.baselines:
             if b not in ("random", "popularity"):
                 raise ConfigError(f"baselines contains {b!r}; use 'random' and/or 'popularity'")

@@ -44,7 +44,9 @@ from PIL import Image, ImageDraw, UnidentifiedImageError
 
 DOMAINS = ("movies", "micro-videos", "tv", "products", "music")
 FORMATS = ("auto", "hanorec", "movielens")
-SPLIT_POLICIES = ("leave_one_out", "by_user")
+SPLIT_POLICIES = ("leave_one_out", "last_window_by_user")
+# older names still accepted (configs and runs made before the rename); make_splits maps them to the new name
+SPLIT_ALIASES = {"by_user": "last_window_by_user"}
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")  # preference order when several exist
 IMAGE_FOLDERS = ("images", "covers")  # MicroLens calls the folder covers/
@@ -553,10 +555,11 @@ def require_windows(splits: Splits, ds: RecDataset, *, train: bool = True, eval_
             )
             way_out = (
                 "use a task with a shorter history (hit3: 3, hit1: 5, next1: 10 items), "
-                "--data.split_policy=by_user (one window per user, users split), or a dataset with longer sequences"
+                "--data.split_policy=last_window_by_user (one window per user, users split), or a dataset with "
+                "longer sequences"
             )
         else:
-            cause = f"by_user gives each user one window and there are only {len({w.user for w in splits.train + splits.val + splits.test})} users with one"
+            cause = f"last_window_by_user gives each user one window and there are only {len({w.user for w in splits.train + splits.val + splits.test})} users with one"
             way_out = "use more users (drop --data.max_users), --data.split_policy=leave_one_out, or a task with a shorter history"
         raise DataError(f"the {name} split of {ds.root} is empty ({counts}): {cause}; {way_out}")
 
@@ -595,13 +598,17 @@ def make_splits(
         appear in later windows' histories, as in classic leave-one-out). A user too short for
         the val or the train windows still gets its test window; a user too short for a test
         window is dropped.
-    policy "by_user" (the reference implementation): one window per user, its last
-        n_history + n_target items; users (sorted, then shuffled with ``random.Random(seed)``)
-        go to test (``round(test_frac * N)`` users), then val (``round(val_frac * N)``), the
-        rest to train. Train, val and test users are disjoint.
+    policy "last_window_by_user" (alias "by_user"): one window per user, its last
+        n_history + n_target items (hit3: the last 6); users (sorted, then shuffled with
+        ``random.Random(seed)``) go to test (``round(test_frac * N)`` users), then val
+        (``round(val_frac * N)``), the rest to train. Train, val and test users are disjoint.
+        This mirrors what is known of the authors' setup: their code reads pre-split train / val /
+        test files and builds one window per row from its last 6 items; how those files were split
+        is not published, so the user split here is our assumption, not a reproduction.
 
     Deterministic: the same dataset and arguments give identical Splits.
     """
+    policy = SPLIT_ALIASES.get(policy, policy)
     if policy not in SPLIT_POLICIES:
         raise ValueError(f"Unknown split policy {policy!r}; expected one of {', '.join(SPLIT_POLICIES)}.")
     if n_history < 0 or n_target < 1:
@@ -649,7 +656,7 @@ def make_splits(
         if last is None:
             dropped += 1
             continue
-        if policy == "by_user":
+        if policy == "last_window_by_user":
             by_user_windows.append(last)
             continue
         test.append(last)
@@ -662,7 +669,7 @@ def make_splits(
             user_train = user_train[:max_train_windows_per_user]
         train.extend(reversed(user_train))
 
-    if policy == "by_user":
+    if policy == "last_window_by_user":
         order = list(range(len(by_user_windows)))
         random.Random(seed).shuffle(order)
         n_test = round(test_frac * len(order))

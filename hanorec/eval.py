@@ -1,9 +1,16 @@
-"""Evaluation (method.md section 4): the ranking and generative protocols, and baselines on the same
+"""Evaluation (method.md section 4): the ranking, generative and paper protocols, and baselines on the same
 candidates. Metric arithmetic lives in hanorec.metrics; this module runs the model and parses.
+
+- ranking (ours, the default): every candidate scored by its title's likelihood; deterministic.
+- generative (ours): greedy decoding, lenient title matching, an invalid hit1 answer scored 0.5.
+- paper (the authors' evaluation): sampled decoding (:data:`PAPER_SAMPLING`, seeded per example by
+  :func:`sampling_seed`), quotes stripped from each line, exact case-sensitive titles, hit1 AUC over the
+  answers that are exactly Yes or No, at most :data:`PAPER_MAX_EXAMPLES` examples (the first ones, in order).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -17,12 +24,33 @@ from hanorec.models import ModelBundle
 from hanorec.scoring import generate, score_options
 from hanorec.tasks import Example, render
 
+PROTOCOLS = ("ranking", "generative", "paper")
+# The authors' decoding (their inference script and LLaMA-Factory's defaults: sampling, temperature 0.95,
+# top-p 0.7, top-k 50, no repetition penalty; 512 new tokens at most, eval.max_new_tokens in the paper presets)
+# and their test cap (max_samples 3000).
+PAPER_SAMPLING = {"temperature": 0.95, "top_p": 0.7, "top_k": 50, "repetition_penalty": 1.0}
+PAPER_MAX_EXAMPLES = 3000
+
+
+def sampling_seed(seed: int, index: int) -> int:
+    """The seed of example ``index``'s sampled answer: a hash of (run seed, index), so an answer depends on
+    neither the batch it was decoded in nor the examples before it, and two seeds give unrelated draws."""
+    digest = hashlib.sha256(f"hanorec-paper-protocol:{int(seed)}:{int(index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def paper_examples(examples: Sequence[Example], cap: int | None = PAPER_MAX_EXAMPLES) -> list[Example]:
+    """The examples the paper protocol scores: the first ``cap`` in order (the authors' max_samples keeps a
+    file's first rows; ours are in sorted-user order, so the same data and seed give the same examples)."""
+    return list(examples if cap is None else examples[:cap])
+
 
 @dataclass
 class EvalResult:
     rows: list[dict]  # one row per (method, protocol): metrics as fractions + n + candidates
     option_scores: list[list[float]] = field(default_factory=list)  # per example, the model's option scores
-    generations: list[str] = field(default_factory=list)
+    generations: list[str] = field(default_factory=list)  # the generative protocol's greedy answers
+    paper_generations: list[str] = field(default_factory=list)  # the paper protocol's sampled answers
     # per method (model and baselines), the ranking protocol's value for each example, as columns
     # (:func:`per_example_values`): what a paired comparison between methods resamples (hanorec.stats)
     per_example: dict[str, dict[str, list]] = field(default_factory=dict)
@@ -137,6 +165,27 @@ def generative_metrics(examples: Sequence[Example], ds: RecDataset, generations:
     return {**out, "n": len(examples), "candidates": 1 + len(examples[0].not_watched)}
 
 
+def paper_metrics(examples: Sequence[Example], ds: RecDataset, generations: Sequence[str]) -> dict:
+    """The paper protocol's metrics of sampled answers (hanorec.metrics.paper_*), with the candidate count.
+
+    hit3: HR@3 / NDCG@3 for the most recent true item, which is the first line of our hit3 answer (targets
+    are listed most recent first, as in the authors' data); hit1: AUC over Yes/No answers only, with the
+    number dropped; next1: HR@1 by the same matching rules.
+    """
+    examples = list(examples)[: len(generations)]
+    task = examples[0].task
+    if task == "hit1":
+        out = M.paper_hit1_metrics(generations, [bool(e.label) for e in examples])
+        return {**out, "candidates": 1 + len(examples[0].not_watched)}
+    titles = [[ds.items[i].title for i in e.candidates] for e in examples]
+    true = [ds.items[e.targets[0]].title for e in examples]
+    if task == "hit3":
+        out = M.paper_hit3_metrics(generations, true, titles)
+    else:
+        out = M.paper_next1_metrics(generations, true, titles)
+    return {**out, "candidates": len(examples[0].candidates)}
+
+
 class _Progress:
     """tqdm bar (with time estimate) plus ``on_log`` events and ``should_stop`` polling for evaluate."""
 
@@ -229,11 +278,16 @@ def evaluate(
     scoring: str = "shared_prefix",
     on_log: Callable[[dict], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    sampling: dict | None = None,
+    paper_max_examples: int | None = PAPER_MAX_EXAMPLES,
 ) -> EvalResult:
     """Score `examples` with the model (if given) under each protocol, and the baselines on the same candidates.
 
     Ranking packs ``batch_size`` prompts into one forward (:func:`rank_options`); generation decodes one
-    example at a time. progress: a tqdm bar with a time estimate (default: when stderr is a terminal).
+    example at a time. The paper protocol samples with ``sampling`` (default :data:`PAPER_SAMPLING`), example
+    i seeded by ``sampling_seed(seed, i)``, on the first ``paper_max_examples`` examples only (its rows' ``n``
+    says how many); the other protocols and the baselines score every example.
+    progress: a tqdm bar with a time estimate (default: when stderr is a terminal).
     on_log receives one event per finished batch: ``stage="eval"``, ``step`` (examples done, over all
     protocols), ``total_steps``, ``epoch`` (0), ``elapsed_s``, ``method``, ``protocol``. should_stop() is
     polled after every batch; when it returns True evaluation ends early and the result has
@@ -241,11 +295,16 @@ def evaluate(
     """
     if not examples:
         raise ValueError("no examples to evaluate")
+    unknown = [p for p in protocols if p not in PROTOCOLS]
+    if unknown:
+        raise ValueError(f"unknown protocol {unknown[0]!r}; use some of {list(PROTOCOLS)}")
     rows: list[dict] = []
     result = EvalResult(rows)
+    sampling = dict(PAPER_SAMPLING if sampling is None else sampling)
+    capped = paper_examples(examples, paper_max_examples) if "paper" in protocols else []
     if bundle is not None:
-        model_protocols = [p for p in ("ranking", "generative") if p in protocols]
-        bar = _Progress(len(examples) * len(model_protocols), method, progress, on_log, should_stop)
+        sizes = {"ranking": len(examples), "generative": len(examples), "paper": len(capped)}
+        bar = _Progress(sum(sizes[p] for p in PROTOCOLS if p in protocols), method, progress, on_log, should_stop)
         try:
             if "ranking" in protocols:
                 scores = rank_options(
@@ -264,6 +323,18 @@ def evaluate(
                     if bar.advance(1, "generative"):
                         result.stopped = True
                         return result
+            for i, e in enumerate(capped):  # the paper protocol: seeded sampling, one example at a time
+                r = render(e, ds)
+                p = bundle.encode_prompt(r.text, r.images)
+                result.paper_generations.append(
+                    generate(
+                        bundle, p, max_new_tokens=max_new_tokens, device=device, sampling=sampling,
+                        seed=sampling_seed(seed, i),
+                    )  # fmt: skip
+                )
+                if bar.advance(1, "paper"):
+                    result.stopped = True
+                    return result
         finally:
             bar.close()
         if "ranking" in protocols:
@@ -277,6 +348,16 @@ def evaluate(
                     "method": method,
                     "protocol": "generative",
                     **generative_metrics(examples, ds, result.generations),
+                }
+            )
+        if "paper" in protocols:
+            rows.append(
+                {
+                    "method": method,
+                    "protocol": "paper",
+                    **paper_metrics(capped, ds, result.paper_generations),
+                    "decoding": describe_sampling(sampling, seed),
+                    "max_examples": paper_max_examples,
                 }
             )
     for name in baselines:
@@ -302,11 +383,55 @@ METRIC_COLUMNS = {
         "n",
         "candidates",
     ],
-    "hit1": ["method", "protocol", "AUC", "Accuracy", "ValidRatio", "n", "candidates"],
+    "hit1": ["method", "protocol", "AUC", "Accuracy", "ValidRatio", "dropped", "n", "candidates"],
 }
 
 
-def format_results(task: str, rows: list[dict], markdown: bool = False) -> str:
+def describe_sampling(sampling: dict, seed: int) -> str:
+    """The paper protocol's decoding in words, kept in its result rows and printed under its tables."""
+    parts = [f"{k.replace('_', '-')} {v}" for k, v in sampling.items() if k != "repetition_penalty"]
+    return f"sampled ({', '.join(parts)}), example i seeded by (seed {seed}, i)"
+
+
+def protocol_note(protocol: str, row: dict | None = None) -> str:
+    """One line saying what a protocol computes (the paper protocol's decoding read from its row)."""
+    if protocol == "ranking":
+        return "ranking = every candidate scored by the likelihood of its title (ours, deterministic)"
+    if protocol == "generative":
+        return "generative = greedy decoding, lenient title matching, an invalid hit1 answer scored 0.5 (ours)"
+    if protocol == "paper":
+        row = row or {}
+        decoding = row.get("decoding") or describe_sampling(PAPER_SAMPLING, 0)
+        cap = row.get("max_examples", PAPER_MAX_EXAMPLES)
+        return (
+            f"paper = the authors' protocol: {decoding}; quotes stripped from each line, exact case-sensitive "
+            "titles, the most recent true item in the first 3 lines; hit1 AUC over Yes/No answers only "
+            f"(dropped = the others); {f'the first {cap:,} examples at most' if cap else 'every example'}"
+        )
+    return f"{protocol} = an unknown protocol"
+
+
+def split_label(split: str | None, policy: str | None = None) -> str:
+    """``test split (last_window_by_user windows)``: which windows a table's numbers come from."""
+    if not split:
+        return ""
+    from hanorec.data import SPLIT_ALIASES
+
+    return f"{split} split" + (f" ({SPLIT_ALIASES.get(policy, policy)} windows)" if policy else "")
+
+
+def format_results(
+    task: str, rows: list[dict], markdown: bool = False, *, split: str | None = None, split_policy: str | None = None
+) -> str:
+    """The metric table of evaluation rows, with a note naming each protocol used and (given) the split."""
     cols = [c for c in METRIC_COLUMNS[task] if any(c in r for r in rows)]
-    note = "metrics are fractions in [0, 1], higher is better; n = examples scored, candidates = options each"
-    return M.format_table(rows, cols, markdown=markdown) + ("\n\n" if markdown else "\n") + note
+    protocols = list(dict.fromkeys(r.get("protocol") for r in rows if r.get("protocol")))
+    lines = ["metrics are fractions in [0, 1], higher is better; n = examples scored, candidates = options each"]
+    where = split_label(split, split_policy)
+    if where:
+        lines[0] += f"; evaluated on the {where}"
+    lines += [
+        "protocol " + protocol_note(p, next((r for r in rows if r.get("protocol") == p), None)) for p in protocols
+    ]
+    sep = "\n\n" if markdown else "\n"
+    return M.format_table(rows, cols, markdown=markdown) + sep + sep.join(lines)

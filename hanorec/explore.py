@@ -273,82 +273,9 @@ def noise_sweep(
 
 
 # ------------------------------------------------------------------------------------------------
-# Hardness (HaRS, method.md section 7) for exploration: K and the profile temperature may vary here
+# The preference pairs behind the Hardness tab (its HaRS numbers come from hanorec.hardness: ItemIndex,
+# pairs_table, pair_detail)
 # ------------------------------------------------------------------------------------------------
-def item_profiles(emb, k: int = 10, temperature: float = 1.0):
-    """(sims (N, k), neighbour rows (N, k), profiles (N, k)): p_i = softmax(s_i / temperature).
-
-    temperature 1 is the paper's profile (hanorec.hardness.profile_distributions); any other value is an
-    exploration beyond the paper (a lower temperature sharpens the profiles and widens the lambda spread).
-    """
-    from hanorec.hardness import neighbour_profiles, profile_distributions
-
-    n = emb.shape[0]
-    sims, idx = neighbour_profiles(emb, k=max(1, min(int(k), n - 1)))
-    return sims, idx, profile_distributions(sims, float(temperature))
-
-
-def pair_hardness_rows(pairs: Sequence, ids: Sequence[str], profiles, *, beta0: float) -> list[dict]:
-    """One row per preference pair: its user, D_n (mean aligned profile distance), lambda_n and beta0 * lambda_n.
-
-    lambda_n = sigmoid(D_n) / sigmoid(mean D) over these pairs (hanorec.hardness.hardness_lambda).
-    """
-    from hanorec.hardness import hardness_lambda, sample_distances
-
-    row = {i: r for r, i in enumerate(ids)}
-    pos = [[row[i] for i in p.positive_item_ids] for p in pairs]
-    neg = [[row[i] for i in p.negative_item_ids] for p in pairs]
-    distance = sample_distances(profiles, pos, neg)
-    lam = hardness_lambda(distance)
-    return [
-        {
-            "pair": n,
-            "user": p.example.user,
-            "D": float(distance[n]),
-            "lambda": float(lam[n]),
-            "beta": max(1e-6, beta0 * float(lam[n])),
-        }
-        for n, p in enumerate(pairs)
-    ]
-
-
-def aligned_pair_rows(pair, ids: Sequence[str], profiles, ds: RecDataset) -> list[dict]:
-    """Each aligned (positive, negative) item pair of one preference pair with its profile distance."""
-    import torch
-
-    from hanorec.hardness import pair_distances
-
-    row = {i: r for r, i in enumerate(ids)}
-    pos = torch.tensor([row[i] for i in pair.positive_item_ids])
-    neg = torch.tensor([row[i] for i in pair.negative_item_ids])
-    d = pair_distances(profiles, pos, neg)
-    return [
-        {
-            "positive": p,
-            "positive title": ds.items[p].title,
-            "negative": q,
-            "negative title": ds.items[q].title,
-            "distance": float(d[j]),
-        }
-        for j, (p, q) in enumerate(zip(pair.positive_item_ids, pair.negative_item_ids))
-    ]
-
-
-def lambda_spread_grid(
-    emb, pairs: Sequence, ids: Sequence[str], ks=(5, 10, 20, 50), temperatures=(1.0, 0.3, 0.1, 0.03)
-) -> list[dict]:
-    """The spread of lambda over the pairs for each (K, temperature): what widens it (temperature 1 = paper)."""
-    out = []
-    for k in ks:
-        for t in temperatures:
-            _, _, prof = item_profiles(emb, k, t)
-            lam = [r["lambda"] for r in pair_hardness_rows(pairs, ids, prof, beta0=1.0)]
-            s = spread(lam)
-            out.append({"K": min(k, emb.shape[0] - 1), "temperature": t, "lambda min": s["min"], "lambda max": s["max"],
-                        "lambda std": s["std"], "paper": t == 1.0})  # fmt: skip
-    return out
-
-
 def training_pairs(cfg, data, emb_ids=None, emb=None, *, sampling: str | None = None, seed: int | None = None):
     """The preference pairs a run with this config trains on (hanorec.pairs.build_pairs over the first
     cfg.pref.max_pairs training examples); sampling / seed may be changed to re-sample the negatives."""

@@ -17,6 +17,14 @@ browser reload or an app restart finds every job again. Queued jobs start when a
 runs folder is alive (it checks every `poll_s` seconds and on every call); one job runs at a time per
 runs folder, which is one device (`device`: 'cpu', 'cuda:N' or auto, given to the run through
 CUDA_VISIBLE_DEVICES).
+
+On a ZeroGPU Space (hanorec.spaces.on_zero_gpu) a subprocess never gets the GPU, which exists only inside
+calls decorated with `spaces.GPU` in the app's own process. There a job runs in a thread of the app
+instead (`run_job_chunked`): the same commands, with training done by hanorec.spaces.train_in_chunks (a
+sequence of short GPU calls, each resuming from the newest checkpoint) and the evaluation in one more GPU
+call; status, metrics, checkpoints and results land in the same run folder, so the Train tab reads them
+as before. Stop ends the running call at its next step (with a checkpoint); resume queues it again.
+Local runs are unchanged.
 """
 
 from __future__ import annotations
@@ -143,7 +151,22 @@ class JobManager:
         autostart: bool = True,
         python: str = sys.executable,
         env: dict | None = None,
+        in_process: bool | None = None,
+        chunk_steps: int | None = None,
+        chunk_seconds: float | None = None,
+        gpu_duration_s: int | None = None,
     ):
+        """in_process: run jobs in a thread of this process through train_in_chunks (None: on ZeroGPU only);
+        chunk_steps / chunk_seconds: each GPU call's budget (default: half of gpu_duration_s, 60 s)."""
+        from hanorec import spaces
+
+        self.in_process = spaces.on_zero_gpu() if in_process is None else in_process
+        self.chunking = {
+            "max_steps_per_call": chunk_steps,
+            "max_seconds_per_call": chunk_seconds,
+            "gpu_duration_s": gpu_duration_s or spaces.DEFAULT_DURATION_S,
+        }
+        self._stops: dict[str, threading.Event] = {}
         self._device_env = device_env(device)
         self.runs_dir = Path(runs_dir).resolve()
         self.runs_dir.mkdir(parents=True, exist_ok=True)
@@ -309,6 +332,12 @@ class JobManager:
             st = runs.read_status(run)
             if st["status"] == "queued":
                 runs.write_status(run, "stopped", message="removed from the queue before it started")
+            elif st["status"] == "running" and st.get("in_process"):
+                event = self._stops.get(job_id)
+                if event is not None:
+                    event.set()  # the running GPU call ends at its next step, with a checkpoint
+                else:  # started by an app that is gone: nothing runs it any more
+                    runs.write_status(run, "stopped", message="the app that ran it stopped", in_process=None)
             elif st["status"] == "running":
                 pid = st.get("runner_pid") or st.get("pid")
                 try:
@@ -341,6 +370,8 @@ class JobManager:
             if not queued:
                 return None
             run = self.runs_dir / queued[0]
+            if self.in_process:
+                return self._start_in_process(run)
             log = open(run / LOG_FILE, "a")
             env = {**default_env(), **os.environ, **self._device_env, **self.env, "PYTHONUNBUFFERED": "1"}
             package_root = str(Path(__file__).resolve().parents[1])
@@ -359,6 +390,21 @@ class JobManager:
             self._procs[run.name] = proc
             runs.write_status(run, "running", pid=proc.pid, runner_pid=proc.pid, started=time.time(), command=None)
             return run.name
+
+    def _start_in_process(self, run: Path) -> str:
+        """ZeroGPU: the job in a thread of this process (the caller holds the queue lock)."""
+        stop = self._stops[run.name] = threading.Event()
+        runs.write_status(run, "running", pid=os.getpid(), runner_pid=None, in_process=True,
+                          started=time.time(), command=None)  # fmt: skip
+
+        def target():
+            try:
+                run_job_chunked(run, stop, **self.chunking)
+            finally:
+                self._stops.pop(run.name, None)
+
+        threading.Thread(target=target, daemon=True, name=f"hanorec-job-{run.name}").start()
+        return run.name
 
     def close(self) -> None:
         """Stop checking the queue (running jobs go on; a new JobManager picks the queue up again)."""
@@ -446,9 +492,85 @@ def run_job(run_dir: str | Path) -> int:
     return rc
 
 
+def run_job_chunked(
+    run_dir: str | Path,
+    stop: threading.Event | None = None,
+    *,
+    max_steps_per_call: int | None = None,
+    max_seconds_per_call: float | None = None,
+    gpu_duration_s: int | None = None,
+) -> str:
+    """A job's commands in this process (ZeroGPU): training through hanorec.spaces.train_in_chunks, each
+    call resuming from the newest checkpoint, then the command's evaluation in one more GPU call; the same
+    run folder, status and log as run_job. Returns the final status (finished, stopped or failed)."""
+    from hanorec import pipeline, spaces
+    from hanorec.progress import StopRequested
+
+    run = Path(run_dir).resolve()
+    job = json.loads((run / JOB_FILE).read_text())
+    stop = stop or threading.Event()
+    duration = gpu_duration_s or spaces.DEFAULT_DURATION_S
+
+    def log(line: str) -> None:
+        with open(run / LOG_FILE, "a") as fh:
+            fh.write(line + "\n")
+
+    for command in job["commands"]:
+        if stop.is_set():
+            _final(run, "stopped", f"stopped before {command}; resume runs it")
+            return "stopped"
+        log(f"$ python -m hanorec {command} --config={run / runs.CONFIG_FILE}  (in the app, in ZeroGPU calls)")
+        with _lock(run.parent):
+            runs.write_status(run, "running", command=command, pid=os.getpid(), in_process=True)
+        try:
+            cfg = runs.read_config(run)
+            data = pipeline.prepare_data(cfg, should_stop=stop.is_set)
+            if command in ("run", "sft"):
+                def train(budget, cfg=cfg, data=data):
+                    return pipeline.run_sft(cfg, data, should_stop=_either(budget, stop))[1]
+            else:
+                def train(budget, cfg=cfg, data=data):
+                    return pipeline.run_preference(
+                        cfg, data, should_stop=stop.is_set, train_should_stop=_either(budget, stop)
+                    )[1]
+            chunked = spaces.train_in_chunks(
+                train, max_steps_per_call=max_steps_per_call, max_seconds_per_call=max_seconds_per_call,
+                gpu_duration_s=duration, should_stop=stop.is_set,
+                on_chunk=lambda i, r: log(f"GPU call {i} ({duration} s): step {r.global_step}/{r.total_steps}"),
+            )  # fmt: skip
+            if chunked.last.stopped_early and chunked.last.global_step < chunked.last.total_steps:
+                _final(run, "stopped", f"stopped at step {chunked.last.global_step}/{chunked.last.total_steps}; "
+                       "resume continues from the last checkpoint")  # fmt: skip
+                return "stopped"
+            finish = {"run": pipeline.run_pipeline, "pref": pipeline.run_preference_pipeline}.get(command)
+            if finish is not None:  # the evaluation (training is complete, so the resume trains nothing)
+                result = spaces.gpu_call(finish, duration)(cfg, should_stop=stop.is_set, print_fn=log)
+                if result.get("stopped_early"):
+                    _final(run, "stopped", "stopped during evaluation; resume evaluates again")
+                    return "stopped"
+        except StopRequested as e:
+            _final(run, "stopped", f"stopped during {e.stage}; resume runs it again")
+            return "stopped"
+        except Exception as e:  # noqa: BLE001 - a thread of the app: say why in the job, never die silently
+            log(f"error: {e}")
+            _final(run, "failed", str(e))
+            return "failed"
+    _final(run, "finished", "")
+    return "finished"
+
+
+def _either(budget, stop: threading.Event):
+    """One GPU call's should_stop: its budget (always polled, it counts steps) or the app's stop request."""
+
+    def should_stop() -> bool:
+        return budget() or stop.is_set()
+
+    return should_stop
+
+
 def _final(run: Path, status: str, message: str) -> None:
     with _lock(run.parent):
-        runs.write_status(run, status, message=message, runner_pid=None, ended=time.time())
+        runs.write_status(run, status, message=message, runner_pid=None, in_process=None, ended=time.time())
 
 
 if __name__ == "__main__":

@@ -3,10 +3,14 @@
 Every metric is a fraction in [0, 1]; the dicts also carry the number of samples ``n``
 (and ``candidates`` where the candidate count is fixed) so a table can report them.
 
-Two protocols share these functions:
+Three protocols share these functions:
 
-- Generative (the paper's): decode, :func:`parse_generation` into candidate indices,
+- Generative (ours, lenient): decode, :func:`parse_generation` into candidate indices,
   then :func:`hit_and_ndcg_at_k` per sample; :func:`generative_hit3_metrics` does all of it.
+- Paper (the authors' evaluation script): :func:`paper_lines` strips double quotes and spaces
+  from each generated line, titles must match exactly (case-sensitive);
+  :func:`paper_hit3_metrics`, :func:`paper_hit1_metrics` (hard Yes/No, other answers dropped),
+  :func:`paper_next1_metrics`.
 - Ranking (ours, deterministic): a score per candidate (e.g. the log-likelihood of its
   title), then :func:`ranking_metrics`. Ties are broken *pessimistically*: a candidate with
   the same score as the true item is ranked above it, so a constant scorer gets no credit.
@@ -262,6 +266,110 @@ def generative_hit3_metrics(
         "ValidRatio": valid / n if n else 0.0,
         "n": n,
     }
+
+
+# ----------------------------------------------------------------------------------------
+# The paper's protocol (the authors' evaluation script, method.md section 4)
+
+PAPER_STRIP = '" '  # the characters the authors' script strips from both ends of every line
+
+
+def paper_lines(text: str) -> list[str]:
+    """A generation's lines as the authors' script reads them.
+
+    The text is stripped of surrounding whitespace and split at newlines; lines that are blank are
+    dropped; every kept line is stripped of double quotes and spaces at both ends (only those: curly
+    quotes, tabs and list markers stay). ``'"Heat"\\n\\n "Up" '`` -> ``["Heat", "Up"]``.
+    """
+    return [line.strip(PAPER_STRIP) for line in str(text).strip().split("\n") if line.strip()]
+
+
+def paper_hit3_metrics(
+    generations: Sequence[str], true_titles: Sequence[str], candidates: Sequence[Sequence[str]], k: int = 3
+) -> dict:
+    """HR@k and NDCG@k under the paper's protocol, plus ValidRatio.
+
+    ``true_titles[i]`` is the title of sample i's most recent true item (the first line of its answer).
+    Both it and the generated lines go through the same quote stripping (:func:`paper_lines`), then the
+    comparison is exact and case-sensitive: HR@k = 1 if the true title is among the first k lines;
+    NDCG@k = 1 / log2(r + 2) for its first position r < k. ValidRatio (ours, for information; the
+    authors do not report it for hit3): the share of generations with at least one line and every line
+    exactly a candidate title.
+    """
+    if not (len(generations) == len(true_titles) == len(candidates)):
+        raise ValueError(
+            f"generations ({len(generations)}), true_titles ({len(true_titles)}) and candidates "
+            f"({len(candidates)}) must have the same length"
+        )
+    n = len(generations)
+    hr = ndcg = valid = 0.0
+    for text, true, titles in zip(generations, true_titles, candidates):
+        lines = paper_lines(text)
+        target = str(true).strip(PAPER_STRIP)
+        for r, line in enumerate(lines[:k]):
+            if line == target:
+                hr, ndcg = hr + 1.0, ndcg + 1.0 / math.log2(r + 2)
+                break
+        names = {str(t).strip(PAPER_STRIP) for t in titles}
+        valid += bool(lines) and all(line in names for line in lines)
+    return {
+        f"HR@{k}": hr / n if n else 0.0,
+        f"NDCG@{k}": ndcg / n if n else 0.0,
+        "ValidRatio": valid / n if n else 0.0,
+        "n": n,
+    }
+
+
+def paper_yes_no(text: str) -> bool | None:
+    """The authors' reading of a hit1 answer: the whole answer, stripped and lowercased, must be "yes" or
+    "no" (``" Yes\\n"`` -> True); anything else (``"Yes."``, ``"yes, because"``) is None, an answer dropped."""
+    answer = str(text).strip().lower()
+    return {"yes": True, "no": False}.get(answer)
+
+
+def paper_hit1_metrics(generations: Sequence[str], labels: Sequence[bool]) -> dict:
+    """hit1 AUC under the paper's protocol: hard predictions Yes = 1 / No = 0 after dropping every answer
+    that is neither (:func:`paper_yes_no`).
+
+    AUC is :func:`auc` of the 0/1 predictions against the labels over the kept answers (with 0/1 scores
+    this is (TPR + TNR) / 2, what scikit-learn's roc_auc_score gives the authors' script). Conventions at the
+    edges: no kept answer -> AUC 0.0 (the authors' script prints 0 then); kept answers of one class only ->
+    AUC None (undefined; their script stops with an error there). Also returned: Accuracy over the kept
+    answers, ValidRatio = kept / n, ``dropped`` = n - kept, ``n`` = all answers.
+    """
+    if len(generations) != len(labels):
+        raise ValueError(f"generations has {len(generations)} entries but labels has {len(labels)}")
+    n = len(generations)
+    kept = [(p, bool(y)) for p, y in zip(map(paper_yes_no, generations), labels) if p is not None]
+    pred = np.array([float(p) for p, _ in kept])
+    true = np.array([y for _, y in kept], dtype=bool)
+    if not kept:
+        value = 0.0
+    elif true.all() or not true.any():
+        value = None
+    else:
+        value = auc(pred, true)
+    return {
+        "AUC": value,
+        "Accuracy": float(((pred > 0.5) == true).mean()) if kept else 0.0,
+        "ValidRatio": len(kept) / n if n else 0.0,
+        "dropped": n - len(kept),
+        "n": n,
+    }
+
+
+def paper_next1_metrics(
+    generations: Sequence[str], true_titles: Sequence[str], candidates: Sequence[Sequence[str]]
+) -> dict:
+    """next1 under the paper's matching rules (the authors evaluate hit1 and hit3 only; this extends their
+    rules): the first line, quote-stripped, must equal a candidate title exactly; HR@1 over all samples and
+    over valid answers (:func:`hit_ratio_at_1`)."""
+    predicted: list[str | None] = []
+    for text, titles in zip(generations, candidates):
+        lines = paper_lines(text)
+        names = {str(t).strip(PAPER_STRIP) for t in titles}
+        predicted.append(lines[0] if lines and lines[0] in names else None)
+    return hit_ratio_at_1(predicted, [str(t).strip(PAPER_STRIP) for t in true_titles])
 
 
 # ----------------------------------------------------------------------------------------

@@ -2,12 +2,16 @@
 
 Two targets, chosen elsewhere by ``noise_target`` (one of :data:`NOISE_TARGETS`):
 
-- "lora" (the reference implementation, default): :class:`LoRANoise`. Inside ``with noise.active():``
+- "lora" (the authors' code, default): :class:`LoRANoise`. Inside ``with noise.active():``
   every TRAINING forward of an active LoRA pair (A, B) computes the adapter as
   ``scale * (B + eps_B) (A + eps_A) dropout(x)`` with eps ~ N(0, sigma^2) elementwise. Stored
   weights are never touched and gradients flow through the perturbed product to A and B.
 - "logits" (the abstract's wording): :func:`add_logit_noise`, z' = z + eps, eps ~ N(0, sigma^2).
 - "none": no noise.
+
+How big sigma is (``scale``, one of :data:`NOISE_SCALES`): "absolute" (the paper's, default) draws
+eps ~ N(0, sigma^2) on every factor; "relative" (an extension beyond the paper) draws each factor's eps with
+standard deviation sigma * RMS(that factor), see :class:`LoRANoise`.
 
 Noise is for the policy's training forwards only: the reference forward (adapter disabled) and
 evaluation (model.eval()) stay clean.
@@ -31,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = [
+    "NOISE_SCALES",
     "NOISE_TARGETS",
     "LoRADraw",
     "LoRANoise",
@@ -43,6 +48,7 @@ __all__ = [
 ]
 
 NOISE_TARGETS = ("lora", "logits", "none")
+NOISE_SCALES = ("absolute", "relative")
 INFERENCE_TARGETS = ("lora", "logits")
 
 
@@ -93,6 +99,12 @@ def _randn(shape: tuple[int, ...], sigma: float, like: Tensor, generator: torch.
     return eps.to(device=like.device, dtype=like.dtype)
 
 
+@torch.no_grad()
+def _rms(weight: Tensor) -> float:
+    """Root mean square of a factor's entries, in float32 (the scale "relative" noise multiplies sigma by)."""
+    return weight.detach().float().square().mean().sqrt().item()
+
+
 def add_logit_noise(logits: Tensor, sigma: float, generator: torch.Generator | None = None) -> Tensor:
     """NoDO on the output logits (method.md section 8, the abstract's wording): z' = z + eps, eps ~ N(0, sigma^2).
 
@@ -141,7 +153,7 @@ class _Pair:
 
 
 class LoRANoise:
-    """NoDO on LoRA adapters (method.md section 8, the reference implementation).
+    """NoDO on LoRA adapters (method.md section 8, as the authors' code does it).
 
     Usage, once per training step::
 
@@ -166,22 +178,34 @@ class LoRANoise:
     The hooks do nothing when the module is in eval mode, the adapter is disabled
     (``with model.disable_adapter():``), inactive or merged. Hooks exist only inside ``active()``
     and are removed on exit, also when the body raises. With gradient checkpointing the forward is
-    re-run during backward, so call ``backward()`` inside the same context (the re-run then reuses
-    the same draws).
+    re-run during backward, so call ``backward()`` inside the same context: the re-run then reuses
+    the same draws, and (draws from the global RNG) draws again without using the result, so the RNG
+    advances as in the original forward and LoRA dropout masks come back the same.
 
     Only LoRA layers whose lora_A / lora_B are ``nn.Linear`` are perturbed (Linear and its
     quantised kin); Embedding / Conv LoRA layers are left clean and listed in ``skipped``. LoRA
     variants (DoRA and others) raise NotImplementedError when sigma > 0. ``group_ids`` assumes the
     plain forward (peft's mixed-adapter ``adapter_names`` batches are not supported).
+
+    scale: "absolute" (the paper's, default): eps_A, eps_B ~ N(0, sigma^2). "relative" (an extension beyond
+    the paper): for each pair, eps_A ~ N(0, (sigma * RMS(A))^2) and eps_B ~ N(0, (sigma * RMS(B))^2), where
+    RMS(W) = sqrt(mean of W's squared entries) of that pair's own stored factor, measured (without gradient)
+    when the context draws, i.e. at the pair's first noisy forward of each ``active()`` block, from the
+    weights as they are at that step. Each factor then gets the same noise-to-signal ratio sigma whatever the
+    model's width. A factor that is all zeros gets no noise: a fresh adapter's B (initialised to 0) is
+    unperturbed until training moves it, and while B = 0 the product (B + eps_B)(A + eps_A) is 0 too.
     """
 
-    def __init__(self, model: nn.Module, sigma: float):
+    def __init__(self, model: nn.Module, sigma: float, scale: str = "absolute"):
         if sigma < 0:
             raise ValueError(f"noise sigma must be >= 0, got {sigma}")
+        if scale not in NOISE_SCALES:
+            raise ValueError(f"noise scale must be one of {list(NOISE_SCALES)}, got {scale!r}")
         from peft.tuners.lora.layer import LoraLayer
 
         self.model = model
         self.sigma = float(sigma)
+        self.scale = scale
         self.pairs: list[_Pair] = []
         self.skipped: list[str] = []
         for name, module in model.named_modules():
@@ -202,6 +226,7 @@ class LoRANoise:
         if self.sigma > 0 and not self.pairs:
             raise ValueError("LoRA noise found no LoRA layer with nn.Linear lora_A / lora_B in the model")
         self.last_draws: dict[tuple[str, str], LoRADraw] = {}
+        self._replay: set[tuple[str, str]] = set()  # draws a checkpointed re-run must replay (see _draw)
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._is_active = False
         self._group_ids: Tensor | None = None
@@ -231,6 +256,7 @@ class LoRANoise:
         if self._is_active:
             raise RuntimeError("LoRANoise.active() is already open; contexts cannot be nested")
         self.last_draws = {}
+        self._replay = set()
         if self.sigma == 0:
             yield self
             return
@@ -281,14 +307,29 @@ class LoRANoise:
     ) -> LoRADraw:  # drawn lazily, once per context
         key = (pair.name, pair.adapter)
         draw = self.last_draws.get(key)
+        in_backward = torch._C._current_graph_task_id() != -1  # a forward re-run by gradient checkpointing
         if draw is None:
-            wA, wB = pair.lora_A.weight, pair.lora_B.weight
-            draw = LoRADraw(
-                eps_A=_randn((num_groups, *wA.shape), self.sigma, wA, generator),  # (G, r, in)
-                eps_B=_randn((num_groups, *wB.shape), self.sigma, wB, generator),  # (G, out, r)
-            )
+            draw = self._fresh_draw(pair, num_groups, generator)
             self.last_draws[key] = draw
+            if generator is None and not in_backward:
+                self._replay.add(key)
+        elif in_backward and key in self._replay:
+            # Gradient checkpointing re-runs this forward during backward from the RNG state its segment
+            # began with. Drawing again (and keeping the cached draw) advances the global RNG exactly as the
+            # original forward did, so LoRA dropout after this point gets its original masks too.
+            self._replay.discard(key)
+            self._fresh_draw(pair, num_groups, generator)
         return draw
+
+    def _fresh_draw(self, pair: _Pair, num_groups: int, generator: torch.Generator | None) -> LoRADraw:
+        wA, wB = pair.lora_A.weight, pair.lora_B.weight
+        sigma_A, sigma_B = self.sigma, self.sigma
+        if self.scale == "relative":  # sigma x the factor's own RMS, measured now (extension beyond the paper)
+            sigma_A, sigma_B = self.sigma * _rms(wA), self.sigma * _rms(wB)
+        return LoRADraw(
+            eps_A=_randn((num_groups, *wA.shape), sigma_A, wA, generator),  # (G, r, in)
+            eps_B=_randn((num_groups, *wB.shape), sigma_B, wB, generator),  # (G, out, r)
+        )
 
     def _make_hooks(self, pair: _Pair, num_groups: int, generator, inference):
         def perturb(x: Tensor, eps: Tensor) -> Tensor:

@@ -187,6 +187,8 @@ def run_eval(
         method=method,
         on_log=on_log,
         should_stop=should_stop,
+        sampling=cfg.eval.sampling(),
+        paper_max_examples=cfg.eval.paper_max_examples,
     )
 
 
@@ -232,8 +234,12 @@ def run_preference(
     on_log: Callable | None = None,
     should_stop: Callable | None = None,
     resume: bool = True,
+    train_should_stop: Callable | None = None,
 ):
-    """Stage 2 from the run's SFT checkpoint. Returns (bundle, TrainResult)."""
+    """Stage 2 from the run's SFT checkpoint. Returns (bundle, TrainResult).
+
+    train_should_stop (default should_stop) is polled by the training loop only, after every optimizer step,
+    not while the pairs and their hardness are prepared: hanorec.spaces' per-call budgets count steps."""
     from hanorec.train.preference import merge_sft_adapter, train_preference
 
     data = data or prepare_data(cfg)
@@ -254,8 +260,9 @@ def run_preference(
         on_log=on_log, should_stop=should_stop,
     )
     result = train_preference(
-        cfg, bundle, data.dataset, items, out, resume=resume, on_log=on_log, should_stop=should_stop
-    )
+        cfg, bundle, data.dataset, items, out, resume=resume, on_log=on_log,
+        should_stop=should_stop if train_should_stop is None else train_should_stop,
+    )  # fmt: skip
     return bundle, result
 
 
@@ -275,13 +282,15 @@ def _evaluate_trained(cfg, bundle, train, data, method, prefix, start, on_log, s
     if ev.stopped:
         print_fn("stopped during evaluation; run the same command again to evaluate the trained model")
         return stopped
-    print_fn(format_results(cfg.task.name, ev.rows))
+    print_fn(format_results(cfg.task.name, ev.rows, split=cfg.eval.split, split_policy=cfg.data.split_policy))
     return {
         "task": cfg.task.name,
         "dataset": str(cfg.data.path),
         "model": cfg.model.name,
         "seed": cfg.seed,
         "split": cfg.eval.split,
+        "split_policy": cfg.data.split_policy,
+        "protocols": list(cfg.eval.protocols),
         "rows": ev.rows,
         "train_steps": train.global_step,
         "wall_s": time.time() - start,
@@ -375,16 +384,21 @@ def run_comparison(
                 ev = run_eval(cv, bundle, data, method=v, baselines=[])
                 rows += [{"task": task, "seed": seed, **r} for r in ev.rows]
                 keep(task, seed, ev)
-                print_fn(format_results(task, ev.rows))
+                print_fn(format_results(task, ev.rows, split=cfg.eval.split, split_policy=cfg.data.split_policy))
                 del bundle
-    summary = summarize(rows, mean_std)
+    # the mean ± std table reads the ranking protocol when the run has it; paired intervals always do (the
+    # per-example values kept are the ranking protocol's)
+    protocol = "ranking" if "ranking" in cfg.eval.protocols else cfg.eval.protocols[0]
+    summary = summarize(rows, mean_std, protocol)
     paired = paired_differences(per_example)
     result = {
         "rows": rows,
         "summary": summary,
         "paired": paired,
-        "protocol": "ranking",
+        "protocol": protocol,
+        "paired_protocol": "ranking",
         "split": cfg.eval.split,
+        "split_policy": cfg.data.split_policy,
         "seeds": list(seeds),
         "tasks": list(tasks),
         "dataset": cfg.data.path,
@@ -396,7 +410,12 @@ def run_comparison(
     }
     root.mkdir(parents=True, exist_ok=True)
     (root / "comparison.json").write_text(json.dumps(result, indent=2))
-    table = comparison_table(summary, len(seeds)) + "\n\n" + paired_table(paired, len(seeds), "ranking", cfg.eval.split)
+    split, policy = cfg.eval.split, cfg.data.split_policy
+    table = (
+        comparison_table(summary, len(seeds), protocol, split, policy)
+        + "\n\n"
+        + paired_table(paired, len(seeds), "ranking", split, policy)
+    )
     (root / "comparison.md").write_text(table + "\n")
     print_fn(table)
     print_fn(f"wall time {result['wall_s'] / 60:.1f} min; written to {root / 'comparison.md'}")
@@ -404,3 +423,120 @@ def run_comparison(
         update_readme_section(readme, root.name, comparison_report(result))
         print_fn(f"README section comparison:{root.name} updated in {readme}")
     return result
+
+
+def run_sweep(
+    cfg: RunConfig,
+    settings: dict[str, dict],
+    *,
+    reference: str,
+    sft_root: str | Path,
+    seeds: Sequence[int] = (0, 1, 2),
+    task: str = "hit3",
+    base_variant: str = "HaNo-DPO",
+    print_fn: Callable = print,
+    readme: str | Path | None = None,
+    command: str = "",
+) -> dict:
+    """Stage 2 under several settings of the `pref` section, each from the same SFT model per seed, and each
+    setting against `reference` as a paired difference over test users (pooled over seeds).
+
+    ``settings`` maps a label to `pref` overrides applied on top of ``base_variant``'s (e.g.
+    ``{"sigma=0": {"noise_sigma": 0.0}, "sigma=0.05": {"noise_sigma": 0.05}}``). The SFT model of seed s is
+    read from ``<sft_root>/<task>/seed<s>`` (the layout `compare` writes), so a sweep costs no SFT; the
+    data are prepared from ``cfg`` with that seed, exactly as the comparison prepared them. Each run goes to
+    ``<cfg.output_dir>/<task>/seed<s>/<label slug>``. Besides the test metrics, each row keeps the last
+    logged training diagnostics (reward accuracy, chosen log-prob under the noisy policy, mean lambda and
+    beta), which say what the setting did to training. With `readme`, the table replaces the README section
+    marked ``<!-- comparison:<output folder name> -->``.
+    """
+    from hanorec.metrics import mean_std
+
+    if reference not in settings:
+        raise ValueError(f"the reference setting {reference!r} is not among the settings {list(settings)}")
+    start = time.time()
+    root = Path(cfg.output_dir)
+    rows: list[dict] = []
+    per_example: list[dict] = []
+    for seed in seeds:
+        sft_run = Path(sft_root) / task / f"seed{seed}"
+        c = _with(cfg, seed=seed, output_dir=str(root / task / f"seed{seed}"), task={"name": task})
+        data = prepare_data(c)
+        for label, over in settings.items():
+            cv = _with(c, pref={**PREF_VARIANTS[base_variant], **over, "sft_run": str(sft_run)})
+            name = stage_slug(label).replace("=", "-")
+            bundle, _ = run_preference(cv, data, name=name)
+            ev = run_eval(cv, bundle, data, method=label, baselines=[])
+            del bundle
+            logged = [json.loads(line) for line in (root / task / f"seed{seed}" / name / "metrics.jsonl").open()]
+            last = logged[-1] if logged else {}
+            diag = {k: last[k] for k in ("rewards/accuracies", "logps/chosen", "hardness/lambda_mean",
+                                         "hardness/beta_mean") if k in last}
+            rows += [{"task": task, "seed": seed, "setting": label, **r, **diag} for r in ev.rows]
+            per_example += [
+                {"task": task, "seed": seed, "method": m, "protocol": "ranking", "values": v}
+                for m, v in ev.per_example.items()
+            ]
+            print_fn(f"seed {seed} {label}: " + ", ".join(
+                f"{k} {v:.4f}" for k, v in {**ev.rows[0], **diag}.items() if isinstance(v, float)))
+    metrics = ("HR@3", "NDCG@3") if task != "hit1" else ("AUC",)
+    summary = []
+    for label in settings:
+        mine = [r for r in rows if r["setting"] == label and r.get("protocol", "ranking") == "ranking"]
+        entry = {"setting": label}
+        for k in (*metrics, "rewards/accuracies", "logps/chosen", "hardness/lambda_mean"):
+            vals = [r[k] for r in mine if k in r]
+            if vals:
+                entry[k] = mean_std(vals)
+        summary.append(entry)
+    paired = [p for p in paired_differences(per_example, references=(reference,)) if p["method"] in settings]
+    result = {
+        "rows": rows, "summary": summary, "paired": paired, "reference": reference, "protocol": "ranking",
+        "split": cfg.eval.split, "split_policy": cfg.data.split_policy, "seeds": list(seeds), "task": task,
+        "dataset": cfg.data.path, "model": cfg.model.name, "sft_root": str(sft_root), "settings": settings,
+        "wall_s": time.time() - start, "command": command, "machine": machine_description(),
+        "per_example": per_example,
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "sweep.json").write_text(json.dumps(result, indent=2))
+    text = sweep_table(result)
+    (root / "sweep.md").write_text(text + "\n")
+    print_fn(text)
+    if readme is not None:
+        update_readme_section(
+            readme,
+            root.name,
+            f"`{command or 'python scripts/sigma_sweep.py'}`\n\nMachine: {result['machine']}; wall time "
+            f"{result['wall_s'] / 60:.1f} min; dataset `{result['dataset']}`, model `{result['model']}`, "
+            f"seeds {result['seeds']}, SFT models from `{sft_root}`.\n\n{text}",
+        )
+    return result
+
+
+def sweep_table(result: dict) -> str:
+    """Markdown of a sweep: per setting the mean ± std over seeds and the paired difference against the
+    reference setting [95% bootstrap interval over test users, seeds pooled]."""
+    task = result["task"]
+    metrics = ("HR@3", "NDCG@3") if task != "hit1" else ("AUC",)
+    diag = ("rewards/accuracies", "logps/chosen", "hardness/lambda_mean")
+    paired = {p["method"]: p for p in result["paired"]}
+    head = [*(f"{task} {m}" for m in metrics), *(f"{m} vs {result['reference']}" for m in metrics),
+            "reward acc. (last step)", "chosen log-prob (last step)", "mean lambda"]
+    lines = ["| setting | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
+    for e in result["summary"]:
+        cells = [f"{e[m][0]:.4f} ± {e[m][1]:.4f}" if m in e else "-" for m in metrics]
+        for m in metrics:
+            d = paired.get(e["setting"], {}).get(f"{task} {m}")
+            cells.append("-" if d is None else
+                         f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]{' *' if d['excludes_zero'] else ''}")
+        cells += [f"{e[k][0]:.3f}" if k in e else "-" for k in diag]
+        lines.append(f"| {e['setting']} | " + " | ".join(cells) + " |")
+    n_users = next((d["n_users"] for p in result["paired"] for k, d in p.items() if isinstance(d, dict)), None)
+    lines.append(
+        f"\nmean ± sample std over {len(result['seeds'])} seeds; paired difference: setting minus "
+        f"{result['reference']}, mean per-user difference [95% percentile bootstrap interval over "
+        f"{n_users} test users, pooled over seeds; * excludes 0]. Ranking protocol (title likelihood), "
+        f"{result['split']} split, split policy {result['split_policy']}; diagnostics are means over seeds of "
+        "the last logged training step."
+    )
+    return "\n".join(lines)

@@ -29,10 +29,11 @@ def machine_description() -> str:
 def comparison_report(result: dict) -> str:
     """The README block of one comparison: command, machine, wall time, the mean ± std table, then the
     paired-difference table when the result holds one."""
-    table = comparison_table(result["summary"], len(result["seeds"]))
+    protocol, split, policy = result.get("protocol", "ranking"), result.get("split", "test"), result.get("split_policy")
+    table = comparison_table(result["summary"], len(result["seeds"]), protocol, split, policy)
     if result.get("paired"):
         table += "\n\n" + paired_table(
-            result["paired"], len(result["seeds"]), result.get("protocol", "ranking"), result.get("split", "test")
+            result["paired"], len(result["seeds"]), result.get("paired_protocol", "ranking"), split, policy
         )
     return (
         f"`{result.get('command') or 'python -m hanorec compare ...'}`\n\n"
@@ -67,8 +68,9 @@ def _replace_section(path: Path, key: str, body: str) -> None:
 METHOD_ORDER = ["random", "popularity", "SFT", *PREF_VARIANTS]
 
 
-def summarize(rows: list[dict], mean_std) -> list[dict]:
-    """Mean and std over seeds of hit3 HR@3 / NDCG@3 and hit1 AUC, per method (ranking protocol)."""
+def summarize(rows: list[dict], mean_std, protocol: str = "ranking") -> list[dict]:
+    """Mean and std over seeds of hit3 HR@3 / NDCG@3 and hit1 AUC, per method, from one protocol's rows
+    (rows whose value is None, like a paper-protocol AUC left undefined, are left out)."""
     out = []
     for method in METHOD_ORDER:
         entry: dict = {"method": method}
@@ -76,7 +78,8 @@ def summarize(rows: list[dict], mean_std) -> list[dict]:
             vals = [
                 r[metric]
                 for r in rows
-                if r["task"] == task and r["method"] == method and r["protocol"] == "ranking" and metric in r
+                if r["task"] == task and r["method"] == method and r["protocol"] == protocol
+                and r.get(metric) is not None
             ]
             if vals:
                 entry[f"{task} {metric}"] = mean_std(vals)
@@ -85,16 +88,28 @@ def summarize(rows: list[dict], mean_std) -> list[dict]:
     return out
 
 
-def comparison_table(summary: list[dict], n_seeds: int) -> str:
+def protocol_words(protocol: str) -> str:
+    """How a table caption names a protocol."""
+    return {
+        "ranking": "ranking protocol (title likelihood)",
+        "generative": "generative protocol (greedy decoding, lenient matching)",
+        "paper": "paper protocol (the authors': seeded sampling, exact titles, hit1 AUC over Yes/No answers)",
+    }.get(protocol, f"{protocol} protocol")
+
+
+def comparison_table(
+    summary: list[dict], n_seeds: int, protocol: str = "ranking", split: str = "test", split_policy: str | None = None
+) -> str:
+    """Markdown: mean ± std over seeds per method; the caption names the protocol and the split it used."""
+    from hanorec.eval import split_label
+
     cols = ["hit3 HR@3", "hit3 NDCG@3", "hit1 AUC"]
     present = [c for c in cols if any(c in e for e in summary)]
     lines = ["| method | " + " | ".join(present) + " |", "|---|" + "---:|" * len(present)]
     for e in summary:
         cells = [f"{e[c][0]:.4f} ± {e[c][1]:.4f}" if c in e else "-" for c in present]
         lines.append(f"| {e['method']} | " + " | ".join(cells) + " |")
-    lines.append(
-        f"\nmean ± sample std over {n_seeds} seeds; ranking protocol (title likelihood), test split."
-    )
+    lines.append(f"\nmean ± sample std over {n_seeds} seeds; {protocol_words(protocol)}, {split_label(split, split_policy)}.")
     return "\n".join(lines)
 
 
@@ -165,8 +180,12 @@ def paired_differences(
     return out
 
 
-def paired_table(paired: list[dict], n_seeds: int, protocol: str = "ranking", split: str = "test") -> str:
+def paired_table(
+    paired: list[dict], n_seeds: int, protocol: str = "ranking", split: str = "test", split_policy: str | None = None
+) -> str:
     """Markdown: per reference, each method's mean paired difference [95% CI]; * marks an interval without 0."""
+    from hanorec.eval import split_label
+
     if not paired:
         return "no paired differences: the comparison has no method beside its references"
     cols = [f"{t} {m}" for t, m in PAIRED_METRICS]
@@ -189,6 +208,6 @@ def paired_table(paired: list[dict], n_seeds: int, protocol: str = "ranking", sp
         f"\nmethod minus reference: mean per-user paired difference [{level:.0%} percentile bootstrap interval "
         f"over test users ({sizes}), pooled over {n_seeds} seeds, a user's seeds resampled together]; "
         f"* marks an interval that excludes 0. {protocol.capitalize()} protocol"
-        f"{' (title likelihood)' if protocol == 'ranking' else ''}, {split} split."
+        f"{' (title likelihood)' if protocol == 'ranking' else ''}, {split_label(split, split_policy)}."
     )
     return "\n".join(lines)

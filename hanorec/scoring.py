@@ -15,6 +15,10 @@ evaluation) can be scored two ways, with the same results up to float rounding:
   completion token j of prompt i gets ``next_i + j`` on all three axes, exactly what the naive row
   gives it). The prompt and its images go through the model once. :func:`shared_prefix_logps`.
 
+Forwards that score the same batch more than once (the reference and the policy forward of a preference
+step) pack it once with :func:`pack_shared_prefix`, which also runs the frozen vision tower once and hands
+its image features to every forward; results are bit-identical to packing per forward.
+
 The shared-prefix row of a prompt holds each completion's tokens except its last one (a last token
 is only ever a target); the first token of every completion is predicted from the prompt's last
 position. Only the needed positions go through the LM head (``logits_to_keep`` as a boolean mask).
@@ -22,6 +26,7 @@ position. Only the needed positions go through the LM head (``logits_to_keep`` a
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -233,6 +238,103 @@ def _packed_batch(model, bundle: ModelBundle, prompts, completions, device, mask
     }
 
 
+def _pack(model, bundle, prompts, completions, dtype, device) -> dict:
+    """:func:`_packed_batch` for ``model`` (its mask dtype), pixel values cast to ``dtype``."""
+    attn = _attn_implementation(model)
+    mask_dtype = None if attn == "sdpa" else next(model.parameters()).dtype
+    packed = _packed_batch(model, bundle, prompts, completions, device, mask_dtype)
+    inputs = packed["inputs"]
+    if dtype is not None and "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    return packed
+
+
+# Modules that turn pixels into the vectors the language model reads: Qwen's vision tower with its merger
+# (``visual``), LLaVA's vision tower and projector.
+_VISION_MODULE = re.compile(r"(?:^|\.)(?:visual|vision_tower|multi_modal_projector)(?:\.|$)")
+
+
+def vision_is_frozen(model) -> bool:
+    """Whether the image features are the same in every forward of ``model``: no parameter of the vision
+    tower or projector is trained, no adapter layer (LoRA, modules_to_save) sits in them, and no dropout
+    with p > 0 is active there. Then the features can be computed once and reused (LoRA on the language
+    model only, :func:`hanorec.models.add_lora`, keeps them frozen)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import ModulesToSaveWrapper
+
+    seen = False
+    for name, module in _base(model).named_modules():
+        if not _VISION_MODULE.search(name):
+            continue
+        seen = True
+        if isinstance(module, (BaseTunerLayer, ModulesToSaveWrapper)):
+            return False
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            return False
+        if module.training and _dropout_p(module) > 0:
+            return False
+    return seen
+
+
+def _dropout_p(module) -> float:
+    """The dropout probability a module applies in training (nn.Dropout, or an attention's float rate)."""
+    if isinstance(module, torch.nn.Dropout):
+        return module.p
+    rates = [getattr(module, a, 0.0) for a in ("dropout", "attention_dropout")]
+    return max((float(r) for r in rates if isinstance(r, (int, float))), default=0.0)
+
+
+@torch.no_grad()
+def encode_images(model, pixel_inputs: dict) -> dict:
+    """The image features of ``pixel_inputs`` (pixel_values, and image_grid_thw for Qwen), computed by the
+    model's own ``get_image_features`` exactly as its forward does, as ``mm_encoder_outputs`` for the
+    forward: ``model(input_ids=..., mm_encoder_outputs=encode_images(...))`` then scatters them into the
+    image-token positions itself, with no vision-tower pass. Only for a model whose vision part is frozen
+    (:func:`vision_is_frozen`)."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    inner = _base(model).model  # Qwen2_5_VLModel / LlavaModel: the forward that calls get_image_features
+    if "image_grid_thw" in pixel_inputs:
+        out = inner.get_image_features(pixel_inputs["pixel_values"], pixel_inputs["image_grid_thw"], return_dict=True)
+    else:
+        out = inner.get_image_features(pixel_values=pixel_inputs["pixel_values"], return_dict=True)
+    # keep only what the forward reads (LLaVA's output also holds every vision layer's hidden states)
+    return {"image": BaseModelOutputWithPooling(pooler_output=out.pooler_output)}
+
+
+def pack_shared_prefix(
+    model,
+    bundle: ModelBundle,
+    prompts: Sequence[EncodedPrompt],
+    completions: Sequence[Sequence[list[int]]],
+    *,
+    dtype=None,
+    device=None,
+    encode=True,
+) -> dict | None:
+    """Pack prompts and completions once for several shared-prefix forwards of the same model (the
+    reference forward, adapter disabled, and the policy forward of a preference step): the packed row,
+    its 4-D mask and positions are built once, and with ``encode`` and a frozen vision part
+    (:func:`vision_is_frozen`) the images go through the vision tower once, their features then passed
+    to every forward in place of the pixels (:func:`encode_images`). Results are bit-identical to
+    packing per forward. Returns None where shared-prefix scoring falls back to naive (attention
+    without 4-D masks, or no completion at all); pass the result as ``packed=`` to
+    :func:`shared_prefix_logps` / :func:`multi_completion_logps`.
+    """
+    _check_inputs(prompts, completions)
+    if _attn_implementation(model) not in PACKED_ATTENTION or not any(len(cs) for cs in completions):
+        return None
+    device = device or _model_device(model)
+    packed = _pack(model, bundle, prompts, completions, dtype, device)
+    inputs = packed["inputs"]
+    if encode and "pixel_values" in inputs and vision_is_frozen(model):
+        pixels = {k: inputs.pop(k) for k in ("pixel_values",)}
+        if "image_grid_thw" in inputs:
+            pixels["image_grid_thw"] = inputs["image_grid_thw"]
+        inputs["mm_encoder_outputs"] = encode_images(model, pixels)
+    return packed
+
+
 _FALLBACK_WARNED: set[str] = set()
 
 
@@ -245,6 +347,7 @@ def shared_prefix_logps(
     logits_transform=None,
     dtype=None,
     device=None,
+    packed: dict | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Summed log-probs of several completions per prompt, running each prompt (and its images) once.
 
@@ -257,6 +360,8 @@ def shared_prefix_logps(
 
     Needs an attention implementation that accepts a 4-D mask ("sdpa", "eager"); with any other
     (e.g. flash attention) it warns once and falls back to :func:`naive_logps`.
+    packed: these prompts and completions from :func:`pack_shared_prefix` (built once, reused by
+    several forwards); None packs them here.
     """
     _check_inputs(prompts, completions)
     attn = _attn_implementation(model)
@@ -275,7 +380,9 @@ def shared_prefix_logps(
     if not any(len(cs) for cs in completions):
         empty = torch.zeros(0, device=device)
         return [empty for _ in prompts], [empty.long() for _ in prompts]
-    picked, targets, owner, n = _shared_prefix_predictions(model, bundle, prompts, completions, dtype, device)
+    picked, targets, owner, n = _shared_prefix_predictions(
+        model, bundle, prompts, completions, dtype, device, packed
+    )
     counts = torch.zeros(n, dtype=torch.long, device=device)
     if targets.numel() == 0:  # every completion is empty
         return _split(torch.zeros(n, device=device), completions), _split(counts, completions)
@@ -284,16 +391,16 @@ def shared_prefix_logps(
     return _split(sums, completions), _split(counts, completions)
 
 
-def _shared_prefix_predictions(model, bundle, prompts, completions, dtype, device):
-    """One packed forward: (picked (T, V) float prediction logits, targets (T,), owner (T,), n completions)."""
-    model_dtype = next(model.parameters()).dtype
-    attn = _attn_implementation(model)
-    packed = _packed_batch(
-        model, bundle, prompts, completions, device, None if attn == "sdpa" else model_dtype
-    )
-    inputs = packed["inputs"]
-    if dtype is not None and "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+def _shared_prefix_predictions(model, bundle, prompts, completions, dtype, device, packed=None):
+    """One packed forward: (picked (T, V) float prediction logits, targets (T,), owner (T,), n completions).
+
+    packed: the same prompts and completions already packed by :func:`pack_shared_prefix` (reused, e.g.
+    by the reference and the policy forward of one preference step); None packs them here."""
+    if packed is None:
+        packed = _pack(model, bundle, prompts, completions, dtype, device)
+    inputs = dict(packed["inputs"])
+    if "mm_encoder_outputs" in inputs:  # a fresh dict per forward: the model may add entries to it
+        inputs["mm_encoder_outputs"] = dict(inputs["mm_encoder_outputs"])
     n = packed["n_completions"]
     if packed["targets"].numel() == 0:
         return None, packed["targets"], packed["comp_index"], n
@@ -312,10 +419,21 @@ def multi_completion_logps(
     logits_transform=None,
     dtype=None,
     device=None,
+    packed: dict | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Summed log-probs and token counts of several completions per prompt, by ``mode`` (see the module doc)."""
+    """Summed log-probs and token counts of several completions per prompt, by ``mode`` (see the module doc).
+
+    packed (shared_prefix only): the result of :func:`pack_shared_prefix` for these prompts and
+    completions, to reuse one packing (and one vision-tower pass) across forwards."""
     if mode not in SCORING_MODES:
         raise ValueError(f"unknown scoring mode {mode!r}; use one of {list(SCORING_MODES)}")
+    if packed is not None:
+        if mode != "shared_prefix":
+            raise ValueError("a packed batch is for shared_prefix scoring only")
+        return shared_prefix_logps(
+            model, bundle, prompts, completions, logits_transform=logits_transform, dtype=dtype,
+            device=device, packed=packed,
+        )  # fmt: skip
     fn = shared_prefix_logps if mode == "shared_prefix" else naive_logps
     return fn(
         model, bundle, prompts, completions, logits_transform=logits_transform, dtype=dtype, device=device
@@ -486,8 +604,22 @@ def sigma_sweep(
 
 
 @torch.no_grad()
-def generate(bundle: ModelBundle, prompt: EncodedPrompt, *, max_new_tokens: int = 64, device=None) -> str:
-    """Greedy decoding of one answer (the generative protocol)."""
+def generate(
+    bundle: ModelBundle,
+    prompt: EncodedPrompt,
+    *,
+    max_new_tokens: int = 64,
+    device=None,
+    sampling: dict | None = None,
+    seed: int | None = None,
+) -> str:
+    """Decode one answer: greedy (the generative protocol), or sampled when ``sampling`` is given.
+
+    sampling: keyword arguments of ``model.generate`` for sampled decoding (the paper protocol passes
+    temperature, top_p, top_k and repetition_penalty; do_sample is set here). The draw is seeded with
+    ``seed`` inside a forked RNG state (torch's global generators are left as they were), so the same
+    prompt and seed give the same answer whatever else was decoded before.
+    """
     model = bundle.model
     device = device or next(model.parameters()).device
     batch = bundle.collate([prompt], [[]])
@@ -496,19 +628,24 @@ def generate(bundle: ModelBundle, prompt: EncodedPrompt, *, max_new_tokens: int 
     if "pixel_values" in batch:
         batch["pixel_values"] = batch["pixel_values"].to(next(model.parameters()).dtype)
     with bundle.lock:
-        return _generate_locked(bundle, model, batch, max_new_tokens)
+        return _generate_locked(bundle, model, batch, max_new_tokens, sampling, seed)
 
 
-def _generate_locked(bundle, model, batch, max_new_tokens):
+def _generate_locked(bundle, model, batch, max_new_tokens, sampling=None, seed=None):
     was_training = model.training
     model.eval()
-    out = model.generate(
-        **batch,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        pad_token_id=bundle.pad_token_id,
-        eos_token_id=bundle.eos_token_id,
-    )
+    kwargs = {"do_sample": False} if sampling is None else {**sampling, "do_sample": True}
+    device = batch["input_ids"].device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], enabled=sampling is not None):
+        if sampling is not None and seed is not None:
+            torch.manual_seed(seed)
+        out = model.generate(
+            **batch,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=bundle.pad_token_id,
+            eos_token_id=bundle.eos_token_id,
+            **kwargs,
+        )
     model.train(was_training)
     new = out[0, batch["input_ids"].shape[1] :]
     return bundle.tokenizer.decode(new, skip_special_tokens=True)

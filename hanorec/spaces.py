@@ -56,6 +56,15 @@ class Budget:
         return self.max_seconds is not None and time.monotonic() - self.start >= self.max_seconds
 
 
+def gpu_call(fn: Callable, duration_s: int = DEFAULT_DURATION_S) -> Callable:
+    """`fn` run inside `spaces.GPU(duration=duration_s)` on ZeroGPU, `fn` itself everywhere else."""
+    if not on_zero_gpu():
+        return fn
+    import spaces
+
+    return spaces.GPU(duration=duration_s)(fn)
+
+
 def _one_call(train_call: Callable, max_steps: int | None, max_seconds: float | None):
     return train_call(Budget(max_steps, max_seconds))
 
@@ -78,23 +87,24 @@ def train_in_chunks(
     gpu_duration_s: int = DEFAULT_DURATION_S,
     max_calls: int = 10_000,
     on_chunk: Callable[[int, object], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> ChunkedResult:
     """Run `train_call(should_stop) -> TrainResult` again and again until training is complete.
 
     Each call must resume from the newest checkpoint of its run folder (pipeline.run_sft and
-    pipeline.run_preference do, with resume=True) and honour should_stop; a call that returns with
+    pipeline.run_preference do, with resume=True) and honour should_stop (the budget counts every poll
+    as a step, so give it to pipeline.run_preference as train_should_stop: its pair and hardness
+    preparation polls should_stop too); a call that returns with
     `stopped_early` False has finished the run. Without an explicit budget a call stops after half of
     `gpu_duration_s`, leaving the other half for building the model, loading the checkpoint and writing
     the next one. On ZeroGPU each call runs inside `spaces.GPU(duration=gpu_duration_s)`; there, what
     train_call returns crosses a process boundary, so return the TrainResult, never the model.
+    should_stop: a stop request from outside (the app's Stop button); no further call starts once it
+    returns True (train_call should poll it too, so the running call ends at its next step).
     """
     if max_steps_per_call is None and max_seconds_per_call is None:
         max_seconds_per_call = gpu_duration_s / 2
-    call = _one_call
-    if on_zero_gpu():
-        import spaces
-
-        call = spaces.GPU(duration=gpu_duration_s)(_one_call)
+    call = gpu_call(_one_call, gpu_duration_s)
     out = ChunkedResult(calls=0)
     while out.calls < max_calls:
         result = call(train_call, max_steps_per_call, max_seconds_per_call)
@@ -103,6 +113,8 @@ def train_in_chunks(
         if on_chunk is not None:
             on_chunk(out.calls, result)
         if not result.stopped_early or result.global_step >= result.total_steps:
+            return out
+        if should_stop is not None and should_stop():
             return out
     raise RuntimeError(
         f"training did not finish in {max_calls} calls (step {out.last.global_step}/{out.last.total_steps}); "

@@ -1,12 +1,17 @@
 """Worker for tests/test_distributed.py, run by `accelerate launch` in 2 CPU processes (gloo).
 
     python tests/distributed_worker.py eta   OUT_DIR
-    python tests/distributed_worker.py train OUT_DIR SCORING [STEPS]
+    python tests/distributed_worker.py train OUT_DIR SCORING [STEPS] [--batch=N] [--lora_dropout=P]
+                                             [--stop_after=K] [--resume] [--model=PRESET]
+                                             [--modules_to_save=a,b]
 
 eta:   every process builds its own local preference logits h (a different batch per rank), calls
        hano_dpo_loss with gather=accelerator.gather, and writes what it saw to OUT_DIR/rank<k>.json.
-train: one HaNo-DPO step of train_preference on a tiny LLaVA (6 pairs, batch 3 per process); every
-       process writes a checksum of its trainable weights to OUT_DIR/rank<k>.json.
+train: STEPS (default 1) HaNo-DPO steps of train_preference on a tiny LLaVA (6 pairs, batch 3 per
+       process unless --batch); every process writes a checksum of its trainable weights, whether they are
+       sharded, and its per-step losses and eta to OUT_DIR/rank<k>.json. --stop_after=K ends the run with
+       a checkpoint after K steps (the run's plan still has STEPS), --resume continues from the newest
+       checkpoint of OUT_DIR/run. Run with plain `python` it is the one-process run on the same global batch.
 """
 
 from __future__ import annotations
@@ -52,7 +57,11 @@ def eta_mode(out_dir: Path) -> None:
     accelerator.wait_for_everyone()
 
 
-def train_mode(out_dir: Path, scoring: str, steps: int = 1) -> None:
+def train_mode(
+    out_dir: Path, scoring: str, steps: int = 1, *, batch: int = 3, lora_dropout: float = 0.05,
+    stop_after: int | None = None, resume: bool = False, model: str = "tiny-llava",
+    modules_to_save: tuple[str, ...] = (),
+) -> None:  # fmt: skip
     from accelerate import PartialState
     from accelerate.state import AcceleratorState
 
@@ -73,12 +82,12 @@ def train_mode(out_dir: Path, scoring: str, steps: int = 1) -> None:
         overrides={
             "seed": 0,
             "output_dir": str(run_dir),
-            "model": {"name": "tiny-llava", "tiny_hidden_size": 64, "tiny_vocab_size": 400},
-            "lora": {"r": 4, "alpha": 8},
+            "model": {"name": model, "tiny_hidden_size": 64, "tiny_vocab_size": 400},
+            "lora": {"r": 4, "alpha": 8, "dropout": lora_dropout, "modules_to_save": list(modules_to_save)},
             "pref": {
                 "method": "hano_dpo",
                 "max_steps": steps,
-                "batch_size": 3,
+                "batch_size": batch,
                 "grad_accum": 1,
                 "log_every": 1,
                 "progress_bar": False,
@@ -86,12 +95,24 @@ def train_mode(out_dir: Path, scoring: str, steps: int = 1) -> None:
             },
         }
     )
-    bundle = build_tiny("tiny-llava", corpus_text(ds), hidden_size=64, vocab_size=400, seed=0)
+    bundle = build_tiny(model, corpus_text(ds), hidden_size=64, vocab_size=400, seed=0)
     add_lora(bundle, cfg.lora)
     items = [PrefItem(p) for p in build_pairs(examples, ds, seed=0)]
-    result = train_preference(cfg, bundle, ds, items, run_dir, resume=False)
+    should_stop = None
+    if stop_after is not None:
+        done = iter(range(1, steps + 1))
+
+        def should_stop():
+            return next(done) >= stop_after
+
+    result = train_preference(cfg, bundle, ds, items, run_dir, resume=resume, should_stop=should_stop)
     state = PartialState()
-    weights = [p.detach().double() for p in bundle.model.parameters() if p.requires_grad]
+    from torch.distributed.tensor import DTensor
+
+    trainable = [p for p in bundle.model.parameters() if p.requires_grad]
+    sharded = any(isinstance(p, DTensor) for p in trainable)
+    local = [p.to_local() if isinstance(p, DTensor) else p for p in trainable]
+    weights = [(p.full_tensor() if isinstance(p, DTensor) else p).detach().double() for p in trainable]
     record = {
         "rank": state.process_index,
         "world_size": state.num_processes,
@@ -100,6 +121,13 @@ def train_mode(out_dir: Path, scoring: str, steps: int = 1) -> None:
         "use_fsdp_env": os.environ.get("ACCELERATE_USE_FSDP", ""),
         "checksum": float(sum(w.sum() for w in weights)),
         "abs_checksum": float(sum(w.abs().sum() for w in weights)),
+        "sharded": sharded,
+        "numel": sum(w.numel() for w in weights),
+        "local_numel": sum(p.numel() for p in local),
+        "losses": [h["loss"] for h in result.history],
+        "etas": [h["hardness/eta"] for h in result.history],
+        "steps_logged": [h["step"] for h in result.history],
+        "last_checkpoint": str(result.last_checkpoint),
     }
     (out_dir / f"rank{state.process_index}.json").write_text(json.dumps(record))
 
@@ -109,6 +137,13 @@ if __name__ == "__main__":
     if mode == "eta":
         eta_mode(out)
     elif mode == "train":
-        train_mode(out, sys.argv[3], int(sys.argv[4]) if len(sys.argv) > 4 else 1)
+        flags = dict(a[2:].split("=", 1) if "=" in a else (a[2:], "1") for a in sys.argv[5:])
+        train_mode(
+            out, sys.argv[3], int(sys.argv[4]) if len(sys.argv) > 4 else 1,
+            batch=int(flags.get("batch", 3)), lora_dropout=float(flags.get("lora_dropout", 0.05)),
+            stop_after=int(flags["stop_after"]) if "stop_after" in flags else None, resume="resume" in flags,
+            model=flags.get("model", "tiny-llava"),
+            modules_to_save=tuple(m for m in flags.get("modules_to_save", "").split(",") if m),
+        )  # fmt: skip
     else:
         raise SystemExit(f"unknown mode {mode!r}; use eta or train")

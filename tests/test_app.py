@@ -176,6 +176,36 @@ def test_hardness_tab_on_the_untrained_model(client):
     assert len(grid["data"]) == 16
 
 
+def test_hardness_tab_numbers_are_pair_details(client, app_ctx):
+    """What the tab shows for a pair (D, lambda, beta, each aligned distance) and for every pair (lambda) are
+    hanorec.hardness's pair_detail and pairs_table on a separately built item index of the same model."""
+    from hanorec.explore import training_pairs
+    from hanorec.hardness import ItemIndex, pair_detail, pairs_table
+
+    text, _, table, users = client.predict(str(DEMO), "hit3", "base", 10, 1.0, "embedding", 0, api_name="/hardness_compute")
+    user = users["value"]
+    pair_text, aligned, _, _ = client.predict(
+        str(DEMO), "hit3", "base", 10, 1.0, "embedding", 0, user, api_name="/hardness_pair"
+    )
+    cfg, data = app_ctx.config(str(DEMO), "hit3"), app_ctx.prepared(str(DEMO), "hit3")
+    index = ItemIndex.from_model(app_ctx.model("base", str(DEMO), "hit3")[0], data.dataset)
+    pairs = training_pairs(cfg, data, index.ids, index.embeddings, sampling="embedding", seed=0)
+    pt = pairs_table(pairs, index, beta0=cfg.pref.beta, k=10, temperature=1.0)
+    n = next(i for i, p in enumerate(pairs) if p.example.user == user)
+    detail = pair_detail(pairs[n], index, mean_distance=pt.attrs["mean_distance"], beta0=cfg.pref.beta, k=10)
+    assert f"Pair {n} of user {user}: D = {detail.distance:.5f}" in pair_text
+    assert f"**lambda = {detail.lam:.5f}**" in pair_text and f"**beta = {detail.beta:.5f}**" in pair_text
+    cols = aligned["headers"]
+    assert [r[cols.index("positive")] for r in aligned["data"]] == detail.items["positive"].tolist()
+    assert [r[cols.index("negative")] for r in aligned["data"]] == detail.items["negative"].tolist()
+    shown = [r[cols.index("distance")] for r in aligned["data"]]
+    assert shown == pytest.approx(detail.items["distance"].tolist(), abs=5e-6)  # shown to 5 decimals
+    cols = table["headers"]
+    assert [r[cols.index("lambda")] for r in table["data"]] == pytest.approx(pt["lambda"].tolist(), abs=5e-7)
+    assert [r[cols.index("D")] for r in table["data"]] == pytest.approx(pt["distance"].tolist(), abs=5e-7)
+    assert f"{len(pt)} training pairs" in text
+
+
 def test_hardness_per_pair_view_needs_a_preference_stage(client):
     from gradio_client.exceptions import AppError
 

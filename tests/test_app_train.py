@@ -106,6 +106,7 @@ def test_past_runs_table_compare_and_curves_of_a_finished_run(ctx):
     table, names, sft_runs = T.past_runs(ctx)
     assert list(table["run"]) == ["inproc"] and list(table["steps"]) == [3] and sft_runs == ["inproc"]
     assert table["eval"].item().startswith("HR@1") and names == ["inproc::sft"]
+    assert table["eval"].item().endswith("(ranking protocol, test split)")
     cmp_table, fig = T.compare(ctx, names, "loss")
     assert cmp_table["stage"].item() == "SFT" and [list(t.x) for t in fig.data] == [[1, 2, 3]]
     curves = T.curves_figure(runs.read_metrics(ctx.runs_dir / "inproc"))

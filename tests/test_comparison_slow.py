@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from hanorec.config import load_config
-from hanorec.pipeline import run_comparison
+from hanorec.pipeline import run_comparison, run_sweep
 from hanorec.report import paired_differences, paired_table
 
 pytestmark = pytest.mark.slow
@@ -36,5 +36,41 @@ def test_comparison_json_holds_per_example_values_and_the_paired_table(tmp_path)
     # the saved intervals are recomputed from the saved per-example values, and comparison.md renders them
     assert saved["paired"] == paired_differences(saved["per_example"]) == result["paired"]
     md = (tmp_path / "cmp" / "comparison.md").read_text()
-    assert paired_table(saved["paired"], 2, "ranking", "test") in md
+    assert paired_table(saved["paired"], 2, "ranking", "test", saved["split_policy"]) in md
     assert saved["protocol"] == "ranking" and saved["split"] == "test"
+    assert "ranking protocol (title likelihood), test split (leave_one_out windows)." in md
+
+
+def test_sweep_reuses_the_comparison_sft_models_and_pairs_each_setting_with_the_reference(tmp_path):
+    over = {
+        "data": {"path": str(REPO / "assets" / "demo"), "max_users": 20},
+        "task": {"max_eval_examples": 20},
+        "sft": {"max_steps": 3, "progress_bar": False},
+        "pref": {"max_steps": 2, "progress_bar": False},
+    }
+    cmp_cfg = load_config(REPO / "configs" / "tiny-cpu.yaml", {**over, "output_dir": str(tmp_path / "cmp")})
+    cmp = run_comparison(
+        cmp_cfg, seeds=(0, 1), tasks=("hit3",), variants=("HaNo-DPO w/o NoDO",), print_fn=lambda *a: None
+    )
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- comparison:sweep -->\nold\n<!-- /comparison:sweep -->\ntail\n")
+    cfg = load_config(REPO / "configs" / "tiny-cpu.yaml", {**over, "output_dir": str(tmp_path / "sweep")})
+    settings = {"no noise": {"noise_target": "none"}, "sigma=0.05": {"noise_sigma": 0.05}}
+    res = run_sweep(
+        cfg, settings, reference="no noise", sft_root=tmp_path / "cmp", seeds=(0, 1), print_fn=lambda *a: None,
+        readme=readme, command="sweep-cmd",
+    )
+    # no SFT was trained again: the sweep's runs read the comparison's SFT models
+    assert not list((tmp_path / "sweep").rglob("sft"))
+    # the reference setting is the comparison's "HaNo-DPO w/o NoDO" run: same SFT, data and config
+    for seed in (0, 1):
+        (mine,) = [e for e in res["per_example"] if e["seed"] == seed and e["method"] == "no noise"]
+        (theirs,) = [e for e in cmp["per_example"] if e["seed"] == seed and e["method"] == "HaNo-DPO w/o NoDO"]
+        assert mine["values"] == theirs["values"]
+    # one paired row, the other setting against the reference, recomputable from the saved values
+    assert [(p["method"], p["reference"]) for p in res["paired"]] == [("sigma=0.05", "no noise")]
+    saved = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert saved["paired"] == [p for p in paired_differences(saved["per_example"], ("no noise",))
+                               if p["method"] in settings]
+    text = readme.read_text()
+    assert "old" not in text and "sweep-cmd" in text and "sigma=0.05" in text and text.endswith("tail\n")

@@ -276,15 +276,15 @@ def test_leave_one_out_positions_on_a_hand_made_sequence(tmp_path):
     assert cut.test[0].history == ("7", "8") and cut.val[0].history == ("5", "6") and cut.train == []
 
 
-def test_splits_are_deterministic_and_by_user_splits_users(tmp_path):
+def test_splits_are_deterministic_and_last_window_by_user_splits_users(tmp_path):
     rng = random.Random(3)
     sequences = {f"u{k:02d}": [str(rng.randint(1, 40)) for _ in range(rng.randint(3, 12))] for k in range(50)}
     ds = dataset_with(tmp_path, sequences)
-    for policy in ("leave_one_out", "by_user"):
+    for policy in ("leave_one_out", "last_window_by_user"):
         a = make_splits(ds, n_history=3, n_target=3, policy=policy, seed=5)
         b = make_splits(ds, n_history=3, n_target=3, policy=policy, seed=5)
         assert a == b
-    s = make_splits(ds, n_history=3, n_target=3, policy="by_user", val_frac=0.2, test_frac=0.2, seed=5)
+    s = make_splits(ds, n_history=3, n_target=3, policy="last_window_by_user", val_frac=0.2, test_frac=0.2, seed=5)
     kept = [u for u, seq in sequences.items() if len(seq) >= 6]
     assert s.n_users_dropped == 50 - len(kept)
     users = [{w.user for w in part} for part in (s.train, s.val, s.test)]
@@ -292,10 +292,34 @@ def test_splits_are_deterministic_and_by_user_splits_users(tmp_path):
     assert len(s.test) == round(0.2 * len(kept)) == len(s.val)
     for w in s.train + s.val + s.test:  # the user's last 6 items
         assert list(w.history + w.targets) == sequences[w.user][-6:]
-    other = make_splits(ds, n_history=3, n_target=3, policy="by_user", val_frac=0.2, test_frac=0.2, seed=6)
+    other = make_splits(ds, n_history=3, n_target=3, policy="last_window_by_user", val_frac=0.2, test_frac=0.2, seed=6)
     assert {w.user for w in other.test} != users[2]
     with pytest.raises(ValueError, match="policy"):
         make_splits(ds, n_history=3, n_target=3, policy="random")
+
+
+def test_last_window_by_user_is_one_last_6_window_per_user_and_by_user_is_its_alias(tmp_path):
+    """hit3 (3 history + 3 targets): every kept user has exactly one window, its last 6 items, and lies in exactly
+    one of train / val / test; the old name by_user gives the very same splits, under the new name."""
+    rng = random.Random(11)
+    sequences = {f"u{k:02d}": [str(rng.randint(1, 60)) for _ in range(rng.randint(4, 15))] for k in range(40)}
+    ds = dataset_with(tmp_path, sequences)
+    s = make_splits(ds, n_history=3, n_target=3, policy="last_window_by_user", seed=2)
+    assert s.policy == "last_window_by_user" and s.config["policy"] == "last_window_by_user"
+    windows = s.train + s.val + s.test
+    per_user = {}
+    for w in windows:
+        per_user.setdefault(w.user, []).append(w)
+    kept = {u for u, seq in sequences.items() if len(seq) >= 6}
+    assert set(per_user) == kept and all(len(ws) == 1 for ws in per_user.values())
+    for u, (w,) in per_user.items():
+        assert len(w.history) == 3 and len(w.targets) == 3
+        assert list(w.history + w.targets) == sequences[u][-6:]
+    train, val, test = ({w.user for w in part} for part in (s.train, s.val, s.test))
+    assert not (train & val) and not (train & test) and not (val & test) and test and val
+    alias = make_splits(ds, n_history=3, n_target=3, policy="by_user", seed=2)
+    assert alias == s
+    assert "last_window_by_user splits" in alias.describe()
 
 
 # ----------------------------------------------------------------------------- demo

@@ -329,3 +329,75 @@ def test_set_group_ids_routes_rows_to_the_context_draws(model, ids):
     assert not torch.allclose(split[0], split[1], atol=1e-4)
     assert torch.equal(joined[0], joined[1]) and torch.equal(joined[1], split[1])
     LoRANoise(model, 0.0).set_group_ids(torch.tensor([5]))  # sigma 0: nothing to route
+
+
+def _draws_after_one_forward(model, ids, noise, seed):
+    with noise.active(generator=torch.Generator().manual_seed(seed)):
+        logits(model, ids)
+    return noise.last_draws
+
+
+def test_absolute_scale_is_sigma_times_the_generators_normals_as_before(model, ids):
+    """The paper's absolute sigma: eps = sigma * N(0, 1), drawn A then B per pair in forward order, exactly the
+    draws made before noise_scale existed; scale="absolute" is the default and changes nothing."""
+    default = _draws_after_one_forward(model, ids, LoRANoise(model, SIGMA), 7)
+    explicit = _draws_after_one_forward(model, ids, LoRANoise(model, SIGMA, scale="absolute"), 7)
+    g = torch.Generator().manual_seed(7)
+    for pair in LoRANoise(model, SIGMA).pairs:
+        key = (pair.name, pair.adapter)
+        want_A = torch.randn((1, *pair.lora_A.weight.shape), generator=g) * SIGMA
+        want_B = torch.randn((1, *pair.lora_B.weight.shape), generator=g) * SIGMA
+        for draws in (default, explicit):
+            assert torch.equal(draws[key].eps_A, want_A) and torch.equal(draws[key].eps_B, want_B)
+
+
+def test_relative_scale_follows_each_factors_rms(model, ids):
+    """Extension beyond the paper: eps of each factor has std sigma * RMS(factor). Scaling every A by 3 and
+    every B by 0.5 scales the relative draws by exactly those factors (same normals), and the relative draw is
+    the absolute one times the factor's RMS; the draws' empirical std is sigma * RMS."""
+    torch.manual_seed(0)
+    big = tiny_lora_llama(r=16, target_modules=["q_proj", "v_proj", "k_proj", "o_proj"])
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    absolute = _draws_after_one_forward(big, ids, LoRANoise(big, SIGMA), 3)
+    relative = _draws_after_one_forward(big, ids, LoRANoise(big, SIGMA, scale="relative"), 3)
+    pairs = LoRANoise(big, SIGMA).pairs
+    rms = {(p.name, p.adapter): (p.lora_A.weight.pow(2).mean().sqrt(), p.lora_B.weight.pow(2).mean().sqrt())
+           for p in pairs}  # fmt: skip
+    for key, (rms_A, rms_B) in rms.items():
+        assert_close(relative[key].eps_A, absolute[key].eps_A * rms_A)
+        assert_close(relative[key].eps_B, absolute[key].eps_B * rms_B)
+    all_A = torch.cat([relative[k].eps_A.flatten() / (SIGMA * rms[k][0]) for k in rms])
+    assert abs(all_A.std().item() - 1.0) < 0.05  # thousands of entries: the std is sigma * RMS(A)
+    with torch.no_grad():
+        for p in pairs:
+            p.lora_A.weight.mul_(3.0)
+            p.lora_B.weight.mul_(0.5)
+    scaled = _draws_after_one_forward(big, ids, LoRANoise(big, SIGMA, scale="relative"), 3)
+    for key in rms:
+        assert_close(scaled[key].eps_A, 3.0 * relative[key].eps_A)
+        assert_close(scaled[key].eps_B, 0.5 * relative[key].eps_B)
+    scaled_abs = _draws_after_one_forward(big, ids, LoRANoise(big, SIGMA), 3)
+    for key in rms:  # absolute sigma ignores the factors' size
+        assert torch.equal(scaled_abs[key].eps_A, absolute[key].eps_A)
+
+
+def test_relative_scale_leaves_a_zero_factor_clean_and_is_refused_for_logit_noise(ids):
+    import dataclasses
+
+    from hanorec.config import ConfigError, PrefConfig, load_config
+
+    fresh = tiny_lora_llama()
+    with torch.no_grad():
+        for name, param in fresh.named_parameters():
+            if "lora_B" in name:
+                param.zero_()  # a fresh adapter: B = 0
+    draws = _draws_after_one_forward(fresh, ids, LoRANoise(fresh, SIGMA, scale="relative"), 0)
+    assert all(not d.eps_B.any() and d.eps_A.abs().sum() > 0 for d in draws.values())
+    with pytest.raises(ValueError, match="scale"):
+        LoRANoise(fresh, SIGMA, scale="proportional")
+    help_text = next(f for f in dataclasses.fields(PrefConfig) if f.name == "noise_scale").metadata["help"]
+    assert "extension beyond the paper" in help_text
+    assert load_config().pref.noise_scale == "absolute"
+    assert load_config(overrides=["--pref.noise_scale=relative"]).pref.noise_scale == "relative"
+    with pytest.raises(ConfigError, match="noise_target"):
+        load_config(overrides=["--pref.noise_scale=relative", "--pref.noise_target=logits"])

@@ -467,6 +467,24 @@ def test_noise_targets_run(merged, ds, items, tmp_path, target):
         assert r["hardness/eta"] == pytest.approx(1.0)  # h = 0 for all: u_n = 0 / 1e-8 -> eta = 1
 
 
+def test_relative_noise_scale_reaches_the_lora_noise(merged, ds, items, tmp_path, monkeypatch):
+    """pref.noise_scale (an extension beyond the paper) is what training's LoRANoise draws with."""
+    import hanorec.train.preference as P
+
+    made = []
+
+    class Recording(P.LoRANoise):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(P, "LoRANoise", Recording)
+    *_, result, (r,) = run(merged, ds, items[:BATCH], tmp_path, method="hano_dpo", noise_target="lora",
+                           noise_sigma=0.5, noise_scale="relative", max_steps=1)  # fmt: skip
+    assert [n.scale for n in made] == ["relative"] and made[0].sigma == 0.5
+    assert result.global_step == 1 and math.isfinite(r["loss"])
+
+
 def test_nan_loss_stops_with_the_last_good_checkpoint(merged, ds, items, tmp_path, monkeypatch):
     """Step 1 trains and is checkpointed, the loss of step 2 is NaN: TrainingDiverged names step 2
     and the step-1 checkpoint, which is complete and holds the weights the model still has."""

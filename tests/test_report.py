@@ -109,3 +109,22 @@ def test_report_carries_the_paired_table_when_present():
     text = comparison_report(result)
     assert "| DPO | SFT |" in text and "Ranking protocol (title likelihood), val split." in text
     assert "| method | vs |" not in comparison_report(_result())
+
+
+def test_tables_name_their_protocol_and_split():
+    """The mean ± std caption is no longer fixed to the ranking protocol and the test split: it names the
+    protocol its rows come from and the split with its window policy (an old alias shown by its new name)."""
+    from hanorec.report import comparison_table
+
+    rows = [
+        {"task": "hit3", "seed": s, "method": "SFT", "protocol": p, "HR@3": v, "NDCG@3": v}
+        for s in (0, 1)
+        for p, v in (("ranking", 0.5), ("paper", 0.25))
+    ] + [{"task": "hit1", "seed": 0, "method": "SFT", "protocol": "paper", "AUC": None}]
+    paper = summarize(rows, mean_std, "paper")
+    assert paper[0]["hit3 HR@3"] == (0.25, 0.0) and "hit1 AUC" not in paper[0]  # an undefined AUC is left out
+    table = comparison_table(paper, 2, "paper", "val", "by_user")
+    assert "paper protocol (the authors'" in table and "val split (last_window_by_user windows)." in table
+    assert "ranking protocol" not in table
+    text = comparison_report({**_result(), "protocol": "ranking", "split": "test", "split_policy": "leave_one_out"})
+    assert "ranking protocol (title likelihood), test split (leave_one_out windows)." in text

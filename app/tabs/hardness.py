@@ -4,7 +4,8 @@ For the training pairs of a run (or the untrained model on a dataset): each pair
 lambda and beta = beta0 x lambda; the lambda distribution and its spread; one user's pair with each
 negative's neighbour profile beside the positive's; re-sampling the negatives; K and the profile
 temperature (1 = the paper); after a preference run, per-pair reward margins and accuracy.
-Handlers are a few lines over hanorec.explore, hanorec.hardness and hanorec.pairs.
+Handlers are a few lines over hanorec.hardness (ItemIndex, pairs_table, pair_detail: the numbers),
+hanorec.explore (training_pairs, pair_stats, spread) and hanorec.pairs.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ STATS_COLUMNS = ["pair", "user", "lambda", "beta", "reward_margin", "accurate", 
 
 # ---- state shared by the handlers (cached in the context) ---------------------------------------
 def _setup(ctx, dataset, task, model):
-    """(cfg, PreparedData, embedding ids, embeddings) for the chosen model: a run's own config and data,
-    the item embeddings of the model lambda is computed from (a preference stage: its run's SFT model)."""
-    from hanorec.hardness import item_embeddings
+    """(cfg, PreparedData, hanorec.hardness.ItemIndex) for the chosen model: a run's own config and data, and
+    the item index of the model lambda is computed from (a preference stage: its run's SFT model), built
+    once per model and dataset and kept in the app's cache (neighbours per K, profiles per (K, T) inside)."""
+    from hanorec.hardness import ItemIndex
 
     source = model or "base"
     if source == "base":
@@ -38,23 +40,29 @@ def _setup(ctx, dataset, task, model):
         emb_source = f"{run}::sft"
     bundle, _ = ctx.model(emb_source, dataset, task)
 
-    def embed():
+    def build():
         with user_errors("computing item embeddings"):
-            return item_embeddings(bundle, data.dataset)
+            return ItemIndex.from_model(bundle, data.dataset)
 
-    ids, emb = ctx.cached(("emb", emb_source, str(cfg.data.path)), embed)
-    return cfg, data, ids, emb
+    index = ctx.cached(("item-index", emb_source, str(cfg.data.path)), build)
+    return cfg, data, index
+
+
+def _k(index, k) -> int:
+    """K as asked, at most the number of other items."""
+    return max(1, min(int(k), len(index.ids) - 1))
 
 
 def _pairs(ctx, dataset, task, model, k, temperature, sampling, seed):
-    from hanorec.explore import item_profiles, pair_hardness_rows, training_pairs
+    """(cfg, data, index, pairs, hanorec.hardness.pairs_table) for the chosen settings."""
+    from hanorec.explore import training_pairs
+    from hanorec.hardness import pairs_table
 
-    cfg, data, ids, emb = _setup(ctx, dataset, task, model)
+    cfg, data, index = _setup(ctx, dataset, task, model)
     with user_errors("building the preference pairs"):
-        pairs = training_pairs(cfg, data, ids, emb, sampling=sampling, seed=int(seed))
-        _, idx, profiles = item_profiles(emb, int(k), float(temperature))
-        rows = pair_hardness_rows(pairs, ids, profiles, beta0=cfg.pref.beta)
-    return cfg, data, ids, pairs, idx, profiles, rows
+        pairs = training_pairs(cfg, data, index.ids, index.embeddings, sampling=sampling, seed=int(seed))
+        table = pairs_table(pairs, index, beta0=cfg.pref.beta, k=_k(index, k), temperature=float(temperature))
+    return cfg, data, index, pairs, table
 
 
 # ---- handlers -----------------------------------------------------------------------------------
@@ -62,79 +70,101 @@ def compute(ctx, dataset, task, model, k, temperature, sampling, seed):
     """lambda and beta of every training pair; the distribution and its spread in numbers."""
     from hanorec.explore import spread
 
-    cfg, data, _, pairs, _, _, rows = _pairs(ctx, dataset, task, model, k, temperature, sampling, seed)
-    lam = [r["lambda"] for r in rows]
+    cfg, data, _, pairs, pt = _pairs(ctx, dataset, task, model, k, temperature, sampling, seed)
+    lam = pt["lambda"].tolist()
     s = spread(lam)
     beyond = "" if float(temperature) == 1.0 else " **Temperature ≠ 1 is beyond the paper** (exploration only)."
     text = (
-        f"**{len(rows)} training pairs** ({cfg.task.name}, {sampling} negatives, K = {int(k)}, temperature {temperature:g}, "
+        f"**{len(pt)} training pairs** ({cfg.task.name}, {sampling} negatives, K = {int(k)}, temperature {temperature:g}, "
         f"beta0 = {cfg.pref.beta:g}). lambda: min **{s['min']:.5f}**, 5% {s['p05']:.5f}, mean {s['mean']:.5f}, "
         f"95% {s['p95']:.5f}, max **{s['max']:.5f}** (range {s['range']:.2e}, std {s['std']:.2e}). "
         f"beta = beta0 x lambda spans {cfg.pref.beta * s['min']:.5f} to {cfg.pref.beta * s['max']:.5f}; "
         "training also multiplies it by the batch responsiveness eta (see the run's metrics)." + beyond
     )
-    users = sorted({r["user"] for r in rows})
-    table = pd.DataFrame(rows).round(6)
+    users = sorted(set(pt["user"]))
+    table = pt[["pair", "user", "distance", "lambda", "beta"]].rename(columns={"distance": "D"})
+    table = table.astype({"D": float, "lambda": float})
+    table["beta"] = (cfg.pref.beta * table["lambda"]).clip(lower=1e-6)  # beta0 x lambda in float64, as training
+    table = table.round(6)
     return text, lambda_figure(lam), table, gr.update(choices=users, value=users[0] if users else None)
+
+
+def pair_view(ctx, dataset, task, model, k, temperature, sampling, seed, user):
+    """(pair number, the pair, hanorec.hardness.pair_detail of it, the dataset) for one user's training pair."""
+    from hanorec.hardness import pair_detail
+
+    if not user:
+        raise gr.Error("Compute the pairs and pick a user first.")
+    cfg, data, index, pairs, pt = _pairs(ctx, dataset, task, model, k, temperature, sampling, seed)
+    mine = pt.index[pt["user"] == user]
+    if not len(mine):
+        raise gr.Error(f"User {user!r} has no training pair with these settings.")
+    n = int(mine[0])
+    detail = pair_detail(
+        pairs[n], index, mean_distance=pt.attrs["mean_distance"], beta0=cfg.pref.beta,
+        k=_k(index, k), temperature=float(temperature),
+    )  # fmt: skip
+    return n, pairs[n], detail, data.dataset
 
 
 def show_pair(ctx, dataset, task, model, k, temperature, sampling, seed, user):
     """One user's training pair: aligned (positive, negative) items, distances, lambda, beta, profiles."""
-    from hanorec.explore import aligned_pair_rows
-
-    if not user:
-        raise gr.Error("Compute the pairs and pick a user first.")
-    _, data, ids, pairs, idx, profiles, rows = _pairs(ctx, dataset, task, model, k, temperature, sampling, seed)
-    n = next((r["pair"] for r in rows if r["user"] == user), None)
-    if n is None:
-        raise gr.Error(f"User {user!r} has no training pair with these settings.")
-    pair, ds = pairs[n], data.dataset
-    aligned = aligned_pair_rows(pair, ids, profiles, ds)
-    r = rows[n]
-    flat = float(profiles[[ids.index(a["positive"]) for a in aligned]].max(1).values.mean())
+    n, pair, detail, ds = pair_view(ctx, dataset, task, model, k, temperature, sampling, seed, user)
+    aligned = detail.items.rename(columns={"positive_title": "positive title", "negative_title": "negative title"})
+    positives = [detail.profiles[i]["p"].max() for i in aligned["positive"]]
+    flat = float(sum(positives) / len(positives))
+    k_used = len(detail.profiles[aligned["positive"][0]])
     text = (
-        f"Pair {n} of user {user}: D = {r['D']:.5f} (mean of the {len(aligned)} aligned distances), "
-        f"**lambda = {r['lambda']:.5f}**, **beta = {r['beta']:.5f}**. Chosen: {_one_line(pair.chosen)}; "
+        f"Pair {n} of user {user}: D = {detail.distance:.5f} (mean of the {len(aligned)} aligned distances), "
+        f"**lambda = {detail.lam:.5f}**, **beta = {max(1e-6, detail.beta):.5f}**. Chosen: {_one_line(pair.chosen)}; "
         f"rejected: {_one_line(pair.rejected[0])}. The positives' largest profile weight is {flat:.3f} "
-        f"(1/K = {1 / profiles.shape[1]:.3f} would be a flat profile: near-flat profiles are why lambda stays "
+        f"(1/K = {1 / k_used:.3f} would be a flat profile: near-flat profiles are why lambda stays "
         "close to 1; a lower temperature sharpens them)."
     )
     gallery = []
-    for j, a in enumerate(aligned):
+    for j, a in aligned.iterrows():
         gallery += [(item_image(ds, a["positive"]), f"{j + 1}+ {a['positive title']}"),
                     (item_image(ds, a["negative"]), f"{j + 1}− {a['negative title']}")]  # fmt: skip
-    figure = profiles_figure(aligned, ids, profiles, idx)
-    return text, pd.DataFrame(aligned).round(5), figure, gallery
+    return text, aligned.astype({"distance": float}).round(5), profiles_figure(detail), gallery
 
 
 def _one_line(answer: str) -> str:
     return " / ".join(answer.splitlines())
 
 
-def spread_grid(ctx, dataset, task, model, sampling, seed):
-    """lambda's spread for several K and temperatures: what widens it."""
-    from hanorec.explore import lambda_spread_grid, training_pairs
+GRID_KS, GRID_TEMPERATURES = (5, 10, 20, 50), (1.0, 0.3, 0.1, 0.03)
 
-    cfg, data, ids, emb = _setup(ctx, dataset, task, model)
+
+def spread_grid(ctx, dataset, task, model, sampling, seed):
+    """lambda's spread for several K and temperatures: what widens it (temperature 1 = paper)."""
+    from hanorec.explore import spread, training_pairs
+    from hanorec.hardness import pairs_table
+
+    cfg, data, index = _setup(ctx, dataset, task, model)
+    rows = []
     with user_errors("computing the spread grid"):
-        pairs = training_pairs(cfg, data, ids, emb, sampling=sampling, seed=int(seed))
-        grid = lambda_spread_grid(emb, pairs, ids)
-    return pd.DataFrame(grid).round(6)
+        pairs = training_pairs(cfg, data, index.ids, index.embeddings, sampling=sampling, seed=int(seed))
+        for k in GRID_KS:
+            for t in GRID_TEMPERATURES:
+                s = spread(pairs_table(pairs, index, beta0=1.0, k=_k(index, k), temperature=t)["lambda"])
+                rows.append({"K": _k(index, k), "temperature": t, "lambda min": s["min"], "lambda max": s["max"],
+                             "lambda std": s["std"], "paper": t == 1.0})  # fmt: skip
+    return pd.DataFrame(rows).round(6)
 
 
 def score_pairs(ctx, dataset, task, model, progress=gr.Progress()):
     """Per-pair reward margin and accuracy of a trained preference stage (policy vs its reference)."""
-    from hanorec.explore import item_profiles, pair_hardness_rows, pair_stats, training_pairs
+    from hanorec.explore import pair_stats, training_pairs
+    from hanorec.hardness import pairs_table
 
     if not model or model == "base" or model.endswith("::sft"):
         raise gr.Error("Choose a preference stage of a run (DPO, S-DPO, HaNo-DPO...) to see its per-pair training view.")
-    cfg, data, ids, emb = _setup(ctx, dataset, task, model)
+    cfg, data, index = _setup(ctx, dataset, task, model)
     bundle, _ = ctx.model(model, dataset, task)
     with user_errors("scoring the training pairs"):
-        pairs = training_pairs(cfg, data, ids, emb)
+        pairs = training_pairs(cfg, data, index.ids, index.embeddings)
         hard = cfg.pref.method == "hano_dpo" and cfg.pref.hardness
-        lam = [r["lambda"] for r in pair_hardness_rows(pairs, ids, item_profiles(emb, cfg.pref.hardness_k)[2], beta0=1.0)]
-        lam = lam if hard else [1.0] * len(pairs)
+        lam = pairs_table(pairs, index, k=_k(index, cfg.pref.hardness_k))["lambda"].tolist() if hard else [1.0] * len(pairs)
         progress(0, desc="scoring pairs")
         rows = pair_stats(
             bundle, data.dataset, pairs, lam, beta0=cfg.pref.beta,
@@ -156,8 +186,8 @@ def pair_prompt(ctx, dataset, task, model, pair_index):
     from hanorec.explore import training_pairs
     from hanorec.tasks import render
 
-    cfg, data, ids, emb = _setup(ctx, dataset, task, model)
-    pairs = training_pairs(cfg, data, ids, emb)
+    cfg, data, index = _setup(ctx, dataset, task, model)
+    pairs = training_pairs(cfg, data, index.ids, index.embeddings)
     n = int(pair_index or 0)
     if not 0 <= n < len(pairs):
         raise gr.Error(f"Pair {n} does not exist; there are {len(pairs)} pairs (0 to {len(pairs) - 1}).")
@@ -185,19 +215,19 @@ def lambda_figure(lam) -> go.Figure:
     return fig
 
 
-def profiles_figure(aligned, ids, profiles, idx) -> go.Figure:
-    """Per aligned pair: the positive's and the negative's softmax profile over their K nearest neighbours."""
-    row = {i: r for r, i in enumerate(ids)}
+def profiles_figure(detail) -> go.Figure:
+    """Per aligned pair: the positive's and the negative's softmax profile over their K nearest neighbours
+    (detail: hanorec.hardness.pair_detail's PairHardness)."""
+    aligned = detail.items
     n = len(aligned)
-    fig = make_subplots(rows=1, cols=n, subplot_titles=[f"pair {j + 1}: distance {a['distance']:.4f}" for j, a in enumerate(aligned)])
-    k = profiles.shape[1]
-    for j, a in enumerate(aligned):
+    fig = make_subplots(rows=1, cols=n, subplot_titles=[f"pair {j + 1}: distance {d:.4f}" for j, d in enumerate(aligned["distance"])])
+    for j, a in aligned.iterrows():
         for key, color, name in (("positive", "#54a24b", "positive"), ("negative", "#e45756", "negative")):
-            r = row[a[key]]
+            prof = detail.profiles[a[key]]
             fig.add_trace(
                 go.Bar(
-                    x=list(range(1, k + 1)), y=profiles[r].tolist(), name=name, marker_color=color,
-                    showlegend=j == 0, hovertext=[f"neighbour {ids[int(q)]}" for q in idx[r]],
+                    x=prof["rank"].tolist(), y=prof["p"].tolist(), name=name, marker_color=color,
+                    showlegend=j == 0, hovertext=[f"neighbour {q}" for q in prof["neighbour"]],
                 ),
                 row=1, col=j + 1,
             )  # fmt: skip

@@ -315,9 +315,12 @@ def _eval_text(res: dict | None) -> str:
     if not res:
         return ""
     keep = ("HR@1", "HR@3", "NDCG@3", "AUC", "Accuracy")
-    for r in res.get("rows", []):
-        if r.get("method") not in ("random", "popularity") and r.get("protocol") == "ranking":
-            return ", ".join(f"{k} {r[k]:.3f}" for k in keep if k in r)
+    model_rows = [r for r in res.get("rows", []) if r.get("method") not in ("random", "popularity")]
+    # the ranking protocol's row when there is one, else the first; the text names the protocol and split
+    for r in sorted(model_rows, key=lambda r: r.get("protocol") != "ranking")[:1]:
+        where = f", {res['split']} split" if res.get("split") else ""
+        values = ", ".join(f"{k} {r[k]:.3f}" for k in keep if r.get(k) is not None)
+        return f"{values} ({r.get('protocol', 'ranking')} protocol{where})"
     return ""
 
 

@@ -7,6 +7,7 @@ leaves a half checkpoint that looks complete):
     checkpoints/step-000040/
         adapter/                 adapter_model.safetensors + adapter_config.json (peft save_pretrained)
         optimizer.pt scheduler.pt rng.pt
+        rng_processes.pt         every process's RNG state (runs on several processes only)
         trainer_state.json       global step, epoch, micro-batches consumed in that epoch, metrics
         config.yaml              the resolved RunConfig
 """
@@ -80,8 +81,15 @@ def save_checkpoint(
     config_yaml: str,
     keep: int = 2,
     extra: dict | None = None,
+    model_state_dict: dict | None = None,
+    optimizer_state: dict | None = None,
 ) -> Path:
-    """Write a complete checkpoint atomically and prune the older ones (keeps `keep` newest)."""
+    """Write a complete checkpoint atomically and prune the older ones (keeps `keep` newest).
+
+    Main process only. Under FSDP / ZeRO-3 the weights and optimizer state are sharded: pass what
+    `hanorec.train.sharding.gather_for_checkpoint` gathered on every process as `model_state_dict` (full
+    tensors, of which peft keeps the adapter) and `optimizer_state`; None reads them from `model` and
+    `optimizer` directly (one process, DDP)."""
     root = Path(output_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{state['global_step']:06d}"
@@ -89,8 +97,11 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    model.save_pretrained(tmp / "adapter")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if model_state_dict is None:
+        model.save_pretrained(tmp / "adapter")
+    else:
+        model.save_pretrained(tmp / "adapter", state_dict=model_state_dict)
+    torch.save(optimizer.state_dict() if optimizer_state is None else optimizer_state, tmp / "optimizer.pt")
     if os.environ.get(PAUSE_ENV):  # tests only: widen the mid-write window so a kill can land in it
         time.sleep(float(os.environ[PAUSE_ENV]))
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
@@ -135,14 +146,42 @@ def load_adapter_weights(model, adapter_dir: Path, adapter_name: str = "default"
         )
 
 
-def load_checkpoint(path: Path, *, model, optimizer, scheduler) -> dict:
-    """Restore weights, optimizer, scheduler and RNG from a checkpoint folder; returns its trainer state."""
+def load_checkpoint(path: Path, *, model, optimizer, scheduler, process_index: int = 0, num_processes: int = 1) -> dict:
+    """Restore weights, optimizer, scheduler and RNG from a checkpoint folder; returns its trainer state.
+
+    Under several processes every process must call it, and each gets back its own RNG state (see
+    process_rng_state)."""
+    import warnings
+
+    from hanorec.train.sharding import load_optimizer_state, loads_full_tensors
+
     path = Path(path)
-    load_adapter_weights(model, path / "adapter")
-    optimizer.load_state_dict(_load_tensors(path / "optimizer.pt"))
+    with loads_full_tensors(model):
+        load_adapter_weights(model, path / "adapter")
+    if not load_optimizer_state(model, optimizer, _load_tensors(path / "optimizer.pt")):
+        warnings.warn(
+            f"{path} holds no optimizer state (a sharded run whose optimizer state stays per process): "
+            "training continues with a fresh optimizer state, so it will not match an uninterrupted run exactly",
+            stacklevel=2,
+        )
     scheduler.load_state_dict(_load_tensors(path / "scheduler.pt"))
-    set_rng_state(_load_tensors(path / "rng.pt"))
+    set_rng_state(process_rng_state(path, process_index, num_processes))
     return json.loads((path / STATE_FILE).read_text())
+
+
+PROCESS_RNG = "rng_processes"  # extra=: every process's RNG state, in process order (a multi-process run)
+
+
+def process_rng_state(path: Path, process_index: int = 0, num_processes: int = 1) -> dict:
+    """This process's RNG state: its own from rng_processes.pt when the checkpoint was written by as many
+    processes (their states differ: each draws dropout masks for its own batch's shapes), else the main
+    process's (rng.pt)."""
+    per_process = Path(path) / f"{PROCESS_RNG}.pt"
+    if num_processes > 1 and per_process.is_file():
+        states = _load_tensors(per_process)
+        if len(states) == num_processes:
+            return states[process_index]
+    return _load_tensors(Path(path) / "rng.pt")
 
 
 def _load_tensors(file: Path):

@@ -240,6 +240,19 @@ class _Run:
         self.items, self.collate, self.loss_fn, self.cfg, self.seed = items, collate, loss_fn, train_cfg, seed
         self.output_dir, self.config_yaml, self.stage = Path(output_dir), config_yaml, stage
         self.acc, self.on_log, self.should_stop = accelerator, on_log, should_stop
+        if getattr(train_cfg, "gradient_checkpointing", False):  # the model's own layers, non-reentrant
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from hanorec.train.sharding import cpu_fsdp_requested, shard_model
+
+        # accelerate 1.15 ignores an FSDP launch on CPU (runs DDP): shard with torch's FSDP2 ourselves,
+        # before the optimizer sees the parameters (hanorec/train/sharding.py says why)
+        self.sharded_here = cpu_fsdp_requested(accelerator)
+        if self.sharded_here:
+            units = shard_model(model)
+            accelerator.print(
+                f"{stage}: the launch asked for FSDP, which accelerate does not apply to CPU processes; the model "
+                f"is sharded with torch FSDP2 instead ({units} transformer blocks + the root)"
+            )
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("the model has no trainable parameters (was LoRA added?)")
@@ -249,7 +262,14 @@ class _Run:
         optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
         warmup = int(train_cfg.warmup_ratio * self.total_steps)
         scheduler = cosine_with_warmup(optimizer, warmup, self.total_steps)
-        self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
+        if self.sharded_here:  # accelerate would wrap the sharded model in DDP
+            self.model = model
+            self.optimizer, self.scheduler = accelerator.prepare(optimizer, scheduler)
+        else:
+            self.model, self.optimizer, self.scheduler = accelerator.prepare(model, optimizer, scheduler)
+        # total_steps already counts optimizer steps over all processes; accelerate's scheduler wrapper would
+        # otherwise step num_processes times per optimizer step, ending the schedule N times too early
+        self.scheduler.split_batches = True
         self.state = {"global_step": 0, "epoch": 0, "micro_in_epoch": 0, "stage": stage}
         self.validation = validation
         self.best_weights: dict | None = None  # trainable tensors of the best validation (CPU copies)
@@ -272,7 +292,8 @@ class _Run:
             self.state.update(
                 load_checkpoint(
                     ckpt, model=self.acc.unwrap_model(self.model), optimizer=self.optimizer,
-                    scheduler=self.scheduler,
+                    scheduler=self.scheduler, process_index=self.acc.process_index,
+                    num_processes=self.acc.num_processes,
                 )  # fmt: skip
             )
             # the metrics of steps since the last log line, so the next line averages the same steps
@@ -407,7 +428,19 @@ class _Run:
         return due
 
     def checkpoint(self) -> Path | None:
+        """Every process calls it: sharded weights and optimizer state are gathered collectively, then
+        the main process alone writes; every process learns the checkpoint's path."""
+        from hanorec.train.sharding import gather_for_checkpoint
+
         self.acc.wait_for_everyone()
+        model_state, optimizer_state = gather_for_checkpoint(self.acc, self.model, self.optimizer)
+        extra = {"best_weights": self.best_weights} if self.best_weights is not None else {}
+        if self.acc.num_processes > 1:  # each process's own RNG: their dropout masks differ (batch shapes)
+            from accelerate.utils import gather_object
+
+            from hanorec.train.checkpoint import PROCESS_RNG, rng_state
+
+            extra[PROCESS_RNG] = gather_object([rng_state()])
         if self.acc.is_main_process:
             self.last_ckpt = save_checkpoint(
                 self.output_dir,
@@ -417,8 +450,13 @@ class _Run:
                 state={**self.state, "running": self.running} if self.running else self.state,
                 config_yaml=self.config_yaml,
                 keep=self.cfg.keep_checkpoints,
-                extra={"best_weights": self.best_weights} if self.best_weights is not None else None,
+                model_state_dict=model_state,
+                optimizer_state=optimizer_state,
+                extra=extra or None,
             )
+        else:  # the same name save_checkpoint gives it, so every process decides alike whether a save is due
+            self.last_ckpt = self.output_dir / "checkpoints" / f"step-{self.state['global_step']:06d}"
+        self.acc.wait_for_everyone()
         self.last_save_time = time.time()
         return self.last_ckpt
 

@@ -23,7 +23,7 @@ from hanorec.data import RecDataset
 from hanorec.models import ModelBundle, add_lora
 from hanorec.noise import LoRANoise, add_logit_noise
 from hanorec.pairs import PreferencePair
-from hanorec.scoring import multi_completion_logps
+from hanorec.scoring import multi_completion_logps, pack_shared_prefix
 from hanorec.tasks import render
 from hanorec.train.checkpoint import load_adapter_weights
 from hanorec.train.loop import TrainResult, train_loop
@@ -127,33 +127,88 @@ def _stack(logps: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def reference_logps(model, bundle, prompts, completions, mode: str, dtype=None) -> torch.Tensor:
-    """Log-probs under the reference: the policy with its adapter disabled. (B, 1+K)."""
-    with model.disable_adapter():
-        sums, _ = multi_completion_logps(model, bundle, prompts, completions, mode=mode, dtype=dtype)
+def reference_logps(model, bundle, prompts, completions, mode: str, dtype=None, packed=None) -> torch.Tensor:
+    """Log-probs under the reference: the policy with its adapter disabled. (B, 1+K).
+
+    packed: the step's :func:`hanorec.scoring.pack_shared_prefix` batch, shared with the policy forward."""
+    with _adapter_disabled(model):
+        sums, _ = multi_completion_logps(
+            model, bundle, prompts, completions, mode=mode, dtype=dtype, packed=packed
+        )
     return torch.stack(sums)
+
+
+@contextlib.contextmanager
+def _adapter_disabled(model):
+    """``model.disable_adapter()``, minus peft's model-status survey on every call (a few ms of a tiny
+    model's step) where it is known to be moot: a LoRA-type PeftModel whose adapters are enabled, without
+    trained biases. The layers are switched off and back on by the same peft calls."""
+    from peft import PeftModel
+
+    config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None))
+    plain = (
+        isinstance(model, PeftModel)
+        and config is not None
+        and not config.is_prompt_learning
+        and not config.is_adaption_prompt
+        and getattr(config, "bias", "none") == "none"
+        and not model._adapters_disabled
+    )
+    if not plain:
+        with model.disable_adapter():
+            yield
+        return
+    model.base_model.disable_adapter_layers()
+    model._adapters_disabled = True
+    try:
+        yield
+    finally:
+        model.base_model.enable_adapter_layers()
+        model._adapters_disabled = False
 
 
 def make_pref_loss(cfg, bundle: ModelBundle, accelerator, noise: LoRANoise | None) -> Callable:
     p = cfg.pref
     peft_model = bundle.model
 
+    pending = [contextlib.ExitStack()]  # the last step's NoDO context while its backward has not run
+
     def loss_fn(model, batch: dict) -> tuple[torch.Tensor, dict]:
+        pending[0].close()  # a step whose backward never ran (its loss was not finite) left it open
+        stack = contextlib.ExitStack()
+        try:
+            loss, metrics = step(model, batch, stack)
+        except BaseException:
+            stack.close()
+            raise
+        if loss.requires_grad:
+            _close_after_backward(loss, stack)
+            pending[0] = stack
+        else:
+            stack.close()
+        return loss, metrics
+
+    def step(model, batch: dict, noise_context: contextlib.ExitStack) -> tuple[torch.Tensor, dict]:
         device = accelerator.device
         dtype = next(peft_model.parameters()).dtype
         prompts = [_to(pr, device) for pr in batch["prompts"]]
         completions = batch["completions"]
+        packed = None
+        if p.scoring == "shared_prefix":
+            # one packing and one pass of the frozen vision tower serve the reference and the policy forward
+            # (under the autocast the prepared model's forward runs in, so mixed precision sees the same)
+            with getattr(accelerator, "autocast", contextlib.nullcontext)():
+                packed = pack_shared_prefix(peft_model, bundle, prompts, completions, dtype=dtype, device=device)
         if batch["ref"] is not None:
             ref = batch["ref"].to(device)
         else:
-            ref = reference_logps(peft_model, bundle, prompts, completions, p.scoring, dtype)
+            ref = reference_logps(peft_model, bundle, prompts, completions, p.scoring, dtype, packed)
         transform = None
         if p.noise_target == "logits" and p.noise_sigma > 0:
 
             def transform(z):
                 return add_logit_noise(z, p.noise_sigma)
 
-        context = contextlib.nullcontext()
         if noise is not None:
             groups = None  # micro_batch: one draw for every row of the forward (method.md section 8)
             if p.noise_draw == "example":
@@ -162,11 +217,12 @@ def make_pref_loss(cfg, bundle: ModelBundle, accelerator, noise: LoRANoise | Non
                 groups = torch.arange(len(prompts), device=device)
                 if p.scoring != "shared_prefix":
                     groups = groups.repeat_interleave(torch.tensor([len(c) for c in completions], device=device))
-            context = noise.active(group_ids=groups)
-        with context:
-            sums, counts = multi_completion_logps(
-                model, bundle, prompts, completions, mode=p.scoring, logits_transform=transform, dtype=dtype
-            )
+            # open until backward has run (gradient checkpointing re-runs the forward then, under the same draw)
+            noise_context.enter_context(noise.active(group_ids=groups))
+        sums, counts = multi_completion_logps(
+            model, bundle, prompts, completions, mode=p.scoring, logits_transform=transform, dtype=dtype,
+            packed=packed,
+        )  # fmt: skip
         pol_c, pol_r = _stack(sums)  # (B,), (B, K)
         ref_c, ref_r = ref[:, 0].to(pol_c.dtype), ref[:, 1:].to(pol_c.dtype)
         n_chosen = torch.stack([c[0] for c in counts]).float()
@@ -209,7 +265,22 @@ def make_pref_loss(cfg, bundle: ModelBundle, accelerator, noise: LoRANoise | Non
         }
         return loss, metrics
 
+    loss_fn.close_noise = lambda: pending[0].close()
     return loss_fn
+
+
+def _close_after_backward(loss: torch.Tensor, context: contextlib.ExitStack) -> None:
+    """Close ``context`` (the step's NoDO context) when the backward pass through ``loss`` has finished.
+
+    With gradient checkpointing, backward re-runs the policy's forward; inside the still open context the
+    LoRA noise hooks reuse (and replay) the step's draw, so the re-run computes what the original forward
+    did. Without checkpointing nothing runs forward during backward and keeping the context open changes
+    nothing."""
+
+    def at_backward_start(grad):
+        torch.autograd.Variable._execution_engine.queue_callback(context.close)
+
+    loss.register_hook(at_backward_start)
 
 
 def _to(prompt, device):
@@ -268,22 +339,27 @@ def train_preference(
     if p.precompute_ref:
         items = precompute_reference(bundle, ds, items, p.scoring)
     noise = (
-        LoRANoise(bundle.model, p.noise_sigma) if (p.noise_target == "lora" and p.noise_sigma > 0) else None
+        LoRANoise(bundle.model, p.noise_sigma, scale=p.noise_scale) if (p.noise_target == "lora" and p.noise_sigma > 0) else None
     )
     loss_fn = make_pref_loss(cfg, bundle, accelerator, noise)
-    return train_loop(
-        model=bundle.model,
-        items=items,
-        collate=make_pref_collate(bundle, ds),
-        loss_fn=loss_fn,
-        train_cfg=p,
-        seed=cfg.seed,
-        output_dir=output_dir,
-        config_yaml=cfg.to_yaml(),
-        accelerator=accelerator,
-        resume=resume,
-        on_log=on_log,
-        should_stop=should_stop,
-        stage=p.method,
-        drop_last=True,  # as the authors' trainer: eta's trimmed mean never sees a short micro-batch
-    )
+    try:
+        return train_loop(
+            model=bundle.model,
+            items=items,
+            collate=make_pref_collate(bundle, ds),
+            loss_fn=loss_fn,
+            train_cfg=p,
+            seed=cfg.seed,
+            output_dir=output_dir,
+            config_yaml=cfg.to_yaml(),
+            accelerator=accelerator,
+            resume=resume,
+            on_log=on_log,
+            should_stop=should_stop,
+            stage=p.method,
+            drop_last=True,  # as the authors' trainer: eta's trimmed mean never sees a short micro-batch
+        )
+    finally:
+        close = getattr(loss_fn, "close_noise", None)  # a wrapped loss function (benchmarks) may not have it
+        if close is not None:
+            close()
