@@ -5,7 +5,8 @@ Item 1, throughput: one optimizer step of the preference trainer's own loss func
 log-probs under NoDO LoRA noise, the loss, backward, AdamW on the LoRA parameters. K = 1 is HaNo-DPO
 (HaRS lambda, eta, NoDO); K > 1 rejected answers use the K-negative loss (S-DPO) with the same NoDO noise,
 since HaNo-DPO's configuration takes one rejected answer. "naive" repeats the prompt, images included, for
-every completion (as TRL's and the authors' trainers do); "shared_prefix" encodes it once. Pairs per
+every completion (as TRL's and the authors' trainers do); "shared_prefix" encodes it once, and runs the
+frozen vision tower once per step for both the reference and the policy forward. Pairs per
 second = B x K / step time. Batch encoding (image processing, tokenization; identical in both modes) is
 timed separately and reported as well. Before timing, the loss of both modes on the same batch and
 weights (noise off, LoRA perturbed so the policy differs from the reference) is checked equal.

@@ -10,15 +10,20 @@ pixels (448: 256 visual tokens each) plus ``--text-tokens`` text tokens; complet
 One step = what the preference trainer runs (hanorec.train.preference.make_pref_loss): reference
 log-probs with the adapter disabled (no grad), the policy's log-probs under NoDO LoRA noise, the loss
 (HaNo-DPO at K = 1, the K-negative S-DPO form at K > 1), backward, AdamW on the LoRA (r 8, alpha 32) of
-the language model. ``--checkpointing`` turns on gradient checkpointing (then backward runs inside the
-NoDO noise context so the recomputed forward sees the same draws, as hanorec.noise.LoRANoise asks; the
-step here always does that). Without it, naive scoring at K = 7 needs an estimated 65 GB at batch 2.
+the language model, with the trainer's own NoDO handling (one draw per micro-batch; the noise context stays
+open until backward has run). Shared prefix packs the batch once and runs the frozen vision tower once
+per step, its features reused by the reference and the policy forward (hanorec.scoring.pack_shared_prefix);
+naive runs it for every row of both forwards, as TRL does. ``--checkpointing`` turns on gradient
+checkpointing (the recomputed forward sees the same noise draw). Without it, naive scoring at K = 7 needs
+an estimated 65 GB at batch 2.
 Per K and scoring mode: median step time over ``--repeats`` after ``--warmup``, pairs per second, peak
 GPU memory (torch.cuda.max_memory_allocated), and model FLOPs utilisation:
 
     MFU = model FLOPs of the step / step time / the GPU's peak dense bf16 FLOP/s
     model FLOPs = language model: 3 x forward (reference forward, policy forward, policy backward through
-                  the frozen weights; checkpoint recomputation not counted) + vision tower: 2 x forward
+                  the frozen weights; checkpoint recomputation not counted) + vision tower (frozen, no
+                  backward): 1 x forward on each prompt's images (shared prefix), 2 x forward on every
+                  row's copy of them (naive)
     forward     = 2 x (matmul parameters) x tokens + causal attention 2 x layers x width x length^2 per row,
                   the LM head only on the positions each mode computes.
 
@@ -204,10 +209,11 @@ def step_flops(mode: str, prompts, completions, params, text_cfg) -> float:
             rows.append((length, 1 + sum(len(c) - 1 for c in cs)))
     tokens = sum(r[0] for r in rows)
     fwd_lm = 2 * lm * tokens + 2 * head * sum(r[1] for r in rows) + sum(2 * layers * width * r[0] ** 2 for r in rows)
-    images = sum(p.pixel_values.shape[0] for p in prompts) * (1 if mode == "shared_prefix" else 0)
-    images += sum(p.pixel_values.shape[0] * len(cs) for p, cs in zip(prompts, completions)) * (mode == "naive")
-    fwd_vis = 2 * vis * images
-    return 3 * fwd_lm + 2 * fwd_vis
+    if mode == "naive":  # every row's copy of the images, in the reference and in the policy forward
+        vis_flops = 2 * 2 * vis * sum(p.pixel_values.shape[0] * len(cs) for p, cs in zip(prompts, completions))
+    else:  # once per step, the features shared by both forwards
+        vis_flops = 2 * vis * sum(p.pixel_values.shape[0] for p in prompts)
+    return 3 * fwd_lm + vis_flops
 
 
 def fmt(r: dict | None) -> str:
@@ -246,6 +252,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in the language model")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, if not known here")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads on a CPU (--tiny; 1: steadier on a shared CPU)")
     args = ap.parse_args(argv)
     if args.tiny:
         args.image_size = min(args.image_size, 56)
@@ -256,6 +263,8 @@ def main(argv=None) -> list[dict]:
         print("gpu_step.py needs a CUDA GPU for the full-size model; use --tiny for a CPU smoke test", file=sys.stderr)
         raise SystemExit(2)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type != "cuda":
+        torch.set_num_threads(args.threads)  # two threads spin-wait badly on two shared cores
     torch.manual_seed(args.seed)
     t_start = time.perf_counter()
     print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}; torch {torch.__version__}; "
@@ -286,11 +295,8 @@ def main(argv=None) -> list[dict]:
             losses = {m: make_pref_loss(pref_cfg(k, m, False), bundle, acc, None)(model, batch)[0].item() for m in ("naive", "shared_prefix")}
         row = {"K": k, "prompt_tokens": len(prompts[0].input_ids), "loss": losses}
         for mode in ("naive", "shared_prefix"):
-            # the trainer's loss with NoDO opened here instead, so backward runs inside the noise context
-            loss_fn = make_pref_loss(pref_cfg(k, mode, False), bundle, acc, None)
-            groups = torch.arange(args.batch, device=device)  # one draw per example (as the trainer)
-            if mode == "naive":
-                groups = groups.repeat_interleave(1 + k)
+            # the trainer's step: its loss function opens NoDO and closes it when backward has run
+            loss_fn = make_pref_loss(pref_cfg(k, mode, True), bundle, acc, noise)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(device)
@@ -299,9 +305,8 @@ def main(argv=None) -> list[dict]:
                 for i in range(args.warmup + args.repeats):
                     sync()
                     t0 = time.perf_counter()
-                    with noise.active(group_ids=groups):
-                        loss, _ = loss_fn(model, batch)
-                        loss.backward()
+                    loss, _ = loss_fn(model, batch)
+                    loss.backward()
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                     sync()

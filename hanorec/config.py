@@ -232,7 +232,7 @@ class OptimConfig:
     gradient_checkpointing: bool = _f(
         False,
         "Recompute the language model's activations during backward instead of keeping them (less memory, "
-        "about a third more compute); NoDO noise is replayed, so gradients match a run without it.",
+        "one more forward pass of the policy per step); NoDO noise is replayed, so gradients match a run without it.",
     )
 
     def __post_init__(self):

@@ -15,6 +15,10 @@ evaluation) can be scored two ways, with the same results up to float rounding:
   completion token j of prompt i gets ``next_i + j`` on all three axes, exactly what the naive row
   gives it). The prompt and its images go through the model once. :func:`shared_prefix_logps`.
 
+Forwards that score the same batch more than once (the reference and the policy forward of a preference
+step) pack it once with :func:`pack_shared_prefix`, which also runs the frozen vision tower once and hands
+its image features to every forward; results are bit-identical to packing per forward.
+
 The shared-prefix row of a prompt holds each completion's tokens except its last one (a last token
 is only ever a target); the first token of every completion is predicted from the prompt's last
 position. Only the needed positions go through the LM head (``logits_to_keep`` as a boolean mask).

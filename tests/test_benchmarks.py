@@ -51,6 +51,11 @@ def test_step_flops_by_hand():
     cfg = {"num_hidden_layers": 1, "hidden_size": 1}
     assert gpu_step.step_flops("naive", prompts, comps, (1, 0, 0), cfg) == 2184
     assert gpu_step.step_flops("shared_prefix", prompts, comps, (1, 0, 0), cfg) == 1260
+    # vision (1 matmul parameter, 4 patches): naive runs it on both rows in the reference and the policy
+    # forward, 2 x 2 x (2 x 4) = 32; shared prefix once per step, 2 x 4 = 8
+    prompts = [EncodedPrompt(list(range(10)), pixel_values=torch.zeros(4, 1))]
+    assert gpu_step.step_flops("naive", prompts, comps, (1, 0, 1), cfg) == 2184 + 32
+    assert gpu_step.step_flops("shared_prefix", prompts, comps, (1, 0, 1), cfg) == 1260 + 8
 
 
 def test_quickstart_skips_without_the_app(tmp_path, capsys):
