@@ -125,3 +125,12 @@ def test_hit1_validates_with_auc_and_a_wrong_metric_is_one_sentence(tmp_path):
     cfg = load_config(overrides=overrides(tmp_path / "x", task="hit1", val_metric="HR@3", patience=1))
     with pytest.raises(ConfigError, match="sft.val_metric = 'HR@3' is not a metric of task hit1"):
         sft_module.val_metric_name(cfg)
+
+
+def test_early_stopping_refuses_a_sharded_run_with_one_sentence(tmp_path, monkeypatch):
+    # the best-validation weights are plain parameter copies: under FSDP they would be one process's shard
+    import hanorec.train.sharding as sharding
+
+    monkeypatch.setattr(sharding, "cpu_fsdp_requested", lambda acc: True)
+    with pytest.raises(ValueError, match="early stopping .* does not run under FSDP or DeepSpeed"):
+        pipeline.run_sft(load_config(overrides=overrides(tmp_path / "s", patience=1)))

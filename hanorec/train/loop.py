@@ -247,6 +247,12 @@ class _Run:
         # accelerate 1.15 ignores an FSDP launch on CPU (runs DDP): shard with torch's FSDP2 ourselves,
         # before the optimizer sees the parameters (hanorec/train/sharding.py says why)
         self.sharded_here = cpu_fsdp_requested(accelerator)
+        if validation is not None and (self.sharded_here or accelerator.distributed_type.name in ("FSDP", "DEEPSPEED")):
+            # the best-validation weights are copied from this process's parameters, which are shards here
+            raise ValueError(
+                f"{stage}: early stopping (sft.patience / sft.val_every_epoch) keeps the best epoch's weights from "
+                "unsharded parameters and does not run under FSDP or DeepSpeed; drop those settings or train unsharded"
+            )
         if self.sharded_here:
             units = shard_model(model)
             accelerator.print(
