@@ -147,3 +147,8 @@ if __name__ == "__main__":
         )  # fmt: skip
     else:
         raise SystemExit(f"unknown mode {mode!r}; use eta or train")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # leaving gloo's process group for interpreter shutdown to tear down aborts now and then
+        # ("terminate called without an active exception"); end it while both processes are alive
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
