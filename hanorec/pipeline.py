@@ -332,6 +332,15 @@ def _with(cfg: RunConfig, **sections) -> RunConfig:
     return load_config(overrides=values)
 
 
+def per_example_entries(task: str, seed: int, ev: EvalResult) -> list[dict]:
+    """One evaluation's per-example ranking values, one entry per method, as comparison.json and sweep.json
+    keep them (the input of hanorec.report.paired_differences)."""
+    return [
+        {"task": task, "seed": seed, "method": m, "protocol": "ranking", "values": v}
+        for m, v in ev.per_example.items()
+    ]
+
+
 def run_comparison(
     cfg: RunConfig,
     *,
@@ -358,12 +367,6 @@ def run_comparison(
     rows: list[dict] = []
     per_example: list[dict] = []
 
-    def keep(task, seed, ev):
-        per_example.extend(
-            {"task": task, "seed": seed, "method": m, "protocol": "ranking", "values": v}
-            for m, v in ev.per_example.items()
-        )
-
     for task in tasks:
         for seed in seeds:
             run_dir = root / task / f"seed{seed}"
@@ -373,7 +376,7 @@ def run_comparison(
             bundle, _ = run_sft(c, data)
             ev = run_eval(c, bundle, data, method="SFT", baselines=cfg.eval.baselines)
             rows += [{"task": task, "seed": seed, **r} for r in ev.rows]
-            keep(task, seed, ev)
+            per_example += per_example_entries(task, seed, ev)
             del bundle
             for v in variants:
                 over = dict(PREF_VARIANTS[v])
@@ -383,7 +386,7 @@ def run_comparison(
                 bundle, _ = run_preference(cv, data, name=stage_slug(v))
                 ev = run_eval(cv, bundle, data, method=v, baselines=[])
                 rows += [{"task": task, "seed": seed, **r} for r in ev.rows]
-                keep(task, seed, ev)
+                per_example += per_example_entries(task, seed, ev)
                 print_fn(format_results(task, ev.rows, split=cfg.eval.split, split_policy=cfg.data.split_policy))
                 del bundle
     # the mean ± std table reads the ranking protocol when the run has it; paired intervals always do (the
@@ -473,10 +476,7 @@ def run_sweep(
             diag = {k: last[k] for k in ("rewards/accuracies", "logps/chosen", "hardness/lambda_mean",
                                          "hardness/beta_mean") if k in last}
             rows += [{"task": task, "seed": seed, "setting": label, **r, **diag} for r in ev.rows]
-            per_example += [
-                {"task": task, "seed": seed, "method": m, "protocol": "ranking", "values": v}
-                for m, v in ev.per_example.items()
-            ]
+            per_example += per_example_entries(task, seed, ev)
             print_fn(f"seed {seed} {label}: " + ", ".join(
                 f"{k} {v:.4f}" for k, v in {**ev.rows[0], **diag}.items() if isinstance(v, float)))
     metrics = ("HR@3", "NDCG@3") if task != "hit1" else ("AUC",)
