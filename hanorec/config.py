@@ -360,7 +360,8 @@ class PrefConfig(OptimConfig):
 class EvalConfig:
     protocols: list = _f(
         ["ranking"],
-        "Evaluation protocols: ranking (title likelihood, ours), generative (greedy decoding, lenient matching, "
+        "Evaluation protocols: ranking (title likelihood, ours), catalogue (the true item ranked by title "
+        "likelihood against every unseen item, or eval.catalogue_items of them; hit3/next1; ours), generative (greedy decoding, lenient matching, "
         "ours) and/or paper (the authors': seeded sampling, exact titles, hit1 AUC over Yes/No answers only, "
         "the first eval.paper_max_examples examples).",
     )
@@ -377,6 +378,13 @@ class EvalConfig:
         "3,000); null scores all. The other protocols and the baselines score every example.",
     )
 
+    catalogue_items: int | None = _f(
+        None,
+        "Catalogue protocol: rank the true item against a seeded sample of this many items the user never "
+        "interacted with (the same for every method of a run); null ranks against all of them.",
+    )
+    catalogue_chunk: int = _f(256, "Catalogue protocol: titles scored per forward (bounds memory).")
+
     def sampling(self) -> dict:
         """The paper protocol's keyword arguments for sampled decoding (no repetition penalty, as the authors)."""
         return {
@@ -389,8 +397,11 @@ class EvalConfig:
     def __post_init__(self):
         _check_choices(self)
         for p in self.protocols:
-            if p not in ("ranking", "generative", "paper"):
-                raise ConfigError(f"protocols contains {p!r}; use some of 'ranking', 'generative' and 'paper'")
+            if p not in ("ranking", "catalogue", "generative", "paper"):
+                raise ConfigError(
+                    f"protocols contains {p!r}; use some of 'ranking', 'catalogue', 'generative' and 'paper'"
+                )
+        _positive(self, "catalogue_items", "catalogue_chunk")
         _positive(self, "sample_temperature", "sample_top_k", "paper_max_examples")
         if not 0 < self.sample_top_p <= 1:
             raise ConfigError(f"sample_top_p = {self.sample_top_p!r} must be in (0, 1]")

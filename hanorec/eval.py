@@ -2,6 +2,10 @@
 candidates. Metric arithmetic lives in hanorec.metrics; this module runs the model and parses.
 
 - ranking (ours, the default): every candidate scored by its title's likelihood; deterministic.
+- catalogue (ours, the low-chance protocol): the most recent true item ranked against every item the user
+  never interacted with (or a seeded sample of ``catalogue_items`` of them), each scored by its title's
+  likelihood after the task's prompt without its candidate sentence (hanorec.tasks.catalogue_prompt);
+  hit3 / next1 only. Random HR@3 is 3 / (candidates), 0.0018 on MovieLens-100K's 1,682 items.
 - generative (ours): greedy decoding, lenient title matching, an invalid hit1 answer scored 0.5.
 - paper (the authors' evaluation): sampled decoding (:data:`PAPER_SAMPLING`, seeded per example by
   :func:`sampling_seed`), quotes stripped from each line, exact case-sensitive titles, hit1 AUC over the
@@ -24,7 +28,9 @@ from hanorec.models import ModelBundle
 from hanorec.scoring import generate, score_options
 from hanorec.tasks import Example, render
 
-PROTOCOLS = ("ranking", "generative", "paper")
+PROTOCOLS = ("ranking", "catalogue", "generative", "paper")
+# Items scored per forward by the catalogue protocol (one prompt row holding this many titles): bounds memory.
+CATALOGUE_CHUNK = 256
 # The authors' decoding (their inference script and LLaMA-Factory's defaults: sampling, temperature 0.95,
 # top-p 0.7, top-k 50, no repetition penalty; 512 new tokens at most, eval.max_new_tokens in the paper presets)
 # and their test cap (max_samples 3000).
@@ -55,6 +61,8 @@ class EvalResult:
     # (:func:`per_example_values`): what a paired comparison between methods resamples (hanorec.stats)
     per_example: dict[str, dict[str, list]] = field(default_factory=dict)
     stopped: bool = False  # should_stop() ended evaluation early: rows is empty
+    per_example_protocol: str = "ranking"  # the protocol whose values per_example holds
+    catalogue_scores: list[list[float]] = field(default_factory=list)  # per example, over its catalogue
 
 
 def train_popularity(windows: Sequence[Window]) -> Counter:
@@ -88,10 +96,18 @@ def snap_ties(scores: np.ndarray, true_first: Sequence[int]) -> np.ndarray:
     return np.where(near, true, s)
 
 
-def metrics_from_scores(examples: Sequence[Example], scores: np.ndarray, snap: bool = False) -> dict:
-    """Ranking-protocol metrics of one method's (N, C) option scores, per task.
+def metrics_from_scores(
+    examples: Sequence[Example],
+    scores: np.ndarray,
+    snap: bool = False,
+    popularity: Counter | None = None,
+    n_catalogue: int | None = None,
+) -> dict:
+    """Ranking-protocol metrics of one method's (N, C) option scores, per task, with their chance levels
+    under ``"chance"``.
 
     snap: treat model scores within float rounding of the true option's as ties (:func:`snap_ties`).
+    popularity (training counts): also Coverage@3 (over ``n_catalogue`` items) and Pop@3 of the top 3.
     """
     task = examples[0].task
     n_cand = len(examples[0].options) if task != "hit1" else 1 + len(examples[0].not_watched)
@@ -101,13 +117,30 @@ def metrics_from_scores(examples: Sequence[Example], scores: np.ndarray, snap: b
         out = {"AUC": M.auc(margin, labels), "Accuracy": float(((margin > 0) == labels).mean())}
         return {**out, "n": len(examples), "candidates": n_cand}
     true_first = [e.correct_option for e in examples]
-    return M.ranking_metrics(snap_ties(scores, true_first) if snap else scores, true_first)
+    s = snap_ties(scores, true_first) if snap else np.asarray(scores, dtype=np.float64)
+    out = M.ranking_metrics(s, true_first)
+    if popularity is not None:
+        tops = [[e.candidates[j] for j in row] for e, row in zip(examples, M.top_k_indices(s, 3))]
+        out.update(M.top_k_summary(tops, popularity, n_catalogue or len({i for e in examples for i in e.candidates})))
+    return {**out, "chance": chance_row(task, [n_cand])}
+
+
+def chance_row(task: str, n_candidates, popularity: Counter | None = None, candidates=None) -> dict:
+    """Each metric's value under a uniformly random ranking (hanorec.metrics.chance_levels); hit1 AUC and
+    Accuracy 0.5. With popularity and the candidate lists, Pop@3's chance level too (the mean count of a
+    candidate)."""
+    if task == "hit1":
+        return {"AUC": 0.5, "Accuracy": 0.5}
+    out = M.chance_levels(n_candidates)
+    if popularity is not None and candidates:
+        out["Pop@3"] = float(np.mean([np.mean([M._count(popularity, i) for i in c]) for c in candidates]))
+    return out
 
 
 def per_example_values(examples: Sequence[Example], scores: np.ndarray, snap: bool = False) -> dict[str, list]:
     """The ranking protocol per example, as columns, with each example's user id.
 
-    hit3 / next1: ``HR@1``, ``HR@3``, ``NDCG@3`` per example (their means are the row of
+    hit3 / next1: ``HR@1``, ``HR@3``, ``NDCG@3``, ``MRR`` (reciprocal rank) per example (their means are the row of
     :func:`metrics_from_scores`). hit1: the Yes-minus-No ``score`` and the ``label``, since AUC is not a mean
     over examples (hanorec.stats.paired_bootstrap_auc recomputes it on resampled users).
     """
@@ -118,12 +151,7 @@ def per_example_values(examples: Sequence[Example], scores: np.ndarray, snap: bo
         return {"user": users, "score": margin.tolist(), "label": [bool(e.label) for e in examples]}
     true_first = [e.correct_option for e in examples]
     ranks = M.pessimistic_ranks(snap_ties(scores, true_first) if snap else scores, true_first)
-    return {
-        "user": users,
-        "HR@1": (ranks < 1).astype(float).tolist(),
-        "HR@3": (ranks < 3).astype(float).tolist(),
-        "NDCG@3": np.where(ranks < 3, 1.0 / np.log2(ranks + 2.0), 0.0).tolist(),
-    }
+    return {"user": users, **M.rank_values(ranks)}
 
 
 def baseline_scores(name: str, examples: Sequence[Example], popularity: Counter, seed: int) -> np.ndarray:
@@ -229,6 +257,91 @@ class _Progress:
             self.bar.close()
 
 
+def catalogue_candidates(example: Example, ds: RecDataset, size: int | None = None, seed: int = 0) -> list[str]:
+    """The items the catalogue protocol ranks for one example: its most recent true item first, then every
+    item the user never interacted with (sorted by id), or a sample of ``size`` of them drawn with a
+    generator seeded by (seed, user), so every method of one run ranks the same items."""
+    seen = set(ds.sequences[example.user])
+    pool = [i for i in sorted(ds.items) if i not in seen]
+    if size is not None and size < len(pool):
+        import random
+
+        pool = sorted(random.Random(sampling_seed(seed, hash_user(example.user))).sample(pool, size))
+    return [example.targets[0], *pool]
+
+
+def hash_user(user: str) -> int:
+    """A stable integer for a user id (Python's hash() of a str changes between processes)."""
+    return int.from_bytes(hashlib.sha256(str(user).encode()).digest()[:4], "little")
+
+
+def catalogue_scores(
+    bundle: ModelBundle,
+    ds: RecDataset,
+    examples: Sequence[Example],
+    candidates: Sequence[Sequence[str]],
+    *,
+    chunk: int = CATALOGUE_CHUNK,
+    device=None,
+    progress: _Progress | None = None,
+) -> list[np.ndarray] | None:
+    """The catalogue protocol's scores: per example, the log-likelihood of every candidate's quoted title
+    after :func:`hanorec.tasks.catalogue_prompt`. The prompt is encoded once per example; its titles go
+    ``chunk`` at a time into one shared-prefix row (prompt + chunk titles), so memory is bounded by the
+    chunk, not by the catalogue. Returns None when ``progress`` asked to stop."""
+    from hanorec.tasks import catalogue_prompt, quote
+
+    if chunk < 1:
+        raise ValueError(f"catalogue chunk must be >= 1, got {chunk}")
+    out: list[np.ndarray] = []
+    for e, items in zip(examples, candidates):
+        images = [ds.load_image(i) for i in e.image_items]
+        prompt = bundle.encode_prompt(catalogue_prompt(e, ds), images)
+        titles = [quote(ds.items[i].title) for i in items]
+        pieces = [titles[k : k + chunk] for k in range(0, len(titles), chunk)]
+        scores = score_options(bundle, [prompt] * len(pieces), pieces, batch_size=chunk, device=device)
+        out.append(torch.cat(scores).double().cpu().numpy())
+        if progress is not None and progress.advance(1, "catalogue"):
+            return None
+    return out
+
+
+def catalogue_baseline(name: str, candidates: Sequence[Sequence[str]], popularity: Counter, seed: int) -> list:
+    """Random or popularity scores over each example's catalogue candidates (seeded, reproducible)."""
+    if name == "random":
+        rng = np.random.default_rng(seed)
+        return [rng.random(len(c)) for c in candidates]
+    if name == "popularity":
+        return [M.popularity_scores([c], popularity, tie_seed=seed + k)[0] for k, c in enumerate(candidates)]
+    raise ValueError(f"unknown baseline {name!r}")
+
+
+def catalogue_metrics(
+    examples: Sequence[Example],
+    candidates: Sequence[Sequence[str]],
+    scores: Sequence[np.ndarray],
+    popularity: Counter,
+    n_catalogue: int,
+    snap: bool = False,
+) -> tuple[dict, dict]:
+    """(row, per-example values) of the catalogue protocol: HR@1/3, NDCG@3, MRR (the true item is candidate
+    0; ties count against it), Coverage@3 and Pop@3 of the top 3, and the chance levels of this catalogue."""
+    ranks, tops = [], []
+    for items, s in zip(candidates, scores):
+        s = np.asarray(s, dtype=np.float64)[None, :]
+        if snap:
+            s = snap_ties(s, [0])
+        ranks.append(int(M.pessimistic_ranks(s, [0])[0]))
+        tops.append([items[j] for j in M.top_k_indices(s, 3)[0]])
+    values = M.rank_values(ranks)
+    sizes = [len(c) for c in candidates]
+    row = {k: float(np.mean(v)) for k, v in values.items()}
+    row.update(M.top_k_summary(tops, popularity, n_catalogue))
+    row.update(n=len(examples), candidates=int(round(float(np.mean(sizes)))))
+    row["chance"] = chance_row(examples[0].task, sizes, popularity, candidates)
+    return row, {"user": [e.user for e in examples], **values}
+
+
 def rank_options(
     bundle: ModelBundle,
     ds: RecDataset,
@@ -280,6 +393,8 @@ def evaluate(
     should_stop: Callable[[], bool] | None = None,
     sampling: dict | None = None,
     paper_max_examples: int | None = PAPER_MAX_EXAMPLES,
+    catalogue_items: int | None = None,
+    catalogue_chunk: int = CATALOGUE_CHUNK,
 ) -> EvalResult:
     """Score `examples` with the model (if given) under each protocol, and the baselines on the same candidates.
 
@@ -292,18 +407,32 @@ def evaluate(
     protocols), ``total_steps``, ``epoch`` (0), ``elapsed_s``, ``method``, ``protocol``. should_stop() is
     polled after every batch; when it returns True evaluation ends early and the result has
     ``stopped=True`` and no rows (metrics of a partial test set would mislead).
+    The catalogue protocol (hit3 / next1; skipped for hit1) ranks each example's true item against
+    :func:`catalogue_candidates` (``catalogue_items``: a seeded sample of that many unseen items, None =
+    all), ``catalogue_chunk`` titles per forward; when it runs, ``per_example`` holds its values (the
+    comparison's paired intervals then use it), else the ranking protocol's.
     """
     if not examples:
         raise ValueError("no examples to evaluate")
     unknown = [p for p in protocols if p not in PROTOCOLS]
     if unknown:
         raise ValueError(f"unknown protocol {unknown[0]!r}; use some of {list(PROTOCOLS)}")
+    if "catalogue" in protocols and examples[0].task == "hit1" and "ranking" not in protocols:
+        protocols = (*protocols, "ranking")  # hit1 has no catalogue: it is scored by the ranking protocol
     rows: list[dict] = []
     result = EvalResult(rows)
     sampling = dict(PAPER_SAMPLING if sampling is None else sampling)
     capped = paper_examples(examples, paper_max_examples) if "paper" in protocols else []
+    use_catalogue = "catalogue" in protocols and examples[0].task != "hit1"
+    cat_items = (
+        [catalogue_candidates(e, ds, catalogue_items, seed) for e in examples] if use_catalogue else []
+    )
+    pop = popularity or Counter()
+    if use_catalogue:
+        result.per_example_protocol = "catalogue"
     if bundle is not None:
-        sizes = {"ranking": len(examples), "generative": len(examples), "paper": len(capped)}
+        sizes = {"ranking": len(examples), "generative": len(examples), "paper": len(capped),
+                 "catalogue": len(cat_items)}  # fmt: skip
         bar = _Progress(sum(sizes[p] for p in PROTOCOLS if p in protocols), method, progress, on_log, should_stop)
         try:
             if "ranking" in protocols:
@@ -315,6 +444,14 @@ def evaluate(
                     return result
                 scores = scores.numpy()
                 result.option_scores = scores.tolist()
+            if use_catalogue:
+                cat_scores = catalogue_scores(
+                    bundle, ds, examples, cat_items, chunk=catalogue_chunk, device=device, progress=bar
+                )
+                if cat_scores is None:
+                    result.stopped = True
+                    return result
+                result.catalogue_scores = [c.tolist() for c in cat_scores]
             if "generative" in protocols:
                 for e in examples:
                     r = render(e, ds)
@@ -339,9 +476,14 @@ def evaluate(
             bar.close()
         if "ranking" in protocols:
             rows.append(
-                {"method": method, "protocol": "ranking", **metrics_from_scores(examples, scores, snap=True)}
-            )
+                {"method": method, "protocol": "ranking",
+                 **metrics_from_scores(examples, scores, snap=True, popularity=pop, n_catalogue=len(ds.items))}
+            )  # fmt: skip
             result.per_example[method] = per_example_values(examples, scores, snap=True)
+        if use_catalogue:
+            row, values = catalogue_metrics(examples, cat_items, cat_scores, pop, len(ds.items), snap=True)
+            rows.append({"method": method, "protocol": "catalogue", **row})
+            result.per_example[method] = values
         if "generative" in protocols:
             rows.append(
                 {
@@ -363,20 +505,33 @@ def evaluate(
     for name in baselines:
         if name == "popularity" and popularity is None:
             raise ValueError("the popularity baseline needs training popularity counts")
-        scores = baseline_scores(name, examples, popularity or Counter(), seed)
-        rows.append({"method": name, "protocol": "ranking", **metrics_from_scores(examples, scores)})
-        result.per_example[name] = per_example_values(examples, scores)
+        if "ranking" in protocols or not use_catalogue:
+            scores = baseline_scores(name, examples, pop, seed)
+            rows.append(
+                {"method": name, "protocol": "ranking",
+                 **metrics_from_scores(examples, scores, popularity=pop, n_catalogue=len(ds.items))}
+            )  # fmt: skip
+            result.per_example[name] = per_example_values(examples, scores)
+        if use_catalogue:
+            cat = catalogue_baseline(name, cat_items, pop, seed)
+            row, values = catalogue_metrics(examples, cat_items, cat, pop, len(ds.items))
+            rows.append({"method": name, "protocol": "catalogue", **row})
+            result.per_example[name] = values
     return result
 
 
 METRIC_COLUMNS = {
-    "hit3": ["method", "protocol", "HR@1", "HR@3", "NDCG@3", "ValidRatio", "n", "candidates"],
+    "hit3": ["method", "protocol", "HR@1", "HR@3", "NDCG@3", "MRR", "Coverage@3", "Pop@3", "ValidRatio", "n",
+             "candidates"],
     "next1": [
         "method",
         "protocol",
         "HR@1",
         "HR@3",
         "NDCG@3",
+        "MRR",
+        "Coverage@3",
+        "Pop@3",
         "HR@1_all",
         "HR@1_valid",
         "ValidRatio",
@@ -397,6 +552,11 @@ def protocol_note(protocol: str, row: dict | None = None) -> str:
     """One line saying what a protocol computes (the paper protocol's decoding read from its row)."""
     if protocol == "ranking":
         return "ranking = every candidate scored by the likelihood of its title (ours, deterministic)"
+    if protocol == "catalogue":
+        return (
+            "catalogue = the most recent true item ranked against every item the user never interacted with (or a "
+            "seeded sample of them) by title likelihood, after the task's prompt without its candidate list (ours)"
+        )
     if protocol == "generative":
         return "generative = greedy decoding, lenient title matching, an invalid hit1 answer scored 0.5 (ours)"
     if protocol == "paper":
@@ -420,13 +580,31 @@ def split_label(split: str | None, policy: str | None = None) -> str:
     return f"{split} split" + (f" ({SPLIT_ALIASES.get(policy, policy)} windows)" if policy else "")
 
 
+def with_chance_rows(rows: list[dict]) -> list[dict]:
+    """The rows grouped by protocol (in order of first appearance), each group followed by a "chance" row:
+    every metric's value under a random ranking of that protocol's candidates (the rows' ``chance`` entries)."""
+    out: list[dict] = []
+    for p in dict.fromkeys(r.get("protocol") for r in rows):
+        mine = [r for r in rows if r.get("protocol") == p]
+        out += mine
+        chance = next((r["chance"] for r in mine if isinstance(r.get("chance"), dict)), None)
+        if chance:
+            out.append({"method": "chance", "protocol": p, **chance})
+    return out
+
+
 def format_results(
     task: str, rows: list[dict], markdown: bool = False, *, split: str | None = None, split_policy: str | None = None
 ) -> str:
     """The metric table of evaluation rows, with a note naming each protocol used and (given) the split."""
+    rows = with_chance_rows(rows)
     cols = [c for c in METRIC_COLUMNS[task] if any(c in r for r in rows)]
     protocols = list(dict.fromkeys(r.get("protocol") for r in rows if r.get("protocol")))
-    lines = ["metrics are fractions in [0, 1], higher is better; n = examples scored, candidates = options each"]
+    lines = [
+        "metrics are fractions in [0, 1], higher is better, except Pop@3 (mean training interactions of the top 3 "
+        "items: lower = less popularity bias); chance = a random ranking; n = examples scored, candidates = "
+        "options each (catalogue: mean per example)"
+    ]
     where = split_label(split, split_policy)
     if where:
         lines[0] += f"; evaluated on the {where}"

@@ -187,9 +187,67 @@ def ranking_metrics(scores, true_first, ks: Sequence[int] = (1, 3)) -> dict:
         out[f"HR@{k}"] = float(hit.mean()) if n else 0.0
         gains = np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0)
         out[f"NDCG@{k}"] = float(gains.mean()) if n else 0.0
+    out["MRR"] = float((1.0 / (ranks + 1.0)).mean()) if n else 0.0
     out["n"] = n
     out["candidates"] = c
     return out
+
+
+def rank_values(ranks) -> dict[str, list[float]]:
+    """Per-example HR@1, HR@3, NDCG@3 and reciprocal rank (MRR's terms) of 0-based ranks of the true item."""
+    r = _as_numpy(ranks).astype(np.float64).reshape(-1)
+    return {
+        "HR@1": (r < 1).astype(float).tolist(),
+        "HR@3": (r < 3).astype(float).tolist(),
+        "NDCG@3": np.where(r < 3, 1.0 / np.log2(r + 2.0), 0.0).tolist(),
+        "MRR": (1.0 / (r + 1.0)).tolist(),
+    }
+
+
+def chance_levels(n_candidates, ks: Sequence[int] = (1, 3)) -> dict:
+    """Each ranking metric's expected value under a uniformly random order of the candidates.
+
+    ``n_candidates`` holds each example's candidate count C (one int for all, or one per example: the
+    catalogue protocol's C varies with what each user has seen). For one example the true item's rank is
+    uniform on 0..C-1, so HR@k = min(k, C)/C, NDCG@k = sum_{r<min(k,C)} 1/log2(r+2) / C and
+    MRR = H_C / C (H_C the C-th harmonic number); the returned values are means over examples.
+    """
+    c = np.atleast_1d(np.asarray(n_candidates, dtype=np.int64)).reshape(-1)
+    if c.size == 0 or (c < 1).any():
+        raise ValueError(f"candidate counts must be >= 1, got {sorted(set(c.tolist()))[:5]}")
+    out: dict = {}
+    for k in ks:
+        kk = np.minimum(k, c)
+        out[f"HR@{k}"] = float((kk / c).mean())
+        gains = np.cumsum(1.0 / np.log2(np.arange(k) + 2.0))  # gains[j] = sum over ranks 0..j
+        out[f"NDCG@{k}"] = float((gains[kk - 1] / c).mean())
+    harmonic = np.cumsum(1.0 / np.arange(1, int(c.max()) + 1))
+    out["MRR"] = float((harmonic[c - 1] / c).mean())
+    return out
+
+
+def top_k_summary(top_items: Sequence[Sequence[str]], popularity: Mapping, n_catalogue: int, k: int = 3) -> dict:
+    """Coverage and mean popularity of the top-k recommendations over all examples.
+
+    ``Coverage@k``: distinct items in any example's top k over the catalogue size (a model that shows
+    everyone the same items covers little). ``Pop@k``: the mean training-interaction count of the top-k
+    items (recommender papers explain preference-training gains through popularity bias; compare with
+    the popularity baseline's and the chance level's value).
+    """
+    if n_catalogue < 1:
+        raise ValueError(f"the catalogue needs at least one item, got {n_catalogue}")
+    tops = [list(t)[:k] for t in top_items]
+    flat = [i for t in tops for i in t]
+    return {
+        f"Coverage@{k}": len(set(flat)) / n_catalogue,
+        f"Pop@{k}": float(np.mean([_count(popularity, i) for i in flat])) if flat else 0.0,
+    }
+
+
+def top_k_indices(scores, k: int = 3) -> np.ndarray:
+    """(N, min(k, C)) candidate indices of each row's k best scores, best first (ties: lower index first)."""
+    s = _as_numpy(scores).astype(np.float64)
+    return np.argsort(-s, axis=1, kind="stable")[:, :k]
 
 
 def auc(scores, labels) -> float:

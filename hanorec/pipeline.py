@@ -20,6 +20,7 @@ from hanorec.models import ModelBundle, add_lora
 from hanorec.report import (
     comparison_report,
     comparison_table,
+    format_difference,
     machine_description,
     paired_differences,
     paired_table,
@@ -189,6 +190,8 @@ def run_eval(
         should_stop=should_stop,
         sampling=cfg.eval.sampling(),
         paper_max_examples=cfg.eval.paper_max_examples,
+        catalogue_items=cfg.eval.catalogue_items,
+        catalogue_chunk=cfg.eval.catalogue_chunk,
     )
 
 
@@ -336,7 +339,7 @@ def per_example_entries(task: str, seed: int, ev: EvalResult) -> list[dict]:
     """One evaluation's per-example ranking values, one entry per method, as comparison.json and sweep.json
     keep them (the input of hanorec.report.paired_differences)."""
     return [
-        {"task": task, "seed": seed, "method": m, "protocol": "ranking", "values": v}
+        {"task": task, "seed": seed, "method": m, "protocol": ev.per_example_protocol, "values": v}
         for m, v in ev.per_example.items()
     ]
 
@@ -389,9 +392,9 @@ def run_comparison(
                 per_example += per_example_entries(task, seed, ev)
                 print_fn(format_results(task, ev.rows, split=cfg.eval.split, split_policy=cfg.data.split_policy))
                 del bundle
-    # the mean ± std table reads the ranking protocol when the run has it; paired intervals always do (the
-    # per-example values kept are the ranking protocol's)
-    protocol = "ranking" if "ranking" in cfg.eval.protocols else cfg.eval.protocols[0]
+    # both tables read the catalogue protocol when the run has it (hit1: the ranking protocol), else ranking
+    protocol = next(p for p in ("catalogue", "ranking", *cfg.eval.protocols) if p in cfg.eval.protocols)
+    paired_protocol = "catalogue" if "catalogue" in cfg.eval.protocols else "ranking"
     summary = summarize(rows, mean_std, protocol)
     paired = paired_differences(per_example)
     result = {
@@ -399,7 +402,7 @@ def run_comparison(
         "summary": summary,
         "paired": paired,
         "protocol": protocol,
-        "paired_protocol": "ranking",
+        "paired_protocol": paired_protocol,
         "split": cfg.eval.split,
         "split_policy": cfg.data.split_policy,
         "seeds": list(seeds),
@@ -417,7 +420,7 @@ def run_comparison(
     table = (
         comparison_table(summary, len(seeds), protocol, split, policy)
         + "\n\n"
-        + paired_table(paired, len(seeds), "ranking", split, policy)
+        + paired_table(paired, len(seeds), paired_protocol, split, policy)
     )
     (root / "comparison.md").write_text(table + "\n")
     print_fn(table)
@@ -527,15 +530,15 @@ def sweep_table(result: dict) -> str:
         cells = [f"{e[m][0]:.4f} ± {e[m][1]:.4f}" if m in e else "-" for m in metrics]
         for m in metrics:
             d = paired.get(e["setting"], {}).get(f"{task} {m}")
-            cells.append("-" if d is None else
-                         f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]{' *' if d['excludes_zero'] else ''}")
+            cells.append("-" if d is None else format_difference(d))
         cells += [f"{e[k][0]:.3f}" if k in e else "-" for k in diag]
         lines.append(f"| {e['setting']} | " + " | ".join(cells) + " |")
     n_users = next((d["n_users"] for p in result["paired"] for k, d in p.items() if isinstance(d, dict)), None)
     lines.append(
         f"\nmean ± sample std over {len(result['seeds'])} seeds; paired difference: setting minus "
         f"{result['reference']}, mean per-user difference [95% percentile bootstrap interval over "
-        f"{n_users} test users, pooled over seeds; * excludes 0]. Ranking protocol (title likelihood), "
+        f"{n_users} test users, pooled over seeds; * excludes 0; ±x = difference detectable with 80% power]. "
+        f"{result.get('protocol', 'ranking').capitalize()} protocol (title likelihood), "
         f"{result['split']} split, split policy {result['split_policy']}; diagnostics are means over seeds of "
         "the last logged training step."
     )

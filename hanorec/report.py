@@ -65,26 +65,53 @@ def _replace_section(path: Path, key: str, body: str) -> None:
     path.write_text(text)
 
 
+def preference_methods() -> dict[str, dict]:
+    """The stage-2 methods a comparison can run, display name -> `pref` overrides: the one place the
+    comparison, its scripts and the app's Compare tab read them from."""
+    return {name: dict(over) for name, over in PREF_VARIANTS.items()}
+
+
 METHOD_ORDER = ["random", "popularity", "SFT", *PREF_VARIANTS]
+# per task, the columns of the mean ± std table (every results table carries MRR, coverage and popularity)
+SUMMARY_METRICS = (
+    ("hit3", "HR@3"), ("hit3", "NDCG@3"), ("hit3", "MRR"), ("hit3", "Coverage@3"), ("hit3", "Pop@3"),
+    ("next1", "HR@1"), ("next1", "HR@3"), ("next1", "MRR"), ("next1", "Coverage@3"), ("next1", "Pop@3"),
+    ("hit1", "AUC"),
+)  # fmt: skip
+
+
+def _method_order(names) -> list[str]:
+    names = list(dict.fromkeys(names))
+    order = ["random", "popularity", "SFT", *preference_methods()]
+    return [m for m in order if m in names] + [m for m in names if m not in order]
 
 
 def summarize(rows: list[dict], mean_std, protocol: str = "ranking") -> list[dict]:
-    """Mean and std over seeds of hit3 HR@3 / NDCG@3 and hit1 AUC, per method, from one protocol's rows
-    (rows whose value is None, like a paper-protocol AUC left undefined, are left out)."""
+    """Mean and std over seeds of each task's metrics (:data:`SUMMARY_METRICS`), per method, from one
+    protocol's rows (rows whose value is None, like a paper-protocol AUC left undefined, are left out); then
+    one "chance" entry: each metric's value under a random ranking (std 0; the rows' ``chance`` entries).
+    A hit1 row has no catalogue protocol: with protocol "catalogue", hit1 reads its ranking rows."""
     out = []
-    for method in METHOD_ORDER:
+
+    def mine(task):
+        p = "ranking" if task == "hit1" and protocol == "catalogue" else protocol
+        return [r for r in rows if r["task"] == task and r.get("protocol") == p]
+
+    for method in _method_order(r["method"] for r in rows):
         entry: dict = {"method": method}
-        for task, metric in (("hit3", "HR@3"), ("hit3", "NDCG@3"), ("hit1", "AUC")):
-            vals = [
-                r[metric]
-                for r in rows
-                if r["task"] == task and r["method"] == method and r["protocol"] == protocol
-                and r.get(metric) is not None
-            ]
+        for task, metric in SUMMARY_METRICS:
+            vals = [r[metric] for r in mine(task) if r["method"] == method and r.get(metric) is not None]
             if vals:
                 entry[f"{task} {metric}"] = mean_std(vals)
         if len(entry) > 1:
             out.append(entry)
+    chance: dict = {"method": "chance"}
+    for task, metric in SUMMARY_METRICS:
+        vals = [r["chance"][metric] for r in mine(task) if metric in (r.get("chance") or {})]
+        if vals:
+            chance[f"{task} {metric}"] = (float(sum(vals) / len(vals)), 0.0)
+    if len(chance) > 1:
+        out.append(chance)
     return out
 
 
@@ -94,6 +121,8 @@ def protocol_words(protocol: str) -> str:
         "ranking": "ranking protocol (title likelihood)",
         "generative": "generative protocol (greedy decoding, lenient matching)",
         "paper": "paper protocol (the authors': seeded sampling, exact titles, hit1 AUC over Yes/No answers)",
+        "catalogue": "catalogue protocol (the true item ranked by title likelihood against the items the user never "
+        "interacted with; hit1 rows: ranking protocol)",
     }.get(protocol, f"{protocol} protocol")
 
 
@@ -103,17 +132,30 @@ def comparison_table(
     """Markdown: mean ± std over seeds per method; the caption names the protocol and the split it used."""
     from hanorec.eval import split_label
 
-    cols = ["hit3 HR@3", "hit3 NDCG@3", "hit1 AUC"]
+    cols = [f"{t} {m}" for t, m in SUMMARY_METRICS]
     present = [c for c in cols if any(c in e for e in summary)]
     lines = ["| method | " + " | ".join(present) + " |", "|---|" + "---:|" * len(present)]
+
+    def cell(e, c):
+        if c not in e:
+            return "-"
+        digits = 2 if c.endswith("Pop@3") else 4
+        if e["method"] == "chance":
+            return f"{e[c][0]:.{digits}f}"
+        return f"{e[c][0]:.{digits}f} ± {e[c][1]:.{digits}f}"
+
     for e in summary:
-        cells = [f"{e[c][0]:.4f} ± {e[c][1]:.4f}" if c in e else "-" for c in present]
-        lines.append(f"| {e['method']} | " + " | ".join(cells) + " |")
-    lines.append(f"\nmean ± sample std over {n_seeds} seeds; {protocol_words(protocol)}, {split_label(split, split_policy)}.")
+        lines.append(f"| {e['method']} | " + " | ".join(cell(e, c) for c in present) + " |")
+    lines.append(
+        f"\nmean ± sample std over {n_seeds} seeds; {protocol_words(protocol)}, {split_label(split, split_policy)}. "
+        "chance = a uniformly random ranking; Coverage@3 = distinct items in any top 3 / catalogue; Pop@3 = mean "
+        "training interactions of the top-3 items (higher = more popularity bias)."
+    )
     return "\n".join(lines)
 
 
-PAIRED_METRICS = (("hit3", "HR@3"), ("hit3", "NDCG@3"), ("hit1", "AUC"))
+PAIRED_METRICS = (("hit3", "HR@3"), ("hit3", "NDCG@3"), ("hit3", "MRR"), ("next1", "HR@1"), ("next1", "MRR"),
+                  ("hit1", "AUC"))
 
 
 def paired_differences(
@@ -136,8 +178,7 @@ def paired_differences(
     from hanorec.stats import paired_bootstrap, paired_bootstrap_auc
 
     by_key = {(e["task"], e["seed"], e["method"]): e["values"] for e in per_example}
-    methods = [m for m in METHOD_ORDER if any(k[2] == m for k in by_key)]
-    methods += sorted({k[2] for k in by_key} - set(methods))
+    methods = _method_order(k[2] for k in by_key)
     out = []
     for ref in references:
         for method in methods:
@@ -180,6 +221,14 @@ def paired_differences(
     return out
 
 
+def format_difference(d: dict) -> str:
+    """``+0.0123 [-0.0040, +0.0290] ±0.0230``: mean paired difference, interval (* without 0), detectable size."""
+    star = " *" if d.get("excludes_zero") else ""
+    mdd = d.get("detectable")
+    tail = f" ±{mdd:.4f}" if isinstance(mdd, (int, float)) and mdd == mdd else ""
+    return f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]{star}{tail}"
+
+
 def paired_table(
     paired: list[dict], n_seeds: int, protocol: str = "ranking", split: str = "test", split_policy: str | None = None
 ) -> str:
@@ -198,8 +247,7 @@ def paired_table(
             if d is None:
                 cells.append("-")
             else:
-                star = " *" if d["excludes_zero"] else ""
-                cells.append(f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]{star}")
+                cells.append(format_difference(d))
         lines.append(f"| {e['method']} | {e['reference']} | " + " | ".join(cells) + " |")
     level = next((e[c]["level"] for e in paired for c in present if c in e), 0.95)
     users = {c.split()[0]: e[c]["n_users"] for e in paired for c in present if c in e}
@@ -207,7 +255,9 @@ def paired_table(
     lines.append(
         f"\nmethod minus reference: mean per-user paired difference [{level:.0%} percentile bootstrap interval "
         f"over test users ({sizes}), pooled over {n_seeds} seeds, a user's seeds resampled together]; "
-        f"* marks an interval that excludes 0. {protocol.capitalize()} protocol"
+        f"* marks an interval that excludes 0; ±x = the smallest difference detectable with 80% power at the "
+        f"5% level given the per-user paired variance (2.80 SE), so an interval containing 0 rules out "
+        f"differences of that size. {protocol.capitalize()} protocol"
         f"{' (title likelihood)' if protocol == 'ranking' else ''}, {split_label(split, split_policy)}."
     )
     return "\n".join(lines)

@@ -25,6 +25,10 @@ class PairedDifference:
     n_users: int
     n_boot: int
     level: float = 0.95
+    # the standard error of the mean difference and the smallest true difference this comparison detects
+    # with 80% power at the two-sided level (:func:`detectable_difference`); NaN when unknown
+    se: float = float("nan")
+    detectable: float = float("nan")
 
     @property
     def excludes_zero(self) -> bool:
@@ -39,6 +43,18 @@ class PairedDifference:
         return f"{self.mean:+.4f} [{self.low:+.4f}, {self.high:+.4f}]{star}"
 
 
+def detectable_difference(se: float, level: float = 0.95, power: float = 0.8) -> float:
+    """The smallest true mean difference a two-sided test at ``level`` detects with probability ``power``:
+    (z_{1-alpha/2} + z_power) x SE, 2.80 SE at 95% and 80% power (normal approximation). A comparison whose
+    interval contains 0 then says "a difference of this size or more would have been seen"."""
+    from statistics import NormalDist
+
+    if not 0 < power < 1:
+        raise ValueError(f"power must be in (0, 1), got {power}")
+    z = NormalDist().inv_cdf
+    return float((z(1 - (1 - level) / 2) + z(power)) * se)
+
+
 def _user_codes(users: Sequence) -> tuple[np.ndarray, int]:
     _, codes = np.unique(np.asarray([str(u) for u in users]), return_inverse=True)
     return codes.reshape(-1), int(codes.max()) + 1 if len(codes) else 0
@@ -51,11 +67,18 @@ def _user_draws(n_users: int, n_boot: int, seed: int) -> np.ndarray:
     return np.stack([np.bincount(d, minlength=n_users) for d in draws]).astype(np.float64)
 
 
-def _interval(point: float, reps: np.ndarray, n_users: int, n_boot: int, level: float) -> PairedDifference:
+def _interval(
+    point: float, reps: np.ndarray, n_users: int, n_boot: int, level: float, se: float | None = None
+) -> PairedDifference:
+    """The percentile interval of ``reps``; ``se`` defaults to the bootstrap replicates' standard deviation."""
     reps = reps[np.isfinite(reps)]
     alpha = (1.0 - level) / 2.0
     low, high = np.quantile(reps, [alpha, 1.0 - alpha])
-    return PairedDifference(float(point), float(low), float(high), n_users, n_boot, level)
+    if se is None:
+        se = float(reps.std(ddof=1)) if reps.size > 1 else float("nan")
+    return PairedDifference(
+        float(point), float(low), float(high), n_users, n_boot, level, float(se), detectable_difference(se, level)
+    )
 
 
 def _check(n_boot: int, level: float, *lengths: int) -> None:
@@ -84,7 +107,8 @@ def paired_bootstrap(
     same example i of user ``users[i]``; examples of several seeds are pooled by concatenation. Each user's
     difference is the mean of ``a - b`` over all its examples (all seeds); the estimate is the mean over
     users, and each bootstrap sample draws users with replacement (a user's seeds stay together).
-    Reproducible for a given ``seed``.
+    ``se`` = sd of the per-user differences / sqrt(users) and ``detectable`` = 2.80 se, the difference this
+    comparison detects with 80% power (:func:`detectable_difference`). Reproducible for a given ``seed``.
     """
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     _check(n_boot, level, len(a), len(b), len(users))
@@ -92,7 +116,9 @@ def paired_bootstrap(
     per_user = np.bincount(codes, weights=a - b, minlength=n_users) / np.bincount(codes, minlength=n_users)
     counts = _user_draws(n_users, n_boot, seed)
     reps = counts @ per_user / n_users
-    return _interval(float(per_user.mean()), reps, n_users, n_boot, level)
+    # the detectable difference comes from the per-user paired variance: SE = sd(user differences) / sqrt(n)
+    se = float(per_user.std(ddof=1) / np.sqrt(n_users)) if n_users > 1 else float("nan")
+    return _interval(float(per_user.mean()), reps, n_users, n_boot, level, se)
 
 
 def _weighted_auc(scores: np.ndarray, labels: np.ndarray, w: np.ndarray) -> float:
@@ -126,7 +152,7 @@ def paired_bootstrap_auc(
     examples (weighted by how often each user is drawn). ``groups`` (e.g. the seed of each example) keeps
     scores of different trained models apart: the statistic is the mean over groups of the per-group AUC
     difference (scores of two seeds' models are not on one scale). Samples in which a group lacks a class
-    are left out of the interval.
+    are left out of the interval. ``se`` is the bootstrap replicates' standard deviation.
     """
     sa, sb = np.asarray(scores_a, dtype=np.float64), np.asarray(scores_b, dtype=np.float64)
     y = np.asarray(labels, dtype=bool)

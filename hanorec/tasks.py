@@ -272,6 +272,28 @@ def build_examples(
     return examples
 
 
+CANDIDATE_SENTENCE = " Below are the candidate "
+
+
+def catalogue_prompt(example: Example, ds: RecDataset) -> str:
+    """The prompt of the catalogue protocol (hanorec.eval): the task's prompt without its candidate sentence.
+
+    hit3 and next1 prompts list their candidates ("Below are the candidate movies: ..."); ranking the whole
+    catalogue cannot list it, so this prompt keeps everything else (the history with its images, the
+    question and the answer format) and drops that one sentence. It is the only difference from the prompt
+    the model is trained on.
+    """
+    if example.task == "hit1":
+        raise TaskError("the catalogue protocol ranks titles; hit1 answers Yes or No and has no catalogue prompt")
+    shown = _shown(ds, example.candidates, False)
+    start = example.prompt.find(CANDIDATE_SENTENCE)
+    at = example.prompt.find(shown, start) if start >= 0 else -1
+    if at < 0:
+        raise TaskError(f"user {example.user}: the prompt has no candidate sentence to drop")
+    end = at + len(shown) + 1  # the sentence's full stop
+    return example.prompt[:start] + example.prompt[end:]
+
+
 @dataclass
 class Rendered:
     """An example as the model sees it: text with placeholders, the images in order, the answer."""

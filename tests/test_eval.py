@@ -66,7 +66,10 @@ def test_batched_tables_match_one_at_a_time(ds, bundles, preset, task, n_negativ
     pop = train_popularity(splits.train)
     after = evaluate(bundle, ds, examples, batch_size=4, popularity=pop, progress=False)  # chunks 4, 4, 3
     np.testing.assert_allclose(np.array(after.option_scores), before, atol=1e-5, rtol=1e-6)
-    rows_before = [{"method": "model", "protocol": "ranking", **metrics_from_scores(examples, before, snap=True)}]
+    rows_before = [
+        {"method": "model", "protocol": "ranking",
+         **metrics_from_scores(examples, before, snap=True, popularity=pop, n_catalogue=len(ds.items))}
+    ]  # fmt: skip
     assert after.rows[0] == rows_before[0]
     # the per-example values average to the aggregated row (hit1: AUC recomputed from scores and labels)
     _check_per_example(after.per_example["model"], after.rows[0], examples)
@@ -84,7 +87,7 @@ def _check_per_example(values, row, examples):
         assert values["label"] == [e.label for e in examples]
         assert np.isclose(metrics_from_scores(examples, np.array(values["score"])[:, None])["AUC"], row["AUC"])
         return
-    for metric in ("HR@1", "HR@3", "NDCG@3"):
+    for metric in ("HR@1", "HR@3", "NDCG@3", "MRR"):
         assert len(values[metric]) == len(examples)
         assert np.isclose(np.mean(values[metric]), row[metric]), metric
 

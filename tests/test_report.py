@@ -97,7 +97,9 @@ def test_paired_table_renders_the_bootstrap_numbers():
     assert lines[0] == "| method | vs | hit3 HR@3 | hit3 NDCG@3 | hit1 AUC |"
     row = next(line for line in lines if line.startswith("| DPO | SFT |"))
     assert f"{d['mean']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}] *" in row
-    assert "| HaNo-DPO | SFT | +0.0000 [+0.0000, +0.0000] | +0.0000 [+0.0000, +0.0000] | +0.0000 [+0.0000, +0.0000] |" in table
+    zero = "+0.0000 [+0.0000, +0.0000] ±0.0000"
+    assert f"| HaNo-DPO | SFT | {zero} | {zero} | {zero} |" in table
+    assert f"±{d['detectable']:.4f}" in row and "80% power" in table
     assert "Ranking protocol (title likelihood), test split." in table
     assert "hit3: 30 users" in table and "pooled over 2 seeds" in table
 
