@@ -1,11 +1,14 @@
 """`python -m hanorec <command> [--config preset.yaml] [--section.key=value ...]`
 
 Commands:
-  make-demo   write the bundled demo dataset (deterministic): --out=assets/demo --seed=0
+  make-demo   write the bundled demo dataset (deterministic): --out=assets/demo --seed=0; teaching scenarios
+              (beyond the paper): --false-negatives=F --preference-noise=F --uneven-density=F, fractions in [0, 1]
   run         data -> SFT -> evaluation, prints a metrics table (resumes an interrupted run)
   sft         stage 1 only
   pref        stage 2 (DPO, S-DPO or HaNo-DPO by --pref.method) from the run's SFT checkpoint, then evaluation
   compare     SFT, DPO, S-DPO, HaNo-DPO and its ablations over seeds and tasks: --seeds=0,1,2 --tasks=hit3,hit1
+              --variants=DPO,HaNo-DPO (default: every method); --from-sft=RUN starts every seed from RUN's SFT
+              model; SIGTERM stops it, the same command resumes it
               (--readme=README.md writes the table, command, machine and wall time into the README)
   evaluate    evaluate the newest checkpoint of a run's stage (--stage=sft by default, or a preference stage
               folder such as --stage=hano_dpo; or --checkpoint=PATH) with baselines
@@ -89,7 +92,7 @@ def _split_args(argv: list[str]) -> tuple[str | None, list[str], dict]:
         if arg.startswith("--config="):
             config = arg.split("=", 1)[1]
         elif arg.startswith(
-            ("--checkpoint=", "--out=", "--seeds=", "--tasks=", "--variants=", "--readme=", "--stage=")
+            ("--checkpoint=", "--out=", "--seeds=", "--tasks=", "--variants=", "--readme=", "--stage=", "--from-sft=")
         ):
             k, v = arg[2:].split("=", 1)
             extra[k] = v
@@ -133,17 +136,34 @@ def main(argv: list[str] | None = None) -> int:
             from hanorec.data import make_demo
 
             _, over, extra = _split_args(fixed)
-            seed = 0
+            seed, planted = 0, {}
+            scenario_flags = {"--false-negatives": "false_negatives", "--preference-noise": "preference_noise",
+                              "--uneven-density": "uneven_density"}  # fmt: skip
             for o in over:
-                if o.startswith("--seed="):
+                flag, _, value = o.partition("=")
+                if flag == "--seed":
                     try:
-                        seed = int(o.split("=", 1)[1])
+                        seed = int(value)
                     except ValueError:
                         raise ConfigError(f"{o} must be an integer, e.g. --seed=0") from None
+                elif flag in scenario_flags:
+                    try:
+                        planted[scenario_flags[flag]] = float(value)
+                    except ValueError:
+                        raise ConfigError(f"{o} must be a fraction in [0, 1], e.g. {flag}=0.3") from None
+                    if not 0 <= planted[scenario_flags[flag]] <= 1:
+                        raise ConfigError(f"{o} must be a fraction in [0, 1], e.g. {flag}=0.3")
                 else:
-                    raise ConfigError(f"make-demo takes --out=DIR and --seed=N, not {o!r}")
-            out = make_demo(extra.get("out", "assets/demo"), seed=seed)
+                    raise ConfigError(
+                        f"make-demo takes --out=DIR, --seed=N and the scenario fractions {list(scenario_flags)}, "
+                        f"not {o!r}"
+                    )
+            out = make_demo(extra.get("out", "assets/demo"), seed=seed, **planted)
             print(f"demo dataset written to {out}")
+            from hanorec.data import read_scenario, scenario_sentences
+
+            for line in scenario_sentences(read_scenario(out)):
+                print(line)
             return 0
         if command == "config" and any(a in ("--help", "-h") for a in fixed):
             config_path, overrides, _ = _split_args([a for a in fixed if a not in ("--help", "-h")])
@@ -192,20 +212,30 @@ def main(argv: list[str] | None = None) -> int:
             bad = [t for t in tasks if t not in TASKS] or ([] if seeds and tasks else ["(none)"])
             if bad:
                 raise ConfigError(f"--tasks names {bad[0]!r}; use some of {list(TASKS)}, comma-separated, and at least one seed")
-            variants = extra["variants"].split(",") if "variants" in extra else list(pipeline.PREF_VARIANTS)
-            unknown = [v for v in variants if v not in pipeline.PREF_VARIANTS]
+            offered = pipeline.preference_methods()
+            variants = extra["variants"].split(",") if "variants" in extra else list(offered)
+            unknown = [v for v in variants if v not in offered]
             if unknown:
-                raise ConfigError(
-                    f"unknown variant {unknown[0]!r}; use some of {list(pipeline.PREF_VARIANTS)}"
+                raise ConfigError(f"unknown variant {unknown[0]!r}; use some of {list(offered)}")
+            from hanorec.runs import track_status, write_status
+
+            stop = _StopFlag().install()
+
+            def progress(p: dict) -> None:  # the job queue and the Compare tab read it from status.json
+                write_status(cfg.output_dir, "running", command="compare", **p)
+
+            with track_status(cfg.output_dir, "compare", stop):
+                pipeline.run_comparison(
+                    cfg,
+                    seeds=seeds,
+                    tasks=tasks,
+                    variants=variants,
+                    readme=extra.get("readme"),
+                    command=".venv/bin/python -m hanorec " + " ".join(argv),
+                    sft_run=extra.get("from-sft"),
+                    should_stop=stop,
+                    on_progress=progress,
                 )
-            pipeline.run_comparison(
-                cfg,
-                seeds=seeds,
-                tasks=tasks,
-                variants=variants,
-                readme=extra.get("readme"),
-                command=".venv/bin/python -m hanorec " + " ".join(argv),
-            )
             return 0
         if command == "evaluate":
             from hanorec.eval import format_results

@@ -102,6 +102,8 @@ class RecDataset:
     items: dict[str, Item]  # item_id -> Item
     sequences: dict[str, list[str]]  # user -> item ids in time order
     summary: LoadSummary
+    # a teaching scenario planted by make_demo (scenario.json; beyond the paper): see SCENARIOS
+    scenario: dict = field(default_factory=dict)
 
     def load_image(self, item_id: str, size: int | None = None) -> Image.Image:
         """The item's image as RGB, resized to ``size x size`` if given (posters are stretched,
@@ -156,7 +158,7 @@ class RecDataset:
             bad_rows=list(self.summary.bad_rows),
         )
         return RecDataset(
-            f"{self.name}[{len(sequences)} users]", self.domain, self.root, items, sequences, summary
+            f"{self.name}[{len(sequences)} users]", self.domain, self.root, items, sequences, summary, self.scenario
         )
 
     def popularity(self, users: Iterable[str] | None = None) -> dict[str, int]:
@@ -291,7 +293,7 @@ def load_dataset(
         bad_rows=problems.messages,
     )
     name = root.resolve().name if root.name in ("", ".", "..") else root.name
-    return RecDataset(name, domain, root, items, sequences, summary)
+    return RecDataset(name, domain, root, items, sequences, summary, read_scenario(root))
 
 
 def _find_file(root: Path, name: str) -> Path | None:
@@ -737,12 +739,74 @@ _DEMO_TEMPLATES = (
     "A {n} {g} Story",
     "{g} {g2}",
 )
+# ----------------------------------------------------------------------------- teaching scenarios
+# Phenomena the preference methods claim to handle, planted in the demo data (all beyond the paper, which
+# measures none of them). make_demo writes them to scenario.json; training reads them from RecDataset.scenario:
+# false negatives when the training examples draw their negatives (hanorec.tasks.build_examples), preference
+# noise when the pairs are built (hanorec.pairs.build_pairs); uneven density shapes the catalogue itself.
+# Test examples never see a scenario: every method is measured on the same clean test candidates.
+SCENARIO_FILE = "scenario.json"
+SCENARIOS = {
+    "false_negatives": (
+        "False negatives (beyond the paper): this fraction of the training negatives is drawn from the user's "
+        "own taste (the true item's colour and genre), so a 'rejected' item is often one the user would like. "
+        "Stresses HaRS, which is meant to soften hard and false negatives."
+    ),
+    "preference_noise": (
+        "Preference noise (beyond the paper): this fraction of the training pairs has chosen and rejected "
+        "swapped. Stresses the label-noise methods, rDPO and cDPO, and the overfitting guards, NoDO and IPO."
+    ),
+    "uneven_density": (
+        "Uneven cluster density (beyond the paper): the 16 (colour, genre) clusters hold very different numbers "
+        "of items (the largest up to 1 + 19 x this value times the smallest), so HaRS' neighbour profiles differ "
+        "between positives (dense clusters) and negatives. Stresses HaRS' hardness estimate."
+    ),
+}
+
+
+def read_scenario(root) -> dict:
+    """The scenario planted in a dataset folder (its scenario.json), {} when there is none. One sentence
+    naming the file when it is damaged or holds an unknown key or a value outside [0, 1]."""
+    import json
+
+    path = Path(root) / SCENARIO_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DataError(f"The scenario file {path} is not readable JSON ({e}).") from None
+    if not isinstance(data, dict):
+        raise DataError(f"The scenario file {path} must hold an object such as {{\"false_negatives\": 0.3}}.")
+    out = {}
+    for key, value in data.items():
+        if key not in SCENARIOS:
+            raise DataError(f"The scenario file {path} names {key!r}; use some of {list(SCENARIOS)}.")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise DataError(f"The scenario file {path} sets {key} = {value!r}; it must be a number in [0, 1].")
+        out[key] = float(value)
+    return out
+
+
+def scenario_sentences(scenario: dict) -> list[str]:
+    """One sentence per planted phenomenon, naming the mechanism it stresses (the app shows them)."""
+    return [f"{SCENARIOS[k]} Planted at {v:g}." for k, v in scenario.items() if v and k in SCENARIOS]
+
+
 DEMO_TASTE_MATCH = 0.85  # probability that a next item matches the user's (colour, genre) taste
 DEMO_TASTE_DRIFT = 0.1  # per-step probability that the taste changes one attribute
 
 
 def make_demo(
-    out_dir, *, seed: int = 0, n_items: int = 300, n_users: int = 240, image_size: int = 64
+    out_dir,
+    *,
+    seed: int = 0,
+    n_items: int = 300,
+    n_users: int = 240,
+    image_size: int = 64,
+    false_negatives: float = 0.0,
+    preference_noise: float = 0.0,
+    uneven_density: float = 0.0,
 ) -> Path:
     """Write a small synthetic multimodal dataset in the hanorec format and return its folder.
 
@@ -758,16 +822,34 @@ def make_demo(
     Writes pairs.tsv, titles.csv (item,title,color,genre), images/<id>.jpg, README.txt.
     The color and genre columns are the ground truth for analysis: never put them in prompts.
     Deterministic: the same arguments give byte-identical files.
+
+    Teaching scenarios (beyond the paper; :data:`SCENARIOS` says what each stresses), each a fraction in
+    [0, 1], written to scenario.json when any is set: ``false_negatives`` and ``preference_noise`` act when
+    training data are built from this folder; ``uneven_density`` gives the (colour, genre) clusters uneven
+    sizes. With all three at 0 the files are those of the plain demo.
     """
     if n_items < 16 or n_users < 1 or image_size < 16:
         raise ValueError("make_demo needs n_items >= 16, n_users >= 1 and image_size >= 16.")
+    planted = {"false_negatives": false_negatives, "preference_noise": preference_noise,
+               "uneven_density": uneven_density}  # fmt: skip
+    for key, value in planted.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ValueError(f"make_demo: {key} = {value!r} must be a number in [0, 1].")
     rng = random.Random(seed)
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     colors, genres = list(DEMO_COLORS), list(DEMO_GENRE_WORDS)
 
     cells = [(c, g) for c in colors for g in genres]
-    labels = [cells[k % len(cells)] for k in range(n_items)]
+    if uneven_density:
+        # cluster k gets a share proportional to ratio ** (k / 15): the largest holds 1 + 19 u times the smallest
+        ratio = 1 + 19 * uneven_density
+        weights = [ratio ** (k / (len(cells) - 1)) for k in range(len(cells))]
+        counts = [max(1, int(n_items * w / sum(weights))) for w in weights]
+        counts[-1] += n_items - sum(counts)
+        labels = [cell for cell, n in zip(cells, counts) for _ in range(n)]
+    else:
+        labels = [cells[k % len(cells)] for k in range(n_items)]
     rng.shuffle(labels)
     item_ids = [str(k + 1) for k in range(n_items)]
     titles: list[str] = []
@@ -812,6 +894,13 @@ def make_demo(
         writer.writerow(["item", "title", "color", "genre"])
         for item_id, title, (color, genre) in zip(item_ids, titles, labels):
             writer.writerow([item_id, title, color, genre])
+    scenario_path = out / SCENARIO_FILE
+    if any(planted.values()):
+        import json
+
+        scenario_path.write_text(json.dumps({k: float(v) for k, v in planted.items() if v}, indent=2) + "\n")
+    elif scenario_path.exists():  # an earlier scenario in the same folder
+        scenario_path.unlink()
     (out / "README.txt").write_text(
         _DEMO_README.format(
             seed=seed,
@@ -825,6 +914,10 @@ def make_demo(
         ),
         encoding="utf-8",
     )
+    if any(planted.values()):
+        with open(out / "README.txt", "a", encoding="utf-8") as f:
+            f.write("\nTeaching scenario (scenario.json, beyond the paper):\n")
+            f.writelines(f"  {line}\n" for line in scenario_sentences(read_scenario(out)))
     return out
 
 

@@ -85,6 +85,8 @@ class JobStatus:
             where = f" {self.command}" if self.command else ""
             if self.command in self.commands and len(self.commands) > 1:
                 where += f" (command {self.commands.index(self.command) + 1} of {len(self.commands)})"
+            if self.command == COMPARE and self.message:
+                where += f", {self.message}"
             if self.step is not None:
                 total = f"/{self.total}" if self.total else ""
                 return f"{self.job_id}: running{where}, step {self.step}{total}"
@@ -117,11 +119,17 @@ def available_trackers() -> list[str]:
     return [n for n in names if getattr(imports, f"is_{n}_available", lambda: False)()]
 
 
+COMPARE = "compare"  # the stage of a comparison job: `python -m hanorec compare` with the job's args
+
+
 def commands_for(stage: str, sft_run: str | None = None) -> list[str]:
     """The CLI commands of a job: SFT is `run` (SFT + evaluation); a preference variant trains SFT in the
-    same folder first (`sft`, a no-op once finished) then `pref`, or only `pref` on another run's SFT model."""
+    same folder first (`sft`, a no-op once finished) then `pref`, or only `pref` on another run's SFT model;
+    a comparison is `compare` (hanorec.pipeline.run_comparison, resumable)."""
     if stage == "SFT":
         return ["run"]
+    if stage == COMPARE:
+        return [COMPARE]
     if stage not in STAGES:
         raise JobError(f"stage {stage!r} is not one of {list(STAGES)}")
     return ["pref"] if sft_run else ["sft", "pref"]
@@ -189,14 +197,23 @@ class JobManager:
         config: str | Path | None = None,
         name: str | None = None,
         sft_run: str | Path | None = None,
+        args: list[str] | None = None,
     ) -> str:
         """Queue a run: the resolved config (preset file <- stage's variant <- overrides) goes to
-        <runs_dir>/<name>/config.yaml; returns the job id (the run folder's name). ConfigError for bad values."""
+        <runs_dir>/<name>/config.yaml; returns the job id (the run folder's name). ConfigError for bad values.
+
+        stage "compare" queues a comparison (one job: SFT and every method per task and seed, see
+        hanorec.pipeline.run_comparison); ``args`` are its CLI arguments (``--seeds=0,1``, ``--tasks=hit3``,
+        ``--variants=DPO,IPO``, ``--from-sft=<run>``) and its folder holds comparison.json when it finishes."""
         from hanorec.config import load_config, parse_overrides
 
         commands = commands_for(stage, sft_run)
         over = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
-        if stage != "SFT":
+        if stage == COMPARE and self.in_process:
+            raise JobError("a comparison runs as a CLI subprocess; on this Space run `python -m hanorec compare`")
+        if args and stage != COMPARE:
+            raise JobError("only a comparison job takes command-line arguments")
+        if stage not in ("SFT", COMPARE):
             from hanorec.train.preference import PREF_VARIANTS
 
             over = _merge({"pref": dict(PREF_VARIANTS[stage])}, over)
@@ -223,6 +240,7 @@ class JobManager:
             job = {
                 "stage": stage,
                 "commands": commands,
+                "args": [str(a) for a in (args or [])],
                 "cwd": str(Path.cwd()),
                 "device": self.device,
                 "submitted": time.time(),
@@ -299,7 +317,15 @@ class JobManager:
             cfg = runs.read_config(run)
         except Exception:  # noqa: BLE001 - a hand-edited config must not hide the job
             cfg = None
-        if cfg is not None and out.command:
+        if cfg is not None and out.command == COMPARE:  # progress: which part, and that part's training steps
+            if st.get("parts"):
+                out.message = out.message or f"part {st.get('part')} of {st['parts']}: {st.get('current', '')}"
+            if st.get("stage_dir"):
+                out.metrics = runs.read_metrics(run, st["stage_dir"])
+                if out.metrics:
+                    last = out.metrics[-1]
+                    out.step, out.total = int(last["step"]), int(last.get("total_steps") or 0) or None
+        elif cfg is not None and out.command:
             stage_dir = stage_of(out.command, cfg)
             out.metrics = runs.read_metrics(run, stage_dir)
             section = cfg.sft if stage_dir == runs.SFT_STAGE else cfg.pref
@@ -470,7 +496,7 @@ def run_job(run_dir: str | Path) -> int:
         if state["stop"]:  # SIGTERM between two commands
             _final(run, "stopped", f"stopped before {command}; resume runs it")
             return 0
-        argv = [sys.executable, "-m", "hanorec", command, f"--config={run / runs.CONFIG_FILE}"]
+        argv = [sys.executable, "-m", "hanorec", command, f"--config={run / runs.CONFIG_FILE}", *job.get("args", [])]
         print(f"$ python {' '.join(argv[1:])}", flush=True)
         with _lock(run.parent):
             runs.write_status(run, "running", command=command, pid=os.getpid(), runner_pid=os.getpid())

@@ -123,10 +123,28 @@ def build_pairs(
     k_negatives: int = 1,
     sampling: str = "random",
     item_embeddings: dict[str, torch.Tensor] | None = None,
+    swap: float = 0.0,
 ) -> list[PreferencePair]:
-    """One pair per example, deterministic for a seed."""
+    """One pair per example, deterministic for a seed.
+
+    swap: the preference-noise scenario (hanorec.data.SCENARIOS, beyond the paper): this fraction of the
+    pairs, drawn with their own seeded generator, has the chosen and the first rejected completion swapped
+    (with their aligned item ids), as a mislabelled comparison would."""
     rng = random.Random(seed)
-    return [
+    pairs = [
         build_pair(e, ds, rng, k_negatives=k_negatives, sampling=sampling, item_embeddings=item_embeddings)
         for e in examples
     ]
+    if swap:
+        flips = random.Random(seed + 104729)
+        pairs = [swap_pair(p) if flips.random() < swap else p for p in pairs]
+    return pairs
+
+
+def swap_pair(pair: PreferencePair) -> PreferencePair:
+    """The pair with its chosen and first rejected completion exchanged (and the first rejected answer's
+    aligned positive and negative item ids with them)."""
+    m = len(pair.negative_item_ids) // len(pair.rejected)  # aligned ids per rejected completion
+    pos, neg = list(pair.positive_item_ids), list(pair.negative_item_ids)
+    pos[:m], neg[:m] = neg[:m], pos[:m]
+    return PreferencePair(pair.example, pair.rejected[0], (pair.chosen, *pair.rejected[1:]), tuple(pos), tuple(neg))

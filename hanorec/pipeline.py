@@ -24,6 +24,7 @@ from hanorec.report import (
     machine_description,
     paired_differences,
     paired_table,
+    preference_methods,
     summarize,
     update_readme_section,
 )
@@ -106,6 +107,8 @@ def prepare_data(
     words = t.words(d.domain)
 
     def examples(windows, offset, shuffle, cap, phase):
+        # a teaching scenario's false negatives reach the training examples only (hanorec.data.SCENARIOS)
+        planted = ds.scenario.get("false_negatives", 0.0) if phase == "train examples" else 0.0
         out = build_examples(
             t.name,
             windows,
@@ -116,6 +119,7 @@ def prepare_data(
             max_examples=cap,
             shuffle=shuffle,
             hit1_target_image=t.hit1_target_image,
+            false_negatives=planted,
         )
         progress.tick(phase=phase)
         return out
@@ -349,45 +353,96 @@ def run_comparison(
     *,
     seeds: Sequence[int] = (0, 1, 2),
     tasks: Sequence[str] = ("hit3", "hit1"),
-    variants: Sequence[str] = tuple(PREF_VARIANTS),
+    variants: Sequence[str] | None = None,
     print_fn: Callable = print,
     readme: str | Path | None = None,
     command: str = "",
+    sft_run: str | Path | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    on_progress: Callable[[dict], None] | None = None,
 ) -> dict:
     """SFT, then every preference variant from the same SFT model, per task and seed; mean and std table,
-    and each method's paired difference against SFT and DPO with a bootstrap interval over test users.
+    and each method's paired difference against SFT and DPO with a bootstrap interval over test users and
+    the difference it detects with 80% power.
 
-    comparison.json keeps the per-example ranking values of every (task, seed, method) under
-    ``per_example`` (hanorec.eval.per_example_values), so the intervals can be recomputed from it.
+    variants: names from :func:`hanorec.report.preference_methods` (default: all of them). sft_run: a
+    finished run folder whose SFT model every seed starts from (no SFT is trained; its task must be the
+    only task). comparison.json keeps the per-example values of every (task, seed, method) under
+    ``per_example`` (hanorec.eval.per_example_values; the catalogue protocol's when the run evaluates it),
+    so the intervals can be recomputed from it.
+
+    Stop and resume: should_stop() is passed to every training and evaluation; when it stops one, the
+    result is ``{"stopped_early": True, ...}`` and nothing is written; running the same comparison again
+    resumes each stage from its newest checkpoint (a finished stage is only evaluated again).
+    on_progress receives ``{"part", "parts", "current", "stage_dir"}`` as each (task, seed, method) starts.
 
     With `readme`, the table (with the command, the machine and the wall time) replaces the README section
     marked `<!-- comparison:<output folder name> -->` (appended at the end when the markers are missing).
     """
+    from hanorec.config import ConfigError
     from hanorec.metrics import mean_std
 
+    offered = preference_methods()
+    variants = list(offered) if variants is None else list(variants)
+    unknown = [v for v in variants if v not in offered]
+    if unknown:
+        raise ConfigError(f"unknown method {unknown[0]!r}; use some of {list(offered)}")
+    if sft_run is not None:
+        from hanorec.runs import read_config
+
+        sft_task = read_config(Path(sft_run)).task.name
+        if latest_checkpoint(Path(sft_run) / "sft") is None:
+            raise FileNotFoundError(f"run {sft_run} has no SFT checkpoint to compare from")
+        if list(tasks) != [sft_task]:
+            raise ConfigError(f"the SFT run {sft_run} was trained on {sft_task}; compare task {sft_task} only")
     start = time.time()
     root = Path(cfg.output_dir)
     rows: list[dict] = []
     per_example: list[dict] = []
+    parts, part = len(tasks) * len(seeds) * (1 + len(variants)), 0
+
+    def begin(label: str, stage_dir: Path) -> None:
+        nonlocal part
+        part += 1
+        if on_progress is not None:
+            on_progress({"part": part, "parts": parts, "current": label, "stage_dir": str(stage_dir.relative_to(root))})
+
+    def stopped(where: str) -> dict:
+        print_fn(f"stopped during {where}; run the same comparison again to resume")
+        return {"stopped_early": True, "stopped_at": where, "part": part, "parts": parts}
 
     for task in tasks:
         for seed in seeds:
             run_dir = root / task / f"seed{seed}"
             c = _with(cfg, seed=seed, output_dir=str(run_dir), task={"name": task})
-            data = prepare_data(c)
+            data = prepare_data(c, should_stop=should_stop)
             print_fn(f"== {task} seed {seed}: {len(data.train)} train / {len(data.test)} test examples")
-            bundle, _ = run_sft(c, data)
-            ev = run_eval(c, bundle, data, method="SFT", baselines=cfg.eval.baselines)
+            begin(f"{task} seed {seed}: SFT", run_dir / "sft")
+            if sft_run is not None:
+                bundle, source = load_stage(Path(sft_run), "sft"), Path(sft_run)
+            else:
+                bundle, train = run_sft(c, data, should_stop=should_stop)
+                if train.stopped_early:
+                    return stopped(f"{task} seed {seed} SFT")
+                source = run_dir
+            ev = run_eval(c, bundle, data, method="SFT", baselines=cfg.eval.baselines, should_stop=should_stop)
+            if ev.stopped:
+                return stopped(f"{task} seed {seed} SFT evaluation")
             rows += [{"task": task, "seed": seed, **r} for r in ev.rows]
             per_example += per_example_entries(task, seed, ev)
             del bundle
             for v in variants:
-                over = dict(PREF_VARIANTS[v])
+                over = dict(offered[v])
                 if task == "hit1" and over.get("k_negatives", 1) > 1:
                     over["k_negatives"] = 1  # hit1 has a single rejected answer: S-DPO reduces to DPO
-                cv = _with(c, pref={**over, "sft_run": str(run_dir)})
-                bundle, _ = run_preference(cv, data, name=stage_slug(v))
-                ev = run_eval(cv, bundle, data, method=v, baselines=[])
+                cv = _with(c, pref={**over, "sft_run": str(source)})
+                begin(f"{task} seed {seed}: {v}", run_dir / stage_slug(v))
+                bundle, train = run_preference(cv, data, name=stage_slug(v), should_stop=should_stop)
+                if train.stopped_early:
+                    return stopped(f"{task} seed {seed} {v}")
+                ev = run_eval(cv, bundle, data, method=v, baselines=[], should_stop=should_stop)
+                if ev.stopped:
+                    return stopped(f"{task} seed {seed} {v} evaluation")
                 rows += [{"task": task, "seed": seed, **r} for r in ev.rows]
                 per_example += per_example_entries(task, seed, ev)
                 print_fn(format_results(task, ev.rows, split=cfg.eval.split, split_policy=cfg.data.split_policy))

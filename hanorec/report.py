@@ -67,8 +67,13 @@ def _replace_section(path: Path, key: str, body: str) -> None:
 
 def preference_methods() -> dict[str, dict]:
     """The stage-2 methods a comparison can run, display name -> `pref` overrides: the one place the
-    comparison, its scripts and the app's Compare tab read them from."""
-    return {name: dict(over) for name, over in PREF_VARIANTS.items()}
+    comparison, its scripts and the app's Compare tab read them from: the method registry
+    (hanorec.methods.variants) when the package has it, else the built-in variants."""
+    try:
+        from hanorec import methods
+    except ImportError:
+        return {name: dict(over) for name, over in PREF_VARIANTS.items()}
+    return {name: dict(over) for name, over in methods.variants().items()}
 
 
 METHOD_ORDER = ["random", "popularity", "SFT", *PREF_VARIANTS]
@@ -261,3 +266,142 @@ def paired_table(
         f"{' (title likelihood)' if protocol == 'ranking' else ''}, {split_label(split, split_policy)}."
     )
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading a comparison folder back: what the app's Compare tab shows (a CLI `compare` folder or a Compare job)
+
+COMPARISON_FILE = "comparison.json"
+
+
+def load_comparison(folder: str | Path) -> dict:
+    """The comparison.json of a `compare` output folder (the CLI's or a Compare-tab job's: the same file).
+    One clear sentence when the folder has none, or the file is damaged or lacks the per-example values."""
+    import json
+
+    path = Path(folder) / COMPARISON_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} holds no {COMPARISON_FILE}: it is not a finished comparison")
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is not readable JSON ({e})") from None
+    missing = [k for k in ("rows", "summary", "seeds", "per_example") if k not in result]
+    if not isinstance(result, dict) or missing:
+        raise ValueError(f"{path} lacks {missing or 'its fields'}: not a comparison written by this version")
+    return result
+
+
+def comparison_methods(result: dict) -> list[str]:
+    """Every method of a comparison with per-example values (baselines and SFT included), in table order."""
+    return _method_order(e["method"] for e in result["per_example"])
+
+
+def comparison_metrics(result: dict) -> list[str]:
+    """The '<task> <metric>' keys a paired difference can be computed for in this comparison."""
+    have = {(e["task"], k) for e in result["per_example"] for k in e["values"]}
+    out = []
+    for task, metric in PAIRED_METRICS:
+        if (task, metric) in have or (metric == "AUC" and (task, "score") in have):
+            out.append(f"{task} {metric}")
+    return out
+
+
+def forest(result: dict, reference: str, metric: str, *, n_boot: int = 2000, seed: int = 0) -> list[dict]:
+    """Each method's paired difference against ``reference`` on one '<task> <metric>': a list of
+    ``{"method", "mean", "low", "high", "detectable", "excludes_zero", "n_users"}`` (95% bootstrap interval
+    over test users, seeds pooled; the forest plot's rows). Recomputed from the per-example values, so any
+    method can be the reference."""
+    if reference not in comparison_methods(result):
+        raise ValueError(f"{reference!r} is not a method of this comparison; use one of {comparison_methods(result)}")
+    task = metric.split()[0]
+    mine = [e for e in result["per_example"] if e["task"] == task]
+    out = []
+    for e in paired_differences(mine, references=(reference,), n_boot=n_boot, seed=seed):
+        d = e.get(metric)
+        if d is not None:
+            out.append({"method": e["method"], **{k: d[k] for k in
+                        ("mean", "low", "high", "detectable", "excludes_zero", "n_users")}})  # fmt: skip
+    return out
+
+
+def per_user_means(result: dict, metric: str, method: str) -> dict[str, float]:
+    """user -> the method's mean of one per-example metric over the user's examples and all seeds (the
+    scatter's coordinates; hit1 AUC is not per user: its per-example Yes-minus-No score is used)."""
+    import numpy as np
+
+    task, name = metric.split(maxsplit=1)
+    key = "score" if name == "AUC" else name
+    sums: dict[str, list[float]] = {}
+    for e in result["per_example"]:
+        if e["task"] == task and e["method"] == method and key in e["values"]:
+            for u, v in zip(e["values"]["user"], e["values"][key]):
+                sums.setdefault(str(u), []).append(float(v))
+    if not sums:
+        raise ValueError(f"the comparison has no {metric} values for {method!r}")
+    return {u: float(np.mean(v)) for u, v in sums.items()}
+
+
+def scatter(result: dict, metric: str, a: str, b: str) -> dict:
+    """Per-user means of method A and method B on one metric, users in common: ``{"user", "a", "b"}``."""
+    ma, mb = per_user_means(result, metric, a), per_user_means(result, metric, b)
+    users = sorted(set(ma) & set(mb))
+    return {"user": users, "a": [ma[u] for u in users], "b": [mb[u] for u in users]}
+
+
+def summary_records(result: dict) -> list[dict]:
+    """The mean ± std table as flat records: method, then '<task> <metric> mean' / 'std' per column."""
+    out = []
+    for e in result["summary"]:
+        rec: dict = {"method": e["method"]}
+        for k, v in e.items():
+            if k != "method" and isinstance(v, (list, tuple)) and len(v) == 2:
+                rec[f"{k} mean"], rec[f"{k} std"] = v
+        out.append(rec)
+    return out
+
+
+def summary_csv(result: dict) -> str:
+    """The mean ± std table as CSV (one row per method, a mean and a std column per metric)."""
+    import csv
+    import io
+
+    recs = summary_records(result)
+    cols = list(dict.fromkeys(k for r in recs for k in r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, lineterminator="\n")
+    w.writeheader()
+    w.writerows(recs)
+    return buf.getvalue()
+
+
+def summary_latex(result: dict) -> str:
+    """The mean ± std table as a LaTeX tabular (booktabs), with its caption as a comment."""
+    summary = result["summary"]
+    cols = [c for c in (f"{t} {m}" for t, m in SUMMARY_METRICS) if any(c in e for e in summary)]
+
+    def esc(text: str) -> str:
+        for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#")):
+            text = text.replace(a, b)
+        return text
+
+    lines = [
+        f"% {protocol_words(result.get('protocol', 'ranking'))}; mean $\\pm$ sample std over "
+        f"{len(result['seeds'])} seeds; dataset {result.get('dataset')}",
+        r"\begin{tabular}{l" + "r" * len(cols) + "}",
+        r"\toprule",
+        "method & " + " & ".join(esc(c) for c in cols) + r" \\",
+        r"\midrule",
+    ]
+    for e in summary:
+        cells = []
+        for c in cols:
+            if c not in e:
+                cells.append("--")
+            elif e["method"] == "chance":
+                cells.append(f"{e[c][0]:.4f}")
+            else:
+                cells.append(f"{e[c][0]:.4f} $\\pm$ {e[c][1]:.4f}")
+        lines.append(esc(e["method"]) + " & " + " & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"

@@ -152,6 +152,27 @@ def _shown(ds: RecDataset, items: Sequence[str], with_images: bool) -> str:
     return ", ".join(quote(ds.items[i].title) for i in items)
 
 
+def _plant_false_negatives(
+    rng: random.Random, negatives: list[str], target: str, ds: RecDataset, seen: set[str], fraction: float
+) -> list[str]:
+    """The false-negatives scenario (hanorec.data.SCENARIOS, beyond the paper): each negative is replaced,
+    with probability ``fraction``, by an unseen item of the target's own (colour, genre) cluster when one is
+    left. Uses the item attributes of make_demo's titles.csv; items without them are left as drawn."""
+    attrs = ds.items[target].attributes
+    key = (attrs.get("color"), attrs.get("genre"))
+    if None in key:
+        return negatives
+    taste = [i for i in sorted(ds.items) if (ds.items[i].attributes.get("color"),
+                                             ds.items[i].attributes.get("genre")) == key]  # fmt: skip
+    out = list(negatives)
+    for j in range(len(out)):
+        if rng.random() < fraction:
+            free = [i for i in taste if i not in seen and i not in out]
+            if free:
+                out[j] = free[rng.randrange(len(free))]
+    return out
+
+
 def _sample_unseen(rng: random.Random, pool: Sequence[str], seen: set[str], n: int, where: str) -> list[str]:
     unseen_count = len(pool) - len(seen & set(pool))
     if unseen_count < n:
@@ -177,10 +198,13 @@ def build_example(
     n_negatives: int | None = None,
     domain: str | dict | None = None,
     hit1_target_image: bool = False,
+    false_negatives: float = 0.0,
 ) -> Example:
     """Turn one window into an Example, drawing negatives (items the user never interacted with) from rng.
 
-    domain: a domain name, or the words themselves as made by `wording` (default: the dataset's domain)."""
+    domain: a domain name, or the words themselves as made by `wording` (default: the dataset's domain).
+    false_negatives: the teaching scenario's fraction of hit3 / next1 negatives taken from the user's taste
+    (training examples only; 0 draws no extra random numbers, so examples are unchanged)."""
     if task not in TASKS:
         raise TaskError(f"unknown task {task!r}; use one of {list(TASKS)}")
     shape = TASK_SHAPES[task]
@@ -197,6 +221,8 @@ def build_example(
         if task == "hit3":
             targets = tuple(reversed(targets))  # most recent first (method.md section 3)
         negatives = _sample_unseen(rng, pool, seen, n_neg, where)
+        if false_negatives:
+            negatives = _plant_false_negatives(rng, negatives, targets[0], ds, seen, false_negatives)
         candidates = list(targets) + negatives
         rng.shuffle(candidates)
         prompt = TEMPLATES[task].format(
@@ -258,13 +284,16 @@ def build_examples(
     max_examples: int | None = None,
     shuffle: bool = False,
     hit1_target_image: bool = False,
+    false_negatives: float = 0.0,
 ) -> list[Example]:
     """Examples for every window, deterministic for (seed, windows). shuffle=True permutes (training).
 
     hit1_target_image: also show the hit1 target item's image (an option beyond the authors' prompt, which
-    shows the 5 history images only; the default follows the authors)."""
+    shows the 5 history images only; the default follows the authors). false_negatives: see build_example."""
     rng = random.Random(seed)
-    examples = [build_example(task, w, ds, rng, n_negatives, domain, hit1_target_image) for w in windows]
+    examples = [
+        build_example(task, w, ds, rng, n_negatives, domain, hit1_target_image, false_negatives) for w in windows
+    ]
     if shuffle:
         random.Random(seed + 1).shuffle(examples)
     if max_examples is not None:

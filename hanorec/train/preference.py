@@ -72,6 +72,7 @@ def build_preference_items(
         k_negatives=p.k_negatives,
         sampling=p.negative_sampling,
         item_embeddings=emb,
+        swap=ds.scenario.get("preference_noise", 0.0),  # a teaching scenario (hanorec.data.SCENARIOS)
     )
     if p.method == "hano_dpo" and p.hardness:
         lam = pair_hardness(
