@@ -304,6 +304,10 @@ class _Run:
             )
             # the metrics of steps since the last log line, so the next line averages the same steps
             self.running = self.state.pop("running", {})
+            method_state = self.state.pop("method_state", None)  # a loss's state across batches (beta-DPO)
+            if method_state is not None and getattr(self.loss_fn, "method_state", None) is not None:
+                self.loss_fn.method_state.clear()
+                self.loss_fn.method_state.update(method_state)
             self.last_ckpt = ckpt
             if self.validation is not None:
                 self.state.setdefault(
@@ -433,6 +437,15 @@ class _Run:
             due = broadcast_object_list([due])[0]
         return due
 
+    def saved_state(self) -> dict:
+        """What a checkpoint records of the run: step, epoch, the metrics not yet logged, and the state a
+        loss function carries across batches (``loss_fn.method_state``, e.g. beta-DPO's moving averages)."""
+        state = {**self.state, "running": self.running} if self.running else dict(self.state)
+        method_state = getattr(self.loss_fn, "method_state", None)
+        if method_state is not None:
+            state["method_state"] = dict(method_state)
+        return state
+
     def checkpoint(self) -> Path | None:
         """Every process calls it: sharded weights and optimizer state are gathered collectively, then
         the main process alone writes; every process learns the checkpoint's path."""
@@ -453,7 +466,7 @@ class _Run:
                 model=self.acc.unwrap_model(self.model),
                 optimizer=self.optimizer,
                 scheduler=self.scheduler,
-                state={**self.state, "running": self.running} if self.running else self.state,
+                state=self.saved_state(),
                 config_yaml=self.config_yaml,
                 keep=self.cfg.keep_checkpoints,
                 model_state_dict=model_state,

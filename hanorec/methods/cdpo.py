@@ -1,0 +1,31 @@
+"""cDPO, conservative DPO (Mitchell 2023): the DPO sigmoid loss with label smoothing eps, read as the
+probability that a pair's labels are flipped."""
+
+from __future__ import annotations
+
+from hanorec import losses as L
+from hanorec.methods import register
+from hanorec.methods.base import LossOutput, Method
+from hanorec.methods.knobs import BETA, epsilon
+
+
+def loss(b, pref, beta, state) -> LossOutput:
+    eps = METHOD.option(pref, "epsilon")
+    out = L.dpo_loss(
+        b.policy_chosen, b.policy_rejected[:, 0], b.ref_chosen, b.ref_rejected[:, 0], beta=beta, label_smoothing=eps
+    )
+    return LossOutput(out.losses, out.chosen_rewards, out.rejected_rewards, out.beta)
+
+
+METHOD = register(
+    Method(
+        name="cdpo",
+        label="cDPO",
+        paper="Mitchell 2023, A note on DPO with noisy preferences (cDPO); TRL's label_smoothing",
+        equation="-(1 - eps) logsigmoid(beta * h) - eps logsigmoid(-beta * h)",
+        loss_fn=loss,
+        knobs=(BETA, epsilon(0.1, "eps: the assumed probability that a pair's preference label is flipped.")),
+        hars="addon",
+        variant={"noise_target": "none"},
+    )
+)
