@@ -28,14 +28,15 @@ import argparse  # noqa: E402
 import warnings  # noqa: E402
 
 DEFAULT_DATA = ROOT / "assets" / "demo"
-TABS = ("data", "train", "hardness", "noise")
-TAB_TITLES = {"data": "Data", "train": "Train", "hardness": "Hardness", "noise": "Noise lab"}
+TABS = ("data", "train", "hardness", "noise", "compare")
+TAB_TITLES = {"data": "Data", "train": "Train", "hardness": "Hardness", "noise": "Noise lab", "compare": "Compare"}
 INTRO = (
     "# HaNoRec Studio\n"
     "Multimodal-LLM sequential recommendation with SFT and **HaNo-DPO** (DPO with hardness-aware beta, HaRS, "
     "and Gaussian noise on the policy, NoDO; arXiv 2511.18740). "
     "**Data**: a user's history and the task's prompt. **Train**: launch and watch small runs. "
-    "**Hardness**: the negatives' lambda and beta. **Noise lab**: how noise moves the candidates' scores."
+    "**Hardness**: the negatives' lambda and beta. **Noise lab**: how noise moves the candidates' scores. "
+    "**Compare**: paired comparisons of preference methods over seeds, with the difference each could detect."
 )
 
 

@@ -601,3 +601,72 @@ def _final(run: Path, status: str, message: str) -> None:
 
 if __name__ == "__main__":
     sys.exit(run_job(sys.argv[1]))
+
+
+def comparison_request(
+    *,
+    dataset: str | Path | None,
+    task: str,
+    methods: list[str],
+    seeds: str | list[int],
+    sft_run: str | Path | None = None,
+    sft_steps: int | None = None,
+    pref_steps: int | None = None,
+    beta: float | None = None,
+    lr: float | None = None,
+    sigma: float | None = None,
+    catalogue_items: int | None = None,
+    eval_examples: int | None = None,
+    extra: str | list[str] | None = None,
+) -> tuple[dict, list[str], Path | None]:
+    """What a comparison job is made of: (config overrides, `compare` CLI arguments, base config file).
+
+    methods: names from hanorec.report.preference_methods (the registry's rows); seeds: "0,1,2" or ints;
+    sft_run: a finished run whose SFT model every seed starts from (its config.yaml is the base config, so
+    the data, task and model are that run's); else SFT is trained per seed (``sft_steps`` steps). The
+    comparison evaluates with the catalogue protocol (``catalogue_items`` sampled unseen items, None = all)
+    and the ranking protocol. ``extra``: further `--section.key=value` overrides for every method (e.g.
+    ``--pref.options.epsilon=0.2``). One clear sentence (JobError / ConfigError) for a bad value.
+    """
+    from hanorec.config import parse_overrides
+    from hanorec.report import preference_methods
+
+    offered = preference_methods()
+    if not methods:
+        raise JobError("pick at least one method to compare")
+    unknown = [m for m in methods if m not in offered]
+    if unknown:
+        raise JobError(f"unknown method {unknown[0]!r}; use some of {list(offered)}")
+    if isinstance(seeds, str):
+        try:
+            seeds = [int(s) for s in seeds.replace(" ", "").split(",") if s]
+        except ValueError:
+            raise JobError(f"seeds {seeds!r} must be comma-separated integers, e.g. 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise JobError("give at least one seed, each once (e.g. 0,1,2)")
+    over: dict = {"eval": {"protocols": ["catalogue", "ranking"], "catalogue_items": catalogue_items}}
+    base = None
+    if sft_run:
+        base = Path(sft_run).resolve() / runs.CONFIG_FILE
+        if runs.latest_checkpoint(Path(sft_run) / runs.SFT_STAGE) is None:
+            raise JobError(f"run {sft_run} has no SFT checkpoint to compare from")
+        task = runs.read_config(sft_run).task.name
+    else:
+        over["data"] = {"path": str(dataset)}
+        over["task"] = {"name": task}
+        if sft_steps:
+            over["sft"] = {"max_steps": int(sft_steps)}
+    pref = {k: v for k, v in (("max_steps", pref_steps), ("beta", beta), ("lr", lr)) if v}
+    if sigma is not None:
+        pref["noise_sigma"] = sigma
+    if pref:
+        over["pref"] = pref
+    if eval_examples:
+        over["task"] = {**over.get("task", {}), "max_eval_examples": int(eval_examples)}
+    if extra:
+        words = extra.split() if isinstance(extra, str) else list(extra)
+        over = _merge(over, parse_overrides(words))
+    args = [f"--seeds={','.join(map(str, seeds))}", f"--tasks={task}", f"--variants={','.join(methods)}"]
+    if sft_run:
+        args.append(f"--from-sft={Path(sft_run).resolve()}")
+    return over, args, base

@@ -405,3 +405,13 @@ def summary_latex(result: dict) -> str:
         lines.append(esc(e["method"]) + " & " + " & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines) + "\n"
+
+
+def find_comparisons(root: str | Path, depth: int = 2) -> list[Path]:
+    """Folders under ``root`` (itself included, ``depth`` levels down) holding a comparison.json, newest first."""
+    root = Path(root)
+    found, level = [], [root]
+    for _ in range(depth + 1):
+        found += [p for p in level if (p / COMPARISON_FILE).is_file()]
+        level = [c for p in level if p.is_dir() for c in sorted(p.iterdir()) if c.is_dir() and not c.name.startswith(".")]
+    return sorted(found, key=lambda p: (p / COMPARISON_FILE).stat().st_mtime, reverse=True)

@@ -1,8 +1,9 @@
 """The real page in Debian's chromium (Playwright pointed at /usr/bin/chromium; no browser download).
 
-Goes through all four tabs on the bundled demo data, starts a tiny training run in the Train tab, reloads
-the page while it runs and sees it finish, checks that the noise lab's chart changes with sigma, fails on any browser console error or
-visible error, and saves one screenshot per tab (to $HANOREC_SCREENSHOTS, default a temporary folder).
+Goes through all five tabs on the bundled demo data, starts a tiny training run in the Train tab, reloads
+the page while it runs and sees it finish, checks that the noise lab's chart changes with sigma, runs a
+one-seed comparison in the Compare tab and reads its forest plot, scatter, table and downloads, fails on any
+browser console error or visible error, and saves one screenshot per tab (to $HANOREC_SCREENSHOTS, default a temporary folder).
 
 Run: `python -m pytest -m browser tests/test_browser.py` (CI installs chromium with apt first).
 """
@@ -177,3 +178,34 @@ def test_noise_lab_chart_changes_with_sigma(page, shots):
     page.locator("#noise-sweep-plot .main-svg").first.wait_for(timeout=180_000)
     no_errors(page)
     shoot(page, shots, "noise")
+
+
+def test_compare_tab_launches_a_comparison_and_reads_it(page, shots):
+    """A one-seed, one-method comparison through the job queue, then its forest plot, scatter and table."""
+    open_tab(page, "Compare")
+    page.locator("#compare-seeds textarea").fill("0")
+    page.locator("#compare-methods").get_by_label("HaNo-DPO", exact=True).uncheck()
+    page.get_by_label("SFT max steps", exact=True).fill("2")
+    page.get_by_label("preference max steps", exact=True).fill("2")
+    page.get_by_label("catalogue items (0: every unseen item)", exact=True).fill("20")
+    page.get_by_label("test prompts (0: all)", exact=True).fill("8")
+    page.locator("#compare-launch").click()
+    status = page.locator("#compare-status")
+    status.get_by_text("-compare:").wait_for(timeout=60_000)
+    status.get_by_text("finished").wait_for(timeout=TRAIN_TIMEOUT_MS)
+    assert page.locator("#compare-progress progress").get_attribute("value") == "1.0000"
+    page.locator("#compare-refresh").click()
+    page.wait_for_timeout(1000)
+    page.locator("#compare-folder input").click()
+    page.get_by_role("option").first.click()
+    page.locator("#compare-open").click()
+    page.locator("#compare-forest .main-svg").first.wait_for(timeout=120_000)
+    page.locator("#compare-scatter .main-svg").first.wait_for(timeout=60_000)
+    page.locator("#compare-forest-text").get_by_text("DPO").first.wait_for(timeout=30_000)
+    assert "±" in page.locator("#compare-forest-text").inner_text()
+    table = page.locator("#compare-table").inner_text()
+    assert "chance" in table and "SFT" in table and "DPO" in table
+    files = page.locator("#compare-files").inner_text()
+    assert ".csv" in files and ".tex" in files
+    no_errors(page)
+    shoot(page, shots, "compare")

@@ -74,3 +74,40 @@ def test_sweep_reuses_the_comparison_sft_models_and_pairs_each_setting_with_the_
                                if p["method"] in settings]
     text = readme.read_text()
     assert "old" not in text and "sweep-cmd" in text and "sigma=0.05" in text and text.endswith("tail\n")
+
+
+def test_a_stopped_comparison_resumes_without_training_sft_again_and_uses_the_catalogue(tmp_path):
+    """Stop during the second part (the first method), run again: SFT is not retrained, the method resumes,
+    and the finished comparison's paired table reads the catalogue protocol with its detectable difference."""
+    cfg = load_config(
+        REPO / "configs" / "tiny-cpu.yaml",
+        {
+            "output_dir": str(tmp_path / "cmp"),
+            "data": {"path": str(REPO / "assets" / "demo"), "max_users": 20},
+            "task": {"max_eval_examples": 10},
+            "sft": {"max_steps": 2, "progress_bar": False},
+            "pref": {"max_steps": 3, "progress_bar": False, "save_every": 1},
+            "eval": {"protocols": ["catalogue", "ranking"], "catalogue_items": 15},
+        },
+    )
+    seen: list[dict] = []
+    stop_at = {"part": 2}
+
+    def should_stop() -> bool:
+        return bool(seen) and seen[-1]["part"] >= stop_at["part"]
+
+    first = run_comparison(cfg, seeds=(0,), tasks=("hit3",), variants=("DPO",), print_fn=lambda *a: None,
+                           should_stop=should_stop, on_progress=seen.append)  # fmt: skip
+    assert first["stopped_early"] and not (tmp_path / "cmp" / "comparison.json").exists()
+    sft_log = (tmp_path / "cmp" / "hit3" / "seed0" / "sft" / "metrics.jsonl").read_text()
+    stop_at["part"] = 99
+    result = run_comparison(cfg, seeds=(0,), tasks=("hit3",), variants=("DPO",), print_fn=lambda *a: None,
+                            should_stop=should_stop, on_progress=seen.append)  # fmt: skip
+    assert (tmp_path / "cmp" / "hit3" / "seed0" / "sft" / "metrics.jsonl").read_text() == sft_log
+    assert [p["current"] for p in seen] == ["hit3 seed 0: SFT", "hit3 seed 0: DPO"] * 2
+    assert result["paired_protocol"] == "catalogue" and result["protocol"] == "catalogue"
+    rows = {(r["method"], r["protocol"]) for r in result["rows"]}
+    assert {("SFT", "catalogue"), ("DPO", "catalogue"), ("SFT", "ranking"), ("random", "catalogue")} <= rows
+    d = result["paired"][0]["hit3 HR@3"]
+    assert d["detectable"] >= 0 and "±" in (tmp_path / "cmp" / "comparison.md").read_text()
+    assert any(e["method"] == "chance" for e in result["summary"])

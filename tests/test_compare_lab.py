@@ -1,0 +1,116 @@
+"""The comparison lab's package side (what the Compare tab calls): reading a comparison folder back, the
+forest rows against any reference, the per-user scatter, CSV / LaTeX, and a comparison job request."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from hanorec import report
+from hanorec.jobs import COMPARE, JobError, JobManager, comparison_request
+from hanorec.metrics import mean_std
+
+
+def _comparison(folder, n_users=40, seeds=(0, 1)):
+    """A comparison.json as `compare` writes it: SFT, DPO (better on 10 users) and IPO (= SFT)."""
+    rng = np.random.default_rng(0)
+    users = [f"u{i}" for i in range(n_users)]
+    per_example, rows = [], []
+    for seed in seeds:
+        sft = (rng.random(n_users) < 0.3).astype(float)
+        dpo = sft.copy()
+        dpo[np.flatnonzero(sft == 0)[:10]] = 1.0
+        for method, hits in (("SFT", sft), ("DPO", dpo), ("IPO", sft)):
+            values = {"user": users, "HR@1": hits.tolist(), "HR@3": hits.tolist(), "NDCG@3": (hits / 2).tolist(),
+                      "MRR": (hits / 2).tolist()}  # fmt: skip
+            per_example.append({"task": "hit3", "seed": seed, "method": method, "protocol": "catalogue",
+                                "values": values})  # fmt: skip
+            rows.append({"task": "hit3", "seed": seed, "method": method, "protocol": "catalogue",
+                         "HR@3": float(hits.mean()), "NDCG@3": float(hits.mean() / 2), "MRR": float(hits.mean() / 2),
+                         "Coverage@3": 0.1, "Pop@3": 7.0, "chance": {"HR@3": 0.01, "MRR": 0.02}})  # fmt: skip
+    result = {"rows": rows, "summary": report.summarize(rows, mean_std, "catalogue"), "seeds": list(seeds),
+              "per_example": per_example, "protocol": "catalogue", "dataset": "demo", "model": "tiny"}  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "comparison.json").write_text(json.dumps(result))
+    return folder
+
+
+def test_load_and_forest_against_any_reference(tmp_path):
+    result = report.load_comparison(_comparison(tmp_path / "cmp"))
+    assert report.comparison_methods(result) == ["SFT", "DPO", "IPO"]
+    assert report.comparison_metrics(result) == ["hit3 HR@3", "hit3 NDCG@3", "hit3 MRR"]
+    rows = {r["method"]: r for r in report.forest(result, "SFT", "hit3 HR@3", n_boot=300)}
+    assert set(rows) == {"DPO", "IPO"}
+    assert rows["DPO"]["mean"] == pytest.approx(10 / 40) and rows["DPO"]["excludes_zero"]
+    assert rows["IPO"]["mean"] == 0 and rows["IPO"]["detectable"] == 0
+    assert rows["DPO"]["detectable"] > 0 and rows["DPO"]["n_users"] == 40
+    against_dpo = {r["method"]: r for r in report.forest(result, "DPO", "hit3 HR@3", n_boot=300)}
+    assert against_dpo["SFT"]["mean"] == pytest.approx(-10 / 40)
+    with pytest.raises(ValueError, match="not a method"):
+        report.forest(result, "SimPO", "hit3 HR@3")
+
+
+def test_scatter_is_per_user_means_over_seeds(tmp_path):
+    result = report.load_comparison(_comparison(tmp_path / "cmp"))
+    pts = report.scatter(result, "hit3 HR@3", "DPO", "SFT")
+    assert len(pts["user"]) == 40 and all(a >= b for a, b in zip(pts["a"], pts["b"]))
+    assert np.mean(pts["a"]) - np.mean(pts["b"]) == pytest.approx(10 / 40)
+    with pytest.raises(ValueError, match="no hit3 HR@3 values"):
+        report.scatter(result, "hit3 HR@3", "DPO", "SimPO")
+
+
+def test_csv_and_latex_carry_the_table_and_the_chance_row(tmp_path):
+    result = report.load_comparison(_comparison(tmp_path / "cmp"))
+    csv = report.summary_csv(result).splitlines()
+    assert csv[0].startswith("method,hit3 HR@3 mean,hit3 HR@3 std")
+    assert [line.split(",")[0] for line in csv[1:]] == ["SFT", "DPO", "IPO", "chance"]
+    tex = report.summary_latex(result)
+    assert r"\begin{tabular}" in tex and "chance & 0.0100" in tex and r"$\pm$" in tex
+    assert report.summary_records(result)[1]["hit3 HR@3 mean"] == pytest.approx(result["summary"][1]["hit3 HR@3"][0])
+
+
+@pytest.mark.parametrize("content,words", [(None, "holds no comparison.json"), ("{", "not readable JSON"),
+                                           ('{"rows": []}', "lacks")])
+def test_a_folder_that_is_not_a_comparison_is_one_sentence(tmp_path, content, words):
+    if content is not None:
+        (tmp_path / "comparison.json").write_text(content)
+    with pytest.raises((FileNotFoundError, ValueError), match=words):
+        report.load_comparison(tmp_path)
+
+
+def test_find_comparisons(tmp_path):
+    _comparison(tmp_path / "a")
+    _comparison(tmp_path / "b" / "inner")
+    (tmp_path / "c").mkdir()
+    assert {p.name for p in report.find_comparisons(tmp_path)} == {"a", "inner"}
+
+
+def test_comparison_request(tmp_path):
+    over, args, base = comparison_request(dataset="assets/demo", task="hit3", methods=["DPO", "HaNo-DPO w/o HaRS"],
+                                          seeds="0, 2", sft_steps=3, pref_steps=4, beta=0.2, catalogue_items=50,
+                                          extra="--pref.options.epsilon=0.2")  # fmt: skip
+    assert base is None
+    assert args == ["--seeds=0,2", "--tasks=hit3", "--variants=DPO,HaNo-DPO w/o HaRS"]
+    assert over["eval"] == {"protocols": ["catalogue", "ranking"], "catalogue_items": 50}
+    assert over["sft"] == {"max_steps": 3} and over["pref"]["max_steps"] == 4 and over["pref"]["beta"] == 0.2
+    assert over["pref"]["options"] == {"epsilon": "0.2"}
+    for kw, words in ((dict(methods=[]), "at least one method"), (dict(methods=["XPO"]), "unknown method"),
+                      (dict(seeds="a"), "comma-separated"), (dict(seeds="1,1"), "each once")):  # fmt: skip
+        base_kw = dict(dataset="assets/demo", task="hit3", methods=["DPO"], seeds="0")
+        with pytest.raises(JobError, match=words):
+            comparison_request(**{**base_kw, **kw})
+    with pytest.raises(JobError, match="no SFT checkpoint"):
+        comparison_request(dataset=None, task="hit3", methods=["DPO"], seeds="0", sft_run=tmp_path)
+
+
+def test_a_comparison_job_is_queued_with_its_arguments(tmp_path):
+    jm = JobManager(tmp_path, autostart=False, python="/bin/false")
+    over, args, _ = comparison_request(dataset="assets/demo", task="hit3", methods=["DPO"], seeds="0")
+    job = jm.submit(over, stage=COMPARE, args=args, name="cmp")
+    saved = json.loads((tmp_path / "cmp" / "job.json").read_text())
+    assert saved["commands"] == ["compare"] and saved["args"] == args and saved["stage"] == COMPARE
+    with pytest.raises(JobError, match="only a comparison"):
+        jm.submit({}, stage="SFT", args=["--seeds=0"])
+    assert job == "cmp"
