@@ -4,6 +4,7 @@ forest rows against any reference, the per-user scatter, CSV / LaTeX, and a comp
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -114,3 +115,19 @@ def test_a_comparison_job_is_queued_with_its_arguments(tmp_path):
     with pytest.raises(JobError, match="only a comparison"):
         jm.submit({}, stage="SFT", args=["--seeds=0"])
     assert job == "cmp"
+
+
+def test_a_running_comparison_job_reports_its_part_and_the_parts_steps(tmp_path):
+    from hanorec import runs
+
+    jm = JobManager(tmp_path, autostart=False, python="/bin/false")
+    over, args, _ = comparison_request(dataset="assets/demo", task="hit3", methods=["DPO"], seeds="0")
+    run = tmp_path / jm.submit(over, stage=COMPARE, args=args, name="cmp")
+    stage = run / "hit3" / "seed0" / "dpo"
+    stage.mkdir(parents=True)
+    (stage / "metrics.jsonl").write_text(json.dumps({"stage": "dpo", "step": 3, "total_steps": 8}) + "\n")
+    runs.write_status(run, "running", command="compare", part=2, parts=2, current="hit3 seed 0: DPO",
+                      stage_dir="hit3/seed0/dpo", pid=os.getpid())  # fmt: skip
+    st = jm.status("cmp", tick=False)
+    assert (st.step, st.total) == (3, 8)
+    assert "part 2 of 2: hit3 seed 0: DPO" in st.describe()
