@@ -9,14 +9,13 @@ the same comparison.json, so both open here.
 from __future__ import annotations
 
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 import plotly.graph_objects as go
 
-from app.common import TASKS
+from app.common import TASKS, user_errors
 from hanorec import report, runs
 from hanorec.jobs import COMPARE, comparison_request
 
@@ -30,17 +29,6 @@ INTRO = (
     "a reference with a 95% bootstrap interval over test users and the difference the comparison could detect "
     "with 80% power (±). A CLI `compare` output folder opens here too."
 )
-
-
-@contextmanager
-def _errors():
-    """Package errors reach the page as their own one sentence (gr.Error), never a traceback."""
-    try:
-        yield
-    except gr.Error:
-        raise
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        raise gr.Error(str(e.args[0]) if isinstance(e, KeyError) else str(e)) from None
 
 
 def _num(value):
@@ -64,7 +52,7 @@ def scenario_note(ctx, dataset) -> str:
 
     if not dataset:
         return ""
-    with _errors():
+    with user_errors():
         lines = scenario_sentences(read_scenario(ctx.resolve_path(dataset)))
     return "\n".join(f"- {line}" for line in lines) or "No teaching scenario is planted in this dataset."
 
@@ -76,7 +64,7 @@ def launch(ctx, dataset, task, sft_from, methods, seeds, sft_steps, pref_steps, 
     if sft_from and sft_from != TRAIN_SFT:
         sft_run = str(ctx.resolve_path(str(Path(ctx.runs_dir) / sft_from)))
     data = str(ctx.resolve_path(dataset)) if dataset else None
-    with _errors():
+    with user_errors():
         over, args, base = comparison_request(
             dataset=data, task=task, methods=list(methods or []), seeds=str(seeds or ""), sft_run=sft_run,
             sft_steps=_num(sft_steps), pref_steps=_num(pref_steps), beta=_num(beta), lr=_num(lr),
@@ -116,23 +104,17 @@ def progress_html(st) -> str:
 def poll(ctx, job_id):
     if not job_id:
         return "No comparison selected: launch one above.", progress_html(None)
-    with _errors():
+    with user_errors():
         st = ctx.jobs.status(job_id, detail=False)
     return status_text(st), progress_html(st)
 
 
-def stop(ctx, job_id):
+def control(ctx, job_id, action: str):
+    """Stop (SIGTERM: a checkpoint after the current step) or resume (queued again) the chosen comparison."""
     if not job_id:
-        raise gr.Error("Pick a comparison to stop.")
-    with _errors():
-        return status_text(ctx.jobs.stop(job_id))
-
-
-def resume(ctx, job_id):
-    if not job_id:
-        raise gr.Error("Pick a comparison to resume.")
-    with _errors():
-        return status_text(ctx.jobs.resume(job_id))
+        raise gr.Error(f"Pick a comparison to {action}.")
+    with user_errors():
+        return status_text(getattr(ctx.jobs, action)(job_id))
 
 
 # ---- results -------------------------------------------------------------------------------------
@@ -144,7 +126,7 @@ def load(ctx, folder: str) -> dict:
     if not folder:
         raise gr.Error("Pick a finished comparison, or type the output folder of a CLI `compare` run.")
     path = ctx.resolve_path(folder.strip())
-    with _errors():
+    with user_errors():
         return ctx._extra.get(("comparison", str(path), (path / report.COMPARISON_FILE).stat().st_mtime),
                               lambda: report.load_comparison(path))  # fmt: skip
 
@@ -224,7 +206,7 @@ def show_forest(ctx, folder, reference, metric):
     if not (folder and reference and metric):
         return go.Figure(), ""
     result = load(ctx, folder)
-    with _errors():
+    with user_errors():
         rows = report.forest(result, reference, metric)
     lines = [f"| method | {metric} vs {reference} |", "|---|---:|"]
     lines += [f"| {r['method']} | {report.format_difference(r)} |" for r in rows]
@@ -235,7 +217,7 @@ def show_scatter(ctx, folder, metric, a, b):
     if not (folder and metric and a and b):
         return go.Figure()
     result = load(ctx, folder)
-    with _errors():
+    with user_errors():
         pts = report.scatter(result, metric, a, b)
     fig = go.Figure(go.Scatter(x=pts["b"], y=pts["a"], mode="markers", text=pts["user"], opacity=0.6,
                                hovertemplate="%{text}: " + b + " %{x:.3f}, " + a + " %{y:.3f}<extra></extra>"))
@@ -310,8 +292,8 @@ def build(ctx) -> None:
             eval_examples, extra]  # fmt: skip
     launch_btn.click(partial(launch, ctx), form, [job, status], api_name="compare_launch")
     timer.tick(partial(poll, ctx), [job], [status, bar], api_visibility="private", show_progress="hidden")
-    stop_btn.click(partial(stop, ctx), [job], status, api_name="compare_stop")
-    resume_btn.click(partial(resume, ctx), [job], status, api_name="compare_resume")
+    stop_btn.click(lambda j: control(ctx, j, "stop"), [job], status, api_name="compare_stop")
+    resume_btn.click(lambda j: control(ctx, j, "resume"), [job], status, api_name="compare_resume")
     dataset.change(partial(scenario_note, ctx), [dataset], scenario, api_visibility="private")
 
     def refresh():
