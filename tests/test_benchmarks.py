@@ -63,3 +63,14 @@ def test_quickstart_skips_without_the_app(tmp_path, capsys):
 
     assert bench_quickstart.main(["--no-job", "--root", str(tmp_path)]) == {}
     assert "SKIPPED" in capsys.readouterr().out
+
+
+def test_catalogue_benchmark_grows_the_catalogue_and_times_each_size(capsys):
+    import bench_catalogue
+
+    rows = bench_catalogue.main(["--sizes", "310,400", "--users", "1", "--repeats", "1", "--hidden", "32",
+                                 "--chunk", "128"])  # fmt: skip
+    small, big = rows
+    assert big["candidates"] - small["candidates"] == 90 and big["tokens_per_user"] > small["tokens_per_user"]
+    assert small["forwards_per_user"] == -(-small["candidates"] // 128) and small["s_per_user"] > 0
+    assert "ratio 400 / 310 items" in capsys.readouterr().out
