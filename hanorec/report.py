@@ -415,3 +415,39 @@ def find_comparisons(root: str | Path, depth: int = 2) -> list[Path]:
         found += [p for p in level if (p / COMPARISON_FILE).is_file()]
         level = [c for p in level if p.is_dir() for c in sorted(p.iterdir()) if c.is_dir() and not c.name.startswith(".")]
     return sorted(found, key=lambda p: (p / COMPARISON_FILE).stat().st_mtime, reverse=True)
+
+
+def merge_comparisons(results: Sequence[dict], *, n_boot: int = 2000) -> dict:
+    """One comparison from several made with the same configuration on disjoint seeds (e.g. one process per
+    seed): rows and per-example values concatenated, the mean ± std table and the paired differences
+    recomputed over all seeds, exactly as one `compare` call over those seeds computes them. One clear
+    sentence when they differ in dataset, model, protocol or split, or share a seed."""
+    from hanorec.metrics import mean_std
+
+    if not results:
+        raise ValueError("nothing to merge: give at least one comparison")
+    first = results[0]
+    for key in ("dataset", "model", "protocol", "paired_protocol", "split", "split_policy"):
+        values = {str(r.get(key)) for r in results}
+        if len(values) > 1:
+            raise ValueError(f"the comparisons differ in {key} ({sorted(values)}): they cannot be merged")
+    seeds = [s for r in results for s in r["seeds"]]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"the comparisons share a seed ({sorted(seeds)}): each seed may come from one only")
+    rows = [row for r in results for row in r["rows"]]
+    per_example = [e for r in results for e in r["per_example"]]
+    protocol = first.get("protocol", "ranking")
+    return {
+        **{k: first.get(k) for k in ("protocol", "paired_protocol", "split", "split_policy", "dataset", "model",
+                                     "machine")},  # fmt: skip
+        "paired_protocol": first.get("paired_protocol") or protocol,
+        "rows": rows,
+        "summary": summarize(rows, mean_std, protocol),
+        "paired": paired_differences(per_example, n_boot=n_boot),
+        "seeds": sorted(seeds),
+        "tasks": sorted({t for r in results for t in r.get("tasks", [])}),
+        "wall_s": sum(r.get("wall_s", 0.0) for r in results),
+        "command": " ; ".join(r.get("command", "") for r in results),
+        "per_example": per_example,
+        "merged_from": len(results),
+    }

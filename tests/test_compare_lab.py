@@ -131,3 +131,34 @@ def test_a_running_comparison_job_reports_its_part_and_the_parts_steps(tmp_path)
     st = jm.status("cmp", tick=False)
     assert (st.step, st.total) == (3, 8)
     assert "part 2 of 2: hit3 seed 0: DPO" in st.describe()
+
+
+def _split_by_seed(result, seed):
+    return {**result, "seeds": [seed], "rows": [r for r in result["rows"] if r["seed"] == seed],
+            "per_example": [e for e in result["per_example"] if e["seed"] == seed], "split": "test"}  # fmt: skip
+
+
+def test_merging_per_seed_comparisons_gives_the_pooled_tables(tmp_path, capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import merge_comparisons as script
+
+    full = {**report.load_comparison(_comparison(tmp_path / "full")), "split": "test"}
+    parts = [_split_by_seed(full, s) for s in (0, 1)]
+    merged = report.merge_comparisons(parts, n_boot=300)
+    assert merged["seeds"] == [0, 1] and merged["summary"] == report.summarize(full["rows"], mean_std, "catalogue")
+    assert merged["paired"] == report.paired_differences(full["per_example"], n_boot=300)
+    with pytest.raises(ValueError, match="share a seed"):
+        report.merge_comparisons([parts[0], parts[0]])
+    with pytest.raises(ValueError, match="differ in dataset"):
+        report.merge_comparisons([parts[0], {**parts[1], "dataset": "other"}])
+    for s, part in zip((0, 1), parts):
+        (tmp_path / f"s{s}").mkdir()
+        (tmp_path / f"s{s}" / "comparison.json").write_text(json.dumps(part))
+    assert script.main([str(tmp_path / "s0"), str(tmp_path / "s1"), "--out", str(tmp_path / "m")]) == 0
+    assert report.load_comparison(tmp_path / "m")["seeds"] == [0, 1]
+    assert "| DPO | SFT |" in (tmp_path / "m" / "comparison.md").read_text()
+    assert script.main([str(tmp_path / "s0"), str(tmp_path / "s0"), "--out", str(tmp_path / "m2")]) == 2
+    assert "share a seed" in capsys.readouterr().err
