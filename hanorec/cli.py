@@ -4,9 +4,12 @@ Commands:
   make-demo   write the bundled demo dataset (deterministic): --out=assets/demo --seed=0
   run         data -> SFT -> evaluation, prints a metrics table (resumes an interrupted run)
   sft         stage 1 only
-  pref        stage 2 (DPO, S-DPO or HaNo-DPO by --pref.method) from the run's SFT checkpoint, then evaluation
+  pref        stage 2 (any registered method by --pref.method, its knobs by --pref.options.NAME=VALUE) from the
+              run's SFT checkpoint, then evaluation
   compare     SFT, DPO, S-DPO, HaNo-DPO and its ablations over seeds and tasks: --seeds=0,1,2 --tasks=hit3,hit1
-              (--readme=README.md writes the table, command, machine and wall time into the README)
+              (--variants=DPO,IPO,... any rows of `methods`; --readme=README.md writes the table, command,
+              machine and wall time into the README)
+  methods     the registered preference methods and their ablations: loss in one line, needs, paper
   evaluate    evaluate the newest checkpoint of a run's stage (--stage=sft by default, or a preference stage
               folder such as --stage=hano_dpo; or --checkpoint=PATH) with baselines
   config      print the resolved configuration as YAML: `config --config preset.yaml --sft.lr=3e-4`;
@@ -145,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
             out = make_demo(extra.get("out", "assets/demo"), seed=seed)
             print(f"demo dataset written to {out}")
             return 0
+        if command == "methods":
+            from hanorec import methods
+
+            print(methods.format_table())
+            return 0
         if command == "config" and any(a in ("--help", "-h") for a in fixed):
             config_path, overrides, _ = _split_args([a for a in fixed if a not in ("--help", "-h")])
             if config_path or overrides:
@@ -192,11 +200,14 @@ def main(argv: list[str] | None = None) -> int:
             bad = [t for t in tasks if t not in TASKS] or ([] if seeds and tasks else ["(none)"])
             if bad:
                 raise ConfigError(f"--tasks names {bad[0]!r}; use some of {list(TASKS)}, comma-separated, and at least one seed")
-            variants = extra["variants"].split(",") if "variants" in extra else list(pipeline.PREF_VARIANTS)
-            unknown = [v for v in variants if v not in pipeline.PREF_VARIANTS]
+            from hanorec import methods
+
+            variants = extra["variants"].split(",") if "variants" in extra else list(methods.paper_variants())
+            unknown = [v for v in variants if v not in methods.variants()]
             if unknown:
                 raise ConfigError(
-                    f"unknown variant {unknown[0]!r}; use some of {list(pipeline.PREF_VARIANTS)}"
+                    f"unknown variant {unknown[0]!r}; use some of {list(methods.variants())} "
+                    "(python -m hanorec methods lists them)"
                 )
             pipeline.run_comparison(
                 cfg,

@@ -38,13 +38,12 @@ from hanorec.runs import (
 )
 from hanorec.tasks import TASK_SHAPES, Example, build_examples, corpus_text
 from hanorec.train.checkpoint import latest_checkpoint
-from hanorec.train.preference import PREF_VARIANTS, build_preference_items
+from hanorec.train.preference import build_preference_items
 
-# re-exported: the run layout lives in hanorec.runs, stage-2 variants beside preference training, and the
+# re-exported: the run layout lives in hanorec.runs, stage-2 variants in hanorec.methods, and the
 # comparison's text and README section in hanorec.report
 __all__ = [
     "BASE_MODEL_DIR",
-    "PREF_VARIANTS",
     "build_preference_items",
     "comparison_report",
     "comparison_table",
@@ -346,12 +345,13 @@ def run_comparison(
     *,
     seeds: Sequence[int] = (0, 1, 2),
     tasks: Sequence[str] = ("hit3", "hit1"),
-    variants: Sequence[str] = tuple(PREF_VARIANTS),
+    variants: Sequence[str] | None = None,
     print_fn: Callable = print,
     readme: str | Path | None = None,
     command: str = "",
 ) -> dict:
-    """SFT, then every preference variant from the same SFT model, per task and seed; mean and std table,
+    """SFT, then each preference variant (default: the paper's, hanorec.methods.paper_variants; any row of
+    hanorec.methods.variants) from the same SFT model, per task and seed; mean and std table,
     and each method's paired difference against SFT and DPO with a bootstrap interval over test users.
 
     comparison.json keeps the per-example ranking values of every (task, seed, method) under
@@ -360,8 +360,11 @@ def run_comparison(
     With `readme`, the table (with the command, the machine and the wall time) replaces the README section
     marked `<!-- comparison:<output folder name> -->` (appended at the end when the markers are missing).
     """
+    from hanorec import methods
     from hanorec.metrics import mean_std
 
+    variants = list(methods.paper_variants() if variants is None else variants)
+    overrides = {v: methods.variant_of(v) for v in variants}  # an unknown label fails before any training
     start = time.time()
     root = Path(cfg.output_dir)
     rows: list[dict] = []
@@ -379,7 +382,7 @@ def run_comparison(
             per_example += per_example_entries(task, seed, ev)
             del bundle
             for v in variants:
-                over = dict(PREF_VARIANTS[v])
+                over = dict(overrides[v])
                 if task == "hit1" and over.get("k_negatives", 1) > 1:
                     over["k_negatives"] = 1  # hit1 has a single rejected answer: S-DPO reduces to DPO
                 cv = _with(c, pref={**over, "sft_run": str(run_dir)})
@@ -453,6 +456,7 @@ def run_sweep(
     beta), which say what the setting did to training. With `readme`, the table replaces the README section
     marked ``<!-- comparison:<output folder name> -->``.
     """
+    from hanorec import methods
     from hanorec.metrics import mean_std
 
     if reference not in settings:
@@ -466,7 +470,7 @@ def run_sweep(
         c = _with(cfg, seed=seed, output_dir=str(root / task / f"seed{seed}"), task={"name": task})
         data = prepare_data(c)
         for label, over in settings.items():
-            cv = _with(c, pref={**PREF_VARIANTS[base_variant], **over, "sft_run": str(sft_run)})
+            cv = _with(c, pref={**methods.variant_of(base_variant), **over, "sft_run": str(sft_run)})
             name = stage_slug(label).replace("=", "-")
             bundle, _ = run_preference(cv, data, name=name)
             ev = run_eval(cv, bundle, data, method=label, baselines=[])

@@ -255,24 +255,18 @@ def track_status(run_dir: str | Path, command: str, should_stop: Callable[[], bo
 
 def stage_label(config: dict | None, stage: str) -> str:
     """A stage's name in the paper's words: 'SFT', or the preference variant its config trained
-    ('HaNo-DPO w/o NoDO'); the folder name when the config matches none."""
+    ('HaNo-DPO w/o NoDO'), or the method with its add-ons (hanorec.methods.label_of)."""
     if stage == SFT_STAGE:
         return "SFT"
-    from hanorec.train.preference import PREF_VARIANTS
+    from hanorec import methods
 
-    for name in PREF_VARIANTS:  # a comparison's folder (hanorec.pipeline.run_comparison)
+    for name in methods.variants():  # a comparison's folder (hanorec.pipeline.run_comparison)
         if stage_slug(name) == stage:
             return name
     pref = (config or {}).get("pref") or {}
     if pref.get("method") != stage:
         return stage
-    defaults = {"noise_target": "lora", "hardness": True, "responsiveness": True}
-    matches = [
-        name
-        for name, fields in PREF_VARIANTS.items()
-        if all(pref.get(k) == v for k, v in {**defaults, **fields}.items() if k in defaults or k == "method")
-    ]
-    return matches[0] if matches else stage
+    return methods.label_of(pref)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -64,8 +64,8 @@ FORM = dict(
 
 
 def launch(ctx, stage="SFT", backbone="tiny-llava", name="", **form):
-    values = {**FORM, **form}
-    return T.launch(ctx, str(DEMO), backbone, stage, "hit3", T.FROM_SCRATCH, *values.values(), name)
+    fields = {"dataset": str(DEMO), "backbone": backbone, "stage": stage, "task": "hit3", "sft_from": T.FROM_SCRATCH}
+    return T.launch_form(ctx, {**fields, **FORM, **form, "name": name})
 
 
 def poll_until(ctx, job, states, timeout=240):
