@@ -292,6 +292,11 @@ class PrefConfig(OptimConfig):
         {},
         "The method's own knobs (--pref.options.NAME=VALUE); unset ones take the method's defaults:",
     )
+    plugins: list = _f(
+        [],
+        "Python modules or .py files that register more preference methods (hanorec.methods.register), imported "
+        "before pref.method is looked up.",
+    )
     hars: bool = _f(
         False,
         "HaRS on a base loss other than HaNo-DPO (beyond the paper): its beta becomes beta0 * eta * lambda_n, "

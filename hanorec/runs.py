@@ -264,8 +264,8 @@ def stage_label(config: dict | None, stage: str) -> str:
         if stage_slug(name) == stage:
             return name
     pref = (config or {}).get("pref") or {}
-    if pref.get("method") != stage:
-        return stage
+    if pref.get("method") != stage:  # the run's config names another method: the folder is a method's name
+        return methods.get(stage).label if stage in methods.names() else stage
     return methods.label_of(pref)
 
 
