@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from hanorec import logkeys as K
 from hanorec.config import RunConfig
 from hanorec.data import RecDataset, Splits, load_dataset, make_splits
 from hanorec.eval import EvalResult, evaluate, format_results, train_popularity
@@ -477,8 +478,7 @@ def run_sweep(
             del bundle
             logged = [json.loads(line) for line in (root / task / f"seed{seed}" / name / "metrics.jsonl").open()]
             last = logged[-1] if logged else {}
-            diag = {k: last[k] for k in ("rewards/accuracies", "logps/chosen", "hardness/lambda_mean",
-                                         "hardness/beta_mean") if k in last}
+            diag = {k: last[k] for k in (*K.SWEEP_DIAGNOSTICS, K.BETA_MEAN) if k in last}
             rows += [{"task": task, "seed": seed, "setting": label, **r, **diag} for r in ev.rows]
             per_example += per_example_entries(task, seed, ev)
             print_fn(f"seed {seed} {label}: " + ", ".join(
@@ -488,7 +488,7 @@ def run_sweep(
     for label in settings:
         mine = [r for r in rows if r["setting"] == label and r.get("protocol", "ranking") == "ranking"]
         entry = {"setting": label}
-        for k in (*metrics, "rewards/accuracies", "logps/chosen", "hardness/lambda_mean"):
+        for k in (*metrics, *K.SWEEP_DIAGNOSTICS):
             vals = [r[k] for r in mine if k in r]
             if vals:
                 entry[k] = mean_std(vals)
@@ -522,7 +522,7 @@ def sweep_table(result: dict) -> str:
     reference setting [95% bootstrap interval over test users, seeds pooled]."""
     task = result["task"]
     metrics = ("HR@3", "NDCG@3") if task != "hit1" else ("AUC",)
-    diag = ("rewards/accuracies", "logps/chosen", "hardness/lambda_mean")
+    diag = K.SWEEP_DIAGNOSTICS
     paired = {p["method"]: p for p in result["paired"]}
     head = [*(f"{task} {m}" for m in metrics), *(f"{m} vs {result['reference']}" for m in metrics),
             "reward acc. (last step)", "chosen log-prob (last step)", "mean lambda"]

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from hanorec.progress import make_event
 from hanorec.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 
@@ -399,15 +400,10 @@ class _Run:
             self.bar.update(1)
         if step % self.cfg.log_every and step != self.total_steps:
             return
-        record = {
-            "stage": self.stage,
-            "step": step,
-            "total_steps": self.total_steps,
-            "epoch": self.epoch_progress,
-            "lr": self.scheduler.get_last_lr()[0],
-            **{k: sum(v) / len(v) for k, v in self.running.items()},
-            "elapsed_s": time.time() - self.start,
-        }
+        record = make_event(
+            self.stage, step, self.total_steps, start=self.start, epoch=self.epoch_progress,
+            lr=self.scheduler.get_last_lr()[0], **{k: sum(v) / len(v) for k, v in self.running.items()},
+        )  # fmt: skip
         self.running = {}
         self.history.append(record)
         if self.acc.is_main_process:
@@ -542,15 +538,10 @@ class _Run:
         patience = self.validation.patience
         if patience is not None and val["since_best"] >= patience and step < self.total_steps:
             val["early_stopped"] = True
-        event = {
-            "stage": self.stage,
-            "step": step,
-            "total_steps": self.total_steps,
-            "epoch": self.epoch_progress,
-            **{f"val/{k}": float(v) for k, v in metrics.items()},
-            f"val/best_{name}": val["best"]["value"],
-            "elapsed_s": time.time() - self.start,
-        }
+        event = make_event(
+            self.stage, step, self.total_steps, start=self.start, epoch=self.epoch_progress,
+            **{f"val/{k}": float(v) for k, v in metrics.items()}, **{f"val/best_{name}": val["best"]["value"]},
+        )  # fmt: skip
         if self.acc.is_main_process:
             with self.log_path.open("a") as fh:
                 fh.write(json.dumps(event) + "\n")
