@@ -118,18 +118,11 @@ def main(argv: list[str] | None = None) -> int:
             fixed.append(rest[i])
             i += 1
     from hanorec.config import ConfigError, describe, load_config
-    from hanorec.data import DataError
-    from hanorec.models import ModelError, check_model_name
+    from hanorec.errors import UserError
+    from hanorec.models import check_model_name
     from hanorec.progress import StopRequested
-    from hanorec.tasks import TaskError
-    from hanorec.train.checkpoint import CheckpointError
-    from hanorec.train.loop import EmptyTrainingSet, TrainingDiverged
-    from hanorec.train.sft import ExampleTooLong
 
-    user_errors = (
-        ConfigError, DataError, ModelError, TaskError, CheckpointError, EmptyTrainingSet, TrainingDiverged,
-        ExampleTooLong, FileNotFoundError,
-    )  # fmt: skip
+    user_errors = (UserError, FileNotFoundError)  # every package error a user can fix, and a missing file
 
     try:
         if command == "make-demo":

@@ -17,8 +17,10 @@ from typing import Any
 
 import yaml
 
+from hanorec.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration key or value a user wrote is wrong (one clear sentence)."""
 
 

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hanorec import runs
+from hanorec.errors import UserError
 
 JOB_FILE = "job.json"
 LOG_FILE = "job.log"
@@ -62,7 +63,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-class JobError(ValueError):
+class JobError(UserError, ValueError):
     """A job request that cannot be honoured (unknown job, bad stage, nothing to resume): one sentence."""
 
 

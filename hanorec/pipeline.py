@@ -31,7 +31,6 @@ from hanorec.runs import (
     BASE_MODEL_DIR,
     adapter_digest,
     base_model,
-    load_stage,
     record_sft_source,
     sft_dir_of,
     stage_slug,
@@ -132,13 +131,6 @@ def prepare_data(
 def prepare_model(cfg: RunConfig, ds: RecDataset, output_dir: str | Path | None = None) -> ModelBundle:
     """The base model: a tiny preset is built once per run folder (and reloaded from there on resume)."""
     return base_model(cfg, output_dir, corpus_text(ds, cfg.task.words(cfg.data.domain)))
-
-
-def load_trained(
-    cfg: RunConfig, ds: RecDataset, run_dir: str | Path, checkpoint: str | Path | None = None
-) -> ModelBundle:
-    """The SFT model of a run (run_dir is its sft/ folder); see hanorec.runs.load_stage for any stage."""
-    return load_stage(Path(run_dir).parent, Path(run_dir).name, checkpoint)
 
 
 def run_sft(

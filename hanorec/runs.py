@@ -29,6 +29,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hanorec.errors import UserError
+
 BASE_MODEL_DIR = "base_model"
 SFT_STAGE = "sft"
 CONFIG_FILE = "config.yaml"
@@ -40,7 +42,7 @@ NOT_STAGES = {BASE_MODEL_DIR, "hardness_cache", "checkpoints"}
 STATUSES = ("queued", "running", "finished", "stopped", "failed")
 
 
-class RunError(FileNotFoundError):
+class RunError(UserError, FileNotFoundError):
     """A run folder, stage or checkpoint a user named is missing (one clear sentence)."""
 
 

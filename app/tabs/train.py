@@ -16,6 +16,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from app.common import USER_ERRORS
 from hanorec import logkeys as K
 from hanorec import methods, runs
 from hanorec.jobs import available_trackers, stages
@@ -46,7 +47,7 @@ def _errors():
         yield
     except gr.Error:
         raise
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except USER_ERRORS as e:
         raise gr.Error(str(e.args[0]) if isinstance(e, KeyError) else str(e)) from None
 
 

@@ -18,8 +18,10 @@ from typing import Any
 
 from torch import Tensor
 
+from hanorec.errors import UserError
 
-class MethodError(ValueError):
+
+class MethodError(UserError, ValueError):
     """A preference method or one of its knobs was named or set wrongly (one sentence)."""
 
 

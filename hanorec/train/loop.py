@@ -25,11 +25,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from hanorec.errors import UserError
 from hanorec.progress import make_event
 from hanorec.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError, RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
@@ -160,7 +161,7 @@ def plan_steps(n_items: int, train_cfg, num_processes: int = 1, drop_last: bool 
     return StepPlan(n_items, micro, per_epoch, total, train_cfg.epochs, train_cfg.max_steps, dropped)
 
 
-class EmptyTrainingSet(ValueError):
+class EmptyTrainingSet(UserError, ValueError):
     """Training was asked to run over zero items (it would never reach a step)."""
 
 
