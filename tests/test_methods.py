@@ -172,20 +172,18 @@ def test_beta_dpo_method_updates_its_state_and_trains_on_the_kept_pairs():
     assert out.logged["beta_dpo/kept"] == 0.5
 
 
-# ---- training: 2 steps of every new method, and beta-DPO's resume --------------------------------------
-def tiny_cfg(tmp_path, **pref):
-    return load_config(
-        overrides={
-            "seed": 0,
-            "output_dir": str(tmp_path),
-            "model": {"name": "tiny-llava", "tiny_hidden_size": 64, "tiny_layers": 2, "tiny_vocab_size": 400},
-            "lora": {"r": 4, "alpha": 8},
-            "task": {"name": "hit3", "max_train_examples": 16, "max_eval_examples": 2},
-            "sft": {"max_steps": 1, "batch_size": 4, "grad_accum": 1, "progress_bar": False},
-            "pref": {"max_steps": 4, "batch_size": 4, "grad_accum": 1, "log_every": 1, "save_every": 1,
-                     "progress_bar": False, "noise_target": "none", **pref},
-        }
-    )  # fmt: skip
+# ---- training: beta-DPO's resume --------------------------------------
+TINY = (
+    "--seed=0 --model.name=tiny-llava --model.tiny_hidden_size=64 --model.tiny_vocab_size=400 --lora.r=4 "
+    "--lora.alpha=8 --task.max_train_examples=16 --task.max_eval_examples=2 --sft.max_steps=1 --sft.batch_size=4 "
+    "--sft.progress_bar=false --pref.max_steps=4 --pref.batch_size=4 --pref.log_every=1 --pref.save_every=1 "
+    "--pref.progress_bar=false --pref.noise_target=none"
+).split()
+
+
+def tiny_cfg(tmp_path, *pref: str):
+    """A tiny LLaVA on 16 demo examples: SFT 1 step, preference 4 steps of 4 pairs, a checkpoint every step."""
+    return load_config(overrides=[*TINY, f"--output_dir={tmp_path}", *pref])
 
 
 @pytest.fixture(scope="module")
@@ -203,9 +201,9 @@ def test_beta_dpo_resumes_bit_exact_with_its_moving_average_in_the_checkpoint(sf
     from hanorec.pipeline import run_preference
 
     root, data = sft_run
-    straight = tiny_cfg(tmp_path / "a", method="beta_dpo", sft_run=str(root))
+    straight = tiny_cfg(tmp_path / "a", "--pref.method=beta_dpo", f"--pref.sft_run={root}")
     bundle_a, res_a = run_preference(straight, data)
-    stopped = tiny_cfg(tmp_path / "b", method="beta_dpo", sft_run=str(root))
+    stopped = tiny_cfg(tmp_path / "b", "--pref.method=beta_dpo", f"--pref.sft_run={root}")
     steps = []
     run_preference(stopped, data, on_log=lambda r: steps.append(r) if "loss" in r else None,
                    train_should_stop=lambda: len(steps) >= 2)  # fmt: skip

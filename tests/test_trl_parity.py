@@ -145,7 +145,8 @@ def _pref_batch(prompts, completions, ref=None) -> dict:
     }
 
 
-def test_dpo_loss_matches_trl_with_explicit_ref_model(ds, preference_data, tmp_path):
+def trainer_with_ref_model(ds, examples, args):
+    """(bundle, policy, reference, TRL DPOTrainer): the reference is a perturbed copy of the policy."""
     bundle = fresh_bundle(ds)
     policy = bundle.model
     ref_model = copy.deepcopy(policy)
@@ -153,13 +154,13 @@ def test_dpo_loss_matches_trl_with_explicit_ref_model(ds, preference_data, tmp_p
     with torch.no_grad():
         for p in ref_model.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.02)
-    trainer = DPOTrainer(
-        model=policy,
-        ref_model=ref_model,
-        args=trl_args(tmp_path),
-        train_dataset=trl_dataset(bundle, preference_data),
-        processing_class=bundle.tokenizer,
-    )
+    trainer = DPOTrainer(model=policy, ref_model=ref_model, args=args, train_dataset=trl_dataset(bundle, examples),
+                         processing_class=bundle.tokenizer)  # fmt: skip
+    return bundle, policy, ref_model, trainer
+
+
+def test_dpo_loss_matches_trl_with_explicit_ref_model(ds, preference_data, tmp_path):
+    bundle, policy, ref_model, trainer = trainer_with_ref_model(ds, preference_data, trl_args(tmp_path))
     batch = trl_batch(trainer)
     trl_loss, trl_metrics = trl_loss_and_metrics(trainer, batch)
     assert abs(trl_loss - math.log(2)) > 1e-3, "the reference must differ from the policy"
@@ -243,20 +244,8 @@ def test_dpo_with_disabled_adapter_reference_matches_trl_peft(ds, preference_dat
 def test_ipo_and_rdpo_match_trl_dpo_trainer(ds, preference_data, tmp_path, loss_type, trl_kw, pref):
     """TRL's DPOTrainer with loss_type ipo / robust on its own batch; our training loss function (the
     registry's ipo / rdpo) on the same token ids, reference log-probs from the same reference model."""
-    bundle = fresh_bundle(ds)
-    policy = bundle.model
-    ref_model = copy.deepcopy(policy)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for p in ref_model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.02)
-    trainer = DPOTrainer(
-        model=policy,
-        ref_model=ref_model,
-        args=trl_args(tmp_path, loss_type, **trl_kw),
-        train_dataset=trl_dataset(bundle, preference_data),
-        processing_class=bundle.tokenizer,
-    )
+    args = trl_args(tmp_path, loss_type, **trl_kw)
+    bundle, policy, ref_model, trainer = trainer_with_ref_model(ds, preference_data, args)
     batch = trl_batch(trainer)
     trl_loss, trl_metrics = trl_loss_and_metrics(trainer, batch)
     prompts, completions = ids_from_trl_batch(batch)

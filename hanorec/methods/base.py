@@ -98,6 +98,11 @@ class LossOutput:
     logged: dict = field(default_factory=dict)
     loss: Tensor | None = None
 
+    @classmethod
+    def of(cls, out, **kw) -> LossOutput:
+        """From a hanorec.losses.PreferenceLossOutput (losses, rewards, beta, eta)."""
+        return cls(out.losses, out.chosen_rewards, out.rejected_rewards, out.beta, eta=out.eta, **kw)
+
     def total(self) -> Tensor:
         return self.losses.mean() if self.loss is None else self.loss
 
