@@ -94,6 +94,18 @@ def test_form_overrides_per_stage():
     assert "lora" not in real and real["model"]["name"] == "org/model"
 
 
+def test_picking_a_stage_shows_its_loss_paper_and_only_its_knobs():
+    text, beta, sigma, noise_target, k_neg, *options = T.method_view("SimPO")
+    assert "2405.14734" in text and "gamma" in text
+    shown = {f for f, o in zip(T.option_fields(), options) if o["visible"]}
+    assert shown == {"simpo.gamma"} and beta["visible"] and not k_neg["visible"] and not sigma["visible"]
+    text, beta, sigma, noise_target, k_neg, *options = T.method_view("HaNo-DPO")
+    assert sigma["visible"] and noise_target["visible"] and not any(o["visible"] for o in options)
+    assert T.method_view("S-DPO")[4]["visible"]
+    over = T.form_overrides("d", "tiny-llava", "SimPO", "hit3", options={"simpo.gamma": 1.5, "cdpo.epsilon": 0.2})
+    assert over["pref"]["options"] == {"gamma": 1.5} and "noise_target" not in over["pref"]
+
+
 def test_past_runs_table_compare_and_curves_of_a_finished_run(ctx):
     """A run made in-process (the CLI's `run`) is listed, compared and drawn."""
     from hanorec.config import load_config
