@@ -231,7 +231,8 @@ def config_changes(saved_yaml: Path, current_yaml: str) -> list[str]:
         return out
 
     a, b = flat(saved), flat(current)
-    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    # a key the checkpoint predates, now at an empty default (pref.plugins = [], pref.hars = false), changes nothing
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and (k in a or b.get(k)))
 
 
 class _Run:
