@@ -89,4 +89,4 @@ def test_a_method_from_a_test_module_trains_from_the_cli_and_a_job_and_is_listed
     for name in ("from-cli", "from-job"):
         info = listed[name]
         assert "hinge_test" in info.stages
-        assert runs.stage_label(info.config, "hinge_test") == "Hinge DPO (test)", name
+        assert info.label("hinge_test") == "Hinge DPO (test)", name

@@ -235,4 +235,5 @@ def test_each_baseline_trains_two_steps_and_is_labelled(sft_run, tmp_path, name)
     assert [r["step"] for r in logged] == [1, 2] and all(math.isfinite(r["loss"]) for r in logged)
     lora_b = [v for k, v in bundle.model.state_dict().items() if "lora_B" in k]
     assert any(bool(v.abs().sum() > 0) for v in lora_b)  # B starts at 0: two steps moved it
-    assert runs.stage_label(cfg.to_dict(), name) == methods.get(name).label
+    assert runs.run_info(tmp_path).label(name) == methods.get(name).label  # noise_target=none: no add-on
+    assert runs.stage_label(None, name, tmp_path) == methods.get(name).label

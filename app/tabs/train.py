@@ -345,7 +345,7 @@ def _summary_row(info, stage: str) -> list:
     res = info.stage_results.get(stage) or (info.results if stage == "sft" else None)
     return [
         info.name,
-        runs.stage_label(info.config, stage) if stage != "-" else "-",
+        info.label(stage) if stage != "-" else "-",
         info.status,
         last.get("step", ""),
         _fmt(last.get(K.LOSS)),
