@@ -55,7 +55,8 @@ def _errors():
 # The launch form's fields, in the order of its widgets (build) and of the /train_launch API's arguments;
 # each method option's widget follows them, named "<method>.<knob>" (option_fields).
 FORM_FIELDS = ("dataset", "backbone", "stage", "task", "sft_from", "beta0", "sigma", "noise_target", "k_negatives",
-               "sampling", "epochs", "lr", "max_steps", "eval_examples", "log_with", "seed", "name")  # fmt: skip
+               "sampling", "epochs", "lr", "max_steps", "eval_examples", "log_with", "seed", "name", "addons")  # fmt: skip
+ADDONS = ("HaRS", "NoDO")  # on a method other than HaNo-DPO: beyond the paper
 
 
 def option_fields() -> list[str]:
@@ -81,11 +82,13 @@ def form_overrides(
     log_with: str | None = None,
     seed: int = 0,
     options: dict | None = None,
+    addons: list | None = None,
 ) -> dict:
     """The form's values as config overrides (the variant's own fields are added by JobManager.submit).
 
     Only the knobs the stage's method reads are written: K for a method taking K rejected completions, the
-    NoDO target where the row does not fix it, and the method's own options ("<method>.<knob>" keys)."""
+    NoDO target where the row does not fix it (or where the NoDO add-on is picked), HaRS where picked and
+    the method takes it (pref.hars), and the method's own options ("<method>.<knob>" keys)."""
     over: dict = {
         "seed": int(seed),
         "data": {"path": data_path},
@@ -102,6 +105,10 @@ def form_overrides(
         pref = {"noise_sigma": sigma, "negative_sampling": sampling}
         if "noise_target" not in row:
             pref["noise_target"] = noise_target  # the other rows are defined by their noise (none)
+        elif "NoDO" in (addons or []):  # NoDO added to a row without it: beyond the paper
+            pref["noise_target"] = noise_target if noise_target != "none" else "lora"
+        if "HaRS" in (addons or []) and method.hars == "addon":
+            pref["hars"] = True
         if method.k_rejected:
             pref["k_negatives"] = int(k_negatives)
         own = {k.name: (options or {}).get(f"{method.name}.{k.name}") for k in methods.option_knobs(method)}
@@ -157,7 +164,7 @@ def launch_form(ctx, form: dict):
     if f["sft_from"] and f["sft_from"] != FROM_SCRATCH and stage != "SFT":
         sft_run = str(ctx.resolve_path(str(Path(ctx.runs_dir) / f["sft_from"])))
     named = ("beta0", "sigma", "noise_target", "k_negatives", "sampling", "epochs", "lr", "max_steps",
-             "eval_examples", "log_with", "seed")  # fmt: skip
+             "eval_examples", "log_with", "seed", "addons")  # fmt: skip
     options = {key: f[key] for key in option_fields() if key in f}
     over = form_overrides(data_path, model, stage, task, options=options, **{key: f[key] for key in named if key in f})
     with _errors():
@@ -170,7 +177,7 @@ def method_view(stage: str):
     """When a stage is picked: its method's one-line loss and paper, and only the knobs it reads."""
     if stage == "SFT":
         text = "**SFT**: mean token NLL of the answer (method.md section 5)."
-        return (text, *[gr.update(visible=False)] * 4, *[gr.update(visible=False) for _ in option_fields()])
+        return (text, *[gr.update(visible=False)] * 5, *[gr.update(visible=False) for _ in option_fields()])
     row = methods.variant_of(stage)
     m = methods.get(row["method"])
     text = f"**{stage}** (`--pref.method={m.name}`): `{m.equation}`. {m.paper}."
@@ -178,12 +185,16 @@ def method_view(stage: str):
         text += " Beyond the paper."
     nodo = "noise_target" not in row
     own = {f"{m.name}.{k.name}" for k in methods.option_knobs(m)}
+    addons = [a for a in ADDONS if (a == "HaRS" and m.hars == "addon") or (a == "NoDO" and not nodo)]
+    if stage != m.label:  # an ablation is defined by what it leaves out
+        addons = []
     return (
         text,
         gr.update(visible=any(k.name == "beta" for k in m.knobs)),
-        gr.update(visible=nodo),
-        gr.update(visible=nodo),
+        gr.update(visible=nodo or "NoDO" in addons),
+        gr.update(visible=nodo or "NoDO" in addons),
         gr.update(visible=m.k_rejected),
+        gr.update(visible=bool(addons), choices=addons, value=[]),
         *[gr.update(visible=key in own) for key in option_fields()],
     )
 
@@ -427,6 +438,7 @@ def build(ctx) -> None:
             noise_target = gr.Dropdown(["lora", "logits", "none"], value="lora", label="noise target", visible=False)
             k_neg = gr.Number(3, precision=0, label="K negatives", minimum=1, visible=False)
             sampling = gr.Dropdown(["random", "embedding"], value="random", label="negative sampling")
+            addons = gr.CheckboxGroup(list(ADDONS), value=[], label="add-ons (beyond the paper)", visible=False)
         with gr.Row():  # each method's own knobs, shown when its stage is picked
             option_widgets = []
             for m in methods.all_methods():
@@ -469,11 +481,12 @@ def build(ctx) -> None:
 
     widgets = dict(dataset=dataset, backbone=backbone, stage=stage, task=task, sft_from=sft_from, beta0=beta0,
                    sigma=sigma, noise_target=noise_target, k_negatives=k_neg, sampling=sampling, epochs=epochs, lr=lr,
-                   max_steps=max_steps, eval_examples=eval_examples, log_with=log_with, seed=seed, name=name)  # fmt: skip
+                   max_steps=max_steps, eval_examples=eval_examples, log_with=log_with, seed=seed, name=name,
+                   addons=addons)  # fmt: skip
     form = [widgets[f] for f in FORM_FIELDS] + option_widgets
     watched = [status, bar, curves, log, jobs]
     launch_btn.click(partial(launch, ctx), form, [job, status], api_name="train_launch")
-    stage.change(method_view, [stage], [method_md, beta0, sigma, noise_target, k_neg, *option_widgets],
+    stage.change(method_view, [stage], [method_md, beta0, sigma, noise_target, k_neg, addons, *option_widgets],
                  api_name="train_method")  # fmt: skip
     timer.tick(partial(tick, ctx), [job, seen_jobs], [*watched, past, chosen, sft_from, job, seen_jobs],
                api_visibility="private", show_progress="hidden")  # fmt: skip
