@@ -5,11 +5,13 @@ Commands:
               (beyond the paper): --false-negatives=F --preference-noise=F --uneven-density=F, fractions in [0, 1]
   run         data -> SFT -> evaluation, prints a metrics table (resumes an interrupted run)
   sft         stage 1 only
-  pref        stage 2 (DPO, S-DPO or HaNo-DPO by --pref.method) from the run's SFT checkpoint, then evaluation
+  pref        stage 2 (any registered method by --pref.method, its knobs by --pref.options.NAME=VALUE) from the
+              run's SFT checkpoint, then evaluation
   compare     SFT, DPO, S-DPO, HaNo-DPO and its ablations over seeds and tasks: --seeds=0,1,2 --tasks=hit3,hit1
-              --variants=DPO,HaNo-DPO (default: every method); --from-sft=RUN starts every seed from RUN's SFT
-              model; SIGTERM stops it, the same command resumes it
+              (--variants=DPO,IPO,... any rows of `methods`, or all; default: the paper's); --from-sft=RUN
+              starts every seed from RUN's SFT model; SIGTERM stops it, the same command resumes it
               (--readme=README.md writes the table, command, machine and wall time into the README)
+  methods     the registered preference methods and their ablations: loss in one line, needs, paper
   evaluate    evaluate the newest checkpoint of a run's stage (--stage=sft by default, or a preference stage
               folder such as --stage=hano_dpo; or --checkpoint=PATH) with baselines
   config      print the resolved configuration as YAML: `config --config preset.yaml --sft.lr=3e-4`;
@@ -118,18 +120,11 @@ def main(argv: list[str] | None = None) -> int:
             fixed.append(rest[i])
             i += 1
     from hanorec.config import ConfigError, describe, load_config
-    from hanorec.data import DataError
-    from hanorec.models import ModelError, check_model_name
+    from hanorec.errors import UserError
+    from hanorec.models import check_model_name
     from hanorec.progress import StopRequested
-    from hanorec.tasks import TaskError
-    from hanorec.train.checkpoint import CheckpointError
-    from hanorec.train.loop import EmptyTrainingSet, TrainingDiverged
-    from hanorec.train.sft import ExampleTooLong
 
-    user_errors = (
-        ConfigError, DataError, ModelError, TaskError, CheckpointError, EmptyTrainingSet, TrainingDiverged,
-        ExampleTooLong, FileNotFoundError,
-    )  # fmt: skip
+    user_errors = (UserError, FileNotFoundError)  # every package error a user can fix, and a missing file
 
     try:
         if command == "make-demo":
@@ -164,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
 
             for line in scenario_sentences(read_scenario(out)):
                 print(line)
+            return 0
+        if command == "methods":
+            from hanorec import methods
+
+            print(methods.format_table())
             return 0
         if command == "config" and any(a in ("--help", "-h") for a in fixed):
             config_path, overrides, _ = _split_args([a for a in fixed if a not in ("--help", "-h")])
@@ -212,11 +212,19 @@ def main(argv: list[str] | None = None) -> int:
             bad = [t for t in tasks if t not in TASKS] or ([] if seeds and tasks else ["(none)"])
             if bad:
                 raise ConfigError(f"--tasks names {bad[0]!r}; use some of {list(TASKS)}, comma-separated, and at least one seed")
-            offered = pipeline.preference_methods()
-            variants = extra["variants"].split(",") if "variants" in extra else list(offered)
+            from hanorec import methods
+
+            offered = methods.variants()
+            if extra.get("variants") == "all":
+                variants = list(offered)
+            else:
+                variants = extra["variants"].split(",") if "variants" in extra else list(methods.paper_variants())
             unknown = [v for v in variants if v not in offered]
             if unknown:
-                raise ConfigError(f"unknown variant {unknown[0]!r}; use some of {list(offered)}")
+                raise ConfigError(
+                    f"unknown variant {unknown[0]!r}; use some of {list(offered)} "
+                    "(python -m hanorec methods lists them), or all"
+                )
             from hanorec.runs import track_status, write_status
 
             stop = _StopFlag().install()

@@ -17,8 +17,10 @@ from typing import Any
 
 import yaml
 
+from hanorec.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration key or value a user wrote is wrong (one clear sentence)."""
 
 
@@ -291,6 +293,11 @@ class PrefConfig(OptimConfig):
     options: dict = _f(
         {},
         "The method's own knobs (--pref.options.NAME=VALUE); unset ones take the method's defaults:",
+    )
+    plugins: list = _f(
+        [],
+        "Python modules or .py files that register more preference methods (hanorec.methods.register), imported "
+        "before pref.method is looked up.",
     )
     hars: bool = _f(
         False,

@@ -24,6 +24,9 @@ PREFERENCE = (
     LAMBDA_MEAN, NOISE_SIGMA,
 )  # fmt: skip
 
+# the sweep's training diagnostics (hanorec.pipeline.run_sweep and sweep_table): the last logged step's
+SWEEP_DIAGNOSTICS = (REWARD_ACCURACY, LOGP_CHOSEN, LAMBDA_MEAN)
+
 CURVES = (
     (LOSS, "loss"),
     (REWARD_MARGIN, "reward margin"),

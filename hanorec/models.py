@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from hanorec.errors import UserError
+
 TINY_PRESETS = ("tiny-qwen2.5-vl", "tiny-llava")
 FAMILIES = ("qwen2_5_vl", "qwen2_vl", "llava")
 MROPE_FAMILIES = ("qwen2_5_vl", "qwen2_vl")  # 3-D (temporal, height, width) rotary positions
@@ -39,7 +41,7 @@ TINY_CHAT_TEMPLATE = (
 )
 
 
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
     """A model name, folder or family the user gave cannot be used (one clear sentence)."""
 
 

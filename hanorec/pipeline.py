@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from hanorec import logkeys as K
 from hanorec.config import RunConfig
 from hanorec.data import RecDataset, Splits, load_dataset, make_splits
 from hanorec.eval import EvalResult, evaluate, format_results, train_popularity
@@ -24,7 +25,6 @@ from hanorec.report import (
     machine_description,
     paired_differences,
     paired_table,
-    preference_methods,
     summarize,
     update_readme_section,
 )
@@ -40,13 +40,12 @@ from hanorec.runs import (
 )
 from hanorec.tasks import TASK_SHAPES, Example, build_examples, corpus_text
 from hanorec.train.checkpoint import latest_checkpoint
-from hanorec.train.preference import PREF_VARIANTS, build_preference_items
+from hanorec.train.preference import build_preference_items
 
-# re-exported: the run layout lives in hanorec.runs, stage-2 variants beside preference training, and the
+# re-exported: the run layout lives in hanorec.runs, stage-2 variants in hanorec.methods, and the
 # comparison's text and README section in hanorec.report
 __all__ = [
     "BASE_MODEL_DIR",
-    "PREF_VARIANTS",
     "build_preference_items",
     "comparison_report",
     "comparison_table",
@@ -137,13 +136,6 @@ def prepare_data(
 def prepare_model(cfg: RunConfig, ds: RecDataset, output_dir: str | Path | None = None) -> ModelBundle:
     """The base model: a tiny preset is built once per run folder (and reloaded from there on resume)."""
     return base_model(cfg, output_dir, corpus_text(ds, cfg.task.words(cfg.data.domain)))
-
-
-def load_trained(
-    cfg: RunConfig, ds: RecDataset, run_dir: str | Path, checkpoint: str | Path | None = None
-) -> ModelBundle:
-    """The SFT model of a run (run_dir is its sft/ folder); see hanorec.runs.load_stage for any stage."""
-    return load_stage(Path(run_dir).parent, Path(run_dir).name, checkpoint)
 
 
 def run_sft(
@@ -361,11 +353,12 @@ def run_comparison(
     should_stop: Callable[[], bool] | None = None,
     on_progress: Callable[[dict], None] | None = None,
 ) -> dict:
-    """SFT, then every preference variant from the same SFT model, per task and seed; mean and std table,
-    and each method's paired difference against SFT and DPO with a bootstrap interval over test users and
-    the difference it detects with 80% power.
+    """SFT, then each preference variant (default: the paper's, hanorec.methods.paper_variants; any row of
+    hanorec.methods.variants) from the same SFT model, per task and seed; mean and std table, and each
+    method's paired difference against SFT and DPO with a bootstrap interval over test users and the
+    difference it detects with 80% power.
 
-    variants: names from :func:`hanorec.report.preference_methods` (default: all of them). sft_run: a
+    sft_run: a
     finished run folder whose SFT model every seed starts from (no SFT is trained; its task must be the
     only task). comparison.json keeps the per-example values of every (task, seed, method) under
     ``per_example`` (hanorec.eval.per_example_values; the catalogue protocol's when the run evaluates it),
@@ -379,14 +372,12 @@ def run_comparison(
     With `readme`, the table (with the command, the machine and the wall time) replaces the README section
     marked `<!-- comparison:<output folder name> -->` (appended at the end when the markers are missing).
     """
+    from hanorec import methods
     from hanorec.config import ConfigError
     from hanorec.metrics import mean_std
 
-    offered = preference_methods()
-    variants = list(offered) if variants is None else list(variants)
-    unknown = [v for v in variants if v not in offered]
-    if unknown:
-        raise ConfigError(f"unknown method {unknown[0]!r}; use some of {list(offered)}")
+    variants = list(methods.paper_variants() if variants is None else variants)
+    overrides = {v: methods.variant_of(v) for v in variants}  # an unknown label fails before any training
     if sft_run is not None:
         from hanorec.runs import read_config
 
@@ -432,7 +423,7 @@ def run_comparison(
             per_example += per_example_entries(task, seed, ev)
             del bundle
             for v in variants:
-                over = dict(offered[v])
+                over = dict(overrides[v])
                 if task == "hit1" and over.get("k_negatives", 1) > 1:
                     over["k_negatives"] = 1  # hit1 has a single rejected answer: S-DPO reduces to DPO
                 cv = _with(c, pref={**over, "sft_run": str(source)})
@@ -511,6 +502,7 @@ def run_sweep(
     beta), which say what the setting did to training. With `readme`, the table replaces the README section
     marked ``<!-- comparison:<output folder name> -->``.
     """
+    from hanorec import methods
     from hanorec.metrics import mean_std
 
     if reference not in settings:
@@ -524,15 +516,14 @@ def run_sweep(
         c = _with(cfg, seed=seed, output_dir=str(root / task / f"seed{seed}"), task={"name": task})
         data = prepare_data(c)
         for label, over in settings.items():
-            cv = _with(c, pref={**PREF_VARIANTS[base_variant], **over, "sft_run": str(sft_run)})
+            cv = _with(c, pref={**methods.variant_of(base_variant), **over, "sft_run": str(sft_run)})
             name = stage_slug(label).replace("=", "-")
             bundle, _ = run_preference(cv, data, name=name)
             ev = run_eval(cv, bundle, data, method=label, baselines=[])
             del bundle
             logged = [json.loads(line) for line in (root / task / f"seed{seed}" / name / "metrics.jsonl").open()]
             last = logged[-1] if logged else {}
-            diag = {k: last[k] for k in ("rewards/accuracies", "logps/chosen", "hardness/lambda_mean",
-                                         "hardness/beta_mean") if k in last}
+            diag = {k: last[k] for k in (*K.SWEEP_DIAGNOSTICS, K.BETA_MEAN) if k in last}
             rows += [{"task": task, "seed": seed, "setting": label, **r, **diag} for r in ev.rows]
             per_example += per_example_entries(task, seed, ev)
             print_fn(f"seed {seed} {label}: " + ", ".join(
@@ -542,7 +533,7 @@ def run_sweep(
     for label in settings:
         mine = [r for r in rows if r["setting"] == label and r.get("protocol", "ranking") == "ranking"]
         entry = {"setting": label}
-        for k in (*metrics, "rewards/accuracies", "logps/chosen", "hardness/lambda_mean"):
+        for k in (*metrics, *K.SWEEP_DIAGNOSTICS):
             vals = [r[k] for r in mine if k in r]
             if vals:
                 entry[k] = mean_std(vals)
@@ -576,7 +567,7 @@ def sweep_table(result: dict) -> str:
     reference setting [95% bootstrap interval over test users, seeds pooled]."""
     task = result["task"]
     metrics = ("HR@3", "NDCG@3") if task != "hit1" else ("AUC",)
-    diag = ("rewards/accuracies", "logps/chosen", "hardness/lambda_mean")
+    diag = K.SWEEP_DIAGNOSTICS
     paired = {p["method"]: p for p in result["paired"]}
     head = [*(f"{task} {m}" for m in metrics), *(f"{m} vs {result['reference']}" for m in metrics),
             "reward acc. (last step)", "chosen log-prob (last step)", "mean lambda"]

@@ -10,8 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from hanorec.train.preference import PREF_VARIANTS
-
 
 def machine_description() -> str:
     import os
@@ -66,17 +64,18 @@ def _replace_section(path: Path, key: str, body: str) -> None:
 
 
 def preference_methods() -> dict[str, dict]:
-    """The stage-2 methods a comparison can run, display name -> `pref` overrides: the one place the
-    comparison, its scripts and the app's Compare tab read them from: the method registry
-    (hanorec.methods.variants) when the package has it, else the built-in variants."""
-    try:
-        from hanorec import methods
-    except ImportError:
-        return {name: dict(over) for name, over in PREF_VARIANTS.items()}
+    """The stage-2 methods a comparison can run, display name -> `pref` overrides (the method registry's
+    rows, hanorec.methods.variants): what the comparison's scripts and the app's Compare tab offer."""
+    from hanorec import methods
+
     return {name: dict(over) for name, over in methods.variants().items()}
 
 
-METHOD_ORDER = ["random", "popularity", "SFT", *PREF_VARIANTS]
+def method_order() -> list[str]:
+    """Rows of the comparison tables, in order: the baselines, SFT, then every registered variant."""
+    return ["random", "popularity", "SFT", *preference_methods()]
+
+
 # per task, the columns of the mean ± std table (every results table carries MRR, coverage and popularity)
 SUMMARY_METRICS = (
     ("hit3", "HR@3"), ("hit3", "NDCG@3"), ("hit3", "MRR"), ("hit3", "Coverage@3"), ("hit3", "Pop@3"),
@@ -86,8 +85,9 @@ SUMMARY_METRICS = (
 
 
 def _method_order(names) -> list[str]:
+    """``names`` in table order (:func:`method_order`), any other name after them in the order given."""
     names = list(dict.fromkeys(names))
-    order = ["random", "popularity", "SFT", *preference_methods()]
+    order = method_order()
     return [m for m in order if m in names] + [m for m in names if m not in order]
 
 

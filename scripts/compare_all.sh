@@ -23,7 +23,7 @@ case "$TASK" in
 esac
 for CFG in compare-tiny compare-tiny-movielens; do
   OMP_NUM_THREADS=1 "$PY" -m hanorec compare --config "configs/$CFG.yaml" --output_dir="runs/$CFG$SUFFIX" \
-    --seeds="$SEEDS" --tasks="$TASK" --readme=README.md > "runs-$CFG$SUFFIX.log" 2>&1 &
+    --seeds="$SEEDS" --tasks="$TASK" --variants=all --readme=README.md > "runs-$CFG$SUFFIX.log" 2>&1 &
 done
 wait
 tail -n 16 "runs-compare-tiny$SUFFIX.log" "runs-compare-tiny-movielens$SUFFIX.log"

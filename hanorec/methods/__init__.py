@@ -45,6 +45,7 @@ __all__ = [
     "format_table",
     "describe_knobs",
     "option_knobs",
+    "load_plugins",
 ]
 
 _REGISTRY: dict[str, Method] = {}
@@ -58,13 +59,55 @@ def register(method: Method, *, replace: bool = False) -> Method:
         raise MethodError(f"method {method.name}: hars = {method.hars!r} is not one of builtin, addon, no")
     if method.stateful and method.init_state is None:
         raise MethodError(f"method {method.name} is stateful and needs init_state")
-    if method.name in _REGISTRY and not replace:
-        raise MethodError(f"a method named {method.name!r} is already registered")
+    old = _REGISTRY.get(method.name)
+    if old is not None and not replace and _source(old) != _source(method):  # the same file again: a reload
+        raise MethodError(f"a method named {method.name!r} is already registered (from {_source(old)})")
     clash = [v for v in _variants_of(method) if v in variants() and variants()[v].get("method") != method.name]
     if clash:
         raise MethodError(f"method {method.name}: the label {clash[0]!r} already names another method's row")
     _REGISTRY[method.name] = method
     return method
+
+
+def _source(method: Method) -> str:
+    code = getattr(method.loss_fn, "__code__", None)
+    return code.co_filename if code is not None else repr(method.loss_fn)
+
+
+_PLUGINS: dict[str, object] = {}
+
+
+def load_plugins(plugins) -> None:
+    """Import the modules (dotted names) or .py files that register methods (pref.plugins), once each; a
+    run's config.yaml names them, so a background job or a resumed run finds the same methods."""
+    import hashlib
+    import importlib
+    import importlib.util
+    from pathlib import Path
+
+    for spec in plugins or []:
+        spec = str(spec)
+        if spec in _PLUGINS:
+            continue
+        if spec.endswith(".py") or "/" in spec:
+            path = Path(spec).expanduser().resolve()
+            if not path.is_file():
+                raise MethodError(f"pref.plugins names {spec}, which is not a file")
+            name = "hanorec_plugin_" + hashlib.sha256(str(path).encode()).hexdigest()[:12]
+            loader = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(loader)
+            try:
+                loader.loader.exec_module(module)
+            except MethodError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the user's file: one sentence, not a traceback
+                raise MethodError(f"pref.plugins: importing {path} failed: {type(e).__name__}: {e}") from None
+        else:
+            try:
+                module = importlib.import_module(spec)
+            except ImportError as e:
+                raise MethodError(f"pref.plugins names the module {spec!r}, which cannot be imported: {e}") from None
+        _PLUGINS[spec] = module
 
 
 def unregister(name: str) -> None:
@@ -195,6 +238,7 @@ def validate(pref) -> dict:
     Raises MethodError with one sentence naming the key and value at fault."""
     import math
 
+    load_plugins(getattr(pref, "plugins", None))
     m = get(pref.method)
     given = pref.options or {}
     if not isinstance(given, dict):

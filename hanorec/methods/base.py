@@ -18,8 +18,10 @@ from typing import Any
 
 from torch import Tensor
 
+from hanorec.errors import UserError
 
-class MethodError(ValueError):
+
+class MethodError(UserError, ValueError):
     """A preference method or one of its knobs was named or set wrongly (one sentence)."""
 
 
@@ -95,6 +97,11 @@ class LossOutput:
     eta: Tensor | None = None
     logged: dict = field(default_factory=dict)
     loss: Tensor | None = None
+
+    @classmethod
+    def of(cls, out, **kw) -> LossOutput:
+        """From a hanorec.losses.PreferenceLossOutput (losses, rewards, beta, eta)."""
+        return cls(out.losses, out.chosen_rewards, out.rejected_rewards, out.beta, eta=out.eta, **kw)
 
     def total(self) -> Tensor:
         return self.losses.mean() if self.loss is None else self.loss

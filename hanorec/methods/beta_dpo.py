@@ -76,7 +76,7 @@ def loss(b, pref, beta, state) -> LossOutput:
               "beta_dpo/kept": float(keep.float().mean())}  # fmt: skip
     state.update(new)
     total = out.losses[keep].mean()
-    return LossOutput(out.losses, out.chosen_rewards, out.rejected_rewards, out.beta, logged=logged, loss=total)
+    return LossOutput.of(out, logged=logged, loss=total)
 
 
 METHOD = register(

@@ -14,18 +14,11 @@ def loss(b, pref, beta, state) -> LossOutput:
     out = L.dpo_loss(
         b.policy_chosen, b.policy_rejected[:, 0], b.ref_chosen, b.ref_rejected[:, 0], beta=beta, label_smoothing=eps
     )
-    return LossOutput(out.losses, out.chosen_rewards, out.rejected_rewards, out.beta)
+    return LossOutput.of(out)
 
 
-METHOD = register(
-    Method(
-        name="cdpo",
-        label="cDPO",
-        paper="Mitchell 2023, A note on DPO with noisy preferences (cDPO); TRL's label_smoothing",
-        equation="-(1 - eps) logsigmoid(beta * h) - eps logsigmoid(-beta * h)",
-        loss_fn=loss,
-        knobs=(BETA, epsilon(0.1, "eps: the assumed probability that a pair's preference label is flipped.")),
-        hars="addon",
-        variant={"noise_target": "none"},
-    )
-)
+PAPER = "Mitchell 2023, A note on DPO with noisy preferences (cDPO); TRL's label_smoothing"
+EQUATION = "-(1 - eps) logsigmoid(beta * h) - eps logsigmoid(-beta * h)"
+EPSILON = epsilon(0.1, "eps: the assumed probability that a pair's preference label is flipped.")
+METHOD = register(Method("cdpo", "cDPO", PAPER, EQUATION, loss, knobs=(BETA, EPSILON), hars="addon",
+                         variant={"noise_target": "none"}))  # fmt: skip

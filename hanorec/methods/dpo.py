@@ -13,19 +13,10 @@ def loss(b, pref, beta, state) -> LossOutput:
         b.policy_chosen, b.policy_rejected[:, 0], b.ref_chosen, b.ref_rejected[:, 0], beta=beta,
         label_smoothing=pref.label_smoothing,
     )  # fmt: skip
-    return LossOutput(out.losses, out.chosen_rewards, out.rejected_rewards, out.beta)
+    return LossOutput.of(out)
 
 
-METHOD = register(
-    Method(
-        name="dpo",
-        label="DPO",
-        paper="Rafailov et al. 2023, Direct Preference Optimization (arXiv 2305.18290)",
-        equation="-logsigmoid(beta * h), h = [logp(y_w) - ref(y_w)] - [logp(y_l) - ref(y_l)]",
-        loss_fn=loss,
-        knobs=(BETA, LABEL_SMOOTHING),
-        hars="addon",
-        variant={"noise_target": "none"},
-        in_paper_comparison=True,
-    )
-)
+PAPER = "Rafailov et al. 2023, Direct Preference Optimization (arXiv 2305.18290)"
+EQUATION = "-logsigmoid(beta * h), h = [logp(y_w) - ref(y_w)] - [logp(y_l) - ref(y_l)]"
+METHOD = register(Method("dpo", "DPO", PAPER, EQUATION, loss, knobs=(BETA, LABEL_SMOOTHING), hars="addon",
+                         variant={"noise_target": "none"}, in_paper_comparison=True))  # fmt: skip

@@ -25,22 +25,11 @@ def loss(b, pref, beta, state) -> LossOutput:
         chosen_nll=-b.policy_chosen / b.chosen_lengths.clamp(min=1),
         sft_weight=pref.sft_weight,
     )
-    return LossOutput(out.losses, out.chosen_rewards, out.rejected_rewards, out.beta, eta=out.eta)
+    return LossOutput.of(out)
 
 
-METHOD = register(
-    Method(
-        name="hano_dpo",
-        label="HaNo-DPO",
-        paper="Wang et al. 2025, HaNoRec (arXiv 2511.18740)",
-        equation="-logsigmoid(beta_n * h), beta_n = max(1e-6, beta0 * eta * lambda_n); NoDO noise on the policy",
-        loss_fn=loss,
-        knobs=(BETA, LABEL_SMOOTHING, HARDNESS, RESPONSIVENESS, SFT_WEIGHT),
-        hars="builtin",
-        ablations={
-            "w/o HaRS": {"hardness": False, "responsiveness": False},
-            "w/o NoDO": {"noise_target": "none"},
-        },
-        in_paper_comparison=True,
-    )
-)
+PAPER = "Wang et al. 2025, HaNoRec (arXiv 2511.18740)"
+EQUATION = "-logsigmoid(beta_n * h), beta_n = max(1e-6, beta0 * eta * lambda_n); NoDO noise on the policy"
+ABLATIONS = {"w/o HaRS": {"hardness": False, "responsiveness": False}, "w/o NoDO": {"noise_target": "none"}}
+METHOD = register(Method("hano_dpo", "HaNo-DPO", PAPER, EQUATION, loss, hars="builtin", ablations=ABLATIONS,
+                         knobs=(BETA, LABEL_SMOOTHING, HARDNESS, RESPONSIVENESS, SFT_WEIGHT), in_paper_comparison=True))  # fmt: skip

@@ -29,18 +29,10 @@ def ipo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
 def loss(b, pref, beta, state) -> LossOutput:
     out = ipo_loss(b.policy_chosen, b.policy_rejected[:, 0], b.ref_chosen, b.ref_rejected[:, 0],
                    b.chosen_lengths, b.rejected_lengths[:, 0], beta=beta)  # fmt: skip
-    return LossOutput(out.losses, out.chosen_rewards, out.rejected_rewards, out.beta)
+    return LossOutput.of(out)
 
 
-METHOD = register(
-    Method(
-        name="ipo",
-        label="IPO",
-        paper="Azar et al. 2023, A General Theoretical Paradigm to Understand Learning from Human Preferences "
-        "(arXiv 2310.12036); TRL loss_type='ipo'",
-        equation="(r_w / |y_w| - r_l / |y_l| - 1 / (2 beta))^2, r = logp - ref",
-        loss_fn=loss,
-        knobs=(BETA,),
-        variant={"noise_target": "none"},
-    )
-)
+PAPER = ("Azar et al. 2023, A General Theoretical Paradigm to Understand Learning from Human Preferences "
+         "(arXiv 2310.12036); TRL loss_type='ipo'")  # fmt: skip
+EQUATION = "(r_w / |y_w| - r_l / |y_l| - 1 / (2 beta))^2, r = logp - ref"
+METHOD = register(Method("ipo", "IPO", PAPER, EQUATION, loss, knobs=(BETA,), variant={"noise_target": "none"}))

@@ -28,19 +28,11 @@ def rdpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor
 def loss(b, pref, beta, state) -> LossOutput:
     out = rdpo_loss(b.policy_chosen, b.policy_rejected[:, 0], b.ref_chosen, b.ref_rejected[:, 0], beta=beta,
                     epsilon=METHOD.option(pref, "epsilon"))  # fmt: skip
-    return LossOutput(out.losses, out.chosen_rewards, out.rejected_rewards, out.beta)
+    return LossOutput.of(out)
 
 
-METHOD = register(
-    Method(
-        name="rdpo",
-        label="rDPO",
-        paper="Chowdhury et al. 2024, Provably Robust DPO (arXiv 2403.00409); TRL loss_type='robust'",
-        equation="[-(1 - eps) logsigmoid(beta * h) + eps logsigmoid(-beta * h)] / (1 - 2 eps)",
-        loss_fn=loss,
-        knobs=(BETA, epsilon(0.1, "eps: the label flip rate the loss corrects for.")),
-        hars="addon",
-        variant={"noise_target": "none"},
-    )
-)
-
+PAPER = "Chowdhury et al. 2024, Provably Robust DPO (arXiv 2403.00409); TRL loss_type='robust'"
+EQUATION = "[-(1 - eps) logsigmoid(beta * h) + eps logsigmoid(-beta * h)] / (1 - 2 eps)"
+# the flip rate eps is rDPO's own knob, beside the shared beta
+METHOD = register(Method("rdpo", "rDPO", PAPER, EQUATION, loss, hars="addon", variant={"noise_target": "none"},
+                         knobs=(BETA, epsilon(0.1, "eps: the label flip rate the loss corrects for."))))  # fmt: skip

@@ -30,20 +30,13 @@ def simpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, chosen_lengths: T
 def loss(b, pref, beta, state) -> LossOutput:
     out = simpo_loss(b.policy_chosen, b.policy_rejected[:, 0], b.chosen_lengths, b.rejected_lengths[:, 0],
                      beta=beta, gamma=METHOD.option(pref, "gamma"))  # fmt: skip
-    return LossOutput(out.losses, out.chosen_rewards, out.rejected_rewards, out.beta)
+    return LossOutput.of(out)
 
 
-METHOD = register(
-    Method(
-        name="simpo",
-        label="SimPO",
-        paper="Meng et al. 2024, SimPO: Simple Preference Optimization with a Reference-Free Reward "
-        "(arXiv 2405.14734); TRL CPOTrainer loss_type='simpo', cpo_alpha=0",
-        equation="-logsigmoid(beta * (logp(y_w) / |y_w| - logp(y_l) / |y_l|) - gamma), no reference",
-        loss_fn=loss,
-        knobs=(BETA, Knob("gamma", 0.5, "gamma: the target reward margin (TRL's simpo_gamma).",
-                          check=lambda v: None if v >= 0 else "must be >= 0", label="gamma (margin)")),  # fmt: skip
-        needs_reference=False,
-        variant={"noise_target": "none"},
-    )
-)
+PAPER = ("Meng et al. 2024, SimPO: Simple Preference Optimization with a Reference-Free Reward "
+         "(arXiv 2405.14734); TRL CPOTrainer loss_type='simpo', cpo_alpha=0")  # fmt: skip
+EQUATION = "-logsigmoid(beta * (logp(y_w) / |y_w| - logp(y_l) / |y_l|) - gamma), no reference"
+GAMMA = Knob("gamma", 0.5, "gamma: the target reward margin (TRL's simpo_gamma).", label="gamma (margin)",
+             check=lambda v: None if v >= 0 else "must be >= 0")  # fmt: skip
+METHOD = register(Method("simpo", "SimPO", PAPER, EQUATION, loss, knobs=(BETA, GAMMA), needs_reference=False,
+                         variant={"noise_target": "none"}))  # fmt: skip

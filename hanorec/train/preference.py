@@ -37,16 +37,6 @@ class PrefItem:
     ref_logps: tuple[float, ...] | None = None  # (chosen, rejected_1..K)
 
 
-def __getattr__(name: str):
-    """PREF_VARIANTS: the registry's trainable rows (hanorec.methods.variants), read when asked, so a
-    method registered later is in it."""
-    if name == "PREF_VARIANTS":
-        from hanorec import methods
-
-        return methods.variants()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def build_preference_items(
     cfg, bundle: ModelBundle, ds: RecDataset, examples, cache_dir: Path, *, on_log=None, should_stop=None
 ) -> list[PrefItem]:
