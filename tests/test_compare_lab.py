@@ -162,3 +162,11 @@ def test_merging_per_seed_comparisons_gives_the_pooled_tables(tmp_path, capsys):
     assert "| DPO | SFT |" in (tmp_path / "m" / "comparison.md").read_text()
     assert script.main([str(tmp_path / "s0"), str(tmp_path / "s0"), "--out", str(tmp_path / "m2")]) == 2
     assert "share a seed" in capsys.readouterr().err
+
+
+def test_the_compare_tab_names_the_chosen_methods_knobs():
+    from app.tabs.compare import knob_note
+
+    text = knob_note(["cDPO", "DPO"])
+    assert "--pref.options.epsilon" in text and "(cdpo)" in text and "(rdpo)" not in text
+    assert "no knobs of their own" in knob_note(["DPO"])

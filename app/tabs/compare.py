@@ -57,6 +57,18 @@ def scenario_note(ctx, dataset) -> str:
     return "\n".join(f"- {line}" for line in lines) or "No teaching scenario is planted in this dataset."
 
 
+def knob_note(chosen) -> str:
+    """The registry's own knobs of the chosen methods (set them under "more overrides")."""
+    from hanorec import methods
+
+    names = {report.preference_methods()[m].get("method") for m in chosen or [] if m in report.preference_methods()}
+    lines = [line.strip() for line in methods.describe_knobs().splitlines()
+             if any(f"({n})" in line for n in names if n)]  # fmt: skip
+    if not lines:
+        return "The chosen methods have no knobs of their own beyond beta, the learning rate and NoDO's sigma."
+    return "Knobs of the chosen methods (type them under more overrides):\n" + "\n".join(f"- `{ln}`" for ln in lines)
+
+
 def launch(ctx, dataset, task, sft_from, methods, seeds, sft_steps, pref_steps, beta, lr, sigma, catalogue_items,
            eval_examples, extra):  # fmt: skip
     """Queue the comparison (it starts at once when nothing else runs); returns the job picker and its status."""
@@ -249,6 +261,7 @@ def build(ctx) -> None:
     scenario = gr.Markdown(elem_id="compare-scenario")
     methods = gr.CheckboxGroup(offered, value=[m for m in DEFAULT_METHODS if m in offered],
                                label="Methods (the registry's rows)", elem_id="compare-methods")  # fmt: skip
+    knobs = gr.Markdown(knob_note(DEFAULT_METHODS), elem_id="compare-knobs")
     with gr.Accordion("Hyperparameters (shared by every method)", open=True):
         with gr.Row():
             sft_steps = gr.Number(30, precision=0, label="SFT max steps", minimum=1)
@@ -295,6 +308,7 @@ def build(ctx) -> None:
     stop_btn.click(lambda j: control(ctx, j, "stop"), [job], status, api_name="compare_stop")
     resume_btn.click(lambda j: control(ctx, j, "resume"), [job], status, api_name="compare_resume")
     dataset.change(partial(scenario_note, ctx), [dataset], scenario, api_visibility="private")
+    methods.change(knob_note, [methods], knobs, api_visibility="private")
 
     def refresh():
         return (gr.update(choices=folder_choices(ctx)), gr.update(choices=sft_choices(ctx)),
