@@ -187,7 +187,7 @@ class ModelBundle:
                 f"the prompt has {n_placeholders} <image> placeholders but {len(images)} images were given"
             )
         chat = self.chat_text(text)
-        pieces = chat.split(self.adapter.image_token)
+        pieces = chat.split(self.adapter.split)
         pixel_values, grid, per_image = self._process_images(images)
         ids: list[int] = []
         for k, piece in enumerate(pieces):
@@ -240,6 +240,11 @@ class ModelBundle:
         if not images:
             return None, None, []
         return self.adapter.process_images(self, images)
+
+    def text_token_count(self, text: str) -> int:
+        """Tokens of the chat-formatted prompt outside its images (images count via image_token_count)."""
+        pieces = self.chat_text(text).split(self.adapter.split)
+        return sum(len(self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in pieces if p)
 
     def image_token_count(self, image: Image.Image) -> int:
         """How many prompt tokens one image takes (its visual tokens and any tokens around them)."""
@@ -330,7 +335,8 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int, family: str):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = SPECIAL_TOKENS + list(backbone(family).tiny_tokens)
+    adapter = backbone(family)
+    specials = SPECIAL_TOKENS + list(adapter.tiny_tokens)
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -349,7 +355,7 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int, family: str):
         unk_token="<unk>",
         additional_special_tokens=specials[4:],
     )
-    fast.chat_template = TINY_CHAT_TEMPLATE
+    fast.chat_template = adapter.tiny_chat_template or TINY_CHAT_TEMPLATE
     return fast
 
 

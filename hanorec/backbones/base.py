@@ -35,8 +35,10 @@ class Backbone:
     gpu_config: str | None = None  # the configs/ preset for a GPU with a real checkpoint
     # ---- text -----------------------------------------------------------------------------------
     chat_marker: str = "<image>"  # the text of one image inside the chat text
-    image_token: str = "<image>"  # the token repeated once per visual token (the split point of the chat text)
+    image_token: str = "<image>"  # the token repeated once per visual token
+    split_token: str | None = None  # the token of the chat marker that image_ids replaces (image_token if None)
     tiny_tokens: tuple[str, ...] = ("<image>",)  # special tokens the tiny tokenizer adds
+    tiny_chat_template: str | None = None  # the tiny tokenizer's chat template (None: the common one)
     # ---- modules --------------------------------------------------------------------------------
     language_model: str = "language_model"  # the module (last name) that holds the language model
     vision_modules: tuple[str, ...] = ()  # modules (last names) that turn pixels into LM vectors
@@ -64,8 +66,13 @@ class Backbone:
         reads a list of parts overrides this)."""
         return content
 
+    @property
+    def split(self) -> str:
+        """The token of the chat text that :meth:`image_ids` replaces, once per image."""
+        return self.split_token or self.image_token
+
     def image_ids(self, bundle, n: int) -> list[int]:
-        """The token ids that replace one image token of the chat text, for an image of n visual tokens."""
+        """The token ids that replace one split token of the chat text, for an image of n visual tokens."""
         return [bundle.image_token_id] * n
 
     # ---- pixels ---------------------------------------------------------------------------------
