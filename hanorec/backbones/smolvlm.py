@@ -41,7 +41,12 @@ class SmolVLM(Backbone):
     tiny_vision_size = 64
 
     def build_tiny_model(self, tok, text: dict, image_size: int):
-        from transformers import LlamaConfig, SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessorPil
+        from transformers import (
+            LlamaConfig,
+            SmolVLMConfig,
+            SmolVLMForConditionalGeneration,
+            SmolVLMImageProcessorPil,
+        )
 
         size = self.tiny_vision_size
         cfg = SmolVLMConfig(
