@@ -54,8 +54,8 @@ class EncodedPrompt:
     """A prompt turned into token ids plus the pixel tensors its image tokens stand for."""
 
     input_ids: list[int]
-    pixel_values: torch.Tensor | None  # qwen: (patches, dim) for all images; llava: (n_images, 3, H, W)
-    image_grid_thw: torch.Tensor | None = None  # qwen: (n_images, 3)
+    pixel_values: torch.Tensor | None  # the family's pixel tensor: patch rows of all images, or (n_images, 3, H, W)
+    image_grid_thw: torch.Tensor | None = None  # patch-grid families: (n_images, 3)
     n_images: int = 0
 
 
@@ -68,7 +68,7 @@ class ModelView:
         visual tokens its image produces (what the tokenizer and the language model see);
     input_ids / n_tokens: the prompt's token ids and their count (image tokens included);
     image_tokens: visual tokens per image; images: the images at the resolution the model's own
-        image processing gives them (Qwen: the resized patch grid; LLaVA: the CLIP crop), rebuilt
+        image processing gives them (a resized patch grid, or a fixed-size crop), rebuilt
         from the pixel values the model receives; image_sizes: their (width, height).
     """
 
@@ -471,7 +471,7 @@ def load_model(
 def cap_image_pixels(processor, max_pixels: int) -> bool:
     """Cap the pixels per image of a processor that resizes by pixel count (its family's adapter says
     how): larger images are scaled down keeping their aspect ratio. Returns False (processor unchanged)
-    for fixed-size processors such as CLIP's, which resize every image to one size."""
+    for fixed-size processors, which resize every image to one size."""
     return any(a.cap_pixels(processor, max_pixels) for a in all_backbones())
 
 
@@ -490,8 +490,9 @@ def check_model_name(name: str) -> None:
         cached = False
     if cached:
         return
-    close = difflib.get_close_matches(name, TINY_PRESETS, n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    scores = sorted(((difflib.SequenceMatcher(None, name, p).ratio(), p) for p in TINY_PRESETS), reverse=True)
+    close = [p for r, p in scores if r >= 0.5 and r >= scores[0][0] - 0.1]  # the best, and any nearly as close
+    hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
     raise ModelError(
         f"model.name = {name!r} is not a built-in preset ({', '.join(TINY_PRESETS)}), not a local folder, "
         f"and not in the local Hugging Face cache (nothing is downloaded at run time){hint}"
@@ -527,6 +528,23 @@ def get_model(cfg, texts: Sequence[str] | None = None, seed: int = 0, image_size
 def list_models() -> list[dict]:
     """One row per family: its adapter's description (tiny preset, checkpoint types, GPU config)."""
     return [a.describe() for a in all_backbones()]
+
+
+def format_models() -> str:
+    """The families as text (``python -m hanorec models``)."""
+    lines = [f"{len(FAMILIES)} backbone families (tiny presets build offline; checkpoints load by id from the "
+             "local Hugging Face cache or from a folder, never downloaded):", ""]  # fmt: skip
+    for row in list_models():
+        lines += [
+            f"{row['label']}  (family {row['family']})",
+            f"  tiny preset      {row['preset']}",
+            f"  checkpoint types {', '.join(row['model_types'])}",
+            f"  e.g.             {', '.join(row['checkpoints'])}",
+            f"  GPU preset       {row['gpu_config']}",
+            f"  positions        {row['position_ids']}",
+            "",
+        ]
+    return "\n".join(lines).rstrip() + "\n"
 
 
 # ------------------------------------------------------------------------------------------------

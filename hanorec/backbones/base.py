@@ -12,9 +12,13 @@ and delegates; scoring, hardness, sharding and training only ever talk to the bu
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import torch
-from PIL import Image
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+
 
 
 class ModelError(ValueError):
@@ -82,6 +86,8 @@ class Backbone:
 
     def pixel_inputs(self, prompts) -> dict:
         """The pixel tensors of several prompts for one forward (in prompt order)."""
+        import torch
+
         with_images = [p for p in prompts if p.n_images]
         if not with_images:
             return {}
@@ -104,6 +110,8 @@ class Backbone:
     def prompt_positions(self, bundle, inner, input_ids, prompt_mask, lengths, image_grid_thw=None):
         """Position ids of the prompt tokens of packed rows, and the position after each prompt (see
         :meth:`hanorec.models.ModelBundle.prompt_positions`). 1-D RoPE: 0, 1, 2, ... on the prompt."""
+        import torch
+
         positions = (torch.cumsum(prompt_mask, dim=1) - 1).clamp(min=0) * prompt_mask
         return positions, lengths.clone()
 
@@ -136,6 +144,8 @@ class Backbone:
         return self.per_image_means(feats, len(images))
 
     def per_image_means(self, feats, n_images: int) -> torch.Tensor:
+        import torch
+
         if isinstance(feats, (list, tuple)):  # one (tokens_i, D) tensor per image
             return torch.stack([f.float().mean(0) for f in feats])
         return feats.float().mean(1) if feats.dim() == 3 else feats.float()  # (n, tokens, D)

@@ -9,10 +9,13 @@ sliding layers see only the last ``sliding_window`` positions.
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-import torch
+from typing import TYPE_CHECKING
 
 from hanorec.backbones.base import Backbone, square_images, tiny_heads
+
+if TYPE_CHECKING:
+    import torch
+
 
 
 class Gemma3(Backbone):
@@ -82,6 +85,8 @@ class Gemma3(Backbone):
         return {"token_type_ids": (input_ids == bundle.image_token_id).long()}
 
     def packed_mask(self, bundle, allowed, input_ids, positions):
+        import torch
+
         is_image = input_ids == bundle.image_token_id  # (P, L)
         starts = is_image & ~torch.nn.functional.pad(is_image, (1, 0))[:, :-1]
         block = torch.where(is_image, torch.cumsum(starts.long(), dim=1), 0)  # image run number, 0 = text

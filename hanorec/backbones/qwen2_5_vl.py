@@ -7,10 +7,13 @@ token; positions are 3-D M-RoPE ids from the model's own ``get_rope_index``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-import torch
+from typing import TYPE_CHECKING
 
 from hanorec.backbones.base import Backbone, BackboneError, square_images, tiny_heads
+
+if TYPE_CHECKING:
+    import torch
+
 
 
 class Qwen25VL(Backbone):
@@ -99,6 +102,8 @@ class Qwen25VL(Backbone):
         return out["pixel_values"], grid, per_image
 
     def pixel_inputs(self, prompts) -> dict:
+        import torch
+
         out = super().pixel_inputs(prompts)
         if out:
             out["image_grid_thw"] = torch.cat([p.image_grid_thw for p in prompts if p.n_images], dim=0)

@@ -10,10 +10,13 @@ checkpoints reads a list of content parts, so the content is given as text and i
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-import torch
+from typing import TYPE_CHECKING
 
 from hanorec.backbones.base import Backbone, square_images
+
+if TYPE_CHECKING:
+    import torch
+
 
 # like hanorec.models.TINY_CHAT_TEMPLATE, reading content given as parts (as the family's own template does)
 PARTS_CHAT_TEMPLATE = (
@@ -103,6 +106,8 @@ class SmolVLM(Backbone):
         return list(prompt.pixel_values.float().cpu())
 
     def per_image_means(self, feats, n_images: int) -> torch.Tensor:
+        import torch
+
         flat = torch.cat(list(feats), dim=0) if isinstance(feats, (list, tuple)) else feats.reshape(-1, feats.shape[-1])
         return flat.float().reshape(n_images, -1, flat.shape[-1]).mean(1)
 

@@ -62,10 +62,10 @@ VISION_MODULES = vision_module_names()
 
 
 def _vision_units(part: torch.nn.Module) -> list[torch.nn.Module]:
-    """The units that shard a vision part: the part itself, or, for a transformers model (a CLIP tower, a
-    vision transformer), its children that hold parameters, and the members of its module lists (e.g. extra
+    """The units that shard a vision part: the part itself, or, for a transformers model (a vision tower
+    or transformer), its children that hold parameters, and the members of its module lists (e.g. extra
     mergers). FSDP2 swaps a unit's class, and transformers looks a model's output recording up by its
-    class, so a swapped CLIPVisionModel returns no hidden states."""
+    class, so a swapped vision model returns no hidden states."""
     from transformers import PreTrainedModel
 
     if not isinstance(part, PreTrainedModel):
