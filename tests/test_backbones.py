@@ -88,6 +88,38 @@ def test_tiny_preset_is_under_a_million_parameters_and_offline(ds, preset, monke
     assert b.adapter is backbones.for_preset(preset)
 
 
+@pytest.mark.parametrize("preset", TINY_PRESETS)
+def test_checkpoint_folder_of_every_family_loads_through_the_same_path(ds, preset, tmp_path, monkeypatch):
+    """A saved preset without hanorec's own metadata is any checkpoint folder: the family comes from its
+    config, images get the processor's own resizing (non-square ones too), nothing is downloaded, and the
+    shared-prefix path agrees with the naive one on the loaded model."""
+    import socket
+
+    from PIL import Image
+
+    from hanorec.models import META_FILE, load_model
+    from hanorec.scoring import naive_logps, shared_prefix_logps
+    from hanorec.tasks import corpus_text
+
+    def refuse(*a, **k):
+        raise AssertionError("tried to open a network connection")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    build_tiny(preset, corpus_text(ds), hidden_size=64, seed=0).save(tmp_path / "m")
+    (tmp_path / "m" / META_FILE).unlink()
+    b = load_model(tmp_path / "m", dtype="float32", max_pixels=32 * 32)
+    assert b.family == backbones.for_preset(preset).family and b.image_size is None
+    b.model.eval()
+    prompt = b.encode_prompt("<image> wide, <image> tall", [Image.new("RGB", (256, 128), "red"),
+                                                            Image.new("RGB", (100, 300), "blue")])  # fmt: skip
+    assert prompt.n_images == 2 and prompt.input_ids.count(b.image_token_id) > 0
+    comps = [[b.encode_completion("a title"), b.encode_completion("another")]]
+    with torch.no_grad():
+        naive, _ = naive_logps(b.model, b, [prompt], comps)
+        shared, _ = shared_prefix_logps(b.model, b, [prompt], comps)
+    assert torch.allclose(naive[0], shared[0], atol=1e-4) and bool((naive[0] < 0).all())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("preset", TINY_PRESETS)
 def test_stop_and_resume_is_bit_exact_for_every_family(tmp_path, ds, preset):
