@@ -174,6 +174,12 @@ def tiny_heads(hidden_size: int) -> tuple[int, int]:
     return heads, hidden_size // heads
 
 
+def tiny_vision(**extra) -> dict:
+    """The vision tower size every tiny preset shares (2 layers, width 64, 4 heads), in the key names of
+    CLIP / SigLIP-style vision configs, plus the family's own keys."""
+    return dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, **extra)
+
+
 def square_images(images: Sequence[Image.Image], size: int | None) -> list[Image.Image]:
     """Images resized to a fixed square first (tiny presets); unchanged where size is None."""
     if size:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from hanorec.backbones.base import Backbone, square_images, tiny_heads
+from hanorec.backbones.base import Backbone, square_images, tiny_heads, tiny_vision
 
 if TYPE_CHECKING:
     import torch
@@ -48,15 +48,7 @@ class Gemma3(Backbone):
         size = self.tiny_vision_size
         cfg = Gemma3Config(
             text_config=text,
-            vision_config=dict(
-                model_type="siglip_vision_model",
-                image_size=size,
-                patch_size=8,
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-            ),
+            vision_config=tiny_vision(model_type="siglip_vision_model", image_size=size, patch_size=8),
             mm_tokens_per_image=(size // 8) ** 2,  # 4x4 patches, pooled 1:1 -> 16 soft tokens per image
             boi_token_index=tok.convert_tokens_to_ids("<start_of_image>"),
             eoi_token_index=tok.convert_tokens_to_ids("<end_of_image>"),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from hanorec.backbones.base import Backbone, square_images
+from hanorec.backbones.base import Backbone, square_images, tiny_vision
 
 
 class Llava(Backbone):
@@ -36,13 +36,7 @@ class Llava(Backbone):
         vision_size = 32
         cfg = LlavaConfig(
             vision_config=CLIPVisionConfig(
-                image_size=vision_size,
-                patch_size=8,
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                projection_dim=64,
+                **tiny_vision(image_size=vision_size, patch_size=8, projection_dim=64)
             ).to_dict(),
             text_config=LlamaConfig(**text).to_dict(),
             image_token_id=tok.convert_tokens_to_ids("<image>"),

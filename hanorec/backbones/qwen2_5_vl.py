@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from hanorec.backbones.base import Backbone, BackboneError, square_images, tiny_heads
+from hanorec.backbones.base import Backbone, BackboneError, square_images, tiny_heads, tiny_vision
 
 if TYPE_CHECKING:
     import torch
@@ -64,6 +64,13 @@ class Qwen25VL(Backbone):
             max_pixels=image_size * image_size,
         )
 
+    def tiny_vision(self, text: dict, **extra) -> dict:
+        """The shared tiny tower size in this family's key names (depth, num_heads), merging 2x2 patches."""
+        v = tiny_vision(patch_size=self.tiny_patch, spatial_merge_size=2, temporal_patch_size=2,
+                        out_hidden_size=text["hidden_size"], **extra)  # fmt: skip
+        v["depth"], v["num_heads"] = v.pop("num_hidden_layers"), v.pop("num_attention_heads")
+        return v
+
     def build_tiny_model(self, tok, text: dict, image_size: int):
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -71,21 +78,9 @@ class Qwen25VL(Backbone):
         text["rope_parameters"] = {
             "rope_type": "default", "rope_theta": 10000.0, "mrope_section": self.mrope_section(head_dim)
         }  # fmt: skip
-        patch = self.tiny_patch
         cfg = Qwen2_5_VLConfig(
             text_config=text,
-            vision_config=dict(
-                depth=2,
-                hidden_size=64,
-                intermediate_size=128,
-                num_heads=4,
-                patch_size=patch,
-                spatial_merge_size=2,
-                temporal_patch_size=2,
-                out_hidden_size=text["hidden_size"],
-                window_size=4 * patch,
-                fullatt_block_indexes=[1],
-            ),
+            vision_config=self.tiny_vision(text, window_size=4 * self.tiny_patch, fullatt_block_indexes=[1]),
             **self.token_ids(tok),
             tie_word_embeddings=False,
         )

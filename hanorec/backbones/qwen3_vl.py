@@ -30,15 +30,8 @@ class Qwen3VL(Qwen25VL):
         }  # fmt: skip
         cfg = Qwen3VLConfig(
             text_config=text,
-            vision_config=dict(
-                depth=2,
-                hidden_size=64,
-                intermediate_size=128,
-                num_heads=4,
-                patch_size=self.tiny_patch,
-                spatial_merge_size=2,
-                temporal_patch_size=2,
-                out_hidden_size=text["hidden_size"],
+            vision_config=self.tiny_vision(
+                text,
                 num_position_embeddings=64,  # an 8x8 grid, interpolated to each image's patch grid
                 deepstack_visual_indexes=[0],  # tower layer 0 feeds language layer 0
             ),

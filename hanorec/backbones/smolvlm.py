@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from hanorec.backbones.base import Backbone, square_images
+from hanorec.backbones.base import Backbone, square_images, tiny_vision
 
 if TYPE_CHECKING:
     import torch
@@ -53,14 +53,7 @@ class SmolVLM(Backbone):
 
         size = self.tiny_vision_size
         cfg = SmolVLMConfig(
-            vision_config=dict(
-                image_size=size,
-                patch_size=8,
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-            ),
+            vision_config=tiny_vision(image_size=size, patch_size=8),
             text_config=LlamaConfig(**text).to_dict(),
             image_token_id=tok.convert_tokens_to_ids("<image>"),
             scale_factor=2,  # 8x8 patches folded 2x2 -> 16 visual tokens per image
