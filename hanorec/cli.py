@@ -12,6 +12,8 @@ Commands:
   methods     the registered preference methods and their ablations: loss in one line, needs, paper
   evaluate    evaluate the newest checkpoint of a run's stage (--stage=sft by default, or a preference stage
               folder such as --stage=hano_dpo; or --checkpoint=PATH) with baselines
+  models      list the backbone families: each one's tiny offline preset, the checkpoint types it loads
+              (by id from the local cache, or from a folder), example checkpoints and its GPU preset
   config      print the resolved configuration as YAML: `config --config preset.yaml --sft.lr=3e-4`;
               `config --help` lists every key with its default and help text, and
               `config --config preset.yaml --help` the same with the preset's values
@@ -145,6 +147,13 @@ def main(argv: list[str] | None = None) -> int:
             from hanorec import methods
 
             print(methods.format_table())
+            return 0
+        if command == "models":
+            from hanorec.models import format_models
+
+            if fixed:
+                raise ConfigError(f"models takes no options, not {fixed[0]!r}")
+            print(format_models())
             return 0
         if command == "config" and any(a in ("--help", "-h") for a in fixed):
             config_path, overrides, _ = _split_args([a for a in fixed if a not in ("--help", "-h")])
