@@ -53,6 +53,19 @@ def test_the_table_lists_every_method_and_ablation():
     assert list(methods.paper_variants()) == ["DPO", "S-DPO", "HaNo-DPO", "HaNo-DPO w/o HaRS", "HaNo-DPO w/o NoDO"]
 
 
+def test_the_methods_command_and_config_help_read_the_registry(capsys):
+    from hanorec import cli
+    from hanorec.config import describe
+
+    assert cli.main(["methods"]) == 0
+    out = capsys.readouterr().out
+    n = int(out.split()[0])  # 10 built in (a test module may have registered more)
+    assert n >= 10 and out.count("    loss:  ") == n == len(methods.variants())
+    assert "--pref.method=simpo" in out and "arXiv 2407.08639" in out
+    help_text = describe()
+    assert "--pref.options.gamma=0.5 (simpo)" in help_text and "--pref.options.rho=0.8 (beta_dpo)" in help_text
+
+
 def test_config_checks_come_from_the_registry():
     cfg = load_config(overrides=["--pref.method=simpo", "--pref.options.gamma=1.5"])
     assert cfg.pref.options == {"gamma": 1.5}

@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from PIL import Image
 
 
+
+
 class ModelError(UserError, ValueError):
     """A model name, folder, family or input a backbone cannot use (one clear sentence)."""
 

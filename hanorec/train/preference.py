@@ -1,4 +1,5 @@
-"""Stage 2: DPO, S-DPO and HaNo-DPO (method.md sections 6-9) on the shared training loop.
+"""Stage 2: any registered preference method (hanorec.methods; DPO, S-DPO, HaNo-DPO, the baselines) on the
+shared training loop (method.md sections 6-9).
 
 - The SFT adapter is merged into the base weights and a fresh LoRA is trained on top; the reference
   model is that same network with the adapter disabled (`disable_adapter()`), never a second copy.
