@@ -75,8 +75,11 @@ class DataConfig:
         "leave_one_out: last window test, the one before validation, earlier windows train (ours); "
         "last_window_by_user: one window per user, its last n_history + n_target items, users split seeded "
         "80/10/10 into train/val/test; mirrors what is known of the authors' pre-split files, whose split "
-        "procedure is unpublished (by_user: the older name of the same policy).",
-        choices=("leave_one_out", "last_window_by_user", "by_user"),
+        "procedure is unpublished (by_user: the older name of the same policy); files: the authors' own "
+        "train.tsv, val.tsv and test.tsv in data.path, read as given: one window per row from its last "
+        "n_history + n_target items (rows shorter are skipped and counted), file order kept, a user may be in "
+        "several files, negatives avoid the row's own items.",
+        choices=("leave_one_out", "last_window_by_user", "by_user", "files"),
     )
     min_interactions: int = _f(6, "Users with fewer interactions are dropped (the authors' code skips rows under 6).")
     max_items_per_user: int | None = _f(
@@ -122,6 +125,29 @@ class TaskConfig:
         "hit1: also show the target item's image (beyond the authors' prompt, which shows only the 5 history "
         "images; off by default to follow them).",
     )
+    template_set: str = _f(
+        "ours",
+        "Prompt wording: ours (one paragraph per prompt, in the domain's words) or authors (the authors' prompt "
+        "files and loader verbatim: hit3 starts with their instruction and lists items one per line as "
+        "<image> \"title\"; hit1 has no instruction and speaks of movies; next1 keeps ours).",
+        choices=("ours", "authors"),
+    )
+    hit3_outer_quotes: bool = _f(
+        False,
+        "hit3: wrap the answer's three quoted lines in one more pair of quotes, as the authors' SFT targets and "
+        "chosen answers (their rejected answers have none, so DPO can tell chosen from rejected by format alone).",
+    )
+    negatives: str = _f(
+        "titled",
+        "Where negative candidates come from: titled (items that have a title, ours) or id_range (the authors': "
+        "every integer id from 1 to task.max_item_id, an id without a title shown as [unknown id], no image).",
+        choices=("titled", "id_range"),
+    )
+    max_item_id: int | None = _f(
+        None,
+        "negatives=id_range: the largest id drawn (the authors: 19379 MicroLens, 17700 Netflix, 3953 MovieLens); "
+        "None: the largest integer id in the titles file.",
+    )
     item_noun: str | None = _f(None, "The prompt's item noun, singular (e.g. artist); default: data.domain's.")
     item_nouns: str | None = _f(None, "Its plural (default: item_noun + s).")
     item_verb: str | None = _f(
@@ -133,7 +159,7 @@ class TaskConfig:
 
     def __post_init__(self):
         _check_choices(self)
-        _positive(self, "n_negatives", "max_train_examples", "max_eval_examples")
+        _positive(self, "n_negatives", "max_train_examples", "max_eval_examples", "max_item_id")
         if self.item_noun or self.item_verb or self.item_nouns or self.item_verb_present:
             self.words()  # a verb with no derivable present is reported now, not after loading data
 
@@ -320,6 +346,27 @@ class PrefConfig(OptimConfig):
         "still at 0, like a fresh adapter's B, gets no noise).",
         choices=("absolute", "relative"),
     )
+    disable_dropout: bool = _f(
+        True,
+        "Switch every dropout module of the policy off for stage 2 (LoRA's lora_dropout included; restored "
+        "afterwards), as TRL's and LLaMA-Factory's DPO trainers do by default and so the authors' run: the policy's "
+        "log-probs then differ from the reference's only by the adapter (and NoDO's noise), so DPO, the "
+        "'w/o NoDO' ablation and eta see no dropout noise. false keeps lora.dropout active in stage 2.",
+    )
+    nodo_backward: str = _f(
+        "noisy",
+        "NoDO (lora target), what the backward pass sees: noisy (ours) differentiates the noisy forward itself, "
+        "so gradients flow through (B + eps_B)(A + eps_A); clean (the authors' run: LLaMA-Factory's reentrant "
+        "gradient checkpointing recomputes each decoder layer after the noise hooks are gone) back-propagates "
+        "each layer as if it had no noise, at the noisy forward's layer inputs; it turns on reentrant gradient "
+        "checkpointing for stage 2. At B = 0, A gets a gradient through eps_B under noisy and none under clean.",
+        choices=("noisy", "clean"),
+    )
+    pair_seed: int | None = _f(
+        None,
+        "Seed of the preference-pair construction (which negatives become rejected answers); None: the run's "
+        "seed. The authors build pairs with 2025 and train with the Trainer's default seed 42.",
+    )
     sft_weight: float = _f(0.0, "gamma: weight of an SFT (mean-token NLL of the chosen answer) term.")
     precompute_ref: bool = _f(False, "Score the reference once before training instead of on every step.")
     scoring: str = _f(
@@ -344,6 +391,11 @@ class PrefConfig(OptimConfig):
             raise ConfigError(
                 f"pref.batch_size = {self.batch_size}: HaNo-DPO's responsiveness eta is a trimmed mean over the "
                 "micro-batch and needs at least 3 pairs in it; raise batch_size or set pref.responsiveness=false"
+            )
+        if self.nodo_backward == "clean" and self.noise_target == "logits":
+            raise ConfigError(
+                "pref.nodo_backward = 'clean' recomputes the LoRA layers without their noise and needs "
+                "pref.noise_target = 'lora'; logit noise sits outside the recomputed layers"
             )
         if self.noise_scale == "relative" and self.noise_target == "logits":
             raise ConfigError(

@@ -84,7 +84,10 @@ def prepare_data(
     progress = Progress("data", 5, on_log=on_log, should_stop=should_stop)
     progress.check()
     d = cfg.data
-    ds = load_dataset(d.path, format=d.format, domain=d.domain, image_dir=d.image_dir, on_error=d.on_error)
+    ds = load_dataset(
+        d.path, format=d.format, domain=d.domain, image_dir=d.image_dir, on_error=d.on_error,
+        split_files=d.split_policy == "files",
+    )  # fmt: skip
     progress.tick(phase="load")
     if d.max_users:
         ds = ds.subset_users(d.max_users, seed=0)
@@ -115,6 +118,10 @@ def prepare_data(
             max_examples=cap,
             shuffle=shuffle,
             hit1_target_image=t.hit1_target_image,
+            template_set=t.template_set,
+            outer_quotes=t.hit3_outer_quotes,
+            negatives=t.negatives,
+            max_item_id=t.max_item_id,
         )
         progress.tick(phase=phase)
         return out
@@ -131,7 +138,7 @@ def prepare_data(
 
 def prepare_model(cfg: RunConfig, ds: RecDataset, output_dir: str | Path | None = None) -> ModelBundle:
     """The base model: a tiny preset is built once per run folder (and reloaded from there on resume)."""
-    return base_model(cfg, output_dir, corpus_text(ds, cfg.task.words(cfg.data.domain)))
+    return base_model(cfg, output_dir, corpus_text(ds, cfg.task.words(cfg.data.domain), cfg.task.template_set))
 
 
 def load_trained(
