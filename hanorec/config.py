@@ -200,7 +200,8 @@ class ModelConfig:
     max_pixels: int | None = _f(
         262144,
         "Real checkpoints: their image processor picks each image's resolution, capped at this many pixels "
-        "(Qwen2-VL family; 262,144 = the authors' cap for preference training). Tiny presets use data.image_size.",
+        "(Qwen2-VL family; 262,144 = the authors' cap for preference training) in every stage whose own cap "
+        "(sft.max_pixels, pref.max_pixels, eval.max_pixels) is None. Tiny presets use data.image_size.",
     )
 
     def __post_init__(self):
@@ -293,10 +294,16 @@ class SFTConfig(OptimConfig):
     max_val_examples: int | None = _f(
         200, "Score at most this many validation examples per validation (a deterministic prefix; None: all)."
     )
+    max_pixels: int | None = _f(
+        None,
+        "Real checkpoints: the pixel cap per image in SFT (None: model.max_pixels; 0: the image processor's own "
+        "default; the authors: 589,824, LLaMA-Factory's default, as their SFT script sets none).",
+    )
 
     def __post_init__(self):
         super().__post_init__()
         _positive(self, "patience", "max_val_examples")
+        _positive(self, "max_pixels", allow_zero=True)
 
     @property
     def validates(self) -> bool:
@@ -367,6 +374,18 @@ class PrefConfig(OptimConfig):
         "Seed of the preference-pair construction (which negatives become rejected answers); None: the run's "
         "seed. The authors build pairs with 2025 and train with the Trainer's default seed 42.",
     )
+    max_pixels: int | None = _f(
+        None,
+        "Real checkpoints: the pixel cap per image in preference training (None: model.max_pixels; 0: the image "
+        "processor's own default; the authors: 262,144, their DPO configs' image_max_pixels).",
+    )
+    hars_inputs: str = _f(
+        "sft",
+        "What HaRS embeds items with: sft (ours: the SFT model, images at pref.max_pixels, any image file) or "
+        "authors (their encoder: the base model without the SFT adapter, the image processor's own default "
+        "pixel cap, only <item>.jpg files; other items get no image part).",
+        choices=("sft", "authors"),
+    )
     sft_weight: float = _f(0.0, "gamma: weight of an SFT (mean-token NLL of the chosen answer) term.")
     precompute_ref: bool = _f(False, "Score the reference once before training instead of on every step.")
     scoring: str = _f(
@@ -384,7 +403,7 @@ class PrefConfig(OptimConfig):
     def __post_init__(self):
         super().__post_init__()
         _positive(self, "beta", "k_negatives", "hardness_k", "max_pairs")
-        _positive(self, "noise_sigma", "sft_weight", allow_zero=True)
+        _positive(self, "noise_sigma", "sft_weight", "max_pixels", allow_zero=True)
         if not 0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"label_smoothing = {self.label_smoothing!r} must be in [0, 0.5)")
         if self.method == "hano_dpo" and self.responsiveness and self.batch_size < 3:
@@ -423,6 +442,12 @@ class EvalConfig:
     sample_temperature: float = _f(0.95, "Paper protocol: sampling temperature (the authors' 0.95).")
     sample_top_p: float = _f(0.7, "Paper protocol: nucleus sampling top-p (the authors' 0.7).")
     sample_top_k: int = _f(50, "Paper protocol: top-k (50, LLaMA-Factory's default, which the authors' run kept).")
+    max_pixels: int | None = _f(
+        None,
+        "Real checkpoints: the pixel cap per image when evaluating (None: model.max_pixels; 0: the image "
+        "processor's own default; the authors: 589,824, LLaMA-Factory's default, as their inference script "
+        "sets none).",
+    )
     paper_max_examples: int | None = _f(
         3000,
         "Paper protocol: score only the first N evaluated examples, in order (the authors cap the test set at "
@@ -444,6 +469,7 @@ class EvalConfig:
             if p not in ("ranking", "generative", "paper"):
                 raise ConfigError(f"protocols contains {p!r}; use some of 'ranking', 'generative' and 'paper'")
         _positive(self, "sample_temperature", "sample_top_k", "paper_max_examples")
+        _positive(self, "max_pixels", allow_zero=True)
         if not 0 < self.sample_top_p <= 1:
             raise ConfigError(f"sample_top_p = {self.sample_top_p!r} must be in (0, 1]")
         for b in self.baselines:

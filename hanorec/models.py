@@ -11,6 +11,7 @@ pixel tensors go with them, chat formatting), so tasks, scoring and training nev
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import threading
@@ -572,12 +573,30 @@ def cap_image_pixels(processor, max_pixels: int) -> bool:
     size = getattr(processor, "size", None)
     if not hasattr(processor, "merge_size") or size is None:
         return False
+    if not hasattr(processor, "hanorec_default_size"):  # the processor's own setting, for set_max_pixels(0)
+        processor.hanorec_default_size = copy.deepcopy(size)
     cap = int(max_pixels)
     if isinstance(size, dict):
         processor.size = {**size, "longest_edge": cap, "shortest_edge": min(size.get("shortest_edge") or cap, cap)}
     else:  # transformers' SizeDict
         size.longest_edge = cap
         size.shortest_edge = min(size.shortest_edge or cap, cap)
+    return True
+
+
+def set_max_pixels(bundle: ModelBundle, max_pixels: int | None) -> bool:
+    """Set the pixel cap per image for the next stage (sft.max_pixels, pref.max_pixels, eval.max_pixels):
+    None leaves it as it is, 0 restores the image processor's own default, N caps at N pixels. A tiny preset
+    (fixed square images) or a processor without a pixel cap is left unchanged (returns False)."""
+    proc = bundle.image_processor
+    if max_pixels is None or bundle.image_size is not None:
+        return False
+    if max_pixels:
+        return cap_image_pixels(proc, max_pixels)
+    default = getattr(proc, "hanorec_default_size", None)
+    if default is None:  # never capped: already the processor's own default
+        return hasattr(proc, "merge_size")
+    proc.size = copy.deepcopy(default)
     return True
 
 

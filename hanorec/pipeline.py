@@ -16,7 +16,7 @@ from pathlib import Path
 from hanorec.config import RunConfig
 from hanorec.data import RecDataset, Splits, load_dataset, make_splits
 from hanorec.eval import EvalResult, evaluate, format_results, train_popularity
-from hanorec.models import ModelBundle, add_lora
+from hanorec.models import ModelBundle, add_lora, set_max_pixels
 from hanorec.report import (
     comparison_report,
     comparison_table,
@@ -136,6 +136,24 @@ def prepare_data(
     )
 
 
+def stage_max_pixels(cfg: RunConfig, stage_cap: int | None) -> int:
+    """A stage's pixel cap per image: its own (sft/pref/eval.max_pixels) if set, else model.max_pixels; 0 (also
+    for model.max_pixels None) = the image processor's own default."""
+    return int(stage_cap if stage_cap is not None else (cfg.model.max_pixels or 0))
+
+
+def jpg_images_only(ds: RecDataset) -> RecDataset:
+    """The dataset with only ``.jpg`` images kept (the others as missing), as the authors' HaRS encoder reads
+    ``<item>.jpg`` alone."""
+    from dataclasses import replace
+
+    items = {
+        i: it if it.image_path is None or it.image_path.suffix == ".jpg" else replace(it, image_path=None)
+        for i, it in ds.items.items()
+    }
+    return replace(ds, items=items)
+
+
 def prepare_model(cfg: RunConfig, ds: RecDataset, output_dir: str | Path | None = None) -> ModelBundle:
     """The base model: a tiny preset is built once per run folder (and reloaded from there on resume)."""
     return base_model(cfg, output_dir, corpus_text(ds, cfg.task.words(cfg.data.domain), cfg.task.template_set))
@@ -162,6 +180,7 @@ def run_sft(
     data = data or prepare_data(cfg)
     out = Path(cfg.output_dir) / "sft"
     bundle = prepare_model(cfg, data.dataset, out)
+    set_max_pixels(bundle, stage_max_pixels(cfg, cfg.sft.max_pixels))
     add_lora(bundle, cfg.lora, seed=cfg.seed)
     result = train_sft(
         cfg, bundle, data.dataset, data.train, out, resume=resume, on_log=on_log, should_stop=should_stop,
@@ -181,6 +200,8 @@ def run_eval(
     should_stop: Callable | None = None,
 ) -> EvalResult:
     examples = data.test if cfg.eval.split == "test" else data.val
+    if bundle is not None:
+        set_max_pixels(bundle, stage_max_pixels(cfg, cfg.eval.max_pixels))
     return evaluate(
         bundle,
         data.dataset,
@@ -257,15 +278,26 @@ def run_preference(
             f"stage 2 needs an SFT checkpoint under {sft_dir / 'checkpoints'}; run `sft` first"
         )
     bundle = prepare_model(cfg, data.dataset, sft_dir)
+    cache_dir = Path(cfg.output_dir) / "hardness_cache"
+    items = None
+    if cfg.pref.hars_inputs == "authors":
+        # their HaRS encoder (method.md section 10): the base model before the SFT adapter is merged, the image
+        # processor's own pixel cap, and only <item>.jpg files
+        set_max_pixels(bundle, 0)
+        bundle.meta["sft_checkpoint"] = f"{bundle.name}@base-authors-hars-inputs"
+        items = build_preference_items(
+            cfg, bundle, jpg_images_only(data.dataset), data.train, cache_dir, on_log=on_log, should_stop=should_stop
+        )
     merge_sft_adapter(bundle, cfg.lora, ckpt / "adapter", seed=cfg.seed)
+    set_max_pixels(bundle, stage_max_pixels(cfg, cfg.pref.max_pixels))
     # the hardness cache is keyed by the SFT weights themselves, not by a path that a new run may reuse
     bundle.meta["sft_checkpoint"] = f"{bundle.name}@sft-{adapter_digest(ckpt)}"
     out = Path(cfg.output_dir) / (name or cfg.pref.method)
     record_sft_source(out, ckpt)
-    items = build_preference_items(
-        cfg, bundle, data.dataset, data.train, Path(cfg.output_dir) / "hardness_cache",
-        on_log=on_log, should_stop=should_stop,
-    )
+    if items is None:
+        items = build_preference_items(
+            cfg, bundle, data.dataset, data.train, cache_dir, on_log=on_log, should_stop=should_stop,
+        )  # fmt: skip
     result = train_preference(
         cfg, bundle, data.dataset, items, out, resume=resume, on_log=on_log,
         should_stop=should_stop if train_should_stop is None else train_should_stop,
