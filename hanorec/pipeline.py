@@ -372,11 +372,15 @@ def _with(cfg: RunConfig, **sections) -> RunConfig:
 
 
 def per_example_entries(task: str, seed: int, ev: EvalResult) -> list[dict]:
-    """One evaluation's per-example ranking values, one entry per method, as comparison.json and sweep.json
-    keep them (the input of hanorec.report.paired_differences)."""
+    """One evaluation's per-example values, one entry per (method, protocol): the ranking protocol's, and the
+    paper protocol's when it ran, as comparison.json and sweep.json keep them (the input of
+    hanorec.report.paired_differences)."""
     return [
         {"task": task, "seed": seed, "method": m, "protocol": "ranking", "values": v}
         for m, v in ev.per_example.items()
+    ] + [
+        {"task": task, "seed": seed, "method": m, "protocol": "paper", "values": v}
+        for m, v in ev.paper_per_example.items()
     ]
 
 
@@ -433,10 +437,13 @@ def run_comparison(
     protocol = "ranking" if "ranking" in cfg.eval.protocols else cfg.eval.protocols[0]
     summary = summarize(rows, mean_std, protocol)
     paired = paired_differences(per_example)
+    # under the authors' protocol too, when the comparison ran it (one run, both protocols)
+    paired_paper = paired_differences(per_example, protocol="paper") if "paper" in cfg.eval.protocols else []
     result = {
         "rows": rows,
         "summary": summary,
         "paired": paired,
+        "paired_paper": paired_paper,
         "protocol": protocol,
         "paired_protocol": "ranking",
         "split": cfg.eval.split,
@@ -458,6 +465,8 @@ def run_comparison(
         + "\n\n"
         + paired_table(paired, len(seeds), "ranking", split, policy)
     )
+    if paired_paper:
+        table += "\n\n" + paired_table(paired_paper, len(seeds), "paper", split, policy)
     (root / "comparison.md").write_text(table + "\n")
     print_fn(table)
     print_fn(f"wall time {result['wall_s'] / 60:.1f} min; written to {root / 'comparison.md'}")

@@ -123,8 +123,12 @@ def paired_differences(
     n_boot: int = 2000,
     seed: int = 0,
     level: float = 0.95,
+    protocol: str = "ranking",
 ) -> list[dict]:
     """Each method against each reference: mean paired difference and bootstrap interval over test users.
+
+    ``protocol``: whose per-example values are compared (an entry's ``"protocol"``, "ranking" when absent);
+    "paper" gives the paired intervals under the authors' protocol (hanorec.eval.paper_per_example_values).
 
     ``per_example`` holds one entry per (task, seed, method): ``{"task", "seed", "method", "values"}`` with
     ``values`` the columns of hanorec.eval.per_example_values (same examples in the same order for every
@@ -135,7 +139,11 @@ def paired_differences(
     """
     from hanorec.stats import paired_bootstrap, paired_bootstrap_auc
 
-    by_key = {(e["task"], e["seed"], e["method"]): e["values"] for e in per_example}
+    by_key = {
+        (e["task"], e["seed"], e["method"]): e["values"]
+        for e in per_example
+        if e.get("protocol", "ranking") == protocol
+    }
     methods = [m for m in METHOD_ORDER if any(k[2] == m for k in by_key)]
     methods += sorted({k[2] for k in by_key} - set(methods))
     out = []
