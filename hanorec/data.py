@@ -276,7 +276,7 @@ def load_dataset(
         rows = _read_item_table(titles_file, problems, header="detect")
         if split_files:
             split_rows = {
-                name[: -len(".tsv")]: _read_split_file(root / name, rows, problems, titles_file.name)
+                name[: -len(".tsv")]: _read_rows(root / name, rows, problems, titles_file.name)
                 for name in SPLIT_FILES
             }
         if pairs_file is not None:
@@ -434,7 +434,16 @@ def _chain_first(first, rest):
 
 def _read_pairs(path: Path, rows: dict, problems: _Problems, titles_name: str) -> dict[str, list[str]]:
     """Read pairs.tsv: ``user<TAB>item item ...`` per line, items in time order."""
-    sequences: dict[str, list[str]] = {}
+    return {r.user: list(r.items) for r in _read_rows(path, rows, problems, titles_name, one_per_user=True)}
+
+
+def _read_rows(
+    path: Path, rows: dict, problems: _Problems, titles_name: str, *, one_per_user: bool = False
+) -> list[SplitRow]:
+    """The ``user<TAB>item item ...`` rows of pairs.tsv or of the authors' split files (train.tsv, val.tsv,
+    test.tsv), in file order; ``one_per_user`` (pairs.tsv) refuses a user's second row, a split file may
+    hold several rows of one user."""
+    out: list[SplitRow] = []
     first_line: dict[str, int] = {}
     for line_no, text in enumerate(_read_lines(path), start=1):
         if not text.strip():
@@ -450,7 +459,7 @@ def _read_pairs(path: Path, rows: dict, problems: _Problems, titles_name: str) -
         if not seq:
             problems.add(f"Line {line_no} of {path} has an empty item list for user {user!r}.")
             continue
-        if user in first_line:
+        if one_per_user and user in first_line:
             problems.add(
                 f"Line {line_no} of {path} repeats user {user!r} already given on line {first_line[user]}."
             )
@@ -466,38 +475,6 @@ def _read_pairs(path: Path, rows: dict, problems: _Problems, titles_name: str) -
             if not seq:
                 continue
         first_line[user] = line_no
-        sequences[user] = seq
-    return sequences
-
-
-def _read_split_file(path: Path, rows: dict, problems: _Problems, titles_name: str) -> list[SplitRow]:
-    """Read one of the authors' split files (train.tsv, val.tsv, test.tsv) as given: one
-    ``user<TAB>item item ...`` row per line, in file order; a user may have several rows."""
-    out: list[SplitRow] = []
-    for line_no, text in enumerate(_read_lines(path), start=1):
-        if not text.strip():
-            continue
-        if "\t" not in text:
-            problems.add(f"Line {line_no} of {path} has no tab between the user id and the item list.")
-            continue
-        user, item_text = text.split("\t", 1)
-        user, seq = user.strip(), item_text.split()
-        if not user:
-            problems.add(f"Line {line_no} of {path} has an empty user id.")
-            continue
-        if not seq:
-            problems.add(f"Line {line_no} of {path} has an empty item list for user {user!r}.")
-            continue
-        unknown = [i for i in seq if i not in rows]
-        if unknown:
-            shown = ", ".join(repr(i) for i in unknown[:5])
-            problems.add(
-                f"Line {line_no} of {path} names {len(unknown)} item id(s) that {titles_name} does not "
-                f"list ({shown})."
-            )
-            seq = [i for i in seq if i in rows]
-            if not seq:
-                continue
         out.append(SplitRow(user, tuple(seq), line_no))
     return out
 

@@ -18,11 +18,10 @@ import torch
 from torch.testing import assert_close
 
 from hanorec.config import LoraConfig, load_config
-from hanorec.data import load_dataset, make_splits
 from hanorec.models import add_lora, build_tiny
 from hanorec.noise import LoRADraw, LoRANoise
 from hanorec.pairs import build_pairs
-from hanorec.tasks import TASK_SHAPES, build_examples, corpus_text
+from hanorec.tasks import corpus_text
 from hanorec.train import preference as P
 from hanorec.train.loop import nodo_clean_backward
 
@@ -30,18 +29,16 @@ PRESETS = ("tiny-qwen2.5-vl", "tiny-llava")
 
 
 @pytest.fixture(scope="module")
-def demo():
-    ds = load_dataset("assets/demo")
-    shape = TASK_SHAPES["hit3"]
-    splits = make_splits(ds, n_history=shape["n_history"], n_target=shape["n_target"])
-    return ds, build_examples("hit3", splits.train, ds, seed=0, shuffle=True, max_examples=3)
+def demo(demo_hit3_train):
+    return demo_hit3_train
 
 
 def _bundle(ds, preset, b_scale: float):
+    """A tiny model with a LoRA adapter whose B factors are b_scale x N(0, 1) (0: a fresh stage-2 adapter)."""
     b = build_tiny(preset, corpus_text(ds), hidden_size=64, seed=0)
     add_lora(b, LoraConfig(r=4, alpha=8, dropout=0.0), seed=0)
+    g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        g = torch.Generator().manual_seed(1)
         for name, p in b.model.named_parameters():
             if "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=g) * b_scale)
