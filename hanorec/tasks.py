@@ -271,10 +271,9 @@ def build_example(
         candidates = list(targets) + negatives
         rng.shuffle(candidates)
         if authors and task == "hit3":
-            if isinstance(domain, dict) or (domain or ds.domain) not in AUTHORS_HIT3_TEMPLATES:
-                template = AUTHORS_HIT3_GENERIC
-            else:
-                template = AUTHORS_HIT3_TEMPLATES[domain or ds.domain]
+            # their prompt file for a domain they had (also when given as that domain's words), else its shape
+            name = next((d for d in AUTHORS_HIT3_TEMPLATES if _wording(d) == words), None)
+            template = AUTHORS_HIT3_TEMPLATES.get(name, AUTHORS_HIT3_GENERIC)
             prompt = AUTHORS_HIT3_INSTRUCTION + template.format(
                 history=_shown(ds, history, True, "\n"), candidates=_shown(ds, candidates, False, "\n"), **words
             )

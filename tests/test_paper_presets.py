@@ -15,6 +15,11 @@ from hanorec.config import load_config
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "assets" / "demo"
 SIGMA = {"microlens": 0.05, "netflix": 0.1, "movielens": 0.1}
+WORDING = {
+    "microlens": "description.The user has watched the following micro-videos:\n<image> ",
+    "netflix": "Please write a movie that the user may watch. Below are the candidate TV shows:\n\"",
+    "movielens": "Please write a movie that the user may watch. Below are the candidate movies:\n\"",
+}
 MAX_ITEM_ID = {"microlens": 19379, "netflix": 17700, "movielens": 3953}  # their main_mllm.py defaults
 PAPER_PRESETS = {k: REPO / "configs" / f"paper-qwen2.5-vl-3b-{k}.yaml" for k in SIGMA}
 
@@ -84,6 +89,7 @@ def test_paper_preset_dry_run_on_the_demo_with_a_tiny_model(dataset, tmp_path, a
     assert [w.user for w in s.test] == [r.split("\t")[0] for r in rows["test"]]  # file order, one per row
     assert len(s.train) == len(rows["train"]) and all(len(w.history) == 3 for w in s.test)
     assert data.test[0].prompt.startswith("Given the title of a list of the user's recently enjoyed")
+    assert WORDING[dataset] in data.test[0].prompt  # their prompt file for this dataset, verbatim
     assert data.test[0].answer.startswith('""') and data.test[0].answer.endswith('""')
     bundle = prepare_model(cfg, data.dataset, tmp_path / "sft")
     ev = evaluate(bundle, data.dataset, data.test[:2], protocols=cfg.eval.protocols, baselines=(),
