@@ -74,3 +74,31 @@ def test_sweep_reuses_the_comparison_sft_models_and_pairs_each_setting_with_the_
                                if p["method"] in settings]
     text = readme.read_text()
     assert "old" not in text and "sweep-cmd" in text and "sigma=0.05" in text and text.endswith("tail\n")
+
+
+def test_comparison_under_both_protocols_gives_paired_intervals_under_each(tmp_path):
+    """eval.protocols [ranking, paper] in one comparison: both protocols' per-example values are kept and the
+    paper protocol gets its own paired table (the authors' evaluation, method.md section 4)."""
+    cfg = load_config(
+        REPO / "configs" / "tiny-cpu.yaml",
+        {
+            "output_dir": str(tmp_path / "cmp"),
+            "data": {"path": str(REPO / "assets" / "demo"), "max_users": 20},
+            "task": {"max_eval_examples": 8},
+            "sft": {"max_steps": 3, "progress_bar": False},
+            "pref": {"max_steps": 2, "progress_bar": False},
+            "eval": {"protocols": ["ranking", "paper"], "max_new_tokens": 8},
+        },
+    )
+    result = run_comparison(cfg, seeds=(0,), tasks=("hit3",), variants=("DPO",), print_fn=lambda *a: None)
+    saved = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    paper = [e for e in saved["per_example"] if e["protocol"] == "paper"]
+    assert {e["method"] for e in paper} == {"SFT", "DPO"} and all(len(e["values"]["HR@3"]) == 8 for e in paper)
+    for e in paper:  # the per-example paper values average to the paper rows
+        (row,) = [r for r in saved["rows"] if r["method"] == e["method"] and r["protocol"] == "paper"]
+        assert sum(e["values"]["NDCG@3"]) / 8 == pytest.approx(row["NDCG@3"])
+    assert saved["paired_paper"] == paired_differences(saved["per_example"], protocol="paper") == result["paired_paper"]
+    assert [(p["method"], p["reference"]) for p in saved["paired_paper"]] == [("DPO", "SFT"), ("SFT", "DPO")]
+    assert saved["paired"] == paired_differences(saved["per_example"])  # the ranking protocol's, as before
+    md = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert paired_table(saved["paired_paper"], 1, "paper", "test", saved["split_policy"]) in md
