@@ -232,7 +232,7 @@ def test_train_preference_runs_with_dropout_off_and_pairs_from_pair_seed(monkeyp
 
 
 @pytest.mark.slow
-def test_paper_preset_end_to_end_on_a_folder_in_the_authors_layout(tmp_path):
+def test_paper_preset_end_to_end_on_a_folder_in_the_authors_layout(tmp_path, monkeypatch):
     """`run` then `pref` with the MovieLens paper preset (every authors' option: their files, templates, quotes,
     id-range negatives, seeds, dropout off, clean NoDO backward, their HaRS inputs) on the demo written in their
     layout, the model swapped for a tiny one and the stages shortened (about 40 s on 2 shared cores)."""
@@ -250,12 +250,23 @@ def test_paper_preset_end_to_end_on_a_folder_in_the_authors_layout(tmp_path):
         "--sft.progress_bar=false", "--eval.max_new_tokens=8", "--eval.batch_size=6", "--eval.baselines=[]",
     ]  # fmt: skip
     assert main(["run", *tiny]) == 0
+    import hanorec.hardness as H
+
+    embedded = []
+    real = H.item_embeddings
+
+    def spy(bundle, ds, *a, **k):  # what HaRS embeds with (pref.hars_inputs=authors)
+        embedded.append((hasattr(bundle.model, "peft_config"), bundle.meta.get("sft_checkpoint")))
+        return real(bundle, ds, *a, **k)
+
+    monkeypatch.setattr(H, "item_embeddings", spy)
     assert main(["pref", *tiny, "--pref.max_steps=2", "--pref.grad_accum=1", "--pref.mixed_precision=no",
                  "--pref.progress_bar=false"]) == 0  # fmt: skip
     for result in (json.loads((out / "results.json").read_text()), json.loads((out / "hano_dpo" / "results.json").read_text())):
         assert result["split_policy"] == "files" and result["seed"] == 42
         assert {r["protocol"] for r in result["rows"]} == {"paper", "ranking"}
         assert all(r["n"] == 6 for r in result["rows"])
+    assert embedded == [(False, "tiny-qwen2.5-vl@base-authors-hars-inputs")]  # the base model, no adapter
     metrics = [json.loads(line) for line in (out / "hano_dpo" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics if "loss" in m][-1] == 2
 
