@@ -117,7 +117,9 @@ class TaskConfig:
         None, "Random unseen negatives among the candidates (default: 4 for hit3 and hit1, 19 for next1)."
     )
     max_train_examples: int | None = _f(
-        None, "Cap on training examples (deterministic prefix after shuffling)."
+        None,
+        "Cap on training examples (deterministic prefix after shuffling; split_policy files: the first rows of "
+        "train.tsv, before shuffling, as LLaMA-Factory's max_samples).",
     )
     max_eval_examples: int | None = _f(None, "Cap on validation/test examples.")
     hit1_target_image: bool = _f(

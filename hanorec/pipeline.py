@@ -126,10 +126,14 @@ def prepare_data(
         progress.tick(phase=phase)
         return out
 
+    train_windows, train_cap = splits.train, t.max_train_examples
+    if splits.policy == "files" and train_cap is not None:
+        # the first rows of train.tsv, before shuffling, as LLaMA-Factory's max_samples keeps a file's first rows
+        train_windows, train_cap = splits.train[:train_cap], None
     return PreparedData(
         ds,
         splits,
-        examples(splits.train, 0, True, t.max_train_examples, "train examples"),
+        examples(train_windows, 0, True, train_cap, "train examples"),
         examples(splits.val, 1000, False, t.max_eval_examples, "val examples"),
         examples(splits.test, 2000, False, t.max_eval_examples, "test examples"),
         dict(train_popularity(splits.train)),

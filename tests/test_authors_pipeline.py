@@ -321,3 +321,16 @@ def test_authors_hars_inputs_read_jpg_files_only(tmp_path):
     only = jpg_images_only(ds)
     assert only.items["4"].image_path is None and only.items["1"].image_path == ds.items["1"].image_path
     assert ds.items["4"].image_path is not None  # the run's own dataset is left as it was
+
+
+def test_files_policy_caps_training_at_the_first_rows_of_train_tsv(tmp_path):
+    """task.max_train_examples keeps train.tsv's first usable rows (LLaMA-Factory's max_samples), then shuffles."""
+    from hanorec.pipeline import prepare_data
+
+    folder = write_split_files(load_dataset(DEMO), tmp_path / "files")
+    cfg = load_config(overrides={"data": {"path": str(folder), "split_policy": "files"},
+                                 "task": {"max_train_examples": 10}})  # fmt: skip
+    data = prepare_data(cfg)
+    first = [(w.user, w.targets) for w in data.splits.train[:10]]
+    got = [(e.user, tuple(reversed(e.targets))) for e in data.train]
+    assert sorted(got) == sorted(first) and got != first  # those rows, shuffled
