@@ -28,13 +28,15 @@ def machine_description() -> str:
 
 def comparison_report(result: dict) -> str:
     """The README block of one comparison: command, machine, wall time, the mean ± std table, then the
-    paired-difference table when the result holds one."""
+    paired-difference table when the result holds one (and the paper protocol's, when it holds that too)."""
     protocol, split, policy = result.get("protocol", "ranking"), result.get("split", "test"), result.get("split_policy")
     table = comparison_table(result["summary"], len(result["seeds"]), protocol, split, policy)
     if result.get("paired"):
         table += "\n\n" + paired_table(
             result["paired"], len(result["seeds"]), result.get("paired_protocol", "ranking"), split, policy
         )
+    if result.get("paired_paper"):  # the comparison also evaluated under the authors' protocol
+        table += "\n\n" + paired_table(result["paired_paper"], len(result["seeds"]), "paper", split, policy)
     return (
         f"`{result.get('command') or 'python -m hanorec compare ...'}`\n\n"
         f"Machine: {result.get('machine', 'not recorded')}; wall time {result['wall_s'] / 60:.1f} min; "

@@ -7,7 +7,7 @@ import pytest
 
 from hanorec.config import load_config
 from hanorec.pipeline import run_comparison, run_sweep
-from hanorec.report import paired_differences, paired_table
+from hanorec.report import comparison_report, paired_differences, paired_table
 
 pytestmark = pytest.mark.slow
 
@@ -102,3 +102,4 @@ def test_comparison_under_both_protocols_gives_paired_intervals_under_each(tmp_p
     assert saved["paired"] == paired_differences(saved["per_example"])  # the ranking protocol's, as before
     md = (tmp_path / "cmp" / "comparison.md").read_text()
     assert paired_table(saved["paired_paper"], 1, "paper", "test", saved["split_policy"]) in md
+    assert paired_table(saved["paired_paper"], 1, "paper", "test", saved["split_policy"]) in comparison_report(saved)
