@@ -61,6 +61,10 @@ class EvalResult:
     # per method (model and baselines), the ranking protocol's value for each example, as columns
     # (:func:`per_example_values`): what a paired comparison between methods resamples (hanorec.stats)
     per_example: dict[str, dict[str, list]] = field(default_factory=dict)
+    # the ranking protocol's, when per_example holds the catalogue protocol's and ranking ran too
+    ranking_per_example: dict[str, dict[str, list]] = field(default_factory=dict)
+    # the same for the paper protocol (:func:`paper_per_example_values`), for the model only
+    paper_per_example: dict[str, dict[str, list]] = field(default_factory=dict)
     stopped: bool = False  # should_stop() ended evaluation early: rows is empty
     per_example_protocol: str = "ranking"  # the protocol whose values per_example holds
     catalogue_scores: list[list[float]] = field(default_factory=list)  # per example, over its catalogue
@@ -153,6 +157,37 @@ def per_example_values(examples: Sequence[Example], scores: np.ndarray, snap: bo
     true_first = [e.correct_option for e in examples]
     ranks = M.pessimistic_ranks(snap_ties(scores, true_first) if snap else scores, true_first)
     return {"user": users, **M.rank_values(ranks)}
+
+
+def paper_per_example_values(examples: Sequence[Example], ds: RecDataset, generations: Sequence[str]) -> dict[str, list]:
+    """The paper protocol per example (the examples it scored, in order), as columns, with each example's user.
+
+    hit3: ``HR@3`` and ``NDCG@3`` of each answer (their means are the paper row's); next1: ``HR@1``. hit1: the
+    hard prediction as ``score`` (Yes 1, No 0, NaN for an answer the protocol drops) and the ``label``: AUC over
+    each method's own kept answers is recomputed on resampled users (hanorec.stats.paired_bootstrap_auc leaves
+    NaN scores out)."""
+    examples = list(examples)[: len(generations)]
+    users = [e.user for e in examples]
+    if examples[0].task == "hit1":
+        answers = [M.paper_yes_no(g) for g in generations]
+        return {
+            "user": users,
+            "score": [float("nan") if a is None else float(a) for a in answers],
+            "label": [bool(e.label) for e in examples],
+        }
+    cols: dict[str, list] = {"user": users}
+    for e, g in zip(examples, generations):
+        titles = [ds.items[i].title for i in e.candidates]
+        true = ds.items[e.targets[0]].title
+        if e.task == "hit3":
+            m = M.paper_hit3_metrics([g], [true], [titles])
+            keys = ("HR@3", "NDCG@3")
+        else:
+            m = M.paper_next1_metrics([g], [true], [titles])
+            keys = ("HR@1",)
+        for k in keys:
+            cols.setdefault(k, []).append(float(m[k]))
+    return cols
 
 
 def baseline_scores(name: str, examples: Sequence[Example], popularity: Counter, seed: int) -> np.ndarray:
@@ -284,7 +319,9 @@ def catalogue_scores(
     for e, items in zip(examples, candidates):
         images = [ds.load_image(i) for i in e.image_items]
         prompt = bundle.encode_prompt(catalogue_prompt(e, ds), images)
-        titles = [quote(ds.items[i].title) for i in items]
+        # the answer's opening as the ranking options have it (task.hit3_outer_quotes adds one quote)
+        lead = e.options[0][: len(e.options[0]) - len(quote(ds.items[e.candidates[0]].title))] if e.options else ""
+        titles = [lead + quote(ds.items[i].title) for i in items]
         pieces = [titles[k : k + chunk] for k in range(0, len(titles), chunk)]
         scores = score_options(bundle, [prompt] * len(pieces), pieces, batch_size=chunk, device=device)
         out.append(torch.cat(scores).double().cpu().numpy())
@@ -397,7 +434,8 @@ def evaluate(
     The catalogue protocol (hit3 / next1; skipped for hit1) ranks each example's true item against
     :func:`catalogue_candidates` (``catalogue_items``: a seeded sample of that many unseen items, None =
     all), ``catalogue_chunk`` titles per forward; when it runs, ``per_example`` holds its values (the
-    comparison's paired intervals then use it), else the ranking protocol's.
+    comparison's main paired intervals then use it) and ``ranking_per_example`` the ranking protocol's,
+    else ``per_example`` holds the ranking protocol's.
     """
     if not examples:
         raise ValueError("no examples to evaluate")
@@ -466,7 +504,8 @@ def evaluate(
                 {"method": method, "protocol": "ranking",
                  **metrics_from_scores(examples, scores, snap=True, popularity=pop, n_catalogue=len(ds.items))}
             )  # fmt: skip
-            result.per_example[method] = per_example_values(examples, scores, snap=True)
+            kept = result.ranking_per_example if use_catalogue else result.per_example
+            kept[method] = per_example_values(examples, scores, snap=True)
         if use_catalogue:
             row, values = catalogue_metrics(examples, cat_items, cat_scores, pop, len(ds.items), snap=True)
             rows.append({"method": method, "protocol": "catalogue", **row})
@@ -489,6 +528,7 @@ def evaluate(
                     "max_examples": paper_max_examples,
                 }
             )
+            result.paper_per_example[method] = paper_per_example_values(capped, ds, result.paper_generations)
     for name in baselines:
         if name == "popularity" and popularity is None:
             raise ValueError("the popularity baseline needs training popularity counts")
@@ -498,7 +538,8 @@ def evaluate(
                 {"method": name, "protocol": "ranking",
                  **metrics_from_scores(examples, scores, popularity=pop, n_catalogue=len(ds.items))}
             )  # fmt: skip
-            result.per_example[name] = per_example_values(examples, scores)
+            kept = result.ranking_per_example if use_catalogue else result.per_example
+            kept[name] = per_example_values(examples, scores)
         if use_catalogue:
             cat = catalogue_baseline(name, cat_items, pop, seed)
             row, values = catalogue_metrics(examples, cat_items, cat, pop, len(ds.items))

@@ -24,15 +24,23 @@ def machine_description() -> str:
     )
 
 
-def comparison_report(result: dict) -> str:
-    """The README block of one comparison: command, machine, wall time, the mean ± std table, then the
-    paired-difference table when the result holds one."""
+def comparison_tables(result: dict) -> str:
+    """A comparison's tables as markdown: the mean ± std table, then the paired-difference table when the
+    result holds one, then the other protocols' paired tables it holds (:data:`EXTRA_PAIRED`)."""
     protocol, split, policy = result.get("protocol", "ranking"), result.get("split", "test"), result.get("split_policy")
-    table = comparison_table(result["summary"], len(result["seeds"]), protocol, split, policy)
+    n = len(result["seeds"])
+    table = comparison_table(result["summary"], n, protocol, split, policy)
     if result.get("paired"):
-        table += "\n\n" + paired_table(
-            result["paired"], len(result["seeds"]), result.get("paired_protocol", "ranking"), split, policy
-        )
+        table += "\n\n" + paired_table(result["paired"], n, result.get("paired_protocol", "ranking"), split, policy)
+    for p in EXTRA_PAIRED:  # the ranking protocol's beside the catalogue's, the authors' protocol's
+        if result.get(f"paired_{p}"):
+            table += "\n\n" + paired_table(result[f"paired_{p}"], n, p, split, policy)
+    return table
+
+
+def comparison_report(result: dict) -> str:
+    """The README block of one comparison: command, machine, wall time, then :func:`comparison_tables`."""
+    table = comparison_tables(result)
     return (
         f"`{result.get('command') or 'python -m hanorec compare ...'}`\n\n"
         f"Machine: {result.get('machine', 'not recorded')}; wall time {result['wall_s'] / 60:.1f} min; "
@@ -159,6 +167,28 @@ def comparison_table(
     return "\n".join(lines)
 
 
+# paired tables a comparison keeps beside its main one ("paired"), as "paired_<protocol>": the ranking
+# protocol's when the main one is the catalogue's, and the authors' protocol's when it ran
+EXTRA_PAIRED = ("ranking", "paper")
+
+
+def main_protocol(per_example: list[dict]) -> str:
+    """The protocol a comparison's paired intervals read by default: catalogue when its values are present,
+    else ranking (an entry without ``"protocol"`` is the ranking protocol's, as older files wrote it)."""
+    return "catalogue" if any(e.get("protocol") == "catalogue" for e in per_example) else "ranking"
+
+
+def protocol_entries(per_example: list[dict], protocol: str | None = None) -> list[dict]:
+    """The per-example entries of one protocol (None: :func:`main_protocol`). With "catalogue", a task that
+    has no catalogue values (hit1) contributes its ranking ones, as the mean ± std table reads hit1."""
+    protocol = protocol or main_protocol(per_example)
+    mine = [e for e in per_example if e.get("protocol", "ranking") == protocol]
+    if protocol == "catalogue":
+        tasks = {e["task"] for e in mine}
+        mine += [e for e in per_example if e.get("protocol", "ranking") == "ranking" and e["task"] not in tasks]
+    return mine
+
+
 PAIRED_METRICS = (("hit3", "HR@3"), ("hit3", "NDCG@3"), ("hit3", "MRR"), ("next1", "HR@1"), ("next1", "MRR"),
                   ("hit1", "AUC"))
 
@@ -170,8 +200,13 @@ def paired_differences(
     n_boot: int = 2000,
     seed: int = 0,
     level: float = 0.95,
+    protocol: str | None = None,
 ) -> list[dict]:
     """Each method against each reference: mean paired difference and bootstrap interval over test users.
+
+    ``protocol``: whose per-example values are compared (:func:`protocol_entries`; None: the comparison's
+    main one, the catalogue protocol when it ran, else ranking); "paper" gives the paired intervals under the
+    authors' protocol (hanorec.eval.paper_per_example_values).
 
     ``per_example`` holds one entry per (task, seed, method): ``{"task", "seed", "method", "values"}`` with
     ``values`` the columns of hanorec.eval.per_example_values (same examples in the same order for every
@@ -182,7 +217,7 @@ def paired_differences(
     """
     from hanorec.stats import paired_bootstrap, paired_bootstrap_auc
 
-    by_key = {(e["task"], e["seed"], e["method"]): e["values"] for e in per_example}
+    by_key = {(e["task"], e["seed"], e["method"]): e["values"] for e in protocol_entries(per_example, protocol)}
     methods = _method_order(k[2] for k in by_key)
     out = []
     for ref in references:
@@ -292,14 +327,15 @@ def load_comparison(folder: str | Path) -> dict:
     return result
 
 
-def comparison_methods(result: dict) -> list[str]:
-    """Every method of a comparison with per-example values (baselines and SFT included), in table order."""
-    return _method_order(e["method"] for e in result["per_example"])
+def comparison_methods(result: dict, protocol: str | None = None) -> list[str]:
+    """Every method of a comparison with per-example values (baselines and SFT included), in table order
+    (``protocol``: :func:`protocol_entries`; None: the comparison's main one)."""
+    return _method_order(e["method"] for e in protocol_entries(result["per_example"], protocol))
 
 
-def comparison_metrics(result: dict) -> list[str]:
+def comparison_metrics(result: dict, protocol: str | None = None) -> list[str]:
     """The '<task> <metric>' keys a paired difference can be computed for in this comparison."""
-    have = {(e["task"], k) for e in result["per_example"] for k in e["values"]}
+    have = {(e["task"], k) for e in protocol_entries(result["per_example"], protocol) for k in e["values"]}
     out = []
     for task, metric in PAIRED_METRICS:
         if (task, metric) in have or (metric == "AUC" and (task, "score") in have):
@@ -307,17 +343,20 @@ def comparison_metrics(result: dict) -> list[str]:
     return out
 
 
-def forest(result: dict, reference: str, metric: str, *, n_boot: int = 2000, seed: int = 0) -> list[dict]:
+def forest(
+    result: dict, reference: str, metric: str, *, n_boot: int = 2000, seed: int = 0, protocol: str | None = None
+) -> list[dict]:
     """Each method's paired difference against ``reference`` on one '<task> <metric>': a list of
     ``{"method", "mean", "low", "high", "detectable", "excludes_zero", "n_users"}`` (95% bootstrap interval
     over test users, seeds pooled; the forest plot's rows). Recomputed from the per-example values, so any
-    method can be the reference."""
-    if reference not in comparison_methods(result):
-        raise ValueError(f"{reference!r} is not a method of this comparison; use one of {comparison_methods(result)}")
+    method can be the reference. ``protocol``: whose values (None: the comparison's main protocol)."""
+    methods = comparison_methods(result, protocol)
+    if reference not in methods:
+        raise ValueError(f"{reference!r} is not a method of this comparison; use one of {methods}")
     task = metric.split()[0]
     mine = [e for e in result["per_example"] if e["task"] == task]
     out = []
-    for e in paired_differences(mine, references=(reference,), n_boot=n_boot, seed=seed):
+    for e in paired_differences(mine, references=(reference,), n_boot=n_boot, seed=seed, protocol=protocol):
         d = e.get(metric)
         if d is not None:
             out.append({"method": e["method"], **{k: d[k] for k in
@@ -325,7 +364,7 @@ def forest(result: dict, reference: str, metric: str, *, n_boot: int = 2000, see
     return out
 
 
-def per_user_means(result: dict, metric: str, method: str) -> dict[str, float]:
+def per_user_means(result: dict, metric: str, method: str, protocol: str | None = None) -> dict[str, float]:
     """user -> the method's mean of one per-example metric over the user's examples and all seeds (the
     scatter's coordinates; hit1 AUC is not per user: its per-example Yes-minus-No score is used)."""
     import numpy as np
@@ -333,7 +372,7 @@ def per_user_means(result: dict, metric: str, method: str) -> dict[str, float]:
     task, name = metric.split(maxsplit=1)
     key = "score" if name == "AUC" else name
     sums: dict[str, list[float]] = {}
-    for e in result["per_example"]:
+    for e in protocol_entries(result["per_example"], protocol):
         if e["task"] == task and e["method"] == method and key in e["values"]:
             for u, v in zip(e["values"]["user"], e["values"][key]):
                 sums.setdefault(str(u), []).append(float(v))
@@ -342,9 +381,9 @@ def per_user_means(result: dict, metric: str, method: str) -> dict[str, float]:
     return {u: float(np.mean(v)) for u, v in sums.items()}
 
 
-def scatter(result: dict, metric: str, a: str, b: str) -> dict:
+def scatter(result: dict, metric: str, a: str, b: str, protocol: str | None = None) -> dict:
     """Per-user means of method A and method B on one metric, users in common: ``{"user", "a", "b"}``."""
-    ma, mb = per_user_means(result, metric, a), per_user_means(result, metric, b)
+    ma, mb = per_user_means(result, metric, a, protocol), per_user_means(result, metric, b, protocol)
     users = sorted(set(ma) & set(mb))
     return {"user": users, "a": [ma[u] for u in users], "b": [mb[u] for u in users]}
 
@@ -444,6 +483,8 @@ def merge_comparisons(results: Sequence[dict], *, n_boot: int = 2000) -> dict:
         "rows": rows,
         "summary": summarize(rows, mean_std, protocol),
         "paired": paired_differences(per_example, n_boot=n_boot),
+        **{f"paired_{p}": paired_differences(per_example, n_boot=n_boot, protocol=p)
+           for p in EXTRA_PAIRED if any(r.get(f"paired_{p}") for r in results)},  # fmt: skip
         "seeds": sorted(seeds),
         "tasks": sorted({t for r in results for t in r.get("tasks", [])}),
         "wall_s": sum(r.get("wall_s", 0.0) for r in results),

@@ -21,10 +21,9 @@ sys.path.insert(0, str(ROOT))
 
 from hanorec.report import (  # noqa: E402
     comparison_report,
-    comparison_table,
+    comparison_tables,
     load_comparison,
     merge_comparisons,
-    paired_table,
     update_readme_section,
 )
 
@@ -45,10 +44,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "comparison.json").write_text(json.dumps(merged, indent=2))
-    n = len(merged["seeds"])
-    text = (comparison_table(merged["summary"], n, merged["protocol"], merged["split"], merged.get("split_policy"))
-            + "\n\n" + paired_table(merged["paired"], n, merged.get("paired_protocol", "ranking"), merged["split"],
-                                    merged.get("split_policy")))  # fmt: skip
+    text = comparison_tables(merged)
     (out / "comparison.md").write_text(text + "\n")
     print(text)
     if args.readme:

@@ -116,3 +116,33 @@ def test_popularity_baseline_tops_the_popular_items(ds):
     assert math.isfinite(rows["random"]["MRR"])
     assert not any(itertools.chain.from_iterable(np.isnan(v).tolist() for v in ev.per_example["random"].values()
                                                  if isinstance(v[0], float)))
+
+
+def test_catalogue_prompt_and_titles_follow_the_authors_template_and_outer_quotes(ds, monkeypatch):
+    """task.template_set=authors lists candidates one per line: the catalogue prompt drops that list too; with
+    task.hit3_outer_quotes the catalogue titles open with the extra quote, as the ranking options do."""
+    import torch
+
+    import hanorec.eval
+    from hanorec.eval import catalogue_scores
+
+    windows = make_splits(ds, n_history=3, n_target=3).test
+    (e,) = build_examples("hit3", windows, ds, seed=0, max_examples=1, template_set="authors", outer_quotes=True)
+    p = catalogue_prompt(e, ds)
+    assert "Below are the candidate" not in p and p.endswith("may watch.") and p.count("<image>") == 3
+    assert e.options[0].startswith('""')
+
+    class Recorder:
+        def encode_prompt(self, text, images):
+            return text
+
+    seen = {}
+
+    def fake_score(bundle, prompts, pieces, **kw):
+        seen["titles"] = [t for piece in pieces for t in piece]
+        return [torch.zeros(len(piece)) for piece in pieces]
+
+    monkeypatch.setattr(hanorec.eval, "score_options", fake_score)
+    items = catalogue_candidates(e, ds, size=5, seed=0)
+    catalogue_scores(Recorder(), ds, [e], [items])
+    assert seen["titles"] == ['""' + ds.items[i].title + '"' for i in items]

@@ -170,3 +170,64 @@ def test_the_compare_tab_names_the_chosen_methods_knobs():
     text = knob_note(["cDPO", "DPO"])
     assert "--pref.options.epsilon" in text and "(cdpo)" in text and "(rdpo)" not in text
     assert "no knobs of their own" in knob_note(["DPO"])
+
+
+def _three_protocols(folder):
+    """A comparison that evaluated the catalogue, ranking and paper protocols: DPO beats SFT on 10 users under
+    the catalogue protocol, equals it under ranking, loses on 5 users under paper; hit1 has ranking values."""
+    result = report.load_comparison(_comparison(folder))
+    more = []
+    for e in result["per_example"]:
+        v = e["values"]
+        same = {**v, "HR@3": list(result_of(result, e["seed"], "SFT")["HR@3"])}
+        more.append({**e, "protocol": "ranking", "values": same})
+        worse = [0.0 if i < 5 and e["method"] == "DPO" else h for i, h in enumerate(same["HR@3"])]
+        more.append({**e, "protocol": "paper", "values": {"user": v["user"], "HR@3": worse, "NDCG@3": worse}})
+        scores = np.linspace(-1, 1, len(v["user"])).tolist()
+        labels = [i % 2 == 0 for i in range(len(v["user"]))]
+        more.append({"task": "hit1", "seed": e["seed"], "method": e["method"], "protocol": "ranking",
+                     "values": {"user": v["user"], "score": scores, "label": labels}})  # fmt: skip
+    result["per_example"] += more
+    return result
+
+
+def result_of(result, seed, method):
+    (e,) = [e for e in result["per_example"] if (e["seed"], e["method"], e.get("protocol")) == (seed, method,
+                                                                                                 "catalogue")]
+    return e["values"]
+
+
+def test_each_protocol_gets_its_own_paired_intervals_and_the_catalogue_is_the_default(tmp_path):
+    result = _three_protocols(tmp_path / "cmp")
+    assert report.main_protocol(result["per_example"]) == "catalogue"
+    assert report.main_protocol([{**e, "protocol": "ranking"} for e in result["per_example"]]) == "ranking"
+    # the catalogue protocol's entries, hit1 read from its ranking values (it has no catalogue)
+    cat = report.protocol_entries(result["per_example"], "catalogue")
+    assert {(e["task"], e["protocol"]) for e in cat} == {("hit3", "catalogue"), ("hit1", "ranking")}
+    means = {}
+    for p in ("catalogue", "ranking", "paper"):
+        (dpo,) = [e for e in report.paired_differences(result["per_example"], references=("SFT",), n_boot=200,
+                                                       protocol=p) if e["method"] == "DPO"]  # fmt: skip
+        means[p] = dpo["hit3 HR@3"]["mean"]
+        assert dpo["hit3 HR@3"]["detectable"] >= 0
+    assert means["catalogue"] == pytest.approx(10 / 40) and means["ranking"] == 0 and means["paper"] < 0
+    default = report.paired_differences(result["per_example"], n_boot=200)
+    assert default == report.paired_differences(result["per_example"], n_boot=200, protocol="catalogue")
+    assert "hit1 AUC" in default[0]
+    forest = {p: {r["method"]: r["mean"] for r in report.forest(result, "SFT", "hit3 HR@3", n_boot=200, protocol=p)}
+              for p in (None, "ranking", "paper")}  # fmt: skip
+    assert forest[None]["DPO"] == pytest.approx(10 / 40) and forest["ranking"]["DPO"] == 0
+    assert forest["paper"]["DPO"] == pytest.approx(means["paper"])
+    assert report.scatter(result, "hit3 HR@3", "DPO", "SFT", "ranking")["a"] == report.scatter(
+        result, "hit3 HR@3", "SFT", "SFT", "ranking")["a"]  # fmt: skip
+    # merged per seed, each protocol's paired table is recomputed; the report prints all three
+    full = {**result, "split": "test", "wall_s": 1.0,
+            **{f"paired_{p}": report.paired_differences(result["per_example"], n_boot=200, protocol=p)
+               for p in ("ranking", "paper")}}  # fmt: skip
+    full["paired"] = default
+    merged = report.merge_comparisons([_split_by_seed(full, s) for s in (0, 1)], n_boot=200)
+    for p in ("ranking", "paper"):
+        assert merged[f"paired_{p}"] == full[f"paired_{p}"]
+    text = report.comparison_tables(merged)
+    assert text.count("method minus reference") == 3
+    assert "Catalogue protocol" in text and "Ranking protocol" in text and "Paper protocol" in text
