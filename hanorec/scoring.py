@@ -488,8 +488,17 @@ def score_options(
     device = device or next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     encoded = [[bundle.encode_completion(o, eos=eos) for o in opts] for opts in options]
-    with bundle.lock:
+    with _scoring_lock(bundle):
         return _score_options_locked(bundle, prompts, encoded, batch_size, device, dtype, mode, noise)
+
+
+def _scoring_lock(bundle):
+    """The model's lock for a scoring call: shared when the model is already in eval mode (no state changes, and
+    noise hooks at inference act on their own thread only, so several sessions score at once), else exclusive."""
+    lock = bundle.lock
+    if not bundle.model.training and hasattr(lock, "shared"):
+        return lock.shared()
+    return lock
 
 
 def _score_options_locked(bundle, prompts, encoded, batch_size, device, dtype, mode, noise):
