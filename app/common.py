@@ -20,6 +20,10 @@ from hanorec.paths import PathError, confine
 TASKS = ("hit3", "hit1", "next1")
 BASE_PRESET = "tiny-qwen2.5-vl"
 UNTRAINED = f"untrained {BASE_PRESET} (random init)"
+# Concurrency groups of the queue (see events()): light events (a user view, a prompt, a pair's details) have
+# their own workers, so they never wait behind heavy ones (noise draws, sigma sweeps, hardness, per-pair
+# scoring), which share one small limit: a heavy event uses a core for a second or more.
+LIGHT, HEAVY = "light", "heavy"
 # Errors a user can cause; anything else is a bug and is reported as one sentence too.
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError, PathError)
 
@@ -86,6 +90,10 @@ class AppContext:
     device: str = "auto"  # "auto" becomes cuda / cpu when the first model loads (torch is imported then)
     jobs: object = None  # hanorec.jobs.JobManager
     threads: int = 0  # torch CPU threads; 0 = default_threads()
+    heavy_limit: int = 0  # heavy events at once (noise draws, sweeps, hardness); 0 = default_heavy_limit()
+    light_limit: int = 4  # light events at once (user views, prompts)
+    # scoring results (clean and noisy candidate scores) per model, dataset, example and noise setting
+    results: object = field(default_factory=lambda: _result_cache(), repr=False)
     _data: _LRU = field(default_factory=lambda: _LRU(6), repr=False)
     _models: _LRU = field(default_factory=lambda: _LRU(3), repr=False)
     _extra: _LRU = field(default_factory=lambda: _LRU(8), repr=False)
@@ -192,6 +200,20 @@ class AppContext:
     def cached_model(self, key, make: Callable):
         return self._models.get(key, make)
 
+    def events(self, kind: str) -> dict:
+        """Queue settings of an event of this kind (LIGHT or HEAVY): its concurrency group and that group's limit."""
+        if kind == HEAVY:
+            return {"concurrency_id": HEAVY, "concurrency_limit": self.heavy_limit or default_heavy_limit()}
+        if kind == LIGHT:
+            return {"concurrency_id": LIGHT, "concurrency_limit": max(1, self.light_limit)}
+        raise ValueError(f"unknown event kind {kind!r}; use {LIGHT!r} or {HEAVY!r}")
+
+
+def _result_cache():
+    from hanorec.serving import ResultCache
+
+    return ResultCache(max_entries=512)
+
 
 def list_runs(root: Path) -> list[dict]:
     """Runs under root with their stages (hanorec.runs when present)."""
@@ -259,6 +281,13 @@ def default_threads() -> int:
 
     cores = os.cpu_count() or 1
     return 1 if cores <= 4 else min(8, cores // 2)
+
+
+def default_heavy_limit() -> int:
+    """Heavy events at once: half the cores (at least 1), so the other half keeps serving light events."""
+    import os
+
+    return max(1, (os.cpu_count() or 1) // 2)
 
 
 def pick_device() -> str:

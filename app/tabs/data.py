@@ -10,7 +10,7 @@ import gradio as gr
 import pandas as pd
 import plotly.graph_objects as go
 
-from app.common import TASKS, example_for, item_image, on_load, user_errors
+from app.common import LIGHT, TASKS, example_for, item_image, on_load, user_errors
 
 CANDIDATE_COLUMNS = ["candidate", "item", "true next", "log-prob", "prob", "rank"]
 
@@ -53,7 +53,7 @@ def show_user(ctx, dataset: str, task: str, user: str, model: str):
     ds = data.dataset
     bundle, _ = ctx.model(model, dataset, task)
     with user_errors("scoring the candidates"):
-        rows = candidate_scores(bundle, ds, example)
+        rows = candidate_scores(bundle, ds, example, cache=ctx.results)
         seen = model_view(bundle, ds, example)
     rendered = render(example, ds)
     return (
@@ -201,7 +201,8 @@ def build(ctx) -> None:
     dataset.change(load, [dataset, task], stats_out, api_name="data_open")
     task.change(load, [dataset, task], stats_out, api_visibility="private")
     open_btn.click(partial(open_typed, ctx), [typed, task], [dataset, *stats_out], api_name="data_open_typed")
-    user.change(partial(show_user, ctx), user_in, user_out, api_name="data_user")
-    model.change(partial(show_user, ctx), user_in, user_out, api_visibility="private")
+    light = ctx.events(LIGHT)
+    user.change(partial(show_user, ctx), user_in, user_out, api_name="data_user", **light)
+    model.change(partial(show_user, ctx), user_in, user_out, api_visibility="private", **light)
     refresh.click(partial(refresh_models, ctx), None, model, api_name="data_models")
     on_load(load, [dataset, task], stats_out)

@@ -15,7 +15,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from app.common import example_pickers, item_image, user_errors
+from app.common import HEAVY, LIGHT, example_pickers, item_image, user_errors
 
 SAMPLING = ("random", "embedding")
 STATS_COLUMNS = ["pair", "user", "lambda", "beta", "reward_margin", "accurate", "chosen_reward", "rejected_reward"]
@@ -304,10 +304,11 @@ def build(ctx) -> None:
 
     base = [dataset, task, model]
     settings = [*base, k, temperature, sampling, seed]
-    go_btn.click(partial(compute, ctx), settings, [summary, hist, table, user], api_name="hardness_compute")
-    user.change(partial(show_pair, ctx), [*settings, user], [pair_text, aligned, profiles, images], api_name="hardness_pair")
-    grid_btn.click(partial(spread_grid, ctx), [*base, sampling, seed], grid, api_name="hardness_grid")
-    stats_btn.click(partial(score_pairs, ctx), base, [stats_text, stats, margins], api_name="hardness_stats")
+    heavy, light = ctx.events(HEAVY), ctx.events(LIGHT)
+    go_btn.click(partial(compute, ctx), settings, [summary, hist, table, user], api_name="hardness_compute", **heavy)
+    user.change(partial(show_pair, ctx), [*settings, user], [pair_text, aligned, profiles, images], api_name="hardness_pair", **light)
+    grid_btn.click(partial(spread_grid, ctx), [*base, sampling, seed], grid, api_name="hardness_grid", **heavy)
+    stats_btn.click(partial(score_pairs, ctx), base, [stats_text, stats, margins], api_name="hardness_stats", **heavy)
     stats.select(select_pair, None, pair_n, api_visibility="private")
-    pair_btn.click(partial(pair_prompt, ctx), [*base, pair_n], [pair_prompt_box, chosen, rejected, pair_images], api_name="hardness_pair_prompt")
-    pair_n.submit(partial(pair_prompt, ctx), [*base, pair_n], [pair_prompt_box, chosen, rejected, pair_images], api_visibility="private")
+    pair_btn.click(partial(pair_prompt, ctx), [*base, pair_n], [pair_prompt_box, chosen, rejected, pair_images], api_name="hardness_pair_prompt", **light)
+    pair_n.submit(partial(pair_prompt, ctx), [*base, pair_n], [pair_prompt_box, chosen, rejected, pair_images], api_visibility="private", **light)
