@@ -20,10 +20,12 @@ from hanorec.paths import PathError, confine
 TASKS = ("hit3", "hit1", "next1")
 BASE_PRESET = "tiny-qwen2.5-vl"
 UNTRAINED = f"untrained {BASE_PRESET} (random init)"
-# Concurrency groups of the queue (see events()): light events (a user view, a prompt, a pair's details) have
-# their own workers, so they never wait behind heavy ones (noise draws, sigma sweeps, hardness, per-pair
-# scoring), which share one small limit: a heavy event uses a core for a second or more.
-LIGHT, HEAVY = "light", "heavy"
+# Concurrency groups of the queue (see AppContext.events): light events (a user view, a prompt, a pair's
+# details) have their own workers, so they never wait behind heavy ones. Heavy events (sigma sweeps, hardness,
+# per-pair scoring) share a limit of half the cores: each uses a core for a second or more. Noise draws have
+# a group of their own with more workers: a draw already in the result cache answers at once, and the draws
+# that compute take one of the cache's compute slots (again half the cores; sweeps take them too).
+LIGHT, HEAVY, NOISE = "light", "heavy", "noise"
 # Errors a user can cause; anything else is a bug and is reported as one sentence too.
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError, PathError)
 
@@ -92,6 +94,7 @@ class AppContext:
     threads: int = 0  # torch CPU threads; 0 = default_threads()
     heavy_limit: int = 0  # heavy events at once (noise draws, sweeps, hardness); 0 = default_heavy_limit()
     light_limit: int = 4  # light events at once (user views, prompts)
+    noise_limit: int = 4  # noise draws in flight (cached ones answer at once; computing ones take a slot)
     # scoring results (clean and noisy candidate scores) per model, dataset, example and noise setting
     results: object = field(default_factory=lambda: _result_cache(), repr=False)
     _data: _LRU = field(default_factory=lambda: _LRU(6), repr=False)
@@ -201,18 +204,20 @@ class AppContext:
         return self._models.get(key, make)
 
     def events(self, kind: str) -> dict:
-        """Queue settings of an event of this kind (LIGHT or HEAVY): its concurrency group and that group's limit."""
+        """Queue settings of an event of this kind (LIGHT, HEAVY or NOISE): its concurrency group and limit."""
         if kind == HEAVY:
             return {"concurrency_id": HEAVY, "concurrency_limit": self.heavy_limit or default_heavy_limit()}
         if kind == LIGHT:
             return {"concurrency_id": LIGHT, "concurrency_limit": max(1, self.light_limit)}
-        raise ValueError(f"unknown event kind {kind!r}; use {LIGHT!r} or {HEAVY!r}")
+        if kind == NOISE:
+            return {"concurrency_id": NOISE, "concurrency_limit": max(1, self.noise_limit)}
+        raise ValueError(f"unknown event kind {kind!r}; use {LIGHT!r}, {HEAVY!r} or {NOISE!r}")
 
 
 def _result_cache():
     from hanorec.serving import ResultCache
 
-    return ResultCache(max_entries=512)
+    return ResultCache(max_entries=512, heavy_slots=default_heavy_limit())
 
 
 def list_runs(root: Path) -> list[dict]:

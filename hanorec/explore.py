@@ -117,12 +117,12 @@ def spread(values) -> dict[str, float]:
     }
 
 
-def _cached(cache, bundle, ds, key, make):
-    """make() through ``cache`` (a hanorec.serving.ResultCache) keyed by the model, the dataset and key; no cache:
-    make()."""
+def _cached(cache, bundle, ds, key, make, heavy: bool = False):
+    """make() through ``cache`` (a hanorec.serving.ResultCache) keyed by the model, the dataset and key (heavy:
+    the computation takes one of the cache's compute slots); no cache: make()."""
     if cache is None:
         return make()
-    return cache.get((bundle.model, ds), key, make)
+    return cache.get((bundle.model, ds), key, make, heavy=heavy)
 
 
 def encoded_prompt(bundle, ds: RecDataset, example: Example, *, cache=None):
@@ -267,7 +267,8 @@ def example_noise(
     LoRA noise: up to 64 draws per batched forward (one row per draw), the prompt's image features computed
     once for all of them (hanorec.scoring.score_options). cache: a hanorec.serving.ResultCache; the result is
     then kept per example and noise setting (target, sigma, draws, seed) while the model's weights stay the
-    same, and the clean scores are shared with :func:`candidate_scores`.
+    same, and the clean scores are shared with :func:`candidate_scores`; the draws take one of the cache's
+    compute slots while they run.
     """
     from hanorec.noise import NoiseSpec, noise_summary
     from hanorec.scoring import score_options
@@ -283,7 +284,8 @@ def example_noise(
         noisy = score_options(bundle, [prompt], [list(example.options)], noise=spec)[0]
         return clean, noisy, noise_summary(clean, noisy, list(example.options))
 
-    return _cached(cache, bundle, ds, ("noise", example, spec.target, spec.sigma, spec.draws, spec.seed), make)
+    key = ("noise", example, spec.target, spec.sigma, spec.draws, spec.seed)
+    return _cached(cache, bundle, ds, key, make, heavy=True)
 
 
 def noise_sweep(

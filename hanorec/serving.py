@@ -12,7 +12,9 @@ key the caller builds from plain values (task, user, noise target, sigma, draws,
 - entries of a model or dataset that is garbage-collected (evicted from the app's model cache) are dropped
   with it, so a new object at the same address never sees them;
 - the cache holds at most ``max_entries`` entries and evicts the least recently used;
-- concurrent callers of one missing entry compute it once: the others wait for that result.
+- concurrent callers of one missing entry compute it once: the others wait for that result;
+- heavy computations (``get(..., heavy=True)``: noise draws) take one of ``heavy_slots`` compute slots while
+  they run, so at most that many run at once, while a cached result is returned at once, without a slot.
 
 Results must not be modified by the caller (they are shared between sessions).
 """
@@ -23,6 +25,7 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
+from contextlib import nullcontext
 
 __all__ = ["ResultCache", "weights_version"]
 
@@ -42,13 +45,18 @@ class ResultCache:
 
     ``get(owners, key, make)`` returns the cached value for (owners, key) when its owners are the same live
     objects and the models among them have the weights the value was computed with; otherwise it calls
-    ``make()``, stores and returns the result. ``hits`` and ``misses`` count lookups.
+    ``make()``, stores and returns the result. ``hits`` and ``misses`` count lookups. heavy_slots: how many
+    ``heavy=True`` computations may run at once (None: no limit); ``heavy`` is that limit as a context manager,
+    for heavy work that is not cached.
     """
 
-    def __init__(self, max_entries: int = 512):
+    def __init__(self, max_entries: int = 512, heavy_slots: int | None = None):
         if max_entries < 1:
             raise ValueError(f"a result cache needs room for at least one entry, got max_entries={max_entries}")
+        if heavy_slots is not None and heavy_slots < 1:
+            raise ValueError(f"heavy_slots must be at least 1 (or None for no limit), got {heavy_slots}")
         self.max_entries = int(max_entries)
+        self.heavy = threading.BoundedSemaphore(heavy_slots) if heavy_slots else nullcontext()
         self._data: OrderedDict = OrderedDict()  # (owner ids, key) -> (versions, value)
         self._lock = threading.RLock()
         self._building: dict = {}  # (owner ids, key) -> lock held while that value is made
@@ -60,7 +68,7 @@ class ResultCache:
         with self._lock:
             return len(self._data)
 
-    def get(self, owners: Sequence, key: Hashable, make: Callable):
+    def get(self, owners: Sequence, key: Hashable, make: Callable, *, heavy: bool = False):
         owners = tuple(owners)
         full = (tuple(id(o) for o in owners), key)
         versions = tuple(weights_version(o) for o in owners)
@@ -76,7 +84,8 @@ class ResultCache:
                     return value
                 self.misses += 1
             try:
-                value = make()
+                with self.heavy if heavy else nullcontext():
+                    value = make()
             finally:
                 with self._lock:
                     self._building.pop(full, None)

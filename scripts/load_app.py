@@ -88,12 +88,23 @@ def serve(root: Path, runs_dir: str, timeout: float = 240.0):
             proc.wait(timeout=30)
 
 
-def session(url, users, seconds, max_requests, seed, out, lock, mix) -> None:
-    """One student: a user view, then another, and now and then a noise draw with the lab's settings."""
+def connect(url: str, attempts: int = 3):
+    """A gradio_client session on the app (a student opening the page); returned files are not downloaded, so
+    the clients' own work stays small beside the app's. Retried: on a loaded machine the first call may time out."""
     from gradio_client import Client
 
+    for k in range(attempts):
+        try:
+            return Client(url, verbose=False, download_files=False, httpx_kwargs={"timeout": 120})
+        except Exception:  # noqa: BLE001 - retried, then raised
+            if k == attempts - 1:
+                raise
+            time.sleep(2.0)
+
+
+def session(client, users, seconds, max_requests, seed, out, lock, mix) -> None:
+    """One student: a user view, then another, and now and then a noise draw with the lab's settings."""
     rng = random.Random(seed)
-    client = Client(url, verbose=False)
     end, n = time.time() + seconds, 0
     while time.time() < end and n < max_requests:
         user = rng.choice(users)
@@ -125,9 +136,7 @@ def session(url, users, seconds, max_requests, seed, out, lock, mix) -> None:
 def _users(url, warm: bool = True) -> list[str]:
     """The users with a hit3 test prompt; ``warm``: first one view and one noise draw per target (a seed the
     mix never uses), so the model is built before the clock starts."""
-    from gradio_client import Client
-
-    client = Client(url, verbose=False)
+    client = connect(url)
     users_update, *_ = client.predict(str(DEMO), "hit3", api_name="/data_open")
     users = [c[1] if isinstance(c, (list, tuple)) else c for c in users_update["choices"]]
     if warm:
@@ -161,11 +170,12 @@ def run(
     mix = mix or default_mix()
     with tempfile.TemporaryDirectory(prefix="hanorec-load-") as tmp, serve(Path(root), runs_dir or tmp) as url:
         users = _users(url)[: mix["users"]]
+        clients = [connect(url) for _ in range(sessions)]  # every page open before the clock starts
         out: dict = {"latency": {}, "errors": [], "settings": {}}
         lock = threading.Lock()
         threads = [
-            threading.Thread(target=session, args=(url, users, seconds, max_requests, i, out, lock, mix), daemon=True)
-            for i in range(sessions)
+            threading.Thread(target=session, args=(c, users, seconds, max_requests, i, out, lock, mix), daemon=True)
+            for i, c in enumerate(clients)
         ]
         t0 = time.time()
         for t in threads:
@@ -182,11 +192,9 @@ def run(
 
 def single_user(root: Path = ROOT, repeats: int = 3) -> dict:
     """One user alone: median seconds of a user view, 100 LoRA draws and 100 logit draws (each on a new user)."""
-    from gradio_client import Client
-
     with tempfile.TemporaryDirectory(prefix="hanorec-single-") as tmp, serve(Path(root), tmp) as url:
         users = _users(url)
-        client = Client(url, verbose=False)
+        client = connect(url)
         times: dict[str, list[float]] = {"user view": [], "100 LoRA draws": [], "100 logit draws": []}
         for k in range(repeats):
             for name, api, args in (

@@ -28,15 +28,15 @@ def test_thirty_sessions_browse_and_score_without_error(tmp_path):
 def test_a_user_view_does_not_wait_behind_noise_draws(tmp_path):
     """Two heavy noise draws are queued; a user view asked for while the first one runs comes back before
     that first draw does: views have their own workers and score the model beside a running draw."""
-    from gradio_client import Client
-    from load_app import DEMO, _users, serve
+    from load_app import DEMO, _users, connect, serve
 
     with serve(Path(__file__).resolve().parents[1], str(tmp_path)) as url:
         users = _users(url)
+        clients = [connect(url) for _ in range(3)]
         done: dict[str, float] = {}
 
         def draw(k):
-            Client(url, verbose=False).predict(
+            clients[k].predict(
                 str(DEMO), "hit3", users[1 + k], "base", "lora", 0.02, 300, k, api_name="/noise_draw"
             )
             done[f"draw {k}"] = time.perf_counter()
@@ -45,7 +45,7 @@ def test_a_user_view_does_not_wait_behind_noise_draws(tmp_path):
         for t in threads:
             t.start()
         time.sleep(1.0)  # the first draw is running, the second waits in the heavy queue
-        Client(url, verbose=False).predict(str(DEMO), "hit3", users[9], "base", api_name="/data_user")
+        clients[2].predict(str(DEMO), "hit3", users[9], "base", api_name="/data_user")
         done["view"] = time.perf_counter()
         for t in threads:
             t.join(300)

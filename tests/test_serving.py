@@ -247,3 +247,34 @@ def test_scoring_an_eval_model_takes_the_lock_shared(lab):
         runs.append(score_options(bundle, [prompt], options)[0])
         t.join(60)
     assert all(torch.equal(r, clean) for r in runs)
+
+
+def test_heavy_computations_take_a_slot_and_cached_results_do_not():
+    cache, model = ResultCache(heavy_slots=1), nn.Linear(2, 2)
+    running, peak, guard = [0], [0], threading.Lock()
+
+    def heavy(value):
+        def make():
+            with guard:
+                running[0] += 1
+                peak[0] = max(peak[0], running[0])
+            time.sleep(0.3)
+            with guard:
+                running[0] -= 1
+            return value
+
+        return make
+
+    cache.get((model,), "cached", heavy("c"), heavy=True)
+    threads = [threading.Thread(target=cache.get, args=((model,), k, heavy(k)), kwargs={"heavy": True}) for k in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.05)
+    t0 = time.perf_counter()
+    assert cache.get((model,), "cached", heavy("again"), heavy=True) == "c"  # no slot needed
+    assert time.perf_counter() - t0 < 0.2  # a caller waiting for the slot would wait 0.25 s and more
+    for t in threads:
+        t.join(10)
+    assert peak[0] == 1  # one heavy computation at a time
+    with pytest.raises(ValueError, match="heavy_slots"):
+        ResultCache(heavy_slots=0)

@@ -10,7 +10,7 @@ import gradio as gr
 import pandas as pd
 import plotly.graph_objects as go
 
-from app.common import HEAVY, example_for, example_pickers, user_errors
+from app.common import HEAVY, NOISE, example_for, example_pickers, user_errors
 
 TARGETS = ("lora", "logits")
 
@@ -157,7 +157,7 @@ def build(ctx) -> None:
 
     inputs = [dataset, task, user, model, target, sigma, draws, seed]
     heavy = ctx.events(HEAVY)
-    run.click(partial(draw_noise, ctx), inputs, [summary, scores, table], api_name="noise_draw", **heavy)
+    run.click(partial(draw_noise, ctx), inputs, [summary, scores, table], api_name="noise_draw", **ctx.events(NOISE))
     run_sweep.click(
         partial(sweep, ctx), [dataset, task, user, model, target, draws, seed, sigma], [sweep_plot, sweep_table],
         api_name="noise_sweep", **heavy,
