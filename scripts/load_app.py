@@ -24,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -170,7 +171,8 @@ def run(
     mix = mix or default_mix()
     with tempfile.TemporaryDirectory(prefix="hanorec-load-") as tmp, serve(Path(root), runs_dir or tmp) as url:
         users = _users(url)[: mix["users"]]
-        clients = [connect(url) for _ in range(sessions)]  # every page open before the clock starts
+        with ThreadPoolExecutor(max_workers=6) as pool:  # every page open before the clock starts
+            clients = list(pool.map(lambda _: connect(url), range(sessions)))
         out: dict = {"latency": {}, "errors": [], "settings": {}}
         lock = threading.Lock()
         threads = [

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 def test_thirty_sessions_browse_and_score_without_error(tmp_path):
     from load_app import report, run
 
-    out = run(sessions=30, seconds=45, max_requests=40, runs_dir=str(tmp_path))
+    out = run(sessions=30, seconds=30, max_requests=40, runs_dir=str(tmp_path))
     print(report(out))
     assert out["hung_sessions"] == 0
     assert not out["errors"], out["errors"][:5]
@@ -37,7 +37,7 @@ def test_a_user_view_does_not_wait_behind_noise_draws(tmp_path):
 
         def draw(k):
             clients[k].predict(
-                str(DEMO), "hit3", users[1 + k], "base", "lora", 0.02, 300, k, api_name="/noise_draw"
+                str(DEMO), "hit3", users[1 + k], "base", "lora", 0.02, 200, k, api_name="/noise_draw"
             )
             done[f"draw {k}"] = time.perf_counter()
 
