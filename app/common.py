@@ -94,7 +94,7 @@ class AppContext:
     threads: int = 0  # torch CPU threads; 0 = default_threads()
     heavy_limit: int = 0  # heavy events at once (noise draws, sweeps, hardness); 0 = default_heavy_limit()
     light_limit: int = 4  # light events at once (user views, prompts)
-    noise_limit: int = 4  # noise draws in flight (cached ones answer at once; computing ones take a slot)
+    noise_limit: int = 16  # noise draws in flight: cached ones answer at once, computing ones wait for a slot
     # scoring results (clean and noisy candidate scores) per model, dataset, example and noise setting
     results: object = field(default_factory=lambda: _result_cache(), repr=False)
     _data: _LRU = field(default_factory=lambda: _LRU(6), repr=False)
