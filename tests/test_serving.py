@@ -27,6 +27,22 @@ class Owner:  # a dataset-like owner (weak-referenceable, no weights)
     pass
 
 
+class Occupancy:
+    """How many threads are inside ``stay`` now, and the most at once."""
+
+    def __init__(self):
+        self.now = self.peak = 0
+        self._lock = threading.Lock()
+
+    def stay(self, seconds: float) -> None:
+        with self._lock:
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+        time.sleep(seconds)
+        with self._lock:
+            self.now -= 1
+
+
 def test_hits_misses_and_lru_bound():
     cache, make, model = ResultCache(max_entries=2), Counter(), nn.Linear(2, 2)
     assert cache.get((model,), "a", make(1)) == 1
@@ -167,22 +183,16 @@ def test_cached_scoring_equals_uncached_and_follows_the_weights(lab):
 def test_model_lock_lets_readers_in_together_and_writers_alone():
     from hanorec.models import ModelLock
 
-    lock, inside, peak, order = ModelLock(), [0], [0], []
-    guard = threading.Lock()
+    lock, occupancy, order = ModelLock(), Occupancy(), []
 
     def reader(k):
         with lock.shared():
-            with guard:
-                inside[0] += 1
-                peak[0] = max(peak[0], inside[0])
-            time.sleep(0.15)
-            with guard:
-                inside[0] -= 1
+            occupancy.stay(0.15)
         order.append(f"r{k}")
 
     def writer():
         with lock:
-            assert inside[0] == 0  # no reader runs beside a writer
+            assert occupancy.now == 0  # no reader runs beside a writer
             order.append("w")
 
     readers = [threading.Thread(target=reader, args=(k,)) for k in range(3)]
@@ -196,7 +206,7 @@ def test_model_lock_lets_readers_in_together_and_writers_alone():
     late.start()
     for t in [*readers, w, late]:
         t.join(10)
-    assert peak[0] >= 2  # readers overlapped
+    assert occupancy.peak >= 2  # readers overlapped
     assert order.index("w") > max(order.index(f"r{k}") for k in range(3))
     assert order.index("r9") > order.index("w")
 
@@ -250,17 +260,11 @@ def test_scoring_an_eval_model_takes_the_lock_shared(lab):
 
 
 def test_heavy_computations_take_a_slot_and_cached_results_do_not():
-    cache, model = ResultCache(heavy_slots=1), nn.Linear(2, 2)
-    running, peak, guard = [0], [0], threading.Lock()
+    cache, model, occupancy = ResultCache(heavy_slots=1), nn.Linear(2, 2), Occupancy()
 
     def heavy(value):
         def make():
-            with guard:
-                running[0] += 1
-                peak[0] = max(peak[0], running[0])
-            time.sleep(0.3)
-            with guard:
-                running[0] -= 1
+            occupancy.stay(0.3)
             return value
 
         return make
@@ -275,6 +279,6 @@ def test_heavy_computations_take_a_slot_and_cached_results_do_not():
     assert time.perf_counter() - t0 < 0.2  # a caller waiting for the slot would wait 0.25 s and more
     for t in threads:
         t.join(10)
-    assert peak[0] == 1  # one heavy computation at a time
+    assert occupancy.peak == 1  # one heavy computation at a time
     with pytest.raises(ValueError, match="heavy_slots"):
         ResultCache(heavy_slots=0)
