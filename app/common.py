@@ -15,6 +15,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from hanorec.errors import UserError
 from hanorec.paths import PathError, confine
 
 TASKS = ("hit3", "hit1", "next1")
@@ -26,8 +27,9 @@ UNTRAINED = f"untrained {BASE_PRESET} (random init)"
 # a group of their own with more workers: a draw already in the result cache answers at once, and the draws
 # that compute take one of the cache's compute slots (again half the cores; sweeps take them too).
 LIGHT, HEAVY, NOISE = "light", "heavy", "noise"
-# Errors a user can cause; anything else is a bug and is reported as one sentence too.
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError, PathError)
+# Errors a user can cause (the package's UserError, a missing file, a key not found); anything else is a bug
+# and is reported as one sentence too.
+USER_ERRORS = (UserError, FileNotFoundError, KeyError)
 
 
 @contextmanager
@@ -154,13 +156,15 @@ class AppContext:
             self.device = pick_device()
         return self.device
 
-    def base_model(self, dataset: str, task: str = "hit3"):
-        """The untrained tiny preset for a dataset (random init, tokenizer trained on its text) with a fresh
-        LoRA (B = 0, so its scores are the base model's), cached."""
-        from hanorec.models import add_lora
+    def base_model(self, dataset: str, task: str = "hit3", preset: str = BASE_PRESET):
+        """An untrained tiny preset (by default the paper family's) for a dataset (random init, tokenizer
+        trained on its text) with a fresh LoRA (B = 0, so its scores are the base model's), cached."""
+        from hanorec.models import TINY_PRESETS, add_lora
         from hanorec.pipeline import prepare_model
 
-        cfg = self.config(dataset, task, {"model": {"name": BASE_PRESET}})
+        if preset not in TINY_PRESETS:
+            raise gr.Error(f"{preset!r} is not a tiny preset; use one of {', '.join(TINY_PRESETS)}.")
+        cfg = self.config(dataset, task, {"model": {"name": preset}})
         data = self.prepared(dataset, task)
 
         def make():
@@ -171,11 +175,16 @@ class AppContext:
             return bundle
 
         with user_errors("building the model"):
-            return self._models.get(("base", cfg.data.path), make)
+            key = ("base", cfg.data.path) if preset == BASE_PRESET else ("base", cfg.data.path, preset)
+            return self._models.get(key, make)
 
     def model_choices(self) -> list[tuple[str, str]]:
-        """(label, value) for every model a panel can score with: the untrained preset, then each run's stages."""
+        """(label, value) for every model a panel can score with: the untrained presets (the paper family's
+        first, then one per other family), then each run's stages."""
+        from hanorec.models import TINY_PRESETS
+
         out = [(UNTRAINED, "base")]
+        out += [(f"untrained {p} (random init)", f"base:{p}") for p in TINY_PRESETS if p != BASE_PRESET]
         for run in list_runs(self.runs_dir):
             out += [(f"{run['name']} / {stage}", f"{run['path']}::{stage}") for stage in run["stages"]]
         return out
@@ -184,6 +193,8 @@ class AppContext:
         """(bundle, run config or None) for a value of model_choices(); cached."""
         if not source or source == "base":
             return self.base_model(dataset, task), None
+        if source.startswith("base:"):  # another family's untrained preset
+            return self.base_model(dataset, task, source.removeprefix("base:")), None
         run_path, _, stage = source.rpartition("::")
         path = self.resolve_path(run_path)
 
@@ -221,42 +232,21 @@ def _result_cache():
 
 
 def list_runs(root: Path) -> list[dict]:
-    """Runs under root with their stages (hanorec.runs when present)."""
-    try:
-        from hanorec import runs
-    except ImportError:
-        runs = None
-    if runs is not None:
-        return [
-            {"name": r.name, "path": str(r.path), "stages": list(r.stages), "status": r.status}
-            for r in runs.list_runs(root)
-        ]
-    out = []
-    for d in sorted(Path(root).glob("*/")) if Path(root).is_dir() else []:
-        stages = [s.name for s in sorted(d.iterdir()) if (s / "checkpoints").is_dir()]
-        if stages:
-            out.append({"name": d.name, "path": str(d), "stages": stages, "status": "finished"})
-    return out
+    """Runs under root with their stages (hanorec.runs)."""
+    from hanorec import runs
+
+    return [
+        {"name": r.name, "path": str(r.path), "stages": list(r.stages), "status": r.status}
+        for r in runs.list_runs(root)
+    ]
 
 
 def load_run_stage(run_path: Path, stage: str):
-    """(bundle, RunConfig) of a run's stage (hanorec.runs when present, else the SFT loader)."""
-    try:
-        from hanorec import runs
-    except ImportError:
-        runs = None
-    if runs is not None:
-        bundle = runs.load_stage(run_path, stage)
-        return bundle, runs.read_config(run_path, stage)
-    from hanorec.config import load_config
-    from hanorec.pipeline import load_trained, prepare_data
-    from hanorec.train.checkpoint import latest_checkpoint
+    """(bundle, RunConfig) of a run's stage (hanorec.runs)."""
+    from hanorec import runs
 
-    ckpt = latest_checkpoint(run_path / stage)
-    if ckpt is None:
-        raise FileNotFoundError(f"The run {run_path.name} has no checkpoint for stage {stage}.")
-    cfg = load_config(ckpt / "config.yaml")
-    return load_trained(cfg, prepare_data(cfg).dataset, run_path / stage, ckpt), cfg
+    bundle = runs.load_stage(run_path, stage)
+    return bundle, runs.read_config(run_path, stage)
 
 
 def on_load(fn, inputs, outputs) -> None:

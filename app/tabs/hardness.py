@@ -16,6 +16,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from app.common import HEAVY, LIGHT, example_pickers, item_image, user_errors
+from hanorec import methods
 
 SAMPLING = ("random", "embedding")
 STATS_COLUMNS = ["pair", "user", "lambda", "beta", "reward_margin", "accurate", "chosen_reward", "rejected_reward"]
@@ -29,10 +30,10 @@ def _setup(ctx, dataset, task, model):
     from hanorec.hardness import ItemIndex
 
     source = model or "base"
-    if source == "base":
+    if source == "base" or source.startswith("base:"):  # an untrained preset
         cfg = ctx.config(dataset, task)
         data = ctx.prepared(dataset, task)
-        emb_source = "base"
+        emb_source = source
     else:
         run, _, stage = source.rpartition("::")
         cfg = ctx.model(source, dataset, task)[1] or ctx.config(dataset, task)
@@ -157,13 +158,13 @@ def score_pairs(ctx, dataset, task, model, progress=gr.Progress()):
     from hanorec.explore import pair_stats, training_pairs
     from hanorec.hardness import pairs_table
 
-    if not model or model == "base" or model.endswith("::sft"):
+    if not model or model == "base" or model.startswith("base:") or model.endswith("::sft"):
         raise gr.Error("Choose a preference stage of a run (DPO, S-DPO, HaNo-DPO...) to see its per-pair training view.")
     cfg, data, index = _setup(ctx, dataset, task, model)
     bundle, _ = ctx.model(model, dataset, task)
     with user_errors("scoring the training pairs"):
         pairs = training_pairs(cfg, data, index.ids, index.embeddings)
-        hard = cfg.pref.method == "hano_dpo" and cfg.pref.hardness
+        hard = methods.uses_hardness(cfg.pref)
         lam = pairs_table(pairs, index, k=_k(index, cfg.pref.hardness_k))["lambda"].tolist() if hard else [1.0] * len(pairs)
         progress(0, desc="scoring pairs")
         rows = pair_stats(
@@ -174,7 +175,7 @@ def score_pairs(ctx, dataset, task, model, progress=gr.Progress()):
     df = df[STATS_COLUMNS + [c for c in df.columns if c not in STATS_COLUMNS]]
     acc = df["accurate"].mean()
     text = (
-        f"**{len(df)} training pairs** of {cfg.pref.method} scored with the trained policy and its reference (adapter "
+        f"**{len(df)} training pairs** of {methods.label_of(cfg.pref)} scored with the trained policy and its reference (adapter "
         f"disabled): reward accuracy **{acc:.1%}**, mean margin {df['reward_margin'].mean():.4g}. Sort by a column header, "
         "filter with the search box; pick a pair number below to see its prompt and images."
     )
