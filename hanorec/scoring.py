@@ -593,8 +593,8 @@ def _scores_under_lora_noise(
                     pixels["pixel_values"] = pixels["pixel_values"].to(dtype)
                 encoded_images = encode_images(model, pixels, bundle)
                 image = encoded_images.get("image")
-                # copies share the features when they are one tensor per image and nothing else (Qwen2.5-VL,
-                # LLaVA); other layouts (extra outputs, one stacked tensor) keep the tower on every copy
+                # copies share the features when they are one tensor per image and nothing else; other
+                # layouts (extra outputs, one stacked tensor) keep the tower on every copy
                 if set(encoded_images) == {"image"} and list(image.keys()) == ["pooler_output"] and isinstance(
                     image.pooler_output, (list, tuple)
                 ):
