@@ -122,6 +122,13 @@ class TaskConfig:
         "hit1: also show the target item's image (beyond the authors' prompt, which shows only the 5 history "
         "images; off by default to follow them).",
     )
+    images: str = _f(
+        "auto",
+        "Images in prompts: auto = when any item of the dataset has an image (a text-only dataset gets no image "
+        "tokens and no placeholders; a mixed one a grey placeholder per missing image), always = a placeholder "
+        "even for a text-only dataset, never = text only.",
+        choices=("auto", "always", "never"),
+    )
     item_noun: str | None = _f(None, "The prompt's item noun, singular (e.g. artist); default: data.domain's.")
     item_nouns: str | None = _f(None, "Its plural (default: item_noun + s).")
     item_verb: str | None = _f(

@@ -115,6 +115,8 @@ def prepare_data(
             max_examples=cap,
             shuffle=shuffle,
             hit1_target_image=t.hit1_target_image,
+            images=t.images,
+            lazy=True,  # prompts are formatted when read: memory stays bounded on large datasets
         )
         progress.tick(phase=phase)
         return out

@@ -152,8 +152,37 @@ def _shown(ds: RecDataset, items: Sequence[str], with_images: bool) -> str:
     return ", ".join(quote(ds.items[i].title) for i in items)
 
 
-def _sample_unseen(rng: random.Random, pool: Sequence[str], seen: set[str], n: int, where: str) -> list[str]:
-    unseen_count = len(pool) - len(seen & set(pool))
+IMAGE_MODES = ("auto", "always", "never")
+
+
+def has_images(ds: RecDataset) -> bool:
+    """True when at least one item of the dataset has an image file."""
+    return any(it.image_path is not None for it in ds.items.values())
+
+
+def shows_images(ds: RecDataset, images: str = "auto") -> bool:
+    """Whether prompts carry images: "auto" when any item has one (a text-only dataset gets no image tokens
+    and no placeholders; a mixed one keeps the grey placeholder for its missing images), "always" even for
+    a text-only dataset (a placeholder per item), "never" text only."""
+    if images not in IMAGE_MODES:
+        raise TaskError(f"task.images = {images!r} is not one of {list(IMAGE_MODES)}")
+    return images == "always" or (images == "auto" and has_images(ds))
+
+
+def _catalogue(ds: RecDataset) -> list[str]:
+    """The sorted item ids negatives are drawn from, computed once per dataset (not once per example)."""
+    key = (id(ds.items), len(ds.items))
+    cached = ds.__dict__.get("_hanorec_sorted_items")
+    if cached is None or cached[0] != key:
+        cached = (key, sorted(ds.items))
+        ds.__dict__["_hanorec_sorted_items"] = cached
+    return cached[1]
+
+
+def _sample_unseen(
+    rng: random.Random, pool: Sequence[str], seen: set[str], unseen_count: int, n: int, where: str
+) -> list[str]:
+    """n distinct items of pool outside seen, by rejection from rng (O(n) draws, not O(pool))."""
     if unseen_count < n:
         raise TaskError(
             f"{where}: only {unseen_count} unseen items (never interacted with), too few to draw {n} negative "
@@ -169,6 +198,110 @@ def _sample_unseen(rng: random.Random, pool: Sequence[str], seen: set[str], n: i
     return out
 
 
+@dataclass(frozen=True)
+class _Draw:
+    """What the seeded generator decided for one window: all an Example needs besides text formatting."""
+
+    window: Window
+    candidates: tuple[str, ...]  # hit3/next1: displayed order; hit1: (target,)
+    negatives: tuple[str, ...]  # hit3/next1: sampled order; hit1: the not-watched items
+    label: bool | None = None
+
+
+def _draw(
+    task: str, window: Window, ds: RecDataset, rng: random.Random, n_neg: int, memo: dict | None = None
+) -> _Draw:
+    """The rng walk of one window (the same calls, in the same order, as building its Example). memo keeps
+    the last user's interacted items between calls (a user's windows are consecutive)."""
+    pool = _catalogue(ds)
+    memo = {} if memo is None else memo
+    if memo.get("user") != window.user:
+        seen = set(ds.sequences[window.user])
+        memo.update(user=window.user, seen=seen, unseen=len(pool) - sum(1 for i in seen if i in ds.items))
+    seen, unseen = memo["seen"], memo["unseen"]
+    where = f"user {window.user}"
+    if task in ("hit3", "next1"):
+        targets = tuple(window.targets)
+        if task == "hit3":
+            targets = tuple(reversed(targets))  # most recent first (method.md section 3)
+        negatives = _sample_unseen(rng, pool, seen, unseen, n_neg, where)
+        candidates = list(targets) + negatives
+        rng.shuffle(candidates)
+        return _Draw(window, tuple(candidates), tuple(negatives))
+    # hit1: n "not watched" items, and a target that is the true next item (Yes) or a random unseen item (No)
+    not_watched = _sample_unseen(rng, pool, seen, unseen, n_neg, where)
+    label = rng.random() < 0.5
+    if label:
+        target = window.targets[0]
+    else:
+        target = _sample_unseen(rng, pool, seen | set(not_watched), unseen - n_neg, 1, where)[0]
+    return _Draw(window, (target,), tuple(not_watched), label)
+
+
+def _assemble(
+    task: str, d: _Draw, ds: RecDataset, words: dict, hit1_target_image: bool, with_images: bool = True
+) -> Example:
+    """The Example of a draw: prompt text, answer and options (no randomness here)."""
+    window = d.window
+    history = tuple(window.history)
+    shown = _shown(ds, history, with_images)
+    image_items = history if with_images else ()
+
+    def title(i: str) -> str:
+        return ds.items[i].title
+
+    if task in ("hit3", "next1"):
+        targets = tuple(window.targets)
+        if task == "hit3":
+            targets = tuple(reversed(targets))
+        candidates = d.candidates
+        prompt = TEMPLATES[task].format(history=shown, candidates=_shown(ds, candidates, False), **words)
+        answer = format_titles([title(i) for i in targets]) if task == "hit3" else quote(title(targets[0]))
+        return Example(
+            task=task,
+            user=window.user,
+            history=history,
+            candidates=candidates,
+            targets=targets,
+            prompt=prompt,
+            image_items=image_items,
+            answer=answer,
+            options=tuple(quote(title(i)) for i in candidates),
+            correct_option=candidates.index(targets[0]),
+            negatives=d.negatives,
+        )
+
+    label, target, not_watched = d.label, d.candidates[0], d.negatives
+    target_image = hit1_target_image and with_images
+    prompt = TEMPLATES["hit1"].format(
+        history=shown,
+        not_watched=_shown(ds, not_watched, False),
+        target=f"{IMAGE_PLACEHOLDER} {quote(title(target))}" if target_image else quote(title(target)),
+        **words,
+    )
+    return Example(
+        task="hit1",
+        user=window.user,
+        history=history,
+        candidates=(target,),
+        targets=(window.targets[0],),
+        prompt=prompt,
+        image_items=image_items + ((target,) if target_image else ()),
+        answer="Yes" if label else "No",
+        options=("Yes", "No"),
+        correct_option=0 if label else 1,
+        label=label,
+        not_watched=not_watched,
+        negatives=(target,) if not label else not_watched[:1],
+    )
+
+
+def _check_task(task: str) -> dict:
+    if task not in TASKS:
+        raise TaskError(f"unknown task {task!r}; use one of {list(TASKS)}")
+    return TASK_SHAPES[task]
+
+
 def build_example(
     task: str,
     window: Window,
@@ -177,74 +310,65 @@ def build_example(
     n_negatives: int | None = None,
     domain: str | dict | None = None,
     hit1_target_image: bool = False,
+    images: str = "always",
 ) -> Example:
     """Turn one window into an Example, drawing negatives (items the user never interacted with) from rng.
 
-    domain: a domain name, or the words themselves as made by `wording` (default: the dataset's domain)."""
-    if task not in TASKS:
-        raise TaskError(f"unknown task {task!r}; use one of {list(TASKS)}")
-    shape = TASK_SHAPES[task]
+    domain: a domain name, or the words themselves as made by `wording` (default: the dataset's domain).
+    images: "always" (history images, a grey placeholder for a missing one), "never" (text only) or "auto"
+    (images unless no item of the dataset has one; see :func:`shows_images`)."""
+    shape = _check_task(task)
     n_neg = shape["n_negatives"] if n_negatives is None else n_negatives
     words = domain if isinstance(domain, dict) else _wording(domain or ds.domain)
-    pool = sorted(ds.items)
-    seen = set(ds.sequences[window.user])
-    where = f"user {window.user}"
-    history = tuple(window.history)
-    titles = {i: ds.items[i].title for i in pool}
+    d = _draw(task, window, ds, rng, n_neg)
+    return _assemble(task, d, ds, words, hit1_target_image, shows_images(ds, images))
 
-    if task in ("hit3", "next1"):
-        targets = tuple(window.targets)
-        if task == "hit3":
-            targets = tuple(reversed(targets))  # most recent first (method.md section 3)
-        negatives = _sample_unseen(rng, pool, seen, n_neg, where)
-        candidates = list(targets) + negatives
-        rng.shuffle(candidates)
-        prompt = TEMPLATES[task].format(
-            history=_shown(ds, history, True), candidates=_shown(ds, candidates, False), **words
-        )
-        answer = format_titles([titles[i] for i in targets]) if task == "hit3" else quote(titles[targets[0]])
-        options = tuple(quote(titles[i]) for i in candidates)
-        return Example(
-            task=task,
-            user=window.user,
-            history=history,
-            candidates=tuple(candidates),
-            targets=targets,
-            prompt=prompt,
-            image_items=history,
-            answer=answer,
-            options=options,
-            correct_option=candidates.index(targets[0]),
-            negatives=tuple(negatives),
-        )
 
-    # hit1: 5 history items, n "not watched" items, and a target that is the true next item (Yes)
-    # or a random unseen item (No), 50/50.
-    not_watched = _sample_unseen(rng, pool, seen, n_neg, where)
-    label = rng.random() < 0.5
-    true_next = window.targets[0]
-    target = true_next if label else _sample_unseen(rng, pool, seen | set(not_watched), 1, where)[0]
-    prompt = TEMPLATES["hit1"].format(
-        history=_shown(ds, history, True),
-        not_watched=_shown(ds, not_watched, False),
-        target=f"{IMAGE_PLACEHOLDER} {quote(titles[target])}" if hit1_target_image else quote(titles[target]),
-        **words,
-    )
-    return Example(
-        task="hit1",
-        user=window.user,
-        history=history,
-        candidates=(target,),
-        targets=(true_next,),
-        prompt=prompt,
-        image_items=history + ((target,) if hit1_target_image else ()),
-        answer="Yes" if label else "No",
-        options=("Yes", "No"),
-        correct_option=0 if label else 1,
-        label=label,
-        not_watched=tuple(not_watched),
-        negatives=(target,) if not label else tuple(not_watched[:1]),
-    )
+class ExampleList(Sequence):
+    """Examples built on access: the seeded draws of every window are made once up front (cheap: a few
+    generator calls per window), the prompt text of an example only when it is read. Reads like a list of
+    Examples (len, index, slice, iterate, ==) and holds the same Examples `build_examples(lazy=False)` makes."""
+
+    def __init__(self, task: str, draws: Sequence[_Draw], ds: RecDataset, words: dict, hit1_target_image: bool,
+                 with_images: bool):  # fmt: skip
+        self.task, self._draws, self.dataset = task, draws, ds
+        self._args = (words, hit1_target_image, with_images)
+        self._by_user: dict[str, int] | None = None
+
+    def __len__(self) -> int:
+        return len(self._draws)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[k] for k in range(*index.indices(len(self)))]
+        return _assemble(self.task, self._draws[index], self.dataset, *self._args)
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Sequence) or len(other) != len(self):
+            return NotImplemented if not isinstance(other, Sequence) else False
+        return all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def users(self) -> list[str]:
+        """The user of every example, in order, without building any prompt."""
+        return [d.window.user for d in self._draws]
+
+    def for_user(self, user: str) -> Example | None:
+        """The (first) example of a user, built on demand; None when the user has none."""
+        if self._by_user is None:
+            self._by_user = {}
+            for k, d in enumerate(self._draws):
+                self._by_user.setdefault(d.window.user, k)
+        k = self._by_user.get(str(user))
+        return None if k is None else self[k]
+
+    def subset(self, indices: Sequence[int]) -> ExampleList:
+        """The examples at these indices, still built on access."""
+        return ExampleList(self.task, [self._draws[k] for k in indices], self.dataset, *self._args)
+
+    def __repr__(self) -> str:
+        return f"ExampleList({self.task}, {len(self)} examples)"
 
 
 def build_examples(
@@ -258,18 +382,31 @@ def build_examples(
     max_examples: int | None = None,
     shuffle: bool = False,
     hit1_target_image: bool = False,
-) -> list[Example]:
+    images: str = "always",
+    lazy: bool = False,
+) -> list[Example] | ExampleList:
     """Examples for every window, deterministic for (seed, windows). shuffle=True permutes (training).
 
+    One generator walks the windows in order, so example k depends on the windows before it; the walk
+    costs a few draws per window and formatting is per example, so building is linear in the windows
+    (the item catalogue is sorted once per dataset). lazy=True returns an :class:`ExampleList` that formats
+    an example only when it is read (the same Examples, for large datasets: bounded memory).
+
     hit1_target_image: also show the hit1 target item's image (an option beyond the authors' prompt, which
-    shows the 5 history images only; the default follows the authors)."""
-    rng = random.Random(seed)
-    examples = [build_example(task, w, ds, rng, n_negatives, domain, hit1_target_image) for w in windows]
+    shows the 5 history images only; the default follows the authors).
+    images: "always", "never" or "auto" (:func:`shows_images`)."""
+    shape = _check_task(task)
+    n_neg = shape["n_negatives"] if n_negatives is None else n_negatives
+    words = domain if isinstance(domain, dict) else _wording(domain or ds.domain)
+    with_images = shows_images(ds, images)
+    rng, memo = random.Random(seed), {}
+    draws = [_draw(task, w, ds, rng, n_neg, memo) for w in windows]
     if shuffle:
-        random.Random(seed + 1).shuffle(examples)
+        random.Random(seed + 1).shuffle(draws)  # the same permutation shuffling the built examples gave
     if max_examples is not None:
-        examples = examples[:max_examples]
-    return examples
+        draws = draws[:max_examples]
+    out = ExampleList(task, draws, ds, words, hit1_target_image, with_images)
+    return out if lazy else list(out)
 
 
 @dataclass

@@ -10,7 +10,7 @@ import torch
 from hanorec.data import RecDataset
 from hanorec.models import IMAGE_MARKERS, ModelBundle
 from hanorec.scoring import batch_logps
-from hanorec.tasks import Example, render
+from hanorec.tasks import Example, ExampleList, render
 from hanorec.train.loop import EmptyTrainingSet, TrainResult, Validation, train_loop
 
 
@@ -66,17 +66,58 @@ def example_lengths(bundle: ModelBundle, ds: RecDataset, examples: Sequence[Exam
     return out
 
 
+_SENTINEL = "HANORECCONTENTSENTINEL"
+
+
+def length_bounds(bundle: ModelBundle, examples: Sequence[Example]) -> list[int | None]:
+    """An upper bound on each example's prompt + answer tokens from its characters alone (no tokenizer, no
+    image), or None where no cheap bound holds. On ASCII text every token covers at least one character,
+    plus at most one prefix token per piece between images; the chat template's own characters are
+    measured once. Only fixed-size image presets (one token count per image) get a bound."""
+    marker, image_token = IMAGE_MARKERS[bundle.family]
+    probe = bundle.chat_text(_SENTINEL)
+    if not bundle.image_size or probe.count(_SENTINEL) != 1 or not probe.isascii() or image_token in probe:
+        return [None] * len(examples)
+    overhead = len(probe) - len(_SENTINEL)
+    per_image: list[int] = []
+    out: list[int | None] = []
+    for ex in examples:
+        if not (ex.prompt.isascii() and ex.answer.isascii()):
+            out.append(None)
+            continue
+        n_img = len(ex.image_items)
+        if n_img and not per_image:
+            from PIL import Image
+
+            img = Image.new("RGB", (bundle.image_size, bundle.image_size))
+            per_image.append(bundle.encode_prompt("<image>", [img]).input_ids.count(bundle.image_token_id))
+        chars = overhead + len(ex.prompt) + n_img * (len(marker) - len("<image>") - len(image_token))
+        text_tokens = chars + (n_img + 1)
+        out.append(text_tokens + n_img * (per_image[0] if n_img else 0) + len(ex.answer) + 2)
+    return out
+
+
 def drop_too_long(
     bundle: ModelBundle, ds: RecDataset, examples: Sequence[Example], max_length: int
-) -> tuple[list[Example], int]:
-    """(the examples that fit in max_length tokens, how many were skipped)."""
-    lengths = example_lengths(bundle, ds, examples)
-    kept = [ex for ex, n in zip(examples, lengths) if n <= max_length]
-    skipped = len(examples) - len(kept)
-    if examples and not kept:
+) -> tuple[Sequence[Example], int]:
+    """(the examples that fit in max_length tokens, how many were skipped).
+
+    Exact, but lazy: an example whose character bound (:func:`length_bounds`) already fits is kept without
+    tokenizing it; only the others are tokenized (:func:`example_lengths`). The kept examples and the count
+    are those of tokenizing every example."""
+    bounds = length_bounds(bundle, examples)
+    unsure = [k for k, b in enumerate(bounds) if b is None or b > max_length]
+    exact = dict(zip(unsure, example_lengths(bundle, ds, [examples[k] for k in unsure]))) if unsure else {}
+    keep = [k for k in range(len(examples)) if exact.get(k, 0) <= max_length]
+    skipped = len(examples) - len(keep)
+    if isinstance(examples, ExampleList):  # still formatted on access: memory stays bounded
+        kept = examples if not skipped else examples.subset(keep)
+    else:
+        kept = [examples[k] for k in keep]
+    if len(examples) and not kept:
         raise EmptyTrainingSet(
             f"every one of the {len(examples)} training examples is longer than model.max_length={max_length} "
-            f"tokens (the shortest has {min(lengths)}); raise --model.max_length or use smaller images"
+            f"tokens (the shortest has {min(exact.values())}); raise --model.max_length or use smaller images"
         )
     return kept, skipped
 
@@ -151,7 +192,7 @@ def train_sft(
     after every epoch and at the end (:func:`sft_validation`); with patience, training stops once the
     validation metric has not improved for that many validations and the stage keeps the best adapter."""
 
-    items, skipped = drop_too_long(bundle, ds, list(examples), cfg.model.max_length)
+    items, skipped = drop_too_long(bundle, ds, examples, cfg.model.max_length)
     if skipped:
         print(f"sft: skipped {skipped} of {len(examples)} training examples longer than "
               f"model.max_length={cfg.model.max_length} tokens")  # fmt: skip

@@ -1,0 +1,133 @@
+"""Preparing a dataset costs time linear in the interactions used: examples are drawn exactly as before.
+
+`_reference_build_example` below is the example builder as it was before building became linear (it
+sorted the whole catalogue and built a title table for every example): the new one must give the very
+same Examples for the same seed, eagerly and lazily.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from hanorec.data import make_splits
+from hanorec.tasks import (
+    IMAGE_PLACEHOLDER,
+    TASK_SHAPES,
+    TEMPLATES,
+    Example,
+    ExampleList,
+    _wording,
+    build_examples,
+    format_titles,
+    quote,
+)
+
+
+def _ref_sample_unseen(rng, pool, seen, n):
+    assert len(pool) - len(seen & set(pool)) >= n
+    out, chosen = [], set()
+    while len(out) < n:
+        item = pool[rng.randrange(len(pool))]
+        if item not in seen and item not in chosen:
+            out.append(item)
+            chosen.add(item)
+    return out
+
+
+def _ref_shown(ds, items, with_images):
+    if with_images:
+        return ", ".join(f"{IMAGE_PLACEHOLDER} {quote(ds.items[i].title)}" for i in items)
+    return ", ".join(quote(ds.items[i].title) for i in items)
+
+
+def _reference_build_example(task, window, ds, rng, n_negatives=None, hit1_target_image=False):
+    n_neg = TASK_SHAPES[task]["n_negatives"] if n_negatives is None else n_negatives
+    words = _wording(ds.domain)
+    pool = sorted(ds.items)
+    seen = set(ds.sequences[window.user])
+    history = tuple(window.history)
+    titles = {i: ds.items[i].title for i in pool}
+    if task in ("hit3", "next1"):
+        targets = tuple(window.targets)
+        if task == "hit3":
+            targets = tuple(reversed(targets))
+        negatives = _ref_sample_unseen(rng, pool, seen, n_neg)
+        candidates = list(targets) + negatives
+        rng.shuffle(candidates)
+        prompt = TEMPLATES[task].format(
+            history=_ref_shown(ds, history, True), candidates=_ref_shown(ds, candidates, False), **words
+        )
+        answer = format_titles([titles[i] for i in targets]) if task == "hit3" else quote(titles[targets[0]])
+        return Example(task, window.user, history, tuple(candidates), targets, prompt, history, answer,
+                       tuple(quote(titles[i]) for i in candidates), candidates.index(targets[0]),
+                       negatives=tuple(negatives))  # fmt: skip
+    not_watched = _ref_sample_unseen(rng, pool, seen, n_neg)
+    label = rng.random() < 0.5
+    true_next = window.targets[0]
+    target = true_next if label else _ref_sample_unseen(rng, pool, seen | set(not_watched), 1)[0]
+    prompt = TEMPLATES["hit1"].format(
+        history=_ref_shown(ds, history, True),
+        not_watched=_ref_shown(ds, not_watched, False),
+        target=f"{IMAGE_PLACEHOLDER} {quote(titles[target])}" if hit1_target_image else quote(titles[target]),
+        **words,
+    )
+    return Example("hit1", window.user, history, (target,), (true_next,), prompt,
+                   history + ((target,) if hit1_target_image else ()), "Yes" if label else "No", ("Yes", "No"),
+                   0 if label else 1, label=label, not_watched=tuple(not_watched),
+                   negatives=(target,) if not label else tuple(not_watched[:1]))  # fmt: skip
+
+
+def _reference_build_examples(task, windows, ds, seed, shuffle=False, max_examples=None, **kw):
+    rng = random.Random(seed)
+    out = [_reference_build_example(task, w, ds, rng, **kw) for w in windows]
+    if shuffle:
+        random.Random(seed + 1).shuffle(out)
+    return out if max_examples is None else out[:max_examples]
+
+
+@pytest.mark.parametrize("task", list(TASK_SHAPES))
+@pytest.mark.parametrize("seed", [0, 7])
+def test_examples_identical_to_the_reference_builder(ds, task, seed):
+    shape = TASK_SHAPES[task]
+    splits = make_splits(ds, n_history=shape["n_history"], n_target=shape["n_target"])
+    for windows, shuffle, cap in ((splits.train[:400], True, 150), (splits.test, False, None)):
+        want = _reference_build_examples(task, windows, ds, seed, shuffle=shuffle, max_examples=cap)
+        eager = build_examples(task, windows, ds, seed=seed, shuffle=shuffle, max_examples=cap)
+        lazy = build_examples(task, windows, ds, seed=seed, shuffle=shuffle, max_examples=cap, lazy=True)
+        assert isinstance(eager, list) and isinstance(lazy, ExampleList)
+        assert eager == want
+        assert lazy == want and list(lazy) == want and lazy[3:9] == want[3:9] and lazy[-1] == want[-1]
+    hit1_img = _reference_build_examples("hit1", splits.test[:50], ds, seed, hit1_target_image=True, n_negatives=3)
+    assert build_examples("hit1", splits.test[:50], ds, seed=seed, hit1_target_image=True, n_negatives=3) == hit1_img
+
+
+def test_lazy_examples_by_user(ds):
+    splits = make_splits(ds, n_history=3, n_target=3)
+    lazy = build_examples("hit3", splits.test, ds, seed=2000, lazy=True)
+    eager = list(lazy)
+    assert lazy.users() == [e.user for e in eager]
+    u = eager[17].user
+    assert lazy.for_user(u) == eager[17]
+    assert lazy.for_user("no such user") is None
+    assert list(lazy.subset([5, 2])) == [eager[5], eager[2]]
+
+
+@pytest.mark.parametrize("preset", ["tiny-llava", "tiny-qwen2.5-vl"])
+def test_lazy_length_check_keeps_what_tokenizing_every_example_keeps(ds, preset):
+    from hanorec.models import build_tiny
+    from hanorec.tasks import corpus_text
+    from hanorec.train.sft import drop_too_long, example_lengths, length_bounds
+
+    splits = make_splits(ds, n_history=3, n_target=3)
+    examples = build_examples("hit3", splits.train, ds, seed=0, shuffle=True, max_examples=40, lazy=True)
+    bundle = build_tiny(preset, corpus_text(ds), hidden_size=32, vocab_size=400, image_size=32)
+    exact = example_lengths(bundle, ds, list(examples))
+    bounds = length_bounds(bundle, list(examples))
+    assert all(b is not None and b >= n for b, n in zip(bounds, exact))
+    for cut in (max(exact), sorted(exact)[20], min(bounds)):  # none, some and (with bounds) no cheap skip
+        kept, skipped = drop_too_long(bundle, ds, examples, cut)
+        assert list(kept) == [e for e, n in zip(examples, exact) if n <= cut]
+        assert skipped == sum(n > cut for n in exact)
+        assert isinstance(kept, ExampleList)
