@@ -60,11 +60,12 @@ class EvalResult:
 def train_popularity(windows: Sequence[Window]) -> Counter:
     """Interaction counts over the training windows only (no test targets leak into the baseline)."""
     counts: Counter = Counter()
-    seen = set()
+    seen: dict[str, set] = {}  # per user: the items already counted (one set per user, not one tuple per pair)
     for w in windows:
+        mine = seen.setdefault(w.user, set())
         for item in (*w.history, *w.targets):
-            if (w.user, item) not in seen:
-                seen.add((w.user, item))
+            if item not in mine:
+                mine.add(item)
                 counts[item] += 1
     return counts
 

@@ -407,3 +407,60 @@ def export_pairs(run_dir: str | Path, stage: str, out_file: str | Path) -> tuple
         bundle.meta["sft_checkpoint"] = f"{bundle.name}@sft-{adapter_digest(ckpt)}"
     items = build_preference_items(cfg, bundle, data.dataset, data.train, run / "hardness_cache")
     return write_pairs_jsonl(items, data.dataset, out_file), len(items)
+
+
+# ------------------------------------------------------------------------------------------------
+# for the app: tables as CSV files, exports as zip files
+# ------------------------------------------------------------------------------------------------
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _safe_cell(v):
+    """A text cell a spreadsheet would run as a formula gets a leading quote; numbers are kept as they are."""
+    if isinstance(v, str) and v.startswith(_FORMULA_START):
+        try:
+            float(v)
+            return v
+        except ValueError:
+            return "'" + v
+    return v
+
+
+def write_table_csv(table, folder: str | Path, name: str) -> Path:
+    """A table (pandas DataFrame, or a list of dicts / rows) as CSV in folder, named after `name`
+    (letters, digits, - and _ kept); NaN written as NaN. Returns the file's path."""
+    import re
+
+    import pandas as pd
+
+    df = table if isinstance(table, pd.DataFrame) else pd.DataFrame(table)
+    df = df.map(_safe_cell) if hasattr(df, "map") else df.applymap(_safe_cell)
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "-", str(name)).strip("-")[:60] or "table"
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{stem}.csv"
+    df.to_csv(path, index=False, na_rep="NaN")
+    return path
+
+
+ZIP_LIMIT_BYTES = 1 << 30  # larger exports are offered as their folder only
+
+
+def export_for_download(run_dir: str | Path, stage: str, exports_root: str | Path, *, merge: bool = False,
+                        command: str | None = None) -> tuple[Path, Path | None]:  # fmt: skip
+    """Export a stage into a new folder under exports_root (named after the run and stage) and zip it when
+    it is under ZIP_LIMIT_BYTES; (the folder, the zip or None)."""
+    import time
+
+    run = Path(run_dir)
+    root = Path(exports_root)
+    stem = f"{run.name}-{stage}{'-merged' if merge else ''}"
+    out = root / stem
+    if out.exists():
+        out = root / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    export_stage(run, stage, out, merge=merge, command=command)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    if size > ZIP_LIMIT_BYTES:
+        return out, None
+    archive = shutil.make_archive(str(out), "zip", root_dir=out.parent, base_dir=out.name)
+    return out, Path(archive)

@@ -217,7 +217,7 @@ def _draw(
     memo = {} if memo is None else memo
     if memo.get("user") != window.user:
         seen = set(ds.sequences[window.user])
-        memo.update(user=window.user, seen=seen, unseen=len(pool) - sum(1 for i in seen if i in ds.items))
+        memo.update(user=window.user, seen=seen, unseen=len(pool) - len(seen & ds.items.keys()))
     seen, unseen = memo["seen"], memo["unseen"]
     where = f"user {window.user}"
     if task in ("hit3", "next1"):

@@ -211,3 +211,28 @@ def test_cli_export_and_its_refusal(llava_run, tmp_path, capsys):
     assert main(["export-pairs", "--run", str(out), "--stage", "hano_dpo", "--out", str(tmp_path / "p.jsonl")]) == 0
     assert "wrote 6 preference pairs" in capsys.readouterr().out
     assert main(["export", "--stage", "sft"]) == 2 and "needs --run" in capsys.readouterr().err
+
+
+def test_app_export_button_and_table_downloads(llava_run, tmp_path):
+    import csv
+    import zipfile
+
+    import pandas as pd
+
+    from app.common import AppContext, table_download
+    from app.tabs.train import export_choices, export_model
+
+    out, _, _ = llava_run
+    ctx = AppContext(data_dirs=[DEMO], runs_dir=out.parent, device="cpu")
+    assert {"llava::sft", "llava::hano_dpo"} <= set(export_choices(ctx)["choices"])
+    text, button = export_model(ctx, "llava::hano_dpo", False)
+    assert "Exported **llava::hano_dpo**" in text and button["interactive"]
+    names = zipfile.ZipFile(button["value"]).namelist()
+    assert any(n.endswith("adapter/adapter_model.safetensors") for n in names) and any(n.endswith("README.md") for n in names)
+    assert "llava" not in [p.name for p in (out.parent / "exports").iterdir() if p.is_dir()]  # named run-stage
+    df = pd.DataFrame({"candidate": ['"A"', "=1+2"], "log-prob": [-1.5, float("nan")]})
+    update = table_download("candidates", df)
+    with open(update["value"], newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows == [["candidate", "log-prob"], ['"A"', "-1.5"], ["'=1+2", "NaN"]]
+    assert table_download("candidates", pd.DataFrame())["interactive"] is False

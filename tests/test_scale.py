@@ -8,6 +8,7 @@ same Examples for the same seed, eagerly and lazily.
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 
@@ -131,3 +132,71 @@ def test_lazy_length_check_keeps_what_tokenizing_every_example_keeps(ds, preset)
         assert list(kept) == [e for e, n in zip(examples, exact) if n <= cut]
         assert skipped == sum(n > cut for n in exact)
         assert isinstance(kept, ExampleList)
+
+
+# ---------------------------------------------------------------------------------------------- text only
+@pytest.fixture(scope="module")
+def text_only(tmp_path_factory):
+    """The demo dataset without its images folder, and one with half its images (mixed)."""
+    import shutil
+
+    from hanorec.data import load_dataset
+
+    root = tmp_path_factory.mktemp("textonly")
+    demo = Path(__file__).resolve().parents[1] / "assets" / "demo"
+    for name in ("text", "mixed"):
+        (root / name).mkdir()
+        for f in ("pairs.tsv", "titles.csv"):
+            shutil.copy(demo / f, root / name / f)
+    (root / "mixed" / "images").mkdir()
+    for k, img in enumerate(sorted((demo / "images").iterdir())):
+        if k % 2:
+            shutil.copy(img, root / "mixed" / "images" / img.name)
+    return load_dataset(root / "text"), load_dataset(root / "mixed")
+
+
+def test_text_only_dataset_has_no_image_tokens_and_the_summary_says_so(text_only):
+    from hanorec.tasks import shows_images
+
+    text, mixed = text_only
+    assert "text only" in str(text.summary) and "text only" not in str(mixed.summary)
+    assert f"{mixed.summary.missing_images:,} missing images" in str(mixed.summary)
+    assert not shows_images(text) and shows_images(text, "always") and shows_images(mixed)
+    assert not shows_images(mixed, "never")
+    with pytest.raises(ValueError, match="task.images = 'sometimes'"):
+        shows_images(text, "sometimes")
+    for task, shape in TASK_SHAPES.items():
+        windows = make_splits(text, n_history=shape["n_history"], n_target=shape["n_target"]).test[:20]
+        plain = build_examples(task, windows, text, seed=0, images="auto", hit1_target_image=True)
+        forced = build_examples(task, windows, text, seed=0, images="always", hit1_target_image=True)
+        assert all(IMAGE_PLACEHOLDER not in e.prompt and e.image_items == () for e in plain)
+        assert all(e.prompt.count(IMAGE_PLACEHOLDER) == len(e.image_items) > 0 for e in forced)
+        # the same draws: only the images differ
+        assert [(e.candidates, e.answer, e.label) for e in plain] == [(e.candidates, e.answer, e.label) for e in forced]
+        assert [e.prompt.replace(f"{IMAGE_PLACEHOLDER} ", "") for e in forced] == [e.prompt for e in plain]
+    windows = make_splits(mixed, n_history=3, n_target=3).test[:20]
+    ex = build_examples("hit3", windows, mixed, seed=0, images="auto")
+    missing = [i for e in ex for i in e.image_items if mixed.items[i].image_path is None]
+    assert missing and all(e.prompt.count(IMAGE_PLACEHOLDER) == 3 for e in ex)  # placeholders kept, as before
+
+
+def test_a_text_only_run_trains_and_scores_without_images(text_only, tmp_path):
+    from hanorec.config import load_config
+    from hanorec.pipeline import prepare_data, run_eval, run_sft
+
+    text, _ = text_only
+    cfg = load_config(overrides={
+        "seed": 0, "output_dir": str(tmp_path / "run"), "data": {"path": str(text.root), "max_users": 30},
+        "model": {"name": "tiny-qwen2.5-vl", "tiny_hidden_size": 32, "tiny_vocab_size": 400},
+        "lora": {"r": 4, "alpha": 8}, "task": {"max_train_examples": 6, "max_eval_examples": 4},
+        "sft": {"max_steps": 1, "batch_size": 3, "progress_bar": False},
+        "eval": {"protocols": ["ranking"], "baselines": []},
+    })  # fmt: skip
+    data = prepare_data(cfg)
+    assert all(not e.image_items for e in list(data.train) + list(data.test))
+    bundle, result = run_sft(cfg, data)
+    assert result.global_step == 1
+    enc = bundle.encode_prompt(data.test[0].prompt, [])
+    assert bundle.image_token_id not in enc.input_ids and enc.pixel_values is None
+    ev = run_eval(cfg, bundle, data)
+    assert ev.rows and ev.rows[0]["n"] == 4

@@ -10,7 +10,16 @@ import gradio as gr
 import pandas as pd
 import plotly.graph_objects as go
 
-from app.common import TASKS, example_for, item_image, on_load, user_errors
+from app.common import (
+    MAX_USER_CHOICES,
+    TASKS,
+    download_buttons,
+    example_for,
+    item_image,
+    on_load,
+    test_users,
+    user_errors,
+)
 
 CANDIDATE_COLUMNS = ["candidate", "item", "true next", "log-prob", "prob", "rank"]
 
@@ -22,11 +31,15 @@ def open_dataset(ctx, dataset: str, task: str):
 
     data = ctx.prepared(dataset, task)
     stats = dataset_stats(data.dataset)
-    users = [e.user for e in data.test]
+    users = test_users(data)
     table = pd.DataFrame(stats.table, columns=["statistic", "value"])
-    summary = f"**{data.dataset.name}**: {data.splits.describe()}. {len(users)} users have a test prompt for {task}."
+    summary = f"**{data.dataset.name}**: {data.splits.describe()}. {len(users):,} users have a test prompt for {task}."
+    if data.dataset.summary.text_only:
+        summary += " Text only: no item has an image, so prompts carry no images."
+    if len(users) > MAX_USER_CHOICES:
+        summary += f" The list shows the first {MAX_USER_CHOICES:,}; type any other user id."
     return (
-        gr.update(choices=users, value=users[0] if users else None),
+        gr.update(choices=users[:MAX_USER_CHOICES], value=users[0] if users else None),
         summary,
         table,
         lengths_figure(stats),
@@ -170,6 +183,7 @@ def build(ctx) -> None:
         with gr.Row():
             stats_table = gr.Dataframe(headers=["statistic", "value"], interactive=False, label="Counts")
             fig_images = gr.Plot(label="Users, items, missing images")
+        download_buttons(dataset_statistics=stats_table)
         with gr.Row():
             fig_lengths = gr.Plot(label="Sequence lengths")
             fig_pop = gr.Plot(label="Item popularity")
@@ -185,6 +199,7 @@ def build(ctx) -> None:
     with gr.Row():
         cands = gr.Dataframe(headers=CANDIDATE_COLUMNS, interactive=False, label="Candidates (✓ = true next item; rank = the model's ranking by log-prob)", scale=3)
         cand_images = gr.Gallery(label="Candidate images (✓ = true next)", columns=4, height=300, object_fit="contain", scale=2)
+    download_buttons(candidates=cands)
     with gr.Row():
         prompt = gr.Textbox(label="Prompt (as written, <image> = one history image)", lines=6, elem_id="data-prompt")
         answer = gr.Textbox(label="Target answer", lines=6)
