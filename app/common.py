@@ -121,7 +121,7 @@ class AppContext:
 
         cfg = self.config(dataset, task)
         with user_errors("loading the dataset"):
-            return self._data.get(("data", cfg.data.path, task), lambda: prepare_data(cfg))
+            return self._data.get(("data", cfg.data.path, task), lambda: prepare_data(cfg, defer=True))
 
     def prepared_for(self, cfg):
         """PreparedData exactly as the run with this config made it (its seed, task, subset), cached."""

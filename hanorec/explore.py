@@ -167,6 +167,11 @@ def candidate_scores(bundle, ds: RecDataset, example: Example, *, mode: str = "s
     ]
 
 
+def true_options(example: Example) -> set[int]:
+    """Indices of the example's options that are a true answer (hit1: the correct one of Yes / No)."""
+    return _true_options(example)
+
+
 def _true_options(example: Example) -> set[int]:
     if example.task == "hit1":
         return {example.correct_option}

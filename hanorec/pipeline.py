@@ -60,9 +60,9 @@ __all__ = [
 class PreparedData:
     dataset: RecDataset
     splits: Splits
-    train: list[Example]
-    val: list[Example]
-    test: list[Example]
+    train: Sequence[Example]  # hanorec.tasks.ExampleList: formatted when read
+    val: Sequence[Example]
+    test: Sequence[Example]
     popularity: dict
 
 
@@ -72,11 +72,14 @@ def prepare_data(
     for_training: bool = True,
     on_log: Callable | None = None,
     should_stop: Callable | None = None,
+    defer: bool = False,
 ) -> PreparedData:
     """Load and validate the dataset, split it, and build the task's examples (all seeded).
 
     Raises DataError when a split the run needs is empty (the train split when for_training, and the
     evaluated one); on_log gets one "data" event per phase and should_stop is polled between them.
+    Examples are formatted when read (hanorec.tasks.ExampleList); defer=True also leaves each split's
+    candidate draws until that split is first used (the app's views: the same examples, drawn on demand).
     """
     from hanorec.data import require_windows
     from hanorec.progress import Progress
@@ -117,6 +120,7 @@ def prepare_data(
             hit1_target_image=t.hit1_target_image,
             images=t.images,
             lazy=True,  # prompts are formatted when read: memory stays bounded on large datasets
+            defer=defer,
         )
         progress.tick(phase=phase)
         return out

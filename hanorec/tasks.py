@@ -329,11 +329,20 @@ class ExampleList(Sequence):
     generator calls per window), the prompt text of an example only when it is read. Reads like a list of
     Examples (len, index, slice, iterate, ==) and holds the same Examples `build_examples(lazy=False)` makes."""
 
-    def __init__(self, task: str, draws: Sequence[_Draw], ds: RecDataset, words: dict, hit1_target_image: bool,
+    def __init__(self, task: str, draws, ds: RecDataset, words: dict, hit1_target_image: bool,
                  with_images: bool):  # fmt: skip
-        self.task, self._draws, self.dataset = task, draws, ds
+        """draws: the windows' draws, or a function making them (called on first use: deferred)."""
+        self.task, self.dataset = task, ds
+        self._pending = draws if callable(draws) else None
+        self._made: list[_Draw] | None = None if callable(draws) else list(draws)
         self._args = (words, hit1_target_image, with_images)
         self._by_user: dict[str, int] | None = None
+
+    @property
+    def _draws(self) -> list[_Draw]:
+        if self._made is None:
+            self._made, self._pending = list(self._pending()), None
+        return self._made
 
     def __len__(self) -> int:
         return len(self._draws)
@@ -384,6 +393,7 @@ def build_examples(
     hit1_target_image: bool = False,
     images: str = "always",
     lazy: bool = False,
+    defer: bool = False,
 ) -> list[Example] | ExampleList:
     """Examples for every window, deterministic for (seed, windows). shuffle=True permutes (training).
 
@@ -394,18 +404,22 @@ def build_examples(
 
     hit1_target_image: also show the hit1 target item's image (an option beyond the authors' prompt, which
     shows the 5 history images only; the default follows the authors).
-    images: "always", "never" or "auto" (:func:`shows_images`)."""
+    images: "always", "never" or "auto" (:func:`shows_images`).
+    defer (with lazy): even the draws wait until the list is first used (a view that needs only another
+    split, such as the app's Data tab showing test prompts, never pays for the training split's)."""
     shape = _check_task(task)
     n_neg = shape["n_negatives"] if n_negatives is None else n_negatives
     words = domain if isinstance(domain, dict) else _wording(domain or ds.domain)
     with_images = shows_images(ds, images)
-    rng, memo = random.Random(seed), {}
-    draws = [_draw(task, w, ds, rng, n_neg, memo) for w in windows]
-    if shuffle:
-        random.Random(seed + 1).shuffle(draws)  # the same permutation shuffling the built examples gave
-    if max_examples is not None:
-        draws = draws[:max_examples]
-    out = ExampleList(task, draws, ds, words, hit1_target_image, with_images)
+
+    def draws() -> list[_Draw]:
+        rng, memo = random.Random(seed), {}
+        out = [_draw(task, w, ds, rng, n_neg, memo) for w in windows]
+        if shuffle:
+            random.Random(seed + 1).shuffle(out)  # the same permutation shuffling the built examples gave
+        return out if max_examples is None else out[:max_examples]
+
+    out = ExampleList(task, draws if (lazy and defer) else draws(), ds, words, hit1_target_image, with_images)
     return out if lazy else list(out)
 
 

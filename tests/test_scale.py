@@ -200,3 +200,64 @@ def test_a_text_only_run_trains_and_scores_without_images(text_only, tmp_path):
     assert bundle.image_token_id not in enc.input_ids and enc.pixel_values is None
     ev = run_eval(cfg, bundle, data)
     assert ev.rows and ev.rows[0]["n"] == 4
+
+
+# ---------------------------------------------------------------------------------------------- the app's view
+def test_dataset_stats_are_cached_per_fingerprint(tmp_path):
+    import sys
+
+    from hanorec.data import load_dataset
+    from hanorec.explore import dataset_fingerprint, dataset_stats
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_data import write_synthetic
+
+    folder = write_synthetic(tmp_path / "syn", n_users=300, n_items=200, per_user=12, seed=1)
+    ds = load_dataset(folder)
+    assert ds.summary.n_users == 300 and ds.summary.text_only
+    first = dataset_stats(ds)
+    assert dataset_stats(load_dataset(folder)) is first  # the same content: computed once
+    assert dataset_stats(ds.subset_users(50)) is not first
+    with open(folder / "pairs.tsv", "a") as f:
+        f.write("extra\t1 2 3 4 5 6 7\n")
+    again = load_dataset(folder)
+    assert dataset_fingerprint(again) != dataset_fingerprint(ds)
+    assert dataset_stats(again).n_users == 301
+
+
+def test_bench_data_prepares_a_synthetic_folder(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from bench_data import prepare_once, write_synthetic
+
+    folder = write_synthetic(tmp_path / "syn", n_users=400, n_items=300, per_user=14, seed=0)
+    row = prepare_once(str(folder))
+    assert row["users"] == 400 and row["test"] == 400 and row["train"] > 400 and row["images"] == "text only"
+    assert row["seconds"] > 0 and row["peak_mib"] > 0
+
+
+def test_deferred_examples_draw_on_first_use_and_match(ds):
+    splits = make_splits(ds, n_history=3, n_target=3)
+    want = build_examples("hit3", splits.train, ds, seed=3, shuffle=True, max_examples=30)
+    deferred = build_examples("hit3", splits.train, ds, seed=3, shuffle=True, max_examples=30, lazy=True, defer=True)
+    assert deferred._made is None  # nothing drawn yet
+    assert len(deferred) == 30 and deferred._made is not None and list(deferred) == want
+
+
+def test_data_tab_shows_a_user_before_the_model_scores(ds):
+    import tempfile
+
+    from app.common import AppContext
+    from app.tabs import data as tab
+
+    demo = Path(__file__).resolve().parents[1] / "assets" / "demo"
+    ctx = AppContext(data_dirs=[demo], runs_dir=Path(tempfile.mkdtemp()), device="cpu")
+    users = tab.open_dataset(ctx, str(demo), "hit1")[0]["choices"]
+    user = users[3][0] if isinstance(users[3], (tuple, list)) else users[3]
+    quick = tab.show_user_text(ctx, str(demo), "hit1", user)
+    full = tab.show_user(ctx, str(demo), "hit1", user, "base")
+    assert quick[3:5] == full[3:5] and len(quick[0]) == len(full[0])  # prompt, answer, history
+    q, f = quick[1], full[1]
+    assert list(q["candidate"]) == list(f["candidate"]) and list(q["true next"]) == list(f["true next"])
+    assert q["log-prob"].isna().all() and not f["log-prob"].isna().any()

@@ -80,6 +80,29 @@ def show_user(ctx, dataset: str, task: str, user: str, model: str):
     )
 
 
+def show_user_text(ctx, dataset: str, task: str, user: str):
+    """The user's history, prompt, answer and candidates at once (no model): the page shows the user while
+    the model scores the candidates (show_user, chained after this)."""
+    from hanorec.explore import true_options
+    from hanorec.tasks import render
+
+    data, example = example_for(ctx, dataset, task, user)
+    ds = data.dataset
+    rendered = render(example, ds)
+    true = true_options(example)
+    rows = [[opt, item, "✓" if k in true else "", None, None, None]
+            for k, (opt, item) in enumerate(zip(example.options, example.option_items))]  # fmt: skip
+    return (
+        history_gallery(ds, ds.sequences[user], example),
+        pd.DataFrame(rows, columns=CANDIDATE_COLUMNS),
+        [(item_image(ds, r[1]), ("✓ " if r[2] else "") + ds.items[r[1]].title) for r in rows],
+        rendered.text,
+        rendered.answer,
+        gr.skip(),
+        gr.skip(),
+    )
+
+
 def refresh_models(ctx):
     return gr.update(choices=ctx.model_choices())
 
@@ -216,7 +239,9 @@ def build(ctx) -> None:
     dataset.change(load, [dataset, task], stats_out, api_name="data_open")
     task.change(load, [dataset, task], stats_out, api_visibility="private")
     open_btn.click(partial(open_typed, ctx), [typed, task], [dataset, *stats_out], api_name="data_open_typed")
-    user.change(partial(show_user, ctx), user_in, user_out, api_name="data_user")
+    user.change(partial(show_user_text, ctx), user_in[:3], user_out, api_visibility="private").then(
+        partial(show_user, ctx), user_in, user_out, api_name="data_user"
+    )
     model.change(partial(show_user, ctx), user_in, user_out, api_visibility="private")
     refresh.click(partial(refresh_models, ctx), None, model, api_name="data_models")
     on_load(load, [dataset, task], stats_out)
