@@ -180,18 +180,19 @@ def _catalogue(ds: RecDataset) -> list[str]:
 
 
 def _sample_unseen(
-    rng: random.Random, pool: Sequence[str], seen: set[str], unseen_count: int, n: int, where: str
+    rng: random.Random, pool: Sequence[str], seen: set[str], unseen_count: int, n: int, user: str
 ) -> list[str]:
     """n distinct items of pool outside seen, by rejection from rng (O(n) draws, not O(pool))."""
     if unseen_count < n:
         raise TaskError(
-            f"{where}: only {unseen_count} unseen items (never interacted with), too few to draw {n} negative "
+            f"user {user}: only {unseen_count} unseen items (never interacted with), too few to draw {n} negative "
             "candidates; lower --task.n_negatives or use a dataset with more items"
         )
     out: list[str] = []
     chosen: set[str] = set()
+    size, randrange = len(pool), rng.randrange
     while len(out) < n:
-        item = pool[rng.randrange(len(pool))]
+        item = pool[randrange(size)]
         if item not in seen and item not in chosen:
             out.append(item)
             chosen.add(item)
@@ -213,13 +214,12 @@ def _draw(
 ) -> _Draw:
     """The rng walk of one window (the same calls, in the same order, as building its Example). memo keeps
     the last user's interacted items between calls (a user's windows are consecutive)."""
-    pool = _catalogue(ds)
     memo = {} if memo is None else memo
     if memo.get("user") != window.user:
+        pool = memo["pool"] if "pool" in memo else _catalogue(ds)
         seen = set(ds.sequences[window.user])
-        memo.update(user=window.user, seen=seen, unseen=len(pool) - len(seen & ds.items.keys()))
-    seen, unseen = memo["seen"], memo["unseen"]
-    where = f"user {window.user}"
+        memo.update(user=window.user, seen=seen, unseen=len(pool) - len(seen & ds.items.keys()), pool=pool)
+    pool, seen, unseen, where = memo["pool"], memo["seen"], memo["unseen"], window.user
     if task in ("hit3", "next1"):
         targets = tuple(window.targets)
         if task == "hit3":
