@@ -173,7 +173,7 @@ def paper_metrics(examples: Sequence[Example], ds: RecDataset, generations: Sequ
     are listed most recent first, as in the authors' data); hit1: AUC over Yes/No answers only, with the
     number dropped; next1: HR@1 by the same matching rules.
     """
-    examples = list(examples)[: len(generations)]
+    examples = list(examples[: len(generations)])  # format only the examples scored
     task = examples[0].task
     if task == "hit1":
         out = M.paper_hit1_metrics(generations, [bool(e.label) for e in examples])

@@ -152,7 +152,7 @@ def sft_validation(cfg, bundle: ModelBundle, ds: RecDataset, val_examples: Seque
     from hanorec.eval import metrics_from_scores, rank_options
 
     metric = val_metric_name(cfg)
-    examples = list(val_examples)[: cfg.sft.max_val_examples] if cfg.sft.max_val_examples else list(val_examples)
+    examples = list(val_examples[: cfg.sft.max_val_examples] if cfg.sft.max_val_examples else val_examples)
     if not examples:
         raise EmptyTrainingSet(
             "sft validation (sft.val_every_epoch or sft.patience) needs validation examples, and the "
