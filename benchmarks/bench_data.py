@@ -6,7 +6,9 @@ For each size USERSxITEMS it writes a synthetic folder in the hanorec layout (pa
 images: a text-only dataset) with about --per-user interactions per user (10 to 2 x per-user - 10 each,
 items drawn from a Zipf-like popularity), then, in a fresh process per size, times
 hanorec.pipeline.prepare_data with configs/tiny-cpu-movielens.yaml (hit3, 4 training windows per user:
-load, split, draw every example's candidates) and reads that process's peak resident memory. The slope is
+load, split, draw every example's candidates), its wall time and the CPU time the process itself used (on a
+shared machine the wall time includes waiting for the cores; the CPU time barely does), and reads that
+process's peak resident memory. The slope is
 the exponent b of time ~ interactions^b fitted over the sizes (1 = linear) and the seconds per million
 interactions. Last, on the biggest folder, the Data tab's own handlers (app/tabs/data.py) time opening
 the dataset (split, test candidates, statistics; then again from the caches), showing a user (history,
@@ -81,9 +83,13 @@ def prepare_once(folder: str) -> dict:
     from hanorec.pipeline import prepare_data
 
     cfg = load_config(CONFIG, overrides={"data": {"path": folder}})
-    t0 = time.perf_counter()
+    def cpu() -> float:
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return ru.ru_utime + ru.ru_stime
+
+    t0, c0 = time.perf_counter(), cpu()
     data = prepare_data(cfg)
-    seconds = time.perf_counter() - t0
+    seconds, cpu_seconds = time.perf_counter() - t0, cpu() - c0
     t1 = time.perf_counter()
     first = data.train[0], data.test[len(data.test) // 2]  # formatted on access
     access = time.perf_counter() - t1
@@ -95,6 +101,7 @@ def prepare_once(folder: str) -> dict:
         "train": len(data.train),
         "test": len(data.test),
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,  # what the process itself used: much less sensitive to other processes
         "peak_mib": peak,
         "access_ms": access * 1e3,
         "images": "text only" if not first[0].image_items else "with images",
@@ -162,16 +169,17 @@ def main(argv=None) -> int:
         rows.append(row)
         print(f"{n_users:>7,} users x {n_items:>6,} items: {row['interactions']:>9,} interactions, "
               f"{row['train']:>7,} train / {row['test']:>7,} test examples ({row['images']}); "
-              f"prepared in {row['seconds']:6.1f} s, peak memory {row['peak_mib']:6.0f} MiB "
+              f"prepared in {row['seconds']:6.1f} s wall / {row['cpu_seconds']:5.1f} s CPU, peak memory {row['peak_mib']:5.0f} MiB "
               f"(folder written in {written:.0f} s; two examples formatted in {row['access_ms']:.1f} ms)")  # fmt: skip
     if len(rows) >= 2:
         x = np.log([r["interactions"] for r in rows])
-        y = np.log([r["seconds"] for r in rows])
-        slope = float(np.polyfit(x, y, 1)[0])
-        per_million = rows[-1]["seconds"] / rows[-1]["interactions"] * 1e6
+        for what in ("seconds", "cpu_seconds"):
+            slope = float(np.polyfit(x, np.log([r[what] for r in rows]), 1)[0])
+            per_million = rows[-1][what] / rows[-1]["interactions"] * 1e6
+            print(f"slope ({'wall' if what == 'seconds' else 'CPU'} time): time ~ interactions^{slope:.2f} "
+                  f"(1 = linear); {per_million:.1f} s per million interactions at the biggest size")  # fmt: skip
         mem = np.polyfit([r["interactions"] / 1e6 for r in rows], [r["peak_mib"] for r in rows], 1)[0]
-        print(f"slope: time ~ interactions^{slope:.2f} (1 = linear); {per_million:.1f} s per million interactions "
-              f"at the biggest size; memory grows {mem:.0f} MiB per million interactions")  # fmt: skip
+        print(f"memory grows {mem:.0f} MiB per million interactions (the loaded dataset itself included)")
     if not args.no_app:
         n_users, n_items = sizes[-1]
         tab = data_tab(work / f"synthetic-{n_users}x{n_items}")

@@ -36,7 +36,7 @@ from hanorec.runs import (
     stage_slug,
     write_results,
 )
-from hanorec.tasks import TASK_SHAPES, Example, build_examples, corpus_text
+from hanorec.tasks import TASK_SHAPES, Example, build_examples, corpus_text, no_cyclic_gc
 from hanorec.train.checkpoint import latest_checkpoint
 from hanorec.train.preference import PREF_VARIANTS, build_preference_items
 
@@ -81,6 +81,11 @@ def prepare_data(
     Examples are formatted when read (hanorec.tasks.ExampleList); defer=True also leaves each split's
     candidate draws until that split is first used (the app's views: the same examples, drawn on demand).
     """
+    with no_cyclic_gc():
+        return _prepare_data(cfg, for_training, on_log, should_stop, defer)
+
+
+def _prepare_data(cfg: RunConfig, for_training: bool, on_log, should_stop, defer: bool) -> PreparedData:
     from hanorec.data import require_windows
     from hanorec.progress import Progress
 
