@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from hanorec.data import make_splits
+from hanorec.models import TINY_PRESETS
 from hanorec.tasks import (
     IMAGE_PLACEHOLDER,
     TASK_SHAPES,
@@ -115,7 +116,7 @@ def test_lazy_examples_by_user(ds):
     assert list(lazy.subset([5, 2])) == [eager[5], eager[2]]
 
 
-@pytest.mark.parametrize("preset", ["tiny-llava", "tiny-qwen2.5-vl"])
+@pytest.mark.parametrize("preset", TINY_PRESETS)
 def test_lazy_length_check_keeps_what_tokenizing_every_example_keeps(ds, preset):
     from hanorec.models import build_tiny
     from hanorec.tasks import corpus_text

@@ -70,13 +70,18 @@ _SENTINEL = "HANORECCONTENTSENTINEL"
 def length_bounds(bundle: ModelBundle, examples: Sequence[Example]) -> list[int | None]:
     """An upper bound on each example's prompt + answer tokens from its characters alone (no tokenizer, no
     image), or None where no cheap bound holds. On ASCII text every token covers at least one character,
-    plus at most one prefix token per piece between images; the chat template's own characters are
-    measured once. Only fixed-size image presets (one token count per image) get a bound."""
-    marker, image_token = IMAGE_MARKERS[bundle.family]
+    plus at most one prefix token per piece between images; the chat template's own characters and an image
+    placeholder's are measured once. Only fixed-size image presets (one token count per image) get a bound."""
+    from PIL import Image
+
+    split = bundle.adapter.split
     probe = bundle.chat_text(_SENTINEL)
-    if not bundle.image_size or probe.count(_SENTINEL) != 1 or not probe.isascii() or image_token in probe:
+    with_image = bundle.chat_text(_SENTINEL + "<image>")
+    if (not bundle.image_size or probe.count(_SENTINEL) != 1 or not with_image.isascii() or split in probe
+            or with_image.count(split) != 1):  # fmt: skip
         return [None] * len(examples)
     overhead = len(probe) - len(_SENTINEL)
+    per_placeholder = len(with_image) - len(probe) - len("<image>") - len(split)  # characters beside the split
     per_image: list[int] = []
     out: list[int | None] = []
     for ex in examples:
@@ -85,13 +90,9 @@ def length_bounds(bundle: ModelBundle, examples: Sequence[Example]) -> list[int 
             continue
         n_img = len(ex.image_items)
         if n_img and not per_image:
-            from PIL import Image
-
-            img = Image.new("RGB", (bundle.image_size, bundle.image_size))
-            per_image.append(bundle.encode_prompt("<image>", [img]).input_ids.count(bundle.image_token_id))
-        chars = overhead + len(ex.prompt) + n_img * (len(marker) - len("<image>") - len(image_token))
-        text_tokens = chars + (n_img + 1)
-        out.append(text_tokens + n_img * (per_image[0] if n_img else 0) + len(ex.answer) + 2)
+            per_image.append(bundle.image_token_count(Image.new("RGB", (bundle.image_size, bundle.image_size))))
+        chars = overhead + len(ex.prompt) + n_img * per_placeholder
+        out.append(chars + (n_img + 1) + n_img * (per_image[0] if n_img else 0) + len(ex.answer) + 2)
     return out
 
 
