@@ -6,8 +6,8 @@ loaded onto the base model with ``PeftModel.from_pretrained``, is therefore a mo
 export writes everything needed:
 
     <out>/                  the base weights with the SFT adapter merged (or everything merged: --merge),
-                            tokenizer (with its chat template), image processor, processor where the family
-                            has one that this install can build, hanorec_model.json, README.md (model card)
+                            tokenizer (with its chat template), image processor, processor where this install
+                            can build the family's, hanorec_model.json, README.md (model card)
     <out>/adapter/          the stage's own LoRA as a PEFT adapter (not with --merge)
 
     model = AutoModelForImageTextToText.from_pretrained(out)
@@ -73,26 +73,34 @@ def save_processor(bundle, out: Path) -> str | None:
     if template and not (out / "chat_template.jinja").is_file():
         (out / "chat_template.jinja").write_text(template)
     try:
-        import transformers
-
-        base = bundle.base_model()
-        if bundle.family == "llava":
-            proc = transformers.LlavaProcessor(
-                image_processor=bundle.image_processor,
-                tokenizer=bundle.tokenizer,
-                patch_size=base.config.vision_config.patch_size,
-                vision_feature_select_strategy=base.config.vision_feature_select_strategy,
-                chat_template=template,
-            )
-        else:
-            cls = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen2_vl": "Qwen2VLProcessor"}[bundle.family]
-            proc = getattr(transformers, cls)(
-                image_processor=bundle.image_processor, tokenizer=bundle.tokenizer, chat_template=template
-            )
+        proc = _family_processor(bundle, template)
         proc.save_pretrained(out)
         return type(proc).__name__
-    except Exception:  # noqa: BLE001 - e.g. the Qwen processor needs torchvision for its video part
+    except Exception:  # noqa: BLE001 - some processors need packages this install lacks (e.g. torchvision)
         return None
+
+
+def _family_processor(bundle, template):
+    """The processor class transformers' AutoProcessor maps the model type to, built from the bundle's
+    tokenizer and image processor; its other arguments (patch size, feature strategy, ...) are read from the
+    model's config where it has them."""
+    import inspect
+
+    import transformers
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    cfg = bundle.base_model().config
+    cls = getattr(transformers, PROCESSOR_MAPPING_NAMES[cfg.model_type])
+    params = inspect.signature(cls.__init__).parameters
+    kwargs = {"image_processor": bundle.image_processor, "tokenizer": bundle.tokenizer, "chat_template": template}
+    for name in params:
+        if name in kwargs or name in ("self", "args", "kwargs"):
+            continue
+        for source in (cfg, getattr(cfg, "vision_config", None)):
+            if source is not None and getattr(source, name, None) is not None:
+                kwargs[name] = getattr(source, name)
+                break
+    return cls(**{k: v for k, v in kwargs.items() if k in params})
 
 
 def export_stage(
