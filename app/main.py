@@ -81,10 +81,8 @@ def make_context(data_dirs=None, runs_dir="runs", device="auto", threads=0):
 
 
 def _job_manager(runs: Path, device: str | None):
-    try:
-        from hanorec.jobs import JobManager
-    except ImportError:  # the background-run module is optional for the other tabs
-        return None
+    from hanorec.jobs import JobManager
+
     return JobManager(runs, device=device)
 
 

@@ -17,8 +17,10 @@ from typing import Any
 
 import yaml
 
+from hanorec.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration key or value a user wrote is wrong (one clear sentence)."""
 
 
@@ -285,26 +287,40 @@ class SFTConfig(OptimConfig):
         return self.val_every_epoch or self.patience is not None
 
 
-PREF_METHODS = ("dpo", "sdpo", "hano_dpo")
-
-
 @dataclass
 class PrefConfig(OptimConfig):
-    """Stage 2 (method.md sections 6-9): DPO, S-DPO or HaNo-DPO on top of the merged SFT adapter."""
+    """Stage 2 (method.md sections 6-9): a registered preference method (hanorec.methods) on top of the
+    merged SFT adapter."""
 
     batch_size: int = _f(4, "Examples per device per micro-batch (reference 4).")
-    method: str = _f("hano_dpo", "Preference loss.", choices=PREF_METHODS)
-    beta: float = _f(0.1, "beta (DPO, S-DPO) or beta0 (HaNo-DPO).")
-    label_smoothing: float = _f(0.0, "Label smoothing eps of the sigmoid loss.")
+    method: str = _f(
+        "hano_dpo", "Preference loss: a registered method's name (`python -m hanorec methods` lists them)."
+    )
+    beta: float = _f(0.1, "beta of the method (HaNo-DPO: beta0; IPO: its regularisation tau).")
+    label_smoothing: float = _f(0.0, "Label smoothing eps of the sigmoid loss (DPO, HaNo-DPO).")
+    options: dict = _f(
+        {},
+        "The method's own knobs (--pref.options.NAME=VALUE); unset ones take the method's defaults:",
+    )
+    plugins: list = _f(
+        [],
+        "Python modules or .py files that register more preference methods (hanorec.methods.register), imported "
+        "before pref.method is looked up.",
+    )
+    hars: bool = _f(
+        False,
+        "HaRS on a base loss other than HaNo-DPO (beyond the paper): its beta becomes beta0 * eta * lambda_n, "
+        "with pref.hardness and pref.responsiveness choosing the parts.",
+    )
     k_negatives: int = _f(1, "Rejected completions per example (S-DPO uses K > 1; DPO and HaNo-DPO use 1).")
     negative_sampling: str = _f(
         "random",
         "How rejected items are drawn from the prompt's negatives: random (reference) or embedding (closest to the positives in item-embedding space).",
         choices=("random", "embedding"),
     )
-    hardness: bool = _f(True, "HaRS: per-pair hardness weight lambda (HaNo-DPO only).")
+    hardness: bool = _f(True, "HaRS: per-pair hardness weight lambda (HaNo-DPO, or pref.hars=true).")
     responsiveness: bool = _f(
-        True, "HaRS: online responsiveness eta over the gathered micro-batch (HaNo-DPO only)."
+        True, "HaRS: online responsiveness eta over the gathered micro-batch (HaNo-DPO, or pref.hars=true)."
     )
     hardness_k: int = _f(10, "Neighbours in an item's hardness profile (K).")
     noise_target: str = _f(
@@ -348,19 +364,16 @@ class PrefConfig(OptimConfig):
         _positive(self, "noise_sigma", "sft_weight", allow_zero=True)
         if not 0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"label_smoothing = {self.label_smoothing!r} must be in [0, 0.5)")
-        if self.method == "hano_dpo" and self.responsiveness and self.batch_size < 3:
-            raise ConfigError(
-                f"pref.batch_size = {self.batch_size}: HaNo-DPO's responsiveness eta is a trimmed mean over the "
-                "micro-batch and needs at least 3 pairs in it; raise batch_size or set pref.responsiveness=false"
-            )
+        from hanorec import methods
+
+        try:  # the method's own checks, and its knobs with their defaults filled in
+            self.options = methods.validate(self)
+        except methods.MethodError as e:  # its sentence names pref.<key>; _build adds the section's prefix
+            raise ConfigError(str(e).removeprefix("pref.")) from None
         if self.noise_scale == "relative" and self.noise_target == "logits":
             raise ConfigError(
                 "pref.noise_scale = 'relative' scales sigma by each LoRA factor's RMS and needs "
                 "pref.noise_target = 'lora'; logit noise has no factor to measure"
-            )
-        if self.method != "sdpo" and self.k_negatives != 1:
-            raise ConfigError(
-                f"k_negatives = {self.k_negatives} needs method sdpo; {self.method} uses one rejected completion"
             )
 
 
@@ -473,6 +486,12 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             if isinstance(value, (dict, list)):
                 raise ValueError
             return str(value)
+        if tp is dict or origin is dict:
+            if isinstance(value, str):
+                value = yaml.safe_load(value) if value.strip() else {}
+            if not isinstance(value, dict):
+                raise ValueError
+            return dict(value)
         if tp is list or origin is list:
             if isinstance(value, str):
                 parsed = (
@@ -582,4 +601,8 @@ def describe(cls=RunConfig, prefix: str = "") -> str:
         choices = f.metadata.get("choices")
         extra = f" (one of {', '.join(map(str, choices))})" if choices else ""
         lines.append(f"  --{prefix}{f.name}={default!r}: {f.metadata.get('help', '')}{extra}")
+        if f.name == "options" and cls is PrefConfig:  # every registered method's own knobs
+            from hanorec import methods
+
+            lines.append(methods.describe_knobs())
     return "\n".join(lines)

@@ -43,6 +43,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
+from hanorec.errors import UserError
+
 DOMAINS = ("movies", "micro-videos", "tv", "products", "music")
 FORMATS = ("auto", "hanorec", "movielens")
 SPLIT_POLICIES = ("leave_one_out", "last_window_by_user")
@@ -58,7 +60,7 @@ PLACEHOLDER_SIZE = 224  # side of the placeholder when load_image is called with
 _TITLE_HEADER_NAMES = {"item", "item_id", "itemid", "id", "movieid", "iid", "video_id"}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad input data; the message is one sentence naming the file and line (or the id)."""
 
 

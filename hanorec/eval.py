@@ -21,6 +21,7 @@ import torch
 from hanorec import metrics as M
 from hanorec.data import RecDataset, Window
 from hanorec.models import ModelBundle
+from hanorec.progress import Progress
 from hanorec.scoring import generate, score_options
 from hanorec.tasks import Example, render
 
@@ -187,17 +188,14 @@ def paper_metrics(examples: Sequence[Example], ds: RecDataset, generations: Sequ
     return {**out, "candidates": len(examples[0].candidates)}
 
 
-class _Progress:
-    """tqdm bar (with time estimate) plus ``on_log`` events and ``should_stop`` polling for evaluate."""
+class _Progress(Progress):
+    """Evaluation's progress: the shared Progress events and should_stop polling, plus a tqdm bar."""
 
     def __init__(self, total: int, method: str, show: bool | None, on_log, should_stop):
         import sys
-        import time
 
-        self.total, self.done, self.method = total, 0, method
-        self.on_log, self.should_stop = on_log, should_stop
-        self._time = time.perf_counter
-        self.start = self._time()
+        super().__init__("eval", total, on_log=on_log, should_stop=should_stop)
+        self.total, self.method = total, method
         if show is None:
             show = sys.stderr.isatty()
         self.bar = None
@@ -208,22 +206,11 @@ class _Progress:
 
     def advance(self, n: int, protocol: str) -> bool:
         """Count n finished examples; returns True when the caller should stop."""
-        self.done += n
+        self.step += n
         if self.bar is not None:
             self.bar.update(n)
-        if self.on_log is not None:
-            self.on_log(
-                {
-                    "stage": "eval",
-                    "step": self.done,
-                    "total_steps": self.total,
-                    "epoch": 0,
-                    "elapsed_s": self._time() - self.start,
-                    "method": self.method,
-                    "protocol": protocol,
-                }
-            )
-        return self.should_stop is not None and bool(self.should_stop())
+        self.emit(self.event(method=self.method, protocol=protocol))
+        return self.stop_requested()
 
     def close(self) -> None:
         if self.bar is not None:

@@ -29,11 +29,13 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from hanorec.errors import UserError
+
 ADAPTER_DIR = "adapter"
 CARD_FILE = "README.md"
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """What cannot be exported, in one sentence."""
 
 

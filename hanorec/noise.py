@@ -234,7 +234,9 @@ class LoRANoise:
 
     def metrics(self) -> dict[str, float]:
         """Values to log beside the TRL metrics."""
-        return {"noise/sigma": self.sigma}
+        from hanorec.logkeys import NOISE_SIGMA
+
+        return {NOISE_SIGMA: self.sigma}
 
     @contextmanager
     def active(

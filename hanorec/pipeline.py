@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from hanorec import logkeys as K
 from hanorec.config import RunConfig
 from hanorec.data import RecDataset, Splits, load_dataset, make_splits
 from hanorec.eval import EvalResult, evaluate, format_results, train_popularity
@@ -30,7 +31,6 @@ from hanorec.runs import (
     BASE_MODEL_DIR,
     adapter_digest,
     base_model,
-    load_stage,
     record_sft_source,
     sft_dir_of,
     stage_slug,
@@ -38,13 +38,12 @@ from hanorec.runs import (
 )
 from hanorec.tasks import TASK_SHAPES, Example, build_examples, corpus_text, no_cyclic_gc
 from hanorec.train.checkpoint import latest_checkpoint
-from hanorec.train.preference import PREF_VARIANTS, build_preference_items
+from hanorec.train.preference import build_preference_items
 
-# re-exported: the run layout lives in hanorec.runs, stage-2 variants beside preference training, and the
+# re-exported: the run layout lives in hanorec.runs, stage-2 variants in hanorec.methods, and the
 # comparison's text and README section in hanorec.report
 __all__ = [
     "BASE_MODEL_DIR",
-    "PREF_VARIANTS",
     "build_preference_items",
     "comparison_report",
     "comparison_table",
@@ -143,13 +142,6 @@ def _prepare_data(cfg: RunConfig, for_training: bool, on_log, should_stop, defer
 def prepare_model(cfg: RunConfig, ds: RecDataset, output_dir: str | Path | None = None) -> ModelBundle:
     """The base model: a tiny preset is built once per run folder (and reloaded from there on resume)."""
     return base_model(cfg, output_dir, corpus_text(ds, cfg.task.words(cfg.data.domain)))
-
-
-def load_trained(
-    cfg: RunConfig, ds: RecDataset, run_dir: str | Path, checkpoint: str | Path | None = None
-) -> ModelBundle:
-    """The SFT model of a run (run_dir is its sft/ folder); see hanorec.runs.load_stage for any stage."""
-    return load_stage(Path(run_dir).parent, Path(run_dir).name, checkpoint)
 
 
 def run_sft(
@@ -357,12 +349,13 @@ def run_comparison(
     *,
     seeds: Sequence[int] = (0, 1, 2),
     tasks: Sequence[str] = ("hit3", "hit1"),
-    variants: Sequence[str] = tuple(PREF_VARIANTS),
+    variants: Sequence[str] | None = None,
     print_fn: Callable = print,
     readme: str | Path | None = None,
     command: str = "",
 ) -> dict:
-    """SFT, then every preference variant from the same SFT model, per task and seed; mean and std table,
+    """SFT, then each preference variant (default: the paper's, hanorec.methods.paper_variants; any row of
+    hanorec.methods.variants) from the same SFT model, per task and seed; mean and std table,
     and each method's paired difference against SFT and DPO with a bootstrap interval over test users.
 
     comparison.json keeps the per-example ranking values of every (task, seed, method) under
@@ -371,8 +364,11 @@ def run_comparison(
     With `readme`, the table (with the command, the machine and the wall time) replaces the README section
     marked `<!-- comparison:<output folder name> -->` (appended at the end when the markers are missing).
     """
+    from hanorec import methods
     from hanorec.metrics import mean_std
 
+    variants = list(methods.paper_variants() if variants is None else variants)
+    overrides = {v: methods.variant_of(v) for v in variants}  # an unknown label fails before any training
     start = time.time()
     root = Path(cfg.output_dir)
     rows: list[dict] = []
@@ -390,7 +386,7 @@ def run_comparison(
             per_example += per_example_entries(task, seed, ev)
             del bundle
             for v in variants:
-                over = dict(PREF_VARIANTS[v])
+                over = dict(overrides[v])
                 if task == "hit1" and over.get("k_negatives", 1) > 1:
                     over["k_negatives"] = 1  # hit1 has a single rejected answer: S-DPO reduces to DPO
                 cv = _with(c, pref={**over, "sft_run": str(run_dir)})
@@ -464,6 +460,7 @@ def run_sweep(
     beta), which say what the setting did to training. With `readme`, the table replaces the README section
     marked ``<!-- comparison:<output folder name> -->``.
     """
+    from hanorec import methods
     from hanorec.metrics import mean_std
 
     if reference not in settings:
@@ -477,15 +474,14 @@ def run_sweep(
         c = _with(cfg, seed=seed, output_dir=str(root / task / f"seed{seed}"), task={"name": task})
         data = prepare_data(c)
         for label, over in settings.items():
-            cv = _with(c, pref={**PREF_VARIANTS[base_variant], **over, "sft_run": str(sft_run)})
+            cv = _with(c, pref={**methods.variant_of(base_variant), **over, "sft_run": str(sft_run)})
             name = stage_slug(label).replace("=", "-")
             bundle, _ = run_preference(cv, data, name=name)
             ev = run_eval(cv, bundle, data, method=label, baselines=[])
             del bundle
             logged = [json.loads(line) for line in (root / task / f"seed{seed}" / name / "metrics.jsonl").open()]
             last = logged[-1] if logged else {}
-            diag = {k: last[k] for k in ("rewards/accuracies", "logps/chosen", "hardness/lambda_mean",
-                                         "hardness/beta_mean") if k in last}
+            diag = {k: last[k] for k in (*K.SWEEP_DIAGNOSTICS, K.BETA_MEAN) if k in last}
             rows += [{"task": task, "seed": seed, "setting": label, **r, **diag} for r in ev.rows]
             per_example += per_example_entries(task, seed, ev)
             print_fn(f"seed {seed} {label}: " + ", ".join(
@@ -495,7 +491,7 @@ def run_sweep(
     for label in settings:
         mine = [r for r in rows if r["setting"] == label and r.get("protocol", "ranking") == "ranking"]
         entry = {"setting": label}
-        for k in (*metrics, "rewards/accuracies", "logps/chosen", "hardness/lambda_mean"):
+        for k in (*metrics, *K.SWEEP_DIAGNOSTICS):
             vals = [r[k] for r in mine if k in r]
             if vals:
                 entry[k] = mean_std(vals)
@@ -529,7 +525,7 @@ def sweep_table(result: dict) -> str:
     reference setting [95% bootstrap interval over test users, seeds pooled]."""
     task = result["task"]
     metrics = ("HR@3", "NDCG@3") if task != "hit1" else ("AUC",)
-    diag = ("rewards/accuracies", "logps/chosen", "hardness/lambda_mean")
+    diag = K.SWEEP_DIAGNOSTICS
     paired = {p["method"]: p for p in result["paired"]}
     head = [*(f"{task} {m}" for m in metrics), *(f"{m} vs {result['reference']}" for m in metrics),
             "reward acc. (last step)", "chosen log-prob (last step)", "mean lambda"]

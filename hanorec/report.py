@@ -10,8 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from hanorec.train.preference import PREF_VARIANTS
-
 
 def machine_description() -> str:
     import os
@@ -65,14 +63,18 @@ def _replace_section(path: Path, key: str, body: str) -> None:
     path.write_text(text)
 
 
-METHOD_ORDER = ["random", "popularity", "SFT", *PREF_VARIANTS]
+def method_order() -> list[str]:
+    """Rows of the comparison tables, in order: the baselines, SFT, then every registered variant."""
+    from hanorec import methods
+
+    return ["random", "popularity", "SFT", *methods.variants()]
 
 
 def summarize(rows: list[dict], mean_std, protocol: str = "ranking") -> list[dict]:
     """Mean and std over seeds of hit3 HR@3 / NDCG@3 and hit1 AUC, per method, from one protocol's rows
     (rows whose value is None, like a paper-protocol AUC left undefined, are left out)."""
     out = []
-    for method in METHOD_ORDER:
+    for method in method_order():
         entry: dict = {"method": method}
         for task, metric in (("hit3", "HR@3"), ("hit3", "NDCG@3"), ("hit1", "AUC")):
             vals = [
@@ -136,7 +138,7 @@ def paired_differences(
     from hanorec.stats import paired_bootstrap, paired_bootstrap_auc
 
     by_key = {(e["task"], e["seed"], e["method"]): e["values"] for e in per_example}
-    methods = [m for m in METHOD_ORDER if any(k[2] == m for k in by_key)]
+    methods = [m for m in method_order() if any(k[2] == m for k in by_key)]
     methods += sorted({k[2] for k in by_key} - set(methods))
     out = []
     for ref in references:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from PIL import Image
 
 from hanorec.data import RecDataset, Window
+from hanorec.errors import UserError
 
 IMAGE_PLACEHOLDER = "<image>"
 TASKS = ("hit3", "hit1", "next1")
@@ -44,7 +45,7 @@ DOMAINS = {
 _CORPUS_DOMAINS = ("movies", "micro-videos", "tv", "products")
 
 
-class TaskError(ValueError):
+class TaskError(UserError, ValueError):
     """A task, domain wording or candidate count that cannot work with this dataset (one clear sentence)."""
 
 
