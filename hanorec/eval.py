@@ -55,6 +55,8 @@ class EvalResult:
     # per method (model and baselines), the ranking protocol's value for each example, as columns
     # (:func:`per_example_values`): what a paired comparison between methods resamples (hanorec.stats)
     per_example: dict[str, dict[str, list]] = field(default_factory=dict)
+    # the same for the paper protocol (:func:`paper_per_example_values`), for the model only
+    paper_per_example: dict[str, dict[str, list]] = field(default_factory=dict)
     stopped: bool = False  # should_stop() ended evaluation early: rows is empty
 
 
@@ -126,6 +128,37 @@ def per_example_values(examples: Sequence[Example], scores: np.ndarray, snap: bo
         "HR@3": (ranks < 3).astype(float).tolist(),
         "NDCG@3": np.where(ranks < 3, 1.0 / np.log2(ranks + 2.0), 0.0).tolist(),
     }
+
+
+def paper_per_example_values(examples: Sequence[Example], ds: RecDataset, generations: Sequence[str]) -> dict[str, list]:
+    """The paper protocol per example (the examples it scored, in order), as columns, with each example's user.
+
+    hit3: ``HR@3`` and ``NDCG@3`` of each answer (their means are the paper row's); next1: ``HR@1``. hit1: the
+    hard prediction as ``score`` (Yes 1, No 0, NaN for an answer the protocol drops) and the ``label``: AUC over
+    each method's own kept answers is recomputed on resampled users (hanorec.stats.paired_bootstrap_auc leaves
+    NaN scores out)."""
+    examples = list(examples)[: len(generations)]
+    users = [e.user for e in examples]
+    if examples[0].task == "hit1":
+        answers = [M.paper_yes_no(g) for g in generations]
+        return {
+            "user": users,
+            "score": [float("nan") if a is None else float(a) for a in answers],
+            "label": [bool(e.label) for e in examples],
+        }
+    cols: dict[str, list] = {"user": users}
+    for e, g in zip(examples, generations):
+        titles = [ds.items[i].title for i in e.candidates]
+        true = ds.items[e.targets[0]].title
+        if e.task == "hit3":
+            m = M.paper_hit3_metrics([g], [true], [titles])
+            keys = ("HR@3", "NDCG@3")
+        else:
+            m = M.paper_next1_metrics([g], [true], [titles])
+            keys = ("HR@1",)
+        for k in keys:
+            cols.setdefault(k, []).append(float(m[k]))
+    return cols
 
 
 def baseline_scores(name: str, examples: Sequence[Example], popularity: Counter, seed: int) -> np.ndarray:
@@ -348,6 +381,7 @@ def evaluate(
                     "max_examples": paper_max_examples,
                 }
             )
+            result.paper_per_example[method] = paper_per_example_values(capped, ds, result.paper_generations)
     for name in baselines:
         if name == "popularity" and popularity is None:
             raise ValueError("the popularity baseline needs training popularity counts")

@@ -17,7 +17,7 @@ from hanorec import logkeys as K
 from hanorec.config import RunConfig
 from hanorec.data import RecDataset, Splits, load_dataset, make_splits
 from hanorec.eval import EvalResult, evaluate, format_results, train_popularity
-from hanorec.models import ModelBundle, add_lora
+from hanorec.models import ModelBundle, add_lora, set_max_pixels
 from hanorec.report import (
     comparison_report,
     comparison_table,
@@ -91,7 +91,10 @@ def _prepare_data(cfg: RunConfig, for_training: bool, on_log, should_stop, defer
     progress = Progress("data", 5, on_log=on_log, should_stop=should_stop)
     progress.check()
     d = cfg.data
-    ds = load_dataset(d.path, format=d.format, domain=d.domain, image_dir=d.image_dir, on_error=d.on_error)
+    ds = load_dataset(
+        d.path, format=d.format, domain=d.domain, image_dir=d.image_dir, on_error=d.on_error,
+        split_files=d.split_policy == "files",
+    )  # fmt: skip
     progress.tick(phase="load")
     if d.max_users:
         ds = ds.subset_users(d.max_users, seed=0)
@@ -125,23 +128,49 @@ def _prepare_data(cfg: RunConfig, for_training: bool, on_log, should_stop, defer
             images=t.images,
             lazy=True,  # prompts are formatted when read: memory stays bounded on large datasets
             defer=defer,
+            template_set=t.template_set,
+            outer_quotes=t.hit3_outer_quotes,
+            negatives=t.negatives,
+            max_item_id=t.max_item_id,
         )
         progress.tick(phase=phase)
         return out
 
+    train_windows, train_cap = splits.train, t.max_train_examples
+    if splits.policy == "files" and train_cap is not None:
+        # the first rows of train.tsv, before shuffling, as LLaMA-Factory's max_samples keeps a file's first rows
+        train_windows, train_cap = splits.train[:train_cap], None
     return PreparedData(
         ds,
         splits,
-        examples(splits.train, 0, True, t.max_train_examples, "train examples"),
+        examples(train_windows, 0, True, train_cap, "train examples"),
         examples(splits.val, 1000, False, t.max_eval_examples, "val examples"),
         examples(splits.test, 2000, False, t.max_eval_examples, "test examples"),
         dict(train_popularity(splits.train)),
     )
 
 
+def stage_max_pixels(cfg: RunConfig, stage_cap: int | None) -> int:
+    """A stage's pixel cap per image: its own (sft/pref/eval.max_pixels) if set, else model.max_pixels; 0 (also
+    for model.max_pixels None) = the image processor's own default."""
+    return int(stage_cap if stage_cap is not None else (cfg.model.max_pixels or 0))
+
+
+def jpg_images_only(ds: RecDataset) -> RecDataset:
+    """The dataset with only ``.jpg`` images kept (the others as missing), as the authors' HaRS encoder reads
+    ``<item>.jpg`` alone."""
+    from dataclasses import replace
+
+    items = {
+        i: it if it.image_path is None or it.image_path.suffix == ".jpg" else replace(it, image_path=None)
+        for i, it in ds.items.items()
+    }
+    return replace(ds, items=items)
+
+
 def prepare_model(cfg: RunConfig, ds: RecDataset, output_dir: str | Path | None = None) -> ModelBundle:
     """The base model: a tiny preset is built once per run folder (and reloaded from there on resume)."""
-    return base_model(cfg, output_dir, corpus_text(ds, cfg.task.words(cfg.data.domain)))
+    return base_model(cfg, output_dir, corpus_text(ds, cfg.task.words(cfg.data.domain), cfg.task.template_set))
 
 
 def run_sft(
@@ -158,6 +187,7 @@ def run_sft(
     data = data or prepare_data(cfg)
     out = Path(cfg.output_dir) / "sft"
     bundle = prepare_model(cfg, data.dataset, out)
+    set_max_pixels(bundle, stage_max_pixels(cfg, cfg.sft.max_pixels))
     add_lora(bundle, cfg.lora, seed=cfg.seed)
     result = train_sft(
         cfg, bundle, data.dataset, data.train, out, resume=resume, on_log=on_log, should_stop=should_stop,
@@ -177,6 +207,8 @@ def run_eval(
     should_stop: Callable | None = None,
 ) -> EvalResult:
     examples = data.test if cfg.eval.split == "test" else data.val
+    if bundle is not None:
+        set_max_pixels(bundle, stage_max_pixels(cfg, cfg.eval.max_pixels))
     return evaluate(
         bundle,
         data.dataset,
@@ -253,15 +285,26 @@ def run_preference(
             f"stage 2 needs an SFT checkpoint under {sft_dir / 'checkpoints'}; run `sft` first"
         )
     bundle = prepare_model(cfg, data.dataset, sft_dir)
+    cache_dir = Path(cfg.output_dir) / "hardness_cache"
+    items = None
+    if cfg.pref.hars_inputs == "authors":
+        # their HaRS encoder (method.md section 10): the base model before the SFT adapter is merged, the image
+        # processor's own pixel cap, and only <item>.jpg files
+        set_max_pixels(bundle, 0)
+        bundle.meta["sft_checkpoint"] = f"{bundle.name}@base-authors-hars-inputs"
+        items = build_preference_items(
+            cfg, bundle, jpg_images_only(data.dataset), data.train, cache_dir, on_log=on_log, should_stop=should_stop
+        )
     merge_sft_adapter(bundle, cfg.lora, ckpt / "adapter", seed=cfg.seed)
+    set_max_pixels(bundle, stage_max_pixels(cfg, cfg.pref.max_pixels))
     # the hardness cache is keyed by the SFT weights themselves, not by a path that a new run may reuse
     bundle.meta["sft_checkpoint"] = f"{bundle.name}@sft-{adapter_digest(ckpt)}"
     out = Path(cfg.output_dir) / (name or cfg.pref.method)
     record_sft_source(out, ckpt)
-    items = build_preference_items(
-        cfg, bundle, data.dataset, data.train, Path(cfg.output_dir) / "hardness_cache",
-        on_log=on_log, should_stop=should_stop,
-    )
+    if items is None:
+        items = build_preference_items(
+            cfg, bundle, data.dataset, data.train, cache_dir, on_log=on_log, should_stop=should_stop,
+        )  # fmt: skip
     result = train_preference(
         cfg, bundle, data.dataset, items, out, resume=resume, on_log=on_log,
         should_stop=should_stop if train_should_stop is None else train_should_stop,
@@ -336,11 +379,15 @@ def _with(cfg: RunConfig, **sections) -> RunConfig:
 
 
 def per_example_entries(task: str, seed: int, ev: EvalResult) -> list[dict]:
-    """One evaluation's per-example ranking values, one entry per method, as comparison.json and sweep.json
-    keep them (the input of hanorec.report.paired_differences)."""
+    """One evaluation's per-example values, one entry per (method, protocol): the ranking protocol's, and the
+    paper protocol's when it ran, as comparison.json and sweep.json keep them (the input of
+    hanorec.report.paired_differences)."""
     return [
         {"task": task, "seed": seed, "method": m, "protocol": "ranking", "values": v}
         for m, v in ev.per_example.items()
+    ] + [
+        {"task": task, "seed": seed, "method": m, "protocol": "paper", "values": v}
+        for m, v in ev.paper_per_example.items()
     ]
 
 
@@ -401,10 +448,13 @@ def run_comparison(
     protocol = "ranking" if "ranking" in cfg.eval.protocols else cfg.eval.protocols[0]
     summary = summarize(rows, mean_std, protocol)
     paired = paired_differences(per_example)
+    # under the authors' protocol too, when the comparison ran it (one run, both protocols)
+    paired_paper = paired_differences(per_example, protocol="paper") if "paper" in cfg.eval.protocols else []
     result = {
         "rows": rows,
         "summary": summary,
         "paired": paired,
+        "paired_paper": paired_paper,
         "protocol": protocol,
         "paired_protocol": "ranking",
         "split": cfg.eval.split,
@@ -426,6 +476,8 @@ def run_comparison(
         + "\n\n"
         + paired_table(paired, len(seeds), "ranking", split, policy)
     )
+    if paired_paper:
+        table += "\n\n" + paired_table(paired_paper, len(seeds), "paper", split, policy)
     (root / "comparison.md").write_text(table + "\n")
     print_fn(table)
     print_fn(f"wall time {result['wall_s'] / 60:.1f} min; written to {root / 'comparison.md'}")

@@ -70,6 +70,64 @@ TEMPLATES = {
 }
 PRESENT = {"watched": "watch", "viewed": "view", "bought": "buy", "listened to": "listen to"}
 
+# Template sets (task.template_set): "ours" (TEMPLATES above, one paragraph per prompt) or "authors" (the
+# wording of the authors' prompt files and data loader, verbatim: hit3 puts the instruction first with no
+# space before the dataset's template, and lists items one per line as `<image> "title"`; hit1 has no
+# instruction and speaks of movies on every dataset). next1, which the authors do not have, keeps ours.
+TEMPLATE_SETS = ("ours", "authors")
+AUTHORS_HIT3_INSTRUCTION = (
+    "Given the title of a list of the user's recently enjoyed, please recommend a new item that the user may "
+    "like. Only output the title of the selected candidate item, without any additional explanation or "
+    "description."
+)
+# their prompt/<dataset>.txt by our domain; other domains take the same shape in their own words
+AUTHORS_HIT3_TEMPLATES = {
+    "movies": "The user has watched the following movies:\n{history}.\n\nPlease write a movie that the user may "
+    "watch. Below are the candidate movies:\n{candidates}.",
+    "micro-videos": "The user has watched the following micro-videos:\n{history}.\n\nPlease write a micro-video "
+    "that the user may watch. Below are the candidate micro-videos:\n{candidates}.",
+    "tv": "The user has watched the following TV shows:\n{history}.\n\nPlease write a movie that the user may "
+    "watch. Below are the candidate TV shows:\n{candidates}.",
+}
+AUTHORS_HIT3_GENERIC = (
+    "The user has {verb} the following {plural}:\n{history}.\n\nPlease write a {singular} that the user may "
+    "{verb_present}. Below are the candidate {plural}:\n{candidates}."
+)
+AUTHORS_HIT1_TEMPLATE = (
+    "The user has watched the following movies:\n{history}\n\n"
+    "The movies the user has not watched, which may be those they do not prefer:\n{not_watched}\n\n"
+    "Whether the user will like the target movie:\n{target}"
+)
+# task.negatives: "titled" (ours: items that have a title) or "id_range" (the authors': every integer id
+# from 1 to the largest, an id without a title shown as "[unknown id]")
+NEGATIVE_POOLS = ("titled", "id_range")
+
+
+def unknown_title(item_id: str) -> str:
+    """The title the authors' loader shows for an id that has none."""
+    return f"[unknown {item_id}]"
+
+
+def id_range_pool(ds: RecDataset, max_item_id: int | None = None) -> list[str]:
+    """task.negatives = "id_range": the ids 1..max_item_id as text (default: the largest integer id with a
+    title), as the authors' loader draws negatives. Ids without a title join ``ds.items`` as title-less
+    placeholders (title "[unknown id]", no image), so every later step can show and score them."""
+    from hanorec.data import Item
+
+    numeric = [int(i) for i in ds.items if i.isdigit()]
+    if max_item_id is None:
+        if len(numeric) != len(ds.items) or not numeric:
+            raise TaskError(
+                "task.negatives = 'id_range' draws integer ids from 1 up, but this dataset's item ids are not all "
+                "integers; use --task.negatives=titled"
+            )
+        max_item_id = max(numeric)
+    pool = [str(i) for i in range(1, int(max_item_id) + 1)]
+    for i in pool:
+        if i not in ds.items:
+            ds.items[i] = Item(i, unknown_title(i), None)
+    return pool
+
 
 @dataclass(frozen=True)
 class Example:
@@ -149,10 +207,10 @@ def wording(
     return words
 
 
-def _shown(ds: RecDataset, items: Sequence[str], with_images: bool) -> str:
+def _shown(ds: RecDataset, items: Sequence[str], with_images: bool, sep: str = ", ") -> str:
     if with_images:
-        return ", ".join(f"{IMAGE_PLACEHOLDER} {quote(ds.items[i].title)}" for i in items)
-    return ", ".join(quote(ds.items[i].title) for i in items)
+        return sep.join(f"{IMAGE_PLACEHOLDER} {quote(ds.items[i].title)}" for i in items)
+    return sep.join(quote(ds.items[i].title) for i in items)
 
 
 IMAGE_MODES = ("auto", "always", "never")
@@ -226,17 +284,36 @@ class _Draw:
     label: bool | None = None
 
 
+def _pool_keys(ds: RecDataset, pool: Sequence[str]):
+    """The pool as a set for counting a user's unseen items: the titled pool is the dataset's own keys (no
+    copy); any other pool (the id range) is made a set once per build."""
+    return ds.items.keys() if pool is _catalogue(ds) else frozenset(pool)
+
+
 def _draw(
-    task: str, window: Window, ds: RecDataset, rng: random.Random, n_neg: int, memo: dict | None = None
+    task: str,
+    window: Window,
+    ds: RecDataset,
+    rng: random.Random,
+    n_neg: int,
+    memo: dict | None = None,
+    pool: Sequence[str] | None = None,
 ) -> _Draw:
-    """The rng walk of one window (the same calls, in the same order, as building its Example). memo keeps
-    the last user's interacted items between calls (a user's windows are consecutive)."""
+    """The rng walk of one window (the same calls, in the same order, as building its Example).
+
+    pool: the ids negatives are drawn from (default: every titled item, sorted). memo keeps the pool, its set
+    and the last user's interacted items between calls (a user's windows are consecutive); a window with its
+    own ``seen`` (split_policy "files": the row's items) has its seen set made per window."""
     memo = {} if memo is None else memo
-    if memo.get("user") != window.user:
-        pool = memo["pool"] if "pool" in memo else _catalogue(ds)
-        seen = set(ds.sequences[window.user])
-        memo.update(user=window.user, seen=seen, unseen=len(pool) - len(seen & ds.items.keys()), pool=pool)
-    pool, seen, unseen, where = memo["pool"], memo["seen"], memo["unseen"], window.user
+    if "pool" not in memo:
+        memo["pool"] = _catalogue(ds) if pool is None else pool
+        memo["keys"] = _pool_keys(ds, memo["pool"])
+    pool = memo["pool"]
+    key = window.user if window.seen is None else (window.user, window.seen)
+    if memo.get("key") != key:
+        seen = set(ds.sequences[window.user] if window.seen is None else window.seen)
+        memo.update(key=key, seen=seen, unseen=len(pool) - len(seen & memo["keys"]))
+    seen, unseen, where = memo["seen"], memo["unseen"], window.user
     if task in ("hit3", "next1"):
         targets = tuple(window.targets)
         if task == "hit3":
@@ -256,12 +333,19 @@ def _draw(
 
 
 def _assemble(
-    task: str, d: _Draw, ds: RecDataset, words: dict, hit1_target_image: bool, with_images: bool = True
+    task: str,
+    d: _Draw,
+    ds: RecDataset,
+    words: dict,
+    hit1_target_image: bool,
+    with_images: bool = True,
+    template_set: str = "ours",
+    outer_quotes: bool = False,
 ) -> Example:
     """The Example of a draw: prompt text, answer and options (no randomness here)."""
     window = d.window
     history = tuple(window.history)
-    shown = _shown(ds, history, with_images)
+    authors = template_set == "authors"
     image_items = history if with_images else ()
 
     def title(i: str) -> str:
@@ -272,8 +356,23 @@ def _assemble(
         if task == "hit3":
             targets = tuple(reversed(targets))
         candidates = d.candidates
-        prompt = TEMPLATES[task].format(history=shown, candidates=_shown(ds, candidates, False), **words)
+        if authors and task == "hit3":
+            # their prompt file for a domain they had (also when given as that domain's words), else its shape
+            name = next((n for n in AUTHORS_HIT3_TEMPLATES if _wording(n) == words), None)
+            template = AUTHORS_HIT3_TEMPLATES.get(name, AUTHORS_HIT3_GENERIC)
+            prompt = AUTHORS_HIT3_INSTRUCTION + template.format(
+                history=_shown(ds, history, with_images, "\n"),
+                candidates=_shown(ds, candidates, False, "\n"),
+                **words,
+            )
+        else:
+            prompt = TEMPLATES[task].format(
+                history=_shown(ds, history, with_images), candidates=_shown(ds, candidates, False), **words
+            )
         answer = format_titles([title(i) for i in targets]) if task == "hit3" else quote(title(targets[0]))
+        lead = ""
+        if outer_quotes and task == "hit3":
+            answer, lead = f'"{answer}"', '"'
         return Example(
             task=task,
             user=window.user,
@@ -283,16 +382,17 @@ def _assemble(
             prompt=prompt,
             image_items=image_items,
             answer=answer,
-            options=tuple(quote(title(i)) for i in candidates),
+            options=tuple(lead + quote(title(i)) for i in candidates),
             correct_option=candidates.index(targets[0]),
             negatives=d.negatives,
         )
 
     label, target, not_watched = d.label, d.candidates[0], d.negatives
     target_image = hit1_target_image and with_images
-    prompt = TEMPLATES["hit1"].format(
-        history=shown,
-        not_watched=_shown(ds, not_watched, False),
+    sep = "\n" if authors else ", "
+    prompt = (AUTHORS_HIT1_TEMPLATE if authors else TEMPLATES["hit1"]).format(
+        history=_shown(ds, history, with_images, sep),
+        not_watched=_shown(ds, not_watched, False, sep),
         target=f"{IMAGE_PLACEHOLDER} {quote(title(target))}" if target_image else quote(title(target)),
         **words,
     )
@@ -313,9 +413,11 @@ def _assemble(
     )
 
 
-def _check_task(task: str) -> dict:
+def _check_task(task: str, template_set: str = "ours") -> dict:
     if task not in TASKS:
         raise TaskError(f"unknown task {task!r}; use one of {list(TASKS)}")
+    if template_set not in TEMPLATE_SETS:
+        raise TaskError(f"unknown template set {template_set!r}; use one of {list(TEMPLATE_SETS)}")
     return TASK_SHAPES[task]
 
 
@@ -328,17 +430,25 @@ def build_example(
     domain: str | dict | None = None,
     hit1_target_image: bool = False,
     images: str = "always",
+    *,
+    template_set: str = "ours",
+    outer_quotes: bool = False,
+    pool: Sequence[str] | None = None,
 ) -> Example:
     """Turn one window into an Example, drawing negatives (items the user never interacted with) from rng.
 
     domain: a domain name, or the words themselves as made by `wording` (default: the dataset's domain).
     images: "always" (history images, a grey placeholder for a missing one), "never" (text only) or "auto"
-    (images unless no item of the dataset has one; see :func:`shows_images`)."""
-    shape = _check_task(task)
+    (images unless no item of the dataset has one; see :func:`shows_images`).
+    template_set: "ours" or "authors" (TEMPLATE_SETS). outer_quotes (hit3): wrap the answer's three quoted
+    lines in one more pair of quotes, as the authors' SFT targets and chosen answers (``""A"\n"B"\n"C""``);
+    the ranking protocol's options then start with that quote too. pool: the ids negatives are drawn from
+    (default: every item with a title; :func:`id_range_pool` gives the authors' id range)."""
+    shape = _check_task(task, template_set)
     n_neg = shape["n_negatives"] if n_negatives is None else n_negatives
     words = domain if isinstance(domain, dict) else _wording(domain or ds.domain)
-    d = _draw(task, window, ds, rng, n_neg)
-    return _assemble(task, d, ds, words, hit1_target_image, shows_images(ds, images))
+    d = _draw(task, window, ds, rng, n_neg, pool=pool)
+    return _assemble(task, d, ds, words, hit1_target_image, shows_images(ds, images), template_set, outer_quotes)
 
 
 class ExampleList(Sequence):
@@ -347,12 +457,12 @@ class ExampleList(Sequence):
     Examples (len, index, slice, iterate, ==) and holds the same Examples `build_examples(lazy=False)` makes."""
 
     def __init__(self, task: str, draws, ds: RecDataset, words: dict, hit1_target_image: bool,
-                 with_images: bool):  # fmt: skip
+                 with_images: bool, template_set: str = "ours", outer_quotes: bool = False):  # fmt: skip
         """draws: the windows' draws, or a function making them (called on first use: deferred)."""
         self.task, self.dataset = task, ds
         self._pending = draws if callable(draws) else None
         self._made: list[_Draw] | None = None if callable(draws) else list(draws)
-        self._args = (words, hit1_target_image, with_images)
+        self._args = (words, hit1_target_image, with_images, template_set, outer_quotes)
         self._by_user: dict[str, int] | None = None
 
     @property
@@ -411,33 +521,48 @@ def build_examples(
     images: str = "always",
     lazy: bool = False,
     defer: bool = False,
+    template_set: str = "ours",
+    outer_quotes: bool = False,
+    negatives: str = "titled",
+    max_item_id: int | None = None,
 ) -> list[Example] | ExampleList:
     """Examples for every window, deterministic for (seed, windows). shuffle=True permutes (training).
 
     One generator walks the windows in order, so example k depends on the windows before it; the walk
     costs a few draws per window and formatting is per example, so building is linear in the windows
-    (the item catalogue is sorted once per dataset). lazy=True returns an :class:`ExampleList` that formats
-    an example only when it is read (the same Examples, for large datasets: bounded memory).
+    (the pool of negatives is made once per call, the titled catalogue sorted once per dataset). lazy=True
+    returns an :class:`ExampleList` that formats an example only when it is read (the same Examples, for
+    large datasets: bounded memory).
 
     hit1_target_image: also show the hit1 target item's image (an option beyond the authors' prompt, which
     shows the 5 history images only; the default follows the authors).
     images: "always", "never" or "auto" (:func:`shows_images`).
     defer (with lazy): even the draws wait until the list is first used (a view that needs only another
-    split, such as the app's Data tab showing test prompts, never pays for the training split's)."""
-    shape = _check_task(task)
+    split, such as the app's Data tab showing test prompts, never pays for the training split's).
+    template_set, outer_quotes: see :func:`build_example`. negatives: "titled" (items with a title) or
+    "id_range" (the authors': ids 1 to max_item_id, see :func:`id_range_pool`)."""
+    shape = _check_task(task, template_set)
+    if negatives not in NEGATIVE_POOLS:
+        raise TaskError(f"unknown negative pool {negatives!r}; use one of {list(NEGATIVE_POOLS)}")
     n_neg = shape["n_negatives"] if n_negatives is None else n_negatives
     words = domain if isinstance(domain, dict) else _wording(domain or ds.domain)
+    # the id range adds its title-less ids to ds.items, so it is made before images are looked at; the pool
+    # is made once here (not per example: that would cost O(catalogue) per window)
+    pool = id_range_pool(ds, max_item_id) if negatives == "id_range" else None
     with_images = shows_images(ds, images)
 
     def draws() -> list[_Draw]:
         rng, memo = random.Random(seed), {}
         with no_cyclic_gc():
-            out = [_draw(task, w, ds, rng, n_neg, memo) for w in windows]
+            out = [_draw(task, w, ds, rng, n_neg, memo, pool) for w in windows]
         if shuffle:
             random.Random(seed + 1).shuffle(out)  # the same permutation shuffling the built examples gave
         return out if max_examples is None else out[:max_examples]
 
-    out = ExampleList(task, draws if (lazy and defer) else draws(), ds, words, hit1_target_image, with_images)
+    out = ExampleList(
+        task, draws if (lazy and defer) else draws(), ds, words, hit1_target_image, with_images,
+        template_set, outer_quotes,
+    )  # fmt: skip
     return out if lazy else list(out)
 
 
@@ -459,13 +584,21 @@ def render(example: Example, ds: RecDataset, image_size: int | None = None) -> R
     )
 
 
-def corpus_text(ds: RecDataset, words: dict | None = None) -> list[str]:
+def corpus_text(ds: RecDataset, words: dict | None = None, template_set: str = "ours") -> list[str]:
     """Text a local tokenizer is trained on: every title, every template in the built-in domains (and in
-    `words`, a run's own wording, when it is not one of them), the answers."""
+    `words`, a run's own wording, when it is not one of them), the answers; with template_set "authors" also
+    the authors' templates (added only then, so the tokenizer of a run with our templates never changes)."""
     out = [ds.items[i].title for i in sorted(ds.items)]
     extra = [words] if words and words not in [_wording(d) for d in _CORPUS_DOMAINS] else []
     for w in [_wording(dom) for dom in _CORPUS_DOMAINS] + extra:
         for t in TEMPLATES.values():
             out.append(t.format(history="", candidates="", not_watched="", target="", **w))
     out += ["Yes", "No", '"', '"\n"']
+    if template_set == "authors":
+        blank = dict(history="", candidates="", not_watched="", target="")
+        out.append(AUTHORS_HIT3_INSTRUCTION)
+        for t in (*AUTHORS_HIT3_TEMPLATES.values(), AUTHORS_HIT1_TEMPLATE):
+            out.append(t.format(**blank))
+        for w in [_wording(dom) for dom in _CORPUS_DOMAINS] + extra:
+            out.append(AUTHORS_HIT3_GENERIC.format(**blank, **w))
     return out

@@ -262,3 +262,54 @@ def test_data_tab_shows_a_user_before_the_model_scores(ds):
     q, f = quick[1], full[1]
     assert list(q["candidate"]) == list(f["candidate"]) and list(q["true next"]) == list(f["true next"])
     assert q["log-prob"].isna().all() and not f["log-prob"].isna().any()
+
+
+@pytest.mark.parametrize("task", ["hit3", "hit1"])
+def test_authors_options_draw_as_the_per_example_builder_with_the_pool_made_once(ds, tmp_path, monkeypatch, task):
+    """The authors' options on the linear path: negatives over an id range (made once per build, not once per
+    example), a window's own seen items (their split files), their templates and outer quotes, lazily."""
+    from hanorec import tasks
+    from hanorec.data import load_dataset, write_split_files
+
+    ds = load_dataset(write_split_files(ds, tmp_path), split_files=True)
+    shape = TASK_SHAPES[task]
+    windows = make_splits(ds, n_history=shape["n_history"], n_target=shape["n_target"], policy="files").train
+    assert windows and all(w.seen is not None for w in windows)
+    max_id = 280  # below the largest titled id (300), so the pool is not the catalogue
+    pool = [str(i) for i in range(1, max_id + 1)]
+    rng, want = random.Random(3), []
+    for w in windows:  # the reference walk: the row's own items are the seen set, the pool the id range
+        seen = set(w.seen)
+        if task == "hit3":
+            negatives = _ref_sample_unseen(rng, pool, seen, 4)
+            candidates = list(reversed(w.targets)) + negatives
+            rng.shuffle(candidates)
+            want.append((tuple(candidates), tuple(negatives)))
+        else:
+            not_watched = _ref_sample_unseen(rng, pool, seen, 4)
+            label = rng.random() < 0.5
+            target = w.targets[0] if label else _ref_sample_unseen(rng, pool, seen | set(not_watched), 1)[0]
+            want.append(((target,), tuple(not_watched)))
+    calls = {"pool": 0, "keys": 0}
+    real_pool, real_keys = tasks.id_range_pool, tasks._pool_keys
+
+    def counted(name, fn):
+        def wrapper(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+
+        return wrapper
+
+    monkeypatch.setattr(tasks, "id_range_pool", counted("pool", real_pool))
+    monkeypatch.setattr(tasks, "_pool_keys", counted("keys", real_keys))
+    kw = dict(seed=3, negatives="id_range", max_item_id=max_id, template_set="authors", outer_quotes=True)
+    lazy = build_examples(task, windows, ds, lazy=True, **kw)
+    assert calls == {"pool": 1, "keys": 1}  # once per build, whatever the number of windows
+    got = list(lazy)
+    assert [(e.candidates, e.not_watched if task == "hit1" else e.negatives) for e in got] == want
+    assert got == build_examples(task, windows, ds, **kw)
+    if task == "hit3":
+        assert got[0].prompt.startswith(tasks.AUTHORS_HIT3_INSTRUCTION) and got[0].answer.startswith('""')
+        assert all(o.startswith('""') for o in got[0].options)
+    else:
+        assert "Whether the user will like the target movie:\n" in got[0].prompt

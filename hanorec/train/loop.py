@@ -235,6 +235,16 @@ def config_changes(saved_yaml: Path, current_yaml: str) -> list[str]:
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and (k in a or b.get(k)))
 
 
+def nodo_clean_backward(train_cfg) -> bool:
+    """Whether stage 2 back-propagates NoDO's LoRA noise as the authors' run does (pref.nodo_backward=clean):
+    each decoder layer is checkpointed reentrantly and re-run during backward after the noise hooks are gone."""
+    return (
+        getattr(train_cfg, "nodo_backward", "noisy") == "clean"
+        and getattr(train_cfg, "noise_target", "none") == "lora"
+        and getattr(train_cfg, "noise_sigma", 0) > 0
+    )
+
+
 class _Run:
     """The state of one training run and its steps: resume, one micro-batch, log, checkpoint."""
 
@@ -243,7 +253,10 @@ class _Run:
         self.items, self.collate, self.loss_fn, self.cfg, self.seed = items, collate, loss_fn, train_cfg, seed
         self.output_dir, self.config_yaml, self.stage = Path(output_dir), config_yaml, stage
         self.acc, self.on_log, self.should_stop = accelerator, on_log, should_stop
-        if getattr(train_cfg, "gradient_checkpointing", False):  # the model's own layers, non-reentrant
+        if nodo_clean_backward(train_cfg):  # the authors' NoDO backward: a reentrant, noise-free re-run per layer
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+            model.enable_input_require_grads()  # a reentrant segment passes gradients only to inputs that need them
+        elif getattr(train_cfg, "gradient_checkpointing", False):  # the model's own layers, non-reentrant
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         from hanorec.train.sharding import cpu_fsdp_requested, shard_model
 

@@ -58,7 +58,7 @@ def build_preference_items(
     pairs = build_pairs(
         list(examples[: p.max_pairs]),  # format only the examples paired
         ds,
-        seed=cfg.seed,
+        seed=cfg.seed if p.pair_seed is None else p.pair_seed,
         k_negatives=p.k_negatives,
         sampling=p.negative_sampling,
         item_embeddings=emb,
@@ -179,7 +179,7 @@ def make_pref_loss(cfg, bundle: ModelBundle, accelerator, noise: LoRANoise | Non
         except BaseException:
             stack.close()
             raise
-        if loss.requires_grad:
+        if loss.requires_grad and p.nodo_backward != "clean":
             _close_after_backward(loss, stack)
             pending[0] = stack
         else:
@@ -217,8 +217,10 @@ def make_pref_loss(cfg, bundle: ModelBundle, accelerator, noise: LoRANoise | Non
                 groups = torch.arange(len(prompts), device=device)
                 if p.scoring != "shared_prefix":
                     groups = groups.repeat_interleave(torch.tensor([len(c) for c in completions], device=device))
-            # open until backward has run (gradient checkpointing re-runs the forward then, under the same draw)
-            noise_context.enter_context(noise.active(group_ids=groups))
+            # noisy: open until backward has run (gradient checkpointing re-runs the forward then, under the same
+            # draw); clean: closed when the forward ends, drawn up front, so the reentrant re-run is noise-free
+            clean = p.nodo_backward == "clean"
+            noise_context.enter_context(noise.active(group_ids=groups, eager=clean))
         sums, counts = multi_completion_logps(
             model, bundle, prompts, completions, mode=p.scoring, logits_transform=transform, dtype=dtype,
             packed=packed,
@@ -277,6 +279,21 @@ def _close_after_backward(loss: torch.Tensor, context: contextlib.ExitStack) -> 
         torch.autograd.Variable._execution_engine.queue_callback(context.close)
 
     loss.register_hook(at_backward_start)
+
+
+def disable_dropout(model: torch.nn.Module) -> Callable[[], None]:
+    """Set every ``nn.Dropout`` of ``model`` (LoRA's lora_dropout included) to p = 0, as TRL's
+    ``disable_dropout_in_model`` (which LLaMA-Factory's DPO trainer calls by default); returns the function
+    that puts the old values back."""
+    saved = [(m, m.p) for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    for m, _ in saved:
+        m.p = 0.0
+
+    def restore() -> None:
+        for m, value in saved:
+            m.p = value
+
+    return restore
 
 
 def _to(prompt, device):
@@ -338,6 +355,7 @@ def train_preference(
         LoRANoise(bundle.model, p.noise_sigma, scale=p.noise_scale) if (p.noise_target == "lora" and p.noise_sigma > 0) else None
     )
     loss_fn = make_pref_loss(cfg, bundle, accelerator, noise)
+    restore_dropout = disable_dropout(bundle.model) if p.disable_dropout else None
     try:
         return train_loop(
             model=bundle.model,
@@ -356,6 +374,8 @@ def train_preference(
             drop_last=True,  # as the authors' trainer: eta's trimmed mean never sees a short micro-batch
         )
     finally:
+        if restore_dropout is not None:
+            restore_dropout()
         close = getattr(loss_fn, "close_noise", None)  # a wrapped loss function (benchmarks) may not have it
         if close is not None:
             close()
