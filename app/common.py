@@ -134,7 +134,7 @@ class AppContext:
 
         cfg = self.config(dataset, task)
         with user_errors("loading the dataset"):
-            return self._data.get(("data", cfg.data.path, task), lambda: prepare_data(cfg))
+            return self._data.get(("data", cfg.data.path, task), lambda: prepare_data(cfg, defer=True))
 
     def prepared_for(self, cfg):
         """PreparedData exactly as the run with this config made it (its seed, task, subset), cached."""
@@ -297,16 +297,29 @@ def example_for(ctx: AppContext, dataset: str, task: str, user: str):
     if not user:
         raise gr.Error("Pick a user first.")
     data = ctx.prepared(dataset, task)
-    for e in data.test:
-        if e.user == user:
-            return data, e
+    if hasattr(data.test, "for_user"):  # hanorec.tasks.ExampleList: only this user's example is formatted
+        example = data.test.for_user(user)
+        if example is not None:
+            return data, example
+    else:
+        for e in data.test:
+            if e.user == user:
+                return data, e
     raise gr.Error(f"User {user!r} has no test prompt for task {task} (too few interactions).")
 
 
 def users_for(ctx: AppContext, dataset: str, task: str):
     """The user dropdown's choices: users with a test prompt for the task (the first one selected)."""
-    users = [e.user for e in ctx.prepared(dataset, task).test]
-    return gr.update(choices=users, value=users[0] if users else None)
+    users = test_users(ctx.prepared(dataset, task))
+    return gr.update(choices=users[:MAX_USER_CHOICES], value=users[0] if users else None)
+
+
+MAX_USER_CHOICES = 2000  # a dropdown of 100,000 users freezes a browser; any other user id can be typed
+
+
+def test_users(data) -> list[str]:
+    """The users with a test prompt, in order, without formatting any prompt (hanorec.tasks.ExampleList)."""
+    return data.test.users() if hasattr(data.test, "users") else [e.user for e in data.test]
 
 
 def example_pickers(ctx: AppContext, prefix: str, *, with_model: bool = True, with_user: bool = True):
@@ -332,3 +345,44 @@ def example_pickers(ctx: AppContext, prefix: str, *, with_model: bool = True, wi
     if with_model:
         refresh.click(lambda: gr.update(choices=ctx.model_choices()), None, model, api_name=f"{prefix}_models")
     return dataset, task, user, model
+
+
+# ---- downloads ------------------------------------------------------------------------------------
+_DOWNLOADS: dict = {}
+
+
+def downloads_dir() -> Path:
+    """A folder of this app process for files offered for download (tables as CSV, exported models)."""
+    import tempfile
+
+    if "dir" not in _DOWNLOADS:
+        _DOWNLOADS["dir"] = Path(tempfile.mkdtemp(prefix="hanorec-downloads-"))
+    return _DOWNLOADS["dir"]
+
+
+def table_download(name: str, table):
+    """The DownloadButton's new value: the table as a CSV file (hanorec.export.write_table_csv)."""
+    import uuid
+
+    from hanorec.export import write_table_csv
+
+    if table is None or len(table) == 0:
+        return gr.update(value=None, interactive=False)
+    with user_errors("writing the table"):
+        path = write_table_csv(table, downloads_dir() / uuid.uuid4().hex[:12], name)
+    return gr.update(value=str(path), interactive=True)
+
+
+def download_buttons(**tables) -> list:
+    """One "Download <name> (CSV)" button per table (name=component), in a row, each following its table."""
+    from functools import partial
+
+    buttons = []
+    with gr.Row():
+        for name, table in tables.items():
+            label = name.replace("_", " ")
+            button = gr.DownloadButton(f"Download {label} (CSV)", size="sm", interactive=False)
+            table.change(partial(table_download, name), table, button, api_visibility="private",
+                         show_progress="hidden")  # fmt: skip
+            buttons.append(button)
+    return buttons

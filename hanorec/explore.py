@@ -86,8 +86,41 @@ class DatasetStats:
         ]
 
 
-def dataset_stats(ds: RecDataset) -> DatasetStats:
-    """Counts for the dataset panel (all users, not a split)."""
+_STATS_CACHE: dict[str, DatasetStats] = {}
+_STATS_CACHE_SIZE = 8
+
+
+def dataset_fingerprint(ds: RecDataset) -> str:
+    """Identifies a dataset's content cheaply: its folder, its data files' sizes and modification times, and
+    its counts (a subset of users or items differs); never reads the files."""
+    import hashlib
+
+    parts = [str(Path(ds.root).resolve()), ds.name, ds.summary.format, str(ds.summary.n_users),
+             str(len(ds.items)), str(len(ds.sequences)), str(ds.summary.n_interactions), str(ds.summary.missing_images)]  # fmt: skip
+    root = Path(ds.root)
+    if root.is_dir():
+        for f in sorted(root.iterdir()):
+            if f.is_file() and f.suffix in (".tsv", ".csv", ".txt"):
+                st = f.stat()
+                parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def dataset_stats(ds: RecDataset, *, cache: bool = True) -> DatasetStats:
+    """Counts for the dataset panel (all users, not a split); computed once per :func:`dataset_fingerprint`
+    (a changed file or another subset computes them again)."""
+    key = dataset_fingerprint(ds) if cache else None
+    if key is not None and key in _STATS_CACHE:
+        return _STATS_CACHE[key]
+    stats = _dataset_stats(ds)
+    if key is not None:
+        _STATS_CACHE[key] = stats
+        while len(_STATS_CACHE) > _STATS_CACHE_SIZE:
+            _STATS_CACHE.pop(next(iter(_STATS_CACHE)))
+    return stats
+
+
+def _dataset_stats(ds: RecDataset) -> DatasetStats:
     pop = ds.popularity()
     return DatasetStats(
         n_users=len(ds.sequences),
@@ -172,6 +205,11 @@ def candidate_scores(bundle, ds: RecDataset, example: Example, *, mode: str = "s
         }
         for i, opt in enumerate(example.options)
     ]
+
+
+def true_options(example: Example) -> set[int]:
+    """Indices of the example's options that are a true answer (hit1: the correct one of Yes / No)."""
+    return _true_options(example)
 
 
 def _true_options(example: Example) -> set[int]:

@@ -10,7 +10,7 @@ import gradio as gr
 import pandas as pd
 import plotly.graph_objects as go
 
-from app.common import HEAVY, NOISE, example_for, example_pickers, user_errors
+from app.common import HEAVY, NOISE, download_buttons, example_for, example_pickers, user_errors
 
 TARGETS = ("lora", "logits")
 
@@ -149,11 +149,13 @@ def build(ctx) -> None:
     summary = gr.Markdown(elem_id="noise-summary")
     scores = gr.Plot(label="Scores per candidate", elem_id="noise-scores")
     table = gr.Dataframe(headers=["candidate", "clean", "noisy_mean", "shift_mean", "shift_std", "top1_rate"], interactive=False, label="Per candidate (shift = noisy - clean, top1_rate = share of draws it was top-1)")
+    download_buttons(noise_per_candidate=table)
     sweep_plot = gr.Plot(label="Sweep over sigma", elem_id="noise-sweep-plot")
     sweep_table = gr.Dataframe(
         headers=["sigma", "kl_mean", "kl_std", "top1_change_rate", "top3_change_rate", "mean_abs_shift"],
         interactive=False, label="Sweep values",
     )  # fmt: skip
+    download_buttons(sigma_sweep=sweep_table)
 
     inputs = [dataset, task, user, model, target, sigma, draws, seed]
     heavy = ctx.events(HEAVY)
