@@ -21,6 +21,12 @@ from hanorec.paths import PathError, confine
 TASKS = ("hit3", "hit1", "next1")
 BASE_PRESET = "tiny-qwen2.5-vl"
 UNTRAINED = f"untrained {BASE_PRESET} (random init)"
+# Concurrency groups of the queue (see AppContext.events): light events (a user view, a prompt, a pair's
+# details) have their own workers, so they never wait behind heavy ones. Heavy events (sigma sweeps, hardness,
+# per-pair scoring) share a limit of half the cores: each uses a core for a second or more. Noise draws have
+# a group of their own with more workers: a draw already in the result cache answers at once, and the draws
+# that compute take one of the cache's compute slots (again half the cores; sweeps take them too).
+LIGHT, HEAVY, NOISE = "light", "heavy", "noise"
 # Errors a user can cause (the package's UserError, a missing file, a key not found); anything else is a bug
 # and is reported as one sentence too.
 USER_ERRORS = (UserError, FileNotFoundError, KeyError)
@@ -88,6 +94,11 @@ class AppContext:
     device: str = "auto"  # "auto" becomes cuda / cpu when the first model loads (torch is imported then)
     jobs: object = None  # hanorec.jobs.JobManager
     threads: int = 0  # torch CPU threads; 0 = default_threads()
+    heavy_limit: int = 0  # heavy events at once (noise draws, sweeps, hardness); 0 = default_heavy_limit()
+    light_limit: int = 4  # light events at once (user views, prompts)
+    noise_limit: int = 16  # noise draws in flight: cached ones answer at once, computing ones wait for a slot
+    # scoring results (clean and noisy candidate scores) per model, dataset, example and noise setting
+    results: object = field(default_factory=lambda: _result_cache(), repr=False)
     _data: _LRU = field(default_factory=lambda: _LRU(6), repr=False)
     _models: _LRU = field(default_factory=lambda: _LRU(3), repr=False)
     _extra: _LRU = field(default_factory=lambda: _LRU(8), repr=False)
@@ -123,7 +134,7 @@ class AppContext:
 
         cfg = self.config(dataset, task)
         with user_errors("loading the dataset"):
-            return self._data.get(("data", cfg.data.path, task), lambda: prepare_data(cfg))
+            return self._data.get(("data", cfg.data.path, task), lambda: prepare_data(cfg, defer=True))
 
     def prepared_for(self, cfg):
         """PreparedData exactly as the run with this config made it (its seed, task, subset), cached."""
@@ -203,6 +214,22 @@ class AppContext:
     def cached_model(self, key, make: Callable):
         return self._models.get(key, make)
 
+    def events(self, kind: str) -> dict:
+        """Queue settings of an event of this kind (LIGHT, HEAVY or NOISE): its concurrency group and limit."""
+        if kind == HEAVY:
+            return {"concurrency_id": HEAVY, "concurrency_limit": self.heavy_limit or default_heavy_limit()}
+        if kind == LIGHT:
+            return {"concurrency_id": LIGHT, "concurrency_limit": max(1, self.light_limit)}
+        if kind == NOISE:
+            return {"concurrency_id": NOISE, "concurrency_limit": max(1, self.noise_limit)}
+        raise ValueError(f"unknown event kind {kind!r}; use {LIGHT!r}, {HEAVY!r} or {NOISE!r}")
+
+
+def _result_cache():
+    from hanorec.serving import ResultCache
+
+    return ResultCache(max_entries=512, heavy_slots=default_heavy_limit())
+
 
 def list_runs(root: Path) -> list[dict]:
     """Runs under root with their stages (hanorec.runs)."""
@@ -251,6 +278,13 @@ def default_threads() -> int:
     return 1 if cores <= 4 else min(8, cores // 2)
 
 
+def default_heavy_limit() -> int:
+    """Heavy events at once: half the cores (at least 1), so the other half keeps serving light events."""
+    import os
+
+    return max(1, (os.cpu_count() or 1) // 2)
+
+
 def pick_device() -> str:
     import torch
 
@@ -263,16 +297,29 @@ def example_for(ctx: AppContext, dataset: str, task: str, user: str):
     if not user:
         raise gr.Error("Pick a user first.")
     data = ctx.prepared(dataset, task)
-    for e in data.test:
-        if e.user == user:
-            return data, e
+    if hasattr(data.test, "for_user"):  # hanorec.tasks.ExampleList: only this user's example is formatted
+        example = data.test.for_user(user)
+        if example is not None:
+            return data, example
+    else:
+        for e in data.test:
+            if e.user == user:
+                return data, e
     raise gr.Error(f"User {user!r} has no test prompt for task {task} (too few interactions).")
 
 
 def users_for(ctx: AppContext, dataset: str, task: str):
     """The user dropdown's choices: users with a test prompt for the task (the first one selected)."""
-    users = [e.user for e in ctx.prepared(dataset, task).test]
-    return gr.update(choices=users, value=users[0] if users else None)
+    users = test_users(ctx.prepared(dataset, task))
+    return gr.update(choices=users[:MAX_USER_CHOICES], value=users[0] if users else None)
+
+
+MAX_USER_CHOICES = 2000  # a dropdown of 100,000 users freezes a browser; any other user id can be typed
+
+
+def test_users(data) -> list[str]:
+    """The users with a test prompt, in order, without formatting any prompt (hanorec.tasks.ExampleList)."""
+    return data.test.users() if hasattr(data.test, "users") else [e.user for e in data.test]
 
 
 def example_pickers(ctx: AppContext, prefix: str, *, with_model: bool = True, with_user: bool = True):
@@ -298,3 +345,44 @@ def example_pickers(ctx: AppContext, prefix: str, *, with_model: bool = True, wi
     if with_model:
         refresh.click(lambda: gr.update(choices=ctx.model_choices()), None, model, api_name=f"{prefix}_models")
     return dataset, task, user, model
+
+
+# ---- downloads ------------------------------------------------------------------------------------
+_DOWNLOADS: dict = {}
+
+
+def downloads_dir() -> Path:
+    """A folder of this app process for files offered for download (tables as CSV, exported models)."""
+    import tempfile
+
+    if "dir" not in _DOWNLOADS:
+        _DOWNLOADS["dir"] = Path(tempfile.mkdtemp(prefix="hanorec-downloads-"))
+    return _DOWNLOADS["dir"]
+
+
+def table_download(name: str, table):
+    """The DownloadButton's new value: the table as a CSV file (hanorec.export.write_table_csv)."""
+    import uuid
+
+    from hanorec.export import write_table_csv
+
+    if table is None or len(table) == 0:
+        return gr.update(value=None, interactive=False)
+    with user_errors("writing the table"):
+        path = write_table_csv(table, downloads_dir() / uuid.uuid4().hex[:12], name)
+    return gr.update(value=str(path), interactive=True)
+
+
+def download_buttons(**tables) -> list:
+    """One "Download <name> (CSV)" button per table (name=component), in a row, each following its table."""
+    from functools import partial
+
+    buttons = []
+    with gr.Row():
+        for name, table in tables.items():
+            label = name.replace("_", " ")
+            button = gr.DownloadButton(f"Download {label} (CSV)", size="sm", interactive=False)
+            table.change(partial(table_download, name), table, button, api_visibility="private",
+                         show_progress="hidden")  # fmt: skip
+            buttons.append(button)
+    return buttons

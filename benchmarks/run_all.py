@@ -5,7 +5,8 @@
 Runs, each in its own process, one after the other: bench_train.py --memory --profile (items 1, 4),
 bench_trl.py --profile (item 2), bench_eval.py (item 3), bench_quickstart.py (item 5; its app part is
 skipped with a message while app/main.py is absent) and gpu_step.py --tiny (the CPU smoke test of item
-6's GPU script). Prints the load average before and after (other processes on the machine slow both
+6's GPU script), then bench_data.py (dataset preparation at 10,000 to 100,000 users, and the Data tab on the
+biggest: about 3 minutes more). Prints the load average before and after (other processes on the machine slow both
 sides of every ratio alike, but widen the spread), and writes the whole output to --out as well.
 --quick: fewer repeats, for checking that everything runs (its figures are not the documented ones).
 """
@@ -31,6 +32,7 @@ FULL = [
     ("bench_eval.py", []),
     ("bench_quickstart.py", []),
     ("gpu_step.py", ["--tiny", "--ks", "1,3"]),
+    ("bench_data.py", []),
 ]
 QUICK = [
     ("bench_train.py", ["--memory", "--repeats", "1", "--epoch-repeats", "1", "--ks", "1,3", "--presets", "tiny-qwen2.5-vl"]),
@@ -38,6 +40,7 @@ QUICK = [
     ("bench_eval.py", ["--repeats", "1", "--examples", "8", "--presets", "tiny-llava"]),
     ("bench_quickstart.py", ["--repeats", "1", "--no-job"]),
     ("gpu_step.py", ["--tiny", "--ks", "1", "--repeats", "1", "--warmup", "0"]),
+    ("bench_data.py", ["--sizes", "2000x1000,5000x2500", "--no-app"]),
 ]
 NOISE = ("USDT:", "requires torchvision", "FutureWarning", "warnings.warn(", "examples/s]", "CPUAllocator.cpp")
 

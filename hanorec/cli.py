@@ -14,6 +14,11 @@ Commands:
   methods     the registered preference methods and their ablations: loss in one line, needs, paper
   evaluate    evaluate the newest checkpoint of a run's stage (--stage=sft by default, or a preference stage
               folder such as --stage=hano_dpo; or --checkpoint=PATH) with baselines
+  export      a stage as a self-contained model: `export --run DIR --stage NAME --out DIR [--merge]` writes the
+              base weights with the SFT adapter merged plus the stage's LoRA as a PEFT adapter (or, with --merge,
+              everything merged), the tokenizer, processor and chat template, and a model card (README.md)
+  export-pairs  the preference pairs a stage trained on, as JSONL in TRL's format:
+              `export-pairs --run DIR --stage NAME --out FILE.jsonl`
   models      list the backbone families: each one's tiny offline preset, the checkpoint types it loads
               (by id from the local cache, or from a folder), example checkpoints and its GPU preset
   config      print the resolved configuration as YAML: `config --config preset.yaml --sft.lr=3e-4`;
@@ -96,7 +101,8 @@ def _split_args(argv: list[str]) -> tuple[str | None, list[str], dict]:
         if arg.startswith("--config="):
             config = arg.split("=", 1)[1]
         elif arg.startswith(
-            ("--checkpoint=", "--out=", "--seeds=", "--tasks=", "--variants=", "--readme=", "--stage=", "--from-sft=")
+            ("--checkpoint=", "--out=", "--seeds=", "--tasks=", "--variants=", "--readme=", "--stage=", "--from-sft=",
+             "--run=")
         ):
             k, v = arg[2:].split("=", 1)
             extra[k] = v
@@ -115,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     fixed = []
     i = 0
     while i < len(rest):
-        if rest[i] in ("--config", "--checkpoint", "--out", "--stage") and i + 1 < len(rest):
+        if rest[i] in ("--config", "--checkpoint", "--out", "--stage", "--run") and i + 1 < len(rest):
             fixed.append(f"{rest[i]}={rest[i + 1]}")
             i += 2
         else:
@@ -182,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 print(describe())
             return 0
+        if command in ("export", "export-pairs"):
+            return _export(command, fixed, argv)
         config_path, overrides, extra = _split_args(fixed)
         cfg = load_config(config_path, overrides)
         if command == "config":
@@ -273,6 +281,33 @@ def main(argv: list[str] | None = None) -> int:
     except user_errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _export(command: str, args: list[str], argv: list[str]) -> int:
+    """`export` and `export-pairs` (hanorec.export): --run, --stage, --out [, --merge]."""
+    from hanorec.config import ConfigError
+    from hanorec.export import export_pairs, export_stage
+
+    merge = "--merge" in args
+    _, rest, extra = _split_args([a for a in args if a != "--merge"])
+    if rest or (merge and command != "export"):
+        bad = rest[0] if rest else "--merge"
+        raise ConfigError(f"{command} takes --run=DIR, --stage=NAME and --out=PATH{' [--merge]' if command == 'export' else ''}, not {bad!r}")
+    missing = [k for k in ("run", "out") if not extra.get(k)]
+    if missing:
+        raise ConfigError(f"{command} needs --{missing[0]}=..., e.g. `python -m hanorec {command} --run runs/demo "
+                          f"--stage {'hano_dpo' if command == 'export-pairs' else 'sft'} --out exported`")  # fmt: skip
+    _quiet_libraries()
+    if command == "export":
+        stage = extra.get("stage", "sft")
+        out = export_stage(extra["run"], stage, extra["out"], merge=merge, checkpoint=extra.get("checkpoint"),
+                           command="python -m hanorec " + " ".join(argv))  # fmt: skip
+        how = "all adapters merged" if merge else "merged base + PEFT adapter in adapter/"
+        print(f"exported {stage} of {extra['run']} to {out} ({how}); model card: {out / 'README.md'}")
+        return 0
+    path, n = export_pairs(extra["run"], extra.get("stage", "hano_dpo"), extra["out"])
+    print(f"wrote {n} preference pairs to {path}")
+    return 0
 
 
 if __name__ == "__main__":

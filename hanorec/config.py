@@ -129,6 +129,13 @@ class TaskConfig:
         "hit1: also show the target item's image (beyond the authors' prompt, which shows only the 5 history "
         "images; off by default to follow them).",
     )
+    images: str = _f(
+        "auto",
+        "Images in prompts: auto = when any item of the dataset has an image (a text-only dataset gets no image "
+        "tokens and no placeholders; a mixed one a grey placeholder per missing image), always = a placeholder "
+        "even for a text-only dataset, never = text only.",
+        choices=("auto", "always", "never"),
+    )
     template_set: str = _f(
         "ours",
         "Prompt wording: ours (one paragraph per prompt, in the domain's words) or authors (the authors' prompt "

@@ -29,6 +29,7 @@ reading those two modalities and are used by the tests to check that property.
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 import os
 import random
@@ -93,12 +94,19 @@ class LoadSummary:
     missing_image_ids: list[str]  # the first 20 of them
     bad_rows: list[str]  # one message per skipped bad row (on_error="report")
 
+    @property
+    def text_only(self) -> bool:
+        """No item has an image (prompts then carry no image tokens unless task.images = always)."""
+        return self.n_items > 0 and self.missing_images >= self.n_items
+
     def __str__(self) -> str:
         text = (
             f"{self.format} dataset at {self.source}: {self.n_users:,} users, {self.n_items:,} items, "
             f"{self.n_interactions:,} interactions; {self.missing_images:,} missing images"
         )
-        if self.missing_image_ids:
+        if self.text_only:
+            text = text.rsplit(";", 1)[0] + "; text only (no item has an image: prompts carry no images)"
+        elif self.missing_image_ids:
             shown = ", ".join(self.missing_image_ids[:5])
             text += f" (e.g. {shown})"
         text += f"; {len(self.bad_rows):,} bad rows skipped"
@@ -750,9 +758,8 @@ def make_splits(
         if val_window is not None:
             val.append(val_window)
         ends = range(len(seq) - 2 * n_target, n_target + min_history - 1, -1)  # latest first
-        user_train = [w for w in (window(user, seq, e) for e in ends) if w is not None]
-        if max_train_windows_per_user is not None:
-            user_train = user_train[:max_train_windows_per_user]
+        latest = (w for w in (window(user, seq, e) for e in ends) if w is not None)
+        user_train = list(itertools.islice(latest, max_train_windows_per_user))  # only the windows kept
         train.extend(reversed(user_train))
 
     if policy == "last_window_by_user":

@@ -73,11 +73,12 @@ class EvalResult:
 def train_popularity(windows: Sequence[Window]) -> Counter:
     """Interaction counts over the training windows only (no test targets leak into the baseline)."""
     counts: Counter = Counter()
-    seen = set()
+    seen: dict[str, set] = {}  # per user: the items already counted (one set per user, not one tuple per pair)
     for w in windows:
+        mine = seen.setdefault(w.user, set())
         for item in (*w.history, *w.targets):
-            if (w.user, item) not in seen:
-                seen.add((w.user, item))
+            if item not in mine:
+                mine.add(item)
                 counts[item] += 1
     return counts
 
@@ -236,7 +237,7 @@ def paper_metrics(examples: Sequence[Example], ds: RecDataset, generations: Sequ
     are listed most recent first, as in the authors' data); hit1: AUC over Yes/No answers only, with the
     number dropped; next1: HR@1 by the same matching rules.
     """
-    examples = list(examples)[: len(generations)]
+    examples = list(examples[: len(generations)])  # format only the examples scored
     task = examples[0].task
     if task == "hit1":
         out = M.paper_hit1_metrics(generations, [bool(e.label) for e in examples])

@@ -3,6 +3,8 @@
 - :func:`find_datasets`: dataset folders inside a set of allowed folders.
 - :func:`dataset_stats`: users, items, sequence lengths, item popularity, missing images.
 - :func:`candidate_scores`: the ranking protocol's scores of one example's candidates (method.md section 4).
+- :func:`example_noise` / :func:`noise_sweep`: the noise lab (scores under NoDO noise at inference).
+  These take an optional ``cache`` (hanorec.serving.ResultCache) to serve repeated requests from memory.
 - :func:`pair_stats`: per-pair training statistics of a preference run (reward margin, accuracy,
   lambda, beta), computed by scoring the pairs with the trained policy and its reference (adapter
   disabled), since training logs only batch averages.
@@ -23,7 +25,18 @@ from hanorec.tasks import Example, render
 # torch is imported inside the functions that need it: listing datasets and their statistics (the app's
 # first page) must not wait for it.
 
-__all__ = ["DatasetStats", "candidate_scores", "dataset_stats", "find_datasets", "pair_stats", "spread"]
+__all__ = [
+    "DatasetStats",
+    "candidate_scores",
+    "clean_scores",
+    "dataset_stats",
+    "encoded_prompt",
+    "example_noise",
+    "find_datasets",
+    "noise_sweep",
+    "pair_stats",
+    "spread",
+]
 
 
 def is_dataset_folder(path: Path) -> bool:
@@ -73,8 +86,41 @@ class DatasetStats:
         ]
 
 
-def dataset_stats(ds: RecDataset) -> DatasetStats:
-    """Counts for the dataset panel (all users, not a split)."""
+_STATS_CACHE: dict[str, DatasetStats] = {}
+_STATS_CACHE_SIZE = 8
+
+
+def dataset_fingerprint(ds: RecDataset) -> str:
+    """Identifies a dataset's content cheaply: its folder, its data files' sizes and modification times, and
+    its counts (a subset of users or items differs); never reads the files."""
+    import hashlib
+
+    parts = [str(Path(ds.root).resolve()), ds.name, ds.summary.format, str(ds.summary.n_users),
+             str(len(ds.items)), str(len(ds.sequences)), str(ds.summary.n_interactions), str(ds.summary.missing_images)]  # fmt: skip
+    root = Path(ds.root)
+    if root.is_dir():
+        for f in sorted(root.iterdir()):
+            if f.is_file() and f.suffix in (".tsv", ".csv", ".txt"):
+                st = f.stat()
+                parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def dataset_stats(ds: RecDataset, *, cache: bool = True) -> DatasetStats:
+    """Counts for the dataset panel (all users, not a split); computed once per :func:`dataset_fingerprint`
+    (a changed file or another subset computes them again)."""
+    key = dataset_fingerprint(ds) if cache else None
+    if key is not None and key in _STATS_CACHE:
+        return _STATS_CACHE[key]
+    stats = _dataset_stats(ds)
+    if key is not None:
+        _STATS_CACHE[key] = stats
+        while len(_STATS_CACHE) > _STATS_CACHE_SIZE:
+            _STATS_CACHE.pop(next(iter(_STATS_CACHE)))
+    return stats
+
+
+def _dataset_stats(ds: RecDataset) -> DatasetStats:
     pop = ds.popularity()
     return DatasetStats(
         n_users=len(ds.sequences),
@@ -104,19 +150,46 @@ def spread(values) -> dict[str, float]:
     }
 
 
-def candidate_scores(bundle, ds: RecDataset, example: Example, *, mode: str = "shared_prefix") -> list[dict]:
+def _cached(cache, bundle, ds, key, make, heavy: bool = False):
+    """make() through ``cache`` (a hanorec.serving.ResultCache) keyed by the model, the dataset and key (heavy:
+    the computation takes one of the cache's compute slots); no cache: make()."""
+    if cache is None:
+        return make()
+    return cache.get((bundle.model, ds), key, make, heavy=heavy)
+
+
+def encoded_prompt(bundle, ds: RecDataset, example: Example, *, cache=None):
+    """The example's prompt as the model reads it (text and images encoded by the bundle), cached per example."""
+
+    def make():
+        r = render(example, ds)
+        return bundle.encode_prompt(r.text, r.images)
+
+    return _cached(cache, bundle, ds, ("prompt", example), make)
+
+
+def clean_scores(bundle, ds: RecDataset, example: Example, *, mode: str = "shared_prefix", cache=None):
+    """The ranking protocol's clean scores logp(option | prompt), one per option (C,), cached per example and
+    mode; shared by the candidate table and the noise lab (both compare against them)."""
+    from hanorec.scoring import score_options
+
+    def make():
+        prompt = encoded_prompt(bundle, ds, example, cache=cache)
+        return score_options(bundle, [prompt], [list(example.options)], mode=mode)[0]
+
+    return _cached(cache, bundle, ds, ("clean", example, mode), make)
+
+
+def candidate_scores(bundle, ds: RecDataset, example: Example, *, mode: str = "shared_prefix", cache=None) -> list[dict]:
     """Every option of the example scored by title log-likelihood (the ranking protocol).
 
     Returns one row per option in displayed order: option text, item id, log-prob, the softmax
-    probability over the options, its rank (1 = top) and whether it is a true answer.
+    probability over the options, its rank (1 = top) and whether it is a true answer. cache: a
+    hanorec.serving.ResultCache to reuse the scores across calls (valid while the model's weights stay the same).
     """
     import torch
 
-    from hanorec.scoring import score_options
-
-    r = render(example, ds)
-    prompt = bundle.encode_prompt(r.text, r.images)
-    logps = score_options(bundle, [prompt], [list(example.options)], mode=mode)[0].double()
+    logps = clean_scores(bundle, ds, example, mode=mode, cache=cache).double()
     probs = torch.softmax(logps, 0)
     order = torch.argsort(logps, descending=True).tolist()
     rank = {i: k + 1 for k, i in enumerate(order)}
@@ -132,6 +205,11 @@ def candidate_scores(bundle, ds: RecDataset, example: Example, *, mode: str = "s
         }
         for i, opt in enumerate(example.options)
     ]
+
+
+def true_options(example: Example) -> set[int]:
+    """Indices of the example's options that are a true answer (hit1: the correct one of Yes / No)."""
+    return _true_options(example)
 
 
 def _true_options(example: Example) -> set[int]:
@@ -219,21 +297,33 @@ SWEEP_SIGMAS = {  # per target: LoRA factors are small (rms ~0.05), logits are O
 }
 
 
-def example_noise(bundle, ds: RecDataset, example: Example, *, target: str, sigma: float, draws: int, seed: int = 0):
-    """(clean scores (C,), noisy scores (draws, C), hanorec.noise.NoiseSummary) for one example's options."""
+def example_noise(
+    bundle, ds: RecDataset, example: Example, *, target: str, sigma: float, draws: int, seed: int = 0, cache=None
+):
+    """(clean scores (C,), noisy scores (draws, C), hanorec.noise.NoiseSummary) for one example's options.
+
+    LoRA noise: up to 64 draws per batched forward (one row per draw), the prompt's image features computed
+    once for all of them (hanorec.scoring.score_options). cache: a hanorec.serving.ResultCache; the result is
+    then kept per example and noise setting (target, sigma, draws, seed) while the model's weights stay the
+    same, and the clean scores are shared with :func:`candidate_scores`; the draws take one of the cache's
+    compute slots while they run.
+    """
     from hanorec.noise import NoiseSpec, noise_summary
     from hanorec.scoring import score_options
 
-    r = render(example, ds)
-    prompt = bundle.encode_prompt(r.text, r.images)
-    options = [list(example.options)]
-    clean = score_options(bundle, [prompt], options)[0]
     # many draws per batched forward: one forward per draw costs ~10x more on a small CPU (tiny models)
     spec = NoiseSpec(
         target=target, sigma=float(sigma), draws=int(draws), seed=int(seed), draws_per_forward=min(int(draws), 64)
     )
-    noisy = score_options(bundle, [prompt], options, noise=spec)[0]
-    return clean, noisy, noise_summary(clean, noisy, list(example.options))
+
+    def make():
+        prompt = encoded_prompt(bundle, ds, example, cache=cache)
+        clean = clean_scores(bundle, ds, example, cache=cache)
+        noisy = score_options(bundle, [prompt], [list(example.options)], noise=spec)[0]
+        return clean, noisy, noise_summary(clean, noisy, list(example.options))
+
+    key = ("noise", example, spec.target, spec.sigma, spec.draws, spec.seed)
+    return _cached(cache, bundle, ds, key, make, heavy=True)
 
 
 def noise_sweep(
@@ -246,16 +336,20 @@ def noise_sweep(
     draws: int = 20,
     seed: int = 0,
     progress=None,
+    cache=None,
 ) -> list[dict]:
     """KL from the clean distribution and top-1 / top-3 change rates per sigma (one row per sigma).
 
     The same seed at every sigma rescales one set of standard normals (common random numbers), so the
-    curve is smooth in sigma. ``progress(done, total)`` after each sigma.
+    curve is smooth in sigma. ``progress(done, total)`` after each sigma. cache: as in :func:`example_noise`
+    (each sigma's draws are cached on their own).
     """
     sigmas = SWEEP_SIGMAS[target] if sigmas is None else sigmas
     rows = []
     for k, sigma in enumerate(sigmas):
-        _, noisy, summary = example_noise(bundle, ds, example, target=target, sigma=sigma, draws=draws, seed=seed)
+        _, noisy, summary = example_noise(
+            bundle, ds, example, target=target, sigma=sigma, draws=draws, seed=seed, cache=cache
+        )
         d = summary.as_dict()
         rows.append(
             {

@@ -18,6 +18,7 @@ import json
 import re
 import threading
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -103,17 +104,62 @@ class ModelView:
 
 
 class ModelLock:
-    """A re-entrant lock for one model. A deep copy (a copied model) gets a fresh lock; a shallow copy shares
-    the model, so it shares the lock."""
+    """A lock for one model: ``with lock:`` is exclusive and re-entrant (for calls that change the model's state:
+    train / eval mode, a disabled adapter); ``with lock.shared():`` lets several threads in at once, for forwards
+    that change no state (scoring a model that is already in eval mode, noise at inference, whose hooks act on
+    their own thread only). An exclusive caller waits until the shared ones leave, and new shared callers wait
+    while an exclusive one is waiting, so neither side starves. A thread holding the lock exclusively may also
+    take it shared; the reverse raises RuntimeError (it could deadlock). A deep copy (a copied model) gets a
+    fresh lock; a shallow copy shares the model, so it shares the lock."""
 
     def __init__(self):
-        self._lock = threading.RLock()
+        self._cond = threading.Condition(threading.Lock())
+        self._owner: int | None = None  # the thread holding the lock exclusively
+        self._depth = 0
+        self._readers: dict[int, int] = {}  # thread -> how many times it holds the lock shared
+        self._waiting = 0  # exclusive callers waiting
 
     def __enter__(self):
-        return self._lock.__enter__()
+        me = threading.get_ident()
+        with self._cond:
+            if self._owner == me:
+                self._depth += 1
+                return True
+            if me in self._readers:
+                raise RuntimeError("a thread holding a model lock shared cannot take it exclusively")
+            self._waiting += 1
+            try:
+                while self._owner is not None or self._readers:
+                    self._cond.wait()
+            finally:
+                self._waiting -= 1
+            self._owner, self._depth = me, 1
+        return True
 
     def __exit__(self, *exc):
-        return self._lock.__exit__(*exc)
+        with self._cond:
+            self._depth -= 1
+            if self._depth == 0:
+                self._owner = None
+                self._cond.notify_all()
+        return False
+
+    @contextmanager
+    def shared(self):
+        me = threading.get_ident()
+        with self._cond:
+            if self._owner != me and me not in self._readers:
+                while self._owner is not None or self._waiting:
+                    self._cond.wait()
+            self._readers[me] = self._readers.get(me, 0) + 1
+        try:
+            yield self
+        finally:
+            with self._cond:
+                self._readers[me] -= 1
+                if not self._readers[me]:
+                    del self._readers[me]
+                    self._cond.notify_all()
 
     def __copy__(self):
         return self

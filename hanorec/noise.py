@@ -26,6 +26,7 @@ LoRA factors sigma is added to).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -230,7 +231,9 @@ class LoRANoise:
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._is_active = False
         self._group_ids: Tensor | None = None
+        self._in_order = False  # group_ids are 0, 1, ..., G-1 for a context of G draws
         self._num_groups = 1
+        self._owner: int | None = None  # inference contexts: the thread whose forwards they perturb
 
     def metrics(self) -> dict[str, float]:
         """Values to log beside the TRL metrics."""
@@ -254,7 +257,9 @@ class LoRANoise:
             noisy forward inside the block must then have N rows. None: all rows share one draw.
         generator: optional torch.Generator for reproducible draws (draws are made on its device).
         inference: also perturb forwards in eval mode (noise at inference, see :class:`NoiseSpec`);
-            the default False keeps NoDO a training-only perturbation.
+            the default False keeps NoDO a training-only perturbation. An inference context perturbs
+            only the forwards of the thread that opened it: another thread may score the same model
+            clean, or under its own context, at the same time.
         eager: draw every pair's noise now, on entry, in pair order (as the authors' hooks do before the
             forward), instead of at each pair's first noisy forward. Then no draw happens inside the forward,
             so a forward re-run without the hooks (``pref.nodo_backward=clean``) consumes the global RNG as the
@@ -273,7 +278,8 @@ class LoRANoise:
                 raise ValueError("group_ids must be a non-empty tensor of non-negative integers")
         num_groups = 1 if group_ids is None else int(group_ids.max()) + 1
         self._num_groups = num_groups
-        self._group_ids = group_ids
+        self._set_rows(group_ids)
+        self._owner = threading.get_ident() if inference else None
         self._is_active = True
         try:
             if eager:
@@ -289,7 +295,8 @@ class LoRANoise:
                 handle.remove()
             self._hooks = []
             self._is_active = False
-            self._group_ids = None
+            self._set_rows(None)
+            self._owner = None
 
     def set_group_ids(self, group_ids: Tensor | None) -> None:
         """Inside ``active(group_ids=...)``: the rows of the NEXT forwards use these draws instead.
@@ -310,7 +317,22 @@ class LoRANoise:
                 )
         elif self._num_groups != 1:
             raise ValueError("group_ids=None needs a context opened with one draw")
+        self._set_rows(group_ids)
+
+    def _set_rows(self, group_ids: Tensor | None) -> None:
         self._group_ids = group_ids
+        self._in_order = group_ids is not None and bool(
+            group_ids.numel() == self._num_groups and torch.equal(group_ids, torch.arange(self._num_groups, device=group_ids.device))
+        )
+
+    def _rows_in_order(self, n: int) -> bool:
+        """Whether row i of an n-row batch uses draw i of the context's n draws (no per-row indexing needed)."""
+        return self._in_order and n == self._num_groups
+
+    def _owns_forward(self) -> bool:
+        """Training contexts perturb every forward (gradient checkpointing may re-run one on another thread);
+        an inference context only its own thread's, so other threads can score the same model clean."""
+        return self._owner is None or self._owner == threading.get_ident()
 
     def _draw(
         self, pair: _Pair, num_groups: int, generator: torch.Generator | None
@@ -342,30 +364,36 @@ class LoRANoise:
         )
 
     def _make_hooks(self, pair: _Pair, num_groups: int, generator, inference):
-        def perturb(x: Tensor, eps: Tensor) -> Tensor:
-            """x @ eps^T per row: x (N, ..., in), eps (G, out, in) -> (N, ..., out)."""
+        def add_perturbation(output: Tensor, x: Tensor, eps: Tensor) -> Tensor:
+            """output + x @ eps^T per row: output (N, ..., out), x (N, ..., in), eps (G, out, in).
+
+            Row i uses draw group_ids[i]: one batched matrix product, fused with the addition, over the
+            rows (the draws are indexed only when the rows do not already use draws 0, 1, ..., N-1 in order).
+            """
             eps = eps.to(x.dtype)
             group_ids = self._group_ids
             if group_ids is None:
-                return x @ eps[0].T
-            if x.shape[0] != group_ids.numel():
-                raise ValueError(
-                    f"group_ids has {group_ids.numel()} rows but a LoRA forward got a batch of {x.shape[0]}"
-                )
-            per_row = eps[group_ids.to(eps.device)]  # (N, out, in)
-            return torch.einsum("n...i,noi->n...o", x, per_row)
+                return output + x @ eps[0].T
+            n = x.shape[0]
+            if n != group_ids.numel():
+                raise ValueError(f"group_ids has {group_ids.numel()} rows but a LoRA forward got a batch of {n}")
+            per_row = eps if self._rows_in_order(n) else eps[group_ids.to(eps.device)]  # (N, out, in)
+            flat = torch.baddbmm(
+                output.reshape(n, -1, output.shape[-1]), x.reshape(n, -1, x.shape[-1]), per_row.transpose(1, 2)
+            )
+            return flat.reshape(output.shape)
 
         def a_hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
-            if not pair.enabled(module, inference):
+            if not pair.enabled(module, inference) or not self._owns_forward():
                 return None
             draw = self._draw(pair, num_groups, generator)
-            return output + perturb(args[0], draw.eps_A)
+            return add_perturbation(output, args[0], draw.eps_A)
 
         def b_hook(module: nn.Module, args: tuple, output: Tensor) -> Tensor | None:
-            if not pair.enabled(module, inference):
+            if not pair.enabled(module, inference) or not self._owns_forward():
                 return None
             draw = self._draw(pair, num_groups, generator)
-            return output + perturb(args[0], draw.eps_B)
+            return add_perturbation(output, args[0], draw.eps_B)
 
         return a_hook, b_hook
 

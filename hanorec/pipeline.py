@@ -40,7 +40,7 @@ from hanorec.runs import (
     stage_slug,
     write_results,
 )
-from hanorec.tasks import TASK_SHAPES, Example, build_examples, corpus_text
+from hanorec.tasks import TASK_SHAPES, Example, build_examples, corpus_text, no_cyclic_gc
 from hanorec.train.checkpoint import latest_checkpoint
 from hanorec.train.preference import build_preference_items
 
@@ -63,9 +63,9 @@ __all__ = [
 class PreparedData:
     dataset: RecDataset
     splits: Splits
-    train: list[Example]
-    val: list[Example]
-    test: list[Example]
+    train: Sequence[Example]  # hanorec.tasks.ExampleList: formatted when read
+    val: Sequence[Example]
+    test: Sequence[Example]
     popularity: dict
 
 
@@ -75,12 +75,20 @@ def prepare_data(
     for_training: bool = True,
     on_log: Callable | None = None,
     should_stop: Callable | None = None,
+    defer: bool = False,
 ) -> PreparedData:
     """Load and validate the dataset, split it, and build the task's examples (all seeded).
 
     Raises DataError when a split the run needs is empty (the train split when for_training, and the
     evaluated one); on_log gets one "data" event per phase and should_stop is polled between them.
+    Examples are formatted when read (hanorec.tasks.ExampleList); defer=True also leaves each split's
+    candidate draws until that split is first used (the app's views: the same examples, drawn on demand).
     """
+    with no_cyclic_gc():
+        return _prepare_data(cfg, for_training, on_log, should_stop, defer)
+
+
+def _prepare_data(cfg: RunConfig, for_training: bool, on_log, should_stop, defer: bool) -> PreparedData:
     from hanorec.data import require_windows
     from hanorec.progress import Progress
 
@@ -124,6 +132,9 @@ def prepare_data(
             shuffle=shuffle,
             hit1_target_image=t.hit1_target_image,
             false_negatives=planted,
+            images=t.images,
+            lazy=True,  # prompts are formatted when read: memory stays bounded on large datasets
+            defer=defer,
             template_set=t.template_set,
             outer_quotes=t.hit3_outer_quotes,
             negatives=t.negatives,

@@ -499,8 +499,17 @@ def score_options(
     device = device or next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     encoded = [[bundle.encode_completion(o, eos=eos) for o in opts] for opts in options]
-    with bundle.lock:
+    with _scoring_lock(bundle):
         return _score_options_locked(bundle, prompts, encoded, batch_size, device, dtype, mode, noise)
+
+
+def _scoring_lock(bundle):
+    """The model's lock for a scoring call: shared when the model is already in eval mode (no state changes, and
+    noise hooks at inference act on their own thread only, so several sessions score at once), else exclusive."""
+    lock = bundle.lock
+    if not bundle.model.training and hasattr(lock, "shared"):
+        return lock.shared()
+    return lock
 
 
 def _score_options_locked(bundle, prompts, encoded, batch_size, device, dtype, mode, noise):
@@ -559,12 +568,38 @@ def _predictions(model, bundle, prompts, completions, mode, batch_size, dtype, d
     )
 
 
-def _scores_under_lora_noise(model, bundle, prompts, encoded, spec: NoiseSpec, mode, dtype, device):
-    """(draws, C_i) per prompt under LoRA noise: draws_per_forward copies of a prompt per forward."""
+def _scores_under_lora_noise(
+    model, bundle, prompts, encoded, spec: NoiseSpec, mode, dtype, device, *, vision_once: bool = True
+):
+    """(draws, C_i) per prompt under LoRA noise: draws_per_forward copies of a prompt per forward.
+
+    Each copy is one row of a batched forward and uses its own draw (LoRANoise group_ids). With
+    shared-prefix scoring and a frozen vision part (:func:`vision_is_frozen`), a prompt's images go
+    through the vision tower once, before any draw, and the copies of the prompt share those features
+    (``vision_once``; False runs the tower on every copy, as the scores were first computed: the results
+    are bit-identical, tests/test_scoring.py), and each prompt is packed once per copy count. The draws
+    come from the generator in the same order either way: the vision part holds no LoRA layer.
+    """
     noise = LoRANoise(model, spec.sigma)
     gen = spec.make_generator()
     if mode == "shared_prefix" and _attn_implementation(model) not in PACKED_ATTENTION:
         mode = "naive"  # the packed path would fall back anyway, with another row layout
+    features: dict[int, object] = {}  # prompt index -> its image features, computed once (no noise on them)
+    if mode == "shared_prefix" and vision_once and vision_is_frozen(model):
+        for i, (p, comps) in enumerate(zip(prompts, encoded)):
+            if comps and p.n_images:
+                pixels = {k: v.to(device) for k, v in bundle.pixel_inputs([p]).items()}
+                if dtype is not None:
+                    pixels["pixel_values"] = pixels["pixel_values"].to(dtype)
+                encoded_images = encode_images(model, pixels, bundle)
+                image = encoded_images.get("image")
+                # copies share the features when they are one tensor per image and nothing else; other
+                # layouts (extra outputs, one stacked tensor) keep the tower on every copy
+                if set(encoded_images) == {"image"} and list(image.keys()) == ["pooler_output"] and isinstance(
+                    image.pooler_output, (list, tuple)
+                ):
+                    features[i] = image
+    packs: dict[tuple[int, int], dict] = {}  # (prompt index, copies) -> packed rows, reused across draws
     rows: list[list[torch.Tensor]] = [[] for _ in prompts]
     for d0 in range(0, spec.draws, spec.draws_per_forward):
         g = min(spec.draws_per_forward, spec.draws - d0)
@@ -578,11 +613,32 @@ def _scores_under_lora_noise(model, bundle, prompts, encoded, spec: NoiseSpec, m
                 noise.set_group_ids(
                     draw_ids if mode == "shared_prefix" else draw_ids.repeat_interleave(len(comps))
                 )
+                packed = None
+                if i in features:
+                    if (i, g) not in packs:
+                        packs[(i, g)] = _copies_packed(model, bundle, p, comps, g, features[i], dtype, device)
+                    packed = packs[(i, g)]
                 sums, _ = multi_completion_logps(
-                    model, bundle, [p] * g, [comps] * g, mode=mode, dtype=dtype, device=device
+                    model, bundle, [p] * g, [comps] * g, mode=mode, dtype=dtype, device=device, packed=packed
                 )
                 rows[i].append(torch.stack(sums).float().cpu())  # (g, C_i)
     return [torch.cat(r) for r in rows]
+
+
+def _copies_packed(model, bundle, prompt, comps, copies: int, image, dtype, device) -> dict:
+    """``copies`` shared-prefix rows of one prompt and its completions, the image features of one copy
+    (``image``: the model's ``BaseModelOutputWithPooling``, one tensor per image) handed to every row in
+    place of the pixels."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    packed = pack_shared_prefix(
+        model, bundle, [prompt] * copies, [comps] * copies, dtype=dtype, device=device, encode=False
+    )
+    inputs = packed["inputs"]
+    inputs.pop("pixel_values", None)
+    features = BaseModelOutputWithPooling(pooler_output=list(image.pooler_output) * copies)
+    inputs["mm_encoder_outputs"] = {"image": features}
+    return packed
 
 
 def sigma_sweep(

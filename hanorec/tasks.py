@@ -10,8 +10,10 @@ walked over the windows in order, so every method is evaluated on the same candi
 
 from __future__ import annotations
 
+import gc
 import random
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from PIL import Image
@@ -211,18 +213,66 @@ def _shown(ds: RecDataset, items: Sequence[str], with_images: bool, sep: str = "
     return sep.join(quote(ds.items[i].title) for i in items)
 
 
+IMAGE_MODES = ("auto", "always", "never")
+
+
+def has_images(ds: RecDataset) -> bool:
+    """True when at least one item of the dataset has an image file."""
+    return any(it.image_path is not None for it in ds.items.values())
+
+
+def shows_images(ds: RecDataset, images: str = "auto") -> bool:
+    """Whether prompts carry images: "auto" when any item has one (a text-only dataset gets no image tokens
+    and no placeholders; a mixed one keeps the grey placeholder for its missing images), "always" even for
+    a text-only dataset (a placeholder per item), "never" text only."""
+    if images not in IMAGE_MODES:
+        raise TaskError(f"task.images = {images!r} is not one of {list(IMAGE_MODES)}")
+    return images == "always" or (images == "auto" and has_images(ds))
+
+
+@contextmanager
+def no_cyclic_gc():
+    """Python's cycle collector off while millions of small objects (sequences, windows, draws) are made: it
+    would rescan them all again and again (a third of the CPU time at 2.4 million interactions), and they
+    form no cycles; reference counting still frees everything. Its previous state is restored."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _catalogue(ds: RecDataset) -> list[str]:
+    """The sorted item ids negatives are drawn from, computed once per dataset (not once per example)."""
+    key = (id(ds.items), len(ds.items))
+    cached = ds.__dict__.get("_hanorec_sorted_items")
+    if cached is None or cached[0] != key:
+        cached = (key, sorted(ds.items))
+        ds.__dict__["_hanorec_sorted_items"] = cached
+    return cached[1]
+
+
 def _plant_false_negatives(
-    rng: random.Random, negatives: list[str], target: str, ds: RecDataset, seen: set[str], fraction: float
+    rng: random.Random, negatives: list[str], target: str, ds: RecDataset, seen: set[str], fraction: float,
+    memo: dict,
 ) -> list[str]:
     """The false-negatives scenario (hanorec.data.SCENARIOS, beyond the paper): each negative is replaced,
     with probability ``fraction``, by an unseen item of the target's own (colour, genre) cluster when one is
-    left. Uses the item attributes of make_demo's titles.csv; items without them are left as drawn."""
+    left. Uses the item attributes of make_demo's titles.csv; items without them are left as drawn. ``memo``
+    keeps each cluster's items between calls (grouped once per build, not once per example)."""
     attrs = ds.items[target].attributes
     key = (attrs.get("color"), attrs.get("genre"))
     if None in key:
         return negatives
-    taste = [i for i in sorted(ds.items) if (ds.items[i].attributes.get("color"),
-                                             ds.items[i].attributes.get("genre")) == key]  # fmt: skip
+    if "clusters" not in memo:
+        clusters: dict = {}
+        for i in sorted(ds.items):
+            a = ds.items[i].attributes
+            clusters.setdefault((a.get("color"), a.get("genre")), []).append(i)
+        memo["clusters"] = clusters
+    taste = memo["clusters"].get(key, [])
     out = list(negatives)
     for j in range(len(out)):
         if rng.random() < fraction:
@@ -232,21 +282,175 @@ def _plant_false_negatives(
     return out
 
 
-def _sample_unseen(rng: random.Random, pool: Sequence[str], seen: set[str], n: int, where: str) -> list[str]:
-    unseen_count = len(pool) - len(seen & set(pool))
+def _sample_unseen(
+    rng: random.Random, pool: Sequence[str], seen: set[str], unseen_count: int, n: int, user: str
+) -> list[str]:
+    """n distinct items of pool outside seen, by rejection from rng (O(n) draws, not O(pool))."""
     if unseen_count < n:
         raise TaskError(
-            f"{where}: only {unseen_count} unseen items (never interacted with), too few to draw {n} negative "
+            f"user {user}: only {unseen_count} unseen items (never interacted with), too few to draw {n} negative "
             "candidates; lower --task.n_negatives or use a dataset with more items"
         )
     out: list[str] = []
     chosen: set[str] = set()
+    size, randrange = len(pool), rng.randrange
     while len(out) < n:
-        item = pool[rng.randrange(len(pool))]
+        item = pool[randrange(size)]
         if item not in seen and item not in chosen:
             out.append(item)
             chosen.add(item)
     return out
+
+
+@dataclass(frozen=True)
+class _Draw:
+    """What the seeded generator decided for one window: all an Example needs besides text formatting."""
+
+    window: Window
+    candidates: tuple[str, ...]  # hit3/next1: displayed order; hit1: (target,)
+    negatives: tuple[str, ...]  # hit3/next1: sampled order; hit1: the not-watched items
+    label: bool | None = None
+
+
+def _pool_keys(ds: RecDataset, pool: Sequence[str]):
+    """The pool as a set for counting a user's unseen items: the titled pool is the dataset's own keys (no
+    copy); any other pool (the id range) is made a set once per build."""
+    return ds.items.keys() if pool is _catalogue(ds) else frozenset(pool)
+
+
+def _draw(
+    task: str,
+    window: Window,
+    ds: RecDataset,
+    rng: random.Random,
+    n_neg: int,
+    memo: dict | None = None,
+    pool: Sequence[str] | None = None,
+    false_negatives: float = 0.0,
+) -> _Draw:
+    """The rng walk of one window (the same calls, in the same order, as building its Example).
+
+    pool: the ids negatives are drawn from (default: every titled item, sorted). memo keeps the pool, its set
+    and the last user's interacted items between calls (a user's windows are consecutive); a window with its
+    own ``seen`` (split_policy "files": the row's items) has its seen set made per window. false_negatives:
+    see :func:`build_example`."""
+    memo = {} if memo is None else memo
+    if "pool" not in memo:
+        memo["pool"] = _catalogue(ds) if pool is None else pool
+        memo["keys"] = _pool_keys(ds, memo["pool"])
+    pool = memo["pool"]
+    key = window.user if window.seen is None else (window.user, window.seen)
+    if memo.get("key") != key:
+        seen = set(ds.sequences[window.user] if window.seen is None else window.seen)
+        memo.update(key=key, seen=seen, unseen=len(pool) - len(seen & memo["keys"]))
+    seen, unseen, where = memo["seen"], memo["unseen"], window.user
+    if task in ("hit3", "next1"):
+        targets = tuple(window.targets)
+        if task == "hit3":
+            targets = tuple(reversed(targets))  # most recent first (method.md section 3)
+        negatives = _sample_unseen(rng, pool, seen, unseen, n_neg, where)
+        if false_negatives:
+            negatives = _plant_false_negatives(rng, negatives, targets[0], ds, seen, false_negatives, memo)
+        candidates = list(targets) + negatives
+        rng.shuffle(candidates)
+        return _Draw(window, tuple(candidates), tuple(negatives))
+    # hit1: n "not watched" items, and a target that is the true next item (Yes) or a random unseen item (No)
+    not_watched = _sample_unseen(rng, pool, seen, unseen, n_neg, where)
+    label = rng.random() < 0.5
+    if label:
+        target = window.targets[0]
+    else:
+        target = _sample_unseen(rng, pool, seen | set(not_watched), unseen - n_neg, 1, where)[0]
+    return _Draw(window, (target,), tuple(not_watched), label)
+
+
+def _assemble(
+    task: str,
+    d: _Draw,
+    ds: RecDataset,
+    words: dict,
+    hit1_target_image: bool,
+    with_images: bool = True,
+    template_set: str = "ours",
+    outer_quotes: bool = False,
+) -> Example:
+    """The Example of a draw: prompt text, answer and options (no randomness here)."""
+    window = d.window
+    history = tuple(window.history)
+    authors = template_set == "authors"
+    image_items = history if with_images else ()
+
+    def title(i: str) -> str:
+        return ds.items[i].title
+
+    if task in ("hit3", "next1"):
+        targets = tuple(window.targets)
+        if task == "hit3":
+            targets = tuple(reversed(targets))
+        candidates = d.candidates
+        if authors and task == "hit3":
+            # their prompt file for a domain they had (also when given as that domain's words), else its shape
+            name = next((n for n in AUTHORS_HIT3_TEMPLATES if _wording(n) == words), None)
+            template = AUTHORS_HIT3_TEMPLATES.get(name, AUTHORS_HIT3_GENERIC)
+            prompt = AUTHORS_HIT3_INSTRUCTION + template.format(
+                history=_shown(ds, history, with_images, "\n"),
+                candidates=_shown(ds, candidates, False, "\n"),
+                **words,
+            )
+        else:
+            prompt = TEMPLATES[task].format(
+                history=_shown(ds, history, with_images), candidates=_shown(ds, candidates, False), **words
+            )
+        answer = format_titles([title(i) for i in targets]) if task == "hit3" else quote(title(targets[0]))
+        lead = ""
+        if outer_quotes and task == "hit3":
+            answer, lead = f'"{answer}"', '"'
+        return Example(
+            task=task,
+            user=window.user,
+            history=history,
+            candidates=candidates,
+            targets=targets,
+            prompt=prompt,
+            image_items=image_items,
+            answer=answer,
+            options=tuple(lead + quote(title(i)) for i in candidates),
+            correct_option=candidates.index(targets[0]),
+            negatives=d.negatives,
+        )
+
+    label, target, not_watched = d.label, d.candidates[0], d.negatives
+    target_image = hit1_target_image and with_images
+    sep = "\n" if authors else ", "
+    prompt = (AUTHORS_HIT1_TEMPLATE if authors else TEMPLATES["hit1"]).format(
+        history=_shown(ds, history, with_images, sep),
+        not_watched=_shown(ds, not_watched, False, sep),
+        target=f"{IMAGE_PLACEHOLDER} {quote(title(target))}" if target_image else quote(title(target)),
+        **words,
+    )
+    return Example(
+        task="hit1",
+        user=window.user,
+        history=history,
+        candidates=(target,),
+        targets=(window.targets[0],),
+        prompt=prompt,
+        image_items=image_items + ((target,) if target_image else ()),
+        answer="Yes" if label else "No",
+        options=("Yes", "No"),
+        correct_option=0 if label else 1,
+        label=label,
+        not_watched=not_watched,
+        negatives=(target,) if not label else not_watched[:1],
+    )
+
+
+def _check_task(task: str, template_set: str = "ours") -> dict:
+    if task not in TASKS:
+        raise TaskError(f"unknown task {task!r}; use one of {list(TASKS)}")
+    if template_set not in TEMPLATE_SETS:
+        raise TaskError(f"unknown template set {template_set!r}; use one of {list(TEMPLATE_SETS)}")
+    return TASK_SHAPES[task]
 
 
 def build_example(
@@ -257,6 +461,7 @@ def build_example(
     n_negatives: int | None = None,
     domain: str | dict | None = None,
     hit1_target_image: bool = False,
+    images: str = "always",
     *,
     template_set: str = "ours",
     outer_quotes: bool = False,
@@ -266,96 +471,75 @@ def build_example(
     """Turn one window into an Example, drawing negatives (items the user never interacted with) from rng.
 
     domain: a domain name, or the words themselves as made by `wording` (default: the dataset's domain).
+    images: "always" (history images, a grey placeholder for a missing one), "never" (text only) or "auto"
+    (images unless no item of the dataset has one; see :func:`shows_images`).
     template_set: "ours" or "authors" (TEMPLATE_SETS). outer_quotes (hit3): wrap the answer's three quoted
     lines in one more pair of quotes, as the authors' SFT targets and chosen answers (``""A"\n"B"\n"C""``);
     the ranking protocol's options then start with that quote too. pool: the ids negatives are drawn from
     (default: every item with a title; :func:`id_range_pool` gives the authors' id range).
     false_negatives: the teaching scenario's fraction of hit3 / next1 negatives taken from the user's taste
     (training examples only; 0 draws no extra random numbers, so examples are unchanged)."""
-    if task not in TASKS:
-        raise TaskError(f"unknown task {task!r}; use one of {list(TASKS)}")
-    if template_set not in TEMPLATE_SETS:
-        raise TaskError(f"unknown template set {template_set!r}; use one of {list(TEMPLATE_SETS)}")
-    shape = TASK_SHAPES[task]
+    shape = _check_task(task, template_set)
     n_neg = shape["n_negatives"] if n_negatives is None else n_negatives
     words = domain if isinstance(domain, dict) else _wording(domain or ds.domain)
-    pool = sorted(ds.items) if pool is None else pool
-    authors = template_set == "authors"
-    seen = set(ds.sequences[window.user] if window.seen is None else window.seen)
-    where = f"user {window.user}"
-    history = tuple(window.history)
+    d = _draw(task, window, ds, rng, n_neg, pool=pool, false_negatives=false_negatives)
+    return _assemble(task, d, ds, words, hit1_target_image, shows_images(ds, images), template_set, outer_quotes)
 
-    def titles_of(ids):
-        return [ds.items[i].title for i in ids]
 
-    if task in ("hit3", "next1"):
-        targets = tuple(window.targets)
-        if task == "hit3":
-            targets = tuple(reversed(targets))  # most recent first (method.md section 3)
-        negatives = _sample_unseen(rng, pool, seen, n_neg, where)
-        if false_negatives:
-            negatives = _plant_false_negatives(rng, negatives, targets[0], ds, seen, false_negatives)
-        candidates = list(targets) + negatives
-        rng.shuffle(candidates)
-        if authors and task == "hit3":
-            # their prompt file for a domain they had (also when given as that domain's words), else its shape
-            name = next((d for d in AUTHORS_HIT3_TEMPLATES if _wording(d) == words), None)
-            template = AUTHORS_HIT3_TEMPLATES.get(name, AUTHORS_HIT3_GENERIC)
-            prompt = AUTHORS_HIT3_INSTRUCTION + template.format(
-                history=_shown(ds, history, True, "\n"), candidates=_shown(ds, candidates, False, "\n"), **words
-            )
-        else:
-            prompt = TEMPLATES[task].format(
-                history=_shown(ds, history, True), candidates=_shown(ds, candidates, False), **words
-            )
-        answer = format_titles(titles_of(targets)) if task == "hit3" else quote(titles_of(targets[:1])[0])
-        lead = ""
-        if outer_quotes and task == "hit3":
-            answer, lead = f'"{answer}"', '"'
-        options = tuple(lead + quote(t) for t in titles_of(candidates))
-        return Example(
-            task=task,
-            user=window.user,
-            history=history,
-            candidates=tuple(candidates),
-            targets=targets,
-            prompt=prompt,
-            image_items=history,
-            answer=answer,
-            options=options,
-            correct_option=candidates.index(targets[0]),
-            negatives=tuple(negatives),
-        )
+class ExampleList(Sequence):
+    """Examples built on access: the seeded draws of every window are made once up front (cheap: a few
+    generator calls per window), the prompt text of an example only when it is read. Reads like a list of
+    Examples (len, index, slice, iterate, ==) and holds the same Examples `build_examples(lazy=False)` makes."""
 
-    # hit1: 5 history items, n "not watched" items, and a target that is the true next item (Yes)
-    # or a random unseen item (No), 50/50.
-    not_watched = _sample_unseen(rng, pool, seen, n_neg, where)
-    label = rng.random() < 0.5
-    true_next = window.targets[0]
-    target = true_next if label else _sample_unseen(rng, pool, seen | set(not_watched), 1, where)[0]
-    target_title = quote(ds.items[target].title)
-    sep = "\n" if authors else ", "
-    prompt = (AUTHORS_HIT1_TEMPLATE if authors else TEMPLATES["hit1"]).format(
-        history=_shown(ds, history, True, sep),
-        not_watched=_shown(ds, not_watched, False, sep),
-        target=f"{IMAGE_PLACEHOLDER} {target_title}" if hit1_target_image else target_title,
-        **words,
-    )
-    return Example(
-        task="hit1",
-        user=window.user,
-        history=history,
-        candidates=(target,),
-        targets=(true_next,),
-        prompt=prompt,
-        image_items=history + ((target,) if hit1_target_image else ()),
-        answer="Yes" if label else "No",
-        options=("Yes", "No"),
-        correct_option=0 if label else 1,
-        label=label,
-        not_watched=tuple(not_watched),
-        negatives=(target,) if not label else tuple(not_watched[:1]),
-    )
+    def __init__(self, task: str, draws, ds: RecDataset, words: dict, hit1_target_image: bool,
+                 with_images: bool, template_set: str = "ours", outer_quotes: bool = False):  # fmt: skip
+        """draws: the windows' draws, or a function making them (called on first use: deferred)."""
+        self.task, self.dataset = task, ds
+        self._pending = draws if callable(draws) else None
+        self._made: list[_Draw] | None = None if callable(draws) else list(draws)
+        self._args = (words, hit1_target_image, with_images, template_set, outer_quotes)
+        self._by_user: dict[str, int] | None = None
+
+    @property
+    def _draws(self) -> list[_Draw]:
+        if self._made is None:
+            self._made, self._pending = list(self._pending()), None
+        return self._made
+
+    def __len__(self) -> int:
+        return len(self._draws)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return [self[k] for k in range(*index.indices(len(self)))]
+        return _assemble(self.task, self._draws[index], self.dataset, *self._args)
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, Sequence) or len(other) != len(self):
+            return NotImplemented if not isinstance(other, Sequence) else False
+        return all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def users(self) -> list[str]:
+        """The user of every example, in order, without building any prompt."""
+        return [d.window.user for d in self._draws]
+
+    def for_user(self, user: str) -> Example | None:
+        """The (first) example of a user, built on demand; None when the user has none."""
+        if self._by_user is None:
+            self._by_user = {}
+            for k, d in enumerate(self._draws):
+                self._by_user.setdefault(d.window.user, k)
+        k = self._by_user.get(str(user))
+        return None if k is None else self[k]
+
+    def subset(self, indices: Sequence[int]) -> ExampleList:
+        """The examples at these indices, still built on access."""
+        return ExampleList(self.task, [self._draws[k] for k in indices], self.dataset, *self._args)
+
+    def __repr__(self) -> str:
+        return f"ExampleList({self.task}, {len(self)} examples)"
 
 
 def build_examples(
@@ -369,34 +553,54 @@ def build_examples(
     max_examples: int | None = None,
     shuffle: bool = False,
     hit1_target_image: bool = False,
+    images: str = "always",
+    lazy: bool = False,
+    defer: bool = False,
     template_set: str = "ours",
     outer_quotes: bool = False,
     negatives: str = "titled",
     max_item_id: int | None = None,
     false_negatives: float = 0.0,
-) -> list[Example]:
+) -> list[Example] | ExampleList:
     """Examples for every window, deterministic for (seed, windows). shuffle=True permutes (training).
 
+    One generator walks the windows in order, so example k depends on the windows before it; the walk
+    costs a few draws per window and formatting is per example, so building is linear in the windows
+    (the pool of negatives is made once per call, the titled catalogue sorted once per dataset). lazy=True
+    returns an :class:`ExampleList` that formats an example only when it is read (the same Examples, for
+    large datasets: bounded memory).
+
     hit1_target_image: also show the hit1 target item's image (an option beyond the authors' prompt, which
-    shows the 5 history images only; the default follows the authors). template_set, outer_quotes: see
-    :func:`build_example`. negatives: "titled" (items with a title) or "id_range" (the authors': ids 1 to
-    max_item_id, see :func:`id_range_pool`). false_negatives: see :func:`build_example`."""
+    shows the 5 history images only; the default follows the authors).
+    images: "always", "never" or "auto" (:func:`shows_images`).
+    defer (with lazy): even the draws wait until the list is first used (a view that needs only another
+    split, such as the app's Data tab showing test prompts, never pays for the training split's).
+    template_set, outer_quotes: see :func:`build_example`. negatives: "titled" (items with a title) or
+    "id_range" (the authors': ids 1 to max_item_id, see :func:`id_range_pool`). false_negatives: see
+    :func:`build_example`."""
+    shape = _check_task(task, template_set)
     if negatives not in NEGATIVE_POOLS:
         raise TaskError(f"unknown negative pool {negatives!r}; use one of {list(NEGATIVE_POOLS)}")
+    n_neg = shape["n_negatives"] if n_negatives is None else n_negatives
+    words = domain if isinstance(domain, dict) else _wording(domain or ds.domain)
+    # the id range adds its title-less ids to ds.items, so it is made before images are looked at; the pool
+    # is made once here (not per example: that would cost O(catalogue) per window)
     pool = id_range_pool(ds, max_item_id) if negatives == "id_range" else None
-    rng = random.Random(seed)
-    examples = [
-        build_example(
-            task, w, ds, rng, n_negatives, domain, hit1_target_image,
-            template_set=template_set, outer_quotes=outer_quotes, pool=pool, false_negatives=false_negatives,
-        )  # fmt: skip
-        for w in windows
-    ]
-    if shuffle:
-        random.Random(seed + 1).shuffle(examples)
-    if max_examples is not None:
-        examples = examples[:max_examples]
-    return examples
+    with_images = shows_images(ds, images)
+
+    def draws() -> list[_Draw]:
+        rng, memo = random.Random(seed), {}
+        with no_cyclic_gc():
+            out = [_draw(task, w, ds, rng, n_neg, memo, pool, false_negatives) for w in windows]
+        if shuffle:
+            random.Random(seed + 1).shuffle(out)  # the same permutation shuffling the built examples gave
+        return out if max_examples is None else out[:max_examples]
+
+    out = ExampleList(
+        task, draws if (lazy and defer) else draws(), ds, words, hit1_target_image, with_images,
+        template_set, outer_quotes,
+    )  # fmt: skip
+    return out if lazy else list(out)
 
 
 CANDIDATE_SENTENCE = " Below are the candidate "

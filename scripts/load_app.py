@@ -1,11 +1,16 @@
-"""Load on the explorer: N concurrent gradio_client sessions browse users and score candidates (clean and
-under noise) for a bounded time against one app process; prints the request count, the errors and the
-latency percentiles per endpoint.
+"""Load on the explorer: N concurrent gradio_client sessions (up to 30, a classroom) click through one app
+process for a bounded time with a request mix (by default one request in five a noise draw of 100 draws,
+the rest user views); prints throughput, errors, hung sessions and latency p50 / p90 / p99 per endpoint.
 
-    .venv/bin/python scripts/load_app.py --sessions 20 --seconds 60
+    .venv/bin/python scripts/load_app.py --sessions 30 --seconds 60
+    .venv/bin/python scripts/load_app.py --sessions 30 --seconds 60 --baseline REV   # REV's app, then this one
 
-Requests go only to the app this script starts on 127.0.0.1; every loop is bounded in time and count.
-tests/test_load.py runs it (slow) and requires zero errors.
+The app runs in its own process (the clients' threads do not share its interpreter), on 127.0.0.1 only;
+every loop is bounded in time and count. ``--baseline REV`` extracts the git revision REV into a
+temporary folder and measures its app with the same clients and mix, alternating REV and the current
+tree ``--rounds`` times, so both see the same machine load; then prints both and their ratios.
+``--single`` first times one user alone: a user view, 100 LoRA draws and 100 logit draws (each on a user
+not asked for before, so nothing comes from a cache). tests/test_load.py runs a short load and requires zero errors.
 """
 
 from __future__ import annotations
@@ -14,16 +19,32 @@ import argparse
 import os
 import random
 import socket
+import subprocess
 import sys
+import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DEMO = ROOT / "assets" / "demo"
+MAX_SESSIONS = 30
+SERVE = """
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+os.environ["PYTHONPATH"] = sys.argv[1]
+from app.main import build_app, make_context
+ctx = make_context([sys.argv[2]], sys.argv[3], "cpu")
+demo = build_app(ctx)
+demo.launch(server_name="127.0.0.1", server_port=int(sys.argv[4]), prevent_thread_lock=True, quiet=True)
+print("serving", flush=True)
+sys.stdin.read()  # until the load script closes stdin
+demo.close()
+"""
 
 
 def _free_port() -> int:
@@ -40,95 +61,243 @@ def percentile(values: list[float], q: float) -> float:
     return values[k]
 
 
-def session(url: str, users: list[str], seconds: float, max_requests: int, seed: int, out: dict, lock) -> None:
-    """One browser-like session: switch to a random user, score its candidates, draw a little noise."""
+@contextmanager
+def serve(root: Path, runs_dir: str, timeout: float = 240.0):
+    """The app of the source tree ``root`` in a child process on a free local port; yields its URL."""
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SERVE, str(root), str(DEMO), runs_dir, str(port)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=root,
+    )  # fmt: skip
+    try:
+        line = ""
+        end = time.time() + timeout
+        while time.time() < end and "serving" not in line:
+            line = proc.stdout.readline()
+            if not line and proc.poll() is not None:
+                raise RuntimeError(f"the app of {root} exited with status {proc.returncode} before serving")
+        if "serving" not in line:
+            raise RuntimeError(f"the app of {root} did not start within {timeout:.0f} s")
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        try:
+            proc.stdin.close()
+            proc.wait(timeout=30)
+        except Exception:  # noqa: BLE001 - a stuck child is killed below
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+def connect(url: str, attempts: int = 3):
+    """A gradio_client session on the app (a student opening the page); returned files are not downloaded, so
+    the clients' own work stays small beside the app's. Retried: on a loaded machine the first call may time out."""
     from gradio_client import Client
 
+    for k in range(attempts):
+        try:
+            return Client(url, verbose=False, download_files=False, httpx_kwargs={"timeout": 120})
+        except Exception:  # noqa: BLE001 - retried, then raised
+            if k == attempts - 1:
+                raise
+            time.sleep(2.0)
+
+
+def session(client, users, seconds, max_requests, seed, out, lock, mix) -> None:
+    """One student: a user view, then another, and now and then a noise draw with the lab's settings."""
     rng = random.Random(seed)
-    client = Client(url, verbose=False)
     end, n = time.time() + seconds, 0
     while time.time() < end and n < max_requests:
         user = rng.choice(users)
-        for name, args in (
-            ("data_user", (str(DEMO), "hit3", user, "base")),
-            ("noise_draw", (str(DEMO), "hit3", user, "base", rng.choice(["lora", "logits"]), 0.02, 10, n)),
-        ):
-            t0 = time.perf_counter()
-            try:
-                client.predict(*args, api_name=f"/{name}")
-                ok = True
-            except Exception as e:  # every error counts, whatever its type
-                ok = False
-                with lock:
-                    out["errors"].append(f"{name}: {type(e).__name__}: {str(e)[:200]}")
+        if rng.random() < mix["noise_share"]:
+            target = rng.choice(mix["targets"])
+            noise_seed = rng.randrange(mix["seeds"])
+            name = "noise_draw"
+            args = (str(DEMO), "hit3", user, "base", target, mix["sigma"], mix["draws"], noise_seed)
+            setting = (user, target, noise_seed)
+        else:
+            name, args, setting = "data_user", (str(DEMO), "hit3", user, "base"), (user,)
+        t0 = time.perf_counter()
+        try:
+            client.predict(*args, api_name=f"/{name}")
+            ok = True
+        except Exception as e:  # every error counts, whatever its type
+            ok = False
             with lock:
-                if ok:
-                    out["latency"].setdefault(name, []).append(time.perf_counter() - t0)
-            n += 1
+                out["errors"].append(f"{name}: {type(e).__name__}: {str(e)[:200]}")
+        with lock:
+            if ok:
+                out["latency"].setdefault(name, []).append(time.perf_counter() - t0)
+            out["settings"].setdefault(name, set()).add(setting)
+        n += 1
+        if mix["think"]:
+            time.sleep(rng.uniform(0, 2 * mix["think"]))
 
 
-def run(sessions: int = 20, seconds: float = 60.0, max_requests: int = 200, runs_dir: str | None = None) -> dict:
-    import tempfile
+def _users(url, warm: bool = True) -> list[str]:
+    """The users with a hit3 test prompt; ``warm``: first one view and one noise draw per target (a seed the
+    mix never uses), so the model is built before the clock starts."""
+    client = connect(url)
+    users_update, *_ = client.predict(str(DEMO), "hit3", api_name="/data_open")
+    users = [c[1] if isinstance(c, (list, tuple)) else c for c in users_update["choices"]]
+    if warm:
+        client.predict(str(DEMO), "hit3", users[0], "base", api_name="/data_user")
+        for target in ("lora", "logits"):
+            client.predict(str(DEMO), "hit3", users[0], "base", target, 0.02, 10, 99_999, api_name="/noise_draw")
+    return users
 
-    from gradio_client import Client
 
-    from app.main import build_app, make_context
+def default_mix(**over) -> dict:
+    """One request in five a noise draw (100 draws, sigma 0.02, LoRA or logits, the lab's default seed 0),
+    the rest user views, over the first 50 users, back to back (no think time)."""
+    mix = {"noise_share": 0.2, "draws": 100, "sigma": 0.02, "targets": ("lora", "logits"), "seeds": 1,
+           "users": 50, "think": 0.0}  # fmt: skip
+    mix.update({k: v for k, v in over.items() if v is not None})
+    return mix
 
-    ctx = make_context([str(DEMO)], runs_dir or tempfile.mkdtemp(prefix="hanorec-load-"), "cpu")
-    demo = build_app(ctx)
-    port = _free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        users_update, *_ = Client(url, verbose=False).predict(str(DEMO), "hit3", api_name="/data_open")
-        users = [c[1] if isinstance(c, (list, tuple)) else c for c in users_update["choices"]][:50]
-        out: dict = {"latency": {}, "errors": []}
+
+def run(
+    sessions: int = 20,
+    seconds: float = 60.0,
+    max_requests: int = 200,
+    runs_dir: str | None = None,
+    *,
+    root: Path = ROOT,
+    mix: dict | None = None,
+) -> dict:
+    """Drive ``sessions`` clients against the app of ``root`` for ``seconds``; latencies, errors, hung sessions."""
+    if not 1 <= sessions <= MAX_SESSIONS:
+        raise ValueError(f"--sessions must be between 1 and {MAX_SESSIONS}, got {sessions}")
+    mix = mix or default_mix()
+    with tempfile.TemporaryDirectory(prefix="hanorec-load-") as tmp, serve(Path(root), runs_dir or tmp) as url:
+        users = _users(url)[: mix["users"]]
+        with ThreadPoolExecutor(max_workers=6) as pool:  # every page open before the clock starts
+            clients = list(pool.map(lambda _: connect(url), range(sessions)))
+        out: dict = {"latency": {}, "errors": [], "settings": {}}
         lock = threading.Lock()
         threads = [
-            threading.Thread(target=session, args=(url, users, seconds, max_requests, i, out, lock))
-            for i in range(sessions)
+            threading.Thread(target=session, args=(c, users, seconds, max_requests, i, out, lock, mix), daemon=True)
+            for i, c in enumerate(clients)
         ]
         t0 = time.time()
         for t in threads:
             t.start()
         for t in threads:
-            t.join(timeout=seconds + 300)
+            t.join(timeout=max(1.0, t0 + seconds + 300 - time.time()))
         out["wall_s"] = time.time() - t0
         out["hung_sessions"] = sum(t.is_alive() for t in threads)
-    finally:
-        demo.close()
-        if ctx.jobs is not None:
-            ctx.jobs.close()
     out["sessions"] = sessions
     out["requests"] = sum(len(v) for v in out["latency"].values()) + len(out["errors"])
+    out["throughput"] = (out["requests"] - len(out["errors"])) / max(out["wall_s"], 1e-9)
     return out
+
+
+def single_user(root: Path = ROOT, repeats: int = 3) -> dict:
+    """One user alone: median seconds of a user view, 100 LoRA draws and 100 logit draws (each on a new user)."""
+    with tempfile.TemporaryDirectory(prefix="hanorec-single-") as tmp, serve(Path(root), tmp) as url:
+        users = _users(url)
+        client = connect(url)
+        times: dict[str, list[float]] = {"user view": [], "100 LoRA draws": [], "100 logit draws": []}
+        for k in range(repeats):
+            for name, api, args in (
+                ("user view", "/data_user", (str(DEMO), "hit3", users[1 + k], "base")),
+                ("100 LoRA draws", "/noise_draw", (str(DEMO), "hit3", users[4 + k], "base", "lora", 0.02, 100, 1)),
+                ("100 logit draws", "/noise_draw", (str(DEMO), "hit3", users[8 + k], "base", "logits", 0.02, 100, 1)),
+            ):
+                t0 = time.perf_counter()
+                client.predict(*args, api_name=api)
+                times[name].append(time.perf_counter() - t0)
+    return {name: percentile(v, 50) for name, v in times.items()}
 
 
 def report(out: dict) -> str:
     lines = [
-        f"{out['sessions']} sessions, {out['requests']} requests in {out['wall_s']:.0f} s, "
-        f"{len(out['errors'])} errors, {out['hung_sessions']} sessions still running at the end"
+        f"{out['sessions']} sessions, {out['requests']} requests in {out['wall_s']:.0f} s "
+        f"({out.get('throughput', 0.0):.2f} served per s), {len(out['errors'])} errors, "
+        f"{out['hung_sessions']} sessions still running at the end"
     ]
     for name, lat in sorted(out["latency"].items()):
+        distinct = len(out.get("settings", {}).get(name, ()))
         lines.append(
-            f"  {name}: {len(lat)} ok; latency p50 {percentile(lat, 50):.2f} s, p90 {percentile(lat, 90):.2f} s, "
-            f"p99 {percentile(lat, 99):.2f} s, max {max(lat):.2f} s"
+            f"  {name}: {len(lat)} ok ({distinct} distinct); latency p50 {percentile(lat, 50):.2f} s, "
+            f"p90 {percentile(lat, 90):.2f} s, p99 {percentile(lat, 99):.2f} s, max {max(lat):.2f} s"
         )
     lines += [f"  error: {e}" for e in out["errors"][:10]]
     return "\n".join(lines)
 
 
+@contextmanager
+def checkout(rev: str):
+    """The files of git revision ``rev`` (``git archive``) in a temporary folder, removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="hanorec-baseline-") as tmp:
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        yield Path(tmp)
+
+
+def _merge(runs: list[dict]) -> dict:
+    """Several rounds of one app as one run: latencies pooled, requests and wall time summed."""
+    out = {"latency": {}, "errors": [], "settings": {}, "wall_s": 0.0, "hung_sessions": 0, "requests": 0}
+    for r in runs:
+        for k, v in r["latency"].items():
+            out["latency"].setdefault(k, []).extend(v)
+        for k, v in r["settings"].items():
+            out["settings"].setdefault(k, set()).update(v)
+        out["errors"] += r["errors"]
+        for k in ("wall_s", "hung_sessions", "requests"):
+            out[k] += r[k]
+    out["sessions"] = runs[0]["sessions"]
+    out["throughput"] = (out["requests"] - len(out["errors"])) / max(out["wall_s"], 1e-9)
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--sessions", type=int, default=20)
+    p.add_argument("--sessions", type=int, default=30, help=f"concurrent sessions, 1 to {MAX_SESSIONS} (default 30)")
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--max-requests", type=int, default=200, help="per session")
+    p.add_argument("--noise-share", type=float, default=None, help="share of requests that are noise draws (0.2)")
+    p.add_argument("--draws", type=int, default=None, help="draws per noise request (100)")
+    p.add_argument("--seeds", type=int, default=None, help="noise seeds the sessions pick from (1: the default 0)")
+    p.add_argument("--users", type=int, default=None, help="users the sessions pick from (50)")
+    p.add_argument("--think", type=float, default=None, help="mean pause between a session's requests, s (0)")
+    p.add_argument("--baseline", metavar="REV", help="also measure the app of this git revision, alternating")
+    p.add_argument("--rounds", type=int, default=1, help="with --baseline: alternations (each --seconds long)")
+    p.add_argument("--single", action="store_true", help="first time one user alone (view, 100 draws)")
     args = p.parse_args()
-    print(f"load average at start: {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)")
-    out = run(args.sessions, args.seconds, args.max_requests)
-    print(report(out))
+    mix = default_mix(noise_share=args.noise_share, draws=args.draws, seeds=args.seeds, users=args.users,
+                      think=args.think)  # fmt: skip
+    print(f"machine: {os.cpu_count()} cores; load average at start {os.getloadavg()[0]:.2f}; mix {mix}")
+    with checkout(args.baseline) if args.baseline else _nothing() as base_root:
+        apps = [("current", ROOT)] + ([(f"baseline {args.baseline}", base_root)] if base_root else [])
+        if args.single:
+            for name, root in apps[::-1]:
+                t = single_user(root)
+                print(f"single user, {name}: " + ", ".join(f"{k} {v:.2f} s" for k, v in t.items()))
+        results: dict[str, list[dict]] = {name: [] for name, _ in apps}
+        for _ in range(max(1, args.rounds)):
+            for name, root in apps[::-1]:
+                before = os.getloadavg()[0]
+                results[name].append(run(args.sessions, args.seconds, args.max_requests, root=root, mix=mix))
+                print(f"[{name}: load average {before:.2f} -> {os.getloadavg()[0]:.2f}]", flush=True)
+    merged = {name: _merge(rs) for name, rs in results.items()}
+    for name, out in merged.items():
+        print(f"{name}: {report(out)}")
+    if args.baseline:
+        new, old = merged["current"], merged[f"baseline {args.baseline}"]
+        print(f"throughput ratio current / baseline: {new['throughput'] / max(old['throughput'], 1e-9):.2f}x")
+        for name in sorted(set(new["latency"]) & set(old["latency"])):
+            ratios = [percentile(old["latency"][name], q) / max(percentile(new["latency"][name], q), 1e-9)
+                      for q in (50, 90, 99)]  # fmt: skip
+            print(f"  {name}: baseline / current latency p50 {ratios[0]:.1f}x, p90 {ratios[1]:.1f}x, p99 {ratios[2]:.1f}x")
     print(f"load average at end: {os.getloadavg()[0]:.2f}")
-    sys.exit(1 if out["errors"] or out["hung_sessions"] else 0)
+    bad = any(o["errors"] or o["hung_sessions"] for o in merged.values())
+    sys.exit(1 if bad else 0)
+
+
+@contextmanager
+def _nothing():
+    yield None
 
 
 if __name__ == "__main__":

@@ -113,6 +113,9 @@ def test_data_tab(page, shots):
     page.get_by_text("What the model sees").click()  # the accordion: chat template, image tokens expanded
     seen = page.locator("#data-seen textarea")
     seen.wait_for(timeout=30_000)
+    # the user's prompt is shown first; the model's view and scores follow once the model has scored it
+    page.wait_for_function("() => document.querySelector('#data-seen textarea').value.includes('<|image_pad|>')",
+                           timeout=60_000)  # fmt: skip
     assert "<|image_pad|>" in seen.input_value()
     no_errors(page)
     shoot(page, shots, "data")

@@ -401,3 +401,49 @@ def test_relative_scale_leaves_a_zero_factor_clean_and_is_refused_for_logit_nois
     assert load_config(overrides=["--pref.noise_scale=relative"]).pref.noise_scale == "relative"
     with pytest.raises(ConfigError, match="noise_target"):
         load_config(overrides=["--pref.noise_scale=relative", "--pref.noise_target=logits"])
+
+
+def test_rows_in_draw_order_and_shuffled_rows_get_their_own_draws(model, ids):
+    """Rows that use draws 0..N-1 in order take the batched path without indexing; any other mapping
+    indexes the draws per row. Both give each row exactly its draw (row 1 of [1, 0] is row 0 of [0, 1])."""
+    noise = LoRANoise(model, SIGMA)
+    both = ids[:1].repeat(2, 1)
+    with noise.active(group_ids=torch.tensor([0, 1]), generator=torch.Generator().manual_seed(4)):
+        in_order = logits(model, both)
+        noise.set_group_ids(torch.tensor([1, 0]))
+        swapped = logits(model, both)
+    assert torch.equal(in_order[0], swapped[1]) and torch.equal(in_order[1], swapped[0])
+    assert not torch.allclose(in_order[0], in_order[1], atol=1e-4)
+
+
+def test_an_inference_context_perturbs_only_its_own_threads_forwards(model, ids):
+    """Noise at inference is per thread: while one thread scores under noise, another scores the same
+    model clean (the app serves several sessions at once); training contexts perturb every forward."""
+    import threading
+
+    model.eval()
+    clean = logits(model, ids)
+    noise = LoRANoise(model, SIGMA)
+    opened, scored, seen = threading.Event(), threading.Event(), {}
+
+    def other_thread():
+        opened.wait(10)
+        seen["other"] = logits(model, ids)
+        scored.set()
+
+    t = threading.Thread(target=other_thread)
+    t.start()
+    with noise.active(inference=True, generator=torch.Generator().manual_seed(0)):
+        noisy = logits(model, ids)
+        opened.set()
+        assert scored.wait(10)
+        again = logits(model, ids)
+    t.join(10)
+    assert torch.equal(seen["other"], clean)
+    assert not torch.allclose(noisy, clean, atol=1e-4) and torch.equal(noisy, again)
+    model.train()
+    with noise.active():
+        t = threading.Thread(target=lambda: seen.update(train=logits(model, ids)))
+        t.start()
+        t.join(10)
+    assert not torch.allclose(seen["train"], logits(model, ids), atol=1e-4)

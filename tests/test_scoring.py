@@ -421,3 +421,34 @@ def test_concurrent_callers_never_see_each_others_noise(bundles, demo):
         assert all(torch.equal(o, c) for o, c in zip(out, clean))
     for out in results["noisy"]:
         assert all(torch.equal(o, a) for o, a in zip(out, alone))
+
+
+@pytest.mark.parametrize("preset", NOISE_PRESETS)
+def test_lora_draws_run_the_vision_tower_once_with_the_same_scores(bundles, demo, preset, monkeypatch):
+    """LoRA noise at inference: a prompt's images go through the vision tower once for all its copies
+    (one row per draw) and the scores are bit-identical (torch.equal) to running the tower on every copy.
+    Families whose image features are not one tensor per image and nothing else (Qwen3-VL's extra outputs)
+    keep the tower on every copy; every family gets the same scores both ways."""
+    b = _lora_bundle(bundles, preset)
+    b.model.eval()
+    prompts, options = _lab_inputs(b, demo)
+    encoded = [[b.encode_completion(o, eos=False) for o in opts] for opts in options]  # as score_options
+    spec = NoiseSpec("lora", 0.1, draws=7, seed=5, draws_per_forward=3)  # copies 3, 3 and 1 per forward
+    calls = []
+    inner = scoring._base(b.model).model
+    original = inner.get_image_features
+    monkeypatch.setattr(inner, "get_image_features", lambda *a, **k: calls.append(1) or original(*a, **k))
+    dtype = next(b.model.parameters()).dtype
+    with torch.no_grad():
+        once = scoring._scores_under_lora_noise(b.model, b, prompts, encoded, spec, "shared_prefix", dtype, "cpu")
+        n_once, calls[:] = len(calls), []
+        every = scoring._scores_under_lora_noise(
+            b.model, b, prompts, encoded, spec, "shared_prefix", dtype, "cpu", vision_once=False
+        )
+    if preset in ("tiny-qwen2.5-vl", "tiny-llava"):  # whose forwards call get_image_features themselves
+        assert n_once == len(prompts)  # one vision pass per prompt, whatever the number of draws
+        assert len(calls) == len(prompts) * 3  # the per-copy path: one pass per forward (of 3, 3 and 1 copies)
+    for a, c in zip(once, every):
+        assert a.shape == (7, len(c[0]))
+        assert torch.equal(a, c)
+    assert torch.equal(torch.cat(once, 1), torch.cat(score_options(b, prompts, options, noise=spec), 1))

@@ -10,7 +10,17 @@ import gradio as gr
 import pandas as pd
 import plotly.graph_objects as go
 
-from app.common import TASKS, example_for, item_image, on_load, user_errors
+from app.common import (
+    LIGHT,
+    MAX_USER_CHOICES,
+    TASKS,
+    download_buttons,
+    example_for,
+    item_image,
+    on_load,
+    test_users,
+    user_errors,
+)
 
 CANDIDATE_COLUMNS = ["candidate", "item", "true next", "log-prob", "prob", "rank"]
 
@@ -22,11 +32,15 @@ def open_dataset(ctx, dataset: str, task: str):
 
     data = ctx.prepared(dataset, task)
     stats = dataset_stats(data.dataset)
-    users = [e.user for e in data.test]
+    users = test_users(data)
     table = pd.DataFrame(stats.table, columns=["statistic", "value"])
-    summary = f"**{data.dataset.name}**: {data.splits.describe()}. {len(users)} users have a test prompt for {task}."
+    summary = f"**{data.dataset.name}**: {data.splits.describe()}. {len(users):,} users have a test prompt for {task}."
+    if data.dataset.summary.text_only:
+        summary += " Text only: no item has an image, so prompts carry no images."
+    if len(users) > MAX_USER_CHOICES:
+        summary += f" The list shows the first {MAX_USER_CHOICES:,}; type any other user id."
     return (
-        gr.update(choices=users, value=users[0] if users else None),
+        gr.update(choices=users[:MAX_USER_CHOICES], value=users[0] if users else None),
         summary,
         table,
         lengths_figure(stats),
@@ -53,7 +67,7 @@ def show_user(ctx, dataset: str, task: str, user: str, model: str):
     ds = data.dataset
     bundle, _ = ctx.model(model, dataset, task)
     with user_errors("scoring the candidates"):
-        rows = candidate_scores(bundle, ds, example)
+        rows = candidate_scores(bundle, ds, example, cache=ctx.results)
         seen = model_view(bundle, ds, example)
     rendered = render(example, ds)
     return (
@@ -64,6 +78,29 @@ def show_user(ctx, dataset: str, task: str, user: str, model: str):
         rendered.answer,
         seen[0],
         seen[1],
+    )
+
+
+def show_user_text(ctx, dataset: str, task: str, user: str):
+    """The user's history, prompt, answer and candidates at once (no model): the page shows the user while
+    the model scores the candidates (show_user, chained after this)."""
+    from hanorec.explore import true_options
+    from hanorec.tasks import render
+
+    data, example = example_for(ctx, dataset, task, user)
+    ds = data.dataset
+    rendered = render(example, ds)
+    true = true_options(example)
+    rows = [[opt, item, "✓" if k in true else "", None, None, None]
+            for k, (opt, item) in enumerate(zip(example.options, example.option_items))]  # fmt: skip
+    return (
+        history_gallery(ds, ds.sequences[user], example),
+        pd.DataFrame(rows, columns=CANDIDATE_COLUMNS),
+        [(item_image(ds, r[1]), ("✓ " if r[2] else "") + ds.items[r[1]].title) for r in rows],
+        rendered.text,
+        rendered.answer,
+        gr.skip(),
+        gr.skip(),
     )
 
 
@@ -170,6 +207,7 @@ def build(ctx) -> None:
         with gr.Row():
             stats_table = gr.Dataframe(headers=["statistic", "value"], interactive=False, label="Counts")
             fig_images = gr.Plot(label="Users, items, missing images")
+        download_buttons(dataset_statistics=stats_table)
         with gr.Row():
             fig_lengths = gr.Plot(label="Sequence lengths")
             fig_pop = gr.Plot(label="Item popularity")
@@ -185,6 +223,7 @@ def build(ctx) -> None:
     with gr.Row():
         cands = gr.Dataframe(headers=CANDIDATE_COLUMNS, interactive=False, label="Candidates (✓ = true next item; rank = the model's ranking by log-prob)", scale=3)
         cand_images = gr.Gallery(label="Candidate images (✓ = true next)", columns=4, height=300, object_fit="contain", scale=2)
+    download_buttons(candidates=cands)
     with gr.Row():
         prompt = gr.Textbox(label="Prompt (as written, <image> = one history image)", lines=6, elem_id="data-prompt")
         answer = gr.Textbox(label="Target answer", lines=6)
@@ -201,7 +240,10 @@ def build(ctx) -> None:
     dataset.change(load, [dataset, task], stats_out, api_name="data_open")
     task.change(load, [dataset, task], stats_out, api_visibility="private")
     open_btn.click(partial(open_typed, ctx), [typed, task], [dataset, *stats_out], api_name="data_open_typed")
-    user.change(partial(show_user, ctx), user_in, user_out, api_name="data_user")
-    model.change(partial(show_user, ctx), user_in, user_out, api_visibility="private")
+    light = ctx.events(LIGHT)
+    user.change(partial(show_user_text, ctx), user_in[:3], user_out, api_visibility="private", **light).then(
+        partial(show_user, ctx), user_in, user_out, api_name="data_user", **light
+    )
+    model.change(partial(show_user, ctx), user_in, user_out, api_visibility="private", **light)
     refresh.click(partial(refresh_models, ctx), None, model, api_name="data_models")
     on_load(load, [dataset, task], stats_out)

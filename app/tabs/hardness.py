@@ -15,7 +15,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from app.common import example_pickers, item_image, user_errors
+from app.common import HEAVY, LIGHT, download_buttons, example_pickers, item_image, user_errors
 from hanorec import methods
 
 SAMPLING = ("random", "embedding")
@@ -274,14 +274,17 @@ def build(ctx) -> None:
     with gr.Row():
         hist = gr.Plot(label="lambda distribution")
         table = gr.Dataframe(headers=["pair", "user", "D", "lambda", "beta"], interactive=False, label="Pairs (D, lambda, beta)", max_height=320, show_search="filter")
+    download_buttons(pairs=table)
     with gr.Accordion("What widens the spread: lambda range per K and temperature", open=False):
         grid_btn = gr.Button("Compute the grid")
         grid = gr.Dataframe(headers=["K", "temperature", "lambda min", "lambda max", "lambda std", "paper"], interactive=False)
+        download_buttons(lambda_grid=grid)
     gr.Markdown("### One user's pair")
     with gr.Row():
         user = gr.Dropdown([], label="User (with a training pair)", allow_custom_value=True)
     pair_text = gr.Markdown()
     aligned = gr.Dataframe(interactive=False, label="Aligned (positive, negative) items")
+    download_buttons(aligned_items=aligned)
     profiles = gr.Plot(label="Neighbour profiles")
     images = gr.Gallery(label="Aligned pairs: positive (+) then its negative (−)", columns=6, height=250, object_fit="contain")
     gr.Markdown("### Per-pair training view (after a preference run)")
@@ -290,6 +293,7 @@ def build(ctx) -> None:
     with gr.Row():
         stats = gr.Dataframe(headers=STATS_COLUMNS, interactive=False, label="Per pair (click a row)", max_height=360, show_search="filter", scale=3)
         margins = gr.Plot(label="Reward margin vs lambda", scale=2)
+    download_buttons(per_pair_statistics=stats)
     with gr.Row():
         pair_n = gr.Number(0, label="pair #", precision=0, scale=1)
         pair_btn = gr.Button("Show this pair's prompt", scale=1, elem_id="hardness-pair-prompt")
@@ -305,10 +309,11 @@ def build(ctx) -> None:
 
     base = [dataset, task, model]
     settings = [*base, k, temperature, sampling, seed]
-    go_btn.click(partial(compute, ctx), settings, [summary, hist, table, user], api_name="hardness_compute")
-    user.change(partial(show_pair, ctx), [*settings, user], [pair_text, aligned, profiles, images], api_name="hardness_pair")
-    grid_btn.click(partial(spread_grid, ctx), [*base, sampling, seed], grid, api_name="hardness_grid")
-    stats_btn.click(partial(score_pairs, ctx), base, [stats_text, stats, margins], api_name="hardness_stats")
+    heavy, light = ctx.events(HEAVY), ctx.events(LIGHT)
+    go_btn.click(partial(compute, ctx), settings, [summary, hist, table, user], api_name="hardness_compute", **heavy)
+    user.change(partial(show_pair, ctx), [*settings, user], [pair_text, aligned, profiles, images], api_name="hardness_pair", **light)
+    grid_btn.click(partial(spread_grid, ctx), [*base, sampling, seed], grid, api_name="hardness_grid", **heavy)
+    stats_btn.click(partial(score_pairs, ctx), base, [stats_text, stats, margins], api_name="hardness_stats", **heavy)
     stats.select(select_pair, None, pair_n, api_visibility="private")
-    pair_btn.click(partial(pair_prompt, ctx), [*base, pair_n], [pair_prompt_box, chosen, rejected, pair_images], api_name="hardness_pair_prompt")
-    pair_n.submit(partial(pair_prompt, ctx), [*base, pair_n], [pair_prompt_box, chosen, rejected, pair_images], api_visibility="private")
+    pair_btn.click(partial(pair_prompt, ctx), [*base, pair_n], [pair_prompt_box, chosen, rejected, pair_images], api_name="hardness_pair_prompt", **light)
+    pair_n.submit(partial(pair_prompt, ctx), [*base, pair_n], [pair_prompt_box, chosen, rejected, pair_images], api_visibility="private", **light)

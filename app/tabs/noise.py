@@ -10,7 +10,7 @@ import gradio as gr
 import pandas as pd
 import plotly.graph_objects as go
 
-from app.common import example_for, example_pickers, user_errors
+from app.common import HEAVY, NOISE, download_buttons, example_for, example_pickers, user_errors
 
 TARGETS = ("lora", "logits")
 
@@ -23,9 +23,10 @@ def draw_noise(ctx, dataset, task, user, model, target, sigma, draws, seed):
     bundle, _ = ctx.model(model, dataset, task)
     with user_errors("scoring under noise"):
         clean, noisy, summary = example_noise(
-            bundle, data.dataset, example, target=target, sigma=sigma, draws=int(draws), seed=int(seed)
-        )
-        scale = lora_scale_text(bundle, target, sigma)
+            bundle, data.dataset, example, target=target, sigma=sigma, draws=int(draws), seed=int(seed),
+            cache=ctx.results,
+        )  # fmt: skip
+        scale = lora_scale_text(bundle, target, sigma, ctx.results)
     true = set(example.targets) if task != "hit1" else set()
     labels = [_short(o) + (" ✓" if item in true else "") for o, item in zip(example.options, example.option_items)]
     d = summary.as_dict()
@@ -57,17 +58,16 @@ def sweep(ctx, dataset, task, user, model, target, draws, seed, sigma, progress=
             draws=max(1, int(draws) // 5),
             seed=int(seed),
             progress=lambda done, total: progress(done / total, desc=f"sigma {done}/{total}"),
+            cache=ctx.results,
         )
-        a_rms = _a_rms(bundle) if target == "lora" else None
+        a_rms = _lora_scale(bundle, ctx.results).a_rms if target == "lora" else None
     return sweep_figure(pd.DataFrame(rows), sigma, a_rms, target), pd.DataFrame(rows).round(5)
 
 
-def lora_scale_text(bundle, target: str, sigma: float) -> str:
+def lora_scale_text(bundle, target: str, sigma: float, cache=None) -> str:
     if target != "lora":
         return "Logit noise is added to every completion token's prediction logits."
-    from hanorec.noise import lora_factor_scale
-
-    s = lora_factor_scale(bundle.model)
+    s = _lora_scale(bundle, cache)
     ratio = f"{sigma / s.a_rms:.2g}x" if s.a_rms > 0 else "n/a"
     return (
         f"Scale of the {s.n_pairs} LoRA factor pairs it perturbs: rms(A) = {s.a_rms:.3g}, rms(B) = {s.b_rms:.3g} "
@@ -75,10 +75,13 @@ def lora_scale_text(bundle, target: str, sigma: float) -> str:
     )
 
 
-def _a_rms(bundle) -> float:
+def _lora_scale(bundle, cache=None):
+    """hanorec.noise.lora_factor_scale of the model, kept in the result cache while its weights stay the same."""
     from hanorec.noise import lora_factor_scale
 
-    return lora_factor_scale(bundle.model).a_rms
+    if cache is None:
+        return lora_factor_scale(bundle.model)
+    return cache.get((bundle.model,), ("lora_scale",), lambda: lora_factor_scale(bundle.model))
 
 
 def _short(text: str, n: int = 34) -> str:
@@ -146,15 +149,18 @@ def build(ctx) -> None:
     summary = gr.Markdown(elem_id="noise-summary")
     scores = gr.Plot(label="Scores per candidate", elem_id="noise-scores")
     table = gr.Dataframe(headers=["candidate", "clean", "noisy_mean", "shift_mean", "shift_std", "top1_rate"], interactive=False, label="Per candidate (shift = noisy - clean, top1_rate = share of draws it was top-1)")
+    download_buttons(noise_per_candidate=table)
     sweep_plot = gr.Plot(label="Sweep over sigma", elem_id="noise-sweep-plot")
     sweep_table = gr.Dataframe(
         headers=["sigma", "kl_mean", "kl_std", "top1_change_rate", "top3_change_rate", "mean_abs_shift"],
         interactive=False, label="Sweep values",
     )  # fmt: skip
+    download_buttons(sigma_sweep=sweep_table)
 
     inputs = [dataset, task, user, model, target, sigma, draws, seed]
-    run.click(partial(draw_noise, ctx), inputs, [summary, scores, table], api_name="noise_draw")
+    heavy = ctx.events(HEAVY)
+    run.click(partial(draw_noise, ctx), inputs, [summary, scores, table], api_name="noise_draw", **ctx.events(NOISE))
     run_sweep.click(
         partial(sweep, ctx), [dataset, task, user, model, target, draws, seed, sigma], [sweep_plot, sweep_table],
-        api_name="noise_sweep",
+        api_name="noise_sweep", **heavy,
     )  # fmt: skip

@@ -16,7 +16,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from app.common import USER_ERRORS
+from app.common import USER_ERRORS, download_buttons
 from hanorec import logkeys as K
 from hanorec import methods, runs
 from hanorec.backbones import tiny_presets
@@ -402,6 +402,33 @@ def compare(ctx, selected: list[str], metric: str):
     return pd.DataFrame(rows, columns=RUN_COLUMNS), fig
 
 
+# ---- export ---------------------------------------------------------------------------------------
+def export_choices(ctx):
+    """Stages of finished runs that have a checkpoint (run::stage): what the Export button can take away."""
+    names = [f"{i.name}::{s}" for i in runs.list_runs(ctx.runs_dir, with_metrics=False) if i.status == "finished"
+             for s in i.stages if runs.latest_checkpoint(i.path / s)]  # fmt: skip
+    return gr.update(choices=names)
+
+
+def export_model(ctx, value: str, merge: bool):
+    """Export the chosen stage (hanorec.export) under <runs>/exports; the folder and a zip to download."""
+    from hanorec.export import export_for_download
+
+    if not value or "::" not in value:
+        raise gr.Error("Choose a finished run's stage to export (run::stage).")
+    run_name, _, stage = value.rpartition("::")
+    with _errors():
+        path = ctx.resolve_path(str(Path(ctx.runs_dir) / run_name))
+        folder, archive = export_for_download(path, stage, Path(ctx.runs_dir) / "exports", merge=bool(merge),
+                                              command=f"python -m hanorec export --run {path} --stage {stage} "
+                                                      f"--out {Path(ctx.runs_dir) / 'exports'}{' --merge' if merge else ''}")  # fmt: skip
+    how = "everything merged" if merge else "the base with SFT merged, and the stage's LoRA in adapter/"
+    text = f"Exported **{value}** to `{folder}` ({how}); its model card is `{folder / 'README.md'}`."
+    if archive is None:
+        text += " It is too large to offer as a zip here: copy the folder."
+    return text, gr.update(value=str(archive) if archive else None, interactive=archive is not None)
+
+
 # ---- layout --------------------------------------------------------------------------------------
 def _dataset_choices(ctx) -> list:
     if hasattr(ctx, "dataset_choices"):
@@ -468,15 +495,25 @@ def build(ctx) -> None:
     with gr.Accordion("Log", open=False):
         log = gr.Textbox(lines=12, max_lines=12, label="job.log (last lines)", autoscroll=True)
     jobs = gr.Dataframe(headers=JOB_COLUMNS, interactive=False, label="Jobs (running, then the queue)")
+    download_buttons(jobs=jobs)
     gr.Markdown("### Past runs")
     refresh_btn = gr.Button("Refresh", size="sm")
     past = gr.Dataframe(headers=RUN_COLUMNS, interactive=False, label="Runs and their stages")
+    download_buttons(runs=past)
     with gr.Row():
         chosen = gr.Dropdown([], multiselect=True, label="Compare (run::stage)", scale=4)
         metric = gr.Dropdown([k for k, _ in CURVES] + [K.LR], value=K.LOSS, label="metric", scale=1)
         compare_btn = gr.Button("Compare", scale=1)
     cmp_table = gr.Dataframe(headers=RUN_COLUMNS, interactive=False, label="Side by side")
+    download_buttons(side_by_side=cmp_table)
     cmp_fig = gr.Plot(label="Metric by step")
+    gr.Markdown("### Take a model away (the README's section says why the stage's adapter alone is not enough)")
+    with gr.Row():
+        export_stage_pick = gr.Dropdown([], label="Finished stage (run::stage)", scale=3, elem_id="train-export-stage")
+        export_merge = gr.Checkbox(False, label="merge every adapter into the weights", scale=1)
+        export_btn = gr.Button("Export", scale=1, elem_id="train-export")
+    export_text = gr.Markdown(elem_id="train-export-text")
+    export_file = gr.DownloadButton("Download the exported model (zip)", interactive=False, size="sm")
     timer = gr.Timer(1.0)
     seen_jobs = gr.State("")  # jobs_signature() at the last refresh of the past runs
 
@@ -496,6 +533,9 @@ def build(ctx) -> None:
     resume_btn.click(partial(resume, ctx), [job], status, api_name="train_resume")
     refresh_btn.click(partial(refresh_runs, ctx), None, [past, chosen, sft_from, job], api_name="train_runs")
     compare_btn.click(partial(compare, ctx), [chosen, metric], [cmp_table, cmp_fig], api_name="train_compare")
+    export_stage_pick.focus(partial(export_choices, ctx), None, export_stage_pick, api_visibility="private")
+    export_btn.click(partial(export_model, ctx), [export_stage_pick, export_merge], [export_text, export_file],
+                     api_name="train_export")  # fmt: skip
     _on_load(partial(page_load, ctx), None, [job, past, chosen, sft_from])
 
 

@@ -56,7 +56,7 @@ def build_preference_items(
         ids, e = item_embeddings(bundle, ds, on_log=on_log, should_stop=should_stop)
         emb = dict(zip(ids, e))
     pairs = build_pairs(
-        list(examples)[: p.max_pairs],
+        list(examples[: p.max_pairs]),  # format only the examples paired
         ds,
         seed=cfg.seed if p.pair_seed is None else p.pair_seed,
         k_negatives=p.k_negatives,

@@ -11,7 +11,7 @@ from hanorec.data import RecDataset
 from hanorec.errors import UserError
 from hanorec.models import ModelBundle
 from hanorec.scoring import batch_logps
-from hanorec.tasks import Example, render
+from hanorec.tasks import Example, ExampleList, render
 from hanorec.train.loop import EmptyTrainingSet, TrainResult, Validation, train_loop
 
 
@@ -65,17 +65,59 @@ def example_lengths(bundle: ModelBundle, ds: RecDataset, examples: Sequence[Exam
     return out
 
 
+_SENTINEL = "HANORECCONTENTSENTINEL"
+
+
+def length_bounds(bundle: ModelBundle, examples: Sequence[Example]) -> list[int | None]:
+    """An upper bound on each example's prompt + answer tokens from its characters alone (no tokenizer, no
+    image), or None where no cheap bound holds. On ASCII text every token covers at least one character,
+    plus at most one prefix token per piece between images; the chat template's own characters and an image
+    placeholder's are measured once. Only fixed-size image presets (one token count per image) get a bound."""
+    from PIL import Image
+
+    split = bundle.adapter.split
+    probe = bundle.chat_text(_SENTINEL)
+    with_image = bundle.chat_text(_SENTINEL + "<image>")
+    if (not bundle.image_size or probe.count(_SENTINEL) != 1 or not with_image.isascii() or split in probe
+            or with_image.count(split) != 1):  # fmt: skip
+        return [None] * len(examples)
+    overhead = len(probe) - len(_SENTINEL)
+    per_placeholder = len(with_image) - len(probe) - len("<image>") - len(split)  # characters beside the split
+    per_image: list[int] = []
+    out: list[int | None] = []
+    for ex in examples:
+        if not (ex.prompt.isascii() and ex.answer.isascii()):
+            out.append(None)
+            continue
+        n_img = len(ex.image_items)
+        if n_img and not per_image:
+            per_image.append(bundle.image_token_count(Image.new("RGB", (bundle.image_size, bundle.image_size))))
+        chars = overhead + len(ex.prompt) + n_img * per_placeholder
+        out.append(chars + (n_img + 1) + n_img * (per_image[0] if n_img else 0) + len(ex.answer) + 2)
+    return out
+
+
 def drop_too_long(
     bundle: ModelBundle, ds: RecDataset, examples: Sequence[Example], max_length: int
-) -> tuple[list[Example], int]:
-    """(the examples that fit in max_length tokens, how many were skipped)."""
-    lengths = example_lengths(bundle, ds, examples)
-    kept = [ex for ex, n in zip(examples, lengths) if n <= max_length]
-    skipped = len(examples) - len(kept)
-    if examples and not kept:
+) -> tuple[Sequence[Example], int]:
+    """(the examples that fit in max_length tokens, how many were skipped).
+
+    Exact, but lazy: an example whose character bound (:func:`length_bounds`) already fits is kept without
+    tokenizing it; only the others are tokenized (:func:`example_lengths`). The kept examples and the count
+    are those of tokenizing every example."""
+    bounds = length_bounds(bundle, examples)
+    unsure = [k for k, b in enumerate(bounds) if b is None or b > max_length]
+    exact = dict(zip(unsure, example_lengths(bundle, ds, [examples[k] for k in unsure]))) if unsure else {}
+    keep = [k for k in range(len(examples)) if exact.get(k, 0) <= max_length]
+    skipped = len(examples) - len(keep)
+    if isinstance(examples, ExampleList):  # still formatted on access: memory stays bounded
+        kept = examples if not skipped else examples.subset(keep)
+    else:
+        kept = [examples[k] for k in keep]
+    if len(examples) and not kept:
         raise EmptyTrainingSet(
             f"every one of the {len(examples)} training examples is longer than model.max_length={max_length} "
-            f"tokens (the shortest has {min(lengths)}); raise --model.max_length or use smaller images"
+            f"tokens (the shortest has {min(exact.values())}); raise --model.max_length or use smaller images"
         )
     return kept, skipped
 
@@ -110,7 +152,7 @@ def sft_validation(cfg, bundle: ModelBundle, ds: RecDataset, val_examples: Seque
     from hanorec.eval import metrics_from_scores, rank_options
 
     metric = val_metric_name(cfg)
-    examples = list(val_examples)[: cfg.sft.max_val_examples] if cfg.sft.max_val_examples else list(val_examples)
+    examples = list(val_examples[: cfg.sft.max_val_examples] if cfg.sft.max_val_examples else val_examples)
     if not examples:
         raise EmptyTrainingSet(
             "sft validation (sft.val_every_epoch or sft.patience) needs validation examples, and the "
@@ -150,7 +192,7 @@ def train_sft(
     after every epoch and at the end (:func:`sft_validation`); with patience, training stops once the
     validation metric has not improved for that many validations and the stage keeps the best adapter."""
 
-    items, skipped = drop_too_long(bundle, ds, list(examples), cfg.model.max_length)
+    items, skipped = drop_too_long(bundle, ds, examples, cfg.model.max_length)
     if skipped:
         print(f"sft: skipped {skipped} of {len(examples)} training examples longer than "
               f"model.max_length={cfg.model.max_length} tokens")  # fmt: skip
