@@ -127,6 +127,28 @@ def test_cdpo_by_hand():
     assert out.losses.item() == pytest.approx(0.618139, abs=1e-6)
 
 
+def test_cdpo_in_a_comparison_trains_with_its_default_epsilon():
+    """The comparison's cDPO row (its variant's pref overrides, no pref.options given) uses eps = 0.1: its loss
+    and its gradient differ from DPO's; at margin 0 the gradient is exactly (1 - 2 eps) = 0.8 times DPO's."""
+    import dataclasses
+
+    from hanorec.pipeline import _with
+
+    cfg = load_config()
+    rows = {}
+    for label in ("DPO", "cDPO"):
+        pref = _with(cfg, pref=methods.variant_of(label)).pref
+        h = torch.tensor([0.0, 2.0], requires_grad=True)
+        b = dataclasses.replace(batch([0.0, 2.0]), policy_chosen=h)
+        out = methods.get(pref.method).loss(b, pref, 0.1, None)
+        out.losses.sum().backward()
+        rows[label] = (out.losses.detach(), h.grad.clone())
+    assert rows["cDPO"][0][1].item() == pytest.approx(0.9 * softplus(-0.2) + 0.1 * softplus(0.2), rel=1e-6)
+    assert rows["cDPO"][0][1].item() != pytest.approx(rows["DPO"][0][1].item(), rel=1e-3)
+    assert rows["cDPO"][1][0].item() == pytest.approx(0.8 * rows["DPO"][1][0].item(), rel=1e-6)
+    assert rows["cDPO"][1][1].item() != pytest.approx(0.8 * rows["DPO"][1][1].item(), rel=1e-3)
+
+
 def test_rdpo_by_hand():
     out = rdpo_loss(*logps_with_h([2.0, -1.0]), beta=0.1, epsilon=0.1)
     want = [(0.9 * softplus(-z) - 0.1 * softplus(z)) / 0.8 for z in (0.2, -0.1)]
