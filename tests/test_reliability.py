@@ -132,6 +132,38 @@ def beta0_zero(tmp):
     return ["run", "--pref.beta=0"], ["pref.beta", "0"]
 
 
+def beta0_nan(tmp):
+    return ["run", "--pref.beta=nan"], ["pref.beta = nan", "not a finite number"]
+
+
+def sigma_infinite(tmp):
+    return ["run", "--pref.noise_sigma=inf"], ["pref.noise_sigma = inf", "not a finite number"]
+
+
+def lr_overflows_to_infinity(tmp):
+    return ["run", "--sft.lr=1e400"], ["sft.lr = inf", "not a finite number"]
+
+
+def epochs_huge(tmp):
+    return ["run", "--sft.epochs=1e9"], ["sft.epochs", "out of range"]
+
+
+def seed_negative(tmp):
+    return ["run", "--seed=-1"], ["seed = -1", "[0, 4294967295]"]
+
+
+def seed_two_to_the_64(tmp):
+    return ["run", f"--seed={2**64}"], ["seed = 18446744073709551616", "out of range"]
+
+
+def hardness_k_a_million(tmp):
+    return ["run", "--pref.hardness_k=1000000"], ["pref.hardness_k = 1000000", "out of range"]
+
+
+def max_steps_nan(tmp):
+    return ["run", "--sft.max_steps=nan"], ["sft.max_steps = 'nan'", "not a valid int"]
+
+
 def trust_remote_code_model(tmp):
     return ["run", f"--data.path={DEMO}", f"--model.name={remote_code_model(tmp)}"], ["its own Python code",
                                                                                       "trust_remote_code"]  # fmt: skip
@@ -140,7 +172,8 @@ def trust_remote_code_model(tmp):
 BAD_INPUTS = [
     non_image, truncated_images, decompression_bomb, huge_image, id_missing_from_titles,
     empty_history, hardness_k_above_items, k_negatives_above_candidates, config_unknown_keys,
-    config_unknown_section, negative_sigma, beta0_zero, trust_remote_code_model,
+    config_unknown_section, negative_sigma, beta0_zero, trust_remote_code_model, beta0_nan, sigma_infinite,
+    lr_overflows_to_infinity, epochs_huge, seed_negative, seed_two_to_the_64, hardness_k_a_million, max_steps_nan,
 ]  # fmt: skip
 
 
