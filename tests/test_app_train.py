@@ -162,7 +162,7 @@ def test_stop_then_resume_from_the_tab(ctx):
 
 
 def test_errors_are_one_sentence(ctx, tmp_path):
-    with pytest.raises(gr.Error, match="sft.lr"):
+    with pytest.raises(gr.Error, match="learning rate: -1 is below the minimum"):
         launch(ctx, lr=-1.0)
     with pytest.raises(gr.Error):
         launch(ctx, backbone=str(tmp_path.parent / "elsewhere"))  # a folder outside the allowed ones
