@@ -20,3 +20,16 @@ def test_twenty_sessions_browse_and_score_without_error(tmp_path):
     assert not out["errors"], out["errors"][:5]
     assert set(out["latency"]) == {"data_user", "noise_draw"}
     assert out["requests"] >= 20 * 2  # every session got through at least one user switch and one noise draw
+
+
+def test_strangers_cannot_stop_each_others_jobs_and_the_caps_hold_under_load(tmp_path):
+    """6 sessions launch, are refused a second job, are refused stopping another's job and stop their own,
+    while 2 sessions browse and score, for a bounded time (scripts/load_app.py --job-sessions)."""
+    from load_app import JOB_CAP, report, run
+
+    out = run(sessions=2, seconds=20, max_requests=20, runs_dir=str(tmp_path), job_sessions=6)
+    print(report(out))
+    assert out["hung_sessions"] == 0 and not out["errors"], out["errors"][:5]
+    assert not out["violations"], out["violations"][:5]
+    assert out["checks"] >= 12 and 1 <= out["max_queued"] <= JOB_CAP
+    assert {"train_launch", "train_stop", "data_user", "noise_draw"} <= set(out["latency"])
