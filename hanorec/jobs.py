@@ -18,6 +18,12 @@ runs folder is alive (it checks every `poll_s` seconds and on every call); one j
 runs folder, which is one device (`device`: 'cpu', 'cuda:N' or auto, given to the run through
 CUDA_VISIBLE_DEVICES).
 
+Shared use (a public demo): `submit(..., owner=token)` records a hash of the launching browser's token, and
+`stop` / `resume` with another token are refused (a local caller passes no token and may do anything);
+`max_queued` and `max_per_owner` cap the queue, checked under the queue lock. Every run folder is read on its
+own: a damaged job.json lists that job as 'unreadable' with its sentence and takes it out of the queue,
+and the others work on. Symbolic links in the runs folder are never followed, for jobs or listings.
+
 On a ZeroGPU Space (hanorec.spaces.on_zero_gpu) a subprocess never gets the GPU, which exists only inside
 calls decorated with `spaces.GPU` in the app's own process. There a job runs in a thread of the app
 instead (`run_job_chunked`): the same commands, with training done by hanorec.spaces.train_in_chunks (a

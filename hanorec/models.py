@@ -581,12 +581,12 @@ def cap_image_pixels(processor, max_pixels: int) -> bool:
     return True
 
 
-HUB_ID = re.compile(r"(?!.*(--|\.\.))[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9])?/[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9])?")
+HUB_ID = re.compile(r"(?!.*(--|\.\.))(?:[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9])?/)?[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9])?")
 MAX_MODEL_NAME = 256
 
 
 def check_model_form(name: str) -> None:
-    """ModelError when a backbone text cannot be a preset, a folder or a Hugging Face id (owner/name, each part
+    """ModelError when a backbone text cannot be a preset, a folder or a Hugging Face id ([owner/]name, each part
     at most 96 characters of letters, digits, '-', '_' and '.', no '--' or '..'), before any file is touched."""
     if not isinstance(name, str) or not name.strip():
         raise ModelError("model.name is empty; name a tiny preset, a model folder or a Hugging Face id")
@@ -603,7 +603,7 @@ def check_model_form(name: str) -> None:
     if not HUB_ID.fullmatch(name):
         raise ModelError(
             f"model.name = {name!r} is not a tiny preset, an existing folder, or a Hugging Face id of the form "
-            "owner/name (letters, digits, '-', '_', '.'; at most 96 characters each side)"
+            "owner/name (letters, digits, '-', '_', '.'; at most 96 characters each part)"
         )
 
 
