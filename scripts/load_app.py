@@ -81,11 +81,14 @@ FORM = [str(DEMO), "tiny-llava", "SFT", "hit3", "train SFT first, in this run", 
 
 def job_session(url: str, i: int, seconds: float, max_requests: int, ctx, jobs: dict, out: dict, lock) -> None:
     """A stranger on a shared demo: launch, be refused a second job, be refused another's stop, stop its own."""
+    import secrets
+
     from gradio_client import Client
 
     rng = random.Random(1000 + i)
     client = Client(url, verbose=False)
-    end, n, token = time.time() + seconds, 0, ""
+    # the browser's owner token (the page gets one when it loads; an API client chooses its own)
+    end, n, token = time.time() + seconds, 0, secrets.token_urlsafe(24)
 
     def call(name, *args):
         t0 = time.perf_counter()
@@ -109,7 +112,7 @@ def job_session(url: str, i: int, seconds: float, max_requests: int, ctx, jobs: 
         with lock:
             out["max_queued"] = max(out.get("max_queued", 0), len(ctx.jobs.queue()))
         if err is None:
-            token = result[2]
+            expect(result[2] == token, "the launch came back with another owner token")
             with lock:
                 jobs[i] = (name, token)
         else:  # the queue was full: the only refusal a session with no job of its own may get
@@ -122,7 +125,7 @@ def job_session(url: str, i: int, seconds: float, max_requests: int, ctx, jobs: 
         if others:
             other_job, _ = rng.choice(others)
             call("train_runs")  # the page's refresh: the job picker learns the other sessions' jobs
-            _, err3 = call("train_stop", other_job, token or "x" * 24)
+            _, err3 = call("train_stop", other_job, token)
             expect(err3 is not None and ("launched from another browser" in err3 or "is stopped" in err3),
                    f"stopping {other_job} of another session: {'allowed' if err3 is None else err3[:120]}")  # fmt: skip
         if err is None:
