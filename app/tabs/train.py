@@ -127,7 +127,7 @@ def checked_numbers(ctx, beta0, sigma, k_negatives, epochs, lr, max_steps, eval_
     out = dict(
         beta0=number(beta0, "beta0", minimum=1e-6, maximum=1000),
         sigma=number(sigma, "noise sigma", minimum=0, maximum=100),
-        k_negatives=number(k_negatives, "K negatives", integer=True, minimum=1, maximum=1000, optional=True),
+        k_negatives=number(k_negatives, "K negatives", integer=True, minimum=1, maximum=1000),
         epochs=number(epochs, "epochs", minimum=0.01, maximum=ctx_limit(ctx, "epochs", 10_000)),
         lr=number(lr, "learning rate", minimum=0, maximum=10, optional=True),
         max_steps=number(max_steps, "max steps", integer=True, minimum=1, maximum=steps_cap or 10**8,
