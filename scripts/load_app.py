@@ -47,12 +47,28 @@ def percentile(values: list[float], q: float) -> float:
     return values[k]
 
 
-def session(url: str, users: list[str], seconds: float, max_requests: int, seed: int, out: dict, lock) -> None:
-    """One browser-like session: switch to a random user, score its candidates, draw a little noise."""
+CONNECT_TIMEOUT_S = 60.0  # how long a session waits for the page's configuration (a browser waits too)
+
+
+def connect(url: str, name: str, out: dict, lock):
+    """A gradio_client session, or None with the failure counted as an error (the server did not answer)."""
     from gradio_client import Client
 
+    try:
+        return Client(url, verbose=False, httpx_kwargs={"timeout": CONNECT_TIMEOUT_S})
+    except Exception as e:  # noqa: BLE001 - a session that cannot even connect is an error like any other
+        with lock:
+            out["errors"].append(f"{name} connect: {type(e).__name__}: {str(e)[:200]}")
+        return None
+
+
+def session(url: str, users: list[str], seconds: float, max_requests: int, seed: int, out: dict, lock) -> None:
+    """One browser-like session: switch to a random user, score its candidates, draw a little noise."""
+
     rng = random.Random(seed)
-    client = Client(url, verbose=False)
+    client = connect(url, f"session {seed}", out, lock)
+    if client is None:
+        return
     end, n = time.time() + seconds, 0
     while time.time() < end and n < max_requests:
         user = rng.choice(users)
@@ -83,10 +99,11 @@ def job_session(url: str, i: int, seconds: float, max_requests: int, ctx, jobs: 
     """A stranger on a shared demo: launch, be refused a second job, be refused another's stop, stop its own."""
     import secrets
 
-    from gradio_client import Client
 
     rng = random.Random(1000 + i)
-    client = Client(url, verbose=False)
+    client = connect(url, f"job session {i}", out, lock)
+    if client is None:
+        return
     # the browser's owner token (the page gets one when it loads; an API client chooses its own)
     end, n, token = time.time() + seconds, 0, secrets.token_urlsafe(24)
 
