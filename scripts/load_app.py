@@ -124,30 +124,43 @@ def job_session(url: str, i: int, seconds: float, max_requests: int, ctx, jobs: 
                 out["violations"].append(f"session {i}: {what}")
 
     while time.time() < end and n < max_requests:
-        name = f"s{i}-{n}"
+        name, own = f"s{i}-{n}", None
         result, err = call("train_launch", *FORM, name, token)
         with lock:
             out["max_queued"] = max(out.get("max_queued", 0), len(ctx.jobs.queue()))
         if err is None:
             expect(result[2] == token, "the launch came back with another owner token")
-            with lock:
-                jobs[i] = (name, token)
+            own = name
         else:  # the queue was full: the only refusal a session with no job of its own may get
             expect("the queue is full" in err, f"launch refused with {err[:120]!r}")
-        _, err2 = call("train_launch", *FORM, f"{name}-second", token)
-        expect(err2 is not None and ("already has" in err2 or "the queue is full" in err2),
-               f"a second job was {'queued' if err2 is None else 'refused with ' + repr(err2[:120])}")  # fmt: skip
+        _, err2 = call("train_launch", *FORM, f"{name}-b", token)
+        with lock:
+            out["max_queued"] = max(out.get("max_queued", 0), len(ctx.jobs.queue()))
+        if own is not None:  # a second job of the same browser: refused (its cap, or the queue is full)
+            expect(err2 is not None and ("already has" in err2 or "the queue is full" in err2),
+                   f"a second job was {'queued' if err2 is None else 'refused with ' + repr(err2[:120])}")  # fmt: skip
+        elif err2 is None:  # a place opened since: this is the session's one job
+            own = f"{name}-b"
+        else:
+            expect("the queue is full" in err2, f"launch refused with {err2[:120]!r}")
+        if own is not None:
+            with lock:
+                jobs[i] = (own, token)
         with lock:
             others = [v for k, v in jobs.items() if k != i]
         if others:
             other_job, _ = rng.choice(others)
             call("train_runs")  # the page's refresh: the job picker learns the other sessions' jobs
             _, err3 = call("train_stop", other_job, token)
-            expect(err3 is not None and ("launched from another browser" in err3 or "is stopped" in err3),
+            # refused: not its job (the ownership check), or not yet among its page's choices (a job launched
+            # after the refresh); both leave the other session's job alone
+            expect(err3 is not None and ("launched from another browser" in err3 or "list of choices" in err3),
                    f"stopping {other_job} of another session: {'allowed' if err3 is None else err3[:120]}")  # fmt: skip
-        if err is None:
-            _, err4 = call("train_stop", name, token)
-            expect(err4 is None, f"stopping its own job {name} refused: {(err4 or '')[:120]}")
+            with lock:
+                out["ownership_refusals"] += err3 is not None and "launched from another browser" in err3
+        if own is not None:
+            _, err4 = call("train_stop", own, token)
+            expect(err4 is None, f"stopping its own job {own} refused: {(err4 or '')[:120]}")
             with lock:
                 jobs.pop(i, None)
         n += 1
@@ -175,7 +188,8 @@ def run(sessions: int = 20, seconds: float = 60.0, max_requests: int = 200, runs
     try:
         users_update, *_ = Client(url, verbose=False).predict(str(DEMO), "hit3", api_name="/data_open")
         users = [c[1] if isinstance(c, (list, tuple)) else c for c in users_update["choices"]][:50]
-        out: dict = {"latency": {}, "errors": [], "violations": [], "checks": 0, "max_queued": 0}
+        out: dict = {"latency": {}, "errors": [], "violations": [], "checks": 0, "max_queued": 0,
+                     "ownership_refusals": 0}  # fmt: skip
         lock = threading.Lock()
         threads = [
             threading.Thread(target=session, args=(url, users, seconds, max_requests, i, out, lock))
@@ -210,7 +224,8 @@ def report(out: dict) -> str:
     if out.get("job_sessions"):
         lines.append(
             f"  + {out['job_sessions']} job sessions: {out['checks']} ownership and cap checks, "
-            f"{len(out['violations'])} violations; at most {out['max_queued']} jobs queued at once (cap {out['job_cap']})"
+            f"{len(out['violations'])} violations ({out['ownership_refusals']} stops of another's job refused as not "
+            f"theirs); at most {out['max_queued']} jobs queued at once (cap {out['job_cap']})"
         )
     for name, lat in sorted(out["latency"].items()):
         lines.append(
