@@ -551,11 +551,9 @@ def test_ownership_and_queue_caps_in_the_job_manager(tmp_path):
 
 # ---- the same through the app, over HTTP --------------------------------------------------------
 def _free_port() -> int:
-    import socket
+    from test_app import free_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_port()
 
 
 @pytest.fixture(scope="module")
