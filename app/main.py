@@ -166,6 +166,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     warnings.filterwarnings("ignore", message=".*torchvision.*")
     try:
+        auth_from_env()  # a malformed login setting stops the app before anything starts
         ctx = make_context(args.data, args.runs, args.device, args.threads, demo=demo_mode(args.demo))
         options = launch_options(ctx)
     except ValueError as e:
