@@ -39,6 +39,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def serve(demo, options: dict | None = None, tries: int = 3) -> str:
+    """Launch the app on a free loopback port; its URL. Gradio gives up on its own start-up check (one 3 s
+    request to the new server) on a machine loaded enough to miss it, so the launch is tried again."""
+    for attempt in range(tries):
+        port = _free_port()
+        try:
+            demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **(options or {}))
+            return f"http://127.0.0.1:{port}/"
+        except ValueError as e:
+            if "localhost is not accessible" not in str(e) or attempt == tries - 1:
+                raise
+            demo.close()
+    raise AssertionError("unreachable")
+
+
 def percentile(values: list[float], q: float) -> float:
     values = sorted(values)
     if not values:
@@ -182,9 +197,7 @@ def run(sessions: int = 20, seconds: float = 60.0, max_requests: int = 200, runs
         ctx.jobs = JobManager(runs_dir, autostart=False, max_queued=JOB_CAP, max_per_owner=1)
         ctx.jobs.tick = lambda: None
     demo = build_app(ctx)
-    port = _free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_options(ctx))
-    url = f"http://127.0.0.1:{port}/"
+    url = serve(demo, launch_options(ctx))
     try:
         users_update, *_ = Client(url, verbose=False).predict(str(DEMO), "hit3", api_name="/data_open")
         users = [c[1] if isinstance(c, (list, tuple)) else c for c in users_update["choices"]][:50]

@@ -550,10 +550,13 @@ def test_ownership_and_queue_caps_in_the_job_manager(tmp_path):
 
 
 # ---- the same through the app, over HTTP --------------------------------------------------------
-def _free_port() -> int:
-    from test_app import free_port
+def serve(demo, options: dict) -> str:
+    """The app on a free loopback port (scripts/load_app.serve: retried when a loaded machine makes Gradio's
+    start-up check time out)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from load_app import serve as serve_
 
-    return free_port()
+    return serve_(demo, options)
 
 
 @pytest.fixture(scope="module")
@@ -567,10 +570,9 @@ def demo_app(tmp_path_factory):
     ctx.jobs = idle_manager(runs_dir, max_queued=4, max_per_owner=1)
     ctx.jobs.tick = lambda: None
     demo = build_app(ctx)
-    port = _free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_options(ctx))
+    url = serve(demo, launch_options(ctx))
     try:
-        yield ctx, f"http://127.0.0.1:{port}/", demo
+        yield ctx, url, demo
     finally:
         demo.close()
 
@@ -705,12 +707,11 @@ def test_optional_login_from_the_environment(monkeypatch):
     ctx = make_context([str(DEMO)], str(Path(tempfile_dir()) / "runs"), "cpu")
     ctx.jobs.close()
     demo = build_app(ctx)
-    port = _free_port()
-    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_options(ctx))
+    url = serve(demo, launch_options(ctx))
     try:
         with pytest.raises(Exception):  # noqa: B017 - gradio_client's error for a login page varies by version
-            Client(f"http://127.0.0.1:{port}/", verbose=False)
-        ok = Client(f"http://127.0.0.1:{port}/", auth=("visitor", "s3cret"), verbose=False)
+            Client(url, verbose=False)
+        ok = Client(url, auth=("visitor", "s3cret"), verbose=False)
         assert ok.predict(str(DEMO), "hit3", api_name="/data_open")[0]["value"]
     finally:
         demo.close()
