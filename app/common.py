@@ -251,13 +251,15 @@ class AppContext:
             self.device = pick_device()
         return self.device
 
-    def base_model(self, dataset: str, task: str = "hit3"):
-        """The untrained tiny preset for a dataset (random init, tokenizer trained on its text) with a fresh
-        LoRA (B = 0, so its scores are the base model's), cached."""
-        from hanorec.models import add_lora
+    def base_model(self, dataset: str, task: str = "hit3", preset: str = BASE_PRESET):
+        """An untrained tiny preset (by default the paper family's) for a dataset (random init, tokenizer
+        trained on its text) with a fresh LoRA (B = 0, so its scores are the base model's), cached."""
+        from hanorec.models import TINY_PRESETS, add_lora
         from hanorec.pipeline import prepare_model
 
-        cfg = self.config(dataset, task, {"model": {"name": BASE_PRESET}})
+        if preset not in TINY_PRESETS:
+            raise gr.Error(f"{preset!r} is not a tiny preset; use one of {', '.join(TINY_PRESETS)}.")
+        cfg = self.config(dataset, task, {"model": {"name": preset}})
         data = self.prepared(dataset, task)
 
         def make():
@@ -268,14 +270,18 @@ class AppContext:
             return bundle
 
         with user_errors("building the model"):
-            return self._models.get(("base", cfg.data.path), make)
+            key = ("base", cfg.data.path) if preset == BASE_PRESET else ("base", cfg.data.path, preset)
+            return self._models.get(key, make)
 
     def model_choices(self) -> list[tuple[str, str]]:
         """(label, value) for every model a panel can score with: the trained demo runs (read-only), the
-        untrained preset, then each run's stages."""
+        untrained presets (the paper family's first, then one per other family), then each run's stages."""
+        from hanorec.models import TINY_PRESETS
+
         out = [(f"demo (trained, read-only): {run['name']} / {stage}", f"{run['path']}::{stage}")
                for d in self._demo_dirs() for run in list_runs(d) for stage in run["stages"]]  # fmt: skip
         out.append((UNTRAINED, "base"))
+        out += [(f"untrained {p} (random init)", f"base:{p}") for p in TINY_PRESETS if p != BASE_PRESET]
         for run in list_runs(self.runs_dir):
             out += [(f"{run['name']} / {stage}", f"{run['path']}::{stage}") for stage in run["stages"]]
         return out
@@ -293,6 +299,8 @@ class AppContext:
         """(bundle, run config or None) for a value of model_choices(); cached."""
         if not source or source == "base":
             return self.base_model(dataset, task), None
+        if source.startswith("base:"):  # another family's untrained preset
+            return self.base_model(dataset, task, source.removeprefix("base:")), None
         run_path, _, stage = source.rpartition("::")
         path = self.resolve_path(run_path)
 

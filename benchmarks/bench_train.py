@@ -16,6 +16,10 @@ activations that the step touches) of the HaNo-DPO step against an SFT step on t
 the time per epoch saved by precomputing the reference log-probs (pref.precompute_ref).
 
     python benchmarks/bench_train.py [--repeats 5] [--ks 1,3,7] [--batch 4] [--memory] [--profile] [--threads 1]
+                                     [--presets all]
+
+--presets: comma-separated tiny presets, or "all" (default): one per backbone family, so the shared-prefix
+speed-up is reported for each family (a summary line per family at the end).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import torch
 from common import check_equal, demo_examples, header, round_robin, spread, tiny_bundle
 
 from hanorec.config import LoraConfig, load_config
-from hanorec.models import add_lora
+from hanorec.models import TINY_PRESETS, add_lora
 from hanorec.noise import LoRANoise
 from hanorec.pairs import build_pairs
 from hanorec.train.preference import PrefItem, make_pref_collate, make_pref_loss, precompute_reference
@@ -257,7 +261,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--ks", default="1,3,7")
     ap.add_argument("--batch", type=int, default=4, help="examples per step (pref.batch_size default)")
     ap.add_argument("--hidden", type=int, default=128, help="tiny preset hidden size (the preset default)")
-    ap.add_argument("--presets", default="tiny-qwen2.5-vl,tiny-llava")
+    ap.add_argument("--presets", default="all", help='comma-separated tiny presets, or "all" (one per family)')
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: steadier on a shared CPU)")
     ap.add_argument("--memory", action="store_true", help="also item 4: peak memory and precomputed reference")
@@ -265,6 +269,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--profile", action="store_true", help="also profile both modes at K=3 (first preset)")
     args = ap.parse_args(argv)
     args.ks = [int(k) for k in args.ks.split(",")]
+    if args.presets == "all":
+        args.presets = ",".join(TINY_PRESETS)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     header("preference training step: shared prefix vs naive (hit3, 3 images per prompt, fp32)", args)
@@ -276,6 +282,11 @@ def main(argv=None) -> dict:
             out["memory"].append(memory(preset, args))
     if args.profile:
         profile(args.presets.split(",")[0], 3, args)
+    if out["throughput"]:
+        print("shared-prefix speed-up per family (naive step time / shared-prefix step time, same run):")
+        for preset in args.presets.split(","):
+            rows = [r for r in out["throughput"] if r["preset"] == preset]
+            print(f"  {preset:16s} " + ", ".join(f"K={r['K']} x{r['ratio']:.2f}" for r in rows), flush=True)
     return out
 
 

@@ -26,7 +26,7 @@ sys.path.insert(0, str(HERE))
 from common import ROOT, header, load_average  # noqa: E402
 
 FULL = [
-    ("bench_train.py", ["--memory", "--profile"]),
+    ("bench_train.py", ["--memory", "--profile", "--presets", "tiny-qwen2.5-vl,tiny-llava"]),
     ("bench_trl.py", ["--profile"]),
     ("bench_eval.py", []),
     ("bench_quickstart.py", []),

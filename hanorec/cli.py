@@ -9,6 +9,8 @@ Commands:
               (--readme=README.md writes the table, command, machine and wall time into the README)
   evaluate    evaluate the newest checkpoint of a run's stage (--stage=sft by default, or a preference stage
               folder such as --stage=hano_dpo; or --checkpoint=PATH) with baselines
+  models      list the backbone families: each one's tiny offline preset, the checkpoint types it loads
+              (by id from the local cache, or from a folder), example checkpoints and its GPU preset
   config      print the resolved configuration as YAML: `config --config preset.yaml --sft.lr=3e-4`;
               `config --help` lists every key with its default and help text, and
               `config --config preset.yaml --help` the same with the preset's values
@@ -144,6 +146,13 @@ def main(argv: list[str] | None = None) -> int:
                     raise ConfigError(f"make-demo takes --out=DIR and --seed=N, not {o!r}")
             out = make_demo(extra.get("out", "assets/demo"), seed=seed)
             print(f"demo dataset written to {out}")
+            return 0
+        if command == "models":
+            from hanorec.models import format_models
+
+            if fixed:
+                raise ConfigError(f"models takes no options, not {fixed[0]!r}")
+            print(format_models())
             return 0
         if command == "config" and any(a in ("--help", "-h") for a in fixed):
             config_path, overrides, _ = _split_args([a for a in fixed if a not in ("--help", "-h")])

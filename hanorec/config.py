@@ -198,7 +198,8 @@ class TaskConfig:
 class ModelConfig:
     name: str = _f(
         "tiny-qwen2.5-vl",
-        "A tiny offline preset (tiny-qwen2.5-vl, tiny-llava), a Hugging Face model id, or a local folder.",
+        "A tiny offline preset (one per family: `python -m hanorec models` lists them), a Hugging Face model id "
+        "(already in the local cache) or a local folder.",
     )
     dtype: str = _f(
         "auto",
@@ -218,7 +219,7 @@ class ModelConfig:
     max_pixels: int | None = _f(
         262144,
         "Real checkpoints: their image processor picks each image's resolution, capped at this many pixels "
-        "(Qwen2-VL family; 262,144 = the authors' cap for preference training). Tiny presets use data.image_size.",
+        "(families whose processor resizes by pixel count; 262,144 = the authors' cap for preference training). Tiny presets use data.image_size.",
     )
 
     def __post_init__(self):

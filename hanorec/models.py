@@ -1,10 +1,12 @@
 """Models: one loading path for every backbone, tiny offline presets, LoRA on the language model only.
 
-Every model-family difference lives here (how an `<image>` placeholder becomes image tokens, which
-pixel tensors go with them, chat formatting), so tasks, scoring and training never branch on family.
+Every model-family difference lives in that family's adapter (``hanorec.backbones``: how an `<image>`
+placeholder becomes image tokens, which pixel tensors go with them, chat formatting, positions, the
+vision modules); :class:`ModelBundle` looks its adapter up by family and delegates, so tasks, scoring,
+hardness and training never branch on family.
 
-- Tiny presets (`tiny-qwen2.5-vl`, `tiny-llava`) are built from transformers config classes with
-  random init and a BPE tokenizer trained locally on the dataset's text: no network, ever.
+- Tiny presets (one per family, ``python -m hanorec models`` lists them) are built from transformers
+  config classes with random init and a BPE tokenizer trained locally on the dataset's text: no network.
 - Any Hugging Face model id or local folder loads through `AutoModelForImageTextToText`, its tokenizer
   and its image processor (not the full processor, which needs torchvision for some families).
 """
@@ -21,26 +23,30 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-TINY_PRESETS = ("tiny-qwen2.5-vl", "tiny-llava")
-FAMILIES = ("qwen2_5_vl", "qwen2_vl", "llava")
-MROPE_FAMILIES = ("qwen2_5_vl", "qwen2_vl")  # 3-D (temporal, height, width) rotary positions
-META_FILE = "hanorec_model.json"
+from hanorec.backbones import (
+    Backbone,
+    ModelError,
+    all_backbones,
+    backbone,
+    families,
+    for_model_type,
+    for_preset,
+    language_model_names,
+    tiny_presets,
+    vision_module_names,
+)
 
-# The text the chat template sees for one image, per family; the single image token inside it is
-# expanded to the number of visual tokens the image produces.
-IMAGE_MARKERS = {
-    "qwen2_5_vl": ("<|vision_start|><|image_pad|><|vision_end|>", "<|image_pad|>"),
-    "qwen2_vl": ("<|vision_start|><|image_pad|><|vision_end|>", "<|image_pad|>"),
-    "llava": ("<image>", "<image>"),
-}
+META_FILE = "hanorec_model.json"
+TINY_PRESETS = tiny_presets()
+FAMILIES = families()
+MROPE_FAMILIES = tuple(a.family for a in all_backbones() if a.mrope)  # 3-D (temporal, height, width) rotary positions
+# The text the chat template sees for one image, per family, and the image token inside it that is
+# expanded to the image's visual tokens (each adapter's chat_marker and image_token).
+IMAGE_MARKERS = {a.family: (a.chat_marker, a.image_token) for a in all_backbones()}
 TINY_CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
-
-
-class ModelError(ValueError):
-    """A model name, folder or family the user gave cannot be used (one clear sentence)."""
 
 
 @dataclass
@@ -48,8 +54,8 @@ class EncodedPrompt:
     """A prompt turned into token ids plus the pixel tensors its image tokens stand for."""
 
     input_ids: list[int]
-    pixel_values: torch.Tensor | None  # qwen: (patches, dim) for all images; llava: (n_images, 3, H, W)
-    image_grid_thw: torch.Tensor | None = None  # qwen: (n_images, 3)
+    pixel_values: torch.Tensor | None  # the family's pixel tensor: patch rows of all images, or (n_images, 3, H, W)
+    image_grid_thw: torch.Tensor | None = None  # patch-grid families: (n_images, 3)
     n_images: int = 0
 
 
@@ -62,7 +68,7 @@ class ModelView:
         visual tokens its image produces (what the tokenizer and the language model see);
     input_ids / n_tokens: the prompt's token ids and their count (image tokens included);
     image_tokens: visual tokens per image; images: the images at the resolution the model's own
-        image processing gives them (Qwen: the resized patch grid; LLaVA: the CLIP crop), rebuilt
+        image processing gives them (a resized patch grid, or a fixed-size crop), rebuilt
         from the pixel values the model receives; image_sizes: their (width, height).
     """
 
@@ -120,7 +126,7 @@ class ModelLock:
 
 @dataclass
 class ModelBundle:
-    """A model with everything needed to feed it: tokenizer, image processor, family rules."""
+    """A model with everything needed to feed it: tokenizer, image processor, family rules (its adapter)."""
 
     model: torch.nn.Module
     tokenizer: object
@@ -133,10 +139,20 @@ class ModelBundle:
     # adapter), so concurrent callers (the app serves several sessions) never see each other's state
     lock: ModelLock = field(default_factory=lambda: ModelLock(), repr=False, compare=False)
 
+    @property
+    def adapter(self) -> Backbone:
+        """The family's backbone adapter (``hanorec.backbones``)."""
+        return backbone(self.family)
+
     # ---- token ids ---------------------------------------------------------------------------
     @property
     def image_token_id(self) -> int:
-        return self.tokenizer.convert_tokens_to_ids(IMAGE_MARKERS[self.family][1])
+        return self.tokenizer.convert_tokens_to_ids(self.adapter.image_token)
+
+    @property
+    def image_token(self) -> str:
+        """The token repeated once per visual token of an image."""
+        return self.adapter.image_token
 
     @property
     def eos_token_id(self) -> int:
@@ -149,16 +165,19 @@ class ModelBundle:
 
     def chat_text(self, text: str) -> str:
         """The user turn in the model's chat format, ending where the answer starts."""
-        marker = IMAGE_MARKERS[self.family][0]
+        marker = self.adapter.chat_marker
         content = text.replace("<image>", marker) if marker != "<image>" else text
         if getattr(self.tokenizer, "chat_template", None):
             return self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+                [{"role": "user", "content": self.adapter.chat_content(content)}],
+                add_generation_prompt=True,
+                tokenize=False,
             )
         return f"USER: {content} ASSISTANT:"
 
-    def _image_tokens(self, n: int) -> list[int]:
-        return [self.image_token_id] * n
+    def image_ids(self, n: int) -> list[int]:
+        """The token ids one image of n visual tokens takes in the prompt."""
+        return self.adapter.image_ids(self, n)
 
     def encode_prompt(self, text: str, images: Sequence[Image.Image]) -> EncodedPrompt:
         """Chat-format the text, expand every image placeholder to its visual tokens, process pixels."""
@@ -168,28 +187,26 @@ class ModelBundle:
                 f"the prompt has {n_placeholders} <image> placeholders but {len(images)} images were given"
             )
         chat = self.chat_text(text)
-        image_token = IMAGE_MARKERS[self.family][1]
-        pieces = chat.split(image_token)
+        pieces = chat.split(self.adapter.split)
         pixel_values, grid, per_image = self._process_images(images)
         ids: list[int] = []
         for k, piece in enumerate(pieces):
             if piece:
                 ids += self.tokenizer(piece, add_special_tokens=False)["input_ids"]
             if k < len(pieces) - 1:
-                ids += self._image_tokens(per_image[k])
+                ids += self.image_ids(per_image[k])
         return EncodedPrompt(ids, pixel_values, grid, len(images))
 
     def model_view(self, text: str, images: Sequence[Image.Image]) -> ModelView:
         """What the model sees for a prompt: chat-templated text, the same text with image tokens
         expanded (the decode of :meth:`encode_prompt`'s ids), token counts and the processed images."""
         enc = self.encode_prompt(text, images)
-        image_token = IMAGE_MARKERS[self.family][1]
         per_image = self._process_images(images)[2] if images else []
         return ModelView(
             chat_text=self.chat_text(text),
             text=self.tokenizer.decode(enc.input_ids, skip_special_tokens=False),
             input_ids=list(enc.input_ids),
-            image_token=image_token,
+            image_token=self.adapter.image_token,
             image_tokens=list(per_image),
             images=self.processed_images(enc),
         )
@@ -200,27 +217,15 @@ class ModelBundle:
         return self.model_view(example.prompt, images)
 
     def processed_images(self, prompt: EncodedPrompt) -> list[Image.Image]:
-        """The prompt's images rebuilt from the pixel values the model receives (normalisation undone):
-        Qwen: un-patchify each image's (h*w, C*T*p*p) rows back to (C, h*p, w*p); LLaVA: (n, 3, H, W)."""
+        """The prompt's images rebuilt from the pixel values the model receives (normalisation undone);
+        the adapter turns its pixel tensors back into one (C, H, W) array per image."""
         if not prompt.n_images:
             return []
         proc = self.image_processor
         mean = torch.tensor(proc.image_mean, dtype=torch.float32).view(-1, 1, 1)
         std = torch.tensor(proc.image_std, dtype=torch.float32).view(-1, 1, 1)
-        pixels = prompt.pixel_values.float().cpu()
-        if self.family in MROPE_FAMILIES:
-            p, m, t = proc.patch_size, proc.merge_size, proc.temporal_patch_size
-            arrays, start = [], 0
-            for gt, gh, gw in prompt.image_grid_thw.tolist():
-                rows = pixels[start : start + gt * gh * gw]
-                start += gt * gh * gw
-                x = rows.reshape(gt, gh // m, gw // m, m, m, -1, t, p, p)[0, ..., 0, :, :]  # first frame
-                # (gh/m, gw/m, mh, mw, C, ph, pw) -> (C, gh/m, mh, ph, gw/m, mw, pw) -> (C, gh*p, gw*p)
-                arrays.append(x.permute(4, 0, 2, 5, 1, 3, 6).reshape(-1, gh * p, gw * p))
-        else:
-            arrays = list(pixels)
         out = []
-        for x in arrays:
+        for x in self.adapter.pixel_arrays(self, prompt):
             x = (x * std + mean) * 255.0  # undo normalise and rescale
             x = x.round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
             out.append(Image.fromarray(x, "RGB"))
@@ -231,23 +236,19 @@ class ModelBundle:
         return ids + [self.eos_token_id] if eos else ids
 
     def _process_images(self, images: Sequence[Image.Image]):
+        """(pixel_values, image_grid_thw or None, visual tokens per image)."""
         if not images:
             return None, None, []
-        if self.image_size:
-            images = [im.convert("RGB").resize((self.image_size, self.image_size)) for im in images]
-        out = self.image_processor(images=list(images), return_tensors="pt")
-        if self.family in MROPE_FAMILIES:
-            grid = out["image_grid_thw"]
-            merge = self.image_processor.merge_size
-            per_image = [int(g.prod()) // (merge * merge) for g in grid]
-            return out["pixel_values"], grid, per_image
-        # llava: every image gives the same number of patch tokens
-        cfg = self.base_model().config
-        vc = cfg.vision_config
-        n = (vc.image_size // vc.patch_size) ** 2
-        if getattr(cfg, "vision_feature_select_strategy", "default") == "full":
-            n += 1
-        return out["pixel_values"], None, [n] * len(images)
+        return self.adapter.process_images(self, images)
+
+    def text_token_count(self, text: str) -> int:
+        """Tokens of the chat-formatted prompt outside its images (images count via image_token_count)."""
+        pieces = self.chat_text(text).split(self.adapter.split)
+        return sum(len(self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in pieces if p)
+
+    def image_token_count(self, image: Image.Image) -> int:
+        """How many prompt tokens one image takes (its visual tokens and any tokens around them)."""
+        return len(self.image_ids(self._process_images([image])[2][0]))
 
     # ---- batching ------------------------------------------------------------------------------
     def collate(self, prompts: Sequence[EncodedPrompt], completions: Sequence[list[int]]) -> dict:
@@ -265,20 +266,13 @@ class ModelBundle:
             labels[i, len(p.input_ids) : len(s)] = torch.tensor(c, dtype=torch.long)
         batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
         batch.update(self.pixel_inputs(prompts))
-        if self.family in MROPE_FAMILIES:
-            batch["mm_token_type_ids"] = (input_ids == self.image_token_id).long()
+        batch.update(self.adapter.extra_inputs(self, input_ids))
         return batch
 
     def pixel_inputs(self, prompts: Sequence[EncodedPrompt]) -> dict:
-        with_images = [p for p in prompts if p.n_images]
-        if not with_images:
-            return {}
-        out = {"pixel_values": torch.cat([p.pixel_values for p in with_images], dim=0)}
-        if self.family in MROPE_FAMILIES:
-            out["image_grid_thw"] = torch.cat([p.image_grid_thw for p in with_images], dim=0)
-        return out
+        return self.adapter.pixel_inputs(prompts)
 
-    # ---- positions for shared-prefix scoring ---------------------------------------------------
+    # ---- positions and attention for shared-prefix scoring -------------------------------------
     def prompt_positions(
         self,
         inner: torch.nn.Module,
@@ -291,25 +285,21 @@ class ModelBundle:
 
         inner: the base model (no peft / DDP wrapper); input_ids, prompt_mask (P, L), prompt_mask 1 on
         prompt tokens; lengths (P,) prompt lengths. Returns (positions, next_pos): positions (P, L)
-        for 1-D RoPE families, (3, P, L) for Qwen mRoPE (from the model's own ``get_rope_index``),
+        for 1-D RoPE families, (3, P, L) for M-RoPE families (from the model's own ``get_rope_index``),
         correct on the prompt tokens (0 elsewhere); next_pos (P,) is the position the token right
-        after prompt i gets in a plain prompt+completion sequence. Qwen: raises ValueError when an
+        after prompt i gets in a plain prompt+completion sequence. M-RoPE: raises ValueError when an
         image token appears outside the prompts (its pixels could not be placed).
         """
-        if self.family in MROPE_FAMILIES:
-            if bool(((input_ids == self.image_token_id) & (prompt_mask == 0)).any()):
-                raise ValueError(
-                    "a completion contains the image token; shared-prefix scoring cannot place its pixels"
-                )
-            positions, deltas = inner.model.get_rope_index(
-                input_ids,
-                mm_token_type_ids=(input_ids == self.image_token_id).long() * prompt_mask,
-                image_grid_thw=image_grid_thw,
-                attention_mask=prompt_mask,
-            )
-            return positions, lengths + deltas.reshape(-1).to(lengths.device)
-        positions = (torch.cumsum(prompt_mask, dim=1) - 1).clamp(min=0) * prompt_mask
-        return positions, lengths.clone()
+        return self.adapter.prompt_positions(self, inner, input_ids, prompt_mask, lengths, image_grid_thw)
+
+    def packed_mask(self, allowed: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor):
+        """The packed rows' boolean attention as this family's forward must get it (see the adapter)."""
+        return self.adapter.packed_mask(self, allowed, input_ids, positions)
+
+    def encode_images(self, inner: torch.nn.Module, pixel_inputs: dict) -> dict:
+        """``mm_encoder_outputs`` of ``pixel_inputs`` for the forward of ``inner`` (the model's base module
+        that calls ``get_image_features``), computed exactly as that forward would."""
+        return self.adapter.encode_images(inner, pixel_inputs)
 
     # ---- parts used by hardness (item embeddings) ---------------------------------------------
     def base_model(self) -> torch.nn.Module:
@@ -321,17 +311,7 @@ class ModelBundle:
         merger / projector, i.e. the vectors the language model reads (method.md section 7). (n, D)."""
         if not images:
             raise ValueError("image_features needs at least one image")
-        inner = self.base_model()
-        weight = self.model.get_input_embeddings().weight
-        pixels = self.pixel_inputs([self.encode_prompt("<image>" * len(images), images)])
-        kwargs = {}
-        if "image_grid_thw" in pixels:
-            kwargs["image_grid_thw"] = pixels["image_grid_thw"].to(weight.device)
-        out = inner.get_image_features(pixels["pixel_values"].to(weight.device, weight.dtype), **kwargs)
-        feats = out.pooler_output if getattr(out, "pooler_output", None) is not None else out
-        if isinstance(feats, (list, tuple)):  # qwen: one (tokens_i, D) tensor per image
-            return torch.stack([f.float().mean(0) for f in feats])
-        return feats.float().mean(1) if feats.dim() == 3 else feats.float()  # llava: (n, tokens, D)
+        return self.adapter.image_features(self, images)
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -347,10 +327,7 @@ class ModelBundle:
 # Tiny offline presets
 # ------------------------------------------------------------------------------------------------
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>"]
-FAMILY_TOKENS = {
-    "qwen2_5_vl": ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"],
-    "llava": ["<image>"],
-}
+FAMILY_TOKENS = {a.family: list(a.tiny_tokens) for a in all_backbones()}
 
 
 def train_tokenizer(texts: Sequence[str], vocab_size: int, family: str):
@@ -358,7 +335,8 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int, family: str):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    specials = SPECIAL_TOKENS + FAMILY_TOKENS[family]
+    adapter = backbone(family)
+    specials = SPECIAL_TOKENS + list(adapter.tiny_tokens)
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -377,7 +355,7 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int, family: str):
         unk_token="<unk>",
         additional_special_tokens=specials[4:],
     )
-    fast.chat_template = TINY_CHAT_TEMPLATE
+    fast.chat_template = adapter.tiny_chat_template or TINY_CHAT_TEMPLATE
     return fast
 
 
@@ -394,18 +372,12 @@ def build_tiny(
     """A randomly initialised tiny multimodal LLM of the preset's architecture, deterministic for a seed."""
     if preset not in TINY_PRESETS:
         raise ModelError(f"unknown tiny preset {preset!r}; use one of {list(TINY_PRESETS)}")
-    family = "qwen2_5_vl" if preset == "tiny-qwen2.5-vl" else "llava"
-    if family == "qwen2_5_vl" and (image_size < 16 or image_size % 16):
-        raise ModelError(
-            f"data.image_size = {image_size} does not suit {preset}: use a multiple of 16 "
-            "(8x8 patches merged 2x2), e.g. 32 or 64"
-        )
-    tok = train_tokenizer(texts, vocab_size, family)
-    V = len(tok)
+    adapter = for_preset(preset)
+    adapter.check_tiny_image_size(image_size)
+    tok = train_tokenizer(texts, vocab_size, adapter.family)
     heads = max(2, hidden_size // 32)
-    head_dim = hidden_size // heads
     text = dict(
-        vocab_size=V,
+        vocab_size=len(tok),
         hidden_size=hidden_size,
         intermediate_size=hidden_size * 2,
         num_hidden_layers=layers,
@@ -418,77 +390,11 @@ def build_tiny(
         tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
-    if family == "qwen2_5_vl":
-        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLImageProcessor
-
-        half = head_dim // 2  # mrope sections (temporal, height, width) must sum to head_dim / 2
-        section = [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
-        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section}
-        patch = 8
-        cfg = Qwen2_5_VLConfig(
-            text_config=text,
-            vision_config=dict(
-                depth=2,
-                hidden_size=64,
-                intermediate_size=128,
-                num_heads=4,
-                patch_size=patch,
-                spatial_merge_size=2,
-                temporal_patch_size=2,
-                out_hidden_size=hidden_size,
-                window_size=4 * patch,
-                fullatt_block_indexes=[1],
-            ),
-            image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
-            video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
-            vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
-            vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"),
-            tie_word_embeddings=False,
-        )
-        model = Qwen2_5_VLForConditionalGeneration(cfg)
-        proc = Qwen2VLImageProcessor(
-            patch_size=patch,
-            merge_size=2,
-            temporal_patch_size=2,
-            min_pixels=(image_size // 2) ** 2,
-            max_pixels=image_size * image_size,
-        )
-        # 64x64 with 8x8 patches merged 2x2 -> 16 visual tokens per image
-    else:
-        from transformers import (
-            CLIPImageProcessor,
-            CLIPVisionConfig,
-            LlamaConfig,
-            LlavaConfig,
-            LlavaForConditionalGeneration,
-        )
-
-        vision_size = 32
-        cfg = LlavaConfig(
-            vision_config=CLIPVisionConfig(
-                image_size=vision_size,
-                patch_size=8,
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                projection_dim=64,
-            ).to_dict(),
-            text_config=LlamaConfig(**text).to_dict(),
-            image_token_id=tok.convert_tokens_to_ids("<image>"),
-            vision_feature_select_strategy="default",
-            vision_feature_layer=-1,
-            tie_word_embeddings=False,
-        )
-        model = LlavaForConditionalGeneration(cfg)
-        proc = CLIPImageProcessor(
-            size={"shortest_edge": vision_size}, crop_size={"height": vision_size, "width": vision_size}
-        )
-        # 32x32 with 8x8 patches -> 16 visual tokens per image (CLS dropped)
+    model, proc = adapter.build_tiny_model(tok, text, image_size)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     return ModelBundle(
-        model, tok, proc, family, preset, image_size=image_size, meta={"preset": preset, "seed": seed}
+        model, tok, proc, adapter.family, preset, image_size=image_size, meta={"preset": preset, "seed": seed}
     )
 
 
@@ -496,12 +402,8 @@ def build_tiny(
 # Loading by id or folder
 # ------------------------------------------------------------------------------------------------
 def family_of(model_type: str) -> str:
-    mapping = {"qwen2_5_vl": "qwen2_5_vl", "qwen2_vl": "qwen2_vl", "llava": "llava"}
-    if model_type not in mapping:
-        raise ModelError(
-            f"model type {model_type!r} is not supported yet; supported families: {sorted(set(mapping))}"
-        )
-    return mapping[model_type]
+    """The family whose adapter loads checkpoints of this config.model_type."""
+    return for_model_type(model_type).family
 
 
 def default_dtype(dtype: str = "auto") -> torch.dtype:
@@ -522,9 +424,10 @@ def load_model(
     """Load a saved tiny preset, a local checkpoint folder or a Hugging Face model id, the same way.
 
     A saved tiny preset keeps its fixed square image size; any other model lets its own image processor
-    choose the resolution, capped at ``max_pixels`` per image where the processor takes a cap (Qwen2-VL
-    family; the authors cap preference training at 262,144 pixels)."""
-    from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+    choose the resolution, capped at ``max_pixels`` per image where the processor takes a cap (families
+    that resize by pixel count; the authors cap preference training at 262,144 pixels). Nothing is
+    downloaded: an id must already be in the local Hugging Face cache."""
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
 
     name = str(name_or_path)
     if name in TINY_PRESETS:
@@ -552,33 +455,24 @@ def load_model(
             f"model {name!r} ships its own Python code, which runs only with --model.trust_remote_code=true "
             "(off by default: turn it on only for a checkpoint you trust)"
         ) from None
-    family = family_of(cfg.model_type)
+    adapter = for_model_type(cfg.model_type)
     kwargs = {"dtype": default_dtype(dtype), "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     model = AutoModelForImageTextToText.from_pretrained(name, **kwargs)
     tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
-    proc = AutoImageProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
+    proc = adapter.load_image_processor(name, trust_remote_code=trust_remote_code)
     size = image_size if image_size is not None else meta.get("image_size")
     if size is None and max_pixels:
-        cap_image_pixels(proc, max_pixels)
-    return ModelBundle(model, tok, proc, family, meta.get("name", name), image_size=size, meta=meta)
+        adapter.cap_pixels(proc, max_pixels)
+    return ModelBundle(model, tok, proc, adapter.family, meta.get("name", name), image_size=size, meta=meta)
 
 
 def cap_image_pixels(processor, max_pixels: int) -> bool:
-    """Cap the pixels per image of a processor that resizes by pixel count (Qwen2-VL family: its size's
-    longest_edge is a pixel count): larger images are scaled down keeping their aspect ratio. Returns False
-    (processor unchanged) for fixed-size processors such as CLIP's, which resize every image to one size."""
-    size = getattr(processor, "size", None)
-    if not hasattr(processor, "merge_size") or size is None:
-        return False
-    cap = int(max_pixels)
-    if isinstance(size, dict):
-        processor.size = {**size, "longest_edge": cap, "shortest_edge": min(size.get("shortest_edge") or cap, cap)}
-    else:  # transformers' SizeDict
-        size.longest_edge = cap
-        size.shortest_edge = min(size.shortest_edge or cap, cap)
-    return True
+    """Cap the pixels per image of a processor that resizes by pixel count (its family's adapter says
+    how): larger images are scaled down keeping their aspect ratio. Returns False (processor unchanged)
+    for fixed-size processors, which resize every image to one size."""
+    return any(a.cap_pixels(processor, max_pixels) for a in all_backbones())
 
 
 HUB_ID = re.compile(r"(?!.*(--|\.\.))(?:[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9])?/)?[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9])?")
@@ -623,8 +517,9 @@ def check_model_name(name: str) -> None:
         cached = False
     if cached:
         return
-    close = difflib.get_close_matches(name, TINY_PRESETS, n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
+    scores = sorted(((difflib.SequenceMatcher(None, name, p).ratio(), p) for p in TINY_PRESETS), reverse=True)
+    close = [p for r, p in scores if r >= 0.5 and r >= scores[0][0] - 0.1]  # the best, and any nearly as close
+    hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
     raise ModelError(
         f"model.name = {name!r} is not a built-in preset ({', '.join(TINY_PRESETS)}), not a local folder, "
         f"and not in the local Hugging Face cache (nothing is downloaded at run time){hint}"
@@ -657,14 +552,39 @@ def get_model(cfg, texts: Sequence[str] | None = None, seed: int = 0, image_size
     )
 
 
+def list_models() -> list[dict]:
+    """One row per family: its adapter's description (tiny preset, checkpoint types, GPU config)."""
+    return [a.describe() for a in all_backbones()]
+
+
+def format_models() -> str:
+    """The families as text (``python -m hanorec models``)."""
+    lines = [f"{len(FAMILIES)} backbone families (tiny presets build offline; checkpoints load by id from the "
+             "local Hugging Face cache or from a folder, never downloaded):", ""]  # fmt: skip
+    for row in list_models():
+        lines += [
+            f"{row['label']}  (family {row['family']})",
+            f"  tiny preset      {row['preset']}",
+            f"  checkpoint types {', '.join(row['model_types'])}",
+            f"  e.g.             {', '.join(row['checkpoints'])}",
+            f"  GPU preset       {row['gpu_config']}",
+            f"  positions        {row['position_ids']}",
+            "",
+        ]
+    return "\n".join(lines).rstrip() + "\n"
+
+
 # ------------------------------------------------------------------------------------------------
 # LoRA on the language model only
 # ------------------------------------------------------------------------------------------------
-LANGUAGE_MODEL_PATTERN = r"(?:.*\.)?language_model\.(?:.*\.)?({names})"
+LANGUAGE_MODEL_PATTERN = (
+    r"(?:.*\.)?(?:" + "|".join(re.escape(n) for n in language_model_names()) + r")\.(?:.*\.)?({names})"
+)
 
 
 def lora_target_regex(target_modules: Sequence[str]) -> str:
-    """A regex peft matches against full module names: the named linears inside the language model only."""
+    """A regex peft matches against full module names: the named linears inside the language model only
+    (the module each family's adapter names as its language model)."""
     names = "|".join(re.escape(n) for n in target_modules)
     return LANGUAGE_MODEL_PATTERN.format(names=names)
 
@@ -692,5 +612,9 @@ def add_lora(bundle: ModelBundle, lora_cfg, adapter_name: str = "default", seed:
     return bundle
 
 
+_VISION_PARAM = re.compile(r"(^|\.)(" + "|".join(re.escape(n) for n in vision_module_names()) + r")\.")
+
+
 def vision_parameter_names(model: torch.nn.Module) -> list[str]:
-    return [n for n, _ in model.named_parameters() if re.search(r"(^|\.)(visual|vision_tower)\.", n)]
+    """Parameters of the vision modules (every family's adapter names them): never trained."""
+    return [n for n, _ in model.named_parameters() if _VISION_PARAM.search(n)]

@@ -10,10 +10,12 @@ evaluation) can be scored two ways, with the same results up to float rounding:
   (like TRL). :func:`naive_logps`.
 - ``"shared_prefix"`` (default): one row per prompt, packed as ``[prompt, c_1, c_2, ...]`` with a
   4-D attention mask in which every completion sees the whole prompt and its own earlier tokens
-  only, and position ids that restart after the prompt for every completion (for Qwen2-VL /
-  Qwen2.5-VL the 3-D mRoPE ids of the prompt come from the model's own ``get_rope_index``, and
-  completion token j of prompt i gets ``next_i + j`` on all three axes, exactly what the naive row
-  gives it). The prompt and its images go through the model once. :func:`shared_prefix_logps`.
+  only, and position ids that restart after the prompt for every completion (for M-RoPE families
+  the 3-D ids of the prompt come from the model's own ``get_rope_index``, and completion token j of
+  prompt i gets ``next_i + j`` on all three axes, exactly what the naive row gives it; a family whose
+  plain forward attends otherwise, e.g. bidirectionally within an image or in a sliding window, adapts
+  the mask through its adapter). The prompt and its images go through the model once.
+  :func:`shared_prefix_logps`.
 
 Forwards that score the same batch more than once (the reference and the policy forward of a preference
 step) pack it once with :func:`pack_shared_prefix`, which also runs the frozen vision tower once and hands
@@ -33,10 +35,15 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from hanorec.backbones import vision_module_names
 from hanorec.models import EncodedPrompt, ModelBundle
 from hanorec.noise import LoRANoise, NoiseSpec, add_logit_noise, noise_summary
 
-MODEL_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
+MODEL_KEYS = (
+    "input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids", "token_type_ids",
+    "pixel_attention_mask",
+)  # fmt: skip
+PIXEL_KEYS = ("pixel_values", "image_grid_thw", "pixel_attention_mask")  # what get_image_features reads
 SCORING_MODES = ("shared_prefix", "naive")
 # Attention implementations that honour an explicit 4-D mask (flash-attention kernels do not).
 PACKED_ATTENTION = ("sdpa", "eager")
@@ -156,7 +163,7 @@ def _prompt_positions(
 ):
     """Position ids of the prompt tokens and the position of the first token after each prompt.
 
-    Returns (positions, next_pos): positions (P, L) for 1-D RoPE families, (3, P, L) for Qwen mRoPE,
+    Returns (positions, next_pos): positions (P, L) for 1-D RoPE families, (3, P, L) for M-RoPE,
     correct on the prompt tokens (0 elsewhere); next_pos (P,) is the position that the token right
     after prompt i gets in a plain prompt+completion sequence.
     """
@@ -224,11 +231,11 @@ def _packed_batch(model, bundle: ModelBundle, prompts, completions, device, mask
     q_seg, k_seg = seg[:, :, None], seg[:, None, :]
     causal = torch.ones((L, L), dtype=torch.bool, device=device).tril()
     allowed = (causal & ((q_seg == k_seg) | ((k_seg == 0) & (q_seg >= 0)))).unsqueeze(1)  # (P, 1, L, L)
-    if mask_dtype is None:
-        mask = allowed
-    else:  # additive float mask (eager attention)
-        mask = torch.zeros(allowed.shape, dtype=mask_dtype, device=device)
-        mask = mask.masked_fill(~allowed, torch.finfo(mask_dtype).min)
+    allowed = bundle.packed_mask(allowed, batch["input_ids"], positions)
+    if isinstance(allowed, dict):  # one mask per attention-layer type
+        mask = {k: _attention_mask(v, mask_dtype) for k, v in allowed.items()}
+    else:
+        mask = _attention_mask(allowed, mask_dtype)
     return {
         "inputs": dict(batch, attention_mask=mask, position_ids=positions, logits_to_keep=keep.to(device)),
         "pred": pred.to(device),
@@ -236,6 +243,14 @@ def _packed_batch(model, bundle: ModelBundle, prompts, completions, device, mask
         "comp_index": torch.tensor(comp_index, dtype=torch.long, device=device),
         "n_completions": k_global,
     }
+
+
+def _attention_mask(allowed: torch.Tensor, mask_dtype):
+    """A boolean mask as the attention takes it: as is (sdpa), or additive float (eager)."""
+    if mask_dtype is None:
+        return allowed
+    mask = torch.zeros(allowed.shape, dtype=mask_dtype, device=allowed.device)
+    return mask.masked_fill(~allowed, torch.finfo(mask_dtype).min)
 
 
 def _pack(model, bundle, prompts, completions, dtype, device) -> dict:
@@ -249,9 +264,8 @@ def _pack(model, bundle, prompts, completions, dtype, device) -> dict:
     return packed
 
 
-# Modules that turn pixels into the vectors the language model reads: Qwen's vision tower with its merger
-# (``visual``), LLaVA's vision tower and projector.
-_VISION_MODULE = re.compile(r"(?:^|\.)(?:visual|vision_tower|multi_modal_projector)(?:\.|$)")
+# Modules that turn pixels into the vectors the language model reads (every family's adapter names its own).
+_VISION_MODULE = re.compile(r"(?:^|\.)(?:" + "|".join(map(re.escape, vision_module_names())) + r")(?:\.|$)")
 
 
 def vision_is_frozen(model) -> bool:
@@ -285,21 +299,19 @@ def _dropout_p(module) -> float:
 
 
 @torch.no_grad()
-def encode_images(model, pixel_inputs: dict) -> dict:
-    """The image features of ``pixel_inputs`` (pixel_values, and image_grid_thw for Qwen), computed by the
-    model's own ``get_image_features`` exactly as its forward does, as ``mm_encoder_outputs`` for the
-    forward: ``model(input_ids=..., mm_encoder_outputs=encode_images(...))`` then scatters them into the
-    image-token positions itself, with no vision-tower pass. Only for a model whose vision part is frozen
-    (:func:`vision_is_frozen`)."""
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
+def encode_images(model, pixel_inputs: dict, bundle: ModelBundle | None = None) -> dict:
+    """The image features of ``pixel_inputs`` (the pixel tensors of :meth:`ModelBundle.pixel_inputs`),
+    computed by the model's own ``get_image_features`` exactly as its forward does, as
+    ``mm_encoder_outputs`` for the forward: ``model(input_ids=..., mm_encoder_outputs=encode_images(...))``
+    then scatters them into the image-token positions itself, with no vision-tower pass. What the forward
+    reads from them is the family's business (``bundle.encode_images``). Only for a model whose vision part
+    is frozen (:func:`vision_is_frozen`)."""
+    if bundle is None:
+        from hanorec.backbones import for_model_type
 
-    inner = _base(model).model  # Qwen2_5_VLModel / LlavaModel: the forward that calls get_image_features
-    if "image_grid_thw" in pixel_inputs:
-        out = inner.get_image_features(pixel_inputs["pixel_values"], pixel_inputs["image_grid_thw"], return_dict=True)
-    else:
-        out = inner.get_image_features(pixel_values=pixel_inputs["pixel_values"], return_dict=True)
-    # keep only what the forward reads (LLaVA's output also holds every vision layer's hidden states)
-    return {"image": BaseModelOutputWithPooling(pooler_output=out.pooler_output)}
+        return for_model_type(_base(model).config.model_type).encode_images(_base(model).model, pixel_inputs)
+    # the base module whose forward calls get_image_features (the conditional-generation model's .model)
+    return bundle.encode_images(_base(model).model, pixel_inputs)
 
 
 def pack_shared_prefix(
@@ -328,10 +340,9 @@ def pack_shared_prefix(
     packed = _pack(model, bundle, prompts, completions, dtype, device)
     inputs = packed["inputs"]
     if encode and "pixel_values" in inputs and vision_is_frozen(model):
-        pixels = {k: inputs.pop(k) for k in ("pixel_values",)}
-        if "image_grid_thw" in inputs:
-            pixels["image_grid_thw"] = inputs["image_grid_thw"]
-        inputs["mm_encoder_outputs"] = encode_images(model, pixels)
+        pixels = {k: inputs[k] for k in PIXEL_KEYS if k in inputs}  # the pixel tensors, as packed
+        inputs.pop("pixel_values")
+        inputs["mm_encoder_outputs"] = encode_images(model, pixels, bundle)
     return packed
 
 

@@ -107,6 +107,23 @@ def test_data_tab(client):
     assert len(seen_images) == 3 and len(cand_images) == 7
 
 
+@pytest.mark.parametrize("preset", ["tiny-llava", "tiny-qwen3-vl", "tiny-gemma3", "tiny-smolvlm"])
+def test_data_tab_what_each_family_sees(client, app_ctx, preset):
+    """Every family's untrained preset is a choice of the Data tab (and a backbone of the Train tab); what the
+    model sees shows its own chat text with each image's tokens expanded."""
+    from app.tabs.train import PRESETS, backbone_name
+    from hanorec.backbones import for_preset
+
+    assert preset in PRESETS and backbone_name(app_ctx, preset) == preset
+    assert f"base:{preset}" in [v for _, v in app_ctx.model_choices()]
+    users, *_ = client.predict(str(DEMO), "hit3", api_name="/data_open")
+    out = client.predict(str(DEMO), "hit3", users["value"], f"base:{preset}", api_name="/data_user")
+    cands, seen, seen_images = out[1], out[5], out[6]
+    token = for_preset(preset).image_token
+    assert seen.count(token) == 3 * 16  # 3 history images, 16 visual tokens each
+    assert len(seen_images) == 3 and len(cands["data"]) == 7
+
+
 @pytest.mark.parametrize("task, n_candidates", [("hit1", 2), ("next1", 20)])
 def test_data_tab_other_tasks(client, task, n_candidates):
     users, *_ = client.predict(str(DEMO), task, api_name="/data_open")

@@ -19,13 +19,13 @@ from torch.testing import assert_close
 
 from hanorec.config import LoraConfig, load_config
 from hanorec.data import load_dataset, make_splits
-from hanorec.models import add_lora, build_tiny
+from hanorec.models import TINY_PRESETS, add_lora, build_tiny
 from hanorec.noise import LoRANoise
 from hanorec.pairs import build_pairs
 from hanorec.tasks import TASK_SHAPES, build_examples, corpus_text
 from hanorec.train import preference as P
 
-PRESETS = ("tiny-qwen2.5-vl", "tiny-llava")
+PRESETS = TINY_PRESETS  # every family
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import torch
 from hanorec.config import LoraConfig
 from hanorec.data import make_splits
 from hanorec.models import (
+    TINY_PRESETS,
     ModelError,
     add_lora,
     build_tiny,
@@ -20,8 +21,8 @@ from hanorec.scoring import forward_logits, generate
 from hanorec.tasks import IMAGE_PLACEHOLDER, TASK_SHAPES, build_examples, corpus_text, render
 
 DEMO = Path(__file__).resolve().parents[1] / "assets" / "demo"
-PRESETS = ("tiny-qwen2.5-vl", "tiny-llava")
-TOKENS_PER_IMAGE = 16  # both presets: 64x64 (qwen: 8x8 patches merged 2x2) / 32x32 CLIP (8x8 patches)
+PRESETS = TINY_PRESETS  # every family
+TOKENS_PER_IMAGE = 16  # every preset at its default size (see each adapter's build_tiny_model)
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +48,18 @@ def encode(bundle, ds, ex):
 
 
 def test_build_tiny_architecture(bundle):
-    expected = "qwen2_5_vl" if bundle.name == "tiny-qwen2.5-vl" else "llava"
-    assert bundle.family == expected
+    from hanorec.backbones import for_preset
+
+    assert bundle.family == for_preset(bundle.name).family
+    assert bundle.base_model().config.model_type in bundle.adapter.model_types
+    assert sum(p.numel() for p in bundle.model.parameters()) < 1_000_000  # tiny: under a million parameters
     assert bundle.model.config.text_config.hidden_size == 64
     assert len(bundle.tokenizer) <= 400 + 20
     assert bundle.image_token_id != bundle.tokenizer.unk_token_id
     assert bundle.eos_token_id is not None and bundle.pad_token_id is not None
     assert vision_parameter_names(bundle.model), "the model must have a vision tower"
+    names = {n.rsplit(".", 1)[-1] for n, _ in bundle.model.named_modules()}
+    assert set(bundle.adapter.vision_modules) <= names and bundle.adapter.language_model in names
 
 
 def test_build_tiny_is_deterministic_for_a_seed(ds):
@@ -80,7 +86,7 @@ def test_encode_prompt_image_token_count(bundle, ds, examples, task, n_images):
     n_image_tokens = sum(1 for t in p.input_ids if t == bundle.image_token_id)
     assert p.n_images == n_images
     assert n_image_tokens == n_images * TOKENS_PER_IMAGE
-    if bundle.family == "qwen2_5_vl":
+    if bundle.adapter.mrope:  # a patch grid per image
         merge = bundle.image_processor.merge_size
         assert p.image_grid_thw.shape == (n_images, 3)
         assert int(p.image_grid_thw.prod(dim=1).sum()) // merge**2 == n_image_tokens
@@ -163,13 +169,14 @@ def test_lora_only_in_the_language_model(ds, preset):
     add_lora(b, lora_cfg())
     trainable = [n for n, p in b.model.named_parameters() if p.requires_grad]
     assert trainable
+    vision_names = set(vision_parameter_names(b.model))
     for n in trainable:
-        assert "lora_" in n and "language_model" in n, n
-        assert "visual" not in n and "vision_tower" not in n, n
+        assert "lora_" in n and f".{b.adapter.language_model}." in n, n
+        assert not any(f".{v}." in n for v in b.adapter.vision_modules), n
+        assert n.replace(".lora_A.default", "").replace(".lora_B.default", "") not in vision_names, n
     # every target module name of the language model got an adapter, in each of the 2 layers
     for name in lora_cfg().target_modules:
         assert sum(f".{name}.lora_A" in n for n in trainable) == 2, name
-    vision_names = set(vision_parameter_names(b.model))
     vision = {n: p.detach().clone() for n, p in b.model.named_parameters() if n in vision_names}
     assert vision
     lora_before = {n: p.detach().clone() for n, p in b.model.named_parameters() if p.requires_grad}

@@ -5,7 +5,7 @@ projector being frozen (LoRA is on the language model only), passes their image 
 forward (adapter disabled) and the policy forward (NoDO LoRA noise) instead of the pixels. Training runs
 must come back bit for bit, so everything here is torch.equal in fp32, not allclose: the log-probs of
 both forwards with and without LoRA noise, the trainer's loss, its logged metrics and the gradients, for
-both tiny families (Qwen2.5-VL with mRoPE positions, LLaVA). The old path is the same code with packing
+every tiny family (M-RoPE positions, DeepStack features, bidirectional image attention included). The old path is the same code with packing
 per forward (pack_shared_prefix returning None).
 """
 
@@ -20,15 +20,14 @@ import torch
 from hanorec import scoring
 from hanorec.config import LoraConfig, load_config
 from hanorec.data import load_dataset, make_splits
-from hanorec.models import add_lora, build_tiny
+from hanorec.models import TINY_PRESETS, add_lora, build_tiny
 from hanorec.noise import LoRANoise
 from hanorec.pairs import build_pairs
 from hanorec.scoring import multi_completion_logps, pack_shared_prefix, vision_is_frozen
 from hanorec.tasks import TASK_SHAPES, build_examples, corpus_text
 from hanorec.train import preference as P
 
-PRESETS = ("tiny-qwen2.5-vl", "tiny-llava")
-VISION = {"tiny-qwen2.5-vl": "visual", "tiny-llava": "vision_tower"}
+PRESETS = TINY_PRESETS  # every family
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +64,7 @@ def _batch(bundle, demo, k):
 def _vision_calls(bundle, preset):
     """A counter of the vision tower's forwards (a list that grows by one per call) and its hook handle."""
     calls = []
-    module = dict(bundle.model.named_modules())[f"base_model.model.model.{VISION[preset]}"]
+    module = dict(bundle.model.named_modules())[f"base_model.model.model.{bundle.adapter.vision_modules[0]}"]
     return calls, module.register_forward_hook(lambda *a: calls.append(1))
 
 

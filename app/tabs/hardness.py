@@ -29,10 +29,10 @@ def _setup(ctx, dataset, task, model):
     from hanorec.hardness import ItemIndex
 
     source = model or "base"
-    if source == "base":
+    if source == "base" or source.startswith("base:"):  # an untrained preset
         cfg = ctx.config(dataset, task)
         data = ctx.prepared(dataset, task)
-        emb_source = "base"
+        emb_source = source
     else:
         run, _, stage = source.rpartition("::")
         cfg = ctx.model(source, dataset, task)[1] or ctx.config(dataset, task)
@@ -160,7 +160,7 @@ def score_pairs(ctx, dataset, task, model, progress=gr.Progress()):
     from hanorec.explore import pair_stats, training_pairs
     from hanorec.hardness import pairs_table
 
-    if not model or model == "base" or model.endswith("::sft"):
+    if not model or model == "base" or model.startswith("base:") or model.endswith("::sft"):
         raise gr.Error("Choose a preference stage of a run (DPO, S-DPO, HaNo-DPO...) to see its per-pair training view.")
     cfg, data, index = _setup(ctx, dataset, task, model)
     bundle, _ = ctx.model(model, dataset, task)

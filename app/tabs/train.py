@@ -18,9 +18,10 @@ from plotly.subplots import make_subplots
 
 from app.common import number, number_field, owner_state, owner_token
 from hanorec import runs
+from hanorec.backbones import tiny_presets
 from hanorec.jobs import STAGES, JobError, available_trackers
 
-PRESETS = ("tiny-qwen2.5-vl", "tiny-llava")
+PRESETS = tiny_presets()  # one per family, the paper's first
 TASKS = ("hit3", "hit1", "next1")
 FROM_SCRATCH = "train SFT first, in this run"
 NO_TRACKER = "none (metrics.jsonl only)"

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from hanorec.data import RecDataset
-from hanorec.models import IMAGE_MARKERS, ModelBundle
+from hanorec.models import ModelBundle
 from hanorec.scoring import batch_logps
 from hanorec.tasks import Example, render
 from hanorec.train.loop import EmptyTrainingSet, TrainResult, Validation, train_loop
@@ -42,7 +42,6 @@ def make_sft_collate(bundle: ModelBundle, ds: RecDataset, max_length: int, image
 def example_lengths(bundle: ModelBundle, ds: RecDataset, examples: Sequence[Example]) -> list[int]:
     """Prompt + answer tokens of each example, as `make_sft_collate` would encode it, without processing
     every image: an image's token count is computed once per size (fixed-size presets) or once per item."""
-    image_token = IMAGE_MARKERS[bundle.family][1]
     fixed: list[int] = []
     per_item: dict[str, int] = {}
 
@@ -51,7 +50,7 @@ def example_lengths(bundle: ModelBundle, ds: RecDataset, examples: Sequence[Exam
             return fixed[0]
         if item not in per_item:
             img = ds.load_image(item, size=bundle.image_size)
-            n = bundle.encode_prompt("<image>", [img]).input_ids.count(bundle.image_token_id)
+            n = bundle.image_token_count(img)
             per_item[item] = n
             if bundle.image_size:
                 fixed.append(n)
@@ -59,8 +58,7 @@ def example_lengths(bundle: ModelBundle, ds: RecDataset, examples: Sequence[Exam
 
     out = []
     for ex in examples:
-        pieces = bundle.chat_text(ex.prompt).split(image_token)
-        n = sum(len(bundle.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in pieces if p)
+        n = bundle.text_token_count(ex.prompt)
         n += sum(image_tokens(i) for i in ex.image_items)
         out.append(n + len(bundle.encode_completion(ex.answer)))
     return out

@@ -34,6 +34,8 @@ from contextlib import contextmanager
 
 import torch
 
+from hanorec.backbones import vision_module_names
+
 ADAPTER_MARKERS = ("lora_", "modules_to_save")
 
 
@@ -55,21 +57,24 @@ def _block_classes(model) -> set[str]:
 
 # Called outside the root's forward: hanorec.scoring.encode_images runs the frozen vision part once per
 # preference step through get_image_features, so each must be a unit of its own that unshards itself.
-VISION_MODULES = ("visual", "vision_tower", "multi_modal_projector")
+# (Every family's adapter names its vision modules.)
+VISION_MODULES = vision_module_names()
 
 
 def _vision_units(part: torch.nn.Module) -> list[torch.nn.Module]:
-    """The units that shard a vision part: the part itself, or, for a transformers model (LLaVA's CLIP
-    tower, Qwen's visual), its children that hold parameters. FSDP2 swaps a unit's class, and transformers
-    looks a model's output recording up by its class, so a swapped CLIPVisionModel returns no hidden states."""
+    """The units that shard a vision part: the part itself, or, for a transformers model (a vision tower
+    or transformer), its children that hold parameters, and the members of its module lists (e.g. extra
+    mergers). FSDP2 swaps a unit's class, and transformers looks a model's output recording up by its
+    class, so a swapped vision model returns no hidden states."""
     from transformers import PreTrainedModel
 
     if not isinstance(part, PreTrainedModel):
         return [part]
-    return [
-        c for c in part.children()
-        if not isinstance(c, (torch.nn.ModuleList, torch.nn.ModuleDict)) and any(True for _ in c.parameters())
-    ]  # fmt: skip
+    units = []
+    for c in part.children():
+        members = list(c.children()) if isinstance(c, (torch.nn.ModuleList, torch.nn.ModuleDict)) else [c]
+        units += [m for m in members if any(True for _ in m.parameters())]
+    return units
 
 
 def shard_model(model: torch.nn.Module) -> int:

@@ -1,0 +1,158 @@
+"""Qwen2.5-VL (and Qwen2-VL): the paper's backbone.
+
+Images become patch rows (patches x C*T*p*p) with a (t, h, w) grid; 2x2 patches merge into one visual
+token; positions are 3-D M-RoPE ids from the model's own ``get_rope_index``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from hanorec.backbones.base import Backbone, BackboneError, square_images, tiny_heads, tiny_vision
+
+if TYPE_CHECKING:
+    import torch
+
+
+
+class Qwen25VL(Backbone):
+    family = "qwen2_5_vl"
+    label = "Qwen2.5-VL"
+    model_types = ("qwen2_5_vl", "qwen2_vl")
+    preset = "tiny-qwen2.5-vl"
+    order = 0
+    checkpoints = ("Qwen/Qwen2.5-VL-3B-Instruct", "Qwen/Qwen2.5-VL-7B-Instruct")
+    gpu_config = "configs/gpu-qwen2.5-vl-3b.yaml"
+    chat_marker = "<|vision_start|><|image_pad|><|vision_end|>"
+    image_token = "<|image_pad|>"
+    tiny_tokens = ("<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>")
+    vision_modules = ("visual",)
+    mrope = True
+    tiny_patch = 8
+
+    # ---- tiny preset ----------------------------------------------------------------------------
+    def check_tiny_image_size(self, image_size: int) -> None:
+        step = 2 * self.tiny_patch
+        if image_size < step or image_size % step:
+            raise BackboneError(
+                f"data.image_size = {image_size} does not suit {self.preset}: use a multiple of {step} "
+                f"({self.tiny_patch}x{self.tiny_patch} patches merged 2x2), e.g. {2 * step} or {4 * step}"
+            )
+
+    @staticmethod
+    def mrope_section(head_dim: int) -> list[int]:
+        half = head_dim // 2  # mrope sections (temporal, height, width) must sum to head_dim / 2
+        return [half - 2 * (half * 3 // 8), half * 3 // 8, half * 3 // 8]
+
+    def token_ids(self, tok) -> dict:
+        return dict(
+            image_token_id=tok.convert_tokens_to_ids("<|image_pad|>"),
+            video_token_id=tok.convert_tokens_to_ids("<|video_pad|>"),
+            vision_start_token_id=tok.convert_tokens_to_ids("<|vision_start|>"),
+            vision_end_token_id=tok.convert_tokens_to_ids("<|vision_end|>"),
+        )
+
+    def tiny_processor(self, image_size: int):
+        from transformers import Qwen2VLImageProcessor
+
+        return Qwen2VLImageProcessor(
+            patch_size=self.tiny_patch,
+            merge_size=2,
+            temporal_patch_size=2,
+            min_pixels=(image_size // 2) ** 2,
+            max_pixels=image_size * image_size,
+        )
+
+    def tiny_vision(self, text: dict, **extra) -> dict:
+        """The shared tiny tower size in this family's key names (depth, num_heads), merging 2x2 patches."""
+        v = tiny_vision(patch_size=self.tiny_patch, spatial_merge_size=2, temporal_patch_size=2,
+                        out_hidden_size=text["hidden_size"], **extra)  # fmt: skip
+        v["depth"], v["num_heads"] = v.pop("num_hidden_layers"), v.pop("num_attention_heads")
+        return v
+
+    def build_tiny_model(self, tok, text: dict, image_size: int):
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        _, head_dim = tiny_heads(text["hidden_size"])
+        text["rope_parameters"] = {
+            "rope_type": "default", "rope_theta": 10000.0, "mrope_section": self.mrope_section(head_dim)
+        }  # fmt: skip
+        cfg = Qwen2_5_VLConfig(
+            text_config=text,
+            vision_config=self.tiny_vision(text, window_size=4 * self.tiny_patch, fullatt_block_indexes=[1]),
+            **self.token_ids(tok),
+            tie_word_embeddings=False,
+        )
+        # 64x64 with 8x8 patches merged 2x2 -> 16 visual tokens per image
+        return Qwen2_5_VLForConditionalGeneration(cfg), self.tiny_processor(image_size)
+
+    # ---- pixels ---------------------------------------------------------------------------------
+    def process_images(self, bundle, images: Sequence):
+        images = square_images(images, bundle.image_size)
+        out = bundle.image_processor(images=list(images), return_tensors="pt")
+        grid = out["image_grid_thw"]
+        merge = bundle.image_processor.merge_size
+        per_image = [int(g.prod()) // (merge * merge) for g in grid]
+        return out["pixel_values"], grid, per_image
+
+    def pixel_inputs(self, prompts) -> dict:
+        import torch
+
+        out = super().pixel_inputs(prompts)
+        if out:
+            out["image_grid_thw"] = torch.cat([p.image_grid_thw for p in prompts if p.n_images], dim=0)
+        return out
+
+    def pixel_arrays(self, bundle, prompt) -> list[torch.Tensor]:
+        """Un-patchify each image's (h*w, C*T*p*p) rows back to (C, h*p, w*p) (first frame)."""
+        proc = bundle.image_processor
+        pixels = prompt.pixel_values.float().cpu()
+        p, m, t = proc.patch_size, proc.merge_size, proc.temporal_patch_size
+        arrays, start = [], 0
+        for gt, gh, gw in prompt.image_grid_thw.tolist():
+            rows = pixels[start : start + gt * gh * gw]
+            start += gt * gh * gw
+            x = rows.reshape(gt, gh // m, gw // m, m, m, -1, t, p, p)[0, ..., 0, :, :]  # first frame
+            # (gh/m, gw/m, mh, mw, C, ph, pw) -> (C, gh/m, mh, ph, gw/m, mw, pw) -> (C, gh*p, gw*p)
+            arrays.append(x.permute(4, 0, 2, 5, 1, 3, 6).reshape(-1, gh * p, gw * p))
+        return arrays
+
+    def cap_pixels(self, processor, max_pixels: int) -> bool:
+        """The processor resizes by pixel count (its size's longest_edge is a pixel count): larger images
+        are scaled down keeping their aspect ratio."""
+        size = getattr(processor, "size", None)
+        if not hasattr(processor, "merge_size") or size is None:
+            return False
+        cap = int(max_pixels)
+        if isinstance(size, dict):
+            processor.size = {**size, "longest_edge": cap, "shortest_edge": min(size.get("shortest_edge") or cap, cap)}
+        else:  # transformers' SizeDict
+            size.longest_edge = cap
+            size.shortest_edge = min(size.shortest_edge or cap, cap)
+        return True
+
+    # ---- model inputs ---------------------------------------------------------------------------
+    def extra_inputs(self, bundle, input_ids: torch.Tensor) -> dict:
+        return {"mm_token_type_ids": (input_ids == bundle.image_token_id).long()}
+
+    def prompt_positions(self, bundle, inner, input_ids, prompt_mask, lengths, image_grid_thw=None):
+        """(3, P, L) M-RoPE ids of the prompts from the model's own ``get_rope_index``; raises ValueError
+        when an image token appears outside the prompts (its pixels could not be placed)."""
+        if bool(((input_ids == bundle.image_token_id) & (prompt_mask == 0)).any()):
+            raise ValueError(
+                "a completion contains the image token; shared-prefix scoring cannot place its pixels"
+            )
+        positions, deltas = inner.model.get_rope_index(
+            input_ids,
+            mm_token_type_ids=(input_ids == bundle.image_token_id).long() * prompt_mask,
+            image_grid_thw=image_grid_thw,
+            attention_mask=prompt_mask,
+        )
+        return positions, lengths + deltas.reshape(-1).to(lengths.device)
+
+    def encode_images(self, inner, pixel_inputs: dict) -> dict:
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        out = inner.get_image_features(pixel_inputs["pixel_values"], pixel_inputs["image_grid_thw"], return_dict=True)
+        return {"image": BaseModelOutputWithPooling(pooler_output=out.pooler_output)}
