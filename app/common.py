@@ -17,6 +17,7 @@ from pathlib import Path
 
 import gradio as gr
 
+from hanorec.errors import UserError
 from hanorec.paths import PathError, confine
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,8 +25,9 @@ DEMO_RUNS = REPO / "assets" / "demo_runs"  # scripts/make_demo_runs.py
 TASKS = ("hit3", "hit1", "next1")
 BASE_PRESET = "tiny-qwen2.5-vl"
 UNTRAINED = f"untrained {BASE_PRESET} (random init)"
-# Errors a user can cause; anything else is a bug and is reported as one sentence too.
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError, PathError)
+# Errors a user can cause (the package's UserError, a missing file, a key not found); anything else is a bug
+# and is reported as one sentence too.
+USER_ERRORS = (UserError, FileNotFoundError, KeyError)
 
 
 @contextmanager
@@ -324,42 +326,21 @@ class AppContext:
 
 
 def list_runs(root: Path) -> list[dict]:
-    """Runs under root with their stages (hanorec.runs when present)."""
-    try:
-        from hanorec import runs
-    except ImportError:
-        runs = None
-    if runs is not None:
-        return [
-            {"name": r.name, "path": str(r.path), "stages": list(r.stages), "status": r.status}
-            for r in runs.list_runs(root)
-        ]
-    out = []
-    for d in sorted(Path(root).glob("*/")) if Path(root).is_dir() else []:
-        stages = [s.name for s in sorted(d.iterdir()) if (s / "checkpoints").is_dir()]
-        if stages:
-            out.append({"name": d.name, "path": str(d), "stages": stages, "status": "finished"})
-    return out
+    """Runs under root with their stages (hanorec.runs)."""
+    from hanorec import runs
+
+    return [
+        {"name": r.name, "path": str(r.path), "stages": list(r.stages), "status": r.status}
+        for r in runs.list_runs(root)
+    ]
 
 
 def load_run_stage(run_path: Path, stage: str):
-    """(bundle, RunConfig) of a run's stage (hanorec.runs when present, else the SFT loader)."""
-    try:
-        from hanorec import runs
-    except ImportError:
-        runs = None
-    if runs is not None:
-        bundle = runs.load_stage(run_path, stage)
-        return bundle, runs.read_config(run_path, stage)
-    from hanorec.config import load_config
-    from hanorec.pipeline import load_trained, prepare_data
-    from hanorec.train.checkpoint import latest_checkpoint
+    """(bundle, RunConfig) of a run's stage (hanorec.runs)."""
+    from hanorec import runs
 
-    ckpt = latest_checkpoint(run_path / stage)
-    if ckpt is None:
-        raise FileNotFoundError(f"The run {run_path.name} has no checkpoint for stage {stage}.")
-    cfg = load_config(ckpt / "config.yaml")
-    return load_trained(cfg, prepare_data(cfg).dataset, run_path / stage, ckpt), cfg
+    bundle = runs.load_stage(run_path, stage)
+    return bundle, runs.read_config(run_path, stage)
 
 
 def on_load(fn, inputs, outputs) -> None:

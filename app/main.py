@@ -134,10 +134,8 @@ def make_context(data_dirs=None, runs_dir="runs", device="auto", threads=0, demo
 
 
 def _job_manager(runs: Path, device: str | None, demo: bool = False):
-    try:
-        from hanorec.jobs import JobManager
-    except ImportError:  # the background-run module is optional for the other tabs
-        return None
+    from hanorec.jobs import JobManager
+
     return JobManager(runs, device=device, max_queued=MAX_QUEUED[demo], max_per_owner=MAX_PER_SESSION[demo])
 
 

@@ -4,9 +4,12 @@ Commands:
   make-demo   write the bundled demo dataset (deterministic): --out=assets/demo --seed=0
   run         data -> SFT -> evaluation, prints a metrics table (resumes an interrupted run)
   sft         stage 1 only
-  pref        stage 2 (DPO, S-DPO or HaNo-DPO by --pref.method) from the run's SFT checkpoint, then evaluation
+  pref        stage 2 (any registered method by --pref.method, its knobs by --pref.options.NAME=VALUE) from the
+              run's SFT checkpoint, then evaluation
   compare     SFT, DPO, S-DPO, HaNo-DPO and its ablations over seeds and tasks: --seeds=0,1,2 --tasks=hit3,hit1
-              (--readme=README.md writes the table, command, machine and wall time into the README)
+              (--variants=DPO,IPO,... any rows of `methods`; --readme=README.md writes the table, command,
+              machine and wall time into the README)
+  methods     the registered preference methods and their ablations: loss in one line, needs, paper
   evaluate    evaluate the newest checkpoint of a run's stage (--stage=sft by default, or a preference stage
               folder such as --stage=hano_dpo; or --checkpoint=PATH) with baselines
   models      list the backbone families: each one's tiny offline preset, the checkpoint types it loads
@@ -117,18 +120,11 @@ def main(argv: list[str] | None = None) -> int:
             fixed.append(rest[i])
             i += 1
     from hanorec.config import ConfigError, describe, load_config
-    from hanorec.data import DataError
-    from hanorec.models import ModelError, check_model_name
+    from hanorec.errors import UserError
+    from hanorec.models import check_model_name
     from hanorec.progress import StopRequested
-    from hanorec.tasks import TaskError
-    from hanorec.train.checkpoint import CheckpointError
-    from hanorec.train.loop import EmptyTrainingSet, TrainingDiverged
-    from hanorec.train.sft import ExampleTooLong
 
-    user_errors = (
-        ConfigError, DataError, ModelError, TaskError, CheckpointError, EmptyTrainingSet, TrainingDiverged,
-        ExampleTooLong, FileNotFoundError,
-    )  # fmt: skip
+    user_errors = (UserError, FileNotFoundError)  # every package error a user can fix, and a missing file
 
     try:
         if command == "make-demo":
@@ -146,6 +142,11 @@ def main(argv: list[str] | None = None) -> int:
                     raise ConfigError(f"make-demo takes --out=DIR and --seed=N, not {o!r}")
             out = make_demo(extra.get("out", "assets/demo"), seed=seed)
             print(f"demo dataset written to {out}")
+            return 0
+        if command == "methods":
+            from hanorec import methods
+
+            print(methods.format_table())
             return 0
         if command == "models":
             from hanorec.models import format_models
@@ -201,11 +202,14 @@ def main(argv: list[str] | None = None) -> int:
             bad = [t for t in tasks if t not in TASKS] or ([] if seeds and tasks else ["(none)"])
             if bad:
                 raise ConfigError(f"--tasks names {bad[0]!r}; use some of {list(TASKS)}, comma-separated, and at least one seed")
-            variants = extra["variants"].split(",") if "variants" in extra else list(pipeline.PREF_VARIANTS)
-            unknown = [v for v in variants if v not in pipeline.PREF_VARIANTS]
+            from hanorec import methods
+
+            variants = extra["variants"].split(",") if "variants" in extra else list(methods.paper_variants())
+            unknown = [v for v in variants if v not in methods.variants()]
             if unknown:
                 raise ConfigError(
-                    f"unknown variant {unknown[0]!r}; use some of {list(pipeline.PREF_VARIANTS)}"
+                    f"unknown variant {unknown[0]!r}; use some of {list(methods.variants())} "
+                    "(python -m hanorec methods lists them)"
                 )
             pipeline.run_comparison(
                 cfg,

@@ -18,8 +18,10 @@ from typing import Any
 
 import yaml
 
+from hanorec.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A configuration key or value a user wrote is wrong (one clear sentence)."""
 
 
@@ -117,8 +119,11 @@ class DataConfig:
         "leave_one_out: last window test, the one before validation, earlier windows train (ours); "
         "last_window_by_user: one window per user, its last n_history + n_target items, users split seeded "
         "80/10/10 into train/val/test; mirrors what is known of the authors' pre-split files, whose split "
-        "procedure is unpublished (by_user: the older name of the same policy).",
-        choices=("leave_one_out", "last_window_by_user", "by_user"),
+        "procedure is unpublished (by_user: the older name of the same policy); files: the authors' own "
+        "train.tsv, val.tsv and test.tsv in data.path, read as given: one window per row from its last "
+        "n_history + n_target items (rows shorter are skipped and counted), file order kept, a user may be in "
+        "several files, negatives avoid the row's own items.",
+        choices=("leave_one_out", "last_window_by_user", "by_user", "files"),
     )
     min_interactions: int = _f(6, "Users with fewer interactions are dropped (the authors' code skips rows under 6).")
     max_items_per_user: int | None = _f(
@@ -157,13 +162,38 @@ class TaskConfig:
         None, "Random unseen negatives among the candidates (default: 4 for hit3 and hit1, 19 for next1)."
     )
     max_train_examples: int | None = _f(
-        None, "Cap on training examples (deterministic prefix after shuffling)."
+        None,
+        "Cap on training examples (deterministic prefix after shuffling; split_policy files: the first rows of "
+        "train.tsv, before shuffling, as LLaMA-Factory's max_samples).",
     )
     max_eval_examples: int | None = _f(None, "Cap on validation/test examples.")
     hit1_target_image: bool = _f(
         False,
         "hit1: also show the target item's image (beyond the authors' prompt, which shows only the 5 history "
         "images; off by default to follow them).",
+    )
+    template_set: str = _f(
+        "ours",
+        "Prompt wording: ours (one paragraph per prompt, in the domain's words) or authors (the authors' prompt "
+        "files and loader verbatim: hit3 starts with their instruction and lists items one per line as "
+        "<image> \"title\"; hit1 has no instruction and speaks of movies; next1 keeps ours).",
+        choices=("ours", "authors"),
+    )
+    hit3_outer_quotes: bool = _f(
+        False,
+        "hit3: wrap the answer's three quoted lines in one more pair of quotes, as the authors' SFT targets and "
+        "chosen answers (their rejected answers have none, so DPO can tell chosen from rejected by format alone).",
+    )
+    negatives: str = _f(
+        "titled",
+        "Where negative candidates come from: titled (items that have a title, ours) or id_range (the authors': "
+        "every integer id from 1 to task.max_item_id, an id without a title shown as [unknown id], no image).",
+        choices=("titled", "id_range"),
+    )
+    max_item_id: int | None = _f(
+        None,
+        "negatives=id_range: the largest id drawn (the authors: 19379 MicroLens, 17700 Netflix, 3953 MovieLens); "
+        "None: the largest integer id in the titles file.",
     )
     item_noun: str | None = _f(None, "The prompt's item noun, singular (e.g. artist); default: data.domain's.")
     item_nouns: str | None = _f(None, "Its plural (default: item_noun + s).")
@@ -177,7 +207,7 @@ class TaskConfig:
     def __post_init__(self):
         _check_numbers(self)
         _check_choices(self)
-        _positive(self, "n_negatives", "max_train_examples", "max_eval_examples")
+        _positive(self, "n_negatives", "max_train_examples", "max_eval_examples", "max_item_id")
         if self.item_noun or self.item_verb or self.item_nouns or self.item_verb_present:
             self.words()  # a verb with no derivable present is reported now, not after loading data
 
@@ -219,7 +249,9 @@ class ModelConfig:
     max_pixels: int | None = _f(
         262144,
         "Real checkpoints: their image processor picks each image's resolution, capped at this many pixels "
-        "(families whose processor resizes by pixel count; 262,144 = the authors' cap for preference training). Tiny presets use data.image_size.",
+        "(families whose processor resizes by pixel count; 262,144 = the authors' cap for preference training) in "
+        "every stage whose own cap (sft.max_pixels, pref.max_pixels, eval.max_pixels) is None. Tiny presets use "
+        "data.image_size.",
     )
 
     def __post_init__(self):
@@ -315,36 +347,56 @@ class SFTConfig(OptimConfig):
     max_val_examples: int | None = _f(
         200, "Score at most this many validation examples per validation (a deterministic prefix; None: all)."
     )
+    max_pixels: int | None = _f(
+        None,
+        "Real checkpoints: the pixel cap per image in SFT (None: model.max_pixels; 0: the image processor's own "
+        "default; the authors: 589,824, LLaMA-Factory's default, as their SFT script sets none).",
+    )
 
     def __post_init__(self):
         super().__post_init__()
         _positive(self, "patience", "max_val_examples")
+        _positive(self, "max_pixels", allow_zero=True)
 
     @property
     def validates(self) -> bool:
         return self.val_every_epoch or self.patience is not None
 
 
-PREF_METHODS = ("dpo", "sdpo", "hano_dpo")
-
-
 @dataclass
 class PrefConfig(OptimConfig):
-    """Stage 2 (method.md sections 6-9): DPO, S-DPO or HaNo-DPO on top of the merged SFT adapter."""
+    """Stage 2 (method.md sections 6-9): a registered preference method (hanorec.methods) on top of the
+    merged SFT adapter."""
 
     batch_size: int = _f(4, "Examples per device per micro-batch (reference 4).")
-    method: str = _f("hano_dpo", "Preference loss.", choices=PREF_METHODS)
-    beta: float = _f(0.1, "beta (DPO, S-DPO) or beta0 (HaNo-DPO).")
-    label_smoothing: float = _f(0.0, "Label smoothing eps of the sigmoid loss.")
+    method: str = _f(
+        "hano_dpo", "Preference loss: a registered method's name (`python -m hanorec methods` lists them)."
+    )
+    beta: float = _f(0.1, "beta of the method (HaNo-DPO: beta0; IPO: its regularisation tau).")
+    label_smoothing: float = _f(0.0, "Label smoothing eps of the sigmoid loss (DPO, HaNo-DPO).")
+    options: dict = _f(
+        {},
+        "The method's own knobs (--pref.options.NAME=VALUE); unset ones take the method's defaults:",
+    )
+    plugins: list = _f(
+        [],
+        "Python modules or .py files that register more preference methods (hanorec.methods.register), imported "
+        "before pref.method is looked up.",
+    )
+    hars: bool = _f(
+        False,
+        "HaRS on a base loss other than HaNo-DPO (beyond the paper): its beta becomes beta0 * eta * lambda_n, "
+        "with pref.hardness and pref.responsiveness choosing the parts.",
+    )
     k_negatives: int = _f(1, "Rejected completions per example (S-DPO uses K > 1; DPO and HaNo-DPO use 1).")
     negative_sampling: str = _f(
         "random",
         "How rejected items are drawn from the prompt's negatives: random (reference) or embedding (closest to the positives in item-embedding space).",
         choices=("random", "embedding"),
     )
-    hardness: bool = _f(True, "HaRS: per-pair hardness weight lambda (HaNo-DPO only).")
+    hardness: bool = _f(True, "HaRS: per-pair hardness weight lambda (HaNo-DPO, or pref.hars=true).")
     responsiveness: bool = _f(
-        True, "HaRS: online responsiveness eta over the gathered micro-batch (HaNo-DPO only)."
+        True, "HaRS: online responsiveness eta over the gathered micro-batch (HaNo-DPO, or pref.hars=true)."
     )
     hardness_k: int = _f(10, "Neighbours in an item's hardness profile (K).")
     noise_target: str = _f(
@@ -368,6 +420,39 @@ class PrefConfig(OptimConfig):
         "still at 0, like a fresh adapter's B, gets no noise).",
         choices=("absolute", "relative"),
     )
+    disable_dropout: bool = _f(
+        True,
+        "Switch every dropout module of the policy off for stage 2 (LoRA's lora_dropout included; restored "
+        "afterwards), as TRL's and LLaMA-Factory's DPO trainers do by default and so the authors' run: the policy's "
+        "log-probs then differ from the reference's only by the adapter (and NoDO's noise), so DPO, the "
+        "'w/o NoDO' ablation and eta see no dropout noise. false keeps lora.dropout active in stage 2.",
+    )
+    nodo_backward: str = _f(
+        "noisy",
+        "NoDO (lora target), what the backward pass sees: noisy (ours) differentiates the noisy forward itself, "
+        "so gradients flow through (B + eps_B)(A + eps_A); clean (the authors' run: LLaMA-Factory's reentrant "
+        "gradient checkpointing recomputes each decoder layer after the noise hooks are gone) back-propagates "
+        "each layer as if it had no noise, at the noisy forward's layer inputs; it turns on reentrant gradient "
+        "checkpointing for stage 2. At B = 0, A gets a gradient through eps_B under noisy and none under clean.",
+        choices=("noisy", "clean"),
+    )
+    pair_seed: int | None = _f(
+        None,
+        "Seed of the preference-pair construction (which negatives become rejected answers); None: the run's "
+        "seed. The authors build pairs with 2025 and train with the Trainer's default seed 42.",
+    )
+    max_pixels: int | None = _f(
+        None,
+        "Real checkpoints: the pixel cap per image in preference training (None: model.max_pixels; 0: the image "
+        "processor's own default; the authors: 262,144, their DPO configs' image_max_pixels).",
+    )
+    hars_inputs: str = _f(
+        "sft",
+        "What HaRS embeds items with: sft (ours: the SFT model, images at pref.max_pixels, any image file) or "
+        "authors (their encoder: the base model without the SFT adapter, the image processor's own default "
+        "pixel cap, only <item>.jpg files; other items get no image part).",
+        choices=("sft", "authors"),
+    )
     sft_weight: float = _f(0.0, "gamma: weight of an SFT (mean-token NLL of the chosen answer) term.")
     precompute_ref: bool = _f(False, "Score the reference once before training instead of on every step.")
     scoring: str = _f(
@@ -385,22 +470,24 @@ class PrefConfig(OptimConfig):
     def __post_init__(self):
         super().__post_init__()
         _positive(self, "beta", "k_negatives", "hardness_k", "max_pairs")
-        _positive(self, "noise_sigma", "sft_weight", allow_zero=True)
+        _positive(self, "noise_sigma", "sft_weight", "max_pixels", allow_zero=True)
         if not 0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"label_smoothing = {self.label_smoothing!r} must be in [0, 0.5)")
-        if self.method == "hano_dpo" and self.responsiveness and self.batch_size < 3:
+        from hanorec import methods
+
+        try:  # the method's own checks, and its knobs with their defaults filled in
+            self.options = methods.validate(self)
+        except methods.MethodError as e:  # its sentence names pref.<key>; _build adds the section's prefix
+            raise ConfigError(str(e).removeprefix("pref.")) from None
+        if self.nodo_backward == "clean" and self.noise_target == "logits":
             raise ConfigError(
-                f"pref.batch_size = {self.batch_size}: HaNo-DPO's responsiveness eta is a trimmed mean over the "
-                "micro-batch and needs at least 3 pairs in it; raise batch_size or set pref.responsiveness=false"
+                "pref.nodo_backward = 'clean' recomputes the LoRA layers without their noise and needs "
+                "pref.noise_target = 'lora'; logit noise sits outside the recomputed layers"
             )
         if self.noise_scale == "relative" and self.noise_target == "logits":
             raise ConfigError(
                 "pref.noise_scale = 'relative' scales sigma by each LoRA factor's RMS and needs "
                 "pref.noise_target = 'lora'; logit noise has no factor to measure"
-            )
-        if self.method != "sdpo" and self.k_negatives != 1:
-            raise ConfigError(
-                f"k_negatives = {self.k_negatives} needs method sdpo; {self.method} uses one rejected completion"
             )
 
 
@@ -419,6 +506,12 @@ class EvalConfig:
     sample_temperature: float = _f(0.95, "Paper protocol: sampling temperature (the authors' 0.95).")
     sample_top_p: float = _f(0.7, "Paper protocol: nucleus sampling top-p (the authors' 0.7).")
     sample_top_k: int = _f(50, "Paper protocol: top-k (50, LLaMA-Factory's default, which the authors' run kept).")
+    max_pixels: int | None = _f(
+        None,
+        "Real checkpoints: the pixel cap per image when evaluating (None: model.max_pixels; 0: the image "
+        "processor's own default; the authors: 589,824, LLaMA-Factory's default, as their inference script "
+        "sets none).",
+    )
     paper_max_examples: int | None = _f(
         3000,
         "Paper protocol: score only the first N evaluated examples, in order (the authors cap the test set at "
@@ -441,6 +534,7 @@ class EvalConfig:
             if p not in ("ranking", "generative", "paper"):
                 raise ConfigError(f"protocols contains {p!r}; use some of 'ranking', 'generative' and 'paper'")
         _positive(self, "sample_temperature", "sample_top_k", "paper_max_examples")
+        _positive(self, "max_pixels", allow_zero=True)
         if not 0 < self.sample_top_p <= 1:
             raise ConfigError(f"sample_top_p = {self.sample_top_p!r} must be in (0, 1]")
         for b in self.baselines:
@@ -517,6 +611,12 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             if isinstance(value, (dict, list)):
                 raise ValueError
             return str(value)
+        if tp is dict or origin is dict:
+            if isinstance(value, str):
+                value = yaml.safe_load(value) if value.strip() else {}
+            if not isinstance(value, dict):
+                raise ValueError
+            return dict(value)
         if tp is list or origin is list:
             if isinstance(value, str):
                 parsed = (
@@ -626,4 +726,8 @@ def describe(cls=RunConfig, prefix: str = "") -> str:
         choices = f.metadata.get("choices")
         extra = f" (one of {', '.join(map(str, choices))})" if choices else ""
         lines.append(f"  --{prefix}{f.name}={default!r}: {f.metadata.get('help', '')}{extra}")
+        if f.name == "options" and cls is PrefConfig:  # every registered method's own knobs
+            from hanorec import methods
+
+            lines.append(methods.describe_knobs())
     return "\n".join(lines)

@@ -42,9 +42,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
+from hanorec.errors import UserError
+
 DOMAINS = ("movies", "micro-videos", "tv", "products", "music")
 FORMATS = ("auto", "hanorec", "movielens")
-SPLIT_POLICIES = ("leave_one_out", "last_window_by_user")
+SPLIT_POLICIES = ("leave_one_out", "last_window_by_user", "files")
+# split_policy "files": the authors' pre-split files, read as given (one window per row, file order kept)
+SPLIT_FILES = ("train.tsv", "val.tsv", "test.tsv")
 # older names still accepted (configs and runs made before the rename); make_splits maps them to the new name
 SPLIT_ALIASES = {"by_user": "last_window_by_user"}
 
@@ -57,8 +61,17 @@ PLACEHOLDER_SIZE = 224  # side of the placeholder when load_image is called with
 _TITLE_HEADER_NAMES = {"item", "item_id", "itemid", "id", "movieid", "iid", "video_id"}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad input data; the message is one sentence naming the file and line (or the id)."""
+
+
+@dataclass(frozen=True)
+class SplitRow:
+    """One row of a split file (split_policy "files"): its user, its items in time order, its line number."""
+
+    user: str
+    items: tuple[str, ...]
+    line: int
 
 
 @dataclass(frozen=True)
@@ -102,6 +115,8 @@ class RecDataset:
     items: dict[str, Item]  # item_id -> Item
     sequences: dict[str, list[str]]  # user -> item ids in time order
     summary: LoadSummary
+    # the rows of train.tsv / val.tsv / test.tsv in file order (split_policy "files"), else None
+    split_rows: dict[str, list[SplitRow]] | None = None
 
     def load_image(self, item_id: str, size: int | None = None) -> Image.Image:
         """The item's image as RGB, resized to ``size x size`` if given (posters are stretched,
@@ -144,6 +159,10 @@ class RecDataset:
         chosen = set(random.Random(seed).sample(users, min(n, len(users))))
         sequences = {u: list(s) for u, s in self.sequences.items() if u in chosen}
         used = {i for s in sequences.values() for i in s}
+        rows = None
+        if self.split_rows is not None:  # the chosen users' rows of every split file, in file order
+            rows = {name: [r for r in rs if r.user in chosen] for name, rs in self.split_rows.items()}
+            used |= {i for rs in rows.values() for r in rs for i in r.items}
         items = {i: it for i, it in self.items.items() if i in used}
         missing = [i for i, it in items.items() if it.image_path is None]
         summary = replace(
@@ -156,7 +175,7 @@ class RecDataset:
             bad_rows=list(self.summary.bad_rows),
         )
         return RecDataset(
-            f"{self.name}[{len(sequences)} users]", self.domain, self.root, items, sequences, summary
+            f"{self.name}[{len(sequences)} users]", self.domain, self.root, items, sequences, summary, rows
         )
 
     def popularity(self, users: Iterable[str] | None = None) -> dict[str, int]:
@@ -192,6 +211,7 @@ def load_dataset(
     image_dir=None,
     on_error: str = "raise",
     check_images: bool = True,
+    split_files: bool = False,
 ) -> RecDataset:
     """Load a dataset folder in the ``hanorec`` or ``movielens`` format (see module docstring).
 
@@ -205,6 +225,11 @@ def load_dataset(
         without an image.
     check_images: open each image file's header with PIL and verify it, so an unreadable
         image is found at load time (header check only: about 0.3 s per 1,500 posters).
+    split_files: also read the authors' pre-split ``train.tsv``, ``val.tsv`` and ``test.tsv`` (the same
+        ``user<TAB>item item ...`` rows) into ``split_rows``, in file order, for split_policy "files". A
+        user may appear in several files. ``pairs.tsv`` is then optional: without it a user's sequence
+        (``sequences``, used by the data views) is its row in the last file that lists it (test, else val,
+        else train).
     """
     if format not in FORMATS:
         raise DataError(f"Unknown dataset format {format!r}; expected one of {', '.join(FORMATS)}.")
@@ -223,8 +248,16 @@ def load_dataset(
         raise DataError(f"The dataset path {root} is a file, not a folder.")
 
     pairs_file = _find_file(root, "pairs.tsv")
+    if split_files:
+        absent = [name for name in SPLIT_FILES if not (root / name).is_file()]
+        if absent:
+            raise DataError(
+                f"split_policy 'files' reads {', '.join(SPLIT_FILES)} from {root}, but {', '.join(absent)} "
+                f"{'is' if len(absent) == 1 else 'are'} not there (the authors' layout: one "
+                "`user<TAB>item item ...` row per line in each file, beside <name>_titles.csv and images/)."
+            )
     if format == "auto":
-        if pairs_file is not None:
+        if pairs_file is not None or split_files:
             format = "hanorec"
         elif (root / "ratings.csv").is_file() and (root / "movies.csv").is_file():
             format = "movielens"
@@ -235,14 +268,23 @@ def load_dataset(
             )
 
     problems = _Problems(on_error)
+    split_rows = None
     if format == "hanorec":
-        if pairs_file is None:
+        if pairs_file is None and not split_files:
             raise DataError(f"The file {root / 'pairs.tsv'} does not exist.")
         titles_file = _find_file(root, "titles.csv")
         if titles_file is None:
             raise DataError(f"The file {root / 'titles.csv'} does not exist.")
         rows = _read_item_table(titles_file, problems, header="detect")
-        sequences = _read_pairs(pairs_file, rows, problems, titles_file.name)
+        if split_files:
+            split_rows = {
+                name[: -len(".tsv")]: _read_rows(root / name, rows, problems, titles_file.name)
+                for name in SPLIT_FILES
+            }
+        if pairs_file is not None:
+            sequences = _read_pairs(pairs_file, rows, problems, titles_file.name)
+        else:  # a user's sequence for the data views: its row in the last file that lists it
+            sequences = {r.user: list(r.items) for name in ("train", "val", "test") for r in split_rows[name]}
         titles_name = titles_file.name
     else:
         ratings_file, movies_file = root / "ratings.csv", root / "movies.csv"
@@ -254,6 +296,8 @@ def load_dataset(
         titles_name = movies_file.name
     if not sequences:
         data_file = pairs_file if format == "hanorec" else root / "ratings.csv"
+        if data_file is None:  # split files only
+            raise DataError(f"The files {', '.join(SPLIT_FILES)} in {root} hold no row with a known item.")
         if not any(line.strip() for line in _read_lines(data_file)[(0 if format == "hanorec" else 1):]):
             raise DataError(f"The file {data_file} is empty: it has no interactions to learn from.")
         if not rows:
@@ -291,7 +335,7 @@ def load_dataset(
         bad_rows=problems.messages,
     )
     name = root.resolve().name if root.name in ("", ".", "..") else root.name
-    return RecDataset(name, domain, root, items, sequences, summary)
+    return RecDataset(name, domain, root, items, sequences, summary, split_rows)
 
 
 def _find_file(root: Path, name: str) -> Path | None:
@@ -392,7 +436,16 @@ def _chain_first(first, rest):
 
 def _read_pairs(path: Path, rows: dict, problems: _Problems, titles_name: str) -> dict[str, list[str]]:
     """Read pairs.tsv: ``user<TAB>item item ...`` per line, items in time order."""
-    sequences: dict[str, list[str]] = {}
+    return {r.user: list(r.items) for r in _read_rows(path, rows, problems, titles_name, one_per_user=True)}
+
+
+def _read_rows(
+    path: Path, rows: dict, problems: _Problems, titles_name: str, *, one_per_user: bool = False
+) -> list[SplitRow]:
+    """The ``user<TAB>item item ...`` rows of pairs.tsv or of the authors' split files (train.tsv, val.tsv,
+    test.tsv), in file order; ``one_per_user`` (pairs.tsv) refuses a user's second row, a split file may
+    hold several rows of one user."""
+    out: list[SplitRow] = []
     first_line: dict[str, int] = {}
     for line_no, text in enumerate(_read_lines(path), start=1):
         if not text.strip():
@@ -408,7 +461,7 @@ def _read_pairs(path: Path, rows: dict, problems: _Problems, titles_name: str) -
         if not seq:
             problems.add(f"Line {line_no} of {path} has an empty item list for user {user!r}.")
             continue
-        if user in first_line:
+        if one_per_user and user in first_line:
             problems.add(
                 f"Line {line_no} of {path} repeats user {user!r} already given on line {first_line[user]}."
             )
@@ -424,8 +477,8 @@ def _read_pairs(path: Path, rows: dict, problems: _Problems, titles_name: str) -
             if not seq:
                 continue
         first_line[user] = line_no
-        sequences[user] = seq
-    return sequences
+        out.append(SplitRow(user, tuple(seq), line_no))
+    return out
 
 
 def _id_key(value: str):
@@ -509,6 +562,9 @@ class Window:
     user: str
     history: tuple[str, ...]  # oldest first
     targets: tuple[str, ...]  # the true next items, in time order
+    # the items negatives must avoid (split_policy "files": the row's own items, as the authors' code);
+    # None: the user's whole sequence
+    seen: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -522,6 +578,15 @@ class Splits:
 
     def describe(self) -> str:
         c = self.config
+        if self.policy == "files":
+            skipped = c.get("skipped_rows", {})
+            return (
+                f"files splits (train.tsv / val.tsv / test.tsv as given, one window per row, file order): "
+                f"{len(self.train):,} train / {len(self.val):,} val / {len(self.test):,} test windows; "
+                f"{self.n_users_dropped:,} rows under {c.get('min_row_items')} items skipped "
+                f"({', '.join(f'{k} {v:,}' for k, v in skipped.items())}); history {c.get('n_history')} items, "
+                f"{c.get('n_target')} targets"
+            )
         users = len({w.user for w in self.train + self.val + self.test})
         return (
             f"{self.policy} splits: {len(self.train):,} train / {len(self.val):,} val / "
@@ -558,6 +623,14 @@ def require_windows(splits: Splits, ds: RecDataset, *, train: bool = True, eval_
                 "--data.split_policy=last_window_by_user (one window per user, users split), or a dataset with "
                 "longer sequences"
             )
+        elif splits.policy == "files":
+            rows = len((ds.split_rows or {}).get(name, []))
+            cause = (
+                f"the files policy builds one window per row of {name}.tsv with at least "
+                f"{c.get('min_row_items')} items, and {name}.tsv has {rows} row(s), "
+                f"{c.get('skipped_rows', {}).get(name, 0)} of them shorter"
+            )
+            way_out = f"check {ds.root / (name + '.tsv')}, or use a task with a shorter history"
         else:
             cause = f"last_window_by_user gives each user one window and there are only {len({w.user for w in splits.train + splits.val + splits.test})} users with one"
             way_out = "use more users (drop --data.max_users), --data.split_policy=leave_one_out, or a task with a shorter history"
@@ -606,6 +679,13 @@ def make_splits(
         test files and builds one window per row from its last 6 items; how those files were split
         is not published, so the user split here is our assumption, not a reproduction.
 
+    policy "files": the authors' own train.tsv / val.tsv / test.tsv, read as given (the dataset must
+        be loaded with ``split_files=True``): one window per row, from the row's last n_history + n_target
+        items (hit3 and hit1: its last 6), in file order, so the first N test examples are the file's
+        first N usable rows; a row shorter than that (or than ``min_interactions``) is skipped and counted
+        (``n_users_dropped`` then counts rows, ``config["skipped_rows"]`` per file). A user may have rows
+        in several files. Negatives avoid the row's own items (``Window.seen``), as the authors' code.
+
     Deterministic: the same dataset and arguments give identical Splits.
     """
     policy = SPLIT_ALIASES.get(policy, policy)
@@ -632,6 +712,9 @@ def make_splits(
         test_frac=test_frac,
         seed=seed,
     )
+
+    if policy == "files":
+        return _file_splits(ds, n_history, n_target, min_interactions, config)
 
     def window(user: str, seq: list[str], end: int) -> Window | None:
         start = end - n_target
@@ -678,6 +761,67 @@ def make_splits(
         for k, w in enumerate(by_user_windows):  # keep sorted-user order inside each split
             (test if k in test_ids else val if k in val_ids else train).append(w)
     return Splits(train, val, test, policy, dropped, config)
+
+
+def _file_splits(ds: RecDataset, n_history: int, n_target: int, min_interactions: int, config: dict) -> Splits:
+    """split_policy "files" (see make_splits): one window per usable row of each split file, in file order."""
+    if ds.split_rows is None:
+        raise DataError(
+            f"split_policy 'files' needs the dataset at {ds.root} loaded with its train.tsv, val.tsv and "
+            "test.tsv (load_dataset(..., split_files=True))."
+        )
+    need = max(n_history + n_target, min_interactions)
+    out: dict[str, list[Window]] = {}
+    skipped: dict[str, int] = {}
+    for name in ("train", "val", "test"):
+        windows, short = [], 0
+        for row in ds.split_rows[name]:
+            if len(row.items) < need:
+                short += 1
+                continue
+            last = row.items[-(n_history + n_target) :]
+            windows.append(Window(row.user, last[:n_history], last[n_history:], seen=row.items))
+        out[name], skipped[name] = windows, short
+    config = dict(config, min_row_items=need, skipped_rows=skipped)
+    return Splits(out["train"], out["val"], out["test"], "files", sum(skipped.values()), config)
+
+
+def write_split_files(ds: RecDataset, out_dir, *, seed: int = 0, name: str = "Demo", hold_out: int = 3) -> Path:
+    """Write ``ds`` in the authors' layout, to try split_policy "files" without their data: ``train.tsv``,
+    ``val.tsv``, ``test.tsv`` (``user<TAB>item item ...``), ``<name>_titles.csv`` (``item,title``) and
+    ``images/<item>.<ext>`` (copies of the items' images).
+
+    Users (sorted, shuffled with ``random.Random(seed)``) go 10% to test, 10% to val and the rest to train,
+    each with its whole sequence; a val or test user whose sequence is longer than ``hold_out`` items also
+    gets a train row without its last ``hold_out`` items, so a user appears in several files. This is only
+    a way to make such a folder: how the authors split their own files is not published."""
+    import shutil
+
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    users = sorted(ds.sequences, key=_id_key)
+    order = users[:]
+    random.Random(seed).shuffle(order)
+    n_test = n_val = round(0.1 * len(order))
+    part = {u: "test" for u in order[:n_test]} | {u: "val" for u in order[n_test : n_test + n_val]}
+    rows: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    for user in users:
+        seq = ds.sequences[user]
+        where = part.get(user, "train")
+        if where != "train" and len(seq) > hold_out:
+            rows["train"].append(f"{user}\t{' '.join(seq[:-hold_out])}")
+        rows[where].append(f"{user}\t{' '.join(seq)}")
+    for split, lines in rows.items():
+        (out / f"{split}.tsv").write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    with open(out / f"{name}_titles.csv", "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["item", "title"])
+        for item_id in sorted(ds.items, key=_id_key):
+            writer.writerow([item_id, ds.items[item_id].title])
+            path = ds.items[item_id].image_path
+            if path is not None:
+                shutil.copyfile(path, out / "images" / f"{item_id}{path.suffix}")
+    return out
 
 
 # ----------------------------------------------------------------------------- demo dataset

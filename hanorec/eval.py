@@ -21,6 +21,7 @@ import torch
 from hanorec import metrics as M
 from hanorec.data import RecDataset, Window
 from hanorec.models import ModelBundle
+from hanorec.progress import Progress
 from hanorec.scoring import generate, score_options
 from hanorec.tasks import Example, render
 
@@ -54,6 +55,8 @@ class EvalResult:
     # per method (model and baselines), the ranking protocol's value for each example, as columns
     # (:func:`per_example_values`): what a paired comparison between methods resamples (hanorec.stats)
     per_example: dict[str, dict[str, list]] = field(default_factory=dict)
+    # the same for the paper protocol (:func:`paper_per_example_values`), for the model only
+    paper_per_example: dict[str, dict[str, list]] = field(default_factory=dict)
     stopped: bool = False  # should_stop() ended evaluation early: rows is empty
 
 
@@ -126,6 +129,37 @@ def per_example_values(examples: Sequence[Example], scores: np.ndarray, snap: bo
     }
 
 
+def paper_per_example_values(examples: Sequence[Example], ds: RecDataset, generations: Sequence[str]) -> dict[str, list]:
+    """The paper protocol per example (the examples it scored, in order), as columns, with each example's user.
+
+    hit3: ``HR@3`` and ``NDCG@3`` of each answer (their means are the paper row's); next1: ``HR@1``. hit1: the
+    hard prediction as ``score`` (Yes 1, No 0, NaN for an answer the protocol drops) and the ``label``: AUC over
+    each method's own kept answers is recomputed on resampled users (hanorec.stats.paired_bootstrap_auc leaves
+    NaN scores out)."""
+    examples = list(examples)[: len(generations)]
+    users = [e.user for e in examples]
+    if examples[0].task == "hit1":
+        answers = [M.paper_yes_no(g) for g in generations]
+        return {
+            "user": users,
+            "score": [float("nan") if a is None else float(a) for a in answers],
+            "label": [bool(e.label) for e in examples],
+        }
+    cols: dict[str, list] = {"user": users}
+    for e, g in zip(examples, generations):
+        titles = [ds.items[i].title for i in e.candidates]
+        true = ds.items[e.targets[0]].title
+        if e.task == "hit3":
+            m = M.paper_hit3_metrics([g], [true], [titles])
+            keys = ("HR@3", "NDCG@3")
+        else:
+            m = M.paper_next1_metrics([g], [true], [titles])
+            keys = ("HR@1",)
+        for k in keys:
+            cols.setdefault(k, []).append(float(m[k]))
+    return cols
+
+
 def baseline_scores(name: str, examples: Sequence[Example], popularity: Counter, seed: int) -> np.ndarray:
     task = examples[0].task
     if name == "random":
@@ -186,17 +220,14 @@ def paper_metrics(examples: Sequence[Example], ds: RecDataset, generations: Sequ
     return {**out, "candidates": len(examples[0].candidates)}
 
 
-class _Progress:
-    """tqdm bar (with time estimate) plus ``on_log`` events and ``should_stop`` polling for evaluate."""
+class _Progress(Progress):
+    """Evaluation's progress: the shared Progress events and should_stop polling, plus a tqdm bar."""
 
     def __init__(self, total: int, method: str, show: bool | None, on_log, should_stop):
         import sys
-        import time
 
-        self.total, self.done, self.method = total, 0, method
-        self.on_log, self.should_stop = on_log, should_stop
-        self._time = time.perf_counter
-        self.start = self._time()
+        super().__init__("eval", total, on_log=on_log, should_stop=should_stop)
+        self.total, self.method = total, method
         if show is None:
             show = sys.stderr.isatty()
         self.bar = None
@@ -207,22 +238,11 @@ class _Progress:
 
     def advance(self, n: int, protocol: str) -> bool:
         """Count n finished examples; returns True when the caller should stop."""
-        self.done += n
+        self.step += n
         if self.bar is not None:
             self.bar.update(n)
-        if self.on_log is not None:
-            self.on_log(
-                {
-                    "stage": "eval",
-                    "step": self.done,
-                    "total_steps": self.total,
-                    "epoch": 0,
-                    "elapsed_s": self._time() - self.start,
-                    "method": self.method,
-                    "protocol": protocol,
-                }
-            )
-        return self.should_stop is not None and bool(self.should_stop())
+        self.emit(self.event(method=self.method, protocol=protocol))
+        return self.stop_requested()
 
     def close(self) -> None:
         if self.bar is not None:
@@ -360,6 +380,7 @@ def evaluate(
                     "max_examples": paper_max_examples,
                 }
             )
+            result.paper_per_example[method] = paper_per_example_values(capped, ds, result.paper_generations)
     for name in baselines:
         if name == "popularity" and popularity is None:
             raise ValueError("the popularity baseline needs training popularity counts")

@@ -534,9 +534,9 @@ def observed_eta_range(metrics) -> tuple[float, float] | None:
                     raise ValueError(f"{path} line {n} is not JSON") from None
     else:
         rows = list(metrics)
-    etas = [
-        float(r["hardness/eta"]) for r in rows if isinstance(r, Mapping) and r.get("hardness/eta") is not None
-    ]
+    from hanorec.logkeys import ETA
+
+    etas = [float(r[ETA]) for r in rows if isinstance(r, Mapping) and r.get(ETA) is not None]
     return (min(etas), max(etas)) if etas else None
 
 

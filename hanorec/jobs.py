@@ -51,14 +51,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hanorec import runs
+from hanorec.errors import UserError
 
 JOB_FILE = "job.json"
 LOG_FILE = "job.log"
 LOCK_FILE = ".jobs.lock"
-STAGES = ("SFT", "DPO", "S-DPO", "HaNo-DPO", "HaNo-DPO w/o HaRS", "HaNo-DPO w/o NoDO")
 
 
-class JobError(ValueError):
+def stages() -> tuple[str, ...]:
+    """What a job can train: SFT, or any row of the method registry (hanorec.methods.variants)."""
+    from hanorec import methods
+
+    return ("SFT", *methods.variants())
+
+
+def __getattr__(name: str):
+    if name == "STAGES":  # read when asked, so a method registered later is a stage too
+        return stages()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class JobError(UserError, ValueError):
     """A job request that cannot be honoured (unknown job, bad stage, nothing to resume): one sentence."""
 
 
@@ -155,8 +168,8 @@ def commands_for(stage: str, sft_run: str | None = None) -> list[str]:
     same folder first (`sft`, a no-op once finished) then `pref`, or only `pref` on another run's SFT model."""
     if stage == "SFT":
         return ["run"]
-    if stage not in STAGES:
-        raise JobError(f"stage {stage!r} is not one of {list(STAGES)}")
+    if stage not in stages():
+        raise JobError(f"stage {stage!r} is not one of {list(stages())}")
     return ["pref"] if sft_run else ["sft", "pref"]
 
 
@@ -241,9 +254,9 @@ class JobManager:
         commands = commands_for(stage, sft_run)
         over = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
         if stage != "SFT":
-            from hanorec.train.preference import PREF_VARIANTS
+            from hanorec import methods
 
-            over = _merge({"pref": dict(PREF_VARIANTS[stage])}, over)
+            over = _merge({"pref": methods.variant_of(stage)}, over)
         if sft_run:
             sft = Path(sft_run).resolve()
             if runs.latest_checkpoint(sft / runs.SFT_STAGE) is None:

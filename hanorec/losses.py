@@ -63,6 +63,13 @@ def _check_same_shape(**tensors: Tensor) -> None:
         raise ValueError(f"log-prob tensors must have the same shape, got {shapes}")
 
 
+def _check_beta(beta) -> None:
+    """beta is a positive float, or a tensor of positive per-example betas."""
+    bad = bool((beta <= 0).any()) if isinstance(beta, Tensor) else beta <= 0
+    if bad:
+        raise ValueError(f"beta must be positive, got {beta}")
+
+
 def _smoothed_sigmoid_loss(logits: Tensor, label_smoothing: float) -> Tensor:
     """-(1 - eps) * logsigmoid(z) - eps * logsigmoid(-z): TRL's "sigmoid" DPO loss (cDPO when eps > 0)."""
     if not 0.0 <= label_smoothing < 0.5:
@@ -98,19 +105,18 @@ def dpo_loss(
     ref_chosen_logps: Tensor,
     ref_rejected_logps: Tensor,
     *,
-    beta: float = 0.1,
+    beta: float | Tensor = 0.1,
     label_smoothing: float = 0.0,
 ) -> PreferenceLossOutput:
     """Plain DPO, TRL's "sigmoid" loss (method.md section 9, the DPO peer).
 
     loss_n = -(1 - eps) * logsigmoid(beta * h_n) - eps * logsigmoid(-beta * h_n),
     with h_n from :func:`preference_logits` and eps = label_smoothing (0 = standard DPO).
-    All inputs are (B,) summed completion log-probs.
+    All inputs are (B,) summed completion log-probs; beta is a float or a per-example (B,) tensor.
     """
-    if beta <= 0:
-        raise ValueError(f"beta must be positive, got {beta}")
+    _check_beta(beta)
     h = preference_logits(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    beta_t = torch.full_like(h, beta)  # (B,)
+    beta_t = torch.full_like(h, beta) if not isinstance(beta, Tensor) else beta.detach().to(h.dtype).expand_as(h)
     losses = _smoothed_sigmoid_loss(beta_t * h, label_smoothing)
     dtype = h.dtype
     chosen_rewards = beta_t * (policy_chosen_logps.to(dtype) - ref_chosen_logps.to(dtype))
@@ -129,7 +135,7 @@ def sdpo_loss(
     ref_chosen_logps: Tensor,
     ref_rejected_logps: Tensor,
     *,
-    beta: float = 0.1,
+    beta: float | Tensor = 0.1,
 ) -> PreferenceLossOutput:
     """S-DPO, softmax DPO over K negatives (method.md section 9).
 
@@ -139,8 +145,7 @@ def sdpo_loss(
 
     Shapes: chosen (B,), rejected (B, K). A 1-D rejected tensor (B,) is read as K = 1.
     """
-    if beta <= 0:
-        raise ValueError(f"beta must be positive, got {beta}")
+    _check_beta(beta)
     if policy_rejected_logps.dim() == 1:
         policy_rejected_logps = policy_rejected_logps.unsqueeze(-1)
     if ref_rejected_logps.dim() == 1:
@@ -155,6 +160,16 @@ def sdpo_loss(
     dtype = _compute_dtype(policy_chosen_logps)
     chosen_logratios = policy_chosen_logps.to(dtype) - ref_chosen_logps.to(dtype)  # (B,)
     rejected_logratios = policy_rejected_logps.to(dtype) - ref_rejected_logps.to(dtype)  # (B, K)
+    if isinstance(beta, Tensor):  # a per-example beta (B,), e.g. HaRS's
+        beta_b = beta.detach().to(dtype)
+        logits = beta_b.unsqueeze(-1) * (rejected_logratios - chosen_logratios.unsqueeze(-1))  # (B, K)
+        losses = -F.logsigmoid(-torch.logsumexp(logits, dim=-1))  # (B,)
+        return PreferenceLossOutput(
+            losses=losses,
+            chosen_rewards=(beta_b * chosen_logratios).detach(),
+            rejected_rewards=(beta_b.unsqueeze(-1) * rejected_logratios).detach(),
+            beta=beta_b.expand_as(chosen_logratios),
+        )
     logits = beta * (rejected_logratios - chosen_logratios.unsqueeze(-1))  # (B, K)
     losses = -F.logsigmoid(-torch.logsumexp(logits, dim=-1))  # (B,)
     return PreferenceLossOutput(

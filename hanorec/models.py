@@ -13,6 +13,7 @@ hardness and training never branch on family.
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import threading
@@ -472,6 +473,8 @@ def cap_image_pixels(processor, max_pixels: int) -> bool:
     """Cap the pixels per image of a processor that resizes by pixel count (its family's adapter says
     how): larger images are scaled down keeping their aspect ratio. Returns False (processor unchanged)
     for fixed-size processors, which resize every image to one size."""
+    if not hasattr(processor, "hanorec_default_state"):  # the processor's own settings, for set_max_pixels(0)
+        processor.hanorec_default_state = copy.deepcopy(vars(processor))
     return any(a.cap_pixels(processor, max_pixels) for a in all_backbones())
 
 
@@ -499,6 +502,23 @@ def check_model_form(name: str) -> None:
             f"model.name = {name!r} is not a tiny preset, an existing folder, or a Hugging Face id of the form "
             "owner/name (letters, digits, '-', '_', '.'; at most 96 characters each part)"
         )
+
+
+def set_max_pixels(bundle: ModelBundle, max_pixels: int | None) -> bool:
+    """Set the pixel cap per image for the next stage (sft.max_pixels, pref.max_pixels, eval.max_pixels):
+    None leaves it as it is, 0 restores the image processor's own default, N caps at N pixels. A tiny preset
+    (fixed square images) or a processor without a pixel cap is left unchanged (returns False)."""
+    proc = bundle.image_processor
+    if max_pixels is None or bundle.image_size is not None:
+        return False
+    if max_pixels:
+        return cap_image_pixels(proc, max_pixels)
+    default = getattr(proc, "hanorec_default_state", None)
+    if default is None:  # never capped: already the processor's own default
+        return True
+    for key, value in copy.deepcopy(default).items():
+        setattr(proc, key, value)
+    return True
 
 
 def check_model_name(name: str) -> None:

@@ -234,7 +234,9 @@ class LoRANoise:
 
     def metrics(self) -> dict[str, float]:
         """Values to log beside the TRL metrics."""
-        return {"noise/sigma": self.sigma}
+        from hanorec.logkeys import NOISE_SIGMA
+
+        return {NOISE_SIGMA: self.sigma}
 
     @contextmanager
     def active(
@@ -243,6 +245,7 @@ class LoRANoise:
         generator: torch.Generator | None = None,
         *,
         inference: bool = False,
+        eager: bool = False,
     ) -> Iterator[LoRANoise]:
         """Perturb every training forward inside the block with one draw per LoRA pair (see the class doc).
 
@@ -252,6 +255,10 @@ class LoRANoise:
         generator: optional torch.Generator for reproducible draws (draws are made on its device).
         inference: also perturb forwards in eval mode (noise at inference, see :class:`NoiseSpec`);
             the default False keeps NoDO a training-only perturbation.
+        eager: draw every pair's noise now, on entry, in pair order (as the authors' hooks do before the
+            forward), instead of at each pair's first noisy forward. Then no draw happens inside the forward,
+            so a forward re-run without the hooks (``pref.nodo_backward=clean``) consumes the global RNG as the
+            original did and LoRA dropout gets its original masks.
         """
         if self._is_active:
             raise RuntimeError("LoRANoise.active() is already open; contexts cannot be nested")
@@ -269,6 +276,9 @@ class LoRANoise:
         self._group_ids = group_ids
         self._is_active = True
         try:
+            if eager:
+                for pair in self.pairs:
+                    self.last_draws[(pair.name, pair.adapter)] = self._fresh_draw(pair, num_groups, generator)
             for pair in self.pairs:
                 a_hook, b_hook = self._make_hooks(pair, num_groups, generator, inference)
                 self._hooks.append(pair.lora_A.register_forward_hook(a_hook))

@@ -17,12 +17,14 @@ from collections.abc import Sequence
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from urllib.parse import unquote
 
+from hanorec.errors import UserError
+
 __all__ = ["PathError", "confine", "is_inside"]
 
 _PERCENT = re.compile(r"%[0-9A-Fa-f]{2}")
 
 
-class PathError(ValueError):
+class PathError(UserError, ValueError):
     """A typed path that is not allowed; the message is one sentence naming it."""
 
 

@@ -13,10 +13,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from hanorec import logkeys as K
 from hanorec.config import RunConfig
 from hanorec.data import RecDataset, Splits, load_dataset, make_splits
 from hanorec.eval import EvalResult, evaluate, format_results, train_popularity
-from hanorec.models import ModelBundle, add_lora
+from hanorec.models import ModelBundle, add_lora, set_max_pixels
 from hanorec.report import (
     comparison_report,
     comparison_table,
@@ -30,7 +31,6 @@ from hanorec.runs import (
     BASE_MODEL_DIR,
     adapter_digest,
     base_model,
-    load_stage,
     record_sft_source,
     sft_dir_of,
     stage_slug,
@@ -38,13 +38,12 @@ from hanorec.runs import (
 )
 from hanorec.tasks import TASK_SHAPES, Example, build_examples, corpus_text
 from hanorec.train.checkpoint import latest_checkpoint
-from hanorec.train.preference import PREF_VARIANTS, build_preference_items
+from hanorec.train.preference import build_preference_items
 
-# re-exported: the run layout lives in hanorec.runs, stage-2 variants beside preference training, and the
+# re-exported: the run layout lives in hanorec.runs, stage-2 variants in hanorec.methods, and the
 # comparison's text and README section in hanorec.report
 __all__ = [
     "BASE_MODEL_DIR",
-    "PREF_VARIANTS",
     "build_preference_items",
     "comparison_report",
     "comparison_table",
@@ -84,7 +83,10 @@ def prepare_data(
     progress = Progress("data", 5, on_log=on_log, should_stop=should_stop)
     progress.check()
     d = cfg.data
-    ds = load_dataset(d.path, format=d.format, domain=d.domain, image_dir=d.image_dir, on_error=d.on_error)
+    ds = load_dataset(
+        d.path, format=d.format, domain=d.domain, image_dir=d.image_dir, on_error=d.on_error,
+        split_files=d.split_policy == "files",
+    )  # fmt: skip
     progress.tick(phase="load")
     if d.max_users:
         ds = ds.subset_users(d.max_users, seed=0)
@@ -115,30 +117,49 @@ def prepare_data(
             max_examples=cap,
             shuffle=shuffle,
             hit1_target_image=t.hit1_target_image,
+            template_set=t.template_set,
+            outer_quotes=t.hit3_outer_quotes,
+            negatives=t.negatives,
+            max_item_id=t.max_item_id,
         )
         progress.tick(phase=phase)
         return out
 
+    train_windows, train_cap = splits.train, t.max_train_examples
+    if splits.policy == "files" and train_cap is not None:
+        # the first rows of train.tsv, before shuffling, as LLaMA-Factory's max_samples keeps a file's first rows
+        train_windows, train_cap = splits.train[:train_cap], None
     return PreparedData(
         ds,
         splits,
-        examples(splits.train, 0, True, t.max_train_examples, "train examples"),
+        examples(train_windows, 0, True, train_cap, "train examples"),
         examples(splits.val, 1000, False, t.max_eval_examples, "val examples"),
         examples(splits.test, 2000, False, t.max_eval_examples, "test examples"),
         dict(train_popularity(splits.train)),
     )
 
 
+def stage_max_pixels(cfg: RunConfig, stage_cap: int | None) -> int:
+    """A stage's pixel cap per image: its own (sft/pref/eval.max_pixels) if set, else model.max_pixels; 0 (also
+    for model.max_pixels None) = the image processor's own default."""
+    return int(stage_cap if stage_cap is not None else (cfg.model.max_pixels or 0))
+
+
+def jpg_images_only(ds: RecDataset) -> RecDataset:
+    """The dataset with only ``.jpg`` images kept (the others as missing), as the authors' HaRS encoder reads
+    ``<item>.jpg`` alone."""
+    from dataclasses import replace
+
+    items = {
+        i: it if it.image_path is None or it.image_path.suffix == ".jpg" else replace(it, image_path=None)
+        for i, it in ds.items.items()
+    }
+    return replace(ds, items=items)
+
+
 def prepare_model(cfg: RunConfig, ds: RecDataset, output_dir: str | Path | None = None) -> ModelBundle:
     """The base model: a tiny preset is built once per run folder (and reloaded from there on resume)."""
-    return base_model(cfg, output_dir, corpus_text(ds, cfg.task.words(cfg.data.domain)))
-
-
-def load_trained(
-    cfg: RunConfig, ds: RecDataset, run_dir: str | Path, checkpoint: str | Path | None = None
-) -> ModelBundle:
-    """The SFT model of a run (run_dir is its sft/ folder); see hanorec.runs.load_stage for any stage."""
-    return load_stage(Path(run_dir).parent, Path(run_dir).name, checkpoint)
+    return base_model(cfg, output_dir, corpus_text(ds, cfg.task.words(cfg.data.domain), cfg.task.template_set))
 
 
 def run_sft(
@@ -155,6 +176,7 @@ def run_sft(
     data = data or prepare_data(cfg)
     out = Path(cfg.output_dir) / "sft"
     bundle = prepare_model(cfg, data.dataset, out)
+    set_max_pixels(bundle, stage_max_pixels(cfg, cfg.sft.max_pixels))
     add_lora(bundle, cfg.lora, seed=cfg.seed)
     result = train_sft(
         cfg, bundle, data.dataset, data.train, out, resume=resume, on_log=on_log, should_stop=should_stop,
@@ -174,6 +196,8 @@ def run_eval(
     should_stop: Callable | None = None,
 ) -> EvalResult:
     examples = data.test if cfg.eval.split == "test" else data.val
+    if bundle is not None:
+        set_max_pixels(bundle, stage_max_pixels(cfg, cfg.eval.max_pixels))
     return evaluate(
         bundle,
         data.dataset,
@@ -250,15 +274,26 @@ def run_preference(
             f"stage 2 needs an SFT checkpoint under {sft_dir / 'checkpoints'}; run `sft` first"
         )
     bundle = prepare_model(cfg, data.dataset, sft_dir)
+    cache_dir = Path(cfg.output_dir) / "hardness_cache"
+    items = None
+    if cfg.pref.hars_inputs == "authors":
+        # their HaRS encoder (method.md section 10): the base model before the SFT adapter is merged, the image
+        # processor's own pixel cap, and only <item>.jpg files
+        set_max_pixels(bundle, 0)
+        bundle.meta["sft_checkpoint"] = f"{bundle.name}@base-authors-hars-inputs"
+        items = build_preference_items(
+            cfg, bundle, jpg_images_only(data.dataset), data.train, cache_dir, on_log=on_log, should_stop=should_stop
+        )
     merge_sft_adapter(bundle, cfg.lora, ckpt / "adapter", seed=cfg.seed)
+    set_max_pixels(bundle, stage_max_pixels(cfg, cfg.pref.max_pixels))
     # the hardness cache is keyed by the SFT weights themselves, not by a path that a new run may reuse
     bundle.meta["sft_checkpoint"] = f"{bundle.name}@sft-{adapter_digest(ckpt)}"
     out = Path(cfg.output_dir) / (name or cfg.pref.method)
     record_sft_source(out, ckpt)
-    items = build_preference_items(
-        cfg, bundle, data.dataset, data.train, Path(cfg.output_dir) / "hardness_cache",
-        on_log=on_log, should_stop=should_stop,
-    )
+    if items is None:
+        items = build_preference_items(
+            cfg, bundle, data.dataset, data.train, cache_dir, on_log=on_log, should_stop=should_stop,
+        )  # fmt: skip
     result = train_preference(
         cfg, bundle, data.dataset, items, out, resume=resume, on_log=on_log,
         should_stop=should_stop if train_should_stop is None else train_should_stop,
@@ -333,11 +368,15 @@ def _with(cfg: RunConfig, **sections) -> RunConfig:
 
 
 def per_example_entries(task: str, seed: int, ev: EvalResult) -> list[dict]:
-    """One evaluation's per-example ranking values, one entry per method, as comparison.json and sweep.json
-    keep them (the input of hanorec.report.paired_differences)."""
+    """One evaluation's per-example values, one entry per (method, protocol): the ranking protocol's, and the
+    paper protocol's when it ran, as comparison.json and sweep.json keep them (the input of
+    hanorec.report.paired_differences)."""
     return [
         {"task": task, "seed": seed, "method": m, "protocol": "ranking", "values": v}
         for m, v in ev.per_example.items()
+    ] + [
+        {"task": task, "seed": seed, "method": m, "protocol": "paper", "values": v}
+        for m, v in ev.paper_per_example.items()
     ]
 
 
@@ -346,12 +385,13 @@ def run_comparison(
     *,
     seeds: Sequence[int] = (0, 1, 2),
     tasks: Sequence[str] = ("hit3", "hit1"),
-    variants: Sequence[str] = tuple(PREF_VARIANTS),
+    variants: Sequence[str] | None = None,
     print_fn: Callable = print,
     readme: str | Path | None = None,
     command: str = "",
 ) -> dict:
-    """SFT, then every preference variant from the same SFT model, per task and seed; mean and std table,
+    """SFT, then each preference variant (default: the paper's, hanorec.methods.paper_variants; any row of
+    hanorec.methods.variants) from the same SFT model, per task and seed; mean and std table,
     and each method's paired difference against SFT and DPO with a bootstrap interval over test users.
 
     comparison.json keeps the per-example ranking values of every (task, seed, method) under
@@ -360,8 +400,11 @@ def run_comparison(
     With `readme`, the table (with the command, the machine and the wall time) replaces the README section
     marked `<!-- comparison:<output folder name> -->` (appended at the end when the markers are missing).
     """
+    from hanorec import methods
     from hanorec.metrics import mean_std
 
+    variants = list(methods.paper_variants() if variants is None else variants)
+    overrides = {v: methods.variant_of(v) for v in variants}  # an unknown label fails before any training
     start = time.time()
     root = Path(cfg.output_dir)
     rows: list[dict] = []
@@ -379,7 +422,7 @@ def run_comparison(
             per_example += per_example_entries(task, seed, ev)
             del bundle
             for v in variants:
-                over = dict(PREF_VARIANTS[v])
+                over = dict(overrides[v])
                 if task == "hit1" and over.get("k_negatives", 1) > 1:
                     over["k_negatives"] = 1  # hit1 has a single rejected answer: S-DPO reduces to DPO
                 cv = _with(c, pref={**over, "sft_run": str(run_dir)})
@@ -394,10 +437,13 @@ def run_comparison(
     protocol = "ranking" if "ranking" in cfg.eval.protocols else cfg.eval.protocols[0]
     summary = summarize(rows, mean_std, protocol)
     paired = paired_differences(per_example)
+    # under the authors' protocol too, when the comparison ran it (one run, both protocols)
+    paired_paper = paired_differences(per_example, protocol="paper") if "paper" in cfg.eval.protocols else []
     result = {
         "rows": rows,
         "summary": summary,
         "paired": paired,
+        "paired_paper": paired_paper,
         "protocol": protocol,
         "paired_protocol": "ranking",
         "split": cfg.eval.split,
@@ -419,6 +465,8 @@ def run_comparison(
         + "\n\n"
         + paired_table(paired, len(seeds), "ranking", split, policy)
     )
+    if paired_paper:
+        table += "\n\n" + paired_table(paired_paper, len(seeds), "paper", split, policy)
     (root / "comparison.md").write_text(table + "\n")
     print_fn(table)
     print_fn(f"wall time {result['wall_s'] / 60:.1f} min; written to {root / 'comparison.md'}")
@@ -453,6 +501,7 @@ def run_sweep(
     beta), which say what the setting did to training. With `readme`, the table replaces the README section
     marked ``<!-- comparison:<output folder name> -->``.
     """
+    from hanorec import methods
     from hanorec.metrics import mean_std
 
     if reference not in settings:
@@ -466,15 +515,14 @@ def run_sweep(
         c = _with(cfg, seed=seed, output_dir=str(root / task / f"seed{seed}"), task={"name": task})
         data = prepare_data(c)
         for label, over in settings.items():
-            cv = _with(c, pref={**PREF_VARIANTS[base_variant], **over, "sft_run": str(sft_run)})
+            cv = _with(c, pref={**methods.variant_of(base_variant), **over, "sft_run": str(sft_run)})
             name = stage_slug(label).replace("=", "-")
             bundle, _ = run_preference(cv, data, name=name)
             ev = run_eval(cv, bundle, data, method=label, baselines=[])
             del bundle
             logged = [json.loads(line) for line in (root / task / f"seed{seed}" / name / "metrics.jsonl").open()]
             last = logged[-1] if logged else {}
-            diag = {k: last[k] for k in ("rewards/accuracies", "logps/chosen", "hardness/lambda_mean",
-                                         "hardness/beta_mean") if k in last}
+            diag = {k: last[k] for k in (*K.SWEEP_DIAGNOSTICS, K.BETA_MEAN) if k in last}
             rows += [{"task": task, "seed": seed, "setting": label, **r, **diag} for r in ev.rows]
             per_example += per_example_entries(task, seed, ev)
             print_fn(f"seed {seed} {label}: " + ", ".join(
@@ -484,7 +532,7 @@ def run_sweep(
     for label in settings:
         mine = [r for r in rows if r["setting"] == label and r.get("protocol", "ranking") == "ranking"]
         entry = {"setting": label}
-        for k in (*metrics, "rewards/accuracies", "logps/chosen", "hardness/lambda_mean"):
+        for k in (*metrics, *K.SWEEP_DIAGNOSTICS):
             vals = [r[k] for r in mine if k in r]
             if vals:
                 entry[k] = mean_std(vals)
@@ -518,7 +566,7 @@ def sweep_table(result: dict) -> str:
     reference setting [95% bootstrap interval over test users, seeds pooled]."""
     task = result["task"]
     metrics = ("HR@3", "NDCG@3") if task != "hit1" else ("AUC",)
-    diag = ("rewards/accuracies", "logps/chosen", "hardness/lambda_mean")
+    diag = K.SWEEP_DIAGNOSTICS
     paired = {p["method"]: p for p in result["paired"]}
     head = [*(f"{task} {m}" for m in metrics), *(f"{m} vs {result['reference']}" for m in metrics),
             "reward acc. (last step)", "chosen log-prob (last step)", "mean lambda"]

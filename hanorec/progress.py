@@ -20,6 +20,20 @@ from collections.abc import Callable
 EVENT_KEYS = ("stage", "step", "total_steps", "epoch", "elapsed_s")
 
 
+def make_event(stage: str, step: int, total_steps: int, *, start: float, epoch: float = 0.0, **values) -> dict:
+    """The one shape of a progress event (EVENT_KEYS, then the values): training steps and validations
+    (hanorec.train.loop), data preparation, hardness and evaluation (Progress) all build theirs here.
+    start: the phase's time.time() at its start."""
+    return {
+        "stage": stage,
+        "step": step,
+        "total_steps": total_steps,
+        "epoch": epoch,
+        "elapsed_s": time.time() - start,
+        **values,
+    }
+
+
 class StopRequested(Exception):
     """should_stop() asked a phase to end; nothing is lost (training checkpoints, the rest is recomputed)."""
 
@@ -49,14 +63,8 @@ class Progress:
         return time.time() - self.start
 
     def event(self, step: int | None = None, epoch: float = 0.0, **metrics) -> dict:
-        return {
-            "stage": self.stage,
-            "step": self.step if step is None else step,
-            "total_steps": self.total_steps,
-            "epoch": epoch,
-            "elapsed_s": self.elapsed_s,
-            **metrics,
-        }
+        step = self.step if step is None else step
+        return make_event(self.stage, step, self.total_steps, start=self.start, epoch=epoch, **metrics)
 
     def emit(self, record: dict) -> None:
         if self.on_log is not None:

@@ -10,8 +10,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from hanorec.train.preference import PREF_VARIANTS
-
 
 def machine_description() -> str:
     import os
@@ -28,13 +26,15 @@ def machine_description() -> str:
 
 def comparison_report(result: dict) -> str:
     """The README block of one comparison: command, machine, wall time, the mean ± std table, then the
-    paired-difference table when the result holds one."""
+    paired-difference table when the result holds one (and the paper protocol's, when it holds that too)."""
     protocol, split, policy = result.get("protocol", "ranking"), result.get("split", "test"), result.get("split_policy")
     table = comparison_table(result["summary"], len(result["seeds"]), protocol, split, policy)
     if result.get("paired"):
         table += "\n\n" + paired_table(
             result["paired"], len(result["seeds"]), result.get("paired_protocol", "ranking"), split, policy
         )
+    if result.get("paired_paper"):  # the comparison also evaluated under the authors' protocol
+        table += "\n\n" + paired_table(result["paired_paper"], len(result["seeds"]), "paper", split, policy)
     return (
         f"`{result.get('command') or 'python -m hanorec compare ...'}`\n\n"
         f"Machine: {result.get('machine', 'not recorded')}; wall time {result['wall_s'] / 60:.1f} min; "
@@ -65,14 +65,18 @@ def _replace_section(path: Path, key: str, body: str) -> None:
     path.write_text(text)
 
 
-METHOD_ORDER = ["random", "popularity", "SFT", *PREF_VARIANTS]
+def method_order() -> list[str]:
+    """Rows of the comparison tables, in order: the baselines, SFT, then every registered variant."""
+    from hanorec import methods
+
+    return ["random", "popularity", "SFT", *methods.variants()]
 
 
 def summarize(rows: list[dict], mean_std, protocol: str = "ranking") -> list[dict]:
     """Mean and std over seeds of hit3 HR@3 / NDCG@3 and hit1 AUC, per method, from one protocol's rows
     (rows whose value is None, like a paper-protocol AUC left undefined, are left out)."""
     out = []
-    for method in METHOD_ORDER:
+    for method in method_order():
         entry: dict = {"method": method}
         for task, metric in (("hit3", "HR@3"), ("hit3", "NDCG@3"), ("hit1", "AUC")):
             vals = [
@@ -123,8 +127,12 @@ def paired_differences(
     n_boot: int = 2000,
     seed: int = 0,
     level: float = 0.95,
+    protocol: str = "ranking",
 ) -> list[dict]:
     """Each method against each reference: mean paired difference and bootstrap interval over test users.
+
+    ``protocol``: whose per-example values are compared (an entry's ``"protocol"``, "ranking" when absent);
+    "paper" gives the paired intervals under the authors' protocol (hanorec.eval.paper_per_example_values).
 
     ``per_example`` holds one entry per (task, seed, method): ``{"task", "seed", "method", "values"}`` with
     ``values`` the columns of hanorec.eval.per_example_values (same examples in the same order for every
@@ -135,8 +143,12 @@ def paired_differences(
     """
     from hanorec.stats import paired_bootstrap, paired_bootstrap_auc
 
-    by_key = {(e["task"], e["seed"], e["method"]): e["values"] for e in per_example}
-    methods = [m for m in METHOD_ORDER if any(k[2] == m for k in by_key)]
+    by_key = {
+        (e["task"], e["seed"], e["method"]): e["values"]
+        for e in per_example
+        if e.get("protocol", "ranking") == protocol
+    }
+    methods = [m for m in method_order() if any(k[2] == m for k in by_key)]
     methods += sorted({k[2] for k in by_key} - set(methods))
     out = []
     for ref in references:

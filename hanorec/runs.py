@@ -29,6 +29,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hanorec.errors import UserError
+
 BASE_MODEL_DIR = "base_model"
 SFT_STAGE = "sft"
 CONFIG_FILE = "config.yaml"
@@ -40,7 +42,7 @@ NOT_STAGES = {BASE_MODEL_DIR, "hardness_cache", "checkpoints"}
 STATUSES = ("queued", "running", "finished", "stopped", "failed")
 
 
-class RunError(FileNotFoundError):
+class RunError(UserError, FileNotFoundError):
     """A run folder, stage or checkpoint a user named is missing (one clear sentence)."""
 
 
@@ -269,26 +271,35 @@ def track_status(run_dir: str | Path, command: str, should_stop: Callable[[], bo
     )
 
 
-def stage_label(config: dict | None, stage: str) -> str:
+def _stage_pref(run: Path, stage: str) -> dict | None:
+    """The pref section a stage trained with (its newest checkpoint's config.yaml), None when unreadable."""
+    import yaml
+
+    ckpt = latest_checkpoint(run / stage)
+    try:
+        return (yaml.safe_load((ckpt / CONFIG_FILE).read_text()) or {}).get("pref") if ckpt else None
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+
+
+def stage_label(config: dict | None, stage: str, run_dir: str | Path | None = None) -> str:
     """A stage's name in the paper's words: 'SFT', or the preference variant its config trained
-    ('HaNo-DPO w/o NoDO'); the folder name when the config matches none."""
+    ('HaNo-DPO w/o NoDO'), or the method with its add-ons (hanorec.methods.label_of). With run_dir, the
+    stage is named from its own newest checkpoint's config when it has one."""
     if stage == SFT_STAGE:
         return "SFT"
-    from hanorec.train.preference import PREF_VARIANTS
+    from hanorec import methods
 
-    for name in PREF_VARIANTS:  # a comparison's folder (hanorec.pipeline.run_comparison)
+    own = _stage_pref(Path(run_dir), stage) if run_dir is not None else None
+    if own and own.get("method") is not None:  # what the stage itself trained with
+        return methods.label_of(own)
+    for name in methods.variants():  # a comparison's folder (hanorec.pipeline.run_comparison)
         if stage_slug(name) == stage:
             return name
     pref = (config or {}).get("pref") or {}
-    if pref.get("method") != stage:
-        return stage
-    defaults = {"noise_target": "lora", "hardness": True, "responsiveness": True}
-    matches = [
-        name
-        for name, fields in PREF_VARIANTS.items()
-        if all(pref.get(k) == v for k, v in {**defaults, **fields}.items() if k in defaults or k == "method")
-    ]
-    return matches[0] if matches else stage
+    if pref.get("method") != stage:  # no config names this method: the folder is a method's name
+        return methods.get(stage).label if stage in methods.names() else stage
+    return methods.label_of(pref)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -306,6 +317,11 @@ class RunInfo:
     results: dict | None = None  # <run>/results.json (the `run` command: SFT + evaluation)
     stage_results: dict = field(default_factory=dict)  # stage -> its results.json (preference stages)
     status_info: dict = field(default_factory=dict)
+
+    def label(self, stage: str) -> str:
+        """The stage's name (stage_label), read from the stage's own checkpoint when the run's config names
+        another method."""
+        return stage_label(self.config, stage, self.path)
 
     @property
     def updated(self) -> float:

@@ -126,7 +126,8 @@ def paired_bootstrap_auc(
     examples (weighted by how often each user is drawn). ``groups`` (e.g. the seed of each example) keeps
     scores of different trained models apart: the statistic is the mean over groups of the per-group AUC
     difference (scores of two seeds' models are not on one scale). Samples in which a group lacks a class
-    are left out of the interval.
+    are left out of the interval. A NaN score (a hit1 answer the paper protocol drops) leaves that example
+    out of its own method's AUC only, so each AUC is over that method's kept answers, as the protocol's.
     """
     sa, sb = np.asarray(scores_a, dtype=np.float64), np.asarray(scores_b, dtype=np.float64)
     y = np.asarray(labels, dtype=bool)
@@ -135,11 +136,14 @@ def paired_bootstrap_auc(
     codes, n_users = _user_codes(users)
     members = [np.flatnonzero(g == k) for k in np.unique(g)]
 
+    kept_a, kept_b = np.isfinite(sa), np.isfinite(sb)  # NaN: an answer the paper protocol drops
+
     def statistic(user_weights: np.ndarray) -> float:
         w = user_weights[codes]
-        diffs = [
-            _weighted_auc(sa[m], y[m], w[m]) - _weighted_auc(sb[m], y[m], w[m]) for m in members
-        ]
+        diffs = []
+        for m in members:
+            ma, mb = m[kept_a[m]], m[kept_b[m]]
+            diffs.append(_weighted_auc(sa[ma], y[ma], w[ma]) - _weighted_auc(sb[mb], y[mb], w[mb]))
         return float(np.mean(diffs))
 
     point = statistic(np.ones(n_users))

@@ -110,6 +110,14 @@ FORM = [str(DEMO), "tiny-llava", "SFT", "hit3", "train SFT first, in this run", 
         10, 20, "none (metrics.jsonl only)", 0]  # fmt: skip
 
 
+def form_values(name: str, token: str) -> list:
+    """The Train tab's launch inputs: the form's fields, each method's options (defaults), the owner token."""
+    from hanorec import methods
+
+    options = [k.default for m in methods.all_methods() for k in methods.option_knobs(m)]
+    return [*FORM, name, [], *options, token]  # name, then addons (none)
+
+
 def job_session(url: str, i: int, seconds: float, max_requests: int, ctx, jobs: dict, out: dict, lock) -> None:
     """A stranger on a shared demo: launch, be refused a second job, be refused another's stop, stop its own."""
     import secrets
@@ -140,7 +148,7 @@ def job_session(url: str, i: int, seconds: float, max_requests: int, ctx, jobs: 
 
     while time.time() < end and n < max_requests:
         name, own = f"s{i}-{n}", None
-        result, err = call("train_launch", *FORM, name, token)
+        result, err = call("train_launch", *form_values(name, token))
         with lock:
             out["max_queued"] = max(out.get("max_queued", 0), len(ctx.jobs.queue()))
         if err is None:
@@ -148,7 +156,7 @@ def job_session(url: str, i: int, seconds: float, max_requests: int, ctx, jobs: 
             own = name
         else:  # the queue was full: the only refusal a session with no job of its own may get
             expect("the queue is full" in err, f"launch refused with {err[:120]!r}")
-        _, err2 = call("train_launch", *FORM, f"{name}-b", token)
+        _, err2 = call("train_launch", *form_values(f"{name}-b", token))
         with lock:
             out["max_queued"] = max(out.get("max_queued", 0), len(ctx.jobs.queue()))
         if own is not None:  # a second job of the same browser: refused (its cap, or the queue is full)

@@ -33,6 +33,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 OUT = ROOT / "assets" / "demo_runs"
 RUN = "demo-hit3"
 STAGES = ("sft", "dpo", "hano_dpo")
+VARIANTS = ("DPO", "HaNo-DPO")  # the paper's names; their folders are STAGES[1:]
 KEEP_IN_CHECKPOINT = ("adapter", "config.yaml", "trainer_state.json")
 KEEP_IN_ADAPTER = ("adapter_model.safetensors", "adapter_config.json")
 TIME_KEYS = ("elapsed_s", "wall_s", "time_s", "updated", "started", "ended")
@@ -59,6 +60,7 @@ def build(dest: Path) -> Path:
     import torch
 
     from hanorec.config import load_config
+    from hanorec.methods import variant_of
     from hanorec.pipeline import _with, run_pipeline, run_preference_pipeline
 
     torch.set_num_threads(1)
@@ -67,8 +69,8 @@ def build(dest: Path) -> Path:
         scratch = Path(tmp) / RUN
         cfg = load_config(overrides={**OVERRIDES, "output_dir": str(scratch)})
         run_pipeline(cfg, print_fn=quiet)
-        for method in STAGES[1:]:
-            run_preference_pipeline(_with(cfg, pref={"method": method}), print_fn=quiet)
+        for label in VARIANTS:  # each variant's own fields (DPO: no noise; HaNo-DPO: HaRS and NoDO)
+            run_preference_pipeline(_with(cfg, pref=dict(variant_of(label))), print_fn=quiet)
         target = dest / RUN
         shutil.rmtree(target, ignore_errors=True)
         target.mkdir(parents=True)

@@ -70,3 +70,15 @@ def tiny_sft_overrides(out, steps: int, max_train_examples: int = 64, **sft) -> 
         },
         "eval": {"baselines": []},
     }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def demo_hit3_train():
+    """The demo dataset and its first 3 (shuffled) hit3 training examples, for one preference micro-batch."""
+    from hanorec.data import load_dataset, make_splits
+    from hanorec.tasks import TASK_SHAPES, build_examples
+
+    ds = load_dataset(DEMO)
+    shape = TASK_SHAPES["hit3"]
+    splits = make_splits(ds, n_history=shape["n_history"], n_target=shape["n_target"])
+    return ds, build_examples("hit3", splits.train, ds, seed=0, shuffle=True, max_examples=3)

@@ -92,6 +92,7 @@ def train_mode(
                 "log_every": 1,
                 "progress_bar": False,
                 "scoring": scoring,
+                "disable_dropout": False,  # keep lora_dropout active: the tests check its masks across ranks
             },
         }
     )

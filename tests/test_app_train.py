@@ -64,8 +64,8 @@ FORM = dict(
 
 
 def launch(ctx, stage="SFT", backbone="tiny-llava", name="", **form):
-    values = {**FORM, **form}
-    return T.launch(ctx, str(DEMO), backbone, stage, "hit3", T.FROM_SCRATCH, *values.values(), name)
+    fields = {"dataset": str(DEMO), "backbone": backbone, "stage": stage, "task": "hit3", "sft_from": T.FROM_SCRATCH}
+    return T.launch_form(ctx, {**fields, **FORM, **form, "name": name})
 
 
 def poll_until(ctx, job, states, timeout=240):
@@ -92,6 +92,22 @@ def test_form_overrides_per_stage():
     assert T.form_overrides("d", "tiny-llava", "S-DPO", "hit3", k_negatives=3)["pref"]["k_negatives"] == 3
     real = T.form_overrides("d", "org/model", "SFT", "hit3")
     assert "lora" not in real and real["model"]["name"] == "org/model"
+
+
+def test_picking_a_stage_shows_its_loss_paper_and_only_its_knobs():
+    text, beta, sigma, noise_target, k_neg, addons, *options = T.method_view("SimPO")
+    assert "2405.14734" in text and "gamma" in text
+    shown = {f for f, o in zip(T.option_fields(), options) if o["visible"]}
+    assert shown == {"simpo.gamma"} and beta["visible"] and not k_neg["visible"]
+    assert addons["choices"] == ["NoDO"] and sigma["visible"]  # SimPO has no beta for HaRS; NoDO can be added
+    text, beta, sigma, noise_target, k_neg, addons, *options = T.method_view("HaNo-DPO")
+    assert sigma["visible"] and noise_target["visible"] and not any(o["visible"] for o in options)
+    assert not addons["visible"]  # HaRS and NoDO are its own
+    assert T.method_view("S-DPO")[4]["visible"] and T.method_view("S-DPO")[5]["choices"] == ["HaRS", "NoDO"]
+    over = T.form_overrides("d", "tiny-llava", "SimPO", "hit3", options={"simpo.gamma": 1.5, "cdpo.epsilon": 0.2})
+    assert over["pref"]["options"] == {"gamma": 1.5} and "noise_target" not in over["pref"]
+    both = T.form_overrides("d", "tiny-llava", "S-DPO", "hit3", addons=["HaRS", "NoDO"], noise_target="logits")
+    assert both["pref"]["hars"] is True and both["pref"]["noise_target"] == "logits"
 
 
 def test_past_runs_table_compare_and_curves_of_a_finished_run(ctx):

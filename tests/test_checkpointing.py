@@ -120,7 +120,8 @@ def test_train_preference_with_gradient_checkpointing(demo, tmp_path):
                 "seed": 0,
                 "pref": {"max_steps": 2, "batch_size": 3, "grad_accum": 1, "lr": 1e-3, "log_every": 1,
                          "save_every_minutes": 0, "progress_bar": False, "noise_sigma": 0.2,
-                         "gradient_checkpointing": checkpointing},
+                         "gradient_checkpointing": checkpointing,
+                         "disable_dropout": False},  # LoRA dropout on: its masks must be replayed too
             }
         )  # fmt: skip
         b = copy.deepcopy(base)

@@ -7,24 +7,30 @@ import pytest
 
 from hanorec.config import load_config
 from hanorec.pipeline import run_comparison, run_sweep
-from hanorec.report import paired_differences, paired_table
+from hanorec.report import comparison_report, paired_differences, paired_table
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_comparison_json_holds_per_example_values_and_the_paired_table(tmp_path):
-    cfg = load_config(
+def tiny_comparison(out, max_eval_examples: int = 20, **sections):
+    """The tiny preset on 20 demo users, 3 SFT and 2 preference steps, writing to `out`."""
+    return load_config(
         REPO / "configs" / "tiny-cpu.yaml",
         {
-            "output_dir": str(tmp_path / "cmp"),
+            "output_dir": str(out),
             "data": {"path": str(REPO / "assets" / "demo"), "max_users": 20},
-            "task": {"max_eval_examples": 20},
+            "task": {"max_eval_examples": max_eval_examples},
             "sft": {"max_steps": 3, "progress_bar": False},
             "pref": {"max_steps": 2, "progress_bar": False},
+            **sections,
         },
     )
+
+
+def test_comparison_json_holds_per_example_values_and_the_paired_table(tmp_path):
+    cfg = tiny_comparison(tmp_path / "cmp")
     result = run_comparison(cfg, seeds=(0, 1), tasks=("hit3",), variants=("DPO",), print_fn=lambda *a: None)
     saved = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
     keys = {(e["task"], e["seed"], e["method"]) for e in saved["per_example"]}
@@ -74,3 +80,22 @@ def test_sweep_reuses_the_comparison_sft_models_and_pairs_each_setting_with_the_
                                if p["method"] in settings]
     text = readme.read_text()
     assert "old" not in text and "sweep-cmd" in text and "sigma=0.05" in text and text.endswith("tail\n")
+
+
+def test_comparison_under_both_protocols_gives_paired_intervals_under_each(tmp_path):
+    """eval.protocols [ranking, paper] in one comparison: both protocols' per-example values are kept and the
+    paper protocol gets its own paired table (the authors' evaluation, method.md section 4)."""
+    cfg = tiny_comparison(tmp_path / "cmp", 8, eval={"protocols": ["ranking", "paper"], "max_new_tokens": 8})
+    result = run_comparison(cfg, seeds=(0,), tasks=("hit3",), variants=("DPO",), print_fn=lambda *a: None)
+    saved = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    paper = [e for e in saved["per_example"] if e["protocol"] == "paper"]
+    assert {e["method"] for e in paper} == {"SFT", "DPO"} and all(len(e["values"]["HR@3"]) == 8 for e in paper)
+    for e in paper:  # the per-example paper values average to the paper rows
+        (row,) = [r for r in saved["rows"] if r["method"] == e["method"] and r["protocol"] == "paper"]
+        assert sum(e["values"]["NDCG@3"]) / 8 == pytest.approx(row["NDCG@3"])
+    assert saved["paired_paper"] == paired_differences(saved["per_example"], protocol="paper") == result["paired_paper"]
+    assert [(p["method"], p["reference"]) for p in saved["paired_paper"]] == [("DPO", "SFT"), ("SFT", "DPO")]
+    assert saved["paired"] == paired_differences(saved["per_example"])  # the ranking protocol's, as before
+    md = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert paired_table(saved["paired_paper"], 1, "paper", "test", saved["split_policy"]) in md
+    assert paired_table(saved["paired_paper"], 1, "paper", "test", saved["split_policy"]) in comparison_report(saved)

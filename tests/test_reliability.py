@@ -582,8 +582,18 @@ LAUNCH = dict(dataset=str(DEMO), backbone="tiny-llava", stage="SFT", task="hit3"
               max_steps=10, eval_examples=20, log_with="none (metrics.jsonl only)", seed=0, name="")  # fmt: skip
 
 
+def _launch_values(owner="", **changes) -> list:
+    """The Train tab's launch inputs in order: the form (FORM_FIELDS), each method's options, the owner token."""
+    from app.tabs.train import FORM_FIELDS
+    from hanorec import methods
+
+    values = {**LAUNCH, "addons": [], **changes}
+    options = [k.default for m in methods.all_methods() for k in methods.option_knobs(m)]
+    return [values[f] for f in FORM_FIELDS] + options + [owner]
+
+
 def _launch(client, owner="", **changes):
-    return client.predict(*{**LAUNCH, **changes}.values(), owner, api_name="/train_launch")
+    return client.predict(*_launch_values(owner, **changes), api_name="/train_launch")
 
 
 @pytest.mark.parametrize(
@@ -596,7 +606,7 @@ def _launch(client, owner="", **changes):
         ("max_steps", [1, 2], "max steps (empty: epochs): a number is needed, not list"),
         ("max_steps", 10_000, "max steps (empty: epochs): 10000 is above the maximum, 60"),  # demo mode's cap
         ("eval_examples", 5_000, "evaluation prompts (empty: all): 5000 is above the maximum, 100"),
-        ("beta0", "NaN", "beta0 (beta for DPO / S-DPO): nan is not a finite number"),
+        ("beta0", "NaN", "beta (HaNo-DPO: beta0): nan is not a finite number"),
         ("sigma", {"a": 1}, "noise sigma (NoDO): a number is needed, not dict"),
         ("epochs", -1, "epochs: -1 is below the minimum, 0.01"),
         ("backbone", "org/" + "m" * 300, "characters long"),
@@ -624,11 +634,8 @@ def test_raw_json_nan_and_infinity_get_one_sentence(demo_app):
 
     _, url, _ = demo_app
     for token, words in (("NaN", "Seed: nan is not a finite number"), ("Infinity", "Seed: inf is not a finite number")):
-        values = json_.dumps([*LAUNCH.values(), ""]).replace('"seed-here"', token)
-        data = [*LAUNCH.values(), ""]
-        data[list(LAUNCH).index("seed")] = "seed-here"
-        body = json_.dumps({"data": data}).replace('"seed-here"', token)
-        assert token in body and values
+        body = json_.dumps({"data": _launch_values(seed="seed-here")}).replace('"seed-here"', token)
+        assert token in body
         event = httpx.post(f"{url}gradio_api/call/train_launch", content=body,
                            headers={"Content-Type": "application/json"}, timeout=60).json()["event_id"]
         stream = httpx.get(f"{url}gradio_api/call/train_launch/{event}", timeout=60).text

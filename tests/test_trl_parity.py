@@ -81,11 +81,12 @@ def trl_dataset(bundle, examples) -> Dataset:
     )
 
 
-def trl_args(tmp_path) -> DPOConfig:
+def trl_args(tmp_path, loss_type: str = "sigmoid", **kw) -> DPOConfig:
+    kw.setdefault("beta", BETA)
     return DPOConfig(
         output_dir=str(tmp_path),
-        beta=BETA,
-        loss_type=["sigmoid"],
+        loss_type=[loss_type],
+        **kw,
         per_device_train_batch_size=2,
         max_length=None,
         report_to=[],
@@ -144,7 +145,8 @@ def _pref_batch(prompts, completions, ref=None) -> dict:
     }
 
 
-def test_dpo_loss_matches_trl_with_explicit_ref_model(ds, preference_data, tmp_path):
+def trainer_with_ref_model(ds, examples, args):
+    """(bundle, policy, reference, TRL DPOTrainer): the reference is a perturbed copy of the policy."""
     bundle = fresh_bundle(ds)
     policy = bundle.model
     ref_model = copy.deepcopy(policy)
@@ -152,13 +154,13 @@ def test_dpo_loss_matches_trl_with_explicit_ref_model(ds, preference_data, tmp_p
     with torch.no_grad():
         for p in ref_model.parameters():
             p.add_(torch.randn(p.shape, generator=g) * 0.02)
-    trainer = DPOTrainer(
-        model=policy,
-        ref_model=ref_model,
-        args=trl_args(tmp_path),
-        train_dataset=trl_dataset(bundle, preference_data),
-        processing_class=bundle.tokenizer,
-    )
+    trainer = DPOTrainer(model=policy, ref_model=ref_model, args=args, train_dataset=trl_dataset(bundle, examples),
+                         processing_class=bundle.tokenizer)  # fmt: skip
+    return bundle, policy, ref_model, trainer
+
+
+def test_dpo_loss_matches_trl_with_explicit_ref_model(ds, preference_data, tmp_path):
+    bundle, policy, ref_model, trainer = trainer_with_ref_model(ds, preference_data, trl_args(tmp_path))
     batch = trl_batch(trainer)
     trl_loss, trl_metrics = trl_loss_and_metrics(trainer, batch)
     assert abs(trl_loss - math.log(2)) > 1e-3, "the reference must differ from the policy"
@@ -228,3 +230,79 @@ def test_dpo_with_disabled_adapter_reference_matches_trl_peft(ds, preference_dat
         assert_close(loss, torch.tensor(trl_loss), atol=TOL, rtol=0)
         for k in TRL_METRICS:
             assert metrics[k] == pytest.approx(trl_metrics[k], abs=TOL), (scoring, k)
+
+
+# ---- the baselines TRL implements ----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("loss_type", "trl_kw", "pref"),
+    [
+        # beta = 1 (target margin 1/2): with beta 0.1 the loss is ~25, where float32 leaves 1e-5 of rounding
+        ("ipo", {"beta": 1.0}, {"method": "ipo", "beta": 1.0}),
+        ("robust", {"label_smoothing": 0.2}, {"method": "rdpo", "options": {"epsilon": 0.2}}),
+    ],
+)
+def test_ipo_and_rdpo_match_trl_dpo_trainer(ds, preference_data, tmp_path, loss_type, trl_kw, pref):
+    """TRL's DPOTrainer with loss_type ipo / robust on its own batch; our training loss function (the
+    registry's ipo / rdpo) on the same token ids, reference log-probs from the same reference model."""
+    args = trl_args(tmp_path, loss_type, **trl_kw)
+    bundle, policy, ref_model, trainer = trainer_with_ref_model(ds, preference_data, args)
+    batch = trl_batch(trainer)
+    trl_loss, trl_metrics = trl_loss_and_metrics(trainer, batch)
+    prompts, completions = ids_from_trl_batch(batch)
+    with torch.no_grad():
+        ref, _ = naive_logps(ref_model, bundle, prompts, completions)
+        loss, metrics = our_loss_fn(bundle, scoring="naive", **pref)(policy, _pref_batch(prompts, completions,
+                                                                                        ref=torch.stack(ref)))  # fmt: skip
+    assert trl_loss > 1e-4
+    assert_close(loss, torch.tensor(trl_loss), atol=TOL, rtol=0)
+    # the rewards are beta x a difference of sums of float32 log-probs (~ -50) added in another order: their
+    # rounding scales with beta (1e-5 at beta 0.1, as the DPO test above)
+    scale = trainer.beta / BETA
+    for k in TRL_METRICS:
+        assert metrics[k] == pytest.approx(trl_metrics[k], abs=TOL * scale), k
+
+
+def _cpo_loss(loss_type: str, beta: float, chosen, rejected, *, label_smoothing=0.0, gamma=0.5):
+    """TRL's CPOTrainer.cpo_loss on given log-probs (its arithmetic only: no model, no trainer)."""
+    from trl.experimental.cpo import CPOTrainer
+
+    owner = SimpleNamespace(alpha=0.0, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+                            simpo_gamma=gamma, accelerator=SimpleNamespace(device=torch.device("cpu")))  # fmt: skip
+    return CPOTrainer.cpo_loss(owner, chosen, rejected)
+
+
+def _random_logps(n=6, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    pc, pr, rc, rr = (-(torch.rand(n, generator=g) * 20 + 1) for _ in range(4))
+    lengths_c = torch.randint(1, 12, (n,), generator=g).float()
+    lengths_r = torch.randint(1, 12, (n,), generator=g).float()
+    return pc, pr, rc, rr, lengths_c, lengths_r
+
+
+def test_simpo_matches_trl_cpo_trainer():
+    """SimPO = TRL CPOTrainer(loss_type="simpo", cpo_alpha=0), which takes average log-probs (its
+    average_log_prob=True for simpo): same losses and rewards."""
+    from hanorec.methods.simpo import simpo_loss
+
+    pc, pr, _, _, nc, nr = _random_logps()
+    for beta, gamma in ((0.1, 0.5), (2.0, 1.0)):
+        ours = simpo_loss(pc, pr, nc, nr, beta=beta, gamma=gamma)
+        losses, chosen, rejected = _cpo_loss("simpo", beta, pc / nc, pr / nr, gamma=gamma)
+        assert_close(ours.losses, losses, atol=TOL, rtol=0)
+        assert_close(ours.chosen_rewards, chosen, atol=TOL, rtol=0)
+        assert_close(ours.rejected_rewards, rejected, atol=TOL, rtol=0)
+
+
+def test_cdpo_matches_trls_label_smoothed_sigmoid():
+    """cDPO's loss is TRL's label-smoothed sigmoid loss (CPOTrainer loss_type="sigmoid", the form DPOTrainer
+    used before 1.x) applied to the DPO logit h: passing the log-ratios as its log-probs gives h."""
+    from hanorec.methods.cdpo import METHOD as CDPO
+
+    pc, pr, rc, rr, nc, nr = _random_logps()
+    pref = load_config(overrides=["--pref.method=cdpo", "--pref.options.epsilon=0.3"]).pref
+    from hanorec.methods import LossBatch
+
+    b = LossBatch(pc, pr.unsqueeze(1), rc, rr.unsqueeze(1), nc, nr.unsqueeze(1), torch.ones(6))
+    ours = CDPO.loss(b, pref, BETA, None)
+    losses, _, _ = _cpo_loss("sigmoid", BETA, pc - rc, pr - rr, label_smoothing=0.3)
+    assert_close(ours.losses, losses, atol=TOL, rtol=0)

@@ -6,14 +6,5 @@ import importlib
 
 
 def build(name: str, ctx) -> None:
-    """Build tab `name` (app/tabs/<name>.py); a tab whose module is not there yet says so instead."""
-    import gradio as gr
-
-    try:
-        module = importlib.import_module(f"app.tabs.{name}")
-    except ModuleNotFoundError as e:
-        if e.name != f"app.tabs.{name}":
-            raise
-        gr.Markdown(f"The {name} tab is not available in this version.")
-        return
-    module.build(ctx)
+    """Build tab `name` (app/tabs/<name>.py)."""
+    importlib.import_module(f"app.tabs.{name}").build(ctx)

@@ -16,6 +16,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from app.common import example_pickers, item_image, number, number_field, slider_field, user_errors
+from hanorec import methods
 
 SAMPLING = ("random", "embedding")
 STATS_COLUMNS = ["pair", "user", "lambda", "beta", "reward_margin", "accurate", "chosen_reward", "rejected_reward"]
@@ -166,7 +167,7 @@ def score_pairs(ctx, dataset, task, model, progress=gr.Progress()):
     bundle, _ = ctx.model(model, dataset, task)
     with user_errors("scoring the training pairs"):
         pairs = training_pairs(cfg, data, index.ids, index.embeddings)
-        hard = cfg.pref.method == "hano_dpo" and cfg.pref.hardness
+        hard = methods.uses_hardness(cfg.pref)
         lam = pairs_table(pairs, index, k=_k(index, cfg.pref.hardness_k))["lambda"].tolist() if hard else [1.0] * len(pairs)
         progress(0, desc="scoring pairs")
         rows = pair_stats(
@@ -177,7 +178,7 @@ def score_pairs(ctx, dataset, task, model, progress=gr.Progress()):
     df = df[STATS_COLUMNS + [c for c in df.columns if c not in STATS_COLUMNS]]
     acc = df["accurate"].mean()
     text = (
-        f"**{len(df)} training pairs** of {cfg.pref.method} scored with the trained policy and its reference (adapter "
+        f"**{len(df)} training pairs** of {methods.label_of(cfg.pref)} scored with the trained policy and its reference (adapter "
         f"disabled): reward accuracy **{acc:.1%}**, mean margin {df['reward_margin'].mean():.4g}. Sort by a column header, "
         "filter with the search box; pick a pair number below to see its prompt and images."
     )

@@ -16,10 +16,11 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from app.common import number, number_field, owner_state, owner_token
-from hanorec import runs
+from app.common import USER_ERRORS, number, number_field, owner_state, owner_token
+from hanorec import logkeys as K
+from hanorec import methods, runs
 from hanorec.backbones import tiny_presets
-from hanorec.jobs import STAGES, JobError, available_trackers
+from hanorec.jobs import JobError, available_trackers, stages
 
 PRESETS = tiny_presets()  # one per family, the paper's first
 TASKS = ("hit3", "hit1", "next1")
@@ -34,14 +35,7 @@ QUICK = {
     "pref": {"batch_size": 4, "grad_accum": 1, "log_every": 1, "progress_bar": False},
     "eval": {"batch_size": 14, "baselines": ["random", "popularity"]},
 }
-CURVES = [
-    ("loss", "loss"),
-    ("rewards/margins", "reward margin"),
-    ("rewards/accuracies", "reward accuracy"),
-    ("hardness/eta", "eta (responsiveness)"),
-    ("hardness/beta_mean", "mean beta"),
-    ("noise/sigma", "noise sigma"),
-]
+CURVES = list(K.CURVES)
 STAGE_COLORS = ["#636efa", "#ef553b", "#00cc96", "#ab63fa"]
 JOB_COLUMNS = ["job", "stage", "state", "queue position", "progress", "message"]
 RUN_COLUMNS = ["run", "stage", "status", "steps", "final loss", "reward margin", "reward acc.", "eval"]
@@ -54,11 +48,23 @@ def _errors():
         yield
     except gr.Error:
         raise
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except USER_ERRORS as e:
         raise gr.Error(str(e.args[0]) if isinstance(e, KeyError) else str(e)) from None
 
 
 # ---- launching -----------------------------------------------------------------------------------
+# The launch form's fields, in the order of its widgets (build) and of the /train_launch API's arguments;
+# each method option's widget follows them, named "<method>.<knob>" (option_fields).
+FORM_FIELDS = ("dataset", "backbone", "stage", "task", "sft_from", "beta0", "sigma", "noise_target", "k_negatives",
+               "sampling", "epochs", "lr", "max_steps", "eval_examples", "log_with", "seed", "name", "addons")  # fmt: skip
+ADDONS = ("HaRS", "NoDO")  # on a method other than HaNo-DPO: beyond the paper
+
+
+def option_fields() -> list[str]:
+    """One form field per registered method's own knob (pref.options), "<method>.<knob>"."""
+    return [f"{m.name}.{k.name}" for m in methods.all_methods() for k in methods.option_knobs(m)]
+
+
 def form_overrides(
     data_path: str,
     backbone: str,
@@ -76,8 +82,14 @@ def form_overrides(
     eval_examples: int | None = 40,
     log_with: str | None = None,
     seed: int = 0,
+    options: dict | None = None,
+    addons: list | None = None,
 ) -> dict:
-    """The form's values as config overrides (the variant's own fields are added by JobManager.submit)."""
+    """The form's values as config overrides (the variant's own fields are added by JobManager.submit).
+
+    Only the knobs the stage's method reads are written: K for a method taking K rejected completions, the
+    NoDO target where the row does not fix it (or where the NoDO add-on is picked), HaRS where picked and
+    the method takes it (pref.hars), and the method's own options ("<method>.<knob>" keys)."""
     over: dict = {
         "seed": int(seed),
         "data": {"path": data_path},
@@ -89,11 +101,20 @@ def form_overrides(
     if backbone.startswith("tiny-"):
         over = _merge(QUICK, over)
     if stage != "SFT":
+        row = methods.variant_of(stage)
+        method = methods.get(row["method"])
         pref = {"noise_sigma": sigma, "negative_sampling": sampling}
-        if stage in ("HaNo-DPO", "HaNo-DPO w/o HaRS"):
-            pref["noise_target"] = noise_target  # the other variants are defined by their noise (none)
-        if stage == "S-DPO":
+        if "noise_target" not in row:
+            pref["noise_target"] = noise_target  # the other rows are defined by their noise (none)
+        elif "NoDO" in (addons or []):  # NoDO added to a row without it: beyond the paper
+            pref["noise_target"] = noise_target if noise_target != "none" else "lora"
+        if "HaRS" in (addons or []) and method.hars == "addon":
+            pref["hars"] = True
+        if method.k_rejected:
             pref["k_negatives"] = int(k_negatives)
+        own = {k.name: (options or {}).get(f"{method.name}.{k.name}") for k in methods.option_knobs(method)}
+        if any(v is not None for v in own.values()):
+            pref["options"] = {k: v for k, v in own.items() if v is not None}
         if max_steps:
             pref["max_pairs"] = int(max_steps) * over["pref"].get("batch_size", 4)
         over["pref"].update(pref)
@@ -122,53 +143,93 @@ def backbone_name(ctx, text: str) -> str:
     return text if looks_like_id else str(ctx.resolve_path(text))
 
 
-def checked_numbers(ctx, beta0, sigma, k_negatives, epochs, lr, max_steps, eval_examples, seed) -> dict:
+def checked_numbers(ctx, f: dict) -> dict:
     """The form's numbers through app.common.number (one sentence per bad field), with demo mode's caps."""
     steps_cap, eval_cap = ctx_limit(ctx, "max_steps"), ctx_limit(ctx, "eval_examples")
-    out = dict(
-        beta0=number(beta0, "beta0", minimum=1e-6, maximum=1000),
-        sigma=number(sigma, "noise sigma", minimum=0, maximum=100),
-        k_negatives=number(k_negatives, "K negatives", integer=True, minimum=1, maximum=1000),
-        epochs=number(epochs, "epochs", minimum=0.01, maximum=ctx_limit(ctx, "epochs", 10_000)),
-        lr=number(lr, "learning rate", minimum=0, maximum=10, optional=True),
-        max_steps=number(max_steps, "max steps", integer=True, minimum=1, maximum=steps_cap or 10**8,
-                         optional=steps_cap is None),
-        eval_examples=number(eval_examples, "evaluation prompts", integer=True, minimum=1,
-                             maximum=eval_cap or 2**31 - 1, optional=eval_cap is None),
-        seed=number(seed, "seed", integer=True, minimum=0, maximum=2**32 - 1),
+    rules = dict(
+        beta0=dict(label="beta0", minimum=1e-6, maximum=1000),
+        sigma=dict(label="noise sigma", minimum=0, maximum=100),
+        k_negatives=dict(label="K negatives", integer=True, minimum=1, maximum=1000, optional=True),
+        epochs=dict(label="epochs", minimum=0.01, maximum=ctx_limit(ctx, "epochs", 10_000)),
+        lr=dict(label="learning rate", minimum=0, maximum=10, optional=True),
+        max_steps=dict(label="max steps", integer=True, minimum=1, maximum=steps_cap or 10**8,
+                       optional=steps_cap is None),
+        eval_examples=dict(label="evaluation prompts", integer=True, minimum=1, maximum=eval_cap or 2**31 - 1,
+                           optional=eval_cap is None),
+        seed=dict(label="seed", integer=True, minimum=0, maximum=2**32 - 1),
     )  # fmt: skip
-    return out
+    return {key: number(f[key], **rule) for key, rule in rules.items() if key in f}
 
 
 def ctx_limit(ctx, name: str, default=None):
     return ctx.limit(name, default) if hasattr(ctx, "limit") else default
 
 
-def launch(ctx, dataset, backbone, stage, task, sft_from, beta0, sigma, noise_target, k_negatives, sampling,
-           epochs, lr, max_steps, eval_examples, log_with, seed=0, name="", owner=None):  # fmt: skip
-    """Queue a run (it starts at once when nothing else runs); returns the job picker, its status and the
-    owner token (kept in the browser: only it can stop or resume the job)."""
-    nums = checked_numbers(ctx, beta0, sigma, k_negatives, epochs, lr, max_steps, eval_examples, seed)
-    beta0, sigma, k_negatives, epochs, lr = nums["beta0"], nums["sigma"], nums["k_negatives"], nums["epochs"], nums["lr"]
-    max_steps, eval_examples, seed = nums["max_steps"], nums["eval_examples"], nums["seed"]
-    token = owner_token(owner)
-    if not isinstance(name, (str, type(None))):
+def launch(ctx, *values):
+    """The button's handler: the widgets' values in FORM_FIELDS order, then the method options', then (from the
+    page) the browser's owner token."""
+    names = (*FORM_FIELDS, *option_fields())
+    form = dict(zip(names, values))
+    if len(values) > len(names):
+        form["owner"] = values[len(names)]
+    return launch_form(ctx, form)
+
+
+def launch_form(ctx, form: dict):
+    """Queue a run from the form's values by name (FORM_FIELDS; "<method>.<knob>" for a method's options);
+    it starts at once when nothing else runs. Returns the job picker, its status and the owner token (kept in
+    the browser: only it can stop or resume the job)."""
+    f = {"sft_from": FROM_SCRATCH, "seed": 0, "name": "", **form}
+    f.update(checked_numbers(ctx, f))
+    token = owner_token(f.get("owner"))
+    if not isinstance(f["name"], (str, type(None))):
         raise gr.Error("Run name: type a name made of letters, digits, '.', '_' and '-'.")
-    if stage == "S-DPO" and task == "hit1" and int(k_negatives or 1) != 1:  # found before SFT, not after
-        raise gr.Error(f"hit1 has one rejected answer (the other of Yes/No), so K negatives = {k_negatives} "
-                       "cannot work; use K = 1 (S-DPO on hit1 is DPO).")  # fmt: skip
-    data_path = str(ctx.resolve_path(dataset))
-    model = backbone_name(ctx, backbone)
-    sft_run = None
-    if sft_from and sft_from != FROM_SCRATCH and stage != "SFT":
-        sft_run = str(ctx.resolve_path(str(Path(ctx.runs_dir) / sft_from)))
-    over = form_overrides(data_path, model, stage, task, beta0=beta0, sigma=sigma, noise_target=noise_target,
-                          k_negatives=k_negatives, sampling=sampling, epochs=epochs, lr=lr, max_steps=max_steps,
-                          eval_examples=eval_examples, log_with=log_with, seed=seed)  # fmt: skip
+    stage, task = f["stage"], f["task"]
     with _errors():
-        job = ctx.jobs.submit(over, stage=stage, name=(name or "").strip() or None, sft_run=sft_run, owner=token)
+        method = methods.get(methods.variant_of(stage)["method"]) if stage != "SFT" else None
+    k = int(f.get("k_negatives") or 1)
+    if method is not None and method.k_rejected and task == "hit1" and k != 1:  # found before SFT, not after
+        raise gr.Error(f"hit1 has one rejected answer (the other of Yes/No), so K negatives = {k} "
+                       f"cannot work; use K = 1 ({method.label} on hit1 with K = 1).")  # fmt: skip
+    data_path = str(ctx.resolve_path(f["dataset"]))
+    model = backbone_name(ctx, f["backbone"])
+    sft_run = None
+    if f["sft_from"] and f["sft_from"] != FROM_SCRATCH and stage != "SFT":
+        sft_run = str(ctx.resolve_path(str(Path(ctx.runs_dir) / f["sft_from"])))
+    named = ("beta0", "sigma", "noise_target", "k_negatives", "sampling", "epochs", "lr", "max_steps",
+             "eval_examples", "log_with", "seed", "addons")  # fmt: skip
+    options = {key: f[key] for key in option_fields() if key in f}
+    over = form_overrides(data_path, model, stage, task, options=options, **{key: f[key] for key in named if key in f})
+    with _errors():
+        job = ctx.jobs.submit(over, stage=stage, name=(f["name"] or "").strip() or None, sft_run=sft_run, owner=token)
         status = ctx.jobs.status(job)
     return gr.update(choices=job_choices(ctx), value=job), status_text(status), token
+
+
+def method_view(stage: str):
+    """When a stage is picked: its method's one-line loss and paper, and only the knobs it reads."""
+    if stage == "SFT":
+        text = "**SFT**: mean token NLL of the answer (method.md section 5)."
+        return (text, *[gr.update(visible=False)] * 5, *[gr.update(visible=False) for _ in option_fields()])
+    row = methods.variant_of(stage)
+    m = methods.get(row["method"])
+    text = f"**{stage}** (`--pref.method={m.name}`): `{m.equation}`. {m.paper}."
+    if m.beyond_paper:
+        text += " Beyond the paper."
+    nodo = "noise_target" not in row
+    own = {f"{m.name}.{k.name}" for k in methods.option_knobs(m)}
+    addons = [a for a in ADDONS if (a == "HaRS" and m.hars == "addon") or (a == "NoDO" and not nodo)]
+    if stage != m.label:  # an ablation is defined by what it leaves out
+        addons = []
+    return (
+        text,
+        gr.update(visible=any(k.name == "beta" for k in m.knobs)),
+        gr.update(visible=nodo or "NoDO" in addons),
+        gr.update(visible=nodo or "NoDO" in addons),
+        gr.update(visible=m.k_rejected),
+        gr.update(visible=bool(addons), choices=addons, value=[]),
+        *[gr.update(visible=key in own) for key in option_fields()],
+    )
 
 
 # ---- watching ------------------------------------------------------------------------------------
@@ -362,12 +423,12 @@ def _summary_row(info, stage: str) -> list:
     res = info.stage_results.get(stage) or (info.results if stage == "sft" else None)
     return [
         info.name,
-        runs.stage_label(info.config, stage) if stage != "-" else "-",
+        info.label(stage) if stage != "-" else "-",
         info.status,
         last.get("step", ""),
-        _fmt(last.get("loss")),
-        _fmt(last.get("rewards/margins")),
-        _fmt(last.get("rewards/accuracies")),
+        _fmt(last.get(K.LOSS)),
+        _fmt(last.get(K.REWARD_MARGIN)),
+        _fmt(last.get(K.REWARD_ACCURACY)),
         _eval_text(res),
     ]
 
@@ -430,19 +491,31 @@ def build(ctx) -> None:
         dataset = gr.Dropdown(datasets, value=datasets[0][1] if datasets else None, label="Dataset", scale=3)
         backbone = gr.Dropdown(list(PRESETS), value=PRESETS[0], allow_custom_value=True, scale=2,
                                label="Backbone (tiny preset, Hugging Face id, or model folder)")  # fmt: skip
-        stage = gr.Dropdown(list(STAGES), value="SFT", label="Stage", scale=2)
+        stage = gr.Dropdown(list(stages()), value="SFT", label="Stage", scale=2)
         task = gr.Dropdown(list(TASKS), value="hit3", label="Task", scale=1)
     with gr.Row():
         sft_from = gr.Dropdown([FROM_SCRATCH], value=FROM_SCRATCH, label="SFT model for a preference stage", scale=3)
         name = gr.Textbox(label="Run name (optional)", placeholder="date-stage", scale=2)
         seed = number_field(0, precision=0, label="Seed", scale=1, minimum=0)
+    method_md = gr.Markdown(method_view("SFT")[0], elem_id="train-method")
     with gr.Accordion("Hyperparameters", open=True):
         with gr.Row():
-            beta0 = number_field(0.1, label="beta0 (beta for DPO / S-DPO)", minimum=1e-6)
-            sigma = number_field(0.05, label="noise sigma (NoDO)", minimum=0)
-            noise_target = gr.Dropdown(["lora", "logits", "none"], value="lora", label="noise target")
-            k_neg = number_field(3, precision=0, label="K negatives (S-DPO)", minimum=1)
+            beta0 = number_field(0.1, label="beta (HaNo-DPO: beta0)", minimum=1e-6, visible=False)
+            sigma = number_field(0.05, label="noise sigma (NoDO)", minimum=0, visible=False)
+            noise_target = gr.Dropdown(["lora", "logits", "none"], value="lora", label="noise target", visible=False)
+            k_neg = number_field(3, precision=0, label="K negatives", minimum=1, visible=False)
             sampling = gr.Dropdown(["random", "embedding"], value="random", label="negative sampling")
+            addons = gr.CheckboxGroup(list(ADDONS), value=[], label="add-ons (beyond the paper)", visible=False)
+        with gr.Row():  # each method's own knobs, shown when its stage is picked
+            option_widgets = []
+            for m in methods.all_methods():
+                for knob in methods.option_knobs(m):
+                    label = f"{knob.label or knob.name} ({m.label})"
+                    if knob.type is bool:
+                        option_widgets.append(gr.Checkbox(knob.default, label=label, info=knob.help, visible=False))
+                    else:
+                        option_widgets.append(number_field(knob.default, label=label, info=knob.help, visible=False,
+                                                           precision=0 if knob.type is int else None))  # fmt: skip
         with gr.Row():
             epochs = number_field(1, label="epochs", minimum=0.01)
             lr = number_field(0, label="learning rate (0: the preset's)", minimum=0)
@@ -468,7 +541,7 @@ def build(ctx) -> None:
     past = gr.Dataframe(headers=RUN_COLUMNS, interactive=False, label="Runs and their stages")
     with gr.Row():
         chosen = gr.Dropdown([], multiselect=True, label="Compare (run::stage)", scale=4)
-        metric = gr.Dropdown([k for k, _ in CURVES] + ["lr"], value="loss", label="metric", scale=1)
+        metric = gr.Dropdown([k for k, _ in CURVES] + [K.LR], value=K.LOSS, label="metric", scale=1)
         compare_btn = gr.Button("Compare", scale=1)
     cmp_table = gr.Dataframe(headers=RUN_COLUMNS, interactive=False, label="Side by side")
     cmp_fig = gr.Plot(label="Metric by step")
@@ -476,10 +549,15 @@ def build(ctx) -> None:
     owner = owner_state(ctx)
     seen_jobs = gr.State("")  # jobs_signature() at the last refresh of the past runs
 
-    form = [dataset, backbone, stage, task, sft_from, beta0, sigma, noise_target, k_neg, sampling, epochs, lr,
-            max_steps, eval_examples, log_with, seed, name]  # fmt: skip
+    widgets = dict(dataset=dataset, backbone=backbone, stage=stage, task=task, sft_from=sft_from, beta0=beta0,
+                   sigma=sigma, noise_target=noise_target, k_negatives=k_neg, sampling=sampling, epochs=epochs, lr=lr,
+                   max_steps=max_steps, eval_examples=eval_examples, log_with=log_with, seed=seed, name=name,
+                   addons=addons)  # fmt: skip
+    form = [widgets[f] for f in FORM_FIELDS] + option_widgets
     watched = [status, bar, curves, log, jobs]
     launch_btn.click(partial(launch, ctx), [*form, owner], [job, status, owner], api_name="train_launch")
+    stage.change(method_view, [stage], [method_md, beta0, sigma, noise_target, k_neg, addons, *option_widgets],
+                 api_name="train_method")  # fmt: skip
     timer.tick(partial(tick, ctx), [job, seen_jobs], [*watched, past, chosen, sft_from, job, seen_jobs],
                api_visibility="private", show_progress="hidden")  # fmt: skip
     job.change(partial(poll, ctx), [job], watched, api_name="train_poll")

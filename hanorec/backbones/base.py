@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from hanorec.errors import UserError
+
 if TYPE_CHECKING:
     import torch
     from PIL import Image
@@ -21,7 +23,7 @@ if TYPE_CHECKING:
 
 
 
-class ModelError(ValueError):
+class ModelError(UserError, ValueError):
     """A model name, folder, family or input a backbone cannot use (one clear sentence)."""
 
 

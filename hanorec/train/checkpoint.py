@@ -24,11 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hanorec.errors import UserError
+
 STATE_FILE = "trainer_state.json"
 PAUSE_ENV = "HANOREC_TEST_CHECKPOINT_PAUSE_S"  # seconds to pause mid-write (tests/test_reliability.py)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint folder that cannot be used with this model or is damaged (one clear sentence)."""
 
 

@@ -25,10 +25,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from hanorec.errors import UserError
+from hanorec.progress import make_event
 from hanorec.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError, RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
@@ -159,7 +161,7 @@ def plan_steps(n_items: int, train_cfg, num_processes: int = 1, drop_last: bool 
     return StepPlan(n_items, micro, per_epoch, total, train_cfg.epochs, train_cfg.max_steps, dropped)
 
 
-class EmptyTrainingSet(ValueError):
+class EmptyTrainingSet(UserError, ValueError):
     """Training was asked to run over zero items (it would never reach a step)."""
 
 
@@ -229,7 +231,18 @@ def config_changes(saved_yaml: Path, current_yaml: str) -> list[str]:
         return out
 
     a, b = flat(saved), flat(current)
-    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    # a key the checkpoint predates, now at an empty default (pref.plugins = [], pref.hars = false), changes nothing
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and (k in a or b.get(k)))
+
+
+def nodo_clean_backward(train_cfg) -> bool:
+    """Whether stage 2 back-propagates NoDO's LoRA noise as the authors' run does (pref.nodo_backward=clean):
+    each decoder layer is checkpointed reentrantly and re-run during backward after the noise hooks are gone."""
+    return (
+        getattr(train_cfg, "nodo_backward", "noisy") == "clean"
+        and getattr(train_cfg, "noise_target", "none") == "lora"
+        and getattr(train_cfg, "noise_sigma", 0) > 0
+    )
 
 
 class _Run:
@@ -240,7 +253,10 @@ class _Run:
         self.items, self.collate, self.loss_fn, self.cfg, self.seed = items, collate, loss_fn, train_cfg, seed
         self.output_dir, self.config_yaml, self.stage = Path(output_dir), config_yaml, stage
         self.acc, self.on_log, self.should_stop = accelerator, on_log, should_stop
-        if getattr(train_cfg, "gradient_checkpointing", False):  # the model's own layers, non-reentrant
+        if nodo_clean_backward(train_cfg):  # the authors' NoDO backward: a reentrant, noise-free re-run per layer
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+            model.enable_input_require_grads()  # a reentrant segment passes gradients only to inputs that need them
+        elif getattr(train_cfg, "gradient_checkpointing", False):  # the model's own layers, non-reentrant
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         from hanorec.train.sharding import cpu_fsdp_requested, shard_model
 
@@ -304,6 +320,10 @@ class _Run:
             )
             # the metrics of steps since the last log line, so the next line averages the same steps
             self.running = self.state.pop("running", {})
+            method_state = self.state.pop("method_state", None)  # a loss's state across batches (beta-DPO)
+            if method_state is not None and getattr(self.loss_fn, "method_state", None) is not None:
+                self.loss_fn.method_state.clear()
+                self.loss_fn.method_state.update(method_state)
             self.last_ckpt = ckpt
             if self.validation is not None:
                 self.state.setdefault(
@@ -395,15 +415,10 @@ class _Run:
             self.bar.update(1)
         if step % self.cfg.log_every and step != self.total_steps:
             return
-        record = {
-            "stage": self.stage,
-            "step": step,
-            "total_steps": self.total_steps,
-            "epoch": self.epoch_progress,
-            "lr": self.scheduler.get_last_lr()[0],
-            **{k: sum(v) / len(v) for k, v in self.running.items()},
-            "elapsed_s": time.time() - self.start,
-        }
+        record = make_event(
+            self.stage, step, self.total_steps, start=self.start, epoch=self.epoch_progress,
+            lr=self.scheduler.get_last_lr()[0], **{k: sum(v) / len(v) for k, v in self.running.items()},
+        )  # fmt: skip
         self.running = {}
         self.history.append(record)
         if self.acc.is_main_process:
@@ -433,6 +448,15 @@ class _Run:
             due = broadcast_object_list([due])[0]
         return due
 
+    def saved_state(self) -> dict:
+        """What a checkpoint records of the run: step, epoch, the metrics not yet logged, and the state a
+        loss function carries across batches (``loss_fn.method_state``, e.g. beta-DPO's moving averages)."""
+        state = {**self.state, "running": self.running} if self.running else dict(self.state)
+        method_state = getattr(self.loss_fn, "method_state", None)
+        if method_state is not None:
+            state["method_state"] = dict(method_state)
+        return state
+
     def checkpoint(self) -> Path | None:
         """Every process calls it: sharded weights and optimizer state are gathered collectively, then
         the main process alone writes; every process learns the checkpoint's path."""
@@ -453,7 +477,7 @@ class _Run:
                 model=self.acc.unwrap_model(self.model),
                 optimizer=self.optimizer,
                 scheduler=self.scheduler,
-                state={**self.state, "running": self.running} if self.running else self.state,
+                state=self.saved_state(),
                 config_yaml=self.config_yaml,
                 keep=self.cfg.keep_checkpoints,
                 model_state_dict=model_state,
@@ -529,15 +553,10 @@ class _Run:
         patience = self.validation.patience
         if patience is not None and val["since_best"] >= patience and step < self.total_steps:
             val["early_stopped"] = True
-        event = {
-            "stage": self.stage,
-            "step": step,
-            "total_steps": self.total_steps,
-            "epoch": self.epoch_progress,
-            **{f"val/{k}": float(v) for k, v in metrics.items()},
-            f"val/best_{name}": val["best"]["value"],
-            "elapsed_s": time.time() - self.start,
-        }
+        event = make_event(
+            self.stage, step, self.total_steps, start=self.start, epoch=self.epoch_progress,
+            **{f"val/{k}": float(v) for k, v in metrics.items()}, **{f"val/best_{name}": val["best"]["value"]},
+        )  # fmt: skip
         if self.acc.is_main_process:
             with self.log_path.open("a") as fh:
                 fh.write(json.dumps(event) + "\n")

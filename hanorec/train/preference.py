@@ -1,4 +1,5 @@
-"""Stage 2: DPO, S-DPO and HaNo-DPO (method.md sections 6-9) on the shared training loop.
+"""Stage 2: any registered preference method (hanorec.methods; DPO, S-DPO, HaNo-DPO, the baselines) on the
+shared training loop (method.md sections 6-9).
 
 - The SFT adapter is merged into the base weights and a fresh LoRA is trained on top; the reference
   model is that same network with the adapter disabled (`disable_adapter()`), never a second copy.
@@ -18,7 +19,6 @@ from pathlib import Path
 
 import torch
 
-from hanorec import losses as L
 from hanorec.data import RecDataset
 from hanorec.models import ModelBundle, add_lora
 from hanorec.noise import LoRANoise, add_logit_noise
@@ -38,25 +38,15 @@ class PrefItem:
     ref_logps: tuple[float, ...] | None = None  # (chosen, rejected_1..K)
 
 
-# The stage-2 variants the method comparison trains from one SFT model (method.md sections 6-9; the two
-# ablations of table 3): name -> the pref.* fields that differ from the defaults.
-PREF_VARIANTS = {
-    "DPO": {"method": "dpo", "noise_target": "none"},
-    "S-DPO": {"method": "sdpo", "k_negatives": 3, "noise_target": "none"},
-    "HaNo-DPO": {"method": "hano_dpo"},
-    "HaNo-DPO w/o HaRS": {"method": "hano_dpo", "hardness": False, "responsiveness": False},
-    "HaNo-DPO w/o NoDO": {"method": "hano_dpo", "noise_target": "none"},
-}
-
-
 def build_preference_items(
     cfg, bundle: ModelBundle, ds: RecDataset, examples, cache_dir: Path, *, on_log=None, should_stop=None
 ) -> list[PrefItem]:
     """Pairs (seeded or embedding-nearest negatives) from training examples, with HaRS lambdas (eq. 6-8).
 
     lambda_n comes from the SFT model's item embeddings (cached under cache_dir, keyed by the SFT weights);
-    it is 1 for every method but HaNo-DPO with hardness on.
+    it is 1 unless the method uses HaRS with hardness on (hanorec.methods.uses_hardness).
     """
+    from hanorec import methods
     from hanorec.hardness import item_embeddings, pair_hardness
     from hanorec.pairs import build_pairs
 
@@ -68,12 +58,12 @@ def build_preference_items(
     pairs = build_pairs(
         list(examples)[: p.max_pairs],
         ds,
-        seed=cfg.seed,
+        seed=cfg.seed if p.pair_seed is None else p.pair_seed,
         k_negatives=p.k_negatives,
         sampling=p.negative_sampling,
         item_embeddings=emb,
     )
-    if p.method == "hano_dpo" and p.hardness:
+    if methods.uses_hardness(p):
         lam = pair_hardness(
             bundle,
             ds,
@@ -168,8 +158,16 @@ def _adapter_disabled(model):
 
 
 def make_pref_loss(cfg, bundle: ModelBundle, accelerator, noise: LoRANoise | None) -> Callable:
+    """loss_fn(model, batch) -> (loss, metrics) for cfg.pref's registered method. A method that carries state
+    across batches keeps it in ``loss_fn.method_state`` (saved in checkpoints by the training loop)."""
+    from hanorec import methods
+    from hanorec.methods.hars import hars_beta
+
     p = cfg.pref
+    method = methods.get(p.method)
+    hars_addon = method.hars == "addon" and methods.hars_active(p)
     peft_model = bundle.model
+    state = method.init_state() if method.stateful else None
 
     pending = [contextlib.ExitStack()]  # the last step's NoDO context while its backward has not run
 
@@ -181,7 +179,7 @@ def make_pref_loss(cfg, bundle: ModelBundle, accelerator, noise: LoRANoise | Non
         except BaseException:
             stack.close()
             raise
-        if loss.requires_grad:
+        if loss.requires_grad and p.nodo_backward != "clean":
             _close_after_backward(loss, stack)
             pending[0] = stack
         else:
@@ -201,8 +199,10 @@ def make_pref_loss(cfg, bundle: ModelBundle, accelerator, noise: LoRANoise | Non
                 packed = pack_shared_prefix(peft_model, bundle, prompts, completions, dtype=dtype, device=device)
         if batch["ref"] is not None:
             ref = batch["ref"].to(device)
-        else:
+        elif method.needs_reference:
             ref = reference_logps(peft_model, bundle, prompts, completions, p.scoring, dtype, packed)
+        else:  # a reference-free loss: no reference forward
+            ref = torch.zeros(len(prompts), len(completions[0]), device=device)
         transform = None
         if p.noise_target == "logits" and p.noise_sigma > 0:
 
@@ -217,56 +217,54 @@ def make_pref_loss(cfg, bundle: ModelBundle, accelerator, noise: LoRANoise | Non
                 groups = torch.arange(len(prompts), device=device)
                 if p.scoring != "shared_prefix":
                     groups = groups.repeat_interleave(torch.tensor([len(c) for c in completions], device=device))
-            # open until backward has run (gradient checkpointing re-runs the forward then, under the same draw)
-            noise_context.enter_context(noise.active(group_ids=groups))
+            # noisy: open until backward has run (gradient checkpointing re-runs the forward then, under the same
+            # draw); clean: closed when the forward ends, drawn up front, so the reentrant re-run is noise-free
+            clean = p.nodo_backward == "clean"
+            noise_context.enter_context(noise.active(group_ids=groups, eager=clean))
         sums, counts = multi_completion_logps(
             model, bundle, prompts, completions, mode=p.scoring, logits_transform=transform, dtype=dtype,
             packed=packed,
         )  # fmt: skip
         pol_c, pol_r = _stack(sums)  # (B,), (B, K)
         ref_c, ref_r = ref[:, 0].to(pol_c.dtype), ref[:, 1:].to(pol_c.dtype)
-        n_chosen = torch.stack([c[0] for c in counts]).float()
-        if p.method == "dpo":
-            out = L.dpo_loss(
-                pol_c, pol_r[:, 0], ref_c, ref_r[:, 0], beta=p.beta, label_smoothing=p.label_smoothing
-            )
-        elif p.method == "sdpo":
-            out = L.sdpo_loss(pol_c, pol_r, ref_c, ref_r, beta=p.beta)
-        else:
-            lam = batch["lambda"].to(device) if p.hardness else torch.ones_like(pol_c)
-            out = L.hano_dpo_loss(
-                pol_c,
-                pol_r[:, 0],
-                ref_c,
-                ref_r[:, 0],
-                lam,
-                beta0=p.beta,
-                label_smoothing=p.label_smoothing,
-                use_responsiveness=p.responsiveness,
-                gather=accelerator.gather,
-                chosen_nll=-pol_c / n_chosen.clamp(min=1),
-                sft_weight=p.sft_weight,
-            )
-        loss = out.losses.mean()
-        rej_reward = out.rejected_rewards if out.rejected_rewards.dim() == 1 else out.rejected_rewards.mean(1)
-        metrics = {
-            "rewards/chosen": out.chosen_rewards.mean().item(),
-            "rewards/rejected": rej_reward.mean().item(),
-            "rewards/accuracies": (out.chosen_rewards > rej_reward).float().mean().item(),
-            "rewards/margins": (out.chosen_rewards - rej_reward).mean().item(),
-            "logps/chosen": pol_c.detach().mean().item(),
-            "logps/rejected": pol_r.detach().mean().item(),
-            "hardness/beta_mean": out.beta.mean().item(),
-            "hardness/lambda_mean": batch["lambda"].mean().item()
-            if (p.method == "hano_dpo" and p.hardness)
-            else 1.0,
-            "hardness/eta": float(out.eta) if out.eta is not None else 1.0,
-            "noise/sigma": p.noise_sigma if p.noise_target != "none" else 0.0,
-        }
+        lengths = torch.stack(counts).float()  # (B, 1+K) completion token counts
+        lb = methods.LossBatch(
+            policy_chosen=pol_c, policy_rejected=pol_r, ref_chosen=ref_c, ref_rejected=ref_r,
+            chosen_lengths=lengths[:, 0].to(device), rejected_lengths=lengths[:, 1:].to(device),
+            hardness_lambda=batch["lambda"].to(device), gather=accelerator.gather,
+        )  # fmt: skip
+        beta, eta = (hars_beta(lb, p) if hars_addon else (p.beta, None))
+        out = method.loss(lb, p, beta, state)
+        if eta is not None and out.eta is None:
+            out.eta = eta
+        loss = out.total()
+        metrics = step_metrics(out, pol_c, pol_r, batch["lambda"] if methods.uses_hardness(p) else None,
+                               p.noise_sigma if p.noise_target != "none" else 0.0)  # fmt: skip
         return loss, metrics
 
     loss_fn.close_noise = lambda: pending[0].close()
+    loss_fn.method_state = state
     return loss_fn
+
+
+def step_metrics(out, pol_c: torch.Tensor, pol_r: torch.Tensor, lam: torch.Tensor | None, sigma: float) -> dict:
+    """The logged values of one preference step (their names: hanorec.logkeys)."""
+    from hanorec import logkeys as K
+
+    rej_reward = out.rejected_rewards if out.rejected_rewards.dim() == 1 else out.rejected_rewards.mean(1)
+    return {
+        K.REWARD_CHOSEN: out.chosen_rewards.mean().item(),
+        K.REWARD_REJECTED: rej_reward.mean().item(),
+        K.REWARD_ACCURACY: (out.chosen_rewards > rej_reward).float().mean().item(),
+        K.REWARD_MARGIN: (out.chosen_rewards - rej_reward).mean().item(),
+        K.LOGP_CHOSEN: pol_c.detach().mean().item(),
+        K.LOGP_REJECTED: pol_r.detach().mean().item(),
+        K.BETA_MEAN: out.beta.mean().item(),
+        K.LAMBDA_MEAN: lam.mean().item() if lam is not None else 1.0,
+        K.ETA: float(out.eta) if out.eta is not None else 1.0,
+        K.NOISE_SIGMA: sigma,
+        **out.logged,
+    }
 
 
 def _close_after_backward(loss: torch.Tensor, context: contextlib.ExitStack) -> None:
@@ -281,6 +279,21 @@ def _close_after_backward(loss: torch.Tensor, context: contextlib.ExitStack) -> 
         torch.autograd.Variable._execution_engine.queue_callback(context.close)
 
     loss.register_hook(at_backward_start)
+
+
+def disable_dropout(model: torch.nn.Module) -> Callable[[], None]:
+    """Set every ``nn.Dropout`` of ``model`` (LoRA's lora_dropout included) to p = 0, as TRL's
+    ``disable_dropout_in_model`` (which LLaMA-Factory's DPO trainer calls by default); returns the function
+    that puts the old values back."""
+    saved = [(m, m.p) for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    for m, _ in saved:
+        m.p = 0.0
+
+    def restore() -> None:
+        for m, value in saved:
+            m.p = value
+
+    return restore
 
 
 def _to(prompt, device):
@@ -342,6 +355,7 @@ def train_preference(
         LoRANoise(bundle.model, p.noise_sigma, scale=p.noise_scale) if (p.noise_target == "lora" and p.noise_sigma > 0) else None
     )
     loss_fn = make_pref_loss(cfg, bundle, accelerator, noise)
+    restore_dropout = disable_dropout(bundle.model) if p.disable_dropout else None
     try:
         return train_loop(
             model=bundle.model,
@@ -360,6 +374,8 @@ def train_preference(
             drop_last=True,  # as the authors' trainer: eta's trimmed mean never sees a short micro-batch
         )
     finally:
+        if restore_dropout is not None:
+            restore_dropout()
         close = getattr(loss_fn, "close_noise", None)  # a wrapped loss function (benchmarks) may not have it
         if close is not None:
             close()

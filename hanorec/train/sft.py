@@ -8,13 +8,14 @@ from pathlib import Path
 import torch
 
 from hanorec.data import RecDataset
+from hanorec.errors import UserError
 from hanorec.models import ModelBundle
 from hanorec.scoring import batch_logps
 from hanorec.tasks import Example, render
 from hanorec.train.loop import EmptyTrainingSet, TrainResult, Validation, train_loop
 
 
-class ExampleTooLong(ValueError):
+class ExampleTooLong(UserError, ValueError):
     pass
 
 
