@@ -6,6 +6,9 @@
 # CPU image (slim Python base, the CPU build of torch):
 #   docker build --build-arg TARGET=cpu -t hanorec-studio:cpu .
 #   docker run -p 7860:7860 hanorec-studio:cpu
+# Reachable by others (the image binds 0.0.0.0): ask for a login and turn on demo mode's caps, e.g.
+#   docker run -p 7860:7860 -e HANOREC_AUTH=visitor:a-long-password -e HANOREC_DEMO=1 hanorec-studio
+# (docs/space.md: demo mode, login, ownership of jobs).
 # Data from outside the repo is never copied in: mount it and name it, e.g.
 #   docker run -p 7860:7860 -v /path/to/movielens:/data:ro hanorec-studio python app/main.py --data /data
 ARG TARGET=gpu

@@ -6,6 +6,8 @@ through hanorec.paths. Errors from the package become `gr.Error` with the packag
 
 from __future__ import annotations
 
+import math
+import secrets
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -18,6 +20,8 @@ import gradio as gr
 from hanorec.errors import UserError
 from hanorec.paths import PathError, confine
 
+REPO = Path(__file__).resolve().parents[1]
+DEMO_RUNS = REPO / "assets" / "demo_runs"  # scripts/make_demo_runs.py
 TASKS = ("hit3", "hit1", "next1")
 BASE_PRESET = "tiny-qwen2.5-vl"
 UNTRAINED = f"untrained {BASE_PRESET} (random init)"
@@ -46,6 +50,112 @@ def user_errors(what: str = ""):
 
         logging.getLogger("hanorec.app").exception("unexpected error %s", what)
         raise gr.Error(f"Unexpected error{' ' + what if what else ''}: {type(e).__name__}: {_sentence(e)}") from None
+
+
+# ---- numbers typed in a field (or sent to the API) ---------------------------------------------------
+def number(value, label: str, *, integer: bool = False, minimum=None, maximum=None, optional: bool = False):
+    """A field's value as a finite float (or int), else gr.Error with one sentence naming the field.
+
+    The one coercion of every number field (number_field and slider_field call it before a handler runs):
+    strings, lists, booleans, NaN, infinities, fractions in a whole-number field and values outside
+    [minimum, maximum] are refused. optional: an empty field (None or '') is None."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if optional:
+            return None
+        raise gr.Error(f"{label}: the field is empty; type a number.")
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise gr.Error(f"{label}: {value[:40]!r} is not a number.") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise gr.Error(f"{label}: a number is needed, not {type(value).__name__} {str(value)[:40]}.")
+    if not math.isfinite(value):
+        raise gr.Error(f"{label}: {value} is not a finite number.")
+    if integer:
+        if float(value) != int(value):
+            raise gr.Error(f"{label}: {value:g} is not a whole number.")
+        value = int(value)
+    if minimum is not None and value < minimum:
+        raise gr.Error(f"{label}: {value:g} is below the minimum, {minimum:g}.")
+    if maximum is not None and value > maximum:
+        raise gr.Error(f"{label}: {value:g} is above the maximum, {maximum:g}.")
+    return value
+
+
+def number_field(*args, **kwargs) -> gr.Number:
+    """gr.Number whose value goes through number() (one sentence for NaN, text, lists...) before a handler.
+    (The instance's preprocess is replaced: a subclass would make Gradio write a .pyi file beside this one.)"""
+    field_ = gr.Number(*args, **kwargs)
+    label = str(field_.label or "number")
+
+    def preprocess(payload):
+        return number(payload, label, integer=field_.precision == 0, minimum=field_.minimum,
+                      maximum=field_.maximum, optional=True)  # fmt: skip
+
+    field_.preprocess = preprocess
+    return field_
+
+
+def slider_field(*args, **kwargs) -> gr.Slider:
+    """gr.Slider whose value goes through number() before a handler (the API can send anything)."""
+    field_ = gr.Slider(*args, **kwargs)
+    label = str(field_.label or "slider")
+    whole = float(field_.step).is_integer() and float(field_.minimum).is_integer()
+
+    def preprocess(payload):
+        return number(payload, label, integer=whole, minimum=field_.minimum, maximum=field_.maximum)
+
+    field_.preprocess = preprocess
+    return field_
+
+
+# ---- who launched a job: a token kept in the browser ------------------------------------------------
+OWNER_STORAGE_KEY = "hanorec-owner"
+
+
+def owner_token(value) -> str:
+    """The browser's owner token (from gr.BrowserState), or a fresh one when it has none or sent nonsense:
+    a fresh token owns nothing, so only the browser that launched a job can stop or resume it."""
+    if isinstance(value, str) and 16 <= len(value) <= 128 and value.isascii() and value.replace("-", "").replace("_", "").isalnum():
+        return value
+    return secrets.token_urlsafe(24)
+
+
+def owner_state(ctx) -> gr.BrowserState:
+    """The owner token in the browser's localStorage, encrypted with the app's own secret (kept in the runs
+    folder, so a reload, a closed tab and an app restart all keep ownership)."""
+    # default "" (not None): a page or API call without a token is a stranger, never the local Python caller.
+    # One state per page, shared by the tabs that launch jobs (Train, Compare), so they hold the same token.
+    from gradio.context import Context
+
+    page = Context.root_block
+    cached = getattr(ctx, "_owner_state", None)
+    if cached is not None and cached[0] is page:
+        return cached[1]
+    state = gr.BrowserState("", storage_key=OWNER_STORAGE_KEY, secret=getattr(ctx, "owner_secret", "") or None)
+    try:
+        ctx._owner_state = (page, state)
+    except AttributeError:  # a context that takes no new attributes: each tab keeps its own state
+        pass
+    return state
+
+
+def app_secret(runs_dir: Path) -> str:
+    """A random secret kept in <runs>/.app-secret (mode 0600), made once."""
+    import os
+
+    path = Path(runs_dir) / ".app-secret"
+    if not path.is_file() or path.is_symlink():
+        fd = os.open(path.with_name(f".app-secret.{os.getpid()}"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(32))
+        os.replace(path.with_name(f".app-secret.{os.getpid()}"), path)
+    return path.read_text().strip()
+
+
+# Demo mode (a public Space): what one visitor may ask of a shared GPU.
+DEMO_LIMITS = {"max_steps": 60, "eval_examples": 100, "draws": 50, "epochs": 1}
 
 
 def _sentence(e: BaseException) -> str:
@@ -99,18 +209,28 @@ class AppContext:
     noise_limit: int = 16  # noise draws in flight: cached ones answer at once, computing ones wait for a slot
     # scoring results (clean and noisy candidate scores) per model, dataset, example and noise setting
     results: object = field(default_factory=lambda: _result_cache(), repr=False)
+    demo: bool = False  # demo mode: DEMO_LIMITS cap steps, evaluation prompts and noise draws
+    owner_secret: str = ""  # encrypts the owner token in the browser (app_secret); "" = a new one per process
+    demo_runs_dir: Path | None = None  # trained runs shipped with the app, listed read-only
     _data: _LRU = field(default_factory=lambda: _LRU(6), repr=False)
     _models: _LRU = field(default_factory=lambda: _LRU(3), repr=False)
     _extra: _LRU = field(default_factory=lambda: _LRU(8), repr=False)
     _threads_set: bool = field(default=False, repr=False)
 
+    def limit(self, name: str, default=None):
+        """The cap on a request's size: DEMO_LIMITS[name] in demo mode, else `default` (None: no cap)."""
+        return DEMO_LIMITS.get(name, default) if self.demo else default
+
     # ---- paths -----------------------------------------------------------------------------
     def resolve_path(self, user_text: str, *, must_exist: bool = True) -> Path:
         """The typed path confined to the data folders and the runs folder, else gr.Error (one sentence)."""
         try:
-            return confine(user_text, [*self.data_dirs, self.runs_dir], must_exist=must_exist)
+            return confine(user_text, [*self.data_dirs, self.runs_dir, *self._demo_dirs()], must_exist=must_exist)
         except PathError as e:
             raise gr.Error(str(e)) from None
+
+    def _demo_dirs(self) -> list[Path]:
+        return [self.demo_runs_dir] if self.demo_runs_dir is not None and Path(self.demo_runs_dir).is_dir() else []
 
     def dataset_choices(self) -> list[tuple[str, str]]:
         from hanorec.explore import find_datasets
@@ -179,15 +299,26 @@ class AppContext:
             return self._models.get(key, make)
 
     def model_choices(self) -> list[tuple[str, str]]:
-        """(label, value) for every model a panel can score with: the untrained presets (the paper family's
-        first, then one per other family), then each run's stages."""
+        """(label, value) for every model a panel can score with: the trained demo runs (read-only), the
+        untrained presets (the paper family's first, then one per other family), then each run's stages."""
         from hanorec.models import TINY_PRESETS
 
-        out = [(UNTRAINED, "base")]
+        out = [(f"demo (trained, read-only): {run['name']} / {stage}", f"{run['path']}::{stage}")
+               for d in self._demo_dirs() for run in list_runs(d) for stage in run["stages"]]  # fmt: skip
+        out.append((UNTRAINED, "base"))
         out += [(f"untrained {p} (random init)", f"base:{p}") for p in TINY_PRESETS if p != BASE_PRESET]
         for run in list_runs(self.runs_dir):
             out += [(f"{run['name']} / {stage}", f"{run['path']}::{stage}") for stage in run["stages"]]
         return out
+
+    def default_model(self) -> str:
+        """What every model picker shows first: the trained demo HaNo-DPO stage when it ships, else the base."""
+        values = [v for _, v in self.model_choices()]
+        return next((v for v in values if v.endswith("::hano_dpo") and self._is_demo(v)), "base")
+
+    def _is_demo(self, value: str) -> bool:
+        path = Path(value.rpartition("::")[0])
+        return any(d.resolve() in path.resolve().parents for d in self._demo_dirs())
 
     def model(self, source: str, dataset: str, task: str = "hit3"):
         """(bundle, run config or None) for a value of model_choices(); cached."""
@@ -201,6 +332,8 @@ class AppContext:
         def make():
             self.torch_ready()
             bundle, cfg = load_run_stage(path, stage)
+            if cfg is not None and not Path(cfg.data.path).is_absolute() and self._is_demo(str(path) + "::"):
+                cfg.data.path = str(REPO / cfg.data.path)  # a shipped run names the demo data relative to the repo
             bundle.model.to(self.device).eval()
             return bundle, cfg
 
@@ -332,7 +465,7 @@ def example_pickers(ctx: AppContext, prefix: str, *, with_model: bool = True, wi
         task = gr.Dropdown(list(TASKS), value="hit3", label="Task", scale=1)
         user = gr.Dropdown([], label="User (test prompt)", scale=2, allow_custom_value=True) if with_user else None
         model = (
-            gr.Dropdown(ctx.model_choices(), value="base", label="Model", scale=3, elem_id=f"{prefix}-model")
+            gr.Dropdown(ctx.model_choices(), value=ctx.default_model(), label="Model", scale=3, elem_id=f"{prefix}-model")
             if with_model
             else None
         )

@@ -25,7 +25,16 @@ for _var, _value in {
     os.environ.setdefault(_var, _value)
 
 import argparse  # noqa: E402
+import tempfile  # noqa: E402
 import warnings  # noqa: E402
+
+# Public-demo settings (docs/space.md): demo mode, login, and the limits a shared server needs.
+DEMO_ENV = "HANOREC_DEMO"  # 1: demo mode (a Hugging Face Space sets SPACE_ID, which turns it on too; 0: off)
+AUTH_ENV = "HANOREC_AUTH"  # "user:password" (several: comma-separated): the page asks for a login
+MAX_FILE_SIZE = "2mb"  # uploads (the app takes none today; Gradio's own routes would accept any size)
+QUEUE_SIZE = 64  # requests waiting in Gradio's queue; more are refused at once with "queue is full"
+MAX_QUEUED = {False: 16, True: 4}  # training jobs waiting in total (demo mode: True)
+MAX_PER_SESSION = {False: 4, True: 1}  # jobs waiting or running per browser
 
 DEFAULT_DATA = ROOT / "assets" / "demo"
 TABS = ("data", "train", "hardness", "noise", "compare")
@@ -64,27 +73,71 @@ def parse_args(argv=None) -> argparse.Namespace:
         "models run as fast on one thread and more threads spin-wait when the cores are shared)",
     )
     p.add_argument("--share", action="store_true", help="also open a public Gradio link (needs internet)")
+    p.add_argument(
+        "--demo",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"demo mode for a shared public server: caps steps, evaluation prompts and noise draws per request, "
+        f"and queued jobs (default: on when {DEMO_ENV}=1 or on a Hugging Face Space, which sets SPACE_ID)",
+    )
     return p.parse_args(argv)
 
 
-def make_context(data_dirs=None, runs_dir="runs", device="auto", threads=0):
+def demo_mode(flag: bool | None = None) -> bool:
+    """--demo / --no-demo, else HANOREC_DEMO (1/0), else on inside a Hugging Face Space (SPACE_ID is set)."""
+    if flag is not None:
+        return flag
+    env = os.environ.get(DEMO_ENV, "").strip().lower()
+    if env:
+        return env in ("1", "true", "yes", "on")
+    return bool(os.environ.get("SPACE_ID"))
+
+
+def auth_from_env() -> list[tuple[str, str]] | None:
+    """HANOREC_AUTH="user:password[,user2:password2]" -> Gradio's auth list; unset -> no login. A malformed
+    value is an error (one sentence), never silently an open app."""
+    raw = os.environ.get(AUTH_ENV, "").strip()
+    if not raw:
+        return None
+    pairs = []
+    for item in raw.split(","):
+        user, sep, password = item.strip().partition(":")
+        if not sep or not user or not password:
+            raise ValueError(f"{AUTH_ENV} must hold user:password pairs separated by commas; one entry has no user or password.")
+        pairs.append((user, password))
+    return pairs
+
+
+def own_temp_dir() -> str:
+    """The app's own Gradio temp folder (mode 0700), not the machine-wide one that every Gradio app shares
+    (where one app's files could be served back by another). Set before any component is built."""
+    path = tempfile.mkdtemp(prefix="hanorec-gradio-")
+    os.environ["GRADIO_TEMP_DIR"] = path
+    return path
+
+
+def make_context(data_dirs=None, runs_dir="runs", device="auto", threads=0, demo=False, demo_runs=None):
     """The AppContext for these folders: missing data folders are an error, the runs folder is created.
-    torch is imported only when the first model loads, so the page is served sooner."""
+    torch is imported only when the first model loads, so the page is served sooner. demo: demo mode's
+    caps; demo_runs: the shipped trained runs listed read-only (default assets/demo_runs)."""
     dirs = [Path(d).expanduser().resolve() for d in (data_dirs or [DEFAULT_DATA])]
     for d in dirs:
         if not d.is_dir():
             raise ValueError(f"The data folder {d} does not exist.")
-    from app.common import AppContext  # gradio: imported once the arguments are known to be good
+    if not os.environ.get("GRADIO_TEMP_DIR"):  # one set by whoever runs the app is theirs to choose
+        own_temp_dir()
+    from app.common import DEMO_RUNS, AppContext, app_secret  # gradio: imported once the arguments are good
     runs = Path(runs_dir).expanduser().resolve()
     runs.mkdir(parents=True, exist_ok=True)
-    jobs = _job_manager(runs, None if device == "auto" else device)
-    return AppContext(data_dirs=dirs, runs_dir=runs, device=device, jobs=jobs, threads=threads)
+    jobs = _job_manager(runs, None if device == "auto" else device, demo)
+    return AppContext(data_dirs=dirs, runs_dir=runs, device=device, jobs=jobs, threads=threads, demo=demo,
+                      owner_secret=app_secret(runs), demo_runs_dir=Path(demo_runs) if demo_runs else DEMO_RUNS)  # fmt: skip
 
 
-def _job_manager(runs: Path, device: str | None):
+def _job_manager(runs: Path, device: str | None, demo: bool = False):
     from hanorec.jobs import JobManager
 
-    return JobManager(runs, device=device)
+    return JobManager(runs, device=device, max_queued=MAX_QUEUED[demo], max_per_owner=MAX_PER_SESSION[demo])
 
 
 def build_app(ctx):
@@ -98,15 +151,23 @@ def build_app(ctx):
         for name in TABS:
             with gr.Tab(TAB_TITLES[name], id=name, elem_id=f"tab-{name}"):
                 tabs.build(name, ctx)
-    demo.queue(default_concurrency_limit=2)
+    demo.queue(default_concurrency_limit=2, max_size=QUEUE_SIZE)
     return demo
+
+
+def launch_options(ctx) -> dict:
+    """demo.launch() keywords every launch uses (main, the load script, the tests): the upload limit, the
+    data folders served, and the login from HANOREC_AUTH."""
+    return {"max_file_size": MAX_FILE_SIZE, "allowed_paths": [str(d) for d in ctx.data_dirs], "auth": auth_from_env()}
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     warnings.filterwarnings("ignore", message=".*torchvision.*")
     try:
-        ctx = make_context(args.data, args.runs, args.device, args.threads)
+        auth_from_env()  # a malformed login setting stops the app before anything starts
+        ctx = make_context(args.data, args.runs, args.device, args.threads, demo=demo_mode(args.demo))
+        options = launch_options(ctx)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -114,8 +175,9 @@ def main(argv=None) -> None:
     host = os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
     port = int(os.environ.get("GRADIO_SERVER_PORT", "7860"))
     device = "auto (cuda when available, chosen when the first model loads)" if args.device == "auto" else args.device
-    print(f"HaNoRec Studio: data {', '.join(map(str, ctx.data_dirs))}; runs {ctx.runs_dir}; device {device}")
-    demo.launch(server_name=host, server_port=port, share=args.share, allowed_paths=[str(d) for d in ctx.data_dirs])
+    extra = (" demo mode;" if ctx.demo else "") + (" login required;" if options["auth"] else "")
+    print(f"HaNoRec Studio: data {', '.join(map(str, ctx.data_dirs))}; runs {ctx.runs_dir}; device {device};{extra}")
+    demo.launch(server_name=host, server_port=port, share=args.share, **options)
 
 
 if __name__ == "__main__":

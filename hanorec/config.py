@@ -9,6 +9,7 @@ values are reported in one sentence naming the key and the value.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -48,6 +49,47 @@ def _positive(obj, *names: str, allow_zero: bool = False) -> None:
             continue
         if v < 0 or (v == 0 and not allow_zero):
             raise ConfigError(f"{n} = {v!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+# Upper bounds far above any sensible run, so that a typo (1e9 epochs, K = 10^6, a seed of 2^64) is refused
+# before anything is queued instead of failing (or running for ever) later. Whole numbers without an entry
+# here are capped at INT_MAX.
+INT_MAX = 2**31 - 1
+LIMITS = {
+    "seed": 2**32 - 1,  # numpy's seeds are 32-bit
+    "threads": 1024,
+    "epochs": 10_000,
+    "max_steps": 10**8,
+    "lr": 10.0,
+    "beta": 1_000.0,
+    "noise_sigma": 100.0,
+    "sft_weight": 1_000.0,
+    "weight_decay": 100.0,
+    "max_grad_norm": 1e6,
+    "save_every_minutes": 1e6,
+    "k_negatives": 1_000,
+    "hardness_k": 100_000,
+    "n_negatives": 100_000,
+    "batch_size": 1 << 16,
+    "grad_accum": 1 << 16,
+    "sample_temperature": 100.0,
+}
+
+
+def _check_numbers(obj) -> None:
+    """Every number of a section is finite and in range (one sentence naming the field and value).
+
+    NaN passes every comparison, so the sign checks alone would let it through; bools are not numbers here."""
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ConfigError(f"{f.name} = {v!r} is not a finite number")
+        top = LIMITS.get(f.name, INT_MAX if isinstance(v, int) else None)
+        if top is not None and abs(v) > top:
+            limit = f"{top:,}" if isinstance(top, int) else f"{top:g}"
+            raise ConfigError(f"{f.name} = {v!r} is out of range (its magnitude may be at most {limit})")
 
 
 @dataclass
@@ -97,6 +139,7 @@ class DataConfig:
     )
 
     def __post_init__(self):
+        _check_numbers(self)
         _check_choices(self)
         _positive(
             self,
@@ -169,6 +212,7 @@ class TaskConfig:
     )
 
     def __post_init__(self):
+        _check_numbers(self)
         _check_choices(self)
         _positive(self, "n_negatives", "max_train_examples", "max_eval_examples", "max_item_id")
         if self.item_noun or self.item_verb or self.item_nouns or self.item_verb_present:
@@ -218,6 +262,7 @@ class ModelConfig:
     )
 
     def __post_init__(self):
+        _check_numbers(self)
         _check_choices(self)
         _positive(self, "tiny_hidden_size", "tiny_layers", "tiny_vocab_size", "max_length", "max_pixels")
 
@@ -236,6 +281,7 @@ class LoraConfig:
     )
 
     def __post_init__(self):
+        _check_numbers(self)
         _positive(self, "r", "alpha")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout = {self.dropout!r} must be in [0, 1)")
@@ -276,6 +322,7 @@ class OptimConfig:
     )
 
     def __post_init__(self):
+        _check_numbers(self)
         _check_choices(self)
         _positive(
             self, "epochs", "lr", "batch_size", "grad_accum", "log_every", "max_steps", "keep_checkpoints"
@@ -496,6 +543,7 @@ class EvalConfig:
         }
 
     def __post_init__(self):
+        _check_numbers(self)
         _check_choices(self)
         for p in self.protocols:
             if p not in ("ranking", "catalogue", "generative", "paper"):
@@ -532,7 +580,10 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Evaluation."})
 
     def __post_init__(self):
+        _check_numbers(self)
         _positive(self, "threads")
+        if not 0 <= self.seed <= LIMITS["seed"]:
+            raise ConfigError(f"seed = {self.seed!r} must be in [0, {LIMITS['seed']}]")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -18,6 +18,12 @@ runs folder is alive (it checks every `poll_s` seconds and on every call); one j
 runs folder, which is one device (`device`: 'cpu', 'cuda:N' or auto, given to the run through
 CUDA_VISIBLE_DEVICES).
 
+Shared use (a public demo): `submit(..., owner=token)` records a hash of the launching browser's token, and
+`stop` / `resume` with another token are refused (a local caller passes no token and may do anything);
+`max_queued` and `max_per_owner` cap the queue, checked under the queue lock. Every run folder is read on its
+own: a damaged job.json lists that job as 'unreadable' with its sentence and takes it out of the queue,
+and the others work on. Symbolic links in the runs folder are never followed, for jobs or listings.
+
 On a ZeroGPU Space (hanorec.spaces.on_zero_gpu) a subprocess never gets the GPU, which exists only inside
 calls decorated with `spaces.GPU` in the app's own process. There a job runs in a thread of the app
 instead (`run_job_chunked`): the same commands, with training done by hanorec.spaces.train_in_chunks (a
@@ -30,9 +36,11 @@ Local runs are unchanged.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -65,6 +73,31 @@ def __getattr__(name: str):
 
 class JobError(UserError, ValueError):
     """A job request that cannot be honoured (unknown job, bad stage, nothing to resume): one sentence."""
+
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+UNREADABLE = "unreadable"  # the state of a job whose job.json cannot be read (listed, never run)
+
+
+def owner_key(token: str | None) -> str | None:
+    """What job.json keeps of an owner token: a hash, so no file or listing reveals the token itself."""
+    return hashlib.sha256(token.encode()).hexdigest()[:32] if token else None
+
+
+def read_job(run: Path) -> dict:
+    """A job's job.json, or JobError naming the file when it is damaged (truncated, not an object, a link)."""
+    path = Path(run) / JOB_FILE
+    if path.is_symlink():
+        raise JobError(f"{path} is a symbolic link; a job's files are never read through links")
+    try:
+        job = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise JobError(f"{path} is missing") from None
+    except (ValueError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise JobError(f"{path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    if not isinstance(job, dict) or not isinstance(job.get("commands"), list):
+        raise JobError(f"{path} is unreadable (it holds no list of commands)")
+    return job
 
 
 @dataclass
@@ -176,8 +209,11 @@ class JobManager:
         chunk_steps: int | None = None,
         chunk_seconds: float | None = None,
         gpu_duration_s: int | None = None,
+        max_queued: int | None = None,
+        max_per_owner: int | None = None,
     ):
-        """in_process: run jobs in a thread of this process through train_in_chunks (None: on ZeroGPU only);
+        """max_queued: jobs waiting at most (None: no cap); max_per_owner: jobs waiting or running per owner token.
+        in_process: run jobs in a thread of this process through train_in_chunks (None: on ZeroGPU only);
         chunk_steps / chunk_seconds: each GPU call's budget (default: half of gpu_duration_s, 60 s)."""
         from hanorec import spaces
 
@@ -192,6 +228,8 @@ class JobManager:
         self.runs_dir = Path(runs_dir).resolve()
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         self.device = device
+        self.max_queued = max_queued
+        self.max_per_owner = max_per_owner
         self.python = python
         self.env = dict(env or {})
         self._procs: dict[str, subprocess.Popen] = {}
@@ -211,14 +249,20 @@ class JobManager:
         name: str | None = None,
         sft_run: str | Path | None = None,
         args: list[str] | None = None,
+        owner: str | None = None,
     ) -> str:
         """Queue a run: the resolved config (preset file <- stage's variant <- overrides) goes to
-        <runs_dir>/<name>/config.yaml; returns the job id (the run folder's name). ConfigError for bad values.
+        <runs_dir>/<name>/config.yaml; returns the job id (the run folder's name). ConfigError for bad values,
+        ModelError for a backbone that is neither a preset, a folder nor a cached id, JobError for a taken name
+        or a full queue. owner: the launching browser's token (only a hash is stored); stop and resume with
+        another token are refused. Everything is checked before the run folder exists, and a failure while
+        writing it removes it, so a refused launch leaves nothing queued.
 
         stage "compare" queues a comparison (one job: SFT and every method per task and seed, see
         hanorec.pipeline.run_comparison); ``args`` are its CLI arguments (``--seeds=0,1``, ``--tasks=hit3``,
         ``--variants=DPO,IPO``, ``--from-sft=<run>``) and its folder holds comparison.json when it finishes."""
         from hanorec.config import load_config, parse_overrides
+        from hanorec.models import check_model_name
 
         commands = commands_for(stage, sft_run)
         over = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
@@ -236,44 +280,85 @@ class JobManager:
                 raise JobError(f"run {sft} has no SFT checkpoint to start {stage} from")
             over = _merge(over, {"pref": {"sft_run": str(sft)}})
         name = name or self._new_name(stage)
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name):
-            raise JobError(f"run name {name!r} may use letters, digits, '.', '_' and '-' only")
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            raise JobError(f"run name {str(name)[:120]!r} may use letters, digits, '.', '_' and '-' only")
         run = self.runs_dir / name
-        if run.exists():
+        if os.path.lexists(run):
             raise JobError(f"a run named {name!r} already exists in {self.runs_dir}")
         over = _merge(over, {"output_dir": str(run)})
         cfg = load_config(config, over)
+        check_model_name(cfg.model.name)  # form and local cache, before anything is queued
         data = Path(cfg.data.path)
         if not data.is_dir():
             raise JobError(f"dataset folder {cfg.data.path} does not exist")
         cfg.data.path = str(data.resolve())
         with _lock(self.runs_dir):
-            run.mkdir(parents=True)
-            cfg.save(run / runs.CONFIG_FILE)
-            job = {
-                "stage": stage,
-                "commands": commands,
-                "args": [str(a) for a in (args or [])],
-                "cwd": str(Path.cwd()),
-                "device": self.device,
-                "submitted": time.time(),
-            }
-            runs._write_json(run / JOB_FILE, job)
-            runs.write_status(run, "queued", queued_at=time.time(), stage=stage)
+            self._check_caps(owner_key(owner))
+            try:
+                run.mkdir(parents=False)  # under the lock: of two launches with one name, the second gets this
+            except FileExistsError:
+                raise JobError(f"a run named {name!r} already exists in {self.runs_dir}") from None
+            try:
+                cfg.save(run / runs.CONFIG_FILE)
+                job = {
+                    "stage": stage,
+                    "commands": commands,
+                    "args": [str(a) for a in (args or [])],
+                    "cwd": str(Path.cwd()),
+                    "device": self.device,
+                    "submitted": time.time(),
+                    "owner": owner_key(owner),
+                }
+                runs._write_json(run / JOB_FILE, job)
+                runs.write_status(run, "queued", queued_at=time.time(), stage=stage)
+            except BaseException:
+                shutil.rmtree(run, ignore_errors=True)  # never half a job in the queue
+                raise
         self.tick()
         return name
+
+    def _check_caps(self, owner: str | None) -> None:
+        """JobError when the queue is full, or when this owner already has its share waiting or running
+        (the caller holds the queue lock, so two launches at once cannot both take the last place)."""
+        if self.max_queued is None and (self.max_per_owner is None or owner is None):
+            return
+        queued = mine = 0
+        for run in self._job_dirs():
+            state = runs.read_status(run).get("status")
+            if state not in ("queued", "running"):
+                continue
+            queued += state == "queued"
+            if owner is not None and self.max_per_owner is not None:
+                try:
+                    mine += read_job(run).get("owner") == owner
+                except JobError:
+                    pass
+        if self.max_queued is not None and queued >= self.max_queued:
+            raise JobError(
+                f"the queue is full ({queued} jobs waiting, at most {self.max_queued}); launch again when one has started"
+            )
+        if owner is not None and self.max_per_owner is not None and mine >= self.max_per_owner:
+            raise JobError(
+                f"this browser already has {mine} jobs waiting or running (at most {self.max_per_owner}); "
+                "wait for one to end or stop one"
+            )
 
     def _new_name(self, stage: str) -> str:
         base = time.strftime("%Y%m%d-%H%M%S") + "-" + runs.stage_slug(stage).replace("_", "-")
         name, i = base, 2
-        while (self.runs_dir / name).exists():
+        while os.path.lexists(self.runs_dir / name):
             name, i = f"{base}-{i}", i + 1
         return name
 
     # ---- reading back ------------------------------------------------------------------------
     def _run(self, job_id: str) -> Path:
-        run = (self.runs_dir / job_id).resolve()
-        if run.parent != self.runs_dir or not (run / JOB_FILE).is_file():
+        """The job's run folder: a real folder directly in runs_dir (a symbolic link is never followed)."""
+        if not isinstance(job_id, str) or not NAME.fullmatch(job_id):
+            raise JobError(f"no job named {str(job_id)[:120]!r} in {self.runs_dir}")
+        run = self.runs_dir / job_id
+        if run.is_symlink():
+            raise JobError(f"{run} is a symbolic link; jobs are never run or read through links")
+        if not _real_dir(run) or not (run / JOB_FILE).is_file():
             raise JobError(f"no job named {job_id!r} in {self.runs_dir}")
         return run
 
@@ -283,24 +368,32 @@ class JobManager:
         for run in self._job_dirs():
             st = runs.read_status(run)
             if st.get("status") == "queued":
-                queued.append((st.get("queued_at", 0.0), run.name))
+                at = st.get("queued_at", 0.0)
+                queued.append((at if isinstance(at, (int, float)) else 0.0, run.name))
         return [name for _, name in sorted(queued)]
 
     def running(self) -> str | None:
         """The run training now in runs_dir, if any: a job, or a CLI run started by hand into this folder
         (it holds the device too, so the queue waits for it)."""
         for run in sorted(self.runs_dir.iterdir()):
-            if (run / runs.STATUS_FILE).is_file() and runs.read_status(run).get("status") == "running":
+            if _real_dir(run) and (run / runs.STATUS_FILE).is_file() and runs.read_status(run).get("status") == "running":
                 return run.name
         return None
 
     def _job_dirs(self) -> list[Path]:
-        return [p for p in sorted(self.runs_dir.iterdir()) if (p / JOB_FILE).is_file()]
+        """Real folders holding a job.json directly in runs_dir: symbolic links are skipped, never followed."""
+        return [p for p in sorted(self.runs_dir.iterdir()) if _real_dir(p) and (p / JOB_FILE).is_file()]
 
     def jobs(self) -> list[JobStatus]:
-        """Every job: the running one, then the queue in order, then the rest newest first."""
+        """Every job: the running one, then the queue in order, then the rest newest first. A job whose
+        folder cannot be read is listed with state 'unreadable' and its sentence; the others are unaffected."""
         self.tick()
-        out = [self.status(p.name, tick=False, detail=False) for p in self._job_dirs()]
+        out = []
+        for p in self._job_dirs():
+            try:
+                out.append(self.status(p.name, tick=False, detail=False))
+            except (JobError, OSError, ValueError) as e:
+                out.append(JobStatus(p.name, p, UNREADABLE, stage="?", message=str(e)))
         order = {"running": 0, "queued": 1}
         return sorted(
             out,
@@ -312,10 +405,10 @@ class JobManager:
         if tick:
             self.tick()
         run = self._run(job_id)
-        job = json.loads((run / JOB_FILE).read_text())
+        job = read_job(run)
         st = runs.read_status(run)
         state = st.get("status", "failed")
-        out = JobStatus(job_id, run, state, stage=job.get("stage", "SFT"), message=st.get("message", ""))
+        out = JobStatus(job_id, run, state, stage=str(job.get("stage", "SFT")), message=str(st.get("message", "")))
         out.commands = list(job.get("commands", []))
         if detail:
             out.log_tail = log_tail(run)
@@ -364,9 +457,23 @@ class JobManager:
             time.sleep(0.2)
 
     # ---- control -----------------------------------------------------------------------------
-    def stop(self, job_id: str) -> JobStatus:
-        """A queued job leaves the queue; a running one gets SIGTERM (checkpoint after this step, then stop)."""
+    def owned_by(self, job_id: str, owner: str | None) -> bool:
+        """True when `owner` may stop or resume the job: None (a local caller: the notebook, the CLI) always
+        may; a token may when it launched the job, or when nobody owns it (a job queued without a token)."""
+        if owner is None:
+            return True
+        recorded = read_job(self._run(job_id)).get("owner")
+        return recorded is None or recorded == owner_key(owner)
+
+    def _check_owner(self, job_id: str, owner: str | None, verb: str) -> None:
+        if not self.owned_by(job_id, owner):
+            raise JobError(f"job {job_id} was launched from another browser; only that browser can {verb} it")
+
+    def stop(self, job_id: str, owner: str | None = None) -> JobStatus:
+        """A queued job leaves the queue; a running one gets SIGTERM (checkpoint after this step, then stop).
+        owner: the caller's token; a job launched with another token is refused (JobError)."""
         run = self._run(job_id)
+        self._check_owner(job_id, owner, "stop")
         with _lock(self.runs_dir):
             st = runs.read_status(run)
             if st["status"] == "queued":
@@ -387,10 +494,12 @@ class JobManager:
                 raise JobError(f"job {job_id} is {st['status']}, not running or queued")
         return self.status(job_id)
 
-    def resume(self, job_id: str) -> JobStatus:
+    def resume(self, job_id: str, owner: str | None = None) -> JobStatus:
         """Queue a stopped or failed job again with the same commands; training resumes from its checkpoint."""
         run = self._run(job_id)
+        self._check_owner(job_id, owner, "resume")
         with _lock(self.runs_dir):
+            self._check_caps(owner_key(owner))
             st = runs.read_status(run)
             if st["status"] not in ("stopped", "failed"):
                 raise JobError(f"job {job_id} is {st['status']}; only a stopped or failed job can be resumed")
@@ -405,30 +514,38 @@ class JobManager:
         with _lock(self.runs_dir):
             if self.running() is not None:
                 return None
-            queued = self.queue()
-            if not queued:
-                return None
-            run = self.runs_dir / queued[0]
-            if self.in_process:
-                return self._start_in_process(run)
-            log = open(run / LOG_FILE, "a")
-            env = {**default_env(), **os.environ, **self._device_env, **self.env, "PYTHONUNBUFFERED": "1"}
-            package_root = str(Path(__file__).resolve().parents[1])
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
-            job = json.loads((run / JOB_FILE).read_text())
-            proc = subprocess.Popen(
-                [self.python, "-m", "hanorec.jobs", str(run)],
-                cwd=job.get("cwd") or None,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                start_new_session=True,  # Ctrl-C in the app's terminal does not reach the run
-            )
-            log.close()
-            self._procs[run.name] = proc
-            runs.write_status(run, "running", pid=proc.pid, runner_pid=proc.pid, started=time.time(), command=None)
-            return run.name
+            for name in self.queue():
+                run = self.runs_dir / name
+                try:
+                    job = read_job(run)
+                except JobError as e:  # a damaged job leaves the queue with its sentence; the next one starts
+                    runs.write_status(run, "failed", message=str(e))
+                    continue
+                return self._start(run, job)
+            return None
+
+    def _start(self, run: Path, job: dict) -> str:
+        """Start a queued job (the caller holds the queue lock)."""
+        if self.in_process:
+            return self._start_in_process(run)
+        cwd = job.get("cwd")
+        log = open(run / LOG_FILE, "a")
+        env = {**default_env(), **os.environ, **self._device_env, **self.env, "PYTHONUNBUFFERED": "1"}
+        package_root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+        proc = subprocess.Popen(
+            [self.python, "-m", "hanorec.jobs", str(run)],
+            cwd=cwd if isinstance(cwd, str) and Path(cwd).is_dir() else None,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,  # Ctrl-C in the app's terminal does not reach the run
+        )
+        log.close()
+        self._procs[run.name] = proc
+        runs.write_status(run, "running", pid=proc.pid, runner_pid=proc.pid, started=time.time(), command=None)
+        return run.name
 
     def _start_in_process(self, run: Path) -> str:
         """ZeroGPU: the job in a thread of this process (the caller holds the queue lock)."""
@@ -460,6 +577,11 @@ class JobManager:
 
                 logging.getLogger("hanorec.jobs").exception("job scheduler")
 
+
+
+def _real_dir(path: Path) -> bool:
+    """A folder that is not a symbolic link (is_dir alone follows links)."""
+    return not path.is_symlink() and path.is_dir()
 
 
 @contextmanager

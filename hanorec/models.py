@@ -524,6 +524,32 @@ def cap_image_pixels(processor, max_pixels: int) -> bool:
     return any(a.cap_pixels(processor, max_pixels) for a in all_backbones())
 
 
+HUB_ID = re.compile(r"(?!.*(--|\.\.))(?:[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9])?/)?[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9])?")
+MAX_MODEL_NAME = 256
+
+
+def check_model_form(name: str) -> None:
+    """ModelError when a backbone text cannot be a preset, a folder or a Hugging Face id ([owner/]name, each part
+    at most 96 characters of letters, digits, '-', '_' and '.', no '--' or '..'), before any file is touched."""
+    if not isinstance(name, str) or not name.strip():
+        raise ModelError("model.name is empty; name a tiny preset, a model folder or a Hugging Face id")
+    if "\x00" in name:
+        raise ModelError("model.name contains a NUL byte, which no model id or folder name can hold")
+    if re.search(r"%[0-9A-Fa-f]{2}", name):
+        raise ModelError(f"model.name = {name[:80]!r} looks URL-encoded; type the id or folder plainly")
+    if len(name) > MAX_MODEL_NAME:
+        raise ModelError(f"model.name is {len(name)} characters long; an id or folder name has at most {MAX_MODEL_NAME}")
+    if ".." in Path(name).parts:
+        raise ModelError(f"model.name = {name!r} contains '..'; name the folder directly")
+    if name in TINY_PRESETS or name.startswith(("/", ".", "~")) or Path(name).exists():
+        return
+    if not HUB_ID.fullmatch(name):
+        raise ModelError(
+            f"model.name = {name!r} is not a tiny preset, an existing folder, or a Hugging Face id of the form "
+            "owner/name (letters, digits, '-', '_', '.'; at most 96 characters each part)"
+        )
+
+
 def set_max_pixels(bundle: ModelBundle, max_pixels: int | None) -> bool:
     """Set the pixel cap per image for the next stage (sft.max_pixels, pref.max_pixels, eval.max_pixels):
     None leaves it as it is, 0 restores the image processor's own default, N caps at N pixels. A tiny preset
@@ -546,6 +572,7 @@ def check_model_name(name: str) -> None:
     nor a model id in the local Hugging Face cache; the message lists the presets and the closest name."""
     import difflib
 
+    check_model_form(name)
     if name in TINY_PRESETS or Path(name).exists():
         return
     try:

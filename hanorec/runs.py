@@ -58,6 +58,15 @@ def stage_slug(variant: str) -> str:
     return variant.lower().replace(" ", "_").replace("/", "")
 
 
+def real_dir(path: Path) -> bool:
+    """A folder that is not a symbolic link: listings and jobs never follow links out of the runs folder."""
+    return not path.is_symlink() and path.is_dir()
+
+
+def _real_file(path: Path) -> bool:
+    return not path.is_symlink() and path.is_file()
+
+
 def stage_dir(run_dir: str | Path, stage: str = SFT_STAGE) -> Path:
     return Path(run_dir) / stage
 
@@ -70,7 +79,7 @@ def stages(run_dir: str | Path) -> list[str]:
     found = [
         p.name
         for p in run.iterdir()
-        if p.is_dir()
+        if real_dir(p)
         and p.name not in NOT_STAGES
         and not p.name.startswith(".")
         and ((p / "checkpoints").is_dir() or (p / METRICS_FILE).is_file())
@@ -109,15 +118,17 @@ def read_metrics(run_dir: str | Path, stage: str | None = None) -> list[dict]:
     rows: list[dict] = []
     for s in names:
         path = run / s / METRICS_FILE
-        if not path.is_file():
+        if not _real_file(path):
             continue
-        for line in path.read_text().splitlines():
+        for line in path.read_text(errors="replace").splitlines():
             line = line.strip()
             if not line:
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError:  # a line being written right now
+                continue
+            if not isinstance(row, dict):
                 continue
             row.setdefault("stage", s)
             row["stage_dir"] = s
@@ -130,12 +141,13 @@ def read_results(run_dir: str | Path, stage: str | None = None) -> dict | None:
     path = Path(run_dir) / (stage or "") / RESULTS_FILE
     if stage == SFT_STAGE and not path.is_file():
         path = Path(run_dir) / RESULTS_FILE
-    if not path.is_file():
+    if not _real_file(path):
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
+        out = json.loads(path.read_text())
+    except (ValueError, OSError):  # truncated, not UTF-8
         return None
+    return out if isinstance(out, dict) else None
 
 
 def write_results(run_dir: str | Path, result: dict) -> Path:
@@ -173,10 +185,14 @@ def pid_alive(pid: int | None) -> bool:
 
 def _status_json(run: Path) -> dict:
     """The run's status.json as written, or {} when it is missing or unreadable (a write cut short)."""
-    try:
-        return json.loads((run / STATUS_FILE).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    path = run / STATUS_FILE
+    if path.is_symlink():
         return {}
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError):  # missing, truncated, not UTF-8
+        return {}
+    return info if isinstance(info, dict) else {}
 
 
 def read_status(run_dir: str | Path) -> dict:
@@ -320,7 +336,7 @@ def _mtime(path: Path) -> float:
 
 
 def is_run(path: Path) -> bool:
-    return path.is_dir() and (
+    return real_dir(path) and (
         (path / STATUS_FILE).is_file() or (path / CONFIG_FILE).is_file() or bool(stages(path))
     )
 
@@ -355,12 +371,12 @@ def list_runs(root: str | Path, *, with_metrics: bool = True) -> list[RunInfo]:
         return []
     found: list[Path] = []
     for p in sorted(root.iterdir()):
-        if p.name.startswith("."):
+        if p.name.startswith(".") or not real_dir(p):  # a symbolic link is never followed
             continue
         if is_run(p):
             found.append(p)
-        elif p.is_dir():  # a comparison: <root>/<name>/<task>/seed<N>
-            found += [q for q in sorted(p.glob("*/seed*")) if is_run(q)]
+        else:  # a comparison: <root>/<name>/<task>/seed<N>
+            found += [q for q in sorted(p.glob("*/seed*")) if real_dir(q.parent) and is_run(q)]
     infos = [run_info(p, with_metrics=with_metrics) for p in found]
     for info in infos:
         info.name = str(info.path.relative_to(root))
@@ -425,6 +441,8 @@ def _sft_checkpoint_for(stage_path: Path, sft_dir: Path) -> Path:
     if src.is_file():
         info = json.loads(src.read_text())
         recorded = Path(info["checkpoint"])
+        if not recorded.is_absolute():  # a shipped run records it relative to the run folder
+            recorded = stage_path.parent / recorded
         if recorded.is_dir():
             return recorded
         # the run folder moved: find the SFT checkpoint with the same weights

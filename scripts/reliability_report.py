@@ -7,8 +7,10 @@
    report the SIGKILL points survived (each followed by a check that every complete checkpoint loads, and
    at the end by a bit-exact comparison with an uninterrupted run) and the bad inputs refused with one
    sentence; adds the cases of tests/test_cli.py's bad-input table.
-2. load: scripts/load_app.py's 20 concurrent gradio_client sessions against one app process for a
-   bounded time: requests held, errors, latency percentiles per endpoint.
+2. load: scripts/load_jobs.py's 20 concurrent gradio_client sessions against one app process for a
+   bounded time: requests held, errors, latency percentiles per endpoint; with --job-sessions N (default 10)
+   N more sessions share a demo-mode app's job queue like strangers (ownership and queue-cap checks, which
+   must all hold).
 Exit status 1 when any test fails or any request errs.
 """
 
@@ -48,7 +50,8 @@ def test_figures() -> dict:
             if c.find("skipped") is not None:
                 continue
             out["passed"] += 1
-            if name.startswith(("test_bad_input_is_one_sentence", "test_bad_image_refused")):
+            if name.startswith(("test_bad_input_is_one_sentence", "test_bad_image_refused", "test_job_manager_refuses",
+                                "test_hostile_fields", "test_backbone_ids", "test_raw_json")):
                 out["bad_inputs"] += 1
             elif name == "test_bad_inputs_end_in_one_sentence_and_exit_2":
                 out["bad_inputs"] += cli_cases
@@ -64,6 +67,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sessions", type=int, default=20)
     p.add_argument("--seconds", type=float, default=60.0)
+    p.add_argument("--job-sessions", type=int, default=10, help="sessions that launch and stop jobs (ownership, caps)")
     p.add_argument("--skip-tests", action="store_true", help="only the load phase")
     args = p.parse_args()
     print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} cores, python {platform.python_version()}; "
@@ -79,13 +83,14 @@ def main() -> int:
             print(f"  FAILED {f}")
         bad = bool(t["failed"])
     sys.path.insert(0, str(ROOT / "scripts"))
-    from load_app import report, run
+    from load_jobs import report, run
 
-    out = run(sessions=args.sessions, seconds=args.seconds, max_requests=10_000)
+    out = run(sessions=args.sessions, seconds=args.seconds, max_requests=10_000, job_sessions=args.job_sessions)
     print(f"load: {report(out)}")
     held = out["requests"] - len(out["errors"])
-    print(f"requests held under load: {held} of {out['requests']} from {out['sessions']} concurrent sessions")
-    return 1 if bad or out["errors"] or out["hung_sessions"] else 0
+    print(f"requests held under load: {held} of {out['requests']} from {out['sessions'] + out['job_sessions']} "
+          f"concurrent sessions; load average at the end {os.getloadavg()[0]:.2f}")  # fmt: skip
+    return 1 if bad or out["errors"] or out["hung_sessions"] or out["violations"] else 0
 
 
 if __name__ == "__main__":

@@ -236,12 +236,12 @@ def test_train_tab_through_gradio_client(client):
     compare it: the same calls the page makes."""
     import time
 
-    job_update, status = client.predict(
+    job_update, status, owner = client.predict(
         str(DEMO), "tiny-llava", "SFT", "hit3", "train SFT first, in this run", 0.1, 0.05, "lora", 3, "random",
-        1, 0, 2, 2, "none (metrics.jsonl only)", 0, "via-client", api_name="/train_launch",
+        1, 0, 2, 2, "none (metrics.jsonl only)", 0, "via-client", [], api_name="/train_launch",
     )  # fmt: skip
     job = job_update["value"]
-    assert job == "via-client" and "via-client" in status
+    assert job == "via-client" and "via-client" in status and len(owner) >= 16  # the new owner token
     end, text = time.time() + 300, ""
     while time.time() < end:
         text, *_ = client.predict(job, api_name="/train_poll")

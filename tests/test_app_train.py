@@ -131,9 +131,9 @@ def test_past_runs_table_compare_and_curves_of_a_finished_run(ctx):
 
 @pytest.mark.slow
 def test_launch_watch_and_compare_a_tiny_run(ctx):
-    picker, status = launch(ctx, name="tab-sft")
+    picker, status, _ = launch(ctx, name="tab-sft")
     assert picker["value"] == "tab-sft" and "tab-sft" in status
-    queued_picker, queued_status = launch(ctx, name="tab-next", max_steps=2)
+    queued_picker, queued_status, _ = launch(ctx, name="tab-next", max_steps=2)
     assert "queued, position 1" in queued_status
     out = poll_until(ctx, "tab-sft", ["finished"])
     status, bar, fig, log, jobs = out
@@ -178,7 +178,7 @@ def test_stop_then_resume_from_the_tab(ctx):
 
 
 def test_errors_are_one_sentence(ctx, tmp_path):
-    with pytest.raises(gr.Error, match="sft.lr"):
+    with pytest.raises(gr.Error, match="learning rate: -1 is below the minimum"):
         launch(ctx, lr=-1.0)
     with pytest.raises(gr.Error):
         launch(ctx, backbone=str(tmp_path.parent / "elsewhere"))  # a folder outside the allowed ones

@@ -231,3 +231,25 @@ def test_each_protocol_gets_its_own_paired_intervals_and_the_catalogue_is_the_de
     text = report.comparison_tables(merged)
     assert text.count("method minus reference") == 3
     assert "Catalogue protocol" in text and "Ranking protocol" in text and "Paper protocol" in text
+
+
+def test_a_comparison_launched_from_the_tab_belongs_to_its_browser_and_is_refused_in_demo_mode(tmp_path):
+    import types
+
+    import gradio as gr
+
+    from app.tabs import compare as tab
+
+    jm = JobManager(tmp_path, autostart=False, python="/bin/false")
+    ctx = types.SimpleNamespace(jobs=jm, runs_dir=tmp_path, demo=False, resolve_path=lambda p: os.path.abspath(p))
+    mine, other = "a" * 24, "b" * 24
+    args = ("assets/demo", "hit3", tab.TRAIN_SFT, ["DPO"], "0", 2, 2, 0.1, 1e-3, 0.05, 10, 5, "")
+    picker, status, token = tab.launch(ctx, *args, owner=mine)
+    assert token == mine and picker["value"] in tab.compare_jobs(ctx) and "comparison" in status
+    for action in ("stop", "resume"):
+        with pytest.raises(gr.Error, match="another browser"):
+            tab.control(ctx, picker["value"], action, other)
+    assert "comparison" in tab.control(ctx, picker["value"], "resume", mine)  # (/bin/false: it failed at once)
+    ctx.demo = True
+    with pytest.raises(gr.Error, match="demo mode"):
+        tab.launch(ctx, *args, owner=mine)

@@ -110,11 +110,13 @@ def test_preference_job_trains_sft_then_the_variant(manager):
     runs.load_stage(done.run_dir, "dpo")  # base and SFT adapter come from the other run
 
 
-def test_a_failing_run_reports_the_cli_sentence(manager):
-    job = manager.submit({**fast(2), "model": {"name": "no-such-org/no-such-model"}}, name="bad")
+def test_a_failing_run_reports_the_cli_sentence(manager, tmp_path):
+    empty = tmp_path / "empty-model"  # a folder: accepted when queued, refused by the run (no config.json)
+    empty.mkdir()
+    job = manager.submit({**fast(2), "model": {"name": str(empty)}}, name="bad")
     done = manager.wait(job, timeout=120)
     assert done.state == "failed"
-    assert "no-such-org/no-such-model" in done.message and "\n" not in done.message
+    assert "empty-model" in done.message and "config.json" in done.message and "\n" not in done.message
 
 
 # ------------------------------------------------------------------------------------------------

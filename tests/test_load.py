@@ -51,3 +51,16 @@ def test_a_user_view_does_not_wait_behind_noise_draws(tmp_path):
             t.join(300)
     assert len(done) == 3, done
     assert done["view"] < min(v for k, v in done.items() if k.startswith("draw")), done
+
+
+def test_strangers_cannot_stop_each_others_jobs_and_the_caps_hold_under_load(tmp_path):
+    """6 sessions launch, are refused a second job, are refused stopping another's job and stop their own,
+    while 2 sessions browse and score, for a bounded time (scripts/load_jobs.py --job-sessions)."""
+    from load_jobs import JOB_CAP, report, run
+
+    out = run(sessions=2, seconds=20, max_requests=20, runs_dir=str(tmp_path), job_sessions=6)
+    print(report(out))
+    assert out["hung_sessions"] == 0 and not out["errors"], out["errors"][:5]
+    assert not out["violations"], out["violations"][:5]
+    assert out["checks"] >= 12 and 1 <= out["max_queued"] <= JOB_CAP and out["ownership_refusals"] >= 1
+    assert {"train_launch", "train_stop", "data_user", "noise_draw"} <= set(out["latency"])

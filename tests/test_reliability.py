@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -132,6 +133,38 @@ def beta0_zero(tmp):
     return ["run", "--pref.beta=0"], ["pref.beta", "0"]
 
 
+def beta0_nan(tmp):
+    return ["run", "--pref.beta=nan"], ["pref.beta = nan", "not a finite number"]
+
+
+def sigma_infinite(tmp):
+    return ["run", "--pref.noise_sigma=inf"], ["pref.noise_sigma = inf", "not a finite number"]
+
+
+def lr_overflows_to_infinity(tmp):
+    return ["run", "--sft.lr=1e400"], ["sft.lr = inf", "not a finite number"]
+
+
+def epochs_huge(tmp):
+    return ["run", "--sft.epochs=1e9"], ["sft.epochs", "out of range"]
+
+
+def seed_negative(tmp):
+    return ["run", "--seed=-1"], ["seed = -1", "[0, 4294967295]"]
+
+
+def seed_two_to_the_64(tmp):
+    return ["run", f"--seed={2**64}"], ["seed = 18446744073709551616", "out of range"]
+
+
+def hardness_k_a_million(tmp):
+    return ["run", "--pref.hardness_k=1000000"], ["pref.hardness_k = 1000000", "out of range"]
+
+
+def max_steps_nan(tmp):
+    return ["run", "--sft.max_steps=nan"], ["sft.max_steps = 'nan'", "not a valid int"]
+
+
 def trust_remote_code_model(tmp):
     return ["run", f"--data.path={DEMO}", f"--model.name={remote_code_model(tmp)}"], ["its own Python code",
                                                                                       "trust_remote_code"]  # fmt: skip
@@ -140,7 +173,8 @@ def trust_remote_code_model(tmp):
 BAD_INPUTS = [
     non_image, truncated_images, decompression_bomb, huge_image, id_missing_from_titles,
     empty_history, hardness_k_above_items, k_negatives_above_candidates, config_unknown_keys,
-    config_unknown_section, negative_sigma, beta0_zero, trust_remote_code_model,
+    config_unknown_section, negative_sigma, beta0_zero, trust_remote_code_model, beta0_nan, sigma_infinite,
+    lr_overflows_to_infinity, epochs_huge, seed_negative, seed_two_to_the_64, hardness_k_a_million, max_steps_nan,
 ]  # fmt: skip
 
 
@@ -326,3 +360,415 @@ def test_sigkill_at_six_moments_including_checkpoint_writes(tmp_path, record_pro
     a = read_adapter_weights(latest_checkpoint(ref / "sft") / "adapter")
     b = read_adapter_weights(latest_checkpoint(out / "sft") / "adapter")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------------------------------------
+# A public demo (issue 19): hostile numbers, damaged and linked run folders, name races, backbone ids,
+# ownership and caps, through the job manager and through gradio_client against a running app
+# ------------------------------------------------------------------------------------------------
+def quick(steps: int = 2) -> dict:
+    return {"data": {"path": str(DEMO), "max_users": 20}, "model": {"name": "tiny-llava"},
+            "sft": {"max_steps": steps, "progress_bar": False}}  # fmt: skip
+
+
+def idle_manager(runs_dir: Path, **kw):
+    """A JobManager whose queue never starts anything (the tests look at the queue and the folders alone)."""
+    from hanorec.jobs import JobManager
+
+    m = JobManager(runs_dir, autostart=False, **kw)
+    m.started = []
+    m._start = lambda run, job: m.started.append(run.name) or run.name
+    return m
+
+
+def run_folders(runs_dir: Path) -> list[str]:
+    return sorted(p.name for p in runs_dir.iterdir() if not p.name.startswith("."))
+
+
+@pytest.mark.parametrize(
+    "over, words",
+    [
+        ({"pref": {"beta": float("nan")}}, "pref.beta = nan is not a finite number"),
+        ({"pref": {"noise_sigma": float("inf")}}, "pref.noise_sigma = inf is not a finite number"),
+        ({"sft": {"lr": "1e400"}}, "sft.lr = inf is not a finite number"),
+        ({"sft": {"epochs": 1e12}}, "sft.epochs = 1000000000000.0 is out of range"),
+        ({"seed": -1}, "seed = -1 must be in [0, 4294967295]"),
+        ({"seed": 2**64}, "seed = 18446744073709551616 is out of range"),
+        ({"pref": {"hardness_k": 10**6}}, "pref.hardness_k = 1000000 is out of range"),
+    ],
+)
+def test_job_manager_refuses_bad_numbers_before_queueing(tmp_path, over, words):
+    from hanorec.config import ConfigError
+    from hanorec.jobs import _merge
+
+    m = idle_manager(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        m.submit(_merge(quick(), over), stage="HaNo-DPO", name="bad")
+    assert words in str(info.value) and "\n" not in str(info.value)
+    assert run_folders(tmp_path) == [] and m.started == []
+
+
+def test_a_damaged_run_folder_is_listed_as_unreadable_and_the_rest_work(tmp_path):
+    from hanorec import runs
+    from hanorec.jobs import JOB_FILE, UNREADABLE
+
+    m = idle_manager(tmp_path)
+    m.tick = lambda: None  # queue two jobs, then damage the first
+    for name in ("broken", "fine"):
+        m.submit(quick(), name=name)
+    (tmp_path / "broken" / JOB_FILE).write_text('{"stage": "SFT", "comm')  # truncated mid-write
+    (tmp_path / "garbage").mkdir()  # a run folder whose status.json is not even text
+    (tmp_path / "garbage" / runs.STATUS_FILE).write_bytes(b"\xff\xfe\x00binary")
+    listed = {j.job_id: j for j in m.jobs()}
+    assert listed["broken"].state == UNREADABLE
+    assert "job.json is unreadable" in listed["broken"].message and "\n" not in listed["broken"].message
+    assert listed["fine"].state == "queued" and listed["fine"].position == 2
+    assert {i.name for i in runs.list_runs(tmp_path)} >= {"broken", "fine", "garbage"}
+    del m.tick  # the scheduler: the damaged job leaves the queue with its sentence, the next one starts
+    assert m.tick() == "fine" and m.started == ["fine"]
+    assert runs.read_status(tmp_path / "broken")["status"] == "failed"
+    assert "job.json is unreadable" in runs.read_status(tmp_path / "broken")["message"]
+    m.submit(quick(), name="after")  # launching still works beside the damaged folder
+    assert "after" in m.queue()
+
+
+def test_a_failed_write_never_leaves_half_a_job(tmp_path, monkeypatch):
+    from hanorec import jobs, runs
+
+    m = idle_manager(tmp_path)
+    real = runs._write_json
+
+    def failing(path, value):
+        if path.name == jobs.JOB_FILE:
+            raise OSError(28, "No space left on device")
+        return real(path, value)
+
+    monkeypatch.setattr(runs, "_write_json", failing)
+    with pytest.raises(OSError):
+        m.submit(quick(), name="half")
+    assert run_folders(tmp_path) == [] and m.queue() == []
+
+
+def test_symlinks_in_the_runs_folder_are_never_followed(tmp_path):
+    from hanorec import runs
+    from hanorec.jobs import JobError
+
+    runs_dir, outside = tmp_path / "runs", tmp_path / "outside"
+    runs_dir.mkdir()
+    planted = idle_manager(outside)
+    planted.tick = lambda: None
+    planted.submit(quick(), name="planted")  # a queued job, outside the runs folder
+    (outside / "planted" / "sft").mkdir()
+    (outside / "planted" / "sft" / runs.METRICS_FILE).write_text('{"step": 1, "loss": 0.5}\n')
+    (runs_dir / "link").symlink_to(outside / "planted", target_is_directory=True)
+    (runs_dir / "linked-parent").symlink_to(outside, target_is_directory=True)  # a "comparison" folder link
+    m = idle_manager(runs_dir)
+    assert m.queue() == [] and m.jobs() == [] and m.tick() is None and m.started == []
+    with pytest.raises(JobError, match="symbolic link"):
+        m.status("link")
+    with pytest.raises(JobError, match="symbolic link"):
+        m.stop("link")
+    assert runs.list_runs(runs_dir) == []  # neither the run nor its metrics are shown
+    assert runs.read_status(outside / "planted")["status"] == "queued"  # nothing was written there
+
+
+def test_two_launches_with_one_name_at_once_give_the_usual_sentence(tmp_path, monkeypatch):
+    """Both launches pass the early name check (forced: it is patched to see no folder), then race for the
+    folder under the queue lock: the loser gets 'already exists', never a bare error."""
+    import threading
+
+    from hanorec import jobs
+
+    m = idle_manager(tmp_path)
+    m.tick = lambda: None
+    monkeypatch.setattr(jobs.os.path, "lexists", lambda p: False)
+    barrier, results = threading.Barrier(2), []
+
+    def go():
+        barrier.wait()
+        try:
+            results.append(m.submit(quick(), name="same"))
+        except Exception as e:  # noqa: BLE001 - what the loser gets is the point
+            results.append(e)
+
+    threads = [threading.Thread(target=go) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    errors = [r for r in results if isinstance(r, Exception)]
+    assert results.count("same") == 1 and len(errors) == 1, results
+    assert isinstance(errors[0], jobs.JobError) and "a run named 'same' already exists" in str(errors[0])
+    assert m.queue() == ["same"]
+
+
+@pytest.mark.parametrize(
+    "name, words",
+    [
+        ("org/mo\x00del", "NUL byte"),
+        ("%2e%2e/%2e%2e/etc", "looks URL-encoded"),
+        ("o/" + "m" * 298, "300 characters long"),
+        ("org/" + "m" * 97, "owner/name"),
+        ("a/b/c", "owner/name"),
+        ("org--x/name", "owner/name"),
+        ("no-such-org/no-such-model", "not in the local Hugging Face cache"),
+    ],
+)
+def test_backbone_ids_are_checked_before_queueing(tmp_path, name, words):
+    from hanorec.jobs import _merge
+    from hanorec.models import ModelError
+
+    m = idle_manager(tmp_path)
+    with pytest.raises(ModelError) as info:
+        m.submit(_merge(quick(), {"model": {"name": name}}), name="bb")
+    assert words in str(info.value) and "\n" not in str(info.value)
+    assert run_folders(tmp_path) == []
+
+
+def test_ownership_and_queue_caps_in_the_job_manager(tmp_path):
+    from hanorec.jobs import JOB_FILE, JobError
+
+    m = idle_manager(tmp_path, max_queued=3, max_per_owner=2)
+    m.tick = lambda: None
+    alice, bob = "a" * 24, "b" * 24
+    m.submit(quick(), name="a1", owner=alice)
+    m.submit(quick(), name="a2", owner=alice)
+    with pytest.raises(JobError, match="this browser already has 2 jobs waiting or running"):
+        m.submit(quick(), name="a3", owner=alice)
+    m.submit(quick(), name="b1", owner=bob)
+    with pytest.raises(JobError, match=r"the queue is full \(3 jobs waiting, at most 3\)"):
+        m.submit(quick(), name="b2", owner=bob)
+    assert alice not in (tmp_path / "a1" / JOB_FILE).read_text()  # only a hash of the token is kept
+    with pytest.raises(JobError, match="launched from another browser; only that browser can stop it"):
+        m.stop("a1", owner=bob)
+    assert m.status("a1").state == "queued"
+    assert m.stop("a1", owner=alice).state == "stopped"
+    with pytest.raises(JobError, match="only that browser can resume it"):
+        m.resume("a1", owner=bob)
+    assert m.stop("b1").state == "stopped"  # a local caller (no token: the CLI, a notebook) may
+    assert run_folders(tmp_path) == ["a1", "a2", "b1"]
+
+
+# ---- the same through the app, over HTTP --------------------------------------------------------
+def serve(demo, options: dict) -> str:
+    """The app on a free loopback port (scripts/load_jobs.serve: retried when a loaded machine makes Gradio's
+    start-up check time out)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from load_jobs import serve as serve_
+
+    return serve_(demo, options)
+
+
+@pytest.fixture(scope="module")
+def demo_app(tmp_path_factory):
+    """The app in demo mode on a free port, with a job queue that never starts training (requests only)."""
+    from app.main import build_app, launch_options, make_context
+
+    runs_dir = tmp_path_factory.mktemp("app-runs")
+    ctx = make_context([str(DEMO)], str(runs_dir), "cpu", demo=True)
+    ctx.jobs.close()
+    ctx.jobs = idle_manager(runs_dir, max_queued=4, max_per_owner=1)
+    ctx.jobs.tick = lambda: None
+    demo = build_app(ctx)
+    url = serve(demo, launch_options(ctx))
+    try:
+        yield ctx, url, demo
+    finally:
+        demo.close()
+
+
+LAUNCH = dict(dataset=str(DEMO), backbone="tiny-llava", stage="SFT", task="hit3", sft_from="train SFT first, in this run",
+              beta0=0.1, sigma=0.05, noise_target="lora", k_negatives=3, sampling="random", epochs=1, lr=0,
+              max_steps=10, eval_examples=20, log_with="none (metrics.jsonl only)", seed=0, name="")  # fmt: skip
+
+
+def _launch_values(owner="", **changes) -> list:
+    """The Train tab's launch inputs in order: the form (FORM_FIELDS), each method's options, the owner token."""
+    from app.tabs.train import FORM_FIELDS
+    from hanorec import methods
+
+    values = {**LAUNCH, "addons": [], **changes}
+    options = [k.default for m in methods.all_methods() for k in methods.option_knobs(m)]
+    return [values[f] for f in FORM_FIELDS] + options + [owner]
+
+
+def _launch(client, owner="", **changes):
+    return client.predict(*_launch_values(owner, **changes), api_name="/train_launch")
+
+
+@pytest.mark.parametrize(
+    "field, value, words",
+    [
+        ("seed", "NaN", "Seed: nan is not a finite number"),
+        ("seed", "-Infinity", "Seed: -inf is not a finite number"),
+        ("seed", "12abc", "Seed: '12abc' is not a number"),
+        ("seed", 1.5, "Seed: 1.5 is not a whole number"),
+        ("max_steps", [1, 2], "max steps (empty: epochs): a number is needed, not list"),
+        ("max_steps", 10_000, "max steps (empty: epochs): 10000 is above the maximum, 60"),  # demo mode's cap
+        ("eval_examples", 5_000, "evaluation prompts (empty: all): 5000 is above the maximum, 100"),
+        ("beta0", "NaN", "beta (HaNo-DPO: beta0): nan is not a finite number"),
+        ("sigma", {"a": 1}, "noise sigma (NoDO): a number is needed, not dict"),
+        ("epochs", -1, "epochs: -1 is below the minimum, 0.01"),
+        ("backbone", "org/" + "m" * 300, "characters long"),
+        ("backbone", "no-such-org/model-x", "not in the local Hugging Face cache"),
+    ],
+)
+def test_hostile_fields_get_one_sentence_through_the_api(demo_app, field, value, words):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    ctx, url, _ = demo_app
+    before = run_folders(ctx.runs_dir)
+    with pytest.raises(AppError) as info:
+        _launch(Client(url, verbose=False), **{field: value})
+    message = str(info.value)
+    assert words in message and "\n" not in message.strip(), message
+    assert run_folders(ctx.runs_dir) == before  # nothing queued
+
+
+def test_raw_json_nan_and_infinity_get_one_sentence(demo_app):
+    """JSON clients can send the bare tokens NaN and Infinity (Python's json reads them): the same sentence."""
+    import json as json_
+
+    import httpx
+
+    _, url, _ = demo_app
+    for token, words in (("NaN", "Seed: nan is not a finite number"), ("Infinity", "Seed: inf is not a finite number")):
+        body = json_.dumps({"data": _launch_values(seed="seed-here")}).replace('"seed-here"', token)
+        assert token in body
+        event = httpx.post(f"{url}gradio_api/call/train_launch", content=body,
+                           headers={"Content-Type": "application/json"}, timeout=60).json()["event_id"]
+        stream = httpx.get(f"{url}gradio_api/call/train_launch/{event}", timeout=60).text
+        assert "event: error" in stream and words in stream, stream[:500]
+
+
+def test_noise_draws_and_sliders_refuse_nonsense_through_the_api(demo_app):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    _, url, _ = demo_app
+    client = Client(url, verbose=False)
+    user = client.predict(str(DEMO), "hit3", api_name="/data_open")[0]["value"]
+    for draws, words in ((500, "draws: 500 is above the maximum, 50"), ("nan", "draws: nan is not a finite")):
+        with pytest.raises(AppError, match=words):
+            client.predict(str(DEMO), "hit3", user, "base", "lora", 0.02, draws, 0, api_name="/noise_draw")
+    with pytest.raises(AppError, match=re.escape("K neighbours (paper: 10): 'many' is not a number")):
+        client.predict(str(DEMO), "hit3", "base", "many", 1.0, "random", 0, api_name="/hardness_compute")
+
+
+def test_two_browsers_cannot_stop_each_others_jobs_and_caps_hold(demo_app):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    ctx, url, _ = demo_app
+    a, b = Client(url, verbose=False), Client(url, verbose=False)
+    picker, status, token_a = _launch(a, name="own-a")
+    assert picker["value"] == "own-a" and len(token_a) >= 16
+    with pytest.raises(AppError, match="this browser already has 1 jobs waiting or running"):
+        _launch(a, owner=token_a, name="own-a2")  # demo mode: one job per browser
+    _, _, token_b = _launch(b, name="own-b")
+    assert token_b != token_a
+    for _who, owner in (("b", token_b), ("a stranger with no token", ""), ("a forged token", "x" * 24)):
+        with pytest.raises(AppError, match="launched from another browser"):
+            b.predict("own-a", owner, api_name="/train_stop")
+    assert ctx.jobs.status("own-a").state == "queued"
+    assert "stopped" in a.predict("own-a", token_a, api_name="/train_stop")
+    assert "queued" in a.predict("own-a", token_a, api_name="/train_resume")
+    for i in range(2):  # fill the total cap (4 in this app) from fresh browsers
+        _launch(Client(url, verbose=False), name=f"other-{i}")
+    with pytest.raises(AppError, match="the queue is full"):
+        _launch(Client(url, verbose=False), name="one-too-many")
+    assert "one-too-many" not in ctx.jobs.queue()
+
+
+def test_the_app_uses_its_own_temp_folder_a_small_upload_limit_and_a_bounded_queue(demo_app):
+    import tempfile
+
+    import httpx
+
+    from app.main import MAX_FILE_SIZE, QUEUE_SIZE
+
+    ctx, url, demo = demo_app
+    own = os.environ["GRADIO_TEMP_DIR"]
+    assert Path(own).name.startswith("hanorec-gradio-") and Path(own).parent == Path(tempfile.gettempdir())
+    assert oct(Path(own).stat().st_mode & 0o777) == "0o700"
+    assert MAX_FILE_SIZE == "2mb" and demo.max_file_size == 2 * 1024**2
+    big = httpx.post(f"{url}gradio_api/upload", files={"files": ("big.bin", b"0" * (3 * 1024**2))}, timeout=60)
+    assert big.status_code == 413, big.text[:200]
+    small = httpx.post(f"{url}gradio_api/upload", files={"files": ("small.txt", b"hello")}, timeout=60)
+    assert small.status_code == 200 and small.json()[0].startswith(own)
+    assert demo._queue.max_size == QUEUE_SIZE
+
+
+def test_optional_login_from_the_environment(monkeypatch):
+    from gradio_client import Client
+
+    from app.main import auth_from_env, build_app, launch_options, make_context
+
+    monkeypatch.setenv("HANOREC_AUTH", "visitor:s3cret")
+    assert auth_from_env() == [("visitor", "s3cret")]
+    monkeypatch.setenv("HANOREC_AUTH", "nocolon")
+    with pytest.raises(ValueError, match="user:password pairs"):
+        auth_from_env()
+    monkeypatch.setenv("HANOREC_AUTH", "visitor:s3cret")
+    ctx = make_context([str(DEMO)], str(Path(tempfile_dir()) / "runs"), "cpu")
+    ctx.jobs.close()
+    demo = build_app(ctx)
+    url = serve(demo, launch_options(ctx))
+    try:
+        with pytest.raises(Exception):  # noqa: B017 - gradio_client's error for a login page varies by version
+            Client(url, verbose=False)
+        ok = Client(url, auth=("visitor", "s3cret"), verbose=False)
+        assert ok.predict(str(DEMO), "hit3", api_name="/data_open")[0]["value"]
+    finally:
+        demo.close()
+
+
+def tempfile_dir() -> str:
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="hanorec-login-")
+
+
+def test_demo_mode_switches():
+    from app.main import demo_mode
+
+    env = {k: os.environ.pop(k, None) for k in ("HANOREC_DEMO", "SPACE_ID")}
+    try:
+        assert demo_mode() is False and demo_mode(True) is True
+        os.environ["SPACE_ID"] = "someone/hanorec-studio"
+        assert demo_mode() is True
+        os.environ["HANOREC_DEMO"] = "0"
+        assert demo_mode() is False and demo_mode(True) is True
+    finally:
+        for k, v in env.items():
+            os.environ.pop(k, None)
+            if v is not None:
+                os.environ[k] = v
+
+
+def test_damaged_and_linked_run_folders_through_the_app(demo_app, tmp_path):
+    from gradio_client import Client
+
+    from hanorec.jobs import JOB_FILE
+
+    ctx, url, _ = demo_app
+    for job in ctx.jobs.queue():  # room in the queue (the caps test filled it)
+        ctx.jobs.stop(job)
+    client = Client(url, verbose=False)
+    _, _, token = _launch(client, name="to-damage")
+    (ctx.runs_dir / "to-damage" / JOB_FILE).write_text("{")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (ctx.runs_dir / "link-out").symlink_to(outside, target_is_directory=True)
+    table, *_ = client.predict(api_name="/train_runs")
+    status, bar, curves, log, jobs = client.predict("to-damage", api_name="/train_poll")
+    assert "job.json is unreadable" in status
+    rows = {r[0]: r for r in jobs["data"]}
+    assert rows["to-damage"][2] == "unreadable" and "link-out" not in rows
+    with pytest.raises(Exception, match="job.json is unreadable"):
+        client.predict("to-damage", token, api_name="/train_stop")
+    # the page still lists, launches and stops the other jobs
+    fresh = Client(url, verbose=False)
+    _, _, other = _launch(fresh, name="after-damage")
+    assert "stopped" in fresh.predict("after-damage", other, api_name="/train_stop")

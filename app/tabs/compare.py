@@ -15,7 +15,7 @@ import gradio as gr
 import pandas as pd
 import plotly.graph_objects as go
 
-from app.common import TASKS, user_errors
+from app.common import TASKS, owner_state, owner_token, user_errors
 from hanorec import report, runs
 from hanorec.jobs import COMPARE, comparison_request
 
@@ -70,8 +70,14 @@ def knob_note(chosen) -> str:
 
 
 def launch(ctx, dataset, task, sft_from, methods, seeds, sft_steps, pref_steps, beta, lr, sigma, catalogue_items,
-           eval_examples, extra):  # fmt: skip
-    """Queue the comparison (it starts at once when nothing else runs); returns the job picker and its status."""
+           eval_examples, extra, owner=None):  # fmt: skip
+    """Queue the comparison (it starts at once when nothing else runs); returns the job picker, its status and
+    the browser's owner token (only that browser may stop or resume it; owner=None: a local Python caller).
+    Refused in demo mode: a comparison trains several models per seed, beyond the demo's per-run caps."""
+    if getattr(ctx, "demo", False):
+        raise gr.Error("Comparisons are not launched in demo mode (each trains several models): open a finished "
+                       "one under Results.")  # fmt: skip
+    token = None if owner is None else owner_token(owner)
     sft_run = None
     if sft_from and sft_from != TRAIN_SFT:
         sft_run = str(ctx.resolve_path(str(Path(ctx.runs_dir) / sft_from)))
@@ -83,9 +89,9 @@ def launch(ctx, dataset, task, sft_from, methods, seeds, sft_steps, pref_steps, 
             sigma=_num(sigma), catalogue_items=_num(catalogue_items), eval_examples=_num(eval_examples),
             extra=extra or None,
         )  # fmt: skip
-        job = ctx.jobs.submit(over, stage=COMPARE, config=base, args=args)
+        job = ctx.jobs.submit(over, stage=COMPARE, config=base, args=args, owner=token)
         st = ctx.jobs.status(job)
-    return gr.update(choices=compare_jobs(ctx), value=job), status_text(st)
+    return gr.update(choices=compare_jobs(ctx), value=job), status_text(st), token
 
 
 def status_text(st) -> str:
@@ -121,12 +127,13 @@ def poll(ctx, job_id):
     return status_text(st), progress_html(st)
 
 
-def control(ctx, job_id, action: str):
-    """Stop (SIGTERM: a checkpoint after the current step) or resume (queued again) the chosen comparison."""
+def control(ctx, job_id, action: str, owner=None):
+    """Stop (SIGTERM: a checkpoint after the current step) or resume (queued again) the chosen comparison;
+    only the browser that launched it may (its owner token; owner=None: a local Python caller)."""
     if not job_id:
         raise gr.Error(f"Pick a comparison to {action}.")
     with user_errors():
-        return status_text(getattr(ctx.jobs, action)(job_id))
+        return status_text(getattr(ctx.jobs, action)(job_id, owner=None if owner is None else owner_token(owner)))
 
 
 # ---- results -------------------------------------------------------------------------------------
@@ -303,10 +310,11 @@ def build(ctx) -> None:
     timer = gr.Timer(1.0)
     form = [dataset, task, sft_from, methods, seeds, sft_steps, pref_steps, beta, lr, sigma, catalogue_items,
             eval_examples, extra]  # fmt: skip
-    launch_btn.click(partial(launch, ctx), form, [job, status], api_name="compare_launch")
+    owner = owner_state(ctx)
+    launch_btn.click(partial(launch, ctx), [*form, owner], [job, status, owner], api_name="compare_launch")
     timer.tick(partial(poll, ctx), [job], [status, bar], api_visibility="private", show_progress="hidden")
-    stop_btn.click(lambda j: control(ctx, j, "stop"), [job], status, api_name="compare_stop")
-    resume_btn.click(lambda j: control(ctx, j, "resume"), [job], status, api_name="compare_resume")
+    stop_btn.click(lambda j, o: control(ctx, j, "stop", o), [job, owner], status, api_name="compare_stop")
+    resume_btn.click(lambda j, o: control(ctx, j, "resume", o), [job, owner], status, api_name="compare_resume")
     dataset.change(partial(scenario_note, ctx), [dataset], scenario, api_visibility="private")
     methods.change(knob_note, [methods], knobs, api_visibility="private")
 

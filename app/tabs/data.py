@@ -213,7 +213,7 @@ def build(ctx) -> None:
             fig_pop = gr.Plot(label="Item popularity")
     with gr.Row():
         user = gr.Dropdown([], label="User (test prompt)", scale=2, allow_custom_value=True)
-        model = gr.Dropdown(ctx.model_choices(), value="base", label="Score candidates with", scale=3)
+        model = gr.Dropdown(ctx.model_choices(), value=ctx.default_model(), label="Score candidates with", scale=3)
         refresh = gr.Button("Refresh model list", scale=1)
     gr.Markdown(
         "**History** in time order (click an image to enlarge): ◆ = shown in the prompt, ★ = a true next item "

@@ -15,7 +15,17 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from app.common import HEAVY, LIGHT, download_buttons, example_pickers, item_image, user_errors
+from app.common import (
+    HEAVY,
+    LIGHT,
+    download_buttons,
+    example_pickers,
+    item_image,
+    number,
+    number_field,
+    slider_field,
+    user_errors,
+)
 from hanorec import methods
 
 SAMPLING = ("random", "embedding")
@@ -51,7 +61,7 @@ def _setup(ctx, dataset, task, model):
 
 def _k(index, k) -> int:
     """K as asked, at most the number of other items."""
-    return max(1, min(int(k), len(index.ids) - 1))
+    return max(1, min(number(k, "K neighbours", integer=True, minimum=1, maximum=10_000), len(index.ids) - 1))
 
 
 def _pairs(ctx, dataset, task, model, k, temperature, sampling, seed):
@@ -59,6 +69,8 @@ def _pairs(ctx, dataset, task, model, k, temperature, sampling, seed):
     from hanorec.explore import training_pairs
     from hanorec.hardness import pairs_table
 
+    temperature = number(temperature, "profile temperature", minimum=1e-3, maximum=100)
+    seed = number(seed, "sampling seed", integer=True, minimum=0, maximum=2**32 - 1)
     cfg, data, index = _setup(ctx, dataset, task, model)
     with user_errors("building the preference pairs"):
         pairs = training_pairs(cfg, data, index.ids, index.embeddings, sampling=sampling, seed=int(seed))
@@ -141,6 +153,7 @@ def spread_grid(ctx, dataset, task, model, sampling, seed):
     from hanorec.explore import spread, training_pairs
     from hanorec.hardness import pairs_table
 
+    seed = number(seed, "sampling seed", integer=True, minimum=0, maximum=2**32 - 1)
     cfg, data, index = _setup(ctx, dataset, task, model)
     rows = []
     with user_errors("computing the spread grid"):
@@ -189,7 +202,7 @@ def pair_prompt(ctx, dataset, task, model, pair_index):
 
     cfg, data, index = _setup(ctx, dataset, task, model)
     pairs = training_pairs(cfg, data, index.ids, index.embeddings)
-    n = int(pair_index or 0)
+    n = number(pair_index, "pair #", integer=True, optional=True) or 0
     if not 0 <= n < len(pairs):
         raise gr.Error(f"Pair {n} does not exist; there are {len(pairs)} pairs (0 to {len(pairs) - 1}).")
     pair = pairs[n]
@@ -265,10 +278,10 @@ def build(ctx) -> None:
     )
     dataset, task, _, model = example_pickers(ctx, "hardness", with_user=False)
     with gr.Row():
-        k = gr.Slider(2, 50, value=10, step=1, label="K neighbours (paper: 10)")
-        temperature = gr.Slider(0.01, 2.0, value=1.0, step=0.01, label="profile temperature (1 = paper; other values are beyond it)")
+        k = slider_field(2, 50, value=10, step=1, label="K neighbours (paper: 10)")
+        temperature = slider_field(0.01, 2.0, value=1.0, step=0.01, label="profile temperature (1 = paper; other values are beyond it)")
         sampling = gr.Radio(list(SAMPLING), value="random", label="negative sampling")
-        seed = gr.Number(0, label="sampling seed", precision=0)
+        seed = number_field(0, label="sampling seed", precision=0, minimum=0)
     go_btn = gr.Button("Compute lambda for the training pairs", variant="primary", elem_id="hardness-run")
     summary = gr.Markdown(elem_id="hardness-summary")
     with gr.Row():
@@ -295,7 +308,7 @@ def build(ctx) -> None:
         margins = gr.Plot(label="Reward margin vs lambda", scale=2)
     download_buttons(per_pair_statistics=stats)
     with gr.Row():
-        pair_n = gr.Number(0, label="pair #", precision=0, scale=1)
+        pair_n = number_field(0, label="pair #", precision=0, scale=1, minimum=0)
         pair_btn = gr.Button("Show this pair's prompt", scale=1, elem_id="hardness-pair-prompt")
     with gr.Row():
         with gr.Column(scale=3):

@@ -10,7 +10,17 @@ import gradio as gr
 import pandas as pd
 import plotly.graph_objects as go
 
-from app.common import HEAVY, NOISE, download_buttons, example_for, example_pickers, user_errors
+from app.common import (
+    HEAVY,
+    NOISE,
+    download_buttons,
+    example_for,
+    example_pickers,
+    number,
+    number_field,
+    slider_field,
+    user_errors,
+)
 
 TARGETS = ("lora", "logits")
 
@@ -19,6 +29,7 @@ def draw_noise(ctx, dataset, task, user, model, target, sigma, draws, seed):
     """Score the candidates clean and under `draws` noise draws; summary, per-candidate table, chart."""
     from hanorec.explore import example_noise
 
+    sigma, draws, seed = _numbers(ctx, sigma, draws, seed)
     data, example = example_for(ctx, dataset, task, user)
     bundle, _ = ctx.model(model, dataset, task)
     with user_errors("scoring under noise"):
@@ -46,6 +57,7 @@ def sweep(ctx, dataset, task, user, model, target, draws, seed, sigma, progress=
     """KL and top-1 / top-3 change rates as sigma grows (fewer draws per sigma)."""
     from hanorec.explore import noise_sweep
 
+    sigma, draws, seed = _numbers(ctx, sigma, draws, seed)
     data, example = example_for(ctx, dataset, task, user)
     bundle, _ = ctx.model(model, dataset, task)
     progress(0, desc="sweeping sigma")
@@ -62,6 +74,16 @@ def sweep(ctx, dataset, task, user, model, target, draws, seed, sigma, progress=
         )
         a_rms = _lora_scale(bundle, ctx.results).a_rms if target == "lora" else None
     return sweep_figure(pd.DataFrame(rows), sigma, a_rms, target), pd.DataFrame(rows).round(5)
+
+
+def _numbers(ctx, sigma, draws, seed):
+    """sigma, draws and seed through app.common.number; demo mode caps the draws."""
+    cap = ctx.limit("draws", MAX_DRAWS) if hasattr(ctx, "limit") else MAX_DRAWS
+    return (number(sigma, "sigma", minimum=0, maximum=100), number(draws, "draws", integer=True, minimum=1, maximum=cap),
+            number(seed, "seed", integer=True, minimum=0, maximum=2**32 - 1))  # fmt: skip
+
+
+MAX_DRAWS = 300
 
 
 def lora_scale_text(bundle, target: str, sigma: float, cache=None) -> str:
@@ -140,9 +162,10 @@ def build(ctx) -> None:
     dataset, task, user, model = example_pickers(ctx, "noise")
     with gr.Row():
         target = gr.Radio(list(TARGETS), value="lora", label="Noise target", scale=1)
-        sigma = gr.Slider(0.0, 1.0, value=0.02, step=0.001, label="sigma (LoRA: try 0.005-0.1; logits: 0.1-1)", scale=2, elem_id="noise-sigma")
-        draws = gr.Slider(1, 300, value=100, step=1, label="draws", scale=2)
-        seed = gr.Number(0, label="seed", precision=0, scale=1)
+        sigma = slider_field(0.0, 1.0, value=0.02, step=0.001, label="sigma (LoRA: try 0.005-0.1; logits: 0.1-1)", scale=2, elem_id="noise-sigma")
+        cap = ctx.limit("draws", MAX_DRAWS) if hasattr(ctx, "limit") else MAX_DRAWS
+        draws = slider_field(1, cap, value=min(100, cap), step=1, label="draws", scale=2)
+        seed = number_field(0, label="seed", precision=0, scale=1, minimum=0)
     with gr.Row():
         run = gr.Button("Draw noise", variant="primary", elem_id="noise-run")
         run_sweep = gr.Button("Sweep sigma (KL vs sigma)", elem_id="noise-sweep")

@@ -16,11 +16,11 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from app.common import USER_ERRORS, download_buttons
+from app.common import USER_ERRORS, download_buttons, number, number_field, owner_state, owner_token
 from hanorec import logkeys as K
 from hanorec import methods, runs
 from hanorec.backbones import tiny_presets
-from hanorec.jobs import available_trackers, stages
+from hanorec.jobs import JobError, available_trackers, stages
 
 PRESETS = tiny_presets()  # one per family, the paper's first
 TASKS = ("hit3", "hit1", "next1")
@@ -143,15 +143,47 @@ def backbone_name(ctx, text: str) -> str:
     return text if looks_like_id else str(ctx.resolve_path(text))
 
 
+def checked_numbers(ctx, f: dict) -> dict:
+    """The form's numbers through app.common.number (one sentence per bad field), with demo mode's caps."""
+    steps_cap, eval_cap = ctx_limit(ctx, "max_steps"), ctx_limit(ctx, "eval_examples")
+    rules = dict(
+        beta0=dict(label="beta0", minimum=1e-6, maximum=1000),
+        sigma=dict(label="noise sigma", minimum=0, maximum=100),
+        k_negatives=dict(label="K negatives", integer=True, minimum=1, maximum=1000, optional=True),
+        epochs=dict(label="epochs", minimum=0.01, maximum=ctx_limit(ctx, "epochs", 10_000)),
+        lr=dict(label="learning rate", minimum=0, maximum=10, optional=True),
+        max_steps=dict(label="max steps", integer=True, minimum=1, maximum=steps_cap or 10**8,
+                       optional=steps_cap is None),
+        eval_examples=dict(label="evaluation prompts", integer=True, minimum=1, maximum=eval_cap or 2**31 - 1,
+                           optional=eval_cap is None),
+        seed=dict(label="seed", integer=True, minimum=0, maximum=2**32 - 1),
+    )  # fmt: skip
+    return {key: number(f[key], **rule) for key, rule in rules.items() if key in f}
+
+
+def ctx_limit(ctx, name: str, default=None):
+    return ctx.limit(name, default) if hasattr(ctx, "limit") else default
+
+
 def launch(ctx, *values):
-    """The button's handler: the widgets' values in FORM_FIELDS order, then the method options'."""
-    return launch_form(ctx, dict(zip((*FORM_FIELDS, *option_fields()), values)))
+    """The button's handler: the widgets' values in FORM_FIELDS order, then the method options', then (from the
+    page) the browser's owner token."""
+    names = (*FORM_FIELDS, *option_fields())
+    form = dict(zip(names, values))
+    if len(values) > len(names):
+        form["owner"] = values[len(names)]
+    return launch_form(ctx, form)
 
 
 def launch_form(ctx, form: dict):
     """Queue a run from the form's values by name (FORM_FIELDS; "<method>.<knob>" for a method's options);
-    it starts at once when nothing else runs. Returns the job picker and its status."""
+    it starts at once when nothing else runs. Returns the job picker, its status and the owner token (kept in
+    the browser: only it can stop or resume the job)."""
     f = {"sft_from": FROM_SCRATCH, "seed": 0, "name": "", **form}
+    f.update(checked_numbers(ctx, f))
+    token = owner_token(f.get("owner"))
+    if not isinstance(f["name"], (str, type(None))):
+        raise gr.Error("Run name: type a name made of letters, digits, '.', '_' and '-'.")
     stage, task = f["stage"], f["task"]
     with _errors():
         method = methods.get(methods.variant_of(stage)["method"]) if stage != "SFT" else None
@@ -169,9 +201,9 @@ def launch_form(ctx, form: dict):
     options = {key: f[key] for key in option_fields() if key in f}
     over = form_overrides(data_path, model, stage, task, options=options, **{key: f[key] for key in named if key in f})
     with _errors():
-        job = ctx.jobs.submit(over, stage=stage, name=(f["name"] or "").strip() or None, sft_run=sft_run)
+        job = ctx.jobs.submit(over, stage=stage, name=(f["name"] or "").strip() or None, sft_run=sft_run, owner=token)
         status = ctx.jobs.status(job)
-    return gr.update(choices=job_choices(ctx), value=job), status_text(status)
+    return gr.update(choices=job_choices(ctx), value=job), status_text(status), token
 
 
 def method_view(stage: str):
@@ -217,35 +249,50 @@ def poll(ctx, job_id):
     table = jobs_table(jobs)
     if not job_id:
         return "No run selected: launch one above.", progress_html(None), curves_figure([]), "", table
-    with _errors():
+    try:
         st = ctx.jobs.status(job_id)
+    except (JobError, OSError, ValueError) as e:  # a damaged or vanished job: say so, keep the page working
+        return f"**{job_id}** · {e}", progress_html(None), curves_figure([]), "", table
     return status_text(st), progress_html(st), curves_figure(runs.read_metrics(st.run_dir)), st.log_tail, table
 
 
-def stop(ctx, job_id):
-    """SIGTERM to the run: it writes a checkpoint after the current step and stops (or leaves the queue)."""
+def stop(ctx, job_id, owner=None):
+    """SIGTERM to the run: it writes a checkpoint after the current step and stops (or leaves the queue).
+    Only the browser that launched the job may (its owner token); owner=None is a local caller."""
     if not job_id:
         raise gr.Error("Pick a job to stop.")
     with _errors():
-        return status_text(ctx.jobs.stop(job_id))
+        return status_text(ctx.jobs.stop(job_id, owner=_caller(owner)))
 
 
-def resume(ctx, job_id):
+def resume(ctx, job_id, owner=None):
     """Queue a stopped or failed run again; training continues from its newest checkpoint."""
     if not job_id:
         raise gr.Error("Pick a job to resume.")
     with _errors():
-        return status_text(ctx.jobs.resume(job_id))
+        return status_text(ctx.jobs.resume(job_id, owner=_caller(owner)))
+
+
+def _caller(owner):
+    """The token a page or API call sends (a missing or malformed one becomes a fresh token that owns nothing);
+    None stays None only for direct calls from Python (tests, notebooks)."""
+    return None if owner is None else owner_token(owner)
+
+
+def ensure_owner(value):
+    """On page load: the browser keeps its token, or gets one."""
+    return owner_token(value)
 
 
 def page_load(ctx):
     """On (re)load: the job to follow, the past runs, and the choices that depend on them."""
     job = current_job(ctx)
     table, names, sft_runs = past_runs(ctx)
+    first = [n for n in names if n.startswith(DEMO_PREFIX) and n.endswith("::hano_dpo")][:1]
     return (
         gr.update(choices=job_choices(ctx), value=job),
         table,
-        gr.update(choices=names),
+        gr.update(choices=names, value=first),
         gr.update(choices=[FROM_SCRATCH, *sft_runs], value=FROM_SCRATCH),
     )
 
@@ -283,7 +330,7 @@ def jobs_table(jobs, finished_shown: int = 5) -> pd.DataFrame:
     rows = [
         [j.job_id, j.stage, j.state, j.position or "", _progress_label(j) if j.state == "running" else "", j.message]
         for j in jobs
-    ]
+    ]  # an unreadable job (state 'unreadable') shows its sentence in the message column
     return pd.DataFrame(rows, columns=JOB_COLUMNS)
 
 
@@ -318,12 +365,31 @@ def curves_figure(rows: list[dict]) -> go.Figure:
 
 
 # ---- past runs and comparison --------------------------------------------------------------------
+DEMO_PREFIX = "demo:"  # past runs shipped with the app (assets/demo_runs), listed read-only
+
+
+def _all_runs(ctx) -> list:
+    """The trained demo runs (named demo:<run>, read-only) first, then the runs folder's, newest first."""
+    demo_dir = getattr(ctx, "demo_runs_dir", None)
+    demo = runs.list_runs(demo_dir) if demo_dir is not None else []
+    for info in demo:
+        info.name, info.status = DEMO_PREFIX + info.name, "finished (demo, read-only)"
+    return demo + runs.list_runs(ctx.runs_dir)
+
+
+def _run_path(ctx, run_name: str) -> Path:
+    if run_name.startswith(DEMO_PREFIX) and getattr(ctx, "demo_runs_dir", None) is not None:
+        return ctx.resolve_path(str(Path(ctx.demo_runs_dir) / run_name[len(DEMO_PREFIX):]))
+    return ctx.resolve_path(str(Path(ctx.runs_dir) / run_name))
+
+
 def past_runs(ctx):
     """(table of runs x stages, names to compare, runs whose SFT model a new preference run can start from)."""
-    infos = runs.list_runs(ctx.runs_dir)
+    infos = _all_runs(ctx)
     table = pd.DataFrame([_summary_row(i, s) for i in infos for s in i.stages or ["-"]], columns=RUN_COLUMNS)
     names = [f"{i.name}::{s}" for i in infos for s in i.stages]
-    sft_runs = [i.name for i in infos if "sft" in i.stages and runs.latest_checkpoint(i.path / "sft")]
+    sft_runs = [i.name for i in infos if "sft" in i.stages and runs.latest_checkpoint(i.path / "sft")
+                and not i.name.startswith(DEMO_PREFIX)]  # fmt: skip
     return table, names, sft_runs
 
 
@@ -392,7 +458,7 @@ def compare(ctx, selected: list[str], metric: str):
     for value in selected:
         run_name, _, stage = value.rpartition("::")
         with _errors():
-            info = runs.run_info(ctx.resolve_path(str(Path(ctx.runs_dir) / run_name)))
+            info = runs.run_info(_run_path(ctx, run_name))
         rows.append(_summary_row(info, stage))
         pts = [(r["step"], r[metric]) for r in _last_per_step(info.metrics) if r.get("stage_dir") == stage and metric in r]
         if pts:
@@ -457,14 +523,14 @@ def build(ctx) -> None:
     with gr.Row():
         sft_from = gr.Dropdown([FROM_SCRATCH], value=FROM_SCRATCH, label="SFT model for a preference stage", scale=3)
         name = gr.Textbox(label="Run name (optional)", placeholder="date-stage", scale=2)
-        seed = gr.Number(0, precision=0, label="Seed", scale=1)
+        seed = number_field(0, precision=0, label="Seed", scale=1, minimum=0)
     method_md = gr.Markdown(method_view("SFT")[0], elem_id="train-method")
     with gr.Accordion("Hyperparameters", open=True):
         with gr.Row():
-            beta0 = gr.Number(0.1, label="beta (HaNo-DPO: beta0)", minimum=1e-6, visible=False)
-            sigma = gr.Number(0.05, label="noise sigma (NoDO)", minimum=0, visible=False)
+            beta0 = number_field(0.1, label="beta (HaNo-DPO: beta0)", minimum=1e-6, visible=False)
+            sigma = number_field(0.05, label="noise sigma (NoDO)", minimum=0, visible=False)
             noise_target = gr.Dropdown(["lora", "logits", "none"], value="lora", label="noise target", visible=False)
-            k_neg = gr.Number(3, precision=0, label="K negatives", minimum=1, visible=False)
+            k_neg = number_field(3, precision=0, label="K negatives", minimum=1, visible=False)
             sampling = gr.Dropdown(["random", "embedding"], value="random", label="negative sampling")
             addons = gr.CheckboxGroup(list(ADDONS), value=[], label="add-ons (beyond the paper)", visible=False)
         with gr.Row():  # each method's own knobs, shown when its stage is picked
@@ -475,13 +541,15 @@ def build(ctx) -> None:
                     if knob.type is bool:
                         option_widgets.append(gr.Checkbox(knob.default, label=label, info=knob.help, visible=False))
                     else:
-                        option_widgets.append(gr.Number(knob.default, label=label, info=knob.help, visible=False,
-                                                        precision=0 if knob.type is int else None))  # fmt: skip
+                        option_widgets.append(number_field(knob.default, label=label, info=knob.help, visible=False,
+                                                           precision=0 if knob.type is int else None))  # fmt: skip
         with gr.Row():
-            epochs = gr.Number(1, label="epochs", minimum=0.01)
-            lr = gr.Number(0, label="learning rate (0: the preset's)", minimum=0)
-            max_steps = gr.Number(30, precision=0, label="max steps (empty: epochs)", minimum=1)
-            eval_examples = gr.Number(40, precision=0, label="evaluation prompts (empty: all)", minimum=1)
+            epochs = number_field(1, label="epochs", minimum=0.01)
+            lr = number_field(0, label="learning rate (0: the preset's)", minimum=0)
+            max_steps = number_field(30, precision=0, label="max steps (empty: epochs)", minimum=1,
+                                    maximum=ctx_limit(ctx, "max_steps"))
+            eval_examples = number_field(40, precision=0, label="evaluation prompts (empty: all)", minimum=1,
+                                        maximum=ctx_limit(ctx, "eval_examples"))
             log_with = gr.Dropdown([NO_TRACKER, *available_trackers()], value=NO_TRACKER,
                                    label="also log to (installed trackers)")  # fmt: skip
     launch_btn = gr.Button("Launch in background", variant="primary", elem_id="train-launch")
@@ -515,6 +583,7 @@ def build(ctx) -> None:
     export_text = gr.Markdown(elem_id="train-export-text")
     export_file = gr.DownloadButton("Download the exported model (zip)", interactive=False, size="sm")
     timer = gr.Timer(1.0)
+    owner = owner_state(ctx)
     seen_jobs = gr.State("")  # jobs_signature() at the last refresh of the past runs
 
     widgets = dict(dataset=dataset, backbone=backbone, stage=stage, task=task, sft_from=sft_from, beta0=beta0,
@@ -523,20 +592,21 @@ def build(ctx) -> None:
                    addons=addons)  # fmt: skip
     form = [widgets[f] for f in FORM_FIELDS] + option_widgets
     watched = [status, bar, curves, log, jobs]
-    launch_btn.click(partial(launch, ctx), form, [job, status], api_name="train_launch")
+    launch_btn.click(partial(launch, ctx), [*form, owner], [job, status, owner], api_name="train_launch")
     stage.change(method_view, [stage], [method_md, beta0, sigma, noise_target, k_neg, addons, *option_widgets],
                  api_name="train_method")  # fmt: skip
     timer.tick(partial(tick, ctx), [job, seen_jobs], [*watched, past, chosen, sft_from, job, seen_jobs],
                api_visibility="private", show_progress="hidden")  # fmt: skip
     job.change(partial(poll, ctx), [job], watched, api_name="train_poll")
-    stop_btn.click(partial(stop, ctx), [job], status, api_name="train_stop")
-    resume_btn.click(partial(resume, ctx), [job], status, api_name="train_resume")
+    stop_btn.click(partial(stop, ctx), [job, owner], status, api_name="train_stop")
+    resume_btn.click(partial(resume, ctx), [job, owner], status, api_name="train_resume")
     refresh_btn.click(partial(refresh_runs, ctx), None, [past, chosen, sft_from, job], api_name="train_runs")
     compare_btn.click(partial(compare, ctx), [chosen, metric], [cmp_table, cmp_fig], api_name="train_compare")
     export_stage_pick.focus(partial(export_choices, ctx), None, export_stage_pick, api_visibility="private")
     export_btn.click(partial(export_model, ctx), [export_stage_pick, export_merge], [export_text, export_file],
                      api_name="train_export")  # fmt: skip
     _on_load(partial(page_load, ctx), None, [job, past, chosen, sft_from])
+    _on_load(ensure_owner, [owner], [owner])
 
 
 def _on_load(fn, inputs, outputs) -> None:

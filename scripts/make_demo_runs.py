@@ -1,0 +1,181 @@
+"""The trained demo runs the app shows first: SFT, DPO and HaNo-DPO on hit3, tiny adapters, rebuilt byte for byte.
+
+    .venv/bin/python scripts/make_demo_runs.py            # rebuild assets/demo_runs/ (about 2 CPU minutes)
+    .venv/bin/python scripts/make_demo_runs.py --check    # rebuild into a temporary folder, compare every file's
+                                                          # SHA-256 with the shipped ones (exit 1 on a difference)
+
+One run folder, assets/demo_runs/demo-hit3/, trained from the bundled demo data (assets/demo) with the tiny
+Qwen2.5-VL preset: SFT, then DPO and HaNo-DPO, each from that SFT model, each evaluated on the first 40 test
+prompts. Only what loading and listing a stage needs ships: the newest checkpoint's adapter, configuration
+and trainer state, the tiny base model, the metrics logs and the results. Everything that would differ from
+one build to the next is taken out: wall-clock times, absolute paths (configurations name the demo data and
+the run by paths relative to the repository; the SFT source a preference stage names is relative to its
+run), optimizer, scheduler and RNG states (a shipped run is read-only, never resumed). Training is
+deterministic on CPU with one torch thread, so a rebuild gives the same bytes on the same torch build.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+OUT = ROOT / "assets" / "demo_runs"
+RUN = "demo-hit3"
+STAGES = ("sft", "dpo", "hano_dpo")
+VARIANTS = ("DPO", "HaNo-DPO")  # the paper's names; their folders are STAGES[1:]
+KEEP_IN_CHECKPOINT = ("adapter", "config.yaml", "trainer_state.json")
+KEEP_IN_ADAPTER = ("adapter_model.safetensors", "adapter_config.json")
+TIME_KEYS = ("elapsed_s", "wall_s", "time_s", "updated", "started", "ended")
+DEMO_REL, RUN_REL = "assets/demo", f"assets/demo_runs/{RUN}"
+
+OVERRIDES = {
+    "seed": 0,
+    "threads": 1,
+    "data": {"path": str(ROOT / DEMO_REL)},
+    "task": {"name": "hit3", "max_eval_examples": 60},
+    "model": {"name": "tiny-qwen2.5-vl", "tiny_hidden_size": 128, "tiny_layers": 2},
+    "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "modules_to_save": ["embed_tokens", "lm_head"]},
+    "sft": {"max_steps": 200, "lr": 2e-3, "batch_size": 8, "grad_accum": 1, "warmup_ratio": 0.05, "log_every": 5,
+            "save_every": 0, "save_every_minutes": 0, "keep_checkpoints": 1, "progress_bar": False},
+    "pref": {"max_steps": 30, "lr": 1e-3, "batch_size": 4, "grad_accum": 1, "log_every": 1, "save_every": 0,
+             "save_every_minutes": 0, "keep_checkpoints": 1, "progress_bar": False, "max_pairs": 120,
+             "noise_sigma": 0.05},
+    "eval": {"protocols": ["ranking"], "batch_size": 14, "baselines": ["random", "popularity"]},
+}  # fmt: skip
+
+
+def build(dest: Path) -> Path:
+    """Train the three stages into a scratch folder, then write the cleaned run to dest/demo-hit3."""
+    import torch
+
+    from hanorec.config import load_config
+    from hanorec.methods import variant_of
+    from hanorec.pipeline import _with, run_pipeline, run_preference_pipeline
+
+    torch.set_num_threads(1)
+    quiet = lambda *a, **k: None  # noqa: E731
+    with tempfile.TemporaryDirectory(prefix="hanorec-demo-runs-") as tmp:
+        scratch = Path(tmp) / RUN
+        cfg = load_config(overrides={**OVERRIDES, "output_dir": str(scratch)})
+        run_pipeline(cfg, print_fn=quiet)
+        for label in VARIANTS:  # each variant's own fields (DPO: no noise; HaNo-DPO: HaRS and NoDO)
+            run_preference_pipeline(_with(cfg, pref=dict(variant_of(label))), print_fn=quiet)
+        target = dest / RUN
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
+        _clean_copy(scratch, target, cfg)
+    return target
+
+
+def _clean_copy(src: Path, dst: Path, cfg) -> None:
+    from hanorec import runs
+    from hanorec.config import load_config
+
+    def config_text(path: Path) -> str:
+        c = load_config(path)
+        c.data.path, c.output_dir, c.pref.sft_run = DEMO_REL, RUN_REL, None
+        return c.to_yaml()
+
+    (dst / runs.CONFIG_FILE).write_text(config_text(_saved_config(src, cfg)))
+    _write_json(dst / runs.STATUS_FILE, {"status": "finished", "read_only": True,
+                                          "message": "a demo run shipped with the repository (read-only)"})  # fmt: skip
+    _write_json(dst / runs.RESULTS_FILE, _clean(json.loads((src / runs.RESULTS_FILE).read_text()), src))
+    for stage in STAGES:
+        s_src, s_dst = src / stage, dst / stage
+        ckpt = runs.latest_checkpoint(s_src)
+        c_dst = s_dst / "checkpoints" / ckpt.name
+        c_dst.mkdir(parents=True)
+        for name in KEEP_IN_CHECKPOINT:
+            p = ckpt / name
+            if name == "adapter":  # the weights, and peft's config without the build machine's base model path
+                (c_dst / name).mkdir()
+                shutil.copy2(p / KEEP_IN_ADAPTER[0], c_dst / name / KEEP_IN_ADAPTER[0])
+                adapter = json.loads((p / KEEP_IN_ADAPTER[1]).read_text())
+                adapter["base_model_name_or_path"] = None
+                _write_json(c_dst / name / KEEP_IN_ADAPTER[1], adapter)
+            elif name == "config.yaml":
+                (c_dst / name).write_text(config_text(p))
+            else:
+                _write_json(c_dst / name, _clean(json.loads(p.read_text()), src))
+        rows = [json.loads(x) for x in (s_src / runs.METRICS_FILE).read_text().splitlines() if x.strip()]
+        (s_dst / runs.METRICS_FILE).write_text("".join(json.dumps(_clean(r, src)) + "\n" for r in rows))
+        if stage == runs.SFT_STAGE:
+            shutil.copytree(s_src / runs.BASE_MODEL_DIR, s_dst / runs.BASE_MODEL_DIR)
+        else:
+            _write_json(s_dst / runs.RESULTS_FILE, _clean(json.loads((s_src / runs.RESULTS_FILE).read_text()), src))
+            info = json.loads((s_src / runs.SFT_SOURCE_FILE).read_text())
+            rel = Path(info["checkpoint"]).relative_to(src)
+            _write_json(s_dst / runs.SFT_SOURCE_FILE, {"checkpoint": str(rel), "digest": info["digest"]})
+    for p in dst.rglob("*"):  # no absolute path of the build machine anywhere
+        if p.is_file() and p.suffix in (".json", ".yaml", ".jsonl", ".txt"):
+            assert str(src.parent) not in p.read_text(), p
+
+
+def _saved_config(src: Path, cfg) -> Path:
+    path = src / "config.yaml"
+    if not path.is_file():
+        cfg.save(path)
+    return path
+
+
+def _clean(value, src: Path):
+    """Drop wall-clock fields; paths inside the scratch run become relative to it."""
+    if isinstance(value, dict):
+        return {k: _clean(v, src) for k, v in value.items() if k not in TIME_KEYS}
+    if isinstance(value, list):
+        return [_clean(v, src) for v in value]
+    if isinstance(value, str) and value.startswith(str(src)):
+        return str(Path(value).relative_to(src))
+    if isinstance(value, str) and value == str(ROOT / DEMO_REL):
+        return DEMO_REL
+    return value
+
+
+def _write_json(path: Path, value: dict) -> None:
+    path.write_text(json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def digests(root: Path) -> dict[str, str]:
+    """SHA-256 of every file under root, by relative path."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}  # fmt: skip
+
+
+def check(shipped: Path = OUT) -> list[str]:
+    """Rebuild into a temporary folder; the files that differ from (or are missing in) the shipped run."""
+    with tempfile.TemporaryDirectory(prefix="hanorec-demo-check-") as tmp:
+        new = digests(build(Path(tmp)))
+    old = digests(shipped / RUN)
+    return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=OUT, help="folder that receives demo-hit3/ (default assets/demo_runs)")
+    p.add_argument("--check", action="store_true", help="rebuild in a temporary folder and compare with --out")
+    args = p.parse_args()
+    if args.check:
+        bad = check(args.out)
+        print("identical: every file's SHA-256 matches" if not bad else "differ: " + ", ".join(bad))
+        return 1 if bad else 0
+    target = build(args.out)
+    total = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
+    print(f"wrote {target} ({total / 1e6:.2f} MB)")
+    for name, digest in digests(target).items():
+        print(f"{digest[:16]}  {name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

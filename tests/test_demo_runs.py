@@ -1,0 +1,96 @@
+"""The trained demo runs shipped in assets/demo_runs (scripts/make_demo_runs.py): small, free of the build
+machine's paths and times, listed read-only, the model every tab shows first, and rebuilt byte for byte."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "assets" / "demo"
+SHIPPED = ROOT / "assets" / "demo_runs" / "demo-hit3"
+sys.path.insert(0, str(ROOT / "scripts"))
+
+
+def test_the_demo_runs_ship_small_and_clean():
+    from make_demo_runs import TIME_KEYS, digests
+
+    from hanorec import runs
+
+    files = digests(SHIPPED)
+    size = sum((SHIPPED / f).stat().st_size for f in files)
+    assert size < 6e6, size  # tiny adapters and one tiny base model: a few MB
+    assert runs.stages(SHIPPED) == ["sft", "dpo", "hano_dpo"]
+    for stage in ("dpo", "hano_dpo"):
+        assert runs.read_results(SHIPPED, stage)["rows"][0]["method"] == stage
+    assert runs.read_results(SHIPPED)["rows"][0]["method"] == "SFT"
+    assert not any(f.endswith((".pt", "README.md")) for f in files)  # no optimizer, scheduler or RNG state
+    for f in files:
+        if f.endswith((".json", ".yaml", ".jsonl")):
+            text = (SHIPPED / f).read_text()
+            assert "/tmp" not in text and "/home" not in text and "/work" not in text, f
+            assert not any(f'"{k}"' in text for k in TIME_KEYS), f
+    assert runs.read_status(SHIPPED)["status"] == "finished"
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory):
+    from app.main import make_context
+
+    c = make_context([str(DEMO)], str(tmp_path_factory.mktemp("runs")), "cpu")
+    yield c
+    c.jobs.close()
+
+
+def test_every_tab_shows_the_trained_hano_dpo_model_first(ctx):
+    import gradio as gr
+
+    from app.main import build_app
+    from app.tabs import train
+
+    assert ctx.default_model() == f"{SHIPPED}::hano_dpo"
+    assert [v for _, v in ctx.model_choices()][:4] == [f"{SHIPPED}::{s}" for s in ("sft", "dpo", "hano_dpo")] + ["base"]
+    demo = build_app(ctx)
+    pickers = [b for b in demo.blocks.values() if isinstance(b, gr.Dropdown) and b.label in ("Model", "Score candidates with")]
+    assert len(pickers) == 3 and {p.value for p in pickers} == {ctx.default_model()}  # Data, Hardness, Noise lab
+    _, table, chosen, _ = train.page_load(ctx)  # Train: the demo runs listed read-only, HaNo-DPO chosen to compare
+    assert chosen["value"] == ["demo:demo-hit3::hano_dpo"]
+    demo_rows = table[table["run"] == "demo:demo-hit3"]
+    assert list(demo_rows["stage"]) == ["SFT", "DPO", "HaNo-DPO"]
+    assert set(demo_rows["status"]) == {"finished (demo, read-only)"} and all(demo_rows["eval"].str.startswith("HR@1"))
+    assert ctx.jobs.jobs() == []  # a shipped run is not a job: nothing to stop or resume
+
+
+def test_the_demo_model_works_in_every_tab_and_nothing_is_written(ctx):
+    from make_demo_runs import digests
+
+    from app.common import users_for
+    from app.tabs import data, hardness, noise, train
+
+    before = digests(SHIPPED)
+    model = ctx.default_model()
+    user = users_for(ctx, str(DEMO), "hit3")["value"]
+    out = data.show_user(ctx, str(DEMO), "hit3", user, model)
+    assert len(out[1]) == 7 and sorted(out[1]["rank"]) == list(range(1, 8))
+    text, _, table = noise.draw_noise(ctx, str(DEMO), "hit3", user, model, "lora", 0.05, 5, 0)
+    assert "rms(B) = 0 " not in text and (table["shift_std"] > 0).all()  # a trained adapter: B != 0
+    summary, _, pairs, _ = hardness.compute(ctx, str(DEMO), "hit3", model, 10, 1.0, "random", 0)
+    assert "training pairs" in summary and len(pairs) > 0
+    cmp_table, _ = train.compare(ctx, ["demo:demo-hit3::hano_dpo", "demo:demo-hit3::dpo"], "loss")
+    assert list(cmp_table["stage"]) == ["HaNo-DPO", "DPO"]
+    assert digests(SHIPPED) == before
+
+
+@pytest.mark.slow
+def test_the_command_rebuilds_the_shipped_bytes():
+    """scripts/make_demo_runs.py --check trains the three stages again (about a CPU minute) into a temporary
+    folder and compares every file's SHA-256 with the shipped ones."""
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_demo_runs.py"), "--check"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "identical: every file's SHA-256 matches" in proc.stdout
+    assert json.loads((SHIPPED / "status.json").read_text())["read_only"] is True
