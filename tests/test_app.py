@@ -236,9 +236,14 @@ def test_train_tab_through_gradio_client(client):
     compare it: the same calls the page makes."""
     import time
 
+    from hanorec import methods
+
+    # the form's fields (app.tabs.train.FORM_FIELDS), then every registered method's own knobs at their defaults
+    option_defaults = [k.default for m in methods.all_methods() for k in methods.option_knobs(m)]
     job_update, status, owner = client.predict(
         str(DEMO), "tiny-llava", "SFT", "hit3", "train SFT first, in this run", 0.1, 0.05, "lora", 3, "random",
-        1, 0, 2, 2, "none (metrics.jsonl only)", 0, "via-client", [], api_name="/train_launch",
+        1, 0, 2, 2, "none (metrics.jsonl only)", 0, "via-client", [], *option_defaults, "",  # "": no owner token yet
+        api_name="/train_launch",
     )  # fmt: skip
     job = job_update["value"]
     assert job == "via-client" and "via-client" in status and len(owner) >= 16  # the new owner token
