@@ -103,6 +103,21 @@ def connect(url: str, attempts: int = 3):
             time.sleep(2.0)
 
 
+def timed_call(client, name: str, args: tuple, out: dict, lock) -> bool:
+    """One request to endpoint /name: its latency into out["latency"][name], or its error (any type counts) into
+    out["errors"]; True when it answered."""
+    t0 = time.perf_counter()
+    try:
+        client.predict(*args, api_name=f"/{name}")
+    except Exception as e:  # every error counts, whatever its type
+        with lock:
+            out["errors"].append(f"{name}: {type(e).__name__}: {str(e)[:200]}")
+        return False
+    with lock:
+        out["latency"].setdefault(name, []).append(time.perf_counter() - t0)
+    return True
+
+
 def session(client, users, seconds, max_requests, seed, out, lock, mix) -> None:
     """One student: a user view, then another, and now and then a noise draw with the lab's settings."""
     rng = random.Random(seed)
@@ -117,17 +132,8 @@ def session(client, users, seconds, max_requests, seed, out, lock, mix) -> None:
             setting = (user, target, noise_seed)
         else:
             name, args, setting = "data_user", (str(DEMO), "hit3", user, "base"), (user,)
-        t0 = time.perf_counter()
-        try:
-            client.predict(*args, api_name=f"/{name}")
-            ok = True
-        except Exception as e:  # every error counts, whatever its type
-            ok = False
-            with lock:
-                out["errors"].append(f"{name}: {type(e).__name__}: {str(e)[:200]}")
+        timed_call(client, name, args, out, lock)
         with lock:
-            if ok:
-                out["latency"].setdefault(name, []).append(time.perf_counter() - t0)
             out["settings"].setdefault(name, set()).add(setting)
         n += 1
         if mix["think"]:

@@ -31,7 +31,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DEMO = ROOT / "assets" / "demo"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from load_app import _free_port, percentile  # noqa: E402  (the browsing load script beside this one)
+from load_app import _free_port, percentile, timed_call  # noqa: E402  (the browsing load script beside this one)
 
 
 def serve(demo, options: dict | None = None, tries: int = 3) -> str:
@@ -78,17 +78,7 @@ def session(url: str, users: list[str], seconds: float, max_requests: int, seed:
             ("data_user", (str(DEMO), "hit3", user, "base")),
             ("noise_draw", (str(DEMO), "hit3", user, "base", rng.choice(["lora", "logits"]), 0.02, 10, n)),
         ):
-            t0 = time.perf_counter()
-            try:
-                client.predict(*args, api_name=f"/{name}")
-                ok = True
-            except Exception as e:  # every error counts, whatever its type
-                ok = False
-                with lock:
-                    out["errors"].append(f"{name}: {type(e).__name__}: {str(e)[:200]}")
-            with lock:
-                if ok:
-                    out["latency"].setdefault(name, []).append(time.perf_counter() - t0)
+            timed_call(client, name, args, out, lock)
             n += 1
 
 
