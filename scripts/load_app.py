@@ -109,7 +109,7 @@ class CpuSampler:
                 for name in set(names):
                     self.inclusive[name] = self.inclusive.get(name, 0.0) + used
 
-    def stop(self, top: int = 60) -> None:
+    def stop(self, top: int = 150) -> None:
         self._stop.set()
         self._thread.join(5)
         process = time.process_time() - self._process0
@@ -271,12 +271,13 @@ def run(
             threading.Thread(target=session, args=(c, users, seconds, max_requests, i, out, lock, mix), daemon=True)
             for i, c in enumerate(clients)
         ]
-        t0 = time.time()
+        t0, cpu0 = time.time(), time.process_time()
         for t in threads:
             t.start()
         for t in threads:
             t.join(timeout=max(1.0, t0 + seconds + 300 - time.time()))
         out["wall_s"] = time.time() - t0
+        out["client_cpu_s"] = time.process_time() - cpu0  # the sessions' own work, on the same cores
         out["hung_sessions"] = sum(t.is_alive() for t in threads)
     out["sessions"] = sessions
     out["requests"] = sum(len(v) for v in out["latency"].values()) + len(out["errors"])
@@ -306,7 +307,7 @@ def report(out: dict) -> str:
     lines = [
         f"{out['sessions']} sessions, {out['requests']} requests in {out['wall_s']:.0f} s "
         f"({out.get('throughput', 0.0):.2f} served per s), {len(out['errors'])} errors, "
-        f"{out['hung_sessions']} sessions still running at the end"
+        f"{out['hung_sessions']} sessions still running at the end; the clients used {out.get('client_cpu_s', 0):.0f} CPU s"
     ]
     for name, lat in sorted(out["latency"].items()):
         distinct = len(out.get("settings", {}).get(name, ()))
@@ -329,14 +330,14 @@ def checkout(rev: str):
 
 def _merge(runs: list[dict]) -> dict:
     """Several rounds of one app as one run: latencies pooled, requests and wall time summed."""
-    out = {"latency": {}, "errors": [], "settings": {}, "wall_s": 0.0, "hung_sessions": 0, "requests": 0}
+    out = {"latency": {}, "errors": [], "settings": {}, "wall_s": 0.0, "hung_sessions": 0, "requests": 0, "client_cpu_s": 0.0}
     for r in runs:
         for k, v in r["latency"].items():
             out["latency"].setdefault(k, []).extend(v)
         for k, v in r["settings"].items():
             out["settings"].setdefault(k, set()).update(v)
         out["errors"] += r["errors"]
-        for k in ("wall_s", "hung_sessions", "requests"):
+        for k in ("wall_s", "hung_sessions", "requests", "client_cpu_s"):
             out[k] += r[k]
     out["sessions"] = runs[0]["sessions"]
     out["throughput"] = (out["requests"] - len(out["errors"])) / max(out["wall_s"], 1e-9)
