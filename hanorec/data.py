@@ -637,7 +637,10 @@ class _LazySplits(Splits):
         if self._cut is None:
             with self._lock:
                 if self._cut is None:
-                    full = self._make()
+                    from hanorec.tasks import no_cyclic_gc  # (tasks imports this module)
+
+                    with no_cyclic_gc():  # hundreds of thousands of windows: as when prepare_data cuts them
+                        full = self._make()
                     self._cut = (full.train, full.val)
         return self._cut
 
