@@ -219,12 +219,14 @@ def test_image_pairs_train_one_trl_dpo_step_with_the_tiny_smolvlm(ds, tmp_path):
     from hanorec.tasks import build_examples, corpus_text
     from hanorec.train.preference import PrefItem
 
-    examples = build_examples("hit3", make_splits(ds, n_history=3, n_target=3).train, ds, seed=0, max_examples=4)
+    windows = make_splits(ds, n_history=3, n_target=3).train
+    examples = build_examples("hit3", windows, ds, seed=0, max_examples=4)
     assert all(len(e.image_items) == 3 for e in examples)
     items = [PrefItem(p, 0.5 + k) for k, p in enumerate(build_pairs(examples, ds, seed=0))]
     path = write_pairs_jsonl(items, ds, tmp_path / "pairs.jsonl")
     rows = hfd.load_dataset("json", data_files=str(path), split="train")
-    rows = rows.select_columns(["prompt", "chosen", "rejected", "images"]).cast_column("images", hfd.Sequence(hfd.Image()))
+    rows = rows.select_columns(["prompt", "chosen", "rejected", "images"])
+    rows = rows.cast_column("images", hfd.Sequence(hfd.Image()))  # file paths -> PIL images
     bundle = build_tiny("tiny-smolvlm", corpus_text(ds), hidden_size=32, vocab_size=400, seed=0)
     per_image = bundle.adapter.tokens_per_image(bundle)
     proc = Idefics3Processor(image_processor=bundle.image_processor, tokenizer=bundle.tokenizer,
@@ -242,7 +244,8 @@ def test_image_pairs_train_one_trl_dpo_step_with_the_tiny_smolvlm(ds, tmp_path):
         trainer = DPOTrainer(model=bundle.model, args=args, train_dataset=rows, processing_class=proc,
                              peft_config=peft_config)  # fmt: skip
         batch = next(iter(trainer.get_train_dataloader()))
-        assert tuple(batch["pixel_values"].shape[:2]) == (4, 3)  # 2 pairs (chosen and rejected rows), 3 images
+        # 2 pairs (a chosen and a rejected row each), 3 images per row
+        assert tuple(batch["pixel_values"].shape[:2]) == (4, 3)
         assert ((batch["input_ids"] == bundle.image_token_id).sum(1) == 3 * per_image).all()
         result = trainer.train()
     finally:
