@@ -254,7 +254,9 @@ class AppContext:
 
         cfg = self.config(dataset, task)
         with user_errors("loading the dataset"):
-            return self._data.get(("data", cfg.data.path, task), lambda: prepare_data(cfg, defer=True))
+            # deferred draws and counts (made when a view needs them); frozen: the app keeps the data a while
+            make = lambda: prepare_data(cfg, defer=True, freeze=True)  # noqa: E731
+            return self._data.get(("data", cfg.data.path, task), make)
 
     def prepared_for(self, cfg):
         """PreparedData exactly as the run with this config made it (its seed, task, subset), cached."""

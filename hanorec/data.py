@@ -31,9 +31,11 @@ from __future__ import annotations
 import csv
 import itertools
 import math
+import operator
 import os
 import random
 import re
+import threading
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -190,11 +192,13 @@ class RecDataset:
         )
 
     def popularity(self, users: Iterable[str] | None = None) -> dict[str, int]:
-        """Interaction count of every item (0 for unused ones) over ``users`` (default: all)."""
+        """Interaction count of every item (0 for unused ones) over ``users`` (default: all), in item order."""
+        from collections import Counter
+
         counts = dict.fromkeys(self.items, 0)
-        for user in self.sequences if users is None else users:
-            for item in self.sequences[user]:
-                counts[item] += 1
+        seqs = self.sequences.values() if users is None else map(self.sequences.__getitem__, users)
+        for item, n in Counter(itertools.chain.from_iterable(seqs)).items():  # counted at C speed
+            counts[item] += n
         return counts
 
 
@@ -447,7 +451,7 @@ def _chain_first(first, rest):
 
 def _read_pairs(path: Path, rows: dict, problems: _Problems, titles_name: str) -> dict[str, list[str]]:
     """Read pairs.tsv: ``user<TAB>item item ...`` per line, items in time order."""
-    return {r.user: list(r.items) for r in _read_rows(path, rows, problems, titles_name, one_per_user=True)}
+    return {user: seq for user, seq, _ in _iter_rows(path, rows, problems, titles_name, one_per_user=True)}
 
 
 def _read_rows(
@@ -456,10 +460,16 @@ def _read_rows(
     """The ``user<TAB>item item ...`` rows of pairs.tsv or of the authors' split files (train.tsv, val.tsv,
     test.tsv), in file order; ``one_per_user`` (pairs.tsv) refuses a user's second row, a split file may
     hold several rows of one user."""
-    out: list[SplitRow] = []
+    return [SplitRow(user, tuple(seq), line) for user, seq, line in _iter_rows(path, rows, problems, titles_name,
+                                                                               one_per_user=one_per_user)]  # fmt: skip
+
+
+def _iter_rows(path: Path, rows: dict, problems: _Problems, titles_name: str, *, one_per_user: bool = False):
+    """(user, items, line number) of every usable row of a ``user<TAB>item item ...`` file (see _read_rows)."""
+    known = set(rows)  # one C-speed test per line when every id is known (the usual case), not one per item
     first_line: dict[str, int] = {}
     for line_no, text in enumerate(_read_lines(path), start=1):
-        if not text.strip():
+        if not text or text.isspace():
             continue
         if "\t" not in text:
             problems.add(f"Line {line_no} of {path} has no tab between the user id and the item list.")
@@ -477,8 +487,8 @@ def _read_rows(
                 f"Line {line_no} of {path} repeats user {user!r} already given on line {first_line[user]}."
             )
             continue
-        unknown = [i for i in seq if i not in rows]
-        if unknown:
+        if not known.issuperset(seq):
+            unknown = [i for i in seq if i not in rows]
             shown = ", ".join(repr(i) for i in unknown[:5])
             problems.add(
                 f"Line {line_no} of {path} names {len(unknown)} item id(s) that {titles_name} does not "
@@ -488,8 +498,7 @@ def _read_rows(
             if not seq:
                 continue
         first_line[user] = line_no
-        out.append(SplitRow(user, tuple(seq), line_no))
-    return out
+        yield user, seq, line_no
 
 
 def _id_key(value: str):
@@ -578,6 +587,9 @@ class Window:
     seen: tuple[str, ...] | None = None
 
 
+_user_of = operator.attrgetter("user")
+
+
 @dataclass
 class Splits:
     train: list[Window]
@@ -587,24 +599,78 @@ class Splits:
     n_users_dropped: int  # users too short for a test window (fewer than min_interactions, ...)
     config: dict = field(default_factory=dict)  # the make_splits arguments that produced it
 
+    def sizes(self) -> tuple[int, int, int, int]:
+        """(train windows, val windows, test windows, users with a window)."""
+        users = len(set(map(_user_of, itertools.chain(self.train, self.val, self.test))))
+        return len(self.train), len(self.val), len(self.test), users
+
     def describe(self) -> str:
         c = self.config
+        n_train, n_val, n_test, users = self.sizes()
         if self.policy == "files":
             skipped = c.get("skipped_rows", {})
             return (
                 f"files splits (train.tsv / val.tsv / test.tsv as given, one window per row, file order): "
-                f"{len(self.train):,} train / {len(self.val):,} val / {len(self.test):,} test windows; "
+                f"{n_train:,} train / {n_val:,} val / {n_test:,} test windows; "
                 f"{self.n_users_dropped:,} rows under {c.get('min_row_items')} items skipped "
                 f"({', '.join(f'{k} {v:,}' for k, v in skipped.items())}); history {c.get('n_history')} items, "
                 f"{c.get('n_target')} targets"
             )
-        users = len({w.user for w in self.train + self.val + self.test})
         return (
-            f"{self.policy} splits: {len(self.train):,} train / {len(self.val):,} val / "
-            f"{len(self.test):,} test windows from {users:,} users "
+            f"{self.policy} splits: {n_train:,} train / {n_val:,} val / "
+            f"{n_test:,} test windows from {users:,} users "
             f"({self.n_users_dropped:,} dropped with fewer than {c.get('min_interactions')} interactions "
             f"or too short for a window); history {c.get('n_history')} items, {c.get('n_target')} targets"
         )
+
+
+class _LazySplits(Splits):
+    """Leave-one-out splits whose train and val windows are cut when first read (make_splits(lazy=True)):
+    the test windows, the sizes and the description are there at once. Reads exactly as the Splits that
+    make_splits(lazy=False) returns (it is what is made on first read); pickles as one."""
+
+    def __init__(self, make, test, policy, dropped, config, sizes):
+        self._make, self._sizes, self._lock, self._cut = make, sizes, threading.Lock(), None
+        self.test, self.policy, self.n_users_dropped, self.config = test, policy, dropped, config
+
+    def _windows(self) -> tuple[list[Window], list[Window]]:
+        if self._cut is None:
+            with self._lock:
+                if self._cut is None:
+                    from hanorec.tasks import no_cyclic_gc  # (tasks imports this module)
+
+                    with no_cyclic_gc():  # hundreds of thousands of windows: as when prepare_data cuts them
+                        full = self._make()
+                    self._cut = (full.train, full.val)
+        return self._cut
+
+    train = property(lambda self: self._windows()[0], lambda self, v: self._set(0, v))
+    val = property(lambda self: self._windows()[1], lambda self, v: self._set(1, v))
+
+    def _set(self, k: int, value) -> None:
+        cut = list(self._windows())
+        cut[k] = value
+        self._cut = tuple(cut)
+
+    @property
+    def cut(self) -> bool:
+        """Whether the train and val windows are made yet."""
+        return self._cut is not None
+
+    def sizes(self) -> tuple[int, int, int, int]:
+        return self._sizes if self._cut is None else super().sizes()
+
+    def __eq__(self, other):
+        return isinstance(other, Splits) and _splits_fields(self) == _splits_fields(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __reduce__(self):
+        return Splits, _splits_fields(self)
+
+
+def _splits_fields(s: Splits) -> tuple:
+    return (s.train, s.val, s.test, s.policy, s.n_users_dropped, s.config)
 
 
 def require_windows(splits: Splits, ds: RecDataset, *, train: bool = True, eval_split: str | None = "test") -> None:
@@ -615,8 +681,9 @@ def require_windows(splits: Splits, ds: RecDataset, *, train: bool = True, eval_
     """
     needed = (["train"] if train else []) + ([eval_split] if eval_split else [])
     c = splits.config
+    sizes = dict(zip(("train", "val", "test"), splits.sizes()))  # without cutting lazy splits' windows
     for name in needed:
-        if getattr(splits, name):
+        if sizes[name]:
             continue
         lengths = sorted(len(seq) for seq in ds.sequences.values())
         median = lengths[len(lengths) // 2] if lengths else 0
@@ -661,6 +728,7 @@ def make_splits(
     val_frac: float = 0.1,
     test_frac: float = 0.1,
     seed: int = 0,
+    lazy: bool = False,
 ) -> Splits:
     """Cut each user's sequence into windows of ``n_history`` items followed by ``n_target`` targets.
 
@@ -698,6 +766,10 @@ def make_splits(
         in several files. Negatives avoid the row's own items (``Window.seen``), as the authors' code.
 
     Deterministic: the same dataset and arguments give identical Splits.
+
+    lazy (leave_one_out only; other policies ignore it): only the test windows are cut now, and the train and
+    val windows when first read (a view that shows test prompts never pays for them); their numbers
+    (``sizes()``, ``describe()``) are counted at once. The windows are the same.
     """
     policy = SPLIT_ALIASES.get(policy, policy)
     if policy not in SPLIT_POLICIES:
@@ -726,13 +798,14 @@ def make_splits(
 
     if policy == "files":
         return _file_splits(ds, n_history, n_target, min_interactions, config)
+    if lazy and policy == "leave_one_out":
+        return _lazy_leave_one_out(ds, config)
 
-    def window(user: str, seq: list[str], end: int) -> Window | None:
+    def window(user: str, seq: tuple[str, ...], end: int) -> Window | None:
         start = end - n_target
         if start - min_history < 0:
             return None
-        history = seq[max(0, start - n_history) : start]
-        return Window(user, tuple(history), tuple(seq[start:end]))
+        return Window(user, seq[max(0, start - n_history) : start], seq[start:end])  # slices of a tuple
 
     train: list[Window] = []
     val: list[Window] = []
@@ -746,6 +819,7 @@ def make_splits(
             continue
         if max_items_per_user is not None:
             seq = seq[-max_items_per_user:]
+        seq = tuple(seq)  # its slices are the windows' tuples (no copy per window)
         last = window(user, seq, len(seq))
         if last is None:
             dropped += 1
@@ -757,10 +831,11 @@ def make_splits(
         val_window = window(user, seq, len(seq) - n_target)
         if val_window is not None:
             val.append(val_window)
-        ends = range(len(seq) - 2 * n_target, n_target + min_history - 1, -1)  # latest first
-        latest = (w for w in (window(user, seq, e) for e in ends) if w is not None)
-        user_train = list(itertools.islice(latest, max_train_windows_per_user))  # only the windows kept
-        train.extend(reversed(user_train))
+        # the windows ending at L - 2*n_target down to the earliest with min_history items (latest first), only
+        # the latest max_train_windows_per_user of them kept, listed oldest first
+        ends = range(len(seq) - 2 * n_target, n_target + min_history - 1, -1)[:max_train_windows_per_user]
+        train.extend([Window(user, seq[max(0, e - n_target - n_history) : e - n_target], seq[e - n_target : e])
+                      for e in reversed(ends)])  # fmt: skip
 
     if policy == "last_window_by_user":
         order = list(range(len(by_user_windows)))
@@ -771,6 +846,34 @@ def make_splits(
         for k, w in enumerate(by_user_windows):  # keep sorted-user order inside each split
             (test if k in test_ids else val if k in val_ids else train).append(w)
     return Splits(train, val, test, policy, dropped, config)
+
+
+def _lazy_leave_one_out(ds: RecDataset, config: dict) -> _LazySplits:
+    """make_splits(lazy=True) under leave_one_out: the test windows now, the numbers of val and train windows
+    counted from the lengths (as make_splits cuts them), the windows themselves on first read."""
+    c = config
+    n_history, n_target, min_history = c["n_history"], c["n_target"], c["min_history"]
+    cap, max_items = c["max_train_windows_per_user"], c["max_items_per_user"]
+    test: list[Window] = []
+    dropped = n_val = n_train = 0
+    for user in sorted(ds.sequences):
+        seq = ds.sequences[user]
+        if len(seq) < c["min_interactions"]:
+            dropped += 1
+            continue
+        if max_items is not None:
+            seq = seq[-max_items:]
+        n = len(seq)
+        start = n - n_target
+        if start - min_history < 0:
+            dropped += 1
+            continue
+        test.append(Window(user, tuple(seq[max(0, start - n_history) : start]), tuple(seq[start:n])))
+        n_val += start - n_target - min_history >= 0
+        n_train += len(range(n - 2 * n_target, n_target + min_history - 1, -1)[:cap])
+    args = {k: v for k, v in config.items() if k != "policy"}
+    return _LazySplits(lambda: make_splits(ds, **args, policy="leave_one_out"), test, "leave_one_out", dropped,
+                       config, (n_train, n_val, len(test), len(test)))  # fmt: skip
 
 
 def _file_splits(ds: RecDataset, n_history: int, n_target: int, min_interactions: int, config: dict) -> Splits:

@@ -72,15 +72,20 @@ class EvalResult:
 
 def train_popularity(windows: Sequence[Window]) -> Counter:
     """Interaction counts over the training windows only (no test targets leak into the baseline)."""
-    counts: Counter = Counter()
-    seen: dict[str, set] = {}  # per user: the items already counted (one set per user, not one tuple per pair)
+    from itertools import chain
+    from operator import attrgetter
+
+    mine: dict[str, set] = {}  # per user: the items of its windows (an item counts once per user)
     for w in windows:
-        mine = seen.setdefault(w.user, set())
-        for item in (*w.history, *w.targets):
-            if item not in mine:
-                mine.add(item)
-                counts[item] += 1
-    return counts
+        items = mine.get(w.user)
+        if items is None:
+            items = mine[w.user] = set()
+        items.update(w.history)
+        items.update(w.targets)
+    total = Counter(chain.from_iterable(mine.values()))  # counted at C speed
+    # keys in the order the windows first name them (history, then targets), as counting window by window gave
+    first = dict.fromkeys(chain.from_iterable(chain.from_iterable(map(attrgetter("history", "targets"), windows))))
+    return Counter({item: total[item] for item in first})
 
 
 # Model scores that differ by less than this are one tie (float32 rounding: the same option scored in a

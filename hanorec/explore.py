@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,9 +86,34 @@ class DatasetStats:
             ("share of interactions on the top 10% of items", f"{top:.1%}"),
         ]
 
+    def length_histogram(self, max_bins: int = 60) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(bin starts, bin widths, users per bin) of the sequence lengths: one bin per length when there are at
+        most ``max_bins`` different lengths from min to max, else ``max_bins`` equal bins of whole lengths."""
+        lengths = np.asarray(self.sequence_lengths, dtype=np.int64)
+        if lengths.size == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
+        lo, hi = int(lengths.min()), int(lengths.max())
+        edges = np.unique(np.linspace(lo, hi + 1, min(hi + 1 - lo, max_bins) + 1).round().astype(np.int64))
+        counts, _ = np.histogram(lengths, bins=edges)
+        return edges[:-1], np.diff(edges), counts
+
+    def popularity_curve(self, max_points: int = 1500) -> tuple[np.ndarray, np.ndarray]:
+        """(rank, interactions) points of the long-tail curve (rank 1 = the most popular item): every rank when
+        there are at most ``max_points`` items, else ranks spaced evenly on a log scale (the first and last
+        included), each with its exact count."""
+        pop = np.asarray(self.popularity, dtype=np.int64)
+        n = pop.size
+        if n <= max_points:
+            ranks = np.arange(1, n + 1)
+        else:
+            ranks = np.unique(np.geomspace(1, n, max_points).round().astype(np.int64))
+        return ranks, pop[ranks - 1] if n else pop
+
 
 _STATS_CACHE: dict[str, DatasetStats] = {}
 _STATS_CACHE_SIZE = 8
+STATS_CACHE_FILES = 32  # statistics files kept on disk (the least recently used beyond are removed)
+_STATS_VERSION = 1
 
 
 def dataset_fingerprint(ds: RecDataset) -> str:
@@ -106,13 +132,20 @@ def dataset_fingerprint(ds: RecDataset) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
-def dataset_stats(ds: RecDataset, *, cache: bool = True) -> DatasetStats:
+def dataset_stats(ds: RecDataset, *, cache: bool = True, cache_dir: str | Path | None = None) -> DatasetStats:
     """Counts for the dataset panel (all users, not a split); computed once per :func:`dataset_fingerprint`
-    (a changed file or another subset computes them again)."""
+    (a changed file or another subset computes them again). cache_dir: also keep them on disk there, one
+    JSON file per fingerprint (at most STATS_CACHE_FILES files), so another process reads them instead of
+    counting again; a file that cannot be read or does not hold what this dataset's statistics must (a
+    damaged or foreign file) is ignored and written again."""
     key = dataset_fingerprint(ds) if cache else None
     if key is not None and key in _STATS_CACHE:
         return _STATS_CACHE[key]
-    stats = _dataset_stats(ds)
+    stats = _read_stats(Path(cache_dir), key, ds) if (key is not None and cache_dir is not None) else None
+    if stats is None:
+        stats = _dataset_stats(ds)
+        if key is not None and cache_dir is not None:
+            _write_stats(Path(cache_dir), key, stats)
     if key is not None:
         _STATS_CACHE[key] = stats
         while len(_STATS_CACHE) > _STATS_CACHE_SIZE:
@@ -120,16 +153,82 @@ def dataset_stats(ds: RecDataset, *, cache: bool = True) -> DatasetStats:
     return stats
 
 
+def _stats_file(folder: Path, key: str) -> Path:
+    return folder / f"dataset-stats-{key}.json"
+
+
+def _read_stats(folder: Path, key: str, ds: RecDataset) -> DatasetStats | None:
+    """The statistics stored for this fingerprint, or None (no file, or a file not to be trusted)."""
+    import json
+
+    path = _stats_file(folder, key)
+    try:
+        if path.stat().st_size > 24 * (len(ds.sequences) + len(ds.items)) + 65536:
+            return None  # more than its numbers can take
+        raw = json.loads(path.read_bytes())
+        if raw.get("version") != _STATS_VERSION or raw.get("fingerprint") != key:
+            return None
+        stats = DatasetStats(**{f: raw["stats"][f] for f in DatasetStats.__dataclass_fields__})
+        ints = (stats.n_users, stats.n_items, stats.n_interactions, stats.missing_images,
+                stats.items_never_seen)  # fmt: skip
+        lengths, pop = stats.sequence_lengths, stats.popularity
+        ok = (
+            all(type(v) is int and v >= 0 for v in ints)
+            and isinstance(lengths, list) and isinstance(pop, list)
+            and (stats.n_users, stats.n_items) == (len(ds.sequences), len(ds.items))
+            and stats.n_interactions == ds.summary.n_interactions
+            and len(lengths) == stats.n_users and len(pop) == stats.n_items
+            and all(type(v) is int for v in lengths) and all(type(v) is int for v in pop)
+            and sum(lengths) == stats.n_interactions >= sum(pop)
+        )  # fmt: skip
+        if not ok:
+            return None
+        os.utime(path)  # recently used: kept when the folder is trimmed
+        return stats
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError):
+        return None  # missing, unreadable, not JSON, not the expected shape
+
+
+def _write_stats(folder: Path, key: str, stats: DatasetStats) -> None:
+    """Write the file atomically (a reader never sees half of it), then keep the newest STATS_CACHE_FILES;
+    a folder that cannot be written only costs the next process the counting."""
+    import json
+    import tempfile
+    from dataclasses import asdict
+
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        body = json.dumps({"version": _STATS_VERSION, "fingerprint": key, "stats": asdict(stats)})
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".stats-", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(body)
+            os.replace(tmp, _stats_file(folder, key))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        files = sorted(folder.glob("dataset-stats-*.json"), key=lambda f: f.stat().st_mtime_ns, reverse=True)
+        for old in files[STATS_CACHE_FILES:]:
+            old.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
 def _dataset_stats(ds: RecDataset) -> DatasetStats:
-    pop = ds.popularity()
+    from collections import Counter
+    from itertools import chain
+
+    counts = Counter(chain.from_iterable(ds.sequences.values()))  # counted at C speed
+    pop = [counts.get(i, 0) for i in ds.items]
+    lengths = list(map(len, map(ds.sequences.__getitem__, sorted(ds.sequences))))
     return DatasetStats(
         n_users=len(ds.sequences),
         n_items=len(ds.items),
-        n_interactions=sum(len(s) for s in ds.sequences.values()),
+        n_interactions=sum(lengths),
         missing_images=sum(1 for it in ds.items.values() if it.image_path is None),
-        sequence_lengths=[len(ds.sequences[u]) for u in sorted(ds.sequences)],
-        popularity=sorted(pop.values(), reverse=True),
-        items_never_seen=sum(1 for c in pop.values() if c == 0),
+        sequence_lengths=lengths,
+        popularity=sorted(pop, reverse=True),
+        items_never_seen=pop.count(0),
     )
 
 

@@ -66,7 +66,14 @@ class PreparedData:
     train: Sequence[Example]  # hanorec.tasks.ExampleList: formatted when read
     val: Sequence[Example]
     test: Sequence[Example]
-    popularity: dict
+    _popularity: dict | Callable[[], dict]  # training popularity, or the function counting it on first use
+
+    @property
+    def popularity(self) -> dict:
+        """Interaction counts over the training windows (hanorec.eval.train_popularity), counted once."""
+        if callable(self._popularity):
+            self._popularity = self._popularity()
+        return self._popularity
 
 
 def prepare_data(
@@ -76,15 +83,18 @@ def prepare_data(
     on_log: Callable | None = None,
     should_stop: Callable | None = None,
     defer: bool = False,
+    freeze: bool = False,
 ) -> PreparedData:
     """Load and validate the dataset, split it, and build the task's examples (all seeded).
 
     Raises DataError when a split the run needs is empty (the train split when for_training, and the
     evaluated one); on_log gets one "data" event per phase and should_stop is polled between them.
     Examples are formatted when read (hanorec.tasks.ExampleList); defer=True also leaves each split's
-    candidate draws until that split is first used (the app's views: the same examples, drawn on demand).
+    candidate draws until that split is first used (an unshuffled split draws only up to the example read)
+    and the training popularity until it is first read (the app's views: the same examples and counts,
+    made on demand). freeze: see hanorec.tasks.no_cyclic_gc (a long-lived process that keeps the data).
     """
-    with no_cyclic_gc():
+    with no_cyclic_gc(freeze=freeze):
         return _prepare_data(cfg, for_training, on_log, should_stop, defer)
 
 
@@ -112,6 +122,7 @@ def _prepare_data(cfg: RunConfig, for_training: bool, on_log, should_stop, defer
         max_items_per_user=d.max_items_per_user,
         max_train_windows_per_user=d.max_train_windows_per_user,
         seed=cfg.seed,
+        lazy=defer,  # deferred: the train and val windows are cut when first read
     )
     require_windows(splits, ds, train=for_training, eval_split=cfg.eval.split)
     progress.tick(phase="split")
@@ -143,7 +154,9 @@ def _prepare_data(cfg: RunConfig, for_training: bool, on_log, should_stop, defer
         progress.tick(phase=phase)
         return out
 
-    train_windows, train_cap = splits.train, t.max_train_examples
+    # deferred: the lazy splits' train and val windows are read when their examples are first drawn
+    train_windows, train_cap = (lambda: splits.train) if defer else splits.train, t.max_train_examples
+    val_windows = (lambda: splits.val) if defer else splits.val
     if splits.policy == "files" and train_cap is not None:
         # the first rows of train.tsv, before shuffling, as LLaMA-Factory's max_samples keeps a file's first rows
         train_windows, train_cap = splits.train[:train_cap], None
@@ -151,9 +164,9 @@ def _prepare_data(cfg: RunConfig, for_training: bool, on_log, should_stop, defer
         ds,
         splits,
         examples(train_windows, 0, True, train_cap, "train examples"),
-        examples(splits.val, 1000, False, t.max_eval_examples, "val examples"),
+        examples(val_windows, 1000, False, t.max_eval_examples, "val examples"),
         examples(splits.test, 2000, False, t.max_eval_examples, "test examples"),
-        dict(train_popularity(splits.train)),
+        (lambda: dict(train_popularity(splits.train))) if defer else dict(train_popularity(splits.train)),
     )
 
 

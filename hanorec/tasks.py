@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import gc
 import random
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -231,16 +232,23 @@ def shows_images(ds: RecDataset, images: str = "auto") -> bool:
 
 
 @contextmanager
-def no_cyclic_gc():
+def no_cyclic_gc(freeze: bool = False):
     """Python's cycle collector off while millions of small objects (sequences, windows, draws) are made: it
     would rescan them all again and again (a third of the CPU time at 2.4 million interactions), and they
-    form no cycles; reference counting still frees everything. Its previous state is restored."""
+    form no cycles; reference counting still frees everything. Its previous state is restored.
+
+    freeze (a long-lived process keeping what was made, such as the app): when the collector is turned back
+    on, the objects alive then go to its permanent generation (gc.freeze) first, so its next passes do not
+    walk them all (about 1 s per pass at 2.4 million interactions, two or three passes); reference counting
+    still frees them once they are dropped."""
     was = gc.isenabled()
     gc.disable()
     try:
         yield
     finally:
         if was:
+            if freeze:
+                gc.freeze()
             gc.enable()
 
 
@@ -486,6 +494,39 @@ def build_example(
     return _assemble(task, d, ds, words, hit1_target_image, shows_images(ds, images), template_set, outer_quotes)
 
 
+class _PrefixDraws:
+    """The deferred draws of windows taken in order (not shuffled), made only as far as a reader needs.
+
+    One seeded generator walks the windows in order, so the draw of window k depends on the windows before it
+    and not on any after it: drawing windows 0..k now and the rest later gives the very same draws as drawing
+    them all at once. The user list (the windows' users) needs no draw at all. Thread-safe: the app's views may
+    read one list from several threads."""
+
+    def __init__(self, windows: Sequence[Window] | Callable[[], Sequence[Window]], step):
+        self._windows = windows  # or the function giving them (called on first use)
+        self.made: list[_Draw] = []
+        self._step = step  # window -> its _Draw (the shared generator and memo inside)
+        self._lock = threading.Lock()
+
+    @property
+    def windows(self) -> Sequence[Window]:
+        if callable(self._windows):
+            with self._lock:
+                if callable(self._windows):
+                    self._windows = self._windows()
+        return self._windows
+
+    def upto(self, n: int) -> list[_Draw]:
+        """The draws of the first n windows (made now if not yet)."""
+        if len(self.made) < n:
+            windows = self.windows
+            with self._lock, no_cyclic_gc():
+                made, step = self.made, self._step
+                for k in range(len(made), min(n, len(windows))):
+                    made.append(step(windows[k]))
+        return self.made
+
+
 class ExampleList(Sequence):
     """Examples built on access: the seeded draws of every window are made once up front (cheap: a few
     generator calls per window), the prompt text of an example only when it is read. Reads like a list of
@@ -493,26 +534,40 @@ class ExampleList(Sequence):
 
     def __init__(self, task: str, draws, ds: RecDataset, words: dict, hit1_target_image: bool,
                  with_images: bool, template_set: str = "ours", outer_quotes: bool = False):  # fmt: skip
-        """draws: the windows' draws, or a function making them (called on first use: deferred)."""
+        """draws: the windows' draws, a function making them (called on first use: deferred), or a
+        _PrefixDraws (deferred windows in order: an example draws only the windows up to its own)."""
         self.task, self.dataset = task, ds
+        self._prefix = draws if isinstance(draws, _PrefixDraws) else None
         self._pending = draws if callable(draws) else None
-        self._made: list[_Draw] | None = None if callable(draws) else list(draws)
+        deferred = callable(draws) or self._prefix is not None
+        self._made: list[_Draw] | None = None if deferred else list(draws)
         self._args = (words, hit1_target_image, with_images, template_set, outer_quotes)
         self._by_user: dict[str, int] | None = None
 
     @property
     def _draws(self) -> list[_Draw]:
+        if self._prefix is not None:
+            return self._prefix.upto(len(self._prefix.windows))
         if self._made is None:
             self._made, self._pending = list(self._pending()), None
         return self._made
 
+    def _draw_at(self, k: int) -> _Draw:
+        if self._prefix is not None:
+            n = len(self._prefix.windows)
+            if not -n <= k < n:
+                raise IndexError("ExampleList index out of range")
+            k %= n
+            return self._prefix.upto(k + 1)[k]
+        return self._draws[k]
+
     def __len__(self) -> int:
-        return len(self._draws)
+        return len(self._prefix.windows) if self._prefix is not None else len(self._draws)
 
     def __getitem__(self, index):
         if isinstance(index, slice):
             return [self[k] for k in range(*index.indices(len(self)))]
-        return _assemble(self.task, self._draws[index], self.dataset, *self._args)
+        return _assemble(self.task, self._draw_at(index), self.dataset, *self._args)
 
     def __eq__(self, other) -> bool:
         if not isinstance(other, Sequence) or len(other) != len(self):
@@ -521,22 +576,28 @@ class ExampleList(Sequence):
 
     __hash__ = None  # type: ignore[assignment]
 
+    def _windows(self) -> Sequence[Window]:
+        return self._prefix.windows if self._prefix is not None else [d.window for d in self._draws]
+
     def users(self) -> list[str]:
-        """The user of every example, in order, without building any prompt."""
-        return [d.window.user for d in self._draws]
+        """The user of every example, in order, without building any prompt (nor, for windows taken in
+        order, drawing any candidate)."""
+        return [w.user for w in self._windows()]
 
     def for_user(self, user: str) -> Example | None:
-        """The (first) example of a user, built on demand; None when the user has none."""
+        """The (first) example of a user, built on demand; None when the user has none. For windows taken in
+        order only the draws up to that user's are made."""
         if self._by_user is None:
-            self._by_user = {}
-            for k, d in enumerate(self._draws):
-                self._by_user.setdefault(d.window.user, k)
+            by_user: dict[str, int] = {}
+            for k, w in enumerate(self._windows()):
+                by_user.setdefault(w.user, k)
+            self._by_user = by_user
         k = self._by_user.get(str(user))
         return None if k is None else self[k]
 
     def subset(self, indices: Sequence[int]) -> ExampleList:
         """The examples at these indices, still built on access."""
-        return ExampleList(self.task, [self._draws[k] for k in indices], self.dataset, *self._args)
+        return ExampleList(self.task, [self._draw_at(k) for k in indices], self.dataset, *self._args)
 
     def __repr__(self) -> str:
         return f"ExampleList({self.task}, {len(self)} examples)"
@@ -544,7 +605,7 @@ class ExampleList(Sequence):
 
 def build_examples(
     task: str,
-    windows: Sequence[Window],
+    windows: Sequence[Window] | Callable[[], Sequence[Window]],
     ds: RecDataset,
     *,
     seed: int = 0,
@@ -574,7 +635,10 @@ def build_examples(
     shows the 5 history images only; the default follows the authors).
     images: "always", "never" or "auto" (:func:`shows_images`).
     defer (with lazy): even the draws wait until the list is first used (a view that needs only another
-    split, such as the app's Data tab showing test prompts, never pays for the training split's).
+    split, such as the app's Data tab showing test prompts, never pays for the training split's); without
+    shuffle the list's users are known without any draw and reading example k draws the windows up to k only
+    (the same draws: one generator walks the windows in order). windows may then be a function giving them
+    (called when first needed: lazy splits' train and val windows, hanorec.data.make_splits).
     template_set, outer_quotes: see :func:`build_example`. negatives: "titled" (items with a title) or
     "id_range" (the authors': ids 1 to max_item_id, see :func:`id_range_pool`). false_negatives: see
     :func:`build_example`."""
@@ -591,15 +655,21 @@ def build_examples(
     def draws() -> list[_Draw]:
         rng, memo = random.Random(seed), {}
         with no_cyclic_gc():
-            out = [_draw(task, w, ds, rng, n_neg, memo, pool, false_negatives) for w in windows]
+            out = [_draw(task, w, ds, rng, n_neg, memo, pool, false_negatives) for w in given()]
         if shuffle:
             random.Random(seed + 1).shuffle(out)  # the same permutation shuffling the built examples gave
         return out if max_examples is None else out[:max_examples]
 
-    out = ExampleList(
-        task, draws if (lazy and defer) else draws(), ds, words, hit1_target_image, with_images,
-        template_set, outer_quotes,
-    )  # fmt: skip
+    def given() -> Sequence[Window]:
+        return windows() if callable(windows) else windows
+
+    if lazy and defer and not shuffle:  # windows in order: draw only as far as a reader needs (_PrefixDraws)
+        rng, memo = random.Random(seed), {}
+        kept = given if max_examples is None else (lambda: given()[:max_examples])
+        deferred = _PrefixDraws(kept, lambda w: _draw(task, w, ds, rng, n_neg, memo, pool, false_negatives))
+    else:
+        deferred = draws if (lazy and defer) else draws()
+    out = ExampleList(task, deferred, ds, words, hit1_target_image, with_images, template_set, outer_quotes)
     return out if lazy else list(out)
 
 

@@ -200,6 +200,59 @@ def test_text_only_pairs_train_one_trl_dpo_step(ds, tmp_path):
     assert trainer.state.global_step == 1 and torch.isfinite(torch.tensor(result.training_loss))
 
 
+@pytest.mark.slow
+def test_image_pairs_train_one_trl_dpo_step_with_the_tiny_smolvlm(ds, tmp_path):
+    """Exported pairs with images train TRL's DPOTrainer offline: the tiny SmolVLM (Idefics3 family) with an
+    Idefics3Processor over its own tokenizer and PIL image processor (the SmolVLM processor would need a video
+    processor, and Qwen2.5-VL's processor torchvision, which is not installed). TRL's prompt tokens are the
+    ones our trainer feeds the model (the same image token runs)."""
+    pytest.importorskip("trl")
+    import datasets as hfd
+    from accelerate.state import AcceleratorState
+    from peft import LoraConfig
+    from transformers import Idefics3Processor
+    from trl import DPOConfig, DPOTrainer
+
+    from hanorec.data import make_splits
+    from hanorec.models import build_tiny, lora_target_regex
+    from hanorec.pairs import build_pairs
+    from hanorec.tasks import build_examples, corpus_text
+    from hanorec.train.preference import PrefItem
+
+    windows = make_splits(ds, n_history=3, n_target=3).train
+    examples = build_examples("hit3", windows, ds, seed=0, max_examples=4)
+    assert all(len(e.image_items) == 3 for e in examples)
+    items = [PrefItem(p, 0.5 + k) for k, p in enumerate(build_pairs(examples, ds, seed=0))]
+    path = write_pairs_jsonl(items, ds, tmp_path / "pairs.jsonl")
+    rows = hfd.load_dataset("json", data_files=str(path), split="train")
+    rows = rows.select_columns(["prompt", "chosen", "rejected", "images"])
+    rows = rows.cast_column("images", hfd.Sequence(hfd.Image()))  # file paths -> PIL images
+    bundle = build_tiny("tiny-smolvlm", corpus_text(ds), hidden_size=32, vocab_size=400, seed=0)
+    per_image = bundle.adapter.tokens_per_image(bundle)
+    proc = Idefics3Processor(image_processor=bundle.image_processor, tokenizer=bundle.tokenizer,
+                             image_seq_len=per_image, chat_template=bundle.tokenizer.chat_template)  # fmt: skip
+    for r, e in zip(rows, examples):  # the prompt as TRL tokenizes it = the prompt our trainer encodes
+        text = proc.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False)
+        theirs = proc(text=[text], images=[r["images"]], add_special_tokens=False)["input_ids"][0]
+        assert list(theirs) == list(bundle.encode_prompt(e.prompt, render(e, ds).images).input_ids)
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.1, per_device_train_batch_size=2, max_steps=1,
+                     max_length=None, report_to=[], use_cpu=True, bf16=False, save_strategy="no",
+                     gradient_checkpointing=False, disable_tqdm=True, dataloader_num_workers=0)  # fmt: skip
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=lora_target_regex(["q_proj", "v_proj"]),
+                             task_type="CAUSAL_LM")  # fmt: skip
+    try:
+        trainer = DPOTrainer(model=bundle.model, args=args, train_dataset=rows, processing_class=proc,
+                             peft_config=peft_config)  # fmt: skip
+        batch = next(iter(trainer.get_train_dataloader()))
+        # 2 pairs (a chosen and a rejected row each), 3 images per row
+        assert tuple(batch["pixel_values"].shape[:2]) == (4, 3)
+        assert ((batch["input_ids"] == bundle.image_token_id).sum(1) == 3 * per_image).all()
+        result = trainer.train()
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert trainer.state.global_step == 1 and torch.isfinite(torch.tensor(result.training_loss))
+
+
 def test_cli_export_and_its_refusal(llava_run, tmp_path, capsys):
     from hanorec.cli import main
 

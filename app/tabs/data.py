@@ -27,35 +27,60 @@ CANDIDATE_COLUMNS = ["candidate", "item", "true next", "log-prob", "prob", "rank
 
 # ---- handlers ---------------------------------------------------------------------------------
 def open_dataset(ctx, dataset: str, task: str):
-    """Statistics of the dataset and the users that have a test prompt for the task."""
+    """Statistics of the dataset and the users that have a test prompt for the task (all at once: the API's
+    data_open; the page shows the same in two steps, open_dataset_steps)."""
+    steps = open_dataset_steps(ctx, dataset, task)
+    users = next(steps)[0]
+    *_, last = steps
+    return (users, *last[1:])
+
+
+def open_dataset_steps(ctx, dataset: str, task: str):
+    """The page's open, in two steps: first the users with a test prompt and the summary (the first user is
+    shown while the rest is counted), then the statistics and figures (counted once per dataset fingerprint,
+    kept on disk under the runs folder: another app process reads them instead of counting again)."""
     from hanorec.explore import dataset_stats
 
     data = ctx.prepared(dataset, task)
-    stats = dataset_stats(data.dataset)
-    users = test_users(data)
-    table = pd.DataFrame(stats.table, columns=["statistic", "value"])
+    users = test_users(data)  # the windows' users: no candidate is drawn before a user is shown
     summary = f"**{data.dataset.name}**: {data.splits.describe()}. {len(users):,} users have a test prompt for {task}."
     if data.dataset.summary.text_only:
         summary += " Text only: no item has an image, so prompts carry no images."
     if len(users) > MAX_USER_CHOICES:
         summary += f" The list shows the first {MAX_USER_CHOICES:,}; type any other user id."
-    return (
-        gr.update(choices=users[:MAX_USER_CHOICES], value=users[0] if users else None),
-        summary,
-        table,
-        lengths_figure(stats),
-        popularity_figure(stats),
-        images_figure(stats),
-    )
+    pick = gr.update(choices=users[:MAX_USER_CHOICES], value=users[0] if users else None)
+    empty = pd.DataFrame([], columns=["statistic", "value"])
+    yield pick, summary + " Counting the statistics…", empty, None, None, None
+    with user_errors("counting the dataset's statistics"):
+        stats = dataset_stats(data.dataset, cache_dir=stats_cache_dir(ctx))
+    table = pd.DataFrame(stats.table, columns=["statistic", "value"])
+    yield gr.skip(), summary, table, lengths_figure(stats), popularity_figure(stats), images_figure(stats)
+
+
+def stats_cache_dir(ctx):
+    """Where the dataset statistics are kept between app processes: <runs>/.cache (a dot folder: not a run)."""
+    return ctx.runs_dir / ".cache" / "dataset-stats" if getattr(ctx, "runs_dir", None) else None
 
 
 def open_typed(ctx, typed: str, task: str):
     """A dataset folder typed by the user (confined to the allowed folders)."""
+    steps = open_typed_steps(ctx, typed, task)
+    first = next(steps)
+    *_, last = steps
+    return (*first[:2], *last[2:])
+
+
+def open_typed_steps(ctx, typed: str, task: str):
+    """open_typed in open_dataset_steps' two steps (the page's button)."""
     path = str(ctx.resolve_path(typed))
     choices = ctx.dataset_choices()
     if path not in [v for _, v in choices]:
         choices.append((typed, path))
-    return (gr.update(choices=choices, value=path), *open_dataset(ctx, path, task))
+    steps = open_dataset_steps(ctx, path, task)
+    first = next(steps)
+    yield (gr.update(choices=choices, value=path), *first)
+    for step in steps:
+        yield (gr.skip(), *step)
 
 
 def show_user(ctx, dataset: str, task: str, user: str, model: str):
@@ -169,12 +194,19 @@ def model_view(bundle, ds, example):
 
 
 def lengths_figure(stats) -> go.Figure:
-    fig = go.Figure(go.Histogram(x=stats.sequence_lengths, marker_color="#4c78a8"))
+    """Users per sequence length, binned here (plotly gets tens of bars, not one value per user)."""
+    starts, widths, counts = stats.length_histogram()
+    fig = go.Figure(go.Bar(x=(starts + (widths - 1) / 2).tolist(), y=counts.tolist(), width=widths.tolist(),
+                           marker_color="#4c78a8", customdata=(starts + widths - 1).tolist(),
+                           hovertemplate="%{x} items: %{y} users<extra></extra>" if (widths == 1).all()
+                           else "%{x:.0f} items (bin): %{y} users<extra></extra>"))  # fmt: skip
     return _layout(fig, "Sequence length per user", "items in the sequence", "users")
 
 
 def popularity_figure(stats) -> go.Figure:
-    fig = go.Figure(go.Scatter(y=stats.popularity, mode="lines", line_color="#f58518"))
+    """Interactions per item by rank (at most ~1,500 points, spaced evenly on the log scale of ranks)."""
+    ranks, counts = stats.popularity_curve()
+    fig = go.Figure(go.Scatter(x=ranks.tolist(), y=counts.tolist(), mode="lines", line_color="#f58518"))
     fig.update_yaxes(type="log")
     return _layout(fig, "Item popularity (long tail)", "item rank", "interactions (log)")
 
@@ -243,10 +275,15 @@ def build(ctx) -> None:
     stats_out = [user, summary, stats_table, fig_lengths, fig_pop, fig_images]
     user_out = [history, cands, cand_images, prompt, answer, seen_text, seen_images]
     user_in = [dataset, task, user, model]
-    load = partial(open_dataset, ctx)
-    dataset.change(load, [dataset, task], stats_out, api_name="data_open")
+    load = partial(open_dataset_steps, ctx)  # two steps: users and summary, then the statistics
+    dataset.change(load, [dataset, task], stats_out, api_visibility="private")
     task.change(load, [dataset, task], stats_out, api_visibility="private")
-    open_btn.click(partial(open_typed, ctx), [typed, task], [dataset, *stats_out], api_name="data_open_typed")
+    typed_out = [dataset, *stats_out]
+    open_btn.click(partial(open_typed_steps, ctx), [typed, task], typed_out, api_visibility="private")
+    # the API's calls answer once, with everything (a hidden button carries them)
+    api = gr.Button(visible=False)
+    api.click(partial(open_dataset, ctx), [dataset, task], stats_out, api_name="data_open")
+    api.click(partial(open_typed, ctx), [typed, task], typed_out, api_name="data_open_typed")
     light = ctx.events(LIGHT)
     user.change(partial(show_user_text, ctx), user_in[:3], user_out, api_visibility="private", **light).then(
         partial(show_user, ctx), user_in, user_out, api_name="data_user", **light
