@@ -146,6 +146,7 @@ def build_app(ctx):
     import app.tabs as tabs
 
     gr.set_static_paths([str(d) for d in ctx.data_dirs])  # item images are served from their files directly
+    memoize_static_check()
     with gr.Blocks(title="HaNoRec Studio", analytics_enabled=False) as demo:
         gr.Markdown(INTRO)
         for name in TABS:
@@ -153,6 +154,45 @@ def build_app(ctx):
                 tabs.build(name, ctx)
     demo.queue(default_concurrency_limit=2, max_size=QUEUE_SIZE)
     return demo
+
+
+STATIC_MEMO_SIZE = 100_000
+
+
+def memoize_static_check() -> None:
+    """Remember which returned files lie in the static folders (gr.set_static_paths), per path and folders.
+
+    Gradio checks every file a handler returns (a user view returns ~60 item images) by testing that it
+    exists and resolving it and every static folder (symlinks, each path component): under a classroom's load
+    that was two thirds of a user view's server time (BENCHMARKS.md section 7). Only "yes" answers are kept
+    (a file inside a static folder stays there while the app runs; a "no" is asked again, so a file that
+    appears later is still found), at most STATIC_MEMO_SIZE of them; new static folders make a new key.
+    A Gradio without this check is left as it is."""
+    from gradio import utils
+    from gradio.data_classes import FileData, _StaticFiles
+
+    original = getattr(utils, "_is_static_file", None)
+    if original is None or getattr(utils.is_static_file, "memoized", False):
+        return
+    known: set = set()
+
+    def is_static_file(file_path) -> bool:
+        path = file_path.path if isinstance(file_path, FileData) else file_path
+        if not isinstance(path, (str, Path)):
+            return False
+        folders = list(_StaticFiles.all_paths)
+        key = (str(path), isinstance(path, str), tuple(map(str, folders)))
+        if key in known:
+            return True
+        found = original(path, folders)
+        if found:
+            if len(known) >= STATIC_MEMO_SIZE:
+                known.clear()
+            known.add(key)
+        return found
+
+    is_static_file.memoized = True
+    utils.is_static_file = is_static_file
 
 
 def launch_options(ctx) -> dict:

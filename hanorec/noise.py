@@ -131,6 +131,9 @@ class LoRADraw:
     eps_B: Tensor
 
 
+_EVERY_THREAD = object()  # LoRANoise._owner of a training context
+
+
 class _Pair:
     """One hooked (LoraLayer, adapter) pair."""
 
@@ -233,7 +236,9 @@ class LoRANoise:
         self._group_ids: Tensor | None = None
         self._in_order = False  # group_ids are 0, 1, ..., G-1 for a context of G draws
         self._num_groups = 1
-        self._owner: int | None = None  # inference contexts: the thread whose forwards they perturb
+        # whose forwards the open context perturbs: _EVERY_THREAD (training), one thread's id (inference), or
+        # None while no context is open (then a hook that fires late perturbs nothing, see _owns_forward)
+        self._owner: int | object | None = None
 
     def metrics(self) -> dict[str, float]:
         """Values to log beside the TRL metrics."""
@@ -279,7 +284,7 @@ class LoRANoise:
         num_groups = 1 if group_ids is None else int(group_ids.max()) + 1
         self._num_groups = num_groups
         self._set_rows(group_ids)
-        self._owner = threading.get_ident() if inference else None
+        self._owner = threading.get_ident() if inference else _EVERY_THREAD
         self._is_active = True
         try:
             if eager:
@@ -291,12 +296,12 @@ class LoRANoise:
                 self._hooks.append(pair.lora_B.register_forward_hook(b_hook))
             yield self
         finally:
+            self._owner = None  # first: a hook already picked up by another thread's forward now does nothing
             for handle in self._hooks:
                 handle.remove()
             self._hooks = []
             self._is_active = False
             self._set_rows(None)
-            self._owner = None
 
     def set_group_ids(self, group_ids: Tensor | None) -> None:
         """Inside ``active(group_ids=...)``: the rows of the NEXT forwards use these draws instead.
@@ -331,8 +336,12 @@ class LoRANoise:
 
     def _owns_forward(self) -> bool:
         """Training contexts perturb every forward (gradient checkpointing may re-run one on another thread);
-        an inference context only its own thread's, so other threads can score the same model clean."""
-        return self._owner is None or self._owner == threading.get_ident()
+        an inference context only its own thread's, so other threads can score the same model clean; no
+        forward once the context has closed. (A forward reads the module's hooks when it calls them: another
+        thread's forward may call this context's hook after the context closed, or between two contexts of
+        this object, and must then get its own output back, not this context's draws.)"""
+        owner = self._owner
+        return owner is _EVERY_THREAD or (owner is not None and owner == threading.get_ident())
 
     def _draw(
         self, pair: _Pair, num_groups: int, generator: torch.Generator | None

@@ -39,12 +39,86 @@ sys.path.insert(0, sys.argv[1])
 os.environ["PYTHONPATH"] = sys.argv[1]
 from app.main import build_app, make_context
 ctx = make_context([sys.argv[2]], sys.argv[3], "cpu")
+if os.environ.get("HANOREC_LOAD_LIMITS"):  # --limits: the current tree's queue limits and compute slots
+    from hanorec.serving import ResultCache
+    limits = dict(kv.split("=") for kv in os.environ["HANOREC_LOAD_LIMITS"].split(","))
+    ctx.light_limit = int(limits.get("light", ctx.light_limit))
+    ctx.noise_limit = int(limits.get("noise", ctx.noise_limit))
+    ctx.heavy_limit = int(limits.get("heavy", ctx.heavy_limit))
+    if "slots" in limits:
+        ctx.results = ResultCache(max_entries=ctx.results.max_entries, heavy_slots=int(limits["slots"]))
 demo = build_app(ctx)
 demo.launch(server_name="127.0.0.1", server_port=int(sys.argv[4]), prevent_thread_lock=True, quiet=True)
+if os.environ.get("HANOREC_LOAD_PROFILE"):  # --profile: where the app's CPU goes (CpuSampler)
+    sys.path.insert(0, sys.argv[5])
+    from load_app import CpuSampler
+    sampler = CpuSampler(os.environ["HANOREC_LOAD_PROFILE"]).start()
 print("serving", flush=True)
 sys.stdin.read()  # until the load script closes stdin
+if os.environ.get("HANOREC_LOAD_PROFILE"):
+    sampler.stop()
 demo.close()
 """
+
+
+class CpuSampler:
+    """Where the app process spends its CPU: every ``interval`` s, each thread's CPU time since the last sample
+    (its own clock, time.pthread_getcpuclockid) is charged to the functions on its Python stack; ``stop()``
+    writes the top functions by inclusive and by own (innermost frame) CPU seconds to ``path``. Threads that
+    wait use no CPU and so cost nothing, whatever their stack; work in C between two samples is charged to
+    the stack seen at the second one."""
+
+    def __init__(self, path: str, interval: float = 0.005):
+        self.path, self.interval = path, interval
+        self.inclusive: dict[str, float] = {}
+        self.own: dict[str, float] = {}
+        self.total = 0.0
+        self._cpu: dict[int, float] = {}
+        self._names: dict = {}  # code object -> "folder/file:function"
+        self._process0 = time.process_time()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> CpuSampler:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        me = threading.get_ident()
+        while not self._stop.wait(self.interval):
+            for tid, frame in sys._current_frames().items():
+                if tid == me:
+                    continue
+                try:
+                    cpu = time.clock_gettime(time.pthread_getcpuclockid(tid))
+                except OSError:  # the thread ended
+                    continue
+                used, self._cpu[tid] = cpu - self._cpu.get(tid, cpu), cpu
+                if used <= 0:
+                    continue
+                self.total += used
+                names, f = [], frame
+                while f is not None:
+                    name = self._names.get(f.f_code)
+                    if name is None:
+                        p = Path(f.f_code.co_filename)
+                        name = self._names[f.f_code] = f"{p.parent.name}/{p.name}:{f.f_code.co_name}"
+                    names.append(name)
+                    f = f.f_back
+                self.own[names[0]] = self.own.get(names[0], 0.0) + used
+                for name in set(names):
+                    self.inclusive[name] = self.inclusive.get(name, 0.0) + used
+
+    def stop(self, top: int = 150) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        process = time.process_time() - self._process0
+        lines = [f"CPU seconds sampled in the app's threads: {self.total:.2f} (the whole process: {process:.2f})"]
+        for title, table in (("inclusive", self.inclusive), ("own (innermost Python frame)", self.own)):
+            lines += ["", f"{title}:"]
+            for k, v in sorted(table.items(), key=lambda kv: -kv[1])[:top]:
+                lines.append(f"{v:9.2f} {v / max(self.total, 1e-9):6.1%}  {k}")
+        Path(self.path).write_text("\n".join(lines) + "\n")
 
 
 def _free_port() -> int:
@@ -62,12 +136,20 @@ def percentile(values: list[float], q: float) -> float:
 
 
 @contextmanager
-def serve(root: Path, runs_dir: str, timeout: float = 240.0):
-    """The app of the source tree ``root`` in a child process on a free local port; yields its URL."""
+def serve(root: Path, runs_dir: str, timeout: float = 240.0, profile: str | None = None, limits: str | None = None):
+    """The app of the source tree ``root`` in a child process on a free local port; yields its URL. profile: a
+    file where the app writes where its CPU went (CpuSampler) when it stops; limits: "light=4,noise=16,heavy=1,
+    slots=1" (any of them) replaces the app's queue limits and compute slots (AppContext, ResultCache)."""
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(root)}
+    env.pop("HANOREC_LOAD_PROFILE", None)
+    env.pop("HANOREC_LOAD_LIMITS", None)
+    if profile:
+        env["HANOREC_LOAD_PROFILE"] = str(Path(profile).resolve())
+    if limits:
+        env["HANOREC_LOAD_LIMITS"] = limits
     proc = subprocess.Popen(
-        [sys.executable, "-c", SERVE, str(root), str(DEMO), runs_dir, str(port)],
+        [sys.executable, "-c", SERVE, str(root), str(DEMO), runs_dir, str(port), str(Path(__file__).parent)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=root,
     )  # fmt: skip
     try:
@@ -170,12 +252,16 @@ def run(
     *,
     root: Path = ROOT,
     mix: dict | None = None,
+    profile: str | None = None,
+    limits: str | None = None,
 ) -> dict:
     """Drive ``sessions`` clients against the app of ``root`` for ``seconds``; latencies, errors, hung sessions."""
     if not 1 <= sessions <= MAX_SESSIONS:
         raise ValueError(f"--sessions must be between 1 and {MAX_SESSIONS}, got {sessions}")
     mix = mix or default_mix()
-    with tempfile.TemporaryDirectory(prefix="hanorec-load-") as tmp, serve(Path(root), runs_dir or tmp) as url:
+    with tempfile.TemporaryDirectory(prefix="hanorec-load-") as tmp, serve(
+        Path(root), runs_dir or tmp, profile=profile, limits=limits
+    ) as url:
         users = _users(url)[: mix["users"]]
         with ThreadPoolExecutor(max_workers=6) as pool:  # every page open before the clock starts
             clients = list(pool.map(lambda _: connect(url), range(sessions)))
@@ -185,12 +271,13 @@ def run(
             threading.Thread(target=session, args=(c, users, seconds, max_requests, i, out, lock, mix), daemon=True)
             for i, c in enumerate(clients)
         ]
-        t0 = time.time()
+        t0, cpu0 = time.time(), time.process_time()
         for t in threads:
             t.start()
         for t in threads:
             t.join(timeout=max(1.0, t0 + seconds + 300 - time.time()))
         out["wall_s"] = time.time() - t0
+        out["client_cpu_s"] = time.process_time() - cpu0  # the sessions' own work, on the same cores
         out["hung_sessions"] = sum(t.is_alive() for t in threads)
     out["sessions"] = sessions
     out["requests"] = sum(len(v) for v in out["latency"].values()) + len(out["errors"])
@@ -220,7 +307,7 @@ def report(out: dict) -> str:
     lines = [
         f"{out['sessions']} sessions, {out['requests']} requests in {out['wall_s']:.0f} s "
         f"({out.get('throughput', 0.0):.2f} served per s), {len(out['errors'])} errors, "
-        f"{out['hung_sessions']} sessions still running at the end"
+        f"{out['hung_sessions']} sessions still running at the end; the clients used {out.get('client_cpu_s', 0):.0f} CPU s"
     ]
     for name, lat in sorted(out["latency"].items()):
         distinct = len(out.get("settings", {}).get(name, ()))
@@ -243,14 +330,14 @@ def checkout(rev: str):
 
 def _merge(runs: list[dict]) -> dict:
     """Several rounds of one app as one run: latencies pooled, requests and wall time summed."""
-    out = {"latency": {}, "errors": [], "settings": {}, "wall_s": 0.0, "hung_sessions": 0, "requests": 0}
+    out = {"latency": {}, "errors": [], "settings": {}, "wall_s": 0.0, "hung_sessions": 0, "requests": 0, "client_cpu_s": 0.0}
     for r in runs:
         for k, v in r["latency"].items():
             out["latency"].setdefault(k, []).extend(v)
         for k, v in r["settings"].items():
             out["settings"].setdefault(k, set()).update(v)
         out["errors"] += r["errors"]
-        for k in ("wall_s", "hung_sessions", "requests"):
+        for k in ("wall_s", "hung_sessions", "requests", "client_cpu_s"):
             out[k] += r[k]
     out["sessions"] = runs[0]["sessions"]
     out["throughput"] = (out["requests"] - len(out["errors"])) / max(out["wall_s"], 1e-9)
@@ -270,6 +357,8 @@ def main() -> None:
     p.add_argument("--baseline", metavar="REV", help="also measure the app of this git revision, alternating")
     p.add_argument("--rounds", type=int, default=1, help="with --baseline: alternations (each --seconds long)")
     p.add_argument("--single", action="store_true", help="first time one user alone (view, 100 draws)")
+    p.add_argument("--limits", help='the current app\'s queue limits and compute slots, e.g. "slots=2,light=4"')
+    p.add_argument("--profile", metavar="FILE", help="write where the current app's CPU went (last round) to FILE")
     args = p.parse_args()
     mix = default_mix(noise_share=args.noise_share, draws=args.draws, seeds=args.seeds, users=args.users,
                       think=args.think)  # fmt: skip
@@ -284,7 +373,8 @@ def main() -> None:
         for _ in range(max(1, args.rounds)):
             for name, root in apps[::-1]:
                 before = os.getloadavg()[0]
-                results[name].append(run(args.sessions, args.seconds, args.max_requests, root=root, mix=mix))
+                mine = {"profile": args.profile, "limits": args.limits} if name == "current" else {}
+                results[name].append(run(args.sessions, args.seconds, args.max_requests, root=root, mix=mix, **mine))
                 print(f"[{name}: load average {before:.2f} -> {os.getloadavg()[0]:.2f}]", flush=True)
     merged = {name: _merge(rs) for name, rs in results.items()}
     for name, out in merged.items():

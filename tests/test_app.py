@@ -107,6 +107,47 @@ def test_data_tab(client):
     assert len(seen_images) == 3 and len(cand_images) == 7
 
 
+def test_a_repeated_user_view_is_the_same_and_comes_from_the_cache(client, app_ctx):
+    """A classroom asks for the same users again: the second view of a user is served whole from the result
+    cache (no new entry, one more hit) and is the same view."""
+    user = "u017"  # not viewed by another test of this module
+    first = client.predict(str(DEMO), "hit3", user, "base", api_name="/data_user")
+    entries, hits = len(app_ctx.results), app_ctx.results.hits
+    again = client.predict(str(DEMO), "hit3", user, "base", api_name="/data_user")
+    assert len(app_ctx.results) == entries and app_ctx.results.hits > hits
+    assert again[1:5] == first[1:5]
+    def path(item) -> Path:
+        image = item["image"]
+        return Path(image["path"] if isinstance(image, dict) else image)
+
+    assert [path(h) for h in again[0]] == [path(h) for h in first[0]]
+
+
+def test_the_static_folder_check_is_memoised_for_files_inside_only(tmp_path):
+    """Gradio's check that a returned file lies in a static folder is remembered for files inside one (it
+    resolved every path on every request); a file outside is asked again, and one that appears later is found."""
+    from gradio import utils
+    from gradio.data_classes import FileData
+
+    from app.main import memoize_static_check
+
+    memoize_static_check()
+    assert getattr(utils.is_static_file, "memoized", False)
+    memoize_static_check()  # once only
+    image = next(p for p in (DEMO / "images").iterdir() if p.is_file())
+    before = list(gradio.data_classes._StaticFiles.all_paths)
+    gradio.set_static_paths([str(DEMO), str(tmp_path)])
+    try:
+        assert utils.is_static_file(str(image)) and utils.is_static_file(FileData(path=str(image)))
+        later = tmp_path / "later.png"
+        assert not utils.is_static_file(str(later))  # not there yet
+        later.write_bytes(b"x")
+        assert utils.is_static_file(str(later))
+        assert not utils.is_static_file(str(ROOT / "README.md")) and not utils.is_static_file(None)
+    finally:
+        gradio.data_classes._StaticFiles.all_paths = before
+
+
 @pytest.mark.parametrize("preset", ["tiny-llava", "tiny-qwen3-vl", "tiny-gemma3", "tiny-smolvlm"])
 def test_data_tab_what_each_family_sees(client, app_ctx, preset):
     """Every family's untrained preset is a choice of the Data tab (and a backbone of the Train tab); what the

@@ -447,3 +447,22 @@ def test_an_inference_context_perturbs_only_its_own_threads_forwards(model, ids)
         t.start()
         t.join(10)
     assert not torch.allclose(seen["train"], logits(model, ids), atol=1e-4)
+
+
+@pytest.mark.parametrize("inference", [True, False])
+def test_a_hook_called_after_its_context_closed_perturbs_nothing(model, ids, inference):
+    """A forward reads a module's hooks when it calls them, so another thread's forward that picked up this
+    context's hook may call it after the context closed, or while the same object opens its next context
+    (LoRA draws come in chunks of 64): the hook must hand that forward its own output back. (It used to take
+    the closed context for a training one, perturb the other forward with this object's draws and RNG, and
+    fail on the row count when the next chunk had other rows.)"""
+    model.eval()
+    noise = LoRANoise(model, SIGMA)
+    pair = noise.pairs[0]
+    with noise.active(group_ids=torch.arange(2), generator=torch.Generator().manual_seed(0), inference=inference):
+        a_hook = next(iter(pair.lora_A._forward_hooks.values()))
+    x = torch.randn(2, 7, pair.lora_A.in_features)
+    out = pair.lora_A(x)
+    assert a_hook(pair.lora_A, (x,), out) is None  # closed: nothing added, nothing drawn
+    assert not noise.last_draws
+    model.train()

@@ -91,19 +91,26 @@ def show_user(ctx, dataset: str, task: str, user: str, model: str):
     data, example = example_for(ctx, dataset, task, user)
     ds = data.dataset
     bundle, _ = ctx.model(model, dataset, task)
-    with user_errors("scoring the candidates"):
-        rows = candidate_scores(bundle, ds, example, cache=ctx.results)
-        seen = model_view(bundle, ds, example)
-    rendered = render(example, ds)
-    return (
-        history_gallery(ds, ds.sequences[user], example),
-        candidates_table(ds, rows),
-        [(item_image(ds, r["item"]), ("✓ " if r["true"] else "") + ds.items[r["item"]].title) for r in rows],
-        rendered.text,
-        rendered.answer,
-        seen[0],
-        seen[1],
-    )
+    cache = getattr(ctx, "results", None)
+
+    def make():
+        with user_errors("scoring the candidates"):
+            rows = candidate_scores(bundle, ds, example, cache=cache)
+            seen = model_view(bundle, ds, example)
+        rendered = render(example, ds)
+        return (
+            history_gallery(ds, ds.sequences[user], example),
+            candidates_table(ds, rows),
+            [(item_image(ds, r["item"]), ("✓ " if r["true"] else "") + ds.items[r["item"]].title) for r in rows],
+            rendered.text,
+            rendered.answer,
+            seen[0],
+            seen[1],
+        )
+
+    # the whole view is kept per model (its weights), dataset, task and user: a classroom asks for the same
+    # users again and again, and the history, the prompt and what the model sees do not change
+    return make() if cache is None else cache.get((bundle.model, ds), ("user view", task, user), make)
 
 
 def show_user_text(ctx, dataset: str, task: str, user: str):
