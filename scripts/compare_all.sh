@@ -9,8 +9,12 @@
 # script runs one task per call, the two datasets side by side, one core each:
 #   scripts/compare_all.sh hit3   # -> runs/compare-tiny, runs/compare-tiny-movielens
 #   scripts/compare_all.sh hit1   # -> runs/compare-tiny-hit1, runs/compare-tiny-movielens-hit1
-# Each writes its tables (with command, machine and wall time) into README.md. Expected about an hour per
-# call on a quiet 2-core machine (an estimate from the six-model timing, not yet measured).
+# Each writes its tables (with command, machine and wall time) into README.md. Measured 2026-12-02 for hit3:
+# the demo half took 92.8 min of wall time on a 2-core machine shared with other work (load average 4-11,
+# about 20 min of it paused), so about 73 min of running; the MovieLens half (more tokens per prompt) did not
+# finish its three seeds in that time (README, "Stage 2"). Whether a call fits 90 minutes on a quiet machine
+# is not measured; if not, run one process per seed (--seeds=S --output_dir=...-seedS, as the README's
+# scenarios do) and merge them with scripts/merge_comparisons.py.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
