@@ -162,15 +162,37 @@ def test_pairs_export_matches_the_stage_pairs(llava_run, tmp_path):
         assert len(r["positive_item_ids"]) == len(r["negative_item_ids"]) == 3
 
 
-def test_text_only_pairs_train_one_trl_dpo_step(ds, tmp_path):
-    pytest.importorskip("trl")
+def _one_trl_dpo_step(model, rows, processing_class, tmp_path, before_train=None) -> None:
+    """One step of TRL's DPOTrainer (LoRA on q/v, CPU, batch 2) on exported pairs; before_train(trainer) may
+    inspect it first. Asserts the step ran with a finite loss; TRL's accelerator state is reset after."""
     from accelerate.state import AcceleratorState
-    from datasets import load_dataset
     from peft import LoraConfig
     from trl import DPOConfig, DPOTrainer
 
+    from hanorec.models import lora_target_regex
+
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.1, per_device_train_batch_size=2, max_steps=1,
+                     max_length=None, report_to=[], use_cpu=True, bf16=False, save_strategy="no",
+                     gradient_checkpointing=False, disable_tqdm=True, dataloader_num_workers=0)  # fmt: skip
+    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=lora_target_regex(["q_proj", "v_proj"]),
+                             task_type="CAUSAL_LM")  # fmt: skip
+    try:
+        trainer = DPOTrainer(model=model, args=args, train_dataset=rows, processing_class=processing_class,
+                             peft_config=peft_config)  # fmt: skip
+        if before_train is not None:
+            before_train(trainer)
+        result = trainer.train()
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert trainer.state.global_step == 1 and torch.isfinite(torch.tensor(result.training_loss))
+
+
+def test_text_only_pairs_train_one_trl_dpo_step(ds, tmp_path):
+    pytest.importorskip("trl")
+    from datasets import load_dataset
+
     from hanorec.data import make_splits
-    from hanorec.models import build_tiny, lora_target_regex
+    from hanorec.models import build_tiny
     from hanorec.pairs import build_pairs
     from hanorec.tasks import build_examples, corpus_text
     from hanorec.train.preference import PrefItem
@@ -186,18 +208,7 @@ def test_text_only_pairs_train_one_trl_dpo_step(ds, tmp_path):
     tok = bundle.tokenizer
     for r, e in zip(rows, examples):  # TRL applies the model's chat template: the prompt our trainer sees
         assert tok.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False) == bundle.chat_text(e.prompt)
-    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.1, per_device_train_batch_size=2, max_steps=1,
-                     max_length=None, report_to=[], use_cpu=True, bf16=False, save_strategy="no",
-                     gradient_checkpointing=False, disable_tqdm=True, dataloader_num_workers=0)  # fmt: skip
-    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=lora_target_regex(["q_proj", "v_proj"]),
-                             task_type="CAUSAL_LM")  # fmt: skip
-    try:
-        trainer = DPOTrainer(model=bundle.model, args=args, train_dataset=rows.select_columns(["prompt", "chosen", "rejected"]),
-                             processing_class=tok, peft_config=peft_config)  # fmt: skip
-        result = trainer.train()
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-    assert trainer.state.global_step == 1 and torch.isfinite(torch.tensor(result.training_loss))
+    _one_trl_dpo_step(bundle.model, rows.select_columns(["prompt", "chosen", "rejected"]), tok, tmp_path)
 
 
 @pytest.mark.slow
@@ -208,13 +219,10 @@ def test_image_pairs_train_one_trl_dpo_step_with_the_tiny_smolvlm(ds, tmp_path):
     ones our trainer feeds the model (the same image token runs)."""
     pytest.importorskip("trl")
     import datasets as hfd
-    from accelerate.state import AcceleratorState
-    from peft import LoraConfig
     from transformers import Idefics3Processor
-    from trl import DPOConfig, DPOTrainer
 
     from hanorec.data import make_splits
-    from hanorec.models import build_tiny, lora_target_regex
+    from hanorec.models import build_tiny
     from hanorec.pairs import build_pairs
     from hanorec.tasks import build_examples, corpus_text
     from hanorec.train.preference import PrefItem
@@ -235,22 +243,13 @@ def test_image_pairs_train_one_trl_dpo_step_with_the_tiny_smolvlm(ds, tmp_path):
         text = proc.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False)
         theirs = proc(text=[text], images=[r["images"]], add_special_tokens=False)["input_ids"][0]
         assert list(theirs) == list(bundle.encode_prompt(e.prompt, render(e, ds).images).input_ids)
-    args = DPOConfig(output_dir=str(tmp_path / "trl"), beta=0.1, per_device_train_batch_size=2, max_steps=1,
-                     max_length=None, report_to=[], use_cpu=True, bf16=False, save_strategy="no",
-                     gradient_checkpointing=False, disable_tqdm=True, dataloader_num_workers=0)  # fmt: skip
-    peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=lora_target_regex(["q_proj", "v_proj"]),
-                             task_type="CAUSAL_LM")  # fmt: skip
-    try:
-        trainer = DPOTrainer(model=bundle.model, args=args, train_dataset=rows, processing_class=proc,
-                             peft_config=peft_config)  # fmt: skip
+
+    def check_batch(trainer) -> None:  # 2 pairs (a chosen and a rejected row each), 3 images per row
         batch = next(iter(trainer.get_train_dataloader()))
-        # 2 pairs (a chosen and a rejected row each), 3 images per row
         assert tuple(batch["pixel_values"].shape[:2]) == (4, 3)
         assert ((batch["input_ids"] == bundle.image_token_id).sum(1) == 3 * per_image).all()
-        result = trainer.train()
-    finally:
-        AcceleratorState._reset_state(reset_partial_state=True)
-    assert trainer.state.global_step == 1 and torch.isfinite(torch.tensor(result.training_loss))
+
+    _one_trl_dpo_step(bundle.model, rows, proc, tmp_path, before_train=check_batch)
 
 
 def test_cli_export_and_its_refusal(llava_run, tmp_path, capsys):
