@@ -166,13 +166,13 @@ def build_info() -> dict:
     return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
-def _close(a, b, rel: float, key: str = "") -> bool:
+def _close(a, b, rel: float) -> bool:
     """Equal structure; numbers within rel (relative, with rel as the absolute floor); sft_source's digest
     (a hash of the weights) is skipped."""
     if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(k == "digest" or _close(a[k], b[k], rel, k) for k in a)
+        return a.keys() == b.keys() and all(k == "digest" or _close(a[k], b[k], rel) for k in a)
     if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(_close(x, y, rel, key) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_close(x, y, rel) for x, y in zip(a, b))
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
         return abs(a - b) <= rel * max(1.0, abs(a), abs(b))
     return a == b
