@@ -802,10 +802,7 @@ def make_splits(
         return _lazy_leave_one_out(ds, config)
 
     def window(user: str, seq: tuple[str, ...], end: int) -> Window | None:
-        start = end - n_target
-        if start - min_history < 0:
-            return None
-        return Window(user, seq[max(0, start - n_history) : start], seq[start:end])  # slices of a tuple
+        return _window(user, seq, end, n_history, n_target, min_history)
 
     train: list[Window] = []
     val: list[Window] = []
@@ -834,8 +831,7 @@ def make_splits(
         # the windows ending at L - 2*n_target down to the earliest with min_history items (latest first), only
         # the latest max_train_windows_per_user of them kept, listed oldest first
         ends = range(len(seq) - 2 * n_target, n_target + min_history - 1, -1)[:max_train_windows_per_user]
-        train.extend([Window(user, seq[max(0, e - n_target - n_history) : e - n_target], seq[e - n_target : e])
-                      for e in reversed(ends)])  # fmt: skip
+        train.extend([window(user, seq, e) for e in reversed(ends)])  # every such end leaves min_history items
 
     if policy == "last_window_by_user":
         order = list(range(len(by_user_windows)))
@@ -846,6 +842,15 @@ def make_splits(
         for k, w in enumerate(by_user_windows):  # keep sorted-user order inside each split
             (test if k in test_ids else val if k in val_ids else train).append(w)
     return Splits(train, val, test, policy, dropped, config)
+
+
+def _window(user: str, seq: tuple[str, ...], end: int, n_history: int, n_target: int, min_history: int) -> Window | None:
+    """The window of seq ending at end: n_target targets after up to n_history history items (slices of the
+    tuple, no copy), or None when fewer than min_history history items are left."""
+    start = end - n_target
+    if start - min_history < 0:
+        return None
+    return Window(user, seq[max(0, start - n_history) : start], seq[start:end])
 
 
 def _lazy_leave_one_out(ds: RecDataset, config: dict) -> _LazySplits:
@@ -865,10 +870,11 @@ def _lazy_leave_one_out(ds: RecDataset, config: dict) -> _LazySplits:
             seq = seq[-max_items:]
         n = len(seq)
         start = n - n_target
-        if start - min_history < 0:
+        last = _window(user, tuple(seq), n, n_history, n_target, min_history)
+        if last is None:
             dropped += 1
             continue
-        test.append(Window(user, tuple(seq[max(0, start - n_history) : start]), tuple(seq[start:n])))
+        test.append(last)
         n_val += start - n_target - min_history >= 0
         n_train += len(range(n - 2 * n_target, n_target + min_history - 1, -1)[:cap])
     args = {k: v for k, v in config.items() if k != "policy"}
