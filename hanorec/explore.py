@@ -249,12 +249,56 @@ def spread(values) -> dict[str, float]:
     }
 
 
-def _cached(cache, bundle, ds, key, make, heavy: bool = False):
+def _cached(cache, bundle, ds, key, make, heavy: bool = False, codec=None):
     """make() through ``cache`` (a hanorec.serving.ResultCache) keyed by the model, the dataset and key (heavy:
-    the computation takes one of the cache's compute slots); no cache: make()."""
+    the computation takes one of the cache's compute slots); no cache: make(). codec: (encode, decode) to keep
+    the value in the cache's disk store too, keyed by the bundle's and the dataset's content and ``key``."""
     if cache is None:
         return make()
-    return cache.get((bundle.model, ds), key, make, heavy=heavy)
+    persist = None
+    if codec is not None:
+        from hanorec.serving import Persist, bundle_digest, content_key
+
+        def persist():
+            digest = content_key(_STORE_VERSION, bundle_digest(bundle), dataset_fingerprint(ds), key)
+            return Persist(digest, *codec)
+
+    return cache.get((bundle.model, ds), key, make, heavy=heavy, persist=persist)
+
+
+# bumped when what a stored score means changes (the scoring protocol, the noise draws for a seed)
+_STORE_VERSION = "scores-v1"
+
+
+def _clean_codec(n_options: int):
+    import torch
+
+    def decode(a):
+        clean = a["clean"]
+        if clean.shape != (n_options,) or clean.dtype.kind != "f":
+            raise ValueError(f"stored clean scores of shape {clean.shape}, expected ({n_options},)")
+        return torch.from_numpy(clean.copy())
+
+    return (lambda clean: {"clean": clean.detach().cpu().numpy()}), decode
+
+
+def _noise_codec(options: list[str], draws: int):
+    import torch
+
+    from hanorec.noise import noise_summary
+
+    def decode(a):
+        clean, noisy = a["clean"], a["noisy"]
+        if clean.shape != (len(options),) or noisy.shape != (draws, len(options)) or "f" != clean.dtype.kind or noisy.dtype.kind != "f":
+            raise ValueError(f"stored draws of shapes {clean.shape} and {noisy.shape} do not fit {draws} draws of {len(options)} options")
+        clean, noisy = torch.from_numpy(clean.copy()), torch.from_numpy(noisy.copy())
+        return clean, noisy, noise_summary(clean, noisy, options)
+
+    def encode(value):
+        clean, noisy, _ = value
+        return {"clean": clean.detach().cpu().numpy(), "noisy": noisy.detach().cpu().numpy()}
+
+    return encode, decode
 
 
 def encoded_prompt(bundle, ds: RecDataset, example: Example, *, cache=None):
@@ -276,7 +320,7 @@ def clean_scores(bundle, ds: RecDataset, example: Example, *, mode: str = "share
         prompt = encoded_prompt(bundle, ds, example, cache=cache)
         return score_options(bundle, [prompt], [list(example.options)], mode=mode)[0]
 
-    return _cached(cache, bundle, ds, ("clean", example, mode), make)
+    return _cached(cache, bundle, ds, ("clean", example, mode), make, codec=_clean_codec(len(example.options)))
 
 
 def candidate_scores(bundle, ds: RecDataset, example: Example, *, mode: str = "shared_prefix", cache=None) -> list[dict]:
@@ -425,7 +469,27 @@ def example_noise(
     # LoRA draws hold a core for a second or more: they take a compute slot. Logit draws are one forward with
     # the noise added to the kept logits (~0.07 s for 100 draws), as light as a user view: no slot, so they
     # never queue behind LoRA draws.
-    return _cached(cache, bundle, ds, key, make, heavy=spec.target != "logits")
+    codec = _noise_codec(list(example.options), spec.draws)
+    return _cached(cache, bundle, ds, key, make, heavy=spec.target != "logits", codec=codec)
+
+
+def warm_scores(
+    bundle, ds: RecDataset, examples, *, sigma: float, draws: int, seed: int = 0, targets=("lora", "logits"),
+    cache, progress=None,
+) -> dict:
+    """Compute (or find) the clean scores and the noise draws at one setting for every example, through
+    ``cache`` (a hanorec.serving.ResultCache, with a disk store to keep them for other processes): what a
+    server computes before a classroom arrives. Returns counts: examples, results read from the store,
+    results computed. ``progress(done, total)`` after each example."""
+    examples = list(examples)
+    read0, made0 = cache.disk_hits, cache.disk_made
+    for k, example in enumerate(examples):
+        clean_scores(bundle, ds, example, cache=cache)
+        for target in targets:
+            example_noise(bundle, ds, example, target=target, sigma=sigma, draws=draws, seed=seed, cache=cache)
+        if progress is not None:
+            progress(k + 1, len(examples))
+    return {"examples": len(examples), "read": cache.disk_hits - read0, "computed": cache.disk_made - made0}
 
 
 def noise_sweep(

@@ -1,6 +1,7 @@
 """hanorec.serving.ResultCache and the cached scoring of hanorec.explore (what the app serves many sessions from)."""
 
 import gc
+import os
 import threading
 import time
 
@@ -282,3 +283,121 @@ def test_heavy_computations_take_a_slot_and_cached_results_do_not():
     assert occupancy.peak == 1  # one heavy computation at a time
     with pytest.raises(ValueError, match="heavy_slots"):
         ResultCache(heavy_slots=0)
+
+
+# ---- the disk store: results kept for the next process ---------------------------------------------
+def test_disk_store_round_trip_damage_and_bound(tmp_path):
+    import numpy as np
+
+    from hanorec.serving import DiskStore, content_key
+
+    store = DiskStore(tmp_path / "scores", max_files=3)
+    k = content_key("a", 1, (2.5, "b"))
+    assert k == content_key("a", 1, (2.5, "b")) and k != content_key("a", 1, (2.5, "c"))
+    assert store.load(k) is None  # nothing yet (the folder does not even exist)
+    store.save(k, {"x": np.arange(4, dtype=np.float32)})
+    assert np.array_equal(store.load(k)["x"], np.arange(4, dtype=np.float32))
+    with pytest.raises(ValueError, match="sha256"):
+        store.load("../../etc/passwd")
+    # damage: truncated, not a zip, a pickled object array; each is None and removed
+    path = tmp_path / "scores" / f"{k}.npz"
+    good = path.read_bytes()
+    for bad in (good[: len(good) // 2], b"not an npz at all", None):
+        if bad is None:
+            with open(path, "wb") as f:
+                np.savez(f, x=np.array([{"a": 1}], dtype=object))
+        else:
+            path.write_bytes(bad)
+        assert store.load(k) is None and not path.exists()
+    # bounded: beyond max_files the oldest go
+    keys = [content_key(i) for i in range(5)]
+    for i, key in enumerate(keys):
+        store.save(key, {"x": np.zeros(1)})
+        os.utime(tmp_path / "scores" / f"{key}.npz", (1000 + i, 1000 + i))
+    store.prune()
+    assert len(store) == 3 and store.load(keys[0]) is None and store.load(keys[-1]) is not None
+    assert not list((tmp_path / "scores").glob(".tmp-*"))  # no half-written file left
+
+
+def test_a_store_that_cannot_be_written_still_returns_the_value(tmp_path):
+    import numpy as np
+
+    from hanorec.serving import DiskStore, Persist, content_key
+
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the folder should be")
+    cache = ResultCache(store=DiskStore(blocker / "scores"))
+    codec = Persist(content_key("k"), lambda v: {"v": np.array(v)}, lambda a: float(a["v"]))
+    assert cache.get((Owner(),), "k", lambda: 2.0, persist=lambda: codec) == 2.0
+
+
+def test_a_second_cache_on_the_same_store_reads_instead_of_computing(tmp_path):
+    import numpy as np
+
+    from hanorec.serving import DiskStore, Persist, content_key
+
+    count = Counter()
+
+    def persist(key):
+        return lambda: Persist(content_key("test", key), lambda v: {"v": np.array(v)},
+                               lambda a: float(a["v"][()]))  # fmt: skip
+
+    owner = Owner()
+    first = ResultCache(store=DiskStore(tmp_path))
+    assert first.get((owner,), "k", count(1.5), heavy=True, persist=persist("k")) == 1.5
+    assert (count.calls, first.disk_made, first.disk_hits) == (1, 1, 0)
+    second = ResultCache(store=DiskStore(tmp_path), heavy_slots=1)  # another process, same folder
+    with second.heavy:  # the only compute slot is taken: a stored result needs none
+        assert second.get((owner,), "k", count(9.9), heavy=True, persist=persist("k")) == 1.5
+    assert count.calls == 1 and second.disk_hits == 1
+    # a stored file that does not fit (decode raises) is computed again and replaced
+    bad = lambda: Persist(content_key("test", "k3"), lambda v: {"v": np.array(v)}, lambda a: a["missing"])  # noqa: E731
+    second.store.save(content_key("test", "k3"), {"v": np.array(1.0)})
+    assert second.get((owner,), "k3", count(3.0), persist=bad) == 3.0 and count.calls == 2
+    # without persist, nothing is stored
+    assert second.get((owner,), "plain", count(4.0)) == 4.0 and len(second.store) == 2
+
+
+def test_bundle_digest_follows_weights_and_device_but_not_the_object(lab):
+    import copy
+
+    from hanorec.serving import bundle_digest
+
+    bundle, _, _ = lab
+    d = bundle_digest(bundle)
+    twin = copy.deepcopy(bundle)
+    assert bundle_digest(twin) == d  # same content, another object: the same key in another process
+    with torch.no_grad():
+        next(p for n, p in twin.model.named_parameters() if "lora_A" in n).add_(1e-3)
+    assert bundle_digest(twin) != d
+
+
+def test_stored_draws_are_the_computed_ones_and_serve_a_new_process(lab, tmp_path, monkeypatch):
+    """The noise draws and clean scores written by one cache are read by a fresh cache on the same folder
+    (a restarted app, or the image's --warm step) bit for bit, without running the model."""
+    from hanorec import scoring
+    from hanorec.explore import candidate_scores, example_noise, warm_scores
+    from hanorec.serving import DiskStore
+
+    bundle, ds, examples = lab
+    ex = examples[0]
+    args = dict(target="lora", sigma=0.03, draws=5, seed=1)
+    first = ResultCache(store=DiskStore(tmp_path))
+    counts = warm_scores(bundle, ds, [ex], sigma=0.03, draws=5, seed=1, cache=first)
+    assert counts == {"examples": 1, "read": 0, "computed": 3}  # clean scores + LoRA + logit draws
+    plain = example_noise(bundle, ds, ex, **args)
+    fresh = ResultCache(store=DiskStore(tmp_path))
+
+    def no_model(*a, **k):
+        raise AssertionError("the model ran although the result was stored")
+
+    monkeypatch.setattr(scoring, "score_options", no_model)
+    clean, noisy, summary = example_noise(bundle, ds, ex, **args, cache=fresh)
+    assert torch.equal(clean, plain[0]) and torch.equal(noisy, plain[1])
+    assert summary.as_dict() == plain[2].as_dict()
+    assert fresh.disk_hits == 1 and [r["logp"] for r in candidate_scores(bundle, ds, ex, cache=fresh)]
+    assert warm_scores(bundle, ds, [ex], sigma=0.03, draws=5, seed=1, cache=ResultCache(store=DiskStore(tmp_path))) == {
+        "examples": 1, "read": 3, "computed": 0}  # fmt: skip
+    # another setting or changed weights are not in the store: they would need the model
+    with pytest.raises(AssertionError, match="the model ran"):
+        example_noise(bundle, ds, ex, **{**args, "seed": 2}, cache=fresh)
