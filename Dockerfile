@@ -64,5 +64,12 @@ COPY --chown=user:user configs ./configs
 COPY --chown=user:user assets ./assets
 COPY --chown=user:user pyproject.toml README.md ./
 
+# CPU image: the scores a classroom asks for first (the first 50 demo users' candidate scores and the noise
+# lab's default draws, at the default and at demo mode's draw count), computed once here into runs/.cache
+# so the app serves them from the first click (app/main.py --warm; BENCHMARKS.md section 7). The GPU image
+# skips it: scores are kept per device type, and a GPU computes draws quickly.
+ARG TARGET
+RUN if [ "$TARGET" = "cpu" ]; then python app/main.py --warm 50 && python app/main.py --warm 50 --demo; fi
+
 EXPOSE 7860
 CMD ["python", "app/main.py"]

@@ -217,6 +217,13 @@ class AppContext:
     _extra: _LRU = field(default_factory=lambda: _LRU(8), repr=False)
     _threads_set: bool = field(default=False, repr=False)
 
+    def __post_init__(self):
+        # scores that cost seconds are also kept on disk, for the next process (a restart, or --warm at build)
+        if getattr(self.results, "store", "absent") is None and self.runs_dir is not None:
+            from hanorec.serving import DiskStore
+
+            self.results.store = DiskStore(Path(self.runs_dir) / ".cache" / "scores")
+
     def limit(self, name: str, default=None):
         """The cap on a request's size: DEMO_LIMITS[name] in demo mode, else `default` (None: no cap)."""
         return DEMO_LIMITS.get(name, default) if self.demo else default
@@ -427,6 +434,14 @@ def pick_device() -> str:
 
 
 # ---- shared pieces of the tabs -----------------------------------------------------------------
+def frozen_plot(fig):
+    """A plotly figure as gr.Plot's serialised value (its JSON, made once): an answer kept in a cache is then
+    not serialised again for every session that asks for it."""
+    from gradio.components.plot import PlotData
+
+    return PlotData(type="plotly", plot=fig.to_json())
+
+
 def example_for(ctx: AppContext, dataset: str, task: str, user: str):
     """(PreparedData, the user's test Example for the task) exactly as a run with the default config builds it."""
     if not user:

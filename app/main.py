@@ -80,6 +80,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         help=f"demo mode for a shared public server: caps steps, evaluation prompts and noise draws per request, "
         f"and queued jobs (default: on when {DEMO_ENV}=1 or on a Hugging Face Space, which sets SPACE_ID)",
     )
+    p.add_argument(
+        "--warm",
+        type=int,
+        default=None,
+        metavar="N",
+        help="do not serve: compute the scores a classroom asks for first (the first N test users of the first "
+        "dataset, task hit3: candidate scores and the noise lab's default draws on the LoRA and on the logits, "
+        "with the default model and the untrained base), keep them in <runs>/.cache/scores, and exit; a later "
+        "app on the same runs folder reads them instead of computing them (the Dockerfile runs this)",
+    )
     return p.parse_args(argv)
 
 
@@ -147,6 +157,7 @@ def build_app(ctx):
 
     gr.set_static_paths([str(d) for d in ctx.data_dirs])  # item images are served from their files directly
     memoize_static_check()
+    remember_missing_imports()
     with gr.Blocks(title="HaNoRec Studio", analytics_enabled=False) as demo:
         gr.Markdown(INTRO)
         for name in TABS:
@@ -195,10 +206,62 @@ def memoize_static_check() -> None:
     utils.is_static_file = is_static_file
 
 
+OPTIONAL_PLOT_MODULES = ("bokeh",)
+
+
+def remember_missing_imports(names=OPTIONAL_PLOT_MODULES) -> list[str]:
+    """Make ``import NAME`` fail at once for optional modules that are not installed (Python's own rule: a
+    None in sys.modules stops an import with ImportError). Gradio builds a session's state for every new page
+    and REST call, and its plot components try ``import bokeh`` then: a failed import searches every folder on
+    sys.path again, each time. Installed modules are left alone. Returns the names marked missing."""
+    import importlib.util
+
+    marked = []
+    for name in names:
+        if name in sys.modules:
+            continue
+        if importlib.util.find_spec(name) is None:
+            sys.modules[name] = None
+            marked.append(name)
+    return marked
+
+
 def launch_options(ctx) -> dict:
     """demo.launch() keywords every launch uses (main, the load script, the tests): the upload limit, the
     data folders served, and the login from HANOREC_AUTH."""
     return {"max_file_size": MAX_FILE_SIZE, "allowed_paths": [str(d) for d in ctx.data_dirs], "auth": auth_from_env()}
+
+
+WARM_TASK = "hit3"
+
+
+def warm(ctx, users: int, log=print) -> dict:
+    """--warm: the first ``users`` test users' candidate scores and default noise draws (both targets) for the
+    default model and the untrained base, through the app's result cache and its disk store
+    (hanorec.explore.warm_scores). Returns the totals of warm_scores' counts."""
+    from app.common import example_for, test_users
+    from app.tabs.noise import DEFAULT_SEED, DEFAULT_SIGMA, TARGETS, default_draws
+    from hanorec.explore import warm_scores
+
+    if users < 1:
+        raise ValueError(f"--warm takes a number of users of at least 1, got {users}.")
+    choices = ctx.dataset_choices()
+    if not choices:
+        raise ValueError("--warm found no dataset in the data folders.")
+    dataset = choices[0][1]
+    names = test_users(ctx.prepared(dataset, WARM_TASK))[:users]
+    examples = [example_for(ctx, dataset, WARM_TASK, u)[1] for u in names]
+    totals = {"examples": 0, "read": 0, "computed": 0}
+    for model in dict.fromkeys([ctx.default_model(), "base"]):
+        bundle, _ = ctx.model(model, dataset, WARM_TASK)
+        data = ctx.prepared(dataset, WARM_TASK)
+        counts = warm_scores(bundle, data.dataset, examples, sigma=DEFAULT_SIGMA, draws=default_draws(ctx),
+                             seed=DEFAULT_SEED, targets=TARGETS, cache=ctx.results)  # fmt: skip
+        log(f"warm: {model}: {counts['examples']} users, {counts['read']} results already stored, "
+            f"{counts['computed']} computed")  # fmt: skip
+        for k in totals:
+            totals[k] += counts[k]
+    return totals
 
 
 def main(argv=None) -> None:
@@ -208,6 +271,9 @@ def main(argv=None) -> None:
         auth_from_env()  # a malformed login setting stops the app before anything starts
         ctx = make_context(args.data, args.runs, args.device, args.threads, demo=demo_mode(args.demo))
         options = launch_options(ctx)
+        if args.warm is not None:
+            warm(ctx, args.warm)
+            return
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -201,6 +201,56 @@ def test_noise_lab_moves_scores_and_sigma_zero_is_clean(client):
     assert "logits" in text_l
 
 
+def test_a_repeated_noise_draw_is_served_whole_from_the_cache(client, app_ctx):
+    """The same draw asked again (another student, the lab's defaults) is the cached answer: no new entry,
+    the same text, figure and table; another seed is a new answer."""
+    user = "u021"  # not drawn by another test of this module
+    args = (str(DEMO), "hit3", user, "base", "lora", 0.02, 12, 0)
+    first = client.predict(*args, api_name="/noise_draw")
+    entries, hits = len(app_ctx.results), app_ctx.results.hits
+    again = client.predict(*args, api_name="/noise_draw")
+    assert len(app_ctx.results) == entries and app_ctx.results.hits == hits + 1
+    assert again == first
+    other = client.predict(*args[:-1], 1, api_name="/noise_draw")
+    assert other[1] != first[1] and len(app_ctx.results) > entries
+
+
+def test_missing_optional_modules_fail_to_import_at_once():
+    """Gradio tries ``import bokeh`` for every new session; a module that is not installed is marked missing
+    once, so the import fails without searching sys.path again; installed modules are left alone."""
+    import importlib
+
+    from app.main import remember_missing_imports
+
+    name = "hanorec_no_such_module_for_this_test"
+    try:
+        assert remember_missing_imports((name, "json")) == [name]
+        with pytest.raises(ImportError):
+            importlib.import_module(name)
+        assert importlib.import_module("json").dumps([1]) == "[1]"
+        assert remember_missing_imports((name,)) == []  # already marked
+    finally:
+        sys.modules.pop(name, None)
+
+
+@pytest.mark.slow
+def test_warm_precomputes_the_first_users_and_a_second_run_reads_them(tmp_path, capsys):
+    """python app/main.py --warm N: the first N users' scores (candidates, default draws on LoRA and logits)
+    for the default model and the base are computed into <runs>/.cache/scores; run again, all are read."""
+    from app.main import main
+
+    main(["--data", str(DEMO), "--runs", str(tmp_path), "--warm", "2"])
+    first = capsys.readouterr().out
+    assert first.count("2 users, 0 results already stored, 6 computed") == 2, first  # two models
+    assert len(list((tmp_path / ".cache" / "scores").glob("*.npz"))) == 12
+    main(["--data", str(DEMO), "--runs", str(tmp_path), "--warm", "2"])
+    again = capsys.readouterr().out
+    assert again.count("6 results already stored, 0 computed") == 2, again
+    with pytest.raises(SystemExit):
+        main(["--data", str(DEMO), "--runs", str(tmp_path), "--warm", "0"])
+    assert "at least 1" in capsys.readouterr().err
+
+
 def test_noise_sweep_kl_grows_with_sigma(client):
     user = _first_user(client)
     fig, table = client.predict(str(DEMO), "hit3", user, "base", "logits", 25, 0, 0.02, api_name="/noise_sweep")

@@ -16,6 +16,7 @@ from app.common import (
     download_buttons,
     example_for,
     example_pickers,
+    frozen_plot,
     number,
     number_field,
     slider_field,
@@ -23,15 +24,31 @@ from app.common import (
 )
 
 TARGETS = ("lora", "logits")
+# the lab's first settings: what a classroom asks for most (app/main.py --warm precomputes them)
+DEFAULT_SIGMA, DEFAULT_DRAWS, DEFAULT_SEED = 0.02, 100, 0
 
 
 def draw_noise(ctx, dataset, task, user, model, target, sigma, draws, seed):
     """Score the candidates clean and under `draws` noise draws; summary, per-candidate table, chart."""
-    from hanorec.explore import example_noise
-
     sigma, draws, seed = _numbers(ctx, sigma, draws, seed)
     data, example = example_for(ctx, dataset, task, user)
     bundle, _ = ctx.model(model, dataset, task)
+    cache = getattr(ctx, "results", None)
+
+    def make():
+        return _noise_answer(ctx, data, example, bundle, task, target, sigma, draws, seed)
+
+    # the whole answer (the figure already serialised) is kept per model weights, dataset, example and
+    # setting: a classroom asks for the same users at the lab's defaults again and again
+    if cache is None:
+        return make()
+    key = ("noise answer", example, str(target), float(sigma), int(draws), int(seed))
+    return cache.get((bundle.model, data.dataset), key, make)
+
+
+def _noise_answer(ctx, data, example, bundle, task, target, sigma, draws, seed):
+    from hanorec.explore import example_noise
+
     with user_errors("scoring under noise"):
         clean, noisy, summary = example_noise(
             bundle, data.dataset, example, target=target, sigma=sigma, draws=int(draws), seed=int(seed),
@@ -50,7 +67,7 @@ def draw_noise(ctx, dataset, task, user, model, target, sigma, draws, seed):
     table = summary.per_candidate.round(4)
     table.insert(0, "candidate", labels)
     table = table.drop(columns=["option"])
-    return text, scores_figure(labels, clean, noisy, sigma), table
+    return text, frozen_plot(scores_figure(labels, clean, noisy, sigma)), table
 
 
 def sweep(ctx, dataset, task, user, model, target, draws, seed, sigma, progress=gr.Progress()):
@@ -84,6 +101,12 @@ def _numbers(ctx, sigma, draws, seed):
 
 
 MAX_DRAWS = 300
+
+
+def default_draws(ctx) -> int:
+    """The draws slider's first value: DEFAULT_DRAWS, or demo mode's cap when lower."""
+    cap = ctx.limit("draws", MAX_DRAWS) if hasattr(ctx, "limit") else MAX_DRAWS
+    return min(DEFAULT_DRAWS, cap)
 
 
 def lora_scale_text(bundle, target: str, sigma: float, cache=None) -> str:
@@ -162,10 +185,10 @@ def build(ctx) -> None:
     dataset, task, user, model = example_pickers(ctx, "noise")
     with gr.Row():
         target = gr.Radio(list(TARGETS), value="lora", label="Noise target", scale=1)
-        sigma = slider_field(0.0, 1.0, value=0.02, step=0.001, label="sigma (LoRA: try 0.005-0.1; logits: 0.1-1)", scale=2, elem_id="noise-sigma")
+        sigma = slider_field(0.0, 1.0, value=DEFAULT_SIGMA, step=0.001, label="sigma (LoRA: try 0.005-0.1; logits: 0.1-1)", scale=2, elem_id="noise-sigma")
         cap = ctx.limit("draws", MAX_DRAWS) if hasattr(ctx, "limit") else MAX_DRAWS
-        draws = slider_field(1, cap, value=min(100, cap), step=1, label="draws", scale=2)
-        seed = number_field(0, label="seed", precision=0, scale=1, minimum=0)
+        draws = slider_field(1, cap, value=default_draws(ctx), step=1, label="draws", scale=2)
+        seed = number_field(DEFAULT_SEED, label="seed", precision=0, scale=1, minimum=0)
     with gr.Row():
         run = gr.Button("Draw noise", variant="primary", elem_id="noise-run")
         run_sweep = gr.Button("Sweep sigma (KL vs sigma)", elem_id="noise-sweep")
