@@ -46,7 +46,7 @@ if os.environ.get("HANOREC_LOAD_LIMITS"):  # --limits: the current tree's queue 
     ctx.noise_limit = int(limits.get("noise", ctx.noise_limit))
     ctx.heavy_limit = int(limits.get("heavy", ctx.heavy_limit))
     if "slots" in limits:
-        ctx.results = ResultCache(max_entries=ctx.results.max_entries, heavy_slots=int(limits["slots"]))
+        ctx.results = ResultCache(max_entries=ctx.results.max_entries, heavy_slots=int(limits["slots"]), store=ctx.results.store)
 demo = build_app(ctx)
 demo.launch(server_name="127.0.0.1", server_port=int(sys.argv[4]), prevent_thread_lock=True, quiet=True)
 if os.environ.get("HANOREC_LOAD_PROFILE"):  # --profile: where the app's CPU goes (CpuSampler)
@@ -171,6 +171,61 @@ def serve(root: Path, runs_dir: str, timeout: float = 240.0, profile: str | None
             proc.wait(timeout=30)
 
 
+class HttpSession:
+    """A light client for one session: Gradio's REST API over plain HTTP (POST /gradio_api/call/NAME with the
+    inputs, then read that event's server-sent stream until it completes), one keep-alive connection per
+    session. It does what gradio_client's predict does for this load (no file downloads) at a fraction of
+    its CPU, so that clients on the same cores as the app take less of them. ``predict`` raises on an error
+    event or an HTTP error, like gradio_client."""
+
+    def __init__(self, url: str, timeout: float = 300.0):
+        from urllib.parse import urlsplit
+
+        u = urlsplit(url)
+        self.host, self.port, self.timeout = u.hostname, u.port, timeout
+        self.session_hash = os.urandom(8).hex()  # one page: Gradio keeps one session state for all its calls
+        self._conn = None
+
+    def _request(self, method: str, path: str, body: bytes | None = None):
+        import http.client
+
+        for attempt in range(2):  # a keep-alive connection the server closed is reopened once
+            if self._conn is None:
+                self._conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            try:
+                headers = {"Content-Type": "application/json"} if body is not None else {}
+                self._conn.request(method, path, body=body, headers=headers)
+                resp = self._conn.getresponse()
+                data = resp.read()
+            except (http.client.HTTPException, ConnectionError):
+                self._conn.close()
+                self._conn = None
+                if attempt:
+                    raise
+                continue
+            if resp.status != 200:
+                raise RuntimeError(f"{method} {path}: HTTP {resp.status}: {data[:200]!r}")
+            return data
+        raise AssertionError("unreachable")
+
+    def predict(self, *args, api_name: str):
+        import json
+
+        name = api_name.strip("/")
+        event = json.loads(self._request("POST", f"/gradio_api/call/{name}", json.dumps({"data": list(args), "session_hash": self.session_hash}).encode()))
+        stream = self._request("GET", f"/gradio_api/call/{name}/{event['event_id']}").decode()
+        kind = None
+        for line in stream.splitlines():
+            if line.startswith("event:"):
+                kind = line[6:].strip()
+            elif line.startswith("data:") and kind in ("complete", "error"):
+                data = json.loads(line[5:])
+                if kind == "error":
+                    raise RuntimeError(f"{name}: the app answered an error: {str(data)[:200]}")
+                return data
+        raise RuntimeError(f"{name}: the event stream ended without a result ({stream[-200:]!r})")
+
+
 def connect(url: str, attempts: int = 3):
     """A gradio_client session on the app (a student opening the page); returned files are not downloaded, so
     the clients' own work stays small beside the app's. Retried: on a loaded machine the first call may time out."""
@@ -183,6 +238,9 @@ def connect(url: str, attempts: int = 3):
             if k == attempts - 1:
                 raise
             time.sleep(2.0)
+
+
+CLIENTS = {"http": HttpSession, "gradio": connect}
 
 
 def timed_call(client, name: str, args: tuple, out: dict, lock) -> bool:
@@ -222,10 +280,17 @@ def session(client, users, seconds, max_requests, seed, out, lock, mix) -> None:
             time.sleep(rng.uniform(0, 2 * mix["think"]))
 
 
-def _users(url, warm: bool = True) -> list[str]:
+def open_session(url: str, kind: str = "http"):
+    """One student's session: ``http`` (HttpSession, the default: light) or ``gradio`` (gradio_client)."""
+    if kind not in CLIENTS:
+        raise ValueError(f"--client must be one of {', '.join(CLIENTS)}, got {kind!r}")
+    return CLIENTS[kind](url)
+
+
+def _users(url, warm: bool = True, kind: str = "http") -> list[str]:
     """The users with a hit3 test prompt; ``warm``: first one view and one noise draw per target (a seed the
     mix never uses), so the model is built before the clock starts."""
-    client = connect(url)
+    client = open_session(url, kind)
     users_update, *_ = client.predict(str(DEMO), "hit3", api_name="/data_open")
     users = [c[1] if isinstance(c, (list, tuple)) else c for c in users_update["choices"]]
     if warm:
@@ -237,9 +302,10 @@ def _users(url, warm: bool = True) -> list[str]:
 
 def default_mix(**over) -> dict:
     """One request in five a noise draw (100 draws, sigma 0.02, LoRA or logits, the lab's default seed 0),
-    the rest user views, over the first 50 users, back to back (no think time)."""
+    the rest user views, over the first 50 users, back to back (no think time), light HTTP clients, no
+    precomputed scores (``warm``: app/main.py --warm with that many users before the app starts)."""
     mix = {"noise_share": 0.2, "draws": 100, "sigma": 0.02, "targets": ("lora", "logits"), "seeds": 1,
-           "users": 50, "think": 0.0}  # fmt: skip
+           "users": 50, "think": 0.0, "client": "http", "warm": 0}  # fmt: skip
     mix.update({k: v for k, v in over.items() if v is not None})
     return mix
 
@@ -259,29 +325,48 @@ def run(
     if not 1 <= sessions <= MAX_SESSIONS:
         raise ValueError(f"--sessions must be between 1 and {MAX_SESSIONS}, got {sessions}")
     mix = mix or default_mix()
-    with tempfile.TemporaryDirectory(prefix="hanorec-load-") as tmp, serve(
-        Path(root), runs_dir or tmp, profile=profile, limits=limits
-    ) as url:
-        users = _users(url)[: mix["users"]]
-        with ThreadPoolExecutor(max_workers=6) as pool:  # every page open before the clock starts
-            clients = list(pool.map(lambda _: connect(url), range(sessions)))
-        out: dict = {"latency": {}, "errors": [], "settings": {}}
-        lock = threading.Lock()
-        threads = [
-            threading.Thread(target=session, args=(c, users, seconds, max_requests, i, out, lock, mix), daemon=True)
-            for i, c in enumerate(clients)
-        ]
-        t0, cpu0 = time.time(), time.process_time()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=max(1.0, t0 + seconds + 300 - time.time()))
-        out["wall_s"] = time.time() - t0
-        out["client_cpu_s"] = time.process_time() - cpu0  # the sessions' own work, on the same cores
-        out["hung_sessions"] = sum(t.is_alive() for t in threads)
+    with tempfile.TemporaryDirectory(prefix="hanorec-load-") as tmp:
+        runs = runs_dir or tmp
+        warm_s = warm_scores(Path(root), runs, mix["warm"]) if mix.get("warm") else None
+        with serve(Path(root), runs, profile=profile, limits=limits) as url:
+            out = _drive(url, sessions, seconds, max_requests, mix)
+    out["warm_s"] = warm_s
     out["sessions"] = sessions
     out["requests"] = sum(len(v) for v in out["latency"].values()) + len(out["errors"])
     out["throughput"] = (out["requests"] - len(out["errors"])) / max(out["wall_s"], 1e-9)
+    return out
+
+
+def warm_scores(root: Path, runs_dir: str, users: int) -> float:
+    """``python app/main.py --warm USERS`` of the tree ``root`` on the runs folder (as the Dockerfile does);
+    returns its wall seconds."""
+    t0 = time.time()
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    subprocess.run([sys.executable, str(root / "app" / "main.py"), "--data", str(DEMO), "--runs", runs_dir,
+                    "--warm", str(users)], check=True, cwd=root, env=env, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL)  # fmt: skip
+    return time.time() - t0
+
+
+def _drive(url: str, sessions: int, seconds: float, max_requests: int, mix: dict) -> dict:
+    """The sessions against a serving app: latencies, errors, hung sessions, wall and client CPU seconds."""
+    users = _users(url, kind=mix["client"])[: mix["users"]]
+    with ThreadPoolExecutor(max_workers=6) as pool:  # every page open before the clock starts
+        clients = list(pool.map(lambda _: open_session(url, mix["client"]), range(sessions)))
+    out: dict = {"latency": {}, "errors": [], "settings": {}}
+    lock = threading.Lock()
+    threads = [
+        threading.Thread(target=session, args=(c, users, seconds, max_requests, i, out, lock, mix), daemon=True)
+        for i, c in enumerate(clients)
+    ]
+    t0, cpu0 = time.time(), time.process_time()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=max(1.0, t0 + seconds + 300 - time.time()))
+    out["wall_s"] = time.time() - t0
+    out["client_cpu_s"] = time.process_time() - cpu0  # the sessions' own work, on the same cores
+    out["hung_sessions"] = sum(t.is_alive() for t in threads)
     return out
 
 
@@ -289,7 +374,7 @@ def single_user(root: Path = ROOT, repeats: int = 3) -> dict:
     """One user alone: median seconds of a user view, 100 LoRA draws and 100 logit draws (each on a new user)."""
     with tempfile.TemporaryDirectory(prefix="hanorec-single-") as tmp, serve(Path(root), tmp) as url:
         users = _users(url)
-        client = connect(url)
+        client = open_session(url)
         times: dict[str, list[float]] = {"user view": [], "100 LoRA draws": [], "100 logit draws": []}
         for k in range(repeats):
             for name, api, args in (
@@ -354,6 +439,11 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=None, help="noise seeds the sessions pick from (1: the default 0)")
     p.add_argument("--users", type=int, default=None, help="users the sessions pick from (50)")
     p.add_argument("--think", type=float, default=None, help="mean pause between a session's requests, s (0)")
+    p.add_argument("--client", choices=("http", "gradio"), default=None,
+                   help="http: light clients over Gradio's REST API (default); gradio: gradio_client sessions")
+    p.add_argument("--warm", type=int, default=None, metavar="N",
+                   help="the current app only: app/main.py --warm N on its runs folder before it starts (the "
+                   "Dockerfile's step: the first N users' default scores precomputed); its time is printed")
     p.add_argument("--baseline", metavar="REV", help="also measure the app of this git revision, alternating")
     p.add_argument("--rounds", type=int, default=1, help="with --baseline: alternations (each --seconds long)")
     p.add_argument("--single", action="store_true", help="first time one user alone (view, 100 draws)")
@@ -361,7 +451,7 @@ def main() -> None:
     p.add_argument("--profile", metavar="FILE", help="write where the current app's CPU went (last round) to FILE")
     args = p.parse_args()
     mix = default_mix(noise_share=args.noise_share, draws=args.draws, seeds=args.seeds, users=args.users,
-                      think=args.think)  # fmt: skip
+                      think=args.think, client=args.client)  # fmt: skip
     print(f"machine: {os.cpu_count()} cores; load average at start {os.getloadavg()[0]:.2f}; mix {mix}")
     with checkout(args.baseline) if args.baseline else _nothing() as base_root:
         apps = [("current", ROOT)] + ([(f"baseline {args.baseline}", base_root)] if base_root else [])
@@ -374,7 +464,10 @@ def main() -> None:
             for name, root in apps[::-1]:
                 before = os.getloadavg()[0]
                 mine = {"profile": args.profile, "limits": args.limits} if name == "current" else {}
-                results[name].append(run(args.sessions, args.seconds, args.max_requests, root=root, mix=mix, **mine))
+                app_mix = {**mix, "warm": args.warm or 0} if name == "current" else mix
+                results[name].append(run(args.sessions, args.seconds, args.max_requests, root=root, mix=app_mix, **mine))
+                if results[name][-1].get("warm_s") is not None:
+                    print(f"[{name}: app/main.py --warm {args.warm} took {results[name][-1]['warm_s']:.0f} s before the app started]")
                 print(f"[{name}: load average {before:.2f} -> {os.getloadavg()[0]:.2f}]", flush=True)
     merged = {name: _merge(rs) for name, rs in results.items()}
     for name, out in merged.items():
