@@ -260,8 +260,10 @@ def _cached(cache, bundle, ds, key, make, heavy: bool = False, codec=None):
         from hanorec.serving import Persist, bundle_digest, content_key
 
         def persist():
-            digest = content_key(_STORE_VERSION, bundle_digest(bundle), dataset_fingerprint(ds), key)
-            return Persist(digest, *codec)
+            model = bundle_digest(bundle)
+            if model is None:  # too large to hash: kept in memory only
+                return None
+            return Persist(content_key(_STORE_VERSION, model, dataset_fingerprint(ds), key), *codec)
 
     return cache.get((bundle.model, ds), key, make, heavy=heavy, persist=persist)
 

@@ -274,14 +274,21 @@ _DIGESTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _DIGEST_LOCK = threading.Lock()
 
 
-def bundle_digest(bundle) -> str:
+STORE_MAX_PARAMS = 50_000_000  # larger models (real checkpoints, on GPUs) are not hashed for the store
+
+
+def bundle_digest(bundle) -> str | None:
     """A hex digest of what a bundle's scores depend on: the model's class, config and every parameter and
     buffer (names, dtypes, shapes, bytes), the device type it runs on (a GPU's scores differ from a CPU's in
     the last digits), the tokenizer and image processor (their serialised forms), the family and image size.
-    Kept per model while its weights stay the same (:func:`weights_version`)."""
+    Kept per model while its weights stay the same (:func:`weights_version`). None for a model of more than
+    STORE_MAX_PARAMS parameters: hashing gigabytes (copied from a GPU) would cost more than the scores it
+    keeps, so such a model's results stay in memory only."""
     import torch
 
     model = bundle.model
+    if sum(p.numel() for p in model.parameters()) > STORE_MAX_PARAMS:
+        return None
     version = weights_version(model)
     with _DIGEST_LOCK:
         known = _DIGESTS.get(model)

@@ -372,6 +372,19 @@ def test_bundle_digest_follows_weights_and_device_but_not_the_object(lab):
     assert bundle_digest(twin) != d
 
 
+def test_a_model_too_large_to_hash_is_kept_in_memory_only(lab, tmp_path, monkeypatch):
+    from hanorec import serving
+    from hanorec.explore import example_noise
+    from hanorec.serving import DiskStore, bundle_digest
+
+    bundle, ds, examples = lab
+    monkeypatch.setattr(serving, "STORE_MAX_PARAMS", 10)
+    assert bundle_digest(bundle) is None
+    cache = ResultCache(store=DiskStore(tmp_path))
+    example_noise(bundle, ds, examples[0], target="logits", sigma=0.1, draws=3, seed=0, cache=cache)
+    assert len(cache) >= 2 and len(cache.store) == 0 and cache.disk_made == 0
+
+
 def test_stored_draws_are_the_computed_ones_and_serve_a_new_process(lab, tmp_path, monkeypatch):
     """The noise draws and clean scores written by one cache are read by a fresh cache on the same folder
     (a restarted app, or the image's --warm step) bit for bit, without running the model."""
