@@ -21,6 +21,9 @@ for _var, _value in {
     "HF_DATASETS_OFFLINE": "1",
     "GRADIO_ANALYTICS_ENABLED": "False",
     "TOKENIZERS_PARALLELISM": "false",
+    # Gradio rebuilds its monitoring summary (a DataFrame of up to 10,000 past events) after every event by
+    # default; under a classroom's load that was a tenth of the server's CPU. Every 500 events is enough.
+    "GRADIO_ANALYTICS_CACHE_FREQUENCY": "500",
 }.items():
     os.environ.setdefault(_var, _value)
 
@@ -154,8 +157,10 @@ def build_app(ctx):
     import gradio as gr
 
     import app.tabs as tabs
+    from app.common import images_dir
 
-    gr.set_static_paths([str(d) for d in ctx.data_dirs])  # item images are served from their files directly
+    # item images are served from their files directly, and so are the images the app makes (images_dir)
+    gr.set_static_paths([str(d) for d in ctx.data_dirs] + [str(images_dir())])
     memoize_static_check()
     remember_missing_imports()
     with gr.Blocks(title="HaNoRec Studio", analytics_enabled=False) as demo:
@@ -206,14 +211,15 @@ def memoize_static_check() -> None:
     utils.is_static_file = is_static_file
 
 
-OPTIONAL_PLOT_MODULES = ("bokeh",)
+OPTIONAL_PLOT_MODULES = ("bokeh", "matplotlib")
 
 
 def remember_missing_imports(names=OPTIONAL_PLOT_MODULES) -> list[str]:
     """Make ``import NAME`` fail at once for optional modules that are not installed (Python's own rule: a
-    None in sys.modules stops an import with ImportError). Gradio builds a session's state for every new page
-    and REST call, and its plot components try ``import bokeh`` then: a failed import searches every folder on
-    sys.path again, each time. Installed modules are left alone. Returns the names marked missing."""
+    None in sys.modules stops an import with ImportError). Gradio tries ``import matplotlib`` around every
+    event it runs, and ``import bokeh`` for every new page's plot components: a failed import searches every
+    folder on sys.path again, each time (a tenth of the server's CPU under a classroom's load). Installed
+    modules are left alone. Returns the names marked missing."""
     import importlib.util
 
     marked = []
