@@ -7,8 +7,10 @@ through hanorec.paths. Errors from the package become `gr.Error` with the packag
 from __future__ import annotations
 
 import math
+import os
 import secrets
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -155,6 +157,7 @@ def app_secret(runs_dir: Path) -> str:
 
 
 # Demo mode (a public Space): what one visitor may ask of a shared GPU.
+RESOLVED_TTL = 10.0  # seconds an existing confined path is remembered (AppContext.resolve_path)
 DEMO_LIMITS = {"max_steps": 60, "eval_examples": 100, "draws": 50, "epochs": 1}
 
 
@@ -216,6 +219,7 @@ class AppContext:
     _models: _LRU = field(default_factory=lambda: _LRU(3), repr=False)
     _extra: _LRU = field(default_factory=lambda: _LRU(8), repr=False)
     _threads_set: bool = field(default=False, repr=False)
+    _resolved: dict = field(default_factory=dict, repr=False)  # resolve_path's recent answers
 
     def __post_init__(self):
         # scores that cost seconds are also kept on disk, for the next process (a restart, or --warm at build)
@@ -230,11 +234,25 @@ class AppContext:
 
     # ---- paths -----------------------------------------------------------------------------
     def resolve_path(self, user_text: str, *, must_exist: bool = True) -> Path:
-        """The typed path confined to the data folders and the runs folder, else gr.Error (one sentence)."""
+        """The typed path confined to the data folders and the runs folder, else gr.Error (one sentence).
+
+        An existing path that passed is remembered for RESOLVED_TTL seconds (every view and draw names its
+        dataset and model again; resolving each component costs milliseconds under a classroom's load): a
+        remembered answer is used only while the path still exists, and refusals are never remembered."""
+        key = (user_text, must_exist)
+        if must_exist and isinstance(user_text, str):
+            hit = self._resolved.get(key)
+            if hit is not None and time.monotonic() - hit[0] < RESOLVED_TTL and hit[1].exists():
+                return hit[1]
         try:
-            return confine(user_text, [*self.data_dirs, self.runs_dir, *self._demo_dirs()], must_exist=must_exist)
+            path = confine(user_text, [*self.data_dirs, self.runs_dir, *self._demo_dirs()], must_exist=must_exist)
         except PathError as e:
             raise gr.Error(str(e)) from None
+        if must_exist and isinstance(user_text, str):
+            if len(self._resolved) >= 1024:
+                self._resolved.clear()
+            self._resolved[key] = (time.monotonic(), path)
+        return path
 
     def _demo_dirs(self) -> list[Path]:
         return [self.demo_runs_dir] if self.demo_runs_dir is not None and Path(self.demo_runs_dir).is_dir() else []
@@ -406,9 +424,53 @@ def _label(path: Path) -> str:
 
 
 def item_image(ds, item: str):
-    """An item's image for a gallery: its file (served as is, no re-encoding) or the grey placeholder."""
+    """An item's image for a gallery: its file (served as is, no re-encoding) or the grey placeholder (as a
+    file, image_file)."""
     path = ds.items[item].image_path
-    return str(path) if path is not None else ds.load_image(item)
+    return str(path) if path is not None else image_file(ds.load_image(item))
+
+
+_IMAGES: dict = {}
+MAX_IMAGE_FILES = 20_000  # generated image files kept; beyond, the oldest half is removed
+
+
+def images_dir() -> Path:
+    """A folder of this app process for images it makes (what the model sees, placeholders), served as a
+    static folder (app.main.build_app): a cached view then hands Gradio a path, not a picture to encode,
+    hash and copy on every request."""
+    import tempfile
+
+    if "dir" not in _IMAGES:
+        base = os.environ.get("GRADIO_TEMP_DIR") or None
+        _IMAGES["dir"] = Path(tempfile.mkdtemp(prefix="hanorec-images-", dir=base))
+    return _IMAGES["dir"]
+
+
+def image_file(image) -> str:
+    """A PIL image as a PNG file in images_dir(), named by its content (the same picture is written once)."""
+    import hashlib
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    data = buf.getvalue()
+    folder = images_dir()
+    path = folder / f"{hashlib.sha256(data).hexdigest()[:32]}.png"
+    if not path.exists():
+        with _IMAGES_LOCK:
+            files = list(folder.glob("*.png")) if len(_IMAGES.setdefault("written", set())) >= MAX_IMAGE_FILES else []
+            if files:  # the oldest half goes (a view kept in the cache would show them again after a refresh)
+                for old_file in sorted(files, key=lambda f: f.stat().st_mtime)[: len(files) // 2]:
+                    old_file.unlink(missing_ok=True)
+                _IMAGES["written"] = {f.name for f in folder.glob("*.png")}
+            tmp = folder / f".{path.name}.{threading.get_ident()}"
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+            _IMAGES["written"].add(path.name)
+    return str(path)
+
+
+_IMAGES_LOCK = threading.Lock()
 
 
 def default_threads() -> int:

@@ -216,8 +216,9 @@ def test_a_repeated_noise_draw_is_served_whole_from_the_cache(client, app_ctx):
 
 
 def test_missing_optional_modules_fail_to_import_at_once():
-    """Gradio tries ``import bokeh`` for every new session; a module that is not installed is marked missing
-    once, so the import fails without searching sys.path again; installed modules are left alone."""
+    """Gradio tries ``import matplotlib`` around every event and ``import bokeh`` for every new session; a
+    module that is not installed is marked missing once, so the import fails without searching sys.path
+    again; installed modules are left alone."""
     import importlib
 
     from app.main import remember_missing_imports
@@ -349,3 +350,35 @@ def test_train_tab_through_gradio_client(client):
     assert "via-client" in [row[0] for row in table["data"]]
     cmp_table, fig = client.predict(["via-client::sft"], "loss", api_name="/train_compare")
     assert cmp_table["data"] and cmp_table["data"][0][0] == "via-client"
+
+
+def test_made_images_are_files_named_by_content_in_a_static_folder():
+    """What the model sees (and placeholders) are written once as PNG files named by their content, in a
+    folder the app serves statically, so a cached view hands Gradio paths instead of pictures to encode."""
+    from PIL import Image
+
+    from app.common import image_file, images_dir
+
+    a = Image.new("RGB", (8, 8), (10, 20, 30))
+    first, again = image_file(a), image_file(a.copy())
+    assert first == again and Path(first).parent == images_dir()
+    assert image_file(Image.new("RGB", (8, 8), (10, 20, 31))) != first
+    with Image.open(first) as back:
+        assert back.size == (8, 8) and back.getpixel((0, 0)) == (10, 20, 30)
+
+
+def test_resolved_paths_are_remembered_only_while_they_exist(app_ctx, tmp_path):
+    """resolve_path remembers an existing confined path for a few seconds; a path removed since is not
+    served from memory, and a refusal is asked again every time."""
+    import gradio
+
+    folder = app_ctx.runs_dir / "remembered-then-removed"
+    folder.mkdir()
+    assert app_ctx.resolve_path(str(folder)) == folder.resolve()
+    assert app_ctx.resolve_path(str(folder)) == folder.resolve()  # from memory
+    folder.rmdir()
+    with pytest.raises(gradio.Error):
+        app_ctx.resolve_path(str(folder))
+    for _ in range(2):
+        with pytest.raises(gradio.Error):
+            app_ctx.resolve_path(str(tmp_path))  # outside the allowed folders, every time

@@ -16,6 +16,7 @@ from app.common import (
     TASKS,
     download_buttons,
     example_for,
+    image_file,
     item_image,
     on_load,
     test_users,
@@ -105,7 +106,7 @@ def show_user(ctx, dataset: str, task: str, user: str, model: str):
             rendered.text,
             rendered.answer,
             seen[0],
-            seen[1],
+            [(image_file(im), caption) for im, caption in seen[1]],
         )
 
     # the whole view is kept per model (its weights), dataset, task and user: a classroom asks for the same
