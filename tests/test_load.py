@@ -1,4 +1,4 @@
-"""The app under load: 30 concurrent gradio_client sessions (a classroom) browse users and draw noise (one
+"""The app under load: 30 concurrent sessions (a classroom; light HTTP clients over Gradio's REST API) browse users and draw noise (one
 request in five a noise draw of 100 draws) for a bounded time with no error and no hung session
 (scripts/load_app.py; latency percentiles are printed, not asserted: speed lives in BENCHMARKS.md), and
 a user view is served while noise draws run (light events never wait behind heavy ones)."""
@@ -28,7 +28,7 @@ def test_thirty_sessions_browse_and_score_without_error(tmp_path):
 def test_a_user_view_does_not_wait_behind_noise_draws(tmp_path):
     """Two heavy noise draws are queued; a user view asked for while the first one runs comes back before
     that first draw does: views have their own workers and score the model beside a running draw."""
-    from load_app import DEMO, _users, connect, serve
+    from load_app import DEMO, _users, connect, open_session, serve
 
     with serve(Path(__file__).resolve().parents[1], str(tmp_path)) as url:
         users = _users(url)
@@ -49,6 +49,11 @@ def test_a_user_view_does_not_wait_behind_noise_draws(tmp_path):
         done["view"] = time.perf_counter()
         for t in threads:
             t.join(300)
+        # the light load client reports the app's error answers as errors (they count in the load's figures)
+        light = open_session(url, "http")
+        with pytest.raises(RuntimeError, match="error"):
+            light.predict(str(DEMO), "hit3", "no-such-user", "base", api_name="/data_user")
+        assert light.predict(str(DEMO), "hit3", users[9], "base", api_name="/data_user")[3]  # the prompt text
     assert len(done) == 3, done
     assert done["view"] < min(v for k, v in done.items() if k.startswith("draw")), done
 
