@@ -430,20 +430,24 @@ def item_image(ds, item: str):
     return str(path) if path is not None else image_file(ds.load_image(item))
 
 
-_IMAGES: dict = {}
 MAX_IMAGE_FILES = 20_000  # generated image files kept; beyond, the oldest half is removed
+_IMAGES_LOCK = threading.Lock()
+_images_dir: Path | None = None  # made on first use, one per app process
+_image_names: set[str] = set()  # names written to it (counted against MAX_IMAGE_FILES without listing it)
 
 
 def images_dir() -> Path:
     """A folder of this app process for images it makes (what the model sees, placeholders), served as a
     static folder (app.main.build_app): a cached view then hands Gradio a path, not a picture to encode,
     hash and copy on every request."""
+    global _images_dir
     import tempfile
 
-    if "dir" not in _IMAGES:
-        base = os.environ.get("GRADIO_TEMP_DIR") or None
-        _IMAGES["dir"] = Path(tempfile.mkdtemp(prefix="hanorec-images-", dir=base))
-    return _IMAGES["dir"]
+    with _IMAGES_LOCK:
+        if _images_dir is None:
+            base = os.environ.get("GRADIO_TEMP_DIR") or None
+            _images_dir = Path(tempfile.mkdtemp(prefix="hanorec-images-", dir=base))
+        return _images_dir
 
 
 def image_file(image) -> str:
@@ -456,21 +460,20 @@ def image_file(image) -> str:
     data = buf.getvalue()
     folder = images_dir()
     path = folder / f"{hashlib.sha256(data).hexdigest()[:32]}.png"
-    if not path.exists():
-        with _IMAGES_LOCK:
-            files = list(folder.glob("*.png")) if len(_IMAGES.setdefault("written", set())) >= MAX_IMAGE_FILES else []
-            if files:  # the oldest half goes (a view kept in the cache would show them again after a refresh)
-                for old_file in sorted(files, key=lambda f: f.stat().st_mtime)[: len(files) // 2]:
-                    old_file.unlink(missing_ok=True)
-                _IMAGES["written"] = {f.name for f in folder.glob("*.png")}
-            tmp = folder / f".{path.name}.{threading.get_ident()}"
-            tmp.write_bytes(data)
-            os.replace(tmp, path)
-            _IMAGES["written"].add(path.name)
+    if path.exists():
+        return str(path)
+    with _IMAGES_LOCK:
+        if len(_image_names) >= MAX_IMAGE_FILES:  # the oldest half goes (a cached view shows them again after a refresh)
+            files = sorted(folder.glob("*.png"), key=lambda f: f.stat().st_mtime)
+            for old_file in files[: len(files) // 2]:
+                old_file.unlink(missing_ok=True)
+            _image_names.clear()
+            _image_names.update(f.name for f in folder.glob("*.png"))
+        tmp = folder / f".{path.name}.{threading.get_ident()}"
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        _image_names.add(path.name)
     return str(path)
-
-
-_IMAGES_LOCK = threading.Lock()
 
 
 def default_threads() -> int:

@@ -1,7 +1,8 @@
-"""The app under load: 30 concurrent sessions (a classroom; light HTTP clients over Gradio's REST API) browse users and draw noise (one
-request in five a noise draw of 100 draws) for a bounded time with no error and no hung session
-(scripts/load_app.py; latency percentiles are printed, not asserted: speed lives in BENCHMARKS.md), and
-a user view is served while noise draws run (light events never wait behind heavy ones)."""
+"""The app under load: 30 concurrent sessions (a classroom; light HTTP clients over Gradio's REST API)
+browse users and draw noise (one request in five a noise draw of 100 draws) for a bounded time with no
+error and no hung session (scripts/load_app.py; latency percentiles are printed, not asserted: speed lives
+in BENCHMARKS.md), and a user view is served while noise draws run (light events never wait behind heavy
+ones)."""
 
 import sys
 import threading
