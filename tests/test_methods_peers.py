@@ -386,3 +386,44 @@ def test_each_trains_from_the_cli(tmp_path, capsys):
         logged = runs.read_metrics(tmp_path, name)
         assert [r["step"] for r in logged] == [1] and math.isfinite(logged[0]["loss"])
         assert json.loads((tmp_path / name / "results.json").read_text())
+
+
+# ---- the app: the Train tab offers them (its stage list is the registry's) --------------------------
+def test_the_train_tab_offers_each_with_its_knobs():
+    from app.tabs import train as T
+    from hanorec.jobs import stages
+
+    assert {"DMPO", "DynamicPO", "mDPO"} <= set(stages())
+    text, beta, sigma, noise_target, k_neg, addons, *options = T.method_view("DynamicPO")
+    assert "2605.00327" in text and k_neg["visible"] and addons["choices"] == ["NoDO"]
+    assert {f for f, o in zip(T.option_fields(), options) if o["visible"]} == {"dynamicpo.beta_scale", "dynamicpo.margin"}
+    text, beta, sigma, noise_target, k_neg, addons, *options = T.method_view("mDPO")
+    assert "2406.11839" in text and not k_neg["visible"]
+    assert {f for f, o in zip(T.option_fields(), options) if o["visible"]} == {"mdpo.delta"}
+    assert T.method_view("DMPO")[5]["choices"] == ["HaRS", "NoDO"]
+    over = T.form_overrides("d", "tiny-llava", "DynamicPO", "hit3", k_negatives=4, options={"dynamicpo.margin": 1.0})
+    assert over["pref"]["k_negatives"] == 4 and over["pref"]["options"] == {"margin": 1.0}
+    assert "noise_target" not in over["pref"]  # the row's own (none) stands
+
+
+@pytest.mark.slow  # three app jobs (SFT 2 steps, then the method 2 steps): 60-130 s
+def test_each_trains_from_the_app(tmp_path):
+    from test_app_train import DEMO, FORM, make_ctx, poll_until
+
+    from app.tabs import train as T
+    from hanorec import runs
+
+    runs_dir = (tmp_path / "runs").resolve()
+    runs_dir.mkdir()
+    ctx = make_ctx(runs_dir)
+    try:
+        for label, name in (("DMPO", "dmpo"), ("DynamicPO", "dynamicpo"), ("mDPO", "mdpo")):
+            fields = {"dataset": str(DEMO), "backbone": "tiny-llava", "stage": label, "task": "hit3",
+                      "sft_from": T.FROM_SCRATCH, **FORM, "max_steps": 2, "name": f"app-{name}"}  # fmt: skip
+            T.launch_form(ctx, fields)
+            poll_until(ctx, f"app-{name}", ["finished"], timeout=300)
+            logged = runs.read_metrics(runs_dir / f"app-{name}", name)
+            assert [r["step"] for r in logged] == [1, 2] and all(math.isfinite(r["loss"]) for r in logged)
+            assert runs.run_info(runs_dir / f"app-{name}").label(name) == label
+    finally:
+        ctx.jobs.close()
