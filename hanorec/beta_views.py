@@ -166,11 +166,13 @@ def who_sets_beta(bundle, ds, pairs: Sequence, lambdas: Sequence[float], *, beta
 
 
 def for_run(run_dir: str | Path, stage: str, *, max_pairs: int | None = 64, k_negatives: int | None = None,
-            progress=None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:  # fmt: skip
+            data_path: str | Path | None = None, progress=None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:  # fmt: skip
     """:func:`who_sets_beta` on a run's preference stage: its own data, pairs (the first ``max_pairs``; K =
     ``k_negatives`` rejected answers, the run's own by default) and beta0, HaRS's lambda from the run's SFT
-    model (its item embeddings, at the run's pref.hardness_k). Returns (per pair, per rejected answer, info:
-    label, beta0, K, batch_size, the scenario planted in the data)."""
+    model (its item embeddings, at the run's pref.hardness_k). data_path: another dataset folder to draw the
+    pairs from, e.g. the run's data remade with a teaching scenario (``make_demo(..., false_negatives=0.3)``
+    with the same seed has the same items and users). Returns (per pair, per rejected answer, info: label,
+    beta0, K, batch_size, the data's path and the scenario planted in it)."""
     import dataclasses
 
     from hanorec import methods, runs
@@ -186,6 +188,10 @@ def for_run(run_dir: str | Path, stage: str, *, max_pairs: int | None = 64, k_ne
         raise ValueError(f"no configuration found for stage {stage} of {run}")
     if max_pairs is not None:
         cfg.pref = dataclasses.replace(cfg.pref, max_pairs=min(int(max_pairs), cfg.pref.max_pairs))
+    if data_path is not None:
+        if not Path(data_path).is_dir():
+            raise ValueError(f"data_path {data_path} is not a dataset folder")
+        cfg.data = dataclasses.replace(cfg.data, path=str(data_path))
     k = cfg.pref.k_negatives if k_negatives is None else int(k_negatives)
     if k < 1:
         raise ValueError(f"k_negatives = {k_negatives} must be at least 1")
@@ -199,7 +205,7 @@ def for_run(run_dir: str | Path, stage: str, *, max_pairs: int | None = 64, k_ne
     table, negatives = who_sets_beta(bundle, data.dataset, pairs, lam, beta0=cfg.pref.beta,
                                      batch_size=cfg.pref.batch_size, mode=cfg.pref.scoring, progress=progress)  # fmt: skip
     info = {"label": methods.label_of(cfg.pref), "beta0": cfg.pref.beta, "k_negatives": k,
-            "batch_size": cfg.pref.batch_size, "scenario": dict(data.dataset.scenario)}  # fmt: skip
+            "batch_size": cfg.pref.batch_size, "data": str(cfg.data.path), "scenario": dict(data.dataset.scenario)}  # fmt: skip
     return table, negatives, info
 
 

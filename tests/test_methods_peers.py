@@ -427,3 +427,20 @@ def test_each_trains_from_the_app(tmp_path):
             assert runs.run_info(runs_dir / f"app-{name}").label(name) == label
     finally:
         ctx.jobs.close()
+
+
+def test_compare_and_the_compare_tab_offer_the_three_rows(tmp_path, capsys):
+    from app.tabs.compare import knob_note
+    from hanorec import cli, report
+    from hanorec.jobs import comparison_request
+
+    assert {"DMPO", "DynamicPO", "mDPO"} <= set(report.preference_methods())  # the Compare tab's checkboxes
+    note = knob_note(["DynamicPO", "mDPO"])
+    assert "--pref.options.beta_scale=0.5 (dynamicpo)" in note and "--pref.options.delta=0.0 (mdpo)" in note
+    over, args, _ = comparison_request(dataset="assets/demo", task="hit3", methods=["DMPO", "DynamicPO", "mDPO"],
+                                       seeds="0")  # fmt: skip
+    assert args[-1] == "--variants=DMPO,DynamicPO,mDPO"
+    # the CLI's `compare` accepts them (an unknown row fails before any training, with the offered rows)
+    assert cli.main(["compare", f"--output_dir={tmp_path}", "--variants=DMPO,XPO"]) == 2
+    out = capsys.readouterr()
+    assert "XPO" in out.out + out.err and "mDPO" in out.out + out.err
