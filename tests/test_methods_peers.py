@@ -444,3 +444,39 @@ def test_compare_and_the_compare_tab_offer_the_three_rows(tmp_path, capsys):
     assert cli.main(["compare", f"--output_dir={tmp_path}", "--variants=DMPO,XPO"]) == 2
     out = capsys.readouterr()
     assert "XPO" in out.out + out.err and "mDPO" in out.out + out.err
+
+
+@pytest.mark.parametrize("scoring", ["shared_prefix", "naive"])
+def test_mdpo_with_nodo_per_example_draws_noises_the_imageless_row_with_its_example(policy, ds, items, scoring):
+    """pref.noise_draw=example: an example's imageless row takes the example's own draw (one group id per
+    example, the imageless rows included), so the step runs and the noise moves the loss."""
+    from hanorec.noise import LoRANoise
+    from hanorec.train.preference import make_pref_collate, make_pref_loss
+
+    over = ["--pref.method=mdpo", f"--pref.scoring={scoring}", "--pref.noise_draw=example", "--pref.noise_sigma=0.5"]
+    cfg = load_config(overrides=over)
+    accelerator = SimpleNamespace(device=torch.device("cpu"), gather=lambda x: x)
+    batch = make_pref_collate(policy, ds)(items)
+    seen = []
+    noise = LoRANoise(policy.model, 0.5)
+    real = noise.active
+
+    def spy(group_ids=None, **kw):
+        seen.append(group_ids)
+        return real(group_ids=group_ids, **kw)
+
+    noise.active = spy
+    torch.manual_seed(0)
+    policy.model.train()  # NoDO acts on training forwards only (lora dropout is 0 here)
+    try:
+        with torch.no_grad():
+            noisy, _ = make_pref_loss(cfg, policy, accelerator, noise)(policy.model, batch)
+            clean, _ = make_pref_loss(cfg, policy, accelerator, None)(policy.model, batch)
+    finally:
+        policy.model.eval()
+    n = len(items)
+    want = torch.cat([torch.arange(n), torch.arange(n)])
+    if scoring == "naive":  # one row per completion: 2 per example, then 1 per imageless row
+        want = torch.cat([torch.arange(n).repeat_interleave(2), torch.arange(n)])
+    assert torch.equal(seen[0].cpu(), want)
+    assert math.isfinite(noisy.item()) and noisy.item() != clean.item()

@@ -3,7 +3,8 @@
 For the training pairs of a run (or the untrained model on a dataset): each pair's profile distance D,
 lambda and beta = beta0 x lambda; the lambda distribution and its spread; one user's pair with each
 negative's neighbour profile beside the positive's; re-sampling the negatives; K and the profile
-temperature (1 = the paper); after a preference run, per-pair reward margins and accuracy.
+temperature (1 = the paper); after a preference run, per-pair reward margins and accuracy, and who sets beta
+(HaRS, beta-DPO and DynamicPO on the same pairs, hanorec.beta_views).
 Handlers are a few lines over hanorec.hardness (ItemIndex, pairs_table, pair_detail: the numbers),
 hanorec.explore (training_pairs, pair_stats, spread) and hanorec.pairs.
 """
