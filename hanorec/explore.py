@@ -538,9 +538,11 @@ def noise_sweep(
 # The preference pairs behind the Hardness tab (its HaRS numbers come from hanorec.hardness: ItemIndex,
 # pairs_table, pair_detail)
 # ------------------------------------------------------------------------------------------------
-def training_pairs(cfg, data, emb_ids=None, emb=None, *, sampling: str | None = None, seed: int | None = None):
+def training_pairs(cfg, data, emb_ids=None, emb=None, *, sampling: str | None = None, seed: int | None = None,
+                   k_negatives: int | None = None):  # fmt: skip
     """The preference pairs a run with this config trains on (hanorec.pairs.build_pairs over the first
-    cfg.pref.max_pairs training examples); sampling / seed may be changed to re-sample the negatives."""
+    cfg.pref.max_pairs training examples); sampling / seed may be changed to re-sample the negatives, and
+    k_negatives to draw another number of rejected answers per pair."""
     from hanorec.pairs import build_pairs
 
     p = cfg.pref
@@ -552,7 +554,7 @@ def training_pairs(cfg, data, emb_ids=None, emb=None, *, sampling: str | None = 
         data.train[: p.max_pairs],
         data.dataset,
         seed=cfg.seed if seed is None else int(seed),
-        k_negatives=p.k_negatives,
+        k_negatives=p.k_negatives if k_negatives is None else int(k_negatives),
         sampling=sampling,
         item_embeddings=table,
     )

@@ -43,9 +43,9 @@ def batch(h, lengths=None, lam=None) -> methods.LossBatch:
 def test_the_table_lists_every_method_and_ablation():
     rows = methods.table()
     names = [r["name"] for r in rows]
-    assert len(rows) >= 10
+    assert len(rows) >= 13
     for label in ("DPO", "S-DPO", "HaNo-DPO", "HaNo-DPO w/o HaRS", "HaNo-DPO w/o NoDO", "beta-DPO", "cDPO", "rDPO",
-                  "IPO", "SimPO"):  # fmt: skip
+                  "IPO", "SimPO", "DMPO", "DynamicPO", "mDPO"):  # fmt: skip
         assert label in names
     simpo = next(r for r in rows if r["name"] == "SimPO")
     assert "reference" not in simpo["needs"] and "2405.14734" in simpo["paper"]
@@ -59,8 +59,8 @@ def test_the_methods_command_and_config_help_read_the_registry(capsys):
 
     assert cli.main(["methods"]) == 0
     out = capsys.readouterr().out
-    n = int(out.split()[0])  # 10 built in (a test module may have registered more)
-    assert n >= 10 and out.count("    loss:  ") == n == len(methods.variants())
+    n = int(out.split()[0])  # 13 built in (a test module may have registered more)
+    assert n >= 13 and out.count("    loss:  ") == n == len(methods.variants())
     assert "--pref.method=simpo" in out and "arXiv 2407.08639" in out
     help_text = describe()
     assert "--pref.options.gamma=0.5 (simpo)" in help_text and "--pref.options.rho=0.8 (beta_dpo)" in help_text

@@ -3,7 +3,8 @@
 For the training pairs of a run (or the untrained model on a dataset): each pair's profile distance D,
 lambda and beta = beta0 x lambda; the lambda distribution and its spread; one user's pair with each
 negative's neighbour profile beside the positive's; re-sampling the negatives; K and the profile
-temperature (1 = the paper); after a preference run, per-pair reward margins and accuracy.
+temperature (1 = the paper); after a preference run, per-pair reward margins and accuracy, and who sets beta
+(HaRS, beta-DPO and DynamicPO on the same pairs, hanorec.beta_views).
 Handlers are a few lines over hanorec.hardness (ItemIndex, pairs_table, pair_detail: the numbers),
 hanorec.explore (training_pairs, pair_stats, spread) and hanorec.pairs.
 """
@@ -211,6 +212,64 @@ def pair_prompt(ctx, dataset, task, model, pair_index):
     return r.text, pair.chosen, "\n---\n".join(pair.rejected), images
 
 
+def who_sets_beta(ctx, dataset, task, model, k_negatives, max_pairs, progress=gr.Progress()):
+    """For a preference stage's training pairs: the per-pair beta of HaRS, beta-DPO and DynamicPO side by side
+    (hanorec.beta_views), against the reward margin and the planted false negatives."""
+    from hanorec import beta_views
+    from hanorec.explore import training_pairs
+    from hanorec.hardness import pairs_table
+
+    if not model or model == "base" or model.startswith("base:") or model.endswith("::sft"):
+        raise gr.Error("Choose a preference stage of a run (DPO, HaNo-DPO...) to see who sets beta for its pairs.")
+    k = number(k_negatives, "K rejected answers", integer=True, minimum=1, maximum=8)
+    n = number(max_pairs, "pairs", integer=True, minimum=4, maximum=512)
+    cfg, data, index = _setup(ctx, dataset, task, model)
+    bundle, _ = ctx.model(model, dataset, task)
+    with user_errors("scoring the training pairs"):
+        pairs = training_pairs(cfg, data, index.ids, index.embeddings, k_negatives=k)[:n]
+        lam = pairs_table(pairs, index, k=_k(index, cfg.pref.hardness_k))["lambda"].tolist()
+        progress(0, desc="scoring pairs")
+        table, negatives = beta_views.who_sets_beta(
+            bundle, data.dataset, pairs, lam, beta0=cfg.pref.beta, batch_size=cfg.pref.batch_size,
+            mode=cfg.pref.scoring, progress=lambda done, total: progress(done / total, desc=f"pair {done}/{total}"),
+        )  # fmt: skip
+    planted = data.dataset.scenario.get("false_negatives", 0.0)
+    marks = (f"this dataset plants false negatives ({planted:g} of the training negatives): a red point's rejected "
+             "answer holds an item of the first target's (colour, genre) cluster" if planted else
+             "no false negatives are planted in this dataset (a red point's rejected answer shares the target's "
+             "cluster by chance); a teaching scenario plants them (`make-demo --false-negatives=0.3`)")  # fmt: skip
+    text = (
+        f"**Who sets beta** for {len(table)} training pairs of {methods.label_of(cfg.pref)} (K = {k}, micro-batches "
+        f"of {cfg.pref.batch_size} in order, beta0 = {cfg.pref.beta:g}): HaRS beta0 x eta x lambda (lambda from "
+        "the SFT model's item embeddings, fixed before training), beta-DPO one beta per micro-batch, DynamicPO "
+        f"one beta per boundary negative from the policy's own log-probs. {marks}."
+    )
+    return text, beta_views.summary(table).round(5), table.round(5), beta_figure(table, negatives)
+
+
+def beta_figure(table: pd.DataFrame, negatives: pd.DataFrame) -> go.Figure:
+    """Three panels, beta against the reward margin: HaRS and beta-DPO per pair, DynamicPO per rejected answer
+    (its boundary negatives; the others keep beta0); red: a (possibly planted) false negative."""
+    fig = make_subplots(rows=1, cols=3, shared_yaxes=True,
+                        subplot_titles=["HaRS: beta0 x eta x lambda (per pair)", "beta-DPO (per micro-batch)",
+                                        "DynamicPO (per boundary negative)"])  # fmt: skip
+    fn_pair = table["false_negatives"].fillna(0).astype(float) > 0
+    on = negatives[negatives["boundary"]]
+    fn_neg = on["false_negative"].fillna(False).astype(bool)
+    panels = ((1, table, "beta_hars", fn_pair), (2, table, "beta_dpo_batch", fn_pair), (3, on, "beta_dynamicpo", fn_neg))
+    for col, df, y, fn in panels:
+        for flag, color, name in ((False, "#4c78a8", "no false negative"), (True, "#e45756", "false negative")):
+            part = df[fn == flag]
+            fig.add_trace(go.Scatter(x=part["reward_margin"], y=part[y], mode="markers", marker_color=color, name=name,
+                                     showlegend=col == 1, text=[f"pair {p}" for p in part["pair"]]),
+                          row=1, col=col)  # fmt: skip
+    fig.update_layout(title="Who sets beta? Each method's beta for the same pairs against the reward margin beta0 x h",
+                      height=360, template="plotly_white", margin=dict(l=40, r=10, t=60, b=40))  # fmt: skip
+    fig.update_xaxes(title_text="reward margin")
+    fig.update_yaxes(title_text="beta", col=1)
+    return fig
+
+
 def select_pair(evt: gr.SelectData):
     """Clicking a row of the per-pair table picks that pair."""
     row = evt.row_value if evt is not None and evt.row_value else None
@@ -320,6 +379,22 @@ def build(ctx) -> None:
         pair_images = gr.Gallery(label="Prompt images", columns=5, height=300, object_fit="contain",
                                  elem_id="hardness-prompt-images", scale=2)  # fmt: skip
 
+    with gr.Accordion("Who sets beta? HaRS, beta-DPO and DynamicPO on the same pairs", open=False):
+        gr.Markdown(
+            "HaRS sets each pair's beta from the pair's hardness (before training) and the batch's responsiveness; "
+            "beta-DPO one beta per batch from its mean margin; DynamicPO one beta per 'boundary' negative (at or "
+            "above the chosen answer's log-prob) from the policy's own log-probs. Choose a preference stage above."
+        )
+        with gr.Row():
+            beta_k = number_field(3, label="K rejected answers per pair", precision=0, minimum=1, maximum=8)
+            beta_pairs = number_field(64, label="pairs (the first N)", precision=0, minimum=4, maximum=512)
+        beta_btn = gr.Button("Compare who sets beta", elem_id="hardness-who-sets-beta")
+        beta_text = gr.Markdown()
+        beta_summary = gr.Dataframe(interactive=False, label="Per method: beta against the margin and false negatives")
+        beta_plot = gr.Plot(label="beta against the reward margin")
+        beta_table = gr.Dataframe(interactive=False, label="Per pair", max_height=320, show_search="filter")
+        download_buttons(who_sets_beta=beta_table)
+
     base = [dataset, task, model]
     settings = [*base, k, temperature, sampling, seed]
     heavy, light = ctx.events(HEAVY), ctx.events(LIGHT)
@@ -328,5 +403,7 @@ def build(ctx) -> None:
     grid_btn.click(partial(spread_grid, ctx), [*base, sampling, seed], grid, api_name="hardness_grid", **heavy)
     stats_btn.click(partial(score_pairs, ctx), base, [stats_text, stats, margins], api_name="hardness_stats", **heavy)
     stats.select(select_pair, None, pair_n, api_visibility="private")
+    beta_btn.click(partial(who_sets_beta, ctx), [*base, beta_k, beta_pairs], [beta_text, beta_summary, beta_table, beta_plot],
+                   api_name="hardness_who_sets_beta", **heavy)  # fmt: skip
     pair_btn.click(partial(pair_prompt, ctx), [*base, pair_n], [pair_prompt_box, chosen, rejected, pair_images], api_name="hardness_pair_prompt", **light)
     pair_n.submit(partial(pair_prompt, ctx), [*base, pair_n], [pair_prompt_box, chosen, rejected, pair_images], api_visibility="private", **light)

@@ -7,8 +7,8 @@
 
 Adding a method is one file (a Method passed to register) and its test; nothing else is edited. The rest
 of the project asks the registry: which methods exist, what each needs (reference model, K rejected
-completions, HaRS hardness, NoDO noise, state carried across batches), which knobs it reads, and how a
-trained configuration is named ('IPO + NoDO (beyond the paper)').
+completions, the chosen answer without images, HaRS hardness, NoDO noise, state carried across batches),
+which knobs it reads, and how a trained configuration is named ('IPO + NoDO (beyond the paper)').
 
 HaRS and NoDO are add-ons. NoDO (pref.noise_target / noise_sigma) perturbs the policy's forward and so
 combines with every loss. HaRS's dynamic beta (pref.hars=true, with pref.hardness / pref.responsiveness
@@ -332,7 +332,7 @@ def format_table(rows: list[dict] | None = None) -> str:
 
 # ---- the built-in methods ------------------------------------------------------------------------
 _BUILTINS_LOADED = False
-BUILTINS = ("dpo", "sdpo", "hano_dpo", "beta_dpo", "cdpo", "rdpo", "ipo", "simpo")
+BUILTINS = ("dpo", "sdpo", "hano_dpo", "beta_dpo", "cdpo", "rdpo", "ipo", "simpo", "dmpo", "dynamicpo", "mdpo")
 
 
 def _load_builtins() -> None:

@@ -72,6 +72,8 @@ class LossBatch:
     under the policy (with gradient) and the reference (none). chosen_lengths (B,), rejected_lengths
     (B, K): completion token counts. hardness_lambda (B,): HaRS lambda_n (1 when hardness is off).
     gather: local tensor -> the tensor gathered across processes (a collective: every process calls it).
+    policy_imageless, ref_imageless (B,): the chosen answer's summed log-probs with the prompt's images
+    blanked, for a method that declares ``needs_imageless`` (None otherwise).
     """
 
     policy_chosen: Tensor
@@ -82,6 +84,8 @@ class LossBatch:
     rejected_lengths: Tensor
     hardness_lambda: Tensor
     gather: Callable[[Tensor], Tensor] = lambda t: t  # noqa: E731
+    policy_imageless: Tensor | None = None
+    ref_imageless: Tensor | None = None
 
 
 @dataclass
@@ -112,6 +116,8 @@ class Method:
     """One preference method (see the module docstring).
 
     needs_reference: the loss reads the reference log-probs (False: the reference forward is skipped).
+    needs_imageless: the loss reads the chosen answer scored after the prompt with its images blanked
+    (LossBatch.policy_imageless / ref_imageless): one more completion row per example in the same forwards.
     k_rejected: the loss takes K > 1 rejected completions (pref.k_negatives).
     hars: 'builtin' (HaNo-DPO), 'addon' (pref.hars=true puts HaRS's beta on it, beyond the paper) or 'no'.
     stateful: it carries state across batches (``init_state``), saved in every checkpoint.
@@ -128,6 +134,7 @@ class Method:
     loss_fn: Callable[..., LossOutput]
     knobs: tuple[Knob, ...] = ()
     needs_reference: bool = True
+    needs_imageless: bool = False
     k_rejected: bool = False
     hars: str = "no"
     stateful: bool = False
@@ -153,6 +160,8 @@ class Method:
             out.append("reference model")
         if self.k_rejected:
             out.append("K rejected")
+        if self.needs_imageless:
+            out.append("chosen without images (one more row)")
         if self.hars == "builtin":
             out.append("hardness lambda")
         if self.stateful:

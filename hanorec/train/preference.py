@@ -35,7 +35,7 @@ class PrefItem:
 
     pair: PreferencePair
     hardness_lambda: float = 1.0
-    ref_logps: tuple[float, ...] | None = None  # (chosen, rejected_1..K)
+    ref_logps: tuple[float, ...] | None = None  # (chosen, rejected_1..K[, chosen with the images blanked])
 
 
 def build_preference_items(
@@ -122,11 +122,41 @@ def reference_logps(model, bundle, prompts, completions, mode: str, dtype=None, 
     """Log-probs under the reference: the policy with its adapter disabled. (B, 1+K).
 
     packed: the step's :func:`hanorec.scoring.pack_shared_prefix` batch, shared with the policy forward."""
+    return torch.stack(_reference_sums(model, bundle, prompts, completions, mode, dtype, packed))
+
+
+@torch.no_grad()
+def _reference_sums(model, bundle, prompts, completions, mode: str, dtype=None, packed=None) -> list:
+    """:func:`reference_logps` as one (C_i,) tensor per prompt (prompts may hold different counts)."""
     with _adapter_disabled(model):
         sums, _ = multi_completion_logps(
             model, bundle, prompts, completions, mode=mode, dtype=dtype, packed=packed
         )
-    return torch.stack(sums)
+    return sums
+
+
+def imageless_prompt(prompt):
+    """The prompt with every image blanked: its normalised pixel values set to 0 (the image processor's
+    mean colour); the image tokens, the image grid and so the positions and the attention stay as they are
+    (mDPO's image-conditional term, hanorec/methods/mdpo.py). A prompt without images is returned as is."""
+    from dataclasses import replace
+
+    if prompt.pixel_values is None:
+        return prompt
+    return replace(prompt, pixel_values=torch.zeros_like(prompt.pixel_values))
+
+
+def with_imageless(prompts: list, completions: list) -> tuple[list, list]:
+    """The rows of a step whose method declares ``needs_imageless``: the B examples as they are, then B
+    more prompts with their images blanked, each followed by its example's chosen answer only. They are
+    packed, scored by the reference and the policy, and noised together (the shared-prefix path)."""
+    return [*prompts, *(imageless_prompt(p) for p in prompts)], [*completions, *([cs[0]] for cs in completions)]
+
+
+def _split_rows(sums: list, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the B examples' (B, 1+K) values, the imageless chosen rows' (B,) values or None)."""
+    main = torch.stack(list(sums[:n]))
+    return main, (torch.stack([s[0] for s in sums[n:]]) if len(sums) > n else None)
 
 
 @contextlib.contextmanager
@@ -192,18 +222,26 @@ def make_pref_loss(cfg, bundle: ModelBundle, accelerator, noise: LoRANoise | Non
         dtype = next(peft_model.parameters()).dtype
         prompts = [_to(pr, device) for pr in batch["prompts"]]
         completions = batch["completions"]
+        n_ex = len(prompts)
+        if method.needs_imageless:  # one more row per example: its chosen answer, the images blanked
+            prompts, completions = with_imageless(prompts, completions)
         packed = None
         if p.scoring == "shared_prefix":
             # one packing and one pass of the frozen vision tower serve the reference and the policy forward
             # (under the autocast the prepared model's forward runs in, so mixed precision sees the same)
             with getattr(accelerator, "autocast", contextlib.nullcontext)():
                 packed = pack_shared_prefix(peft_model, bundle, prompts, completions, dtype=dtype, device=device)
-        if batch["ref"] is not None:
+        ref_imageless = None
+        if batch["ref"] is not None:  # precomputed: (B, 1+K), then the imageless chosen when needed
             ref = batch["ref"].to(device)
+            if method.needs_imageless:
+                ref, ref_imageless = ref[:, :-1], ref[:, -1]
         elif method.needs_reference:
-            ref = reference_logps(peft_model, bundle, prompts, completions, p.scoring, dtype, packed)
+            sums = _reference_sums(peft_model, bundle, prompts, completions, p.scoring, dtype, packed)
+            ref, ref_imageless = _split_rows(sums, n_ex)
         else:  # a reference-free loss: no reference forward
-            ref = torch.zeros(len(prompts), len(completions[0]), device=device)
+            ref = torch.zeros(n_ex, len(completions[0]), device=device)
+            ref_imageless = torch.zeros(n_ex, device=device) if method.needs_imageless else None
         transform = None
         if p.noise_target == "logits" and p.noise_sigma > 0:
 
@@ -215,7 +253,7 @@ def make_pref_loss(cfg, bundle: ModelBundle, accelerator, noise: LoRANoise | Non
             if p.noise_draw == "example":
                 # one draw per example, shared by its chosen and rejected completions: shared-prefix packs
                 # one row per example, naive has one row per completion
-                groups = torch.arange(len(prompts), device=device)
+                groups = torch.arange(len(prompts), device=device) % n_ex  # an imageless row: its example's
                 if p.scoring != "shared_prefix":
                     groups = groups.repeat_interleave(torch.tensor([len(c) for c in completions], device=device))
             # noisy: open until backward has run (gradient checkpointing re-runs the forward then, under the same
@@ -226,13 +264,16 @@ def make_pref_loss(cfg, bundle: ModelBundle, accelerator, noise: LoRANoise | Non
             model, bundle, prompts, completions, mode=p.scoring, logits_transform=transform, dtype=dtype,
             packed=packed,
         )  # fmt: skip
-        pol_c, pol_r = _stack(sums)  # (B,), (B, K)
+        pol_all, pol_imageless = _split_rows(sums, n_ex)
+        pol_c, pol_r = pol_all[:, 0], pol_all[:, 1:]  # (B,), (B, K)
         ref_c, ref_r = ref[:, 0].to(pol_c.dtype), ref[:, 1:].to(pol_c.dtype)
-        lengths = torch.stack(counts).float()  # (B, 1+K) completion token counts
+        lengths = torch.stack(counts[:n_ex]).float()  # (B, 1+K) completion token counts
         lb = methods.LossBatch(
             policy_chosen=pol_c, policy_rejected=pol_r, ref_chosen=ref_c, ref_rejected=ref_r,
             chosen_lengths=lengths[:, 0].to(device), rejected_lengths=lengths[:, 1:].to(device),
             hardness_lambda=batch["lambda"].to(device), gather=accelerator.gather,
+            policy_imageless=pol_imageless,
+            ref_imageless=None if ref_imageless is None else ref_imageless.to(pol_c.dtype),
         )  # fmt: skip
         beta, eta = (hars_beta(lb, p) if hars_addon else (p.beta, None))
         out = method.loss(lb, p, beta, state)
@@ -307,8 +348,11 @@ def _to(prompt, device):
     )
 
 
-def precompute_reference(bundle, ds, items: list[PrefItem], mode: str, batch_size: int = 8) -> list[PrefItem]:
-    """Score every pair once under the reference (adapter disabled), so training skips that forward."""
+def precompute_reference(
+    bundle, ds, items: list[PrefItem], mode: str, batch_size: int = 8, imageless: bool = False
+) -> list[PrefItem]:
+    """Score every pair once under the reference (adapter disabled), so training skips that forward.
+    imageless: also the chosen answer with the prompt's images blanked, stored last (mDPO)."""
     from dataclasses import replace
 
     model = bundle.model
@@ -320,7 +364,12 @@ def precompute_reference(bundle, ds, items: list[PrefItem], mode: str, batch_siz
     for start in range(0, len(items), batch_size):
         chunk = items[start : start + batch_size]
         prompts, completions = _encode(bundle, ds, chunk)
-        ref = reference_logps(model, bundle, [_to(p, device) for p in prompts], completions, mode, dtype)
+        prompts = [_to(p, device) for p in prompts]
+        if imageless:
+            prompts, completions = with_imageless(prompts, completions)
+        ref, ref_imageless = _split_rows(_reference_sums(model, bundle, prompts, completions, mode, dtype), len(chunk))
+        if ref_imageless is not None:
+            ref = torch.cat([ref, ref_imageless.unsqueeze(-1)], -1)
         out += [replace(it, ref_logps=tuple(r.tolist())) for it, r in zip(chunk, ref.cpu())]
     model.train(was)
     return out
@@ -351,7 +400,9 @@ def train_preference(
     )
     bundle.model.to(accelerator.device)
     if p.precompute_ref:
-        items = precompute_reference(bundle, ds, items, p.scoring)
+        from hanorec import methods
+
+        items = precompute_reference(bundle, ds, items, p.scoring, imageless=methods.get(p.method).needs_imageless)
     noise = (
         LoRANoise(bundle.model, p.noise_sigma, scale=p.noise_scale) if (p.noise_target == "lora" and p.noise_sigma > 0) else None
     )
