@@ -469,3 +469,20 @@ def test_n_job_logs_and_errors_carry_no_server_path_or_traceback(app_url):
         assert secret not in reply, secret
     stream = call(url, "compare_launch", compare_values(sft_from="no-such-run"))
     assert "event: error" in stream and str(ctx.runs_dir) not in stream and str(DEMO) not in stream
+
+
+# ---- safe defaults: a plain `docker run` is demo mode; every interface needs a login --------------------
+def test_the_image_starts_demo_mode_and_the_app_refuses_every_interface_without_a_login(tmp_path, monkeypatch, capsys):
+    from app import main as app_main
+
+    dockerfile = (REPO / "Dockerfile").read_text()
+    assert "GRADIO_SERVER_NAME=0.0.0.0" in dockerfile and "HANOREC_DEMO=1" in dockerfile
+    for var in ("HANOREC_AUTH", "HANOREC_DEMO", "SPACE_ID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "0.0.0.0")
+    monkeypatch.setattr(app_main, "build_app", lambda ctx: pytest.fail("the app was built"))
+    with pytest.raises(SystemExit) as info:
+        app_main.main(["--runs", str(tmp_path / "runs"), "--no-demo"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "serves every network interface" in err and "HANOREC_AUTH" in err and err.count("\n") == 1
