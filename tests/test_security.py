@@ -486,3 +486,19 @@ def test_the_image_starts_demo_mode_and_the_app_refuses_every_interface_without_
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "serves every network interface" in err and "HANOREC_AUTH" in err and err.count("\n") == 1
+
+
+def test_help_prints_the_caps_and_the_cli_takes_an_operators_plugin_folder(tmp_path, capsys):
+    from app.main import parse_args
+    from hanorec.cli import _split_args, main
+
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for words in ("at most 10 seeds, 10 methods, 60 models trained in all, 2000 steps per model",
+                  "16 per visitor (--pending-per-client)", "pref.options.NAME", "--plugins DIR"):  # fmt: skip
+        assert words in text, words
+    assert _split_args(["--plugins=/x/plugins"])[1] == ["--pref.plugins=[/x/plugins]"]
+    plugin, marker = planted_plugin(tmp_path)
+    assert main(["config", "--plugins", str(tmp_path), "--pref.method=not_yet_registered"]) == 0  # read only
+    assert "not_yet_registered" in capsys.readouterr().out and not marker.exists()
