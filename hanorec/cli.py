@@ -38,6 +38,7 @@ import os
 import signal
 import sys
 import warnings
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -104,7 +105,8 @@ def _split_args(argv: list[str]) -> tuple[str | None, list[str], dict]:
         if arg.startswith("--config="):
             config = arg.split("=", 1)[1]
         elif arg.startswith("--plugins="):  # the operator's plug-in folder (or file): short for --pref.plugins=[DIR]
-            overrides.append(f"--pref.plugins=[{arg.split('=', 1)[1]}]")
+            folder = Path(arg.split("=", 1)[1]).expanduser().resolve()  # absolute: a resume from elsewhere finds it
+            overrides.append(f"--pref.plugins=[{folder}]")
         elif arg.startswith(
             ("--checkpoint=", "--out=", "--seeds=", "--tasks=", "--variants=", "--readme=", "--stage=", "--from-sft=",
              "--run=")
