@@ -6,9 +6,10 @@
 # CPU image (slim Python base, the CPU build of torch):
 #   docker build --build-arg TARGET=cpu -t hanorec-studio:cpu .
 #   docker run -p 7860:7860 hanorec-studio:cpu
-# Reachable by others (the image binds 0.0.0.0): ask for a login and turn on demo mode's caps, e.g.
-#   docker run -p 7860:7860 -e HANOREC_AUTH=visitor:a-long-password -e HANOREC_DEMO=1 hanorec-studio
-# (docs/space.md: demo mode, login, ownership of jobs).
+# The image binds 0.0.0.0, so a plain `docker run` starts demo mode (HANOREC_DEMO=1: the caps a shared
+# server needs). Full mode needs a login: the app refuses to serve every interface without one, e.g.
+#   docker run -p 7860:7860 -e HANOREC_DEMO=0 -e HANOREC_AUTH=me:a-long-password hanorec-studio
+# (docs/space.md: demo mode, login, ownership of jobs, per-visitor limits).
 # Data from outside the repo is never copied in: mount it and name it, e.g.
 #   docker run -p 7860:7860 -v /path/to/movielens:/data:ro hanorec-studio python app/main.py --data /data
 ARG TARGET=gpu
@@ -38,7 +39,7 @@ FROM base-${TARGET}
 # hadolint ignore=DL3064
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false \
-    GRADIO_ANALYTICS_ENABLED=False GRADIO_SERVER_NAME=0.0.0.0 GRADIO_SERVER_PORT=7860 \
+    GRADIO_ANALYTICS_ENABLED=False GRADIO_SERVER_NAME=0.0.0.0 GRADIO_SERVER_PORT=7860 HANOREC_DEMO=1 \
     HOME=/home/user HF_HOME=/home/user/.cache/huggingface \
     VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
 
@@ -69,7 +70,7 @@ COPY --chown=user:user pyproject.toml README.md ./
 # so the app serves them from the first click (app/main.py --warm; BENCHMARKS.md section 7). The GPU image
 # skips it: scores are kept per device type, and a GPU computes draws quickly.
 ARG TARGET
-RUN if [ "$TARGET" = "cpu" ]; then python app/main.py --warm 50 && python app/main.py --warm 50 --demo; fi
+RUN if [ "$TARGET" = "cpu" ]; then python app/main.py --warm 50 --no-demo && python app/main.py --warm 50 --demo; fi
 
 EXPOSE 7860
 CMD ["python", "app/main.py"]

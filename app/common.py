@@ -124,9 +124,14 @@ def owner_token(value) -> str:
     return secrets.token_urlsafe(24)
 
 
+# The BrowserState's "secret" is sent to every page in /config, so it is no secret: it only names the stored
+# value's encoding, and stays the same across restarts so a browser keeps its token. The token is the secret.
+OWNER_STORAGE_CODE = "hanorec-owner-token-v1"
+
+
 def owner_state(ctx) -> gr.BrowserState:
-    """The owner token in the browser's localStorage, encrypted with the app's own secret (kept in the runs
-    folder, so a reload, a closed tab and an app restart all keep ownership)."""
+    """The owner token in the browser's localStorage (a reload, a closed tab and an app restart all keep
+    ownership). Nothing secret of the server goes to the page (see OWNER_STORAGE_CODE)."""
     # default "" (not None): a page or API call without a token is a stranger, never the local Python caller.
     # One state per page, shared by the tabs that launch jobs (Train, Compare), so they hold the same token.
     from gradio.context import Context
@@ -135,7 +140,7 @@ def owner_state(ctx) -> gr.BrowserState:
     cached = getattr(ctx, "_owner_state", None)
     if cached is not None and cached[0] is page:
         return cached[1]
-    state = gr.BrowserState("", storage_key=OWNER_STORAGE_KEY, secret=getattr(ctx, "owner_secret", "") or None)
+    state = gr.BrowserState("", storage_key=OWNER_STORAGE_KEY, secret=OWNER_STORAGE_CODE)
     try:
         ctx._owner_state = (page, state)
     except AttributeError:  # a context that takes no new attributes: each tab keeps its own state
@@ -143,22 +148,45 @@ def owner_state(ctx) -> gr.BrowserState:
     return state
 
 
-def app_secret(runs_dir: Path) -> str:
-    """A random secret kept in <runs>/.app-secret (mode 0600), made once."""
-    import os
+# ---- who is asking: the client's address, or its login ----------------------------------------------
+def client_id(host: str | None, headers=None, username: str | None = None, *, trust_proxy: bool = False) -> str:
+    """The visitor a request counts against (job caps, pending events): its login name when a login is set,
+    else its address. Behind a proxy the operator trusts (--trust-proxy; on by default on a Hugging Face
+    Space), the last X-Forwarded-For entry, which that proxy wrote; a client's own entries come before it."""
+    if username:
+        return f"login:{username}"
+    if trust_proxy and headers is not None:
+        forwarded = headers.get("x-forwarded-for") or ""
+        last = forwarded.split(",")[-1].strip()
+        if last:
+            return f"address:{last[:64]}"
+    return f"address:{host or 'unknown'}"
 
-    path = Path(runs_dir) / ".app-secret"
-    if not path.is_file() or path.is_symlink():
-        fd = os.open(path.with_name(f".app-secret.{os.getpid()}"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_urlsafe(32))
-        os.replace(path.with_name(f".app-secret.{os.getpid()}"), path)
-    return path.read_text().strip()
+
+def request_client(request, *, trust_proxy: bool = False) -> str | None:
+    """client_id of a gr.Request (or a Starlette request), None when there is none (a local Python call)."""
+    if request is None:
+        return None
+    client = getattr(request, "client", None)
+    host = getattr(client, "host", None) if client is not None else None
+    return client_id(host, getattr(request, "headers", None), getattr(request, "username", None),
+                     trust_proxy=trust_proxy)  # fmt: skip
 
 
 # Demo mode (a public Space): what one visitor may ask of a shared GPU.
 RESOLVED_TTL = 10.0  # seconds an existing confined path is remembered (AppContext.resolve_path)
 DEMO_LIMITS = {"max_steps": 60, "eval_examples": 100, "draws": 50, "epochs": 1}
+
+
+def _identity(path: Path):
+    """(device, inode, type) of the path itself (a link is not followed), or None when it is gone: a folder
+    swapped for a link, or for another folder, has another identity. A resolved path has no link in its
+    parents, so a parent swapped for a link changes what lstat finds too."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_mode >> 12)
 
 
 def _sentence(e: BaseException) -> str:
@@ -213,7 +241,8 @@ class AppContext:
     # scoring results (clean and noisy candidate scores) per model, dataset, example and noise setting
     results: object = field(default_factory=lambda: _result_cache(), repr=False)
     demo: bool = False  # demo mode: DEMO_LIMITS cap steps, evaluation prompts and noise draws
-    owner_secret: str = ""  # encrypts the owner token in the browser (app_secret); "" = a new one per process
+    plugins_dir: Path | None = None  # the operator's plug-in folder (python app/main.py --plugins DIR)
+    trust_proxy: bool = False  # client_id reads the last X-Forwarded-For entry (a proxy the operator trusts)
     demo_runs_dir: Path | None = None  # trained runs shipped with the app, listed read-only
     _data: _LRU = field(default_factory=lambda: _LRU(6), repr=False)
     _models: _LRU = field(default_factory=lambda: _LRU(3), repr=False)
@@ -242,8 +271,8 @@ class AppContext:
         key = (user_text, must_exist)
         if must_exist and isinstance(user_text, str):
             hit = self._resolved.get(key)
-            if hit is not None and time.monotonic() - hit[0] < RESOLVED_TTL and hit[1].exists():
-                return hit[1]
+            if hit is not None and time.monotonic() - hit[0] < RESOLVED_TTL and _identity(hit[1]) == hit[2]:
+                return hit[1]  # the same file as before: not removed, not swapped for a link (lstat's inode)
         try:
             path = confine(user_text, [*self.data_dirs, self.runs_dir, *self._demo_dirs()], must_exist=must_exist)
         except PathError as e:
@@ -251,7 +280,7 @@ class AppContext:
         if must_exist and isinstance(user_text, str):
             if len(self._resolved) >= 1024:
                 self._resolved.clear()
-            self._resolved[key] = (time.monotonic(), path)
+            self._resolved[key] = (time.monotonic(), path, _identity(path))
         return path
 
     def _demo_dirs(self) -> list[Path]:

@@ -34,10 +34,13 @@ import warnings  # noqa: E402
 # Public-demo settings (docs/space.md): demo mode, login, and the limits a shared server needs.
 DEMO_ENV = "HANOREC_DEMO"  # 1: demo mode (a Hugging Face Space sets SPACE_ID, which turns it on too; 0: off)
 AUTH_ENV = "HANOREC_AUTH"  # "user:password" (several: comma-separated): the page asks for a login
-MAX_FILE_SIZE = "2mb"  # uploads (the app takes none today; Gradio's own routes would accept any size)
+TRUST_PROXY_ENV = "HANOREC_TRUST_PROXY"  # 1: count visitors by the last X-Forwarded-For entry (a trusted proxy)
+MAX_FILE_SIZE = "2mb"  # uploads: none is taken (the upload route is refused, see refuse_uploads); kept as a bound
 QUEUE_SIZE = 64  # requests waiting in Gradio's queue; more are refused at once with "queue is full"
+PENDING_PER_CLIENT = 16  # requests one visitor (address or login) may have waiting or running in that queue
 MAX_QUEUED = {False: 16, True: 4}  # training jobs waiting in total (demo mode: True)
-MAX_PER_SESSION = {False: 4, True: 1}  # jobs waiting or running per browser
+MAX_PER_SESSION = {False: 4, True: 1}  # jobs waiting or running per visitor (address, or login name)
+EVERY_INTERFACE = ("0.0.0.0", "::", "")  # a host that binds every interface: a login or demo mode is required
 
 DEFAULT_DATA = ROOT / "assets" / "demo"
 TABS = ("data", "train", "hardness", "noise", "compare")
@@ -52,11 +55,36 @@ INTRO = (
 )
 
 
+def limits_text() -> str:
+    """What a visitor may ask for, printed by --help (the same numbers the app enforces)."""
+    from hanorec.jobs import COMPARE_LIMITS, OVERRIDE_NUMBERS
+
+    numbers = ", ".join(f"{k} [{lo:g}, {hi:d}]" if whole else f"{k} [{lo:g}, {hi:g}]"
+                        for k, (lo, hi, whole) in OVERRIDE_NUMBERS.items())  # fmt: skip
+    return (
+        "limits per visitor (a visitor is a client address, or a login name when HANOREC_AUTH is set):\n"
+        f"  training jobs waiting or running: {MAX_PER_SESSION[False]} per visitor, {MAX_QUEUED[False]} waiting "
+        f"in all (demo mode: {MAX_PER_SESSION[True]} and {MAX_QUEUED[True]})\n"
+        f"  requests waiting or running in the event queue: {PENDING_PER_CLIENT} per visitor (--pending-per-client), "
+        f"{QUEUE_SIZE} in all\n"
+        f"  Compare: {COMPARE_LIMITS[False].describe()}; demo mode: launches refused (and the caps would be "
+        f"{COMPARE_LIMITS[True].describe()})\n"
+        "  Compare's \"more overrides\" field takes only pref.options.NAME (|value| <= 1e4) and these numbers: "
+        f"{numbers}\n"
+        "  uploads: none (the app has no upload field; Gradio's upload route is refused); exports: one per stage "
+        "and checkpoint, reused, at most 6 kept\n"
+        "  plug-in methods: only from the --plugins folder; never from a form or an API call"
+    )
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python app/main.py",
         description="HaNoRec Studio explorer (Gradio). Host and port come from GRADIO_SERVER_NAME and "
-        "GRADIO_SERVER_PORT (default 127.0.0.1:7860).",
+        "GRADIO_SERVER_PORT (default 127.0.0.1:7860). Binding every interface (0.0.0.0) needs a login "
+        "(HANOREC_AUTH) or demo mode.",
+        epilog=limits_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "--data",
@@ -76,6 +104,29 @@ def parse_args(argv=None) -> argparse.Namespace:
         "models run as fast on one thread and more threads spin-wait when the cores are shared)",
     )
     p.add_argument("--share", action="store_true", help="also open a public Gradio link (needs internet)")
+    p.add_argument(
+        "--plugins",
+        metavar="DIR",
+        default=None,
+        help="a folder of .py files that register more preference methods (hanorec.methods.register): imported "
+        "once at start, offered as stages, and recorded in each job that uses them so its training process "
+        "imports them; no form or API call can name another file or module",
+    )
+    p.add_argument(
+        "--pending-per-client",
+        type=int,
+        default=PENDING_PER_CLIENT,
+        metavar="N",
+        help=f"requests one visitor may have waiting or running in the event queue (default {PENDING_PER_CLIENT}; "
+        "raise it when a classroom shares one address behind NAT)",
+    )
+    p.add_argument(
+        "--trust-proxy",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"count visitors by the last X-Forwarded-For entry, written by a proxy in front of the app (default: "
+        f"on when {TRUST_PROXY_ENV}=1 or on a Hugging Face Space; never on a server clients reach directly)",
+    )
     p.add_argument(
         "--demo",
         action=argparse.BooleanOptionalAction,
@@ -106,6 +157,16 @@ def demo_mode(flag: bool | None = None) -> bool:
     return bool(os.environ.get("SPACE_ID"))
 
 
+def trust_proxy(flag: bool | None = None) -> bool:
+    """--trust-proxy / --no-trust-proxy, else HANOREC_TRUST_PROXY (1/0), else on inside a Hugging Face Space."""
+    if flag is not None:
+        return flag
+    env = os.environ.get(TRUST_PROXY_ENV, "").strip().lower()
+    if env:
+        return env in ("1", "true", "yes", "on")
+    return bool(os.environ.get("SPACE_ID"))
+
+
 def auth_from_env() -> list[tuple[str, str]] | None:
     """HANOREC_AUTH="user:password[,user2:password2]" -> Gradio's auth list; unset -> no login. A malformed
     value is an error (one sentence), never silently an open app."""
@@ -129,28 +190,47 @@ def own_temp_dir() -> str:
     return path
 
 
-def make_context(data_dirs=None, runs_dir="runs", device="auto", threads=0, demo=False, demo_runs=None):
+def make_context(data_dirs=None, runs_dir="runs", device="auto", threads=0, demo=False, demo_runs=None,
+                 plugins=None, trust_proxy=False):  # fmt: skip
     """The AppContext for these folders: missing data folders are an error, the runs folder is created.
     torch is imported only when the first model loads, so the page is served sooner. demo: demo mode's
-    caps; demo_runs: the shipped trained runs listed read-only (default assets/demo_runs)."""
+    caps; demo_runs: the shipped trained runs listed read-only (default assets/demo_runs); plugins: the
+    operator's folder of plug-in methods (imported now, recorded in the jobs that use them); trust_proxy:
+    visitors are told apart by the last X-Forwarded-For entry."""
     dirs = [Path(d).expanduser().resolve() for d in (data_dirs or [DEFAULT_DATA])]
     for d in dirs:
         if not d.is_dir():
             raise ValueError(f"The data folder {d} does not exist.")
+    plugin_dir = None
+    if plugins:
+        plugin_dir = Path(plugins).expanduser().resolve()
+        if not plugin_dir.is_dir():
+            raise ValueError(f"--plugins {plugins}: not a folder; name a folder of .py files that register methods.")
+        from hanorec import methods
+
+        try:
+            methods.load_plugins([str(plugin_dir)])
+        except methods.MethodError as e:
+            raise ValueError(f"--plugins {plugins}: {e}.") from None
     if not os.environ.get("GRADIO_TEMP_DIR"):  # one set by whoever runs the app is theirs to choose
         own_temp_dir()
-    from app.common import DEMO_RUNS, AppContext, app_secret  # gradio: imported once the arguments are good
+    from app.common import DEMO_RUNS, AppContext  # gradio: imported once the arguments are good
+
     runs = Path(runs_dir).expanduser().resolve()
     runs.mkdir(parents=True, exist_ok=True)
-    jobs = _job_manager(runs, None if device == "auto" else device, demo)
+    jobs = _job_manager(runs, None if device == "auto" else device, demo, plugin_dir)
     return AppContext(data_dirs=dirs, runs_dir=runs, device=device, jobs=jobs, threads=threads, demo=demo,
-                      owner_secret=app_secret(runs), demo_runs_dir=Path(demo_runs) if demo_runs else DEMO_RUNS)  # fmt: skip
+                      demo_runs_dir=Path(demo_runs) if demo_runs else DEMO_RUNS, plugins_dir=plugin_dir,
+                      trust_proxy=trust_proxy)  # fmt: skip
 
 
-def _job_manager(runs: Path, device: str | None, demo: bool = False):
+def _job_manager(runs: Path, device: str | None, demo: bool = False, plugins: Path | None = None):
+    """The app's queue: its caps, its operator's plug-ins only (never a request's), and public messages (no
+    path of this machine, no traceback)."""
     from hanorec.jobs import JobManager
 
-    return JobManager(runs, device=device, max_queued=MAX_QUEUED[demo], max_per_owner=MAX_PER_SESSION[demo])
+    return JobManager(runs, device=device, max_queued=MAX_QUEUED[demo], max_per_owner=MAX_PER_SESSION[demo],
+                      plugins=[str(plugins)] if plugins else [], public=True)  # fmt: skip
 
 
 def build_app(ctx):
@@ -169,7 +249,90 @@ def build_app(ctx):
             with gr.Tab(TAB_TITLES[name], id=name, elem_id=f"tab-{name}"):
                 tabs.build(name, ctx)
     demo.queue(default_concurrency_limit=2, max_size=QUEUE_SIZE)
+    guard(demo, ctx)
     return demo
+
+
+def guard(demo, ctx, pending_per_client: int | None = None) -> None:
+    """What every request goes through (app/README.md, "Shared use"):
+
+    - each handler runs with hanorec.jobs.CLIENT set to the request's visitor (address, or login name), so
+      the job caps count visitors, not the owner tokens a client chooses;
+    - an error's sentence names no absolute path of this machine (hanorec.paths.redact) and holds no
+      traceback;
+    - one visitor may have at most ``pending_per_client`` requests waiting or running in the event queue
+      (default PENDING_PER_CLIENT), so nobody fills the queue for everyone else."""
+    import gradio as gr
+
+    from app.common import request_client
+    from hanorec.jobs import CLIENT
+    from hanorec.paths import redact
+
+    limit = PENDING_PER_CLIENT if pending_per_client is None else pending_per_client
+    proxy = bool(getattr(ctx, "trust_proxy", False))
+    roots = {**{str(d): d.name for d in ctx.data_dirs}, str(ctx.runs_dir): "runs", str(ROOT): "."}
+    demo._hanorec_pending_limit = limit
+    if getattr(demo, "_hanorec_guarded", False):
+        return
+    demo._hanorec_guarded = True
+    process_api = demo.process_api
+
+    async def guarded_api(*args, **kwargs):
+        request = kwargs.get("request", args[3] if len(args) > 3 else None)
+        request = request[0] if isinstance(request, list) and request else request
+        token = CLIENT.set(request_client(request, trust_proxy=proxy) if request is not None else None)
+        try:
+            return await process_api(*args, **kwargs)
+        except gr.Error as e:  # the handler's sentence, or Gradio's own (a value not among a dropdown's choices)
+            e.message = redact(str(e.message), roots)
+            e.args = (e.message,)
+            raise
+        finally:
+            CLIENT.reset(token)
+
+    demo.process_api = guarded_api
+    queue = demo._queue
+    push = queue.push
+
+    def visitor(event) -> str:
+        return request_client_of(event.request, event.username, proxy)
+
+    async def limited_push(body, request, username):
+        me = request_client_of(request, username, proxy)
+        waiting = [e for q in list(queue.event_queue_per_concurrency_id.values()) for e in list(q.queue)]
+        running = [e for job in list(queue.active_jobs) if job for e in job]
+        mine = sum(1 for e in waiting + running if visitor(e) == me)
+        if mine >= demo._hanorec_pending_limit:
+            return (False, f"You already have {mine} requests waiting or running (at most "
+                           f"{demo._hanorec_pending_limit} per visitor); wait for them to finish.", "queue_full")  # fmt: skip
+        return await push(body, request, username)
+
+    queue.push = limited_push
+
+
+def request_client_of(request, username, proxy: bool) -> str:
+    """The visitor of a raw request (Starlette) and its login name, as app.common.client_id."""
+    from app.common import client_id
+
+    client = getattr(request, "client", None)
+    return client_id(getattr(client, "host", None), getattr(request, "headers", None), username, trust_proxy=proxy)
+
+
+class RefuseUploads:
+    """ASGI middleware: Gradio's upload route answers 403 with one sentence. No component of the app takes a
+    file, and an open route let anyone store files on the server (and learn their paths)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope.get("type") == "http" and scope.get("path", "").rstrip("/").rsplit("/", 1)[-1] == "upload":
+            body = b'{"detail": "This app takes no uploads."}'
+            await send({"type": "http.response.start", "status": 403,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})  # fmt: skip
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)
 
 
 STATIC_MEMO_SIZE = 100_000
@@ -235,7 +398,10 @@ def remember_missing_imports(names=OPTIONAL_PLOT_MODULES) -> list[str]:
 def launch_options(ctx) -> dict:
     """demo.launch() keywords every launch uses (main, the load script, the tests): the upload limit, the
     data folders served, and the login from HANOREC_AUTH."""
-    return {"max_file_size": MAX_FILE_SIZE, "allowed_paths": [str(d) for d in ctx.data_dirs], "auth": auth_from_env()}
+    from starlette.middleware import Middleware
+
+    return {"max_file_size": MAX_FILE_SIZE, "allowed_paths": [str(d) for d in ctx.data_dirs], "auth": auth_from_env(),
+            "app_kwargs": {"middleware": [Middleware(RefuseUploads)]}}  # fmt: skip
 
 
 WARM_TASK = "hit3"
@@ -275,8 +441,16 @@ def main(argv=None) -> None:
     warnings.filterwarnings("ignore", message=".*torchvision.*")
     try:
         auth_from_env()  # a malformed login setting stops the app before anything starts
-        ctx = make_context(args.data, args.runs, args.device, args.threads, demo=demo_mode(args.demo))
+        if args.pending_per_client < 1:
+            raise ValueError(f"--pending-per-client takes a number of at least 1, got {args.pending_per_client}.")
+        ctx = make_context(args.data, args.runs, args.device, args.threads, demo=demo_mode(args.demo),
+                           plugins=args.plugins, trust_proxy=trust_proxy(args.trust_proxy))  # fmt: skip
         options = launch_options(ctx)
+        host = os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
+        if host.strip() in EVERY_INTERFACE and not options["auth"] and not ctx.demo and args.warm is None:
+            raise ValueError(f"GRADIO_SERVER_NAME={host} serves every network interface, and without a login any "
+                             f"visitor could train on this machine: set {AUTH_ENV}=user:password, or demo mode "
+                             f"({DEMO_ENV}=1), or serve 127.0.0.1.")  # fmt: skip
         if args.warm is not None:
             warm(ctx, args.warm)
             return
@@ -284,7 +458,7 @@ def main(argv=None) -> None:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     demo = build_app(ctx)
-    host = os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
+    guard(demo, ctx, args.pending_per_client)
     port = int(os.environ.get("GRADIO_SERVER_PORT", "7860"))
     device = "auto (cuda when available, chosen when the first model loads)" if args.device == "auto" else args.device
     extra = (" demo mode;" if ctx.demo else "") + (" login required;" if options["auth"] else "")

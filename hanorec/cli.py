@@ -21,6 +21,9 @@ Commands:
               `export-pairs --run DIR --stage NAME --out FILE.jsonl`
   models      list the backbone families: each one's tiny offline preset, the checkpoint types it loads
               (by id from the local cache, or from a folder), example checkpoints and its GPU preset
+  --plugins DIR  (with run, sft, pref, compare) import the .py files in DIR, which register more preference
+              methods (short for --pref.plugins=[DIR], recorded in the run's config so a resume finds them);
+              only the training process imports them, never a command that reads a config
   config      print the resolved configuration as YAML: `config --config preset.yaml --sft.lr=3e-4`;
               `config --help` lists every key with its default and help text, and
               `config --config preset.yaml --help` the same with the preset's values
@@ -35,6 +38,7 @@ import os
 import signal
 import sys
 import warnings
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -100,6 +104,9 @@ def _split_args(argv: list[str]) -> tuple[str | None, list[str], dict]:
     for arg in argv:
         if arg.startswith("--config="):
             config = arg.split("=", 1)[1]
+        elif arg.startswith("--plugins="):  # the operator's plug-in folder (or file): short for --pref.plugins=[DIR]
+            folder = Path(arg.split("=", 1)[1]).expanduser().resolve()  # absolute: a resume from elsewhere finds it
+            overrides.append(f"--pref.plugins=[{folder}]")
         elif arg.startswith(
             ("--checkpoint=", "--out=", "--seeds=", "--tasks=", "--variants=", "--readme=", "--stage=", "--from-sft=",
              "--run=")
@@ -121,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     fixed = []
     i = 0
     while i < len(rest):
-        if rest[i] in ("--config", "--checkpoint", "--out", "--stage", "--run") and i + 1 < len(rest):
+        if rest[i] in ("--config", "--checkpoint", "--out", "--stage", "--run", "--plugins") and i + 1 < len(rest):
             fixed.append(f"{rest[i]}={rest[i + 1]}")
             i += 2
         else:
@@ -195,6 +202,13 @@ def main(argv: list[str] | None = None) -> int:
         if command == "config":
             print(cfg.to_yaml())
             return 0
+        if command in ("run", "sft", "pref", "compare"):
+            from hanorec import methods
+
+            try:  # this process trains: the run's plug-ins (operator code) are imported now, never when read
+                cfg.pref.options = methods.activate(cfg.pref)
+            except methods.MethodError as e:
+                raise ConfigError(str(e)) from None
         if command in ("run", "sft", "pref", "compare", "evaluate"):
             check_model_name(cfg.model.name)  # before any data is loaded
             _quiet_libraries()

@@ -387,8 +387,10 @@ class PrefConfig(OptimConfig):
     )
     plugins: list = _f(
         [],
-        "Python modules or .py files that register more preference methods (hanorec.methods.register), imported "
-        "before pref.method is looked up.",
+        "Operator code that registers more preference methods (hanorec.methods.register): .py files, folders of "
+        "them, or module names. Imported only by the process that trains (the CLI's run, sft, pref and compare; "
+        "`--plugins DIR` adds a folder); reading or listing a run's config imports nothing. The app sets it to "
+        "its operator's --plugins folder and never takes it from a form.",
     )
     hars: bool = _f(
         False,
@@ -482,10 +484,18 @@ class PrefConfig(OptimConfig):
             raise ConfigError(f"label_smoothing = {self.label_smoothing!r} must be in [0, 0.5)")
         from hanorec import methods
 
-        try:  # the method's own checks, and its knobs with their defaults filled in
-            self.options = methods.validate(self)
-        except methods.MethodError as e:  # its sentence names pref.<key>; _build adds the section's prefix
-            raise ConfigError(str(e).removeprefix("pref.")) from None
+        if not isinstance(self.plugins, list) or not all(isinstance(x, str) for x in self.plugins):
+            raise ConfigError(f"plugins = {self.plugins!r} must be a list of paths or module names")
+        if self.plugins and not methods.is_registered(self.method):
+            # a plug-in's method: reading a config imports nothing, so its checks wait for the process that
+            # trains (hanorec.methods.activate, called by the CLI's training commands)
+            if not isinstance(self.options, dict):
+                raise ConfigError(f"options = {self.options!r} must be a mapping of knob names to values")
+        else:
+            try:  # the method's own checks, and its knobs with their defaults filled in
+                self.options = methods.validate(self)
+            except methods.MethodError as e:  # its sentence names pref.<key>; _build adds the section's prefix
+                raise ConfigError(str(e).removeprefix("pref.")) from None
         if self.nodo_backward == "clean" and self.noise_target == "logits":
             raise ConfigError(
                 "pref.nodo_backward = 'clean' recomputes the LoRA layers without their noise and needs "

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -456,21 +458,58 @@ def write_table_csv(table, folder: str | Path, name: str) -> Path:
 ZIP_LIMIT_BYTES = 1 << 30  # larger exports are offered as their folder only
 
 
+EXPORTS_DIR = ".exports"  # under an app's runs folder: a hidden name no run can take (run names start alnum)
+MAX_EXPORTS = 6  # export folders an app keeps (each is a model copy); the oldest are removed first
+_EXPORT_LOCK = threading.Lock()
+
+
+def exports_dir(runs_dir: str | Path) -> Path:
+    """Where an app's exports go: <runs>/.exports, which a run named `exports` cannot capture."""
+    return Path(runs_dir) / EXPORTS_DIR
+
+
 def export_for_download(run_dir: str | Path, stage: str, exports_root: str | Path, *, merge: bool = False,
-                        command: str | None = None) -> tuple[Path, Path | None]:  # fmt: skip
-    """Export a stage into a new folder under exports_root (named after the run and stage) and zip it when
-    it is under ZIP_LIMIT_BYTES; (the folder, the zip or None)."""
-    import time
+                        command: str | None = None, max_exports: int = MAX_EXPORTS) -> tuple[Path, Path | None]:  # fmt: skip
+    """Export a stage into a folder under exports_root and zip it when it is under ZIP_LIMIT_BYTES; (the
+    folder, the zip or None).
+
+    One export per (run, stage, its newest checkpoint, merge): asking again returns the same folder and zip
+    without writing anything. Exports run one at a time (a lock across threads and processes), so two asks
+    in the same second never collide, and at most ``max_exports`` folders are kept (the oldest go)."""
+    import fcntl
+
+    from hanorec.runs import latest_checkpoint
 
     run = Path(run_dir)
     root = Path(exports_root)
-    stem = f"{run.name}-{stage}{'-merged' if merge else ''}"
-    out = root / stem
-    if out.exists():
-        out = root / f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-    export_stage(run, stage, out, merge=merge, command=command)
-    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    if size > ZIP_LIMIT_BYTES:
-        return out, None
-    archive = shutil.make_archive(str(out), "zip", root_dir=out.parent, base_dir=out.name)
-    return out, Path(archive)
+    _check_stage(run, stage)
+    ckpt = latest_checkpoint(run / stage)
+    stem = f"{run.name}-{stage}-{ckpt.name if ckpt is not None else 'final'}{'-merged' if merge else ''}"
+    out, done = root / stem, root / f".{stem}.done"
+    root.mkdir(parents=True, exist_ok=True)
+    with _EXPORT_LOCK, open(root / ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if done.is_file() and out.is_dir():  # the same stage and checkpoint: reused
+            archive = Path(f"{out}.zip")
+            os.utime(out)  # the newest again, for pruning
+            return out, archive if archive.is_file() else None
+        shutil.rmtree(out, ignore_errors=True)  # half an export (a crash mid-way) is made again
+        Path(f"{out}.zip").unlink(missing_ok=True)
+        export_stage(run, stage, out, merge=merge, command=command)
+        size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+        archive = None
+        if size <= ZIP_LIMIT_BYTES:
+            archive = Path(shutil.make_archive(str(out), "zip", root_dir=out.parent, base_dir=out.name))
+        done.write_text(stem)
+        _prune_exports(root, max_exports)
+    return out, archive
+
+
+def _prune_exports(root: Path, keep: int) -> None:
+    """Remove the oldest export folders (with their zip and marker) beyond ``keep``."""
+    folders = sorted((p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")),
+                     key=lambda p: p.stat().st_mtime)  # fmt: skip
+    for old in folders[: max(0, len(folders) - keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+        Path(f"{old}.zip").unlink(missing_ok=True)
+        (root / f".{old.name}.done").unlink(missing_ok=True)

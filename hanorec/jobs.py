@@ -35,9 +35,11 @@ Local runs are unchanged.
 
 from __future__ import annotations
 
+import contextvars
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -77,6 +79,11 @@ class JobError(UserError, ValueError):
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 UNREADABLE = "unreadable"  # the state of a job whose job.json cannot be read (listed, never run)
+
+
+# Who is asking (the app sets it per request: the client's address, or its login name when a login is set).
+# Per-visitor caps count it rather than the browser's owner token, which a client can change at will.
+CLIENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("hanorec_client", default=None)
 
 
 def owner_key(token: str | None) -> str | None:
@@ -211,8 +218,15 @@ class JobManager:
         gpu_duration_s: int | None = None,
         max_queued: int | None = None,
         max_per_owner: int | None = None,
+        plugins: list[str] | None = None,
+        public: bool = False,
     ):
-        """max_queued: jobs waiting at most (None: no cap); max_per_owner: jobs waiting or running per owner token.
+        """max_queued: jobs waiting at most (None: no cap); max_per_owner: jobs waiting or running per visitor
+        (the CLIENT of the request: its address or login; without one, per owner token).
+        plugins: None: a job's pref.plugins is what its overrides say (a notebook or the CLI's own operator);
+        a list (the app: its operator's --plugins folder, or []): every job records exactly these, and
+        overrides or a base config naming others are refused, so no request chooses what a job imports.
+        public: messages and log tails are shown to strangers: no absolute path of this machine, no traceback.
         in_process: run jobs in a thread of this process through train_in_chunks (None: on ZeroGPU only);
         chunk_steps / chunk_seconds: each GPU call's budget (default: half of gpu_duration_s, 60 s)."""
         from hanorec import spaces
@@ -230,6 +244,8 @@ class JobManager:
         self.device = device
         self.max_queued = max_queued
         self.max_per_owner = max_per_owner
+        self.plugins = None if plugins is None else [str(x) for x in plugins]
+        self.public = public
         self.python = python
         self.env = dict(env or {})
         self._procs: dict[str, subprocess.Popen] = {}
@@ -250,6 +266,7 @@ class JobManager:
         sft_run: str | Path | None = None,
         args: list[str] | None = None,
         owner: str | None = None,
+        client: str | None = None,
     ) -> str:
         """Queue a run: the resolved config (preset file <- stage's variant <- overrides) goes to
         <runs_dir>/<name>/config.yaml; returns the job id (the run folder's name). ConfigError for bad values,
@@ -286,14 +303,21 @@ class JobManager:
         if os.path.lexists(run):
             raise JobError(f"a run named {name!r} already exists in {self.runs_dir}")
         over = _merge(over, {"output_dir": str(run)})
+        if self.plugins is not None:  # the operator's plug-ins, never a request's
+            asked = (over.get("pref") or {}).get("plugins") if isinstance(over.get("pref"), dict) else None
+            if asked not in (None, self.plugins):
+                raise JobError("pref.plugins cannot be set by a request; the app's operator names the plug-in "
+                               "folder at start (python app/main.py --plugins DIR)")  # fmt: skip
+            over = _merge(over, {"pref": {"plugins": list(self.plugins)}})
         cfg = load_config(config, over)
         check_model_name(cfg.model.name)  # form and local cache, before anything is queued
         data = Path(cfg.data.path)
         if not data.is_dir():
             raise JobError(f"dataset folder {cfg.data.path} does not exist")
         cfg.data.path = str(data.resolve())
+        client = client if client is not None else CLIENT.get()
         with _lock(self.runs_dir):
-            self._check_caps(owner_key(owner))
+            self._check_caps(owner_key(owner), owner_key(client))
             try:
                 run.mkdir(parents=False)  # under the lock: of two launches with one name, the second gets this
             except FileExistsError:
@@ -308,6 +332,7 @@ class JobManager:
                     "device": self.device,
                     "submitted": time.time(),
                     "owner": owner_key(owner),
+                    "client": owner_key(client),
                 }
                 runs._write_json(run / JOB_FILE, job)
                 runs.write_status(run, "queued", queued_at=time.time(), stage=stage)
@@ -317,10 +342,12 @@ class JobManager:
         self.tick()
         return name
 
-    def _check_caps(self, owner: str | None) -> None:
-        """JobError when the queue is full, or when this owner already has its share waiting or running
-        (the caller holds the queue lock, so two launches at once cannot both take the last place)."""
-        if self.max_queued is None and (self.max_per_owner is None or owner is None):
+    def _check_caps(self, owner: str | None, client: str | None = None) -> None:
+        """JobError when the queue is full, or when this visitor already has its share waiting or running
+        (the caller holds the queue lock, so two launches at once cannot both take the last place). A visitor
+        is the request's client (address or login) when known, else its owner token."""
+        field_, who = ("client", client) if client is not None else ("owner", owner)
+        if self.max_queued is None and (self.max_per_owner is None or who is None):
             return
         queued = mine = 0
         for run in self._job_dirs():
@@ -328,18 +355,19 @@ class JobManager:
             if state not in ("queued", "running"):
                 continue
             queued += state == "queued"
-            if owner is not None and self.max_per_owner is not None:
+            if who is not None and self.max_per_owner is not None:
                 try:
-                    mine += read_job(run).get("owner") == owner
+                    mine += read_job(run).get(field_) == who
                 except JobError:
                     pass
         if self.max_queued is not None and queued >= self.max_queued:
             raise JobError(
                 f"the queue is full ({queued} jobs waiting, at most {self.max_queued}); launch again when one has started"
             )
-        if owner is not None and self.max_per_owner is not None and mine >= self.max_per_owner:
+        if who is not None and self.max_per_owner is not None and mine >= self.max_per_owner:
+            whom = "this visitor (address or login)" if field_ == "client" else "this browser"
             raise JobError(
-                f"this browser already has {mine} jobs waiting or running (at most {self.max_per_owner}); "
+                f"{whom} already has {mine} jobs waiting or running (at most {self.max_per_owner}); "
                 "wait for one to end or stop one"
             )
 
@@ -393,7 +421,7 @@ class JobManager:
             try:
                 out.append(self.status(p.name, tick=False, detail=False))
             except (JobError, OSError, ValueError) as e:
-                out.append(JobStatus(p.name, p, UNREADABLE, stage="?", message=str(e)))
+                out.append(JobStatus(p.name, p, UNREADABLE, stage="?", message=self.shown(str(e))))
         order = {"running": 0, "queued": 1}
         return sorted(
             out,
@@ -415,9 +443,11 @@ class JobManager:
         if state == "queued":
             q = self.queue()
             out.position = q.index(job_id) + 1 if job_id in q else None
+            out.message, out.log_tail = self.shown(out.message), self.shown(out.log_tail)
             return out
         out.command = st.get("command")
         if not detail and state != "running":
+            out.message = self.shown(out.message)
             return out
         try:
             cfg = runs.read_config(run)
@@ -443,7 +473,16 @@ class JobManager:
                 out.epoch, out.elapsed_s = last.get("epoch"), last.get("elapsed_s")
         if state == "failed" and not out.message and detail:
             out.message = last_error(run)
+        if self.public:  # strangers read these: no path of this machine, no traceback
+            out.message, out.log_tail = self.shown(out.message), self.shown(out.log_tail)
         return out
+
+    def shown(self, text: str) -> str:
+        """Text as a stranger may read it (public managers): the runs folder as runs/, other absolute paths
+        by their last component, tracebacks dropped (hanorec.paths.redact)."""
+        from hanorec.paths import redact
+
+        return redact(text, {self.runs_dir: "runs"}) if self.public else text
 
     def wait(self, job_id: str, timeout: float = 600.0, states=("finished", "stopped", "failed")) -> JobStatus:
         """Block until the job reaches one of `states` (notebooks and tests); JobError on timeout."""
@@ -499,7 +538,7 @@ class JobManager:
         run = self._run(job_id)
         self._check_owner(job_id, owner, "resume")
         with _lock(self.runs_dir):
-            self._check_caps(owner_key(owner))
+            self._check_caps(owner_key(owner), owner_key(CLIENT.get()))
             st = runs.read_status(run)
             if st["status"] not in ("stopped", "failed"):
                 raise JobError(f"job {job_id} is {st['status']}; only a stopped or failed job can be resumed")
@@ -685,6 +724,9 @@ def run_job_chunked(
             runs.write_status(run, "running", command=command, pid=os.getpid(), in_process=True)
         try:
             cfg = runs.read_config(run)
+            from hanorec import methods
+
+            cfg.pref.options = methods.activate(cfg.pref)  # this thread trains: the operator's plug-ins, if any
             data = pipeline.prepare_data(cfg, should_stop=stop.is_set)
             if command in ("run", "sft"):
                 def train(budget, cfg=cfg, data=data):
@@ -738,6 +780,143 @@ if __name__ == "__main__":
     sys.exit(run_job(sys.argv[1]))
 
 
+# ---- what a form may ask for ---------------------------------------------------------------------------
+# The free-text "more overrides" field of a form takes only these keys: pref.options.* (a method's own knobs,
+# checked by the method), and these numbers, each with its range (minimum, maximum, whole number). Anything
+# else (a path, a backbone, the data, plug-ins, threads, checkpoints) is refused with one sentence naming it.
+OVERRIDE_NUMBERS: dict[str, tuple[float, float, bool]] = {
+    "pref.beta": (1e-6, 1000, False),
+    "pref.label_smoothing": (0, 0.5, False),
+    "pref.noise_sigma": (0, 100, False),
+    "pref.sft_weight": (0, 100, False),
+    "pref.lr": (0, 10, False),
+    "pref.weight_decay": (0, 10, False),
+    "pref.warmup_ratio": (0, 1, False),
+    "pref.max_grad_norm": (0, 10_000, False),
+    "pref.epochs": (0.01, 100, False),
+    "pref.max_steps": (1, 2000, True),
+    "pref.batch_size": (1, 64, True),
+    "pref.grad_accum": (1, 64, True),
+    "pref.k_negatives": (1, 20, True),
+    "pref.hardness_k": (1, 100, True),
+    "pref.max_pairs": (1, 1_000_000, True),
+    "pref.pair_seed": (0, 2**32 - 1, True),
+    "eval.batch_size": (1, 64, True),
+    "eval.max_new_tokens": (1, 256, True),
+    "eval.sample_temperature": (0, 100, False),
+    "eval.sample_top_p": (0, 1, False),
+    "eval.sample_top_k": (0, 1000, True),
+    "eval.paper_max_examples": (1, 100_000, True),
+    "eval.catalogue_items": (1, 100_000, True),
+    "eval.catalogue_chunk": (1, 1024, True),
+}
+MAX_OVERRIDE_TEXT = 2000  # characters of a free-text override field
+OPTION_KEY = re.compile(r"pref\.options\.[A-Za-z_][A-Za-z0-9_]{0,63}")
+
+
+def _number(value, label: str, lo: float, hi: float, integer: bool):
+    """A finite number in [lo, hi] (whole when asked) from a form or a word, else JobError naming it."""
+    if isinstance(value, bool):
+        raise JobError(f"{label} = {value!r} is not a number")
+    try:
+        x = float(str(value).strip()) if isinstance(value, str) else float(value)
+    except (TypeError, ValueError):
+        raise JobError(f"{label} = {str(value)[:40]!r} is not a number") from None
+    if not math.isfinite(x):
+        raise JobError(f"{label} = {str(value)[:40]} is not a finite number")
+    if integer and not x.is_integer():
+        raise JobError(f"{label} = {x:g} is not a whole number")
+    if not lo <= x <= hi:
+        raise JobError(f"{label} = {x:g} is out of range: it must be between {lo:g} and {hi:g}")
+    return int(x) if integer else x
+
+
+def checked_overrides(text: str | list[str] | None, *, max_steps: int | None = None) -> dict:
+    """A free-text override field (``--pref.options.epsilon=0.2 --pref.max_steps=40``) as config overrides,
+    through the allow-list above: pref.options.NAME (a number or true/false; the method checks the name and
+    range) and the numbers of OVERRIDE_NUMBERS within their ranges (``max_steps`` lowers pref.max_steps' cap).
+    Anything else is refused with one sentence (JobError) naming the key."""
+    from hanorec.config import ConfigError, parse_overrides
+    from hanorec.methods import MAX_OPTION
+
+    if not text:
+        return {}
+    if isinstance(text, str):
+        if len(text) > MAX_OVERRIDE_TEXT:
+            raise JobError(f"the overrides field holds {len(text)} characters; at most {MAX_OVERRIDE_TEXT}")
+        words = text.split()
+    else:
+        words = [str(w) for w in text]
+    checked: list[str] = []
+    for word in words:
+        key, sep, value = word.removeprefix("--").partition("=")
+        if not word.startswith("--") or not sep:
+            raise JobError(f"override {word[:60]!r} must look like --pref.options.NAME=VALUE")
+        if OPTION_KEY.fullmatch(key):
+            if value.strip().lower() not in ("true", "false"):
+                _number(value, key, -MAX_OPTION, MAX_OPTION, False)
+        elif key in OVERRIDE_NUMBERS:
+            lo, hi, integer = OVERRIDE_NUMBERS[key]
+            if key == "pref.max_steps" and max_steps is not None:
+                hi = min(hi, max_steps)
+            value = str(_number(value, key, lo, hi, integer))
+        else:
+            raise JobError(
+                f"{key[:60]} cannot be set here: this field takes only pref.options.* and the numeric pref.* and "
+                "eval.* settings (python app/main.py --help lists them)"
+            )
+        checked.append(f"--{key}={value}")
+    try:
+        return parse_overrides(checked)
+    except ConfigError as e:
+        raise JobError(str(e)) from None
+
+
+@dataclass(frozen=True)
+class CompareLimits:
+    """How big a comparison a form may launch (in both modes; demo mode's are smaller): seeds, methods, the
+    models trained in all (seeds x (methods + SFT)), steps per model, test prompts and catalogue items."""
+
+    seeds: int = 10
+    methods: int = 10
+    models: int = 60
+    steps: int = 2000
+    eval_examples: int = 5000
+    catalogue_items: int = 20_000
+
+    def describe(self) -> str:
+        return (f"at most {self.seeds} seeds, {self.methods} methods, {self.models} models trained in all, "
+                f"{self.steps} steps per model, {self.eval_examples} test prompts and {self.catalogue_items} "
+                "catalogue items")  # fmt: skip
+
+
+COMPARE_LIMITS = {False: CompareLimits(), True: CompareLimits(seeds=2, methods=3, models=8, steps=60,
+                                                               eval_examples=100, catalogue_items=500)}  # fmt: skip
+MAX_SEED = 2**32 - 1
+
+
+def parse_seeds(seeds: str | list[int], limit: int) -> list[int]:
+    """"0,1,2" or ints -> the seeds, each once, each in [0, 2^32 - 1], at most ``limit``; JobError else."""
+    if isinstance(seeds, str):
+        if len(seeds) > 20 * limit + 20:
+            raise JobError(f"seeds: at most {limit} seeds, comma-separated (e.g. 0,1,2)")
+        words = [w for w in seeds.replace(" ", "").split(",") if w]
+    else:
+        words = list(seeds)
+    if len(words) > limit:
+        raise JobError(f"seeds: {len(words)} seeds asked for; a comparison here takes at most {limit}")
+    out = []
+    for w in words:
+        try:
+            out.append(_number(w, "seed", 0, MAX_SEED, True))
+        except JobError:
+            raise JobError(f"seeds must be comma-separated whole numbers from 0 to {MAX_SEED} (e.g. 0,1,2); "
+                           f"{str(w)[:40]!r} is not one") from None  # fmt: skip
+    if not out or len(set(out)) != len(out):
+        raise JobError("give at least one seed, each once (e.g. 0,1,2)")
+    return out
+
+
 def comparison_request(
     *,
     dataset: str | Path | None,
@@ -753,6 +932,7 @@ def comparison_request(
     catalogue_items: int | None = None,
     eval_examples: int | None = None,
     extra: str | list[str] | None = None,
+    limits: CompareLimits | None = None,
 ) -> tuple[dict, list[str], Path | None]:
     """What a comparison job is made of: (config overrides, `compare` CLI arguments, base config file).
 
@@ -760,48 +940,61 @@ def comparison_request(
     sft_run: a finished run whose SFT model every seed starts from (its config.yaml is the base config, so
     the data, task and model are that run's); else SFT is trained per seed (``sft_steps`` steps). The
     comparison evaluates with the catalogue protocol (``catalogue_items`` sampled unseen items, None = all)
-    and the ranking protocol. ``extra``: further `--section.key=value` overrides for every method (e.g.
-    ``--pref.options.epsilon=0.2``). One clear sentence (JobError / ConfigError) for a bad value.
+    and the ranking protocol. ``extra``: further overrides for every method, through the allow-list of
+    checked_overrides (e.g. ``--pref.options.epsilon=0.2``). ``limits``: the sizes allowed (default
+    COMPARE_LIMITS[False]). One clear sentence (JobError / ConfigError) for a bad value.
     """
-    from hanorec.config import parse_overrides
     from hanorec.report import preference_methods
 
+    limits = limits or COMPARE_LIMITS[False]
     offered = preference_methods()
     if not methods:
         raise JobError("pick at least one method to compare")
     unknown = [m for m in methods if m not in offered]
     if unknown:
-        raise JobError(f"unknown method {unknown[0]!r}; use some of {list(offered)}")
-    if isinstance(seeds, str):
-        try:
-            seeds = [int(s) for s in seeds.replace(" ", "").split(",") if s]
-        except ValueError:
-            raise JobError(f"seeds {seeds!r} must be comma-separated integers, e.g. 0,1,2") from None
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise JobError("give at least one seed, each once (e.g. 0,1,2)")
+        raise JobError(f"unknown method {str(unknown[0])[:60]!r}; use some of {list(offered)}")
+    if len(set(methods)) > limits.methods:
+        raise JobError(f"{len(set(methods))} methods asked for; a comparison here takes at most {limits.methods}")
+    seeds = parse_seeds(seeds, limits.seeds)
+    models = len(seeds) * (len(set(methods)) + (0 if sft_run else 1))
+    if models > limits.models:
+        raise JobError(f"{len(seeds)} seeds x {len(set(methods))} methods trains {models} models; a comparison "
+                       f"here trains at most {limits.models}: fewer seeds or methods")  # fmt: skip
+    sft_steps = _optional(sft_steps, "SFT max steps", 1, limits.steps, True)
+    pref_steps = _optional(pref_steps, "preference max steps", 1, limits.steps, True)
+    beta = _optional(beta, "beta", 1e-6, 1000, False)
+    lr = _optional(lr, "learning rate", 0, 10, False)
+    sigma = None if sigma is None else _number(sigma, "NoDO sigma", 0, 100, False)
+    catalogue_items = _optional(catalogue_items, "catalogue items", 1, limits.catalogue_items, True)
+    eval_examples = _optional(eval_examples, "test prompts", 1, limits.eval_examples, True)
     over: dict = {"eval": {"protocols": ["catalogue", "ranking"], "catalogue_items": catalogue_items}}
     base = None
     if sft_run:
         base = Path(sft_run).resolve() / runs.CONFIG_FILE
         if runs.latest_checkpoint(Path(sft_run) / runs.SFT_STAGE) is None:
-            raise JobError(f"run {sft_run} has no SFT checkpoint to compare from")
+            raise JobError(f"run {Path(sft_run).name} has no SFT checkpoint to compare from")
         task = runs.read_config(sft_run).task.name
     else:
         over["data"] = {"path": str(dataset)}
         over["task"] = {"name": task}
-        if sft_steps:
-            over["sft"] = {"max_steps": int(sft_steps)}
-    pref = {k: v for k, v in (("max_steps", pref_steps), ("beta", beta), ("lr", lr)) if v}
+        over["sft"] = {"max_steps": int(sft_steps or limits.steps)}
+    over["pref"] = {"max_steps": int(pref_steps or limits.steps)}
+    over["pref"].update({k: v for k, v in (("beta", beta), ("lr", lr)) if v})
     if sigma is not None:
-        pref["noise_sigma"] = sigma
-    if pref:
-        over["pref"] = pref
-    if eval_examples:
-        over["task"] = {**over.get("task", {}), "max_eval_examples": int(eval_examples)}
+        over["pref"]["noise_sigma"] = sigma
+    over["task"] = {**over.get("task", {}), "max_eval_examples": int(eval_examples or limits.eval_examples)}
     if extra:
-        words = extra.split() if isinstance(extra, str) else list(extra)
-        over = _merge(over, parse_overrides(words))
+        over = _merge(over, checked_overrides(extra, max_steps=limits.steps))
     args = [f"--seeds={','.join(map(str, seeds))}", f"--tasks={task}", f"--variants={','.join(methods)}"]
     if sft_run:
         args.append(f"--from-sft={Path(sft_run).resolve()}")
     return over, args, base
+
+
+def _optional(value, label: str, lo: float, hi: float, integer: bool):
+    """An optional form number: None (or 0: "the preset's") stays None; else _number's checks."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if not isinstance(value, (bool, str)) and isinstance(value, (int, float)) and value == 0:
+        return None
+    return _number(value, label, lo, hi, integer)

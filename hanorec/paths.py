@@ -19,7 +19,7 @@ from urllib.parse import unquote
 
 from hanorec.errors import UserError
 
-__all__ = ["PathError", "confine", "is_inside"]
+__all__ = ["PathError", "confine", "is_inside", "redact", "strip_tracebacks"]
 
 _PERCENT = re.compile(r"%[0-9A-Fa-f]{2}")
 
@@ -68,7 +68,10 @@ def confine(text: str, roots: Sequence[os.PathLike | str], *, must_exist: bool =
     for cand in candidates:
         if must_exist and not os.path.lexists(cand):
             continue
-        resolved = cand.resolve()
+        try:
+            resolved = cand.resolve()
+        except (RuntimeError, OSError):  # a symbolic link loop (RuntimeError before Python 3.13, OSError after)
+            raise PathError(f"The path {text!r} is a loop of symbolic links, which leads nowhere.") from None
         if any(resolved == r or r in resolved.parents for r in allowed):
             if must_exist and not resolved.exists():
                 raise PathError(f"The path {text!r} is a broken link inside the allowed folders.")
@@ -79,3 +82,50 @@ def confine(text: str, roots: Sequence[os.PathLike | str], *, must_exist: bool =
     if typed.is_absolute():
         raise PathError(f"The path {text!r} is outside the allowed folders ({names}).")
     raise PathError(f"The path {text!r} does not exist inside the allowed folders ({names}).")
+
+
+# ---- what a stranger may read: no absolute path of this machine, no traceback ------------------------
+_ABSOLUTE = re.compile(r"(?<![\w.:/~-])/[^\s'\"`,;()\[\]{}<>|*]+")
+
+
+def redact(text: str, roots: dict | None = None) -> str:
+    """``text`` with the machine's absolute paths taken out, for a reply to a stranger.
+
+    roots: {folder: label}; a path inside a folder becomes ``label/relative/part`` (the runs folder as
+    ``runs/...``). Any other absolute path becomes ``.../<its last component>``. Tracebacks are dropped
+    (see strip_tracebacks); the exception's own last line stays."""
+    text = strip_tracebacks(str(text))
+    known = sorted(((str(Path(k)), str(v)) for k, v in (roots or {}).items()), key=lambda kv: -len(kv[0]))
+
+    def one(match: re.Match) -> str:
+        path = match.group(0)
+        trail = ""
+        while path and path[-1] in ".:":  # a sentence's full stop or colon is not part of the path
+            path, trail = path[:-1], path[-1] + trail
+        for root, label in known:
+            if path == root:
+                return label + trail
+            if path.startswith(root.rstrip("/") + "/"):
+                return f"{label}/{path[len(root.rstrip('/')) + 1:]}" + trail
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        return (f".../{name}" if name else "/") + trail
+
+    return _ABSOLUTE.sub(one, text)
+
+
+def strip_tracebacks(text: str) -> str:
+    """``text`` without Python traceback blocks: the "Traceback (most recent call last):" header and its
+    indented frame lines go, and so do the chaining notes; the exception line itself stays."""
+    out, inside = [], False
+    for line in str(text).splitlines(keepends=True):
+        bare = line.strip()
+        if bare.startswith("Traceback (most recent call last)"):
+            inside = True
+            continue
+        if bare.startswith(("During handling of the above exception", "The above exception was the direct cause")):
+            continue
+        if inside and (line.startswith((" ", "\t")) or not bare or bare.startswith("^")):
+            continue
+        inside = False
+        out.append(line)
+    return "".join(out)

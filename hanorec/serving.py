@@ -204,6 +204,11 @@ class DiskStore:
     only a shortcut, the value is returned either way.
     """
 
+    MAX_FILE_BYTES = 4 << 20  # a stored result is kilobytes; a bigger file is not one of ours
+    MAX_ARRAY_BYTES = 16 << 20  # its arrays, uncompressed (a small compressed file can unpack to gigabytes)
+    MAX_ARRAYS = 32
+    MAX_DIMS = 4
+
     def __init__(self, folder: str | Path, max_files: int = 20_000):
         if max_files < 1:
             raise ValueError(f"a disk store needs room for at least one file, got max_files={max_files}")
@@ -224,14 +229,45 @@ class DiskStore:
         try:
             if not path.is_file() or path.is_symlink():
                 return None
+            if not self._bounded(path):
+                raise ValueError("not a stored result")  # planted or damaged: dropped before numpy reads it
             with np.load(path, allow_pickle=False) as f:
-                return {name: f[name] for name in f.files}
+                arrays = {name: f[name] for name in f.files}
+            if any(a.dtype.kind not in "biuf" or a.ndim > self.MAX_DIMS for a in arrays.values()):
+                raise ValueError("not plain numbers")
+            return arrays
         except Exception:  # noqa: BLE001 - any unreadable file (truncated, not a zip, object arrays) is dropped
             try:
                 path.unlink()
             except OSError:
                 pass
             return None
+
+    def _bounded(self, path: Path) -> bool:
+        """The file's size, and the count, names and uncompressed sizes of its arrays (read from the zip's
+        directory and each array's header, before any array is read) are within the store's bounds."""
+        import zipfile
+
+        import numpy as np
+
+        if path.stat().st_size > self.MAX_FILE_BYTES:
+            return False
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+            if len(infos) > self.MAX_ARRAYS or sum(i.file_size for i in infos) > self.MAX_ARRAY_BYTES + 4096 * len(infos):
+                return False
+            for info in infos:
+                if not info.filename.endswith(".npy") or info.file_size > self.MAX_ARRAY_BYTES + 4096:
+                    return False
+                with z.open(info) as fh:
+                    version = np.lib.format.read_magic(fh)
+                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                    shape, _, dtype = read(fh)
+                if dtype.kind not in "biuf" or len(shape) > self.MAX_DIMS:
+                    return False
+                if int(np.prod(shape, dtype=np.int64)) * dtype.itemsize > self.MAX_ARRAY_BYTES:
+                    return False
+        return True
 
     def save(self, key: str, arrays: dict) -> None:
         import numpy as np

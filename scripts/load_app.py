@@ -48,6 +48,11 @@ if os.environ.get("HANOREC_LOAD_LIMITS"):  # --limits: the current tree's queue 
     if "slots" in limits:
         ctx.results = ResultCache(max_entries=ctx.results.max_entries, heavy_slots=int(limits["slots"]), store=ctx.results.store)
 demo = build_app(ctx)
+try:  # every session here comes from 127.0.0.1, one visitor to the per-visitor limit on pending requests
+    from app.main import guard
+    guard(demo, ctx, pending_per_client=100_000)
+except ImportError:  # a --baseline tree from before that limit
+    pass
 demo.launch(server_name="127.0.0.1", server_port=int(sys.argv[4]), prevent_thread_lock=True, quiet=True)
 if os.environ.get("HANOREC_LOAD_PROFILE"):  # --profile: where the app's CPU goes (CpuSampler)
     sys.path.insert(0, sys.argv[5])

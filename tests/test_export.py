@@ -281,7 +281,8 @@ def test_app_export_button_and_table_downloads(llava_run, tmp_path):
     assert "Exported **llava::hano_dpo**" in text and button["interactive"]
     names = zipfile.ZipFile(button["value"]).namelist()
     assert any(n.endswith("adapter/adapter_model.safetensors") for n in names) and any(n.endswith("README.md") for n in names)
-    assert "llava" not in [p.name for p in (out.parent / "exports").iterdir() if p.is_dir()]  # named run-stage
+    assert "llava" not in [p.name for p in (out.parent / ".exports").iterdir() if p.is_dir()]  # named run-stage
+    assert export_model(ctx, "llava::hano_dpo", False)[1]["value"] == button["value"]  # the same export, reused
     df = pd.DataFrame({"candidate": ['"A"', "=1+2"], "log-prob": [-1.5, float("nan")]})
     update = table_download("candidates", df)
     with open(update["value"], newline="") as f:

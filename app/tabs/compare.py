@@ -15,9 +15,9 @@ import gradio as gr
 import pandas as pd
 import plotly.graph_objects as go
 
-from app.common import TASKS, owner_state, owner_token, user_errors
+from app.common import TASKS, number_field, owner_state, owner_token, user_errors
 from hanorec import report, runs
-from hanorec.jobs import COMPARE, comparison_request
+from hanorec.jobs import COMPARE, COMPARE_LIMITS, comparison_request
 
 TRAIN_SFT = "train SFT for each seed"
 DEFAULT_METHODS = ("DPO", "HaNo-DPO")
@@ -87,7 +87,7 @@ def launch(ctx, dataset, task, sft_from, methods, seeds, sft_steps, pref_steps, 
             dataset=data, task=task, methods=list(methods or []), seeds=str(seeds or ""), sft_run=sft_run,
             sft_steps=_num(sft_steps), pref_steps=_num(pref_steps), beta=_num(beta), lr=_num(lr),
             sigma=_num(sigma), catalogue_items=_num(catalogue_items), eval_examples=_num(eval_examples),
-            extra=extra or None,
+            extra=extra or None, limits=COMPARE_LIMITS[bool(getattr(ctx, "demo", False))],
         )  # fmt: skip
         job = ctx.jobs.submit(over, stage=COMPARE, config=base, args=args, owner=token)
         st = ctx.jobs.status(job)
@@ -269,16 +269,19 @@ def build(ctx) -> None:
     methods = gr.CheckboxGroup(offered, value=[m for m in DEFAULT_METHODS if m in offered],
                                label="Methods (the registry's rows)", elem_id="compare-methods")  # fmt: skip
     knobs = gr.Markdown(knob_note(DEFAULT_METHODS), elem_id="compare-knobs")
+    caps = COMPARE_LIMITS[bool(getattr(ctx, "demo", False))]  # every number: one sentence when out of range
     with gr.Accordion("Hyperparameters (shared by every method)", open=True):
         with gr.Row():
-            sft_steps = gr.Number(30, precision=0, label="SFT max steps", minimum=1)
-            pref_steps = gr.Number(30, precision=0, label="preference max steps", minimum=1)
-            beta = gr.Number(0, label="beta (0: the preset's)", minimum=0)
-            lr = gr.Number(0, label="preference learning rate (0: the preset's)", minimum=0)
-            sigma = gr.Number(0.05, label="NoDO sigma (methods with NoDO)", minimum=0)
+            sft_steps = number_field(30, precision=0, label="SFT max steps", minimum=1, maximum=caps.steps)
+            pref_steps = number_field(30, precision=0, label="preference max steps", minimum=1, maximum=caps.steps)
+            beta = number_field(0, label="beta (0: the preset's)", minimum=0, maximum=1000)
+            lr = number_field(0, label="preference learning rate (0: the preset's)", minimum=0, maximum=10)
+            sigma = number_field(0.05, label="NoDO sigma (methods with NoDO)", minimum=0, maximum=100)
         with gr.Row():
-            catalogue_items = gr.Number(0, precision=0, label="catalogue items (0: every unseen item)", minimum=0)
-            eval_examples = gr.Number(0, precision=0, label="test prompts (0: all)", minimum=0)
+            catalogue_items = number_field(0, precision=0, label="catalogue items (0: every unseen item)", minimum=0,
+                                           maximum=caps.catalogue_items)  # fmt: skip
+            eval_examples = number_field(0, precision=0, label="test prompts (0: all)", minimum=0,
+                                         maximum=caps.eval_examples)  # fmt: skip
             extra = gr.Textbox(label="more overrides, e.g. --pref.options.epsilon=0.2", scale=2)
     launch_btn = gr.Button("Launch comparison in background", variant="primary", elem_id="compare-launch")
     with gr.Row():

@@ -477,19 +477,21 @@ def export_choices(ctx):
 
 
 def export_model(ctx, value: str, merge: bool):
-    """Export the chosen stage (hanorec.export) under <runs>/exports; the folder and a zip to download."""
-    from hanorec.export import export_for_download
+    """Export the chosen stage (hanorec.export) under <runs>/.exports (once per stage and checkpoint); the
+    folder and a zip to download."""
+    from hanorec.export import export_for_download, exports_dir
 
     if not value or "::" not in value:
         raise gr.Error("Choose a finished run's stage to export (run::stage).")
     run_name, _, stage = value.rpartition("::")
     with _errors():
         path = ctx.resolve_path(str(Path(ctx.runs_dir) / run_name))
-        folder, archive = export_for_download(path, stage, Path(ctx.runs_dir) / "exports", merge=bool(merge),
-                                              command=f"python -m hanorec export --run {path} --stage {stage} "
-                                                      f"--out {Path(ctx.runs_dir) / 'exports'}{' --merge' if merge else ''}")  # fmt: skip
+        folder, archive = export_for_download(path, stage, exports_dir(ctx.runs_dir), merge=bool(merge),
+                                              command=f"python -m hanorec export --run runs/{path.name} --stage {stage} "
+                                                      f"--out exported{' --merge' if merge else ''}")  # fmt: skip
     how = "everything merged" if merge else "the base with SFT merged, and the stage's LoRA in adapter/"
-    text = f"Exported **{value}** to `{folder}` ({how}); its model card is `{folder / 'README.md'}`."
+    shown = f"runs/{folder.parent.name}/{folder.name}"  # never the server's absolute path
+    text = f"Exported **{value}** to `{shown}` ({how}); its model card is `{shown}/README.md`."
     if archive is None:
         text += " It is too large to offer as a zip here: copy the folder."
     return text, gr.update(value=str(archive) if archive else None, interactive=archive is not None)

@@ -46,6 +46,9 @@ __all__ = [
     "describe_knobs",
     "option_knobs",
     "load_plugins",
+    "plugin_files",
+    "activate",
+    "is_registered",
 ]
 
 _REGISTRY: dict[str, Method] = {}
@@ -75,39 +78,70 @@ def _source(method: Method) -> str:
 
 
 _PLUGINS: dict[str, object] = {}
+MAX_OPTION = 1e4  # |value| of a method's own numeric option (pref.options.*): beyond it no knob means anything
+
+
+def plugin_files(spec) -> list:
+    """The .py files a plug-in entry names: the file itself, or every ``*.py`` file directly in a folder
+    (sorted; links and hidden files skipped). MethodError for anything else."""
+    from pathlib import Path
+
+    path = Path(str(spec)).expanduser().resolve()
+    if path.is_dir():
+        return [f for f in sorted(path.glob("*.py")) if f.is_file() and not f.is_symlink() and not f.name.startswith(".")]
+    if path.is_file() and path.suffix == ".py":
+        return [path]
+    raise MethodError(f"pref.plugins names {spec}, which is neither a .py file nor a folder of them")
 
 
 def load_plugins(plugins) -> None:
-    """Import the modules (dotted names) or .py files that register methods (pref.plugins), once each; a
-    run's config.yaml names them, so a background job or a resumed run finds the same methods."""
+    """Import what registers more methods: .py files, folders of them, or modules (dotted names), once each.
+
+    Operator code only: the CLI's --plugins / pref.plugins typed by whoever runs it, or the folder the app's
+    operator names with `python app/main.py --plugins DIR`. It is called by the process that trains (the CLI
+    commands, a ZeroGPU job: :func:`activate`) and by the app at start; reading or listing a run's config
+    never imports anything (:func:`validate` does not call it)."""
     import hashlib
     import importlib
     import importlib.util
-    from pathlib import Path
 
     for spec in plugins or []:
         spec = str(spec)
         if spec in _PLUGINS:
             continue
         if spec.endswith(".py") or "/" in spec:
-            path = Path(spec).expanduser().resolve()
-            if not path.is_file():
-                raise MethodError(f"pref.plugins names {spec}, which is not a file")
-            name = "hanorec_plugin_" + hashlib.sha256(str(path).encode()).hexdigest()[:12]
-            loader = importlib.util.spec_from_file_location(name, path)
-            module = importlib.util.module_from_spec(loader)
-            try:
-                loader.loader.exec_module(module)
-            except MethodError:
-                raise
-            except Exception as e:  # noqa: BLE001 - the user's file: one sentence, not a traceback
-                raise MethodError(f"pref.plugins: importing {path} failed: {type(e).__name__}: {e}") from None
+            for path in plugin_files(spec):
+                name = "hanorec_plugin_" + hashlib.sha256(str(path).encode()).hexdigest()[:12]
+                if name in _PLUGINS:
+                    continue
+                loader = importlib.util.spec_from_file_location(name, path)
+                module = importlib.util.module_from_spec(loader)
+                try:
+                    loader.loader.exec_module(module)
+                except MethodError:
+                    raise
+                except Exception as e:  # noqa: BLE001 - the operator's file: one sentence, not a traceback
+                    raise MethodError(f"pref.plugins: importing {path.name} failed: {type(e).__name__}: {e}") from None
+                _PLUGINS[name] = module
+            _PLUGINS[spec] = None
         else:
             try:
                 module = importlib.import_module(spec)
             except ImportError as e:
                 raise MethodError(f"pref.plugins names the module {spec!r}, which cannot be imported: {e}") from None
-        _PLUGINS[spec] = module
+            _PLUGINS[spec] = module
+
+
+def activate(pref) -> dict:
+    """In the process that trains: import the run's plug-ins (pref.plugins, operator code, see load_plugins),
+    then check the pref section against its method; returns the options with defaults filled in."""
+    load_plugins(getattr(pref, "plugins", None))
+    return validate(pref)
+
+
+def is_registered(name: str) -> bool:
+    _load_builtins()
+    return name in _REGISTRY
 
 
 def unregister(name: str) -> None:
@@ -235,10 +269,11 @@ def _coerce(knob: Knob, value):
 def validate(pref) -> dict:
     """Check a pref section against its method; returns the method's options with defaults filled in.
 
-    Raises MethodError with one sentence naming the key and value at fault."""
+    Raises MethodError with one sentence naming the key and value at fault. Imports nothing: a method from a
+    plug-in is known once the process that trains has called :func:`activate` (or the app loaded its
+    operator's plug-in folder)."""
     import math
 
-    load_plugins(getattr(pref, "plugins", None))
     m = get(pref.method)
     given = pref.options or {}
     if not isinstance(given, dict):
@@ -259,6 +294,8 @@ def validate(pref) -> dict:
             raise MethodError(f"{knob.key} = {raw!r} is not a valid {knob.type.__name__}") from None
         if isinstance(value, float) and not math.isfinite(value):
             raise MethodError(f"{knob.key} = {raw!r} must be a finite number")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) > MAX_OPTION:
+            raise MethodError(f"{knob.key} = {raw!r} is out of range: a method's option is at most {MAX_OPTION:g} in size")
         options[name] = value
     for knob in m.knobs:
         value = getattr(pref, knob.name) if knob.field else options[knob.name]
