@@ -142,9 +142,22 @@ def make_context(data_dirs=None, runs_dir="runs", device="auto", threads=0, demo
     from app.common import DEMO_RUNS, AppContext, app_secret  # gradio: imported once the arguments are good
     runs = Path(runs_dir).expanduser().resolve()
     runs.mkdir(parents=True, exist_ok=True)
+    dirs += scenario_dirs(runs)
     jobs = _job_manager(runs, None if device == "auto" else device, demo)
     return AppContext(data_dirs=dirs, runs_dir=runs, device=device, jobs=jobs, threads=threads, demo=demo,
                       owner_secret=app_secret(runs), demo_runs_dir=Path(demo_runs) if demo_runs else DEMO_RUNS)  # fmt: skip
+
+
+def scenario_dirs(runs: Path) -> list[Path]:
+    """The teaching-scenario datasets (hanorec.data.teaching_datasets), made once under <runs>/.cache/scenarios
+    and offered in every dataset picker; none when the runs folder cannot take them (one line on stderr)."""
+    from hanorec.data import teaching_datasets
+
+    try:
+        return [teaching_datasets(runs / ".cache" / "scenarios")]
+    except OSError as e:
+        print(f"The teaching-scenario datasets could not be written under {runs}: {e}", file=sys.stderr)
+        return []
 
 
 def _job_manager(runs: Path, device: str | None, demo: bool = False):

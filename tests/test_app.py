@@ -334,7 +334,7 @@ def test_train_tab_through_gradio_client(client):
     option_defaults = [k.default for m in methods.all_methods() for k in methods.option_knobs(m)]
     job_update, status, owner = client.predict(
         str(DEMO), "tiny-llava", "SFT", "hit3", "train SFT first, in this run", 0.1, 0.05, "lora", 3, "random",
-        1, 0, 2, 2, "none (metrics.jsonl only)", 0, "via-client", [], *option_defaults, "",  # "": no owner token yet
+        1, 0, 2, 2, "none (metrics.jsonl only)", 0, "via-client", [], 10, 1.0, *option_defaults, "",  # "": no owner yet
         api_name="/train_launch",
     )  # fmt: skip
     job = job_update["value"]

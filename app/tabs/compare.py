@@ -16,7 +16,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from app.common import TASKS, owner_state, owner_token, user_errors
-from hanorec import report, runs
+from hanorec import presets, report, runs
 from hanorec.jobs import COMPARE, comparison_request
 
 TRAIN_SFT = "train SFT for each seed"
@@ -34,6 +34,16 @@ INTRO = (
 def _num(value):
     """An optional number field: empty or 0 means "the preset's"."""
     return None if value in (None, "") or value == 0 else value
+
+
+def preset_note() -> str:
+    """What the lesson preset (configs/lab.yaml, the Train tab's too) fixes beside the fields shown."""
+    d = presets.form_defaults()
+    return (
+        f"From the lesson preset `configs/lab.yaml`, the Train tab's too: SFT learning rate {d['sft_lr']:g} at batch "
+        f"{d['sft_batch']}, preference batch {d['pref_batch']}, backbone `{d['model']}`; the fields below start "
+        "at its values."
+    )
 
 
 # ---- launching -----------------------------------------------------------------------------------
@@ -89,7 +99,10 @@ def launch(ctx, dataset, task, sft_from, methods, seeds, sft_steps, pref_steps, 
             sigma=_num(sigma), catalogue_items=_num(catalogue_items), eval_examples=_num(eval_examples),
             extra=extra or None,
         )  # fmt: skip
-        job = ctx.jobs.submit(over, stage=COMPARE, config=base, args=args, owner=token)
+        if not eval_examples:  # 0 = every test prompt, whatever the preset evaluates
+            over["task"] = {**over.get("task", {}), "max_eval_examples": None}
+        # one source of truth: a comparison trained here starts from the Train tab's lesson preset
+        job = ctx.jobs.submit(over, stage=COMPARE, config=base or presets.lab_path(), args=args, owner=token)
         st = ctx.jobs.status(job)
     return gr.update(choices=compare_jobs(ctx), value=job), status_text(st), token
 
@@ -222,14 +235,18 @@ def forest_figure(rows: list[dict], reference: str, metric: str) -> go.Figure:
 
 
 def show_forest(ctx, folder, reference, metric):
+    """The forest plot, its table, and the readouts: what the result means, one sentence each (a model below
+    chance, a method identical to the reference on every user, each difference or the size it rules out)."""
     if not (folder and reference and metric):
-        return go.Figure(), ""
+        return go.Figure(), "", ""
     result = load(ctx, folder)
     with user_errors():
         rows = report.forest(result, reference, metric)
+        said = report.readouts(result, reference, metric)
     lines = [f"| method | {metric} vs {reference} |", "|---|---:|"]
     lines += [f"| {r['method']} | {report.format_difference(r)} |" for r in rows]
-    return forest_figure(rows, reference, metric), "\n".join(lines)
+    readout = "**What this means**\n\n" + "\n".join(f"- {line}" for line in said) if said else ""
+    return forest_figure(rows, reference, metric), "\n".join(lines), readout
 
 
 def show_scatter(ctx, folder, metric, a, b):
@@ -269,16 +286,19 @@ def build(ctx) -> None:
     methods = gr.CheckboxGroup(offered, value=[m for m in DEFAULT_METHODS if m in offered],
                                label="Methods (the registry's rows)", elem_id="compare-methods")  # fmt: skip
     knobs = gr.Markdown(knob_note(DEFAULT_METHODS), elem_id="compare-knobs")
+    d = presets.form_defaults()
     with gr.Accordion("Hyperparameters (shared by every method)", open=True):
+        gr.Markdown(preset_note(), elem_id="compare-preset")
         with gr.Row():
-            sft_steps = gr.Number(30, precision=0, label="SFT max steps", minimum=1)
-            pref_steps = gr.Number(30, precision=0, label="preference max steps", minimum=1)
-            beta = gr.Number(0, label="beta (0: the preset's)", minimum=0)
-            lr = gr.Number(0, label="preference learning rate (0: the preset's)", minimum=0)
-            sigma = gr.Number(0.05, label="NoDO sigma (methods with NoDO)", minimum=0)
+            sft_steps = gr.Number(d["sft_max_steps"], precision=0, label="SFT max steps", minimum=1)
+            pref_steps = gr.Number(d["pref_max_steps"], precision=0, label="preference max steps", minimum=1)
+            beta = gr.Number(d["beta"], label="beta", minimum=0)
+            lr = gr.Number(d["pref_lr"], label="preference learning rate", minimum=0)
+            sigma = gr.Number(d["noise_sigma"], label="NoDO sigma (methods with NoDO)", minimum=0)
         with gr.Row():
-            catalogue_items = gr.Number(0, precision=0, label="catalogue items (0: every unseen item)", minimum=0)
-            eval_examples = gr.Number(0, precision=0, label="test prompts (0: all)", minimum=0)
+            catalogue_items = gr.Number(d["catalogue_items"] or 0, precision=0,
+                                        label="catalogue items (0: every unseen item)", minimum=0)  # fmt: skip
+            eval_examples = gr.Number(d["eval_examples"] or 0, precision=0, label="test prompts (0: all)", minimum=0)
             extra = gr.Textbox(label="more overrides, e.g. --pref.options.epsilon=0.2", scale=2)
     launch_btn = gr.Button("Launch comparison in background", variant="primary", elem_id="compare-launch")
     with gr.Row():
@@ -301,6 +321,7 @@ def build(ctx) -> None:
         reference = gr.Dropdown([], label="Reference", scale=1, elem_id="compare-reference")
         metric = gr.Dropdown([], label="Metric", scale=1, elem_id="compare-metric")
     forest = gr.Plot(label="Paired differences against the reference", elem_id="compare-forest")
+    readout = gr.Markdown(elem_id="compare-readout")
     forest_text = gr.Markdown(elem_id="compare-forest-text")
     with gr.Row():
         method_a = gr.Dropdown([], label="Method A (y)", scale=1)
@@ -325,10 +346,10 @@ def build(ctx) -> None:
     refresh_btn.click(refresh, None, [folder, sft_from, job], api_name="compare_refresh")
     opened = open_btn.click(partial(open_folder, ctx), [folder],
                             [reference, metric, method_a, method_b, table, caption, files], api_name="compare_open")
-    opened.then(partial(show_forest, ctx), [folder, reference, metric], [forest, forest_text])
+    opened.then(partial(show_forest, ctx), [folder, reference, metric], [forest, forest_text, readout])
     opened.then(partial(show_scatter, ctx), [folder, metric, method_a, method_b], scatter_plot)
     for trigger in (reference, metric):
-        trigger.input(partial(show_forest, ctx), [folder, reference, metric], [forest, forest_text],
+        trigger.input(partial(show_forest, ctx), [folder, reference, metric], [forest, forest_text, readout],
                       api_visibility="private")  # fmt: skip
     for trigger in (metric, method_a, method_b):
         trigger.input(partial(show_scatter, ctx), [folder, metric, method_a, method_b], scatter_plot,
