@@ -114,12 +114,19 @@ def series(rows: list[dict], key: str, *, x: str = "step", smoothing: float = DE
     return out
 
 
+# panels shown for a preference stage even before their first point (the held-out accuracy is evaluated every
+# few steps, the KL to the reference beside it: their panels are there from the start, and say so while they wait)
+PREFERENCE_PANELS = (K.EVAL_PAIR_ACCURACY, K.KL_REFERENCE)
+
+
 def panels(rows: list[dict], *, x: str = "step", smoothing: float = DEFAULT_SMOOTHING, all_panels: bool = False):
-    """The panels (:data:`PANELS`) that have points, in order (all_panels: every panel, empty ones too)."""
+    """The panels (:data:`PANELS`) that have points, in order; with a preference stage's rows, the
+    :data:`PREFERENCE_PANELS` too (empty until their first point); all_panels: every panel."""
+    preference = any(K.REWARD_MARGIN in r or K.LOGP_CHOSEN in r for r in rows if isinstance(r, dict))
     out = []
     for title, keys in PANELS:
         p = Panel(title, keys, [s for k in keys for s in series(rows, k, x=x, smoothing=smoothing)])
-        if p.series or all_panels:
+        if p.series or all_panels or (preference and set(keys) & set(PREFERENCE_PANELS)):
             out.append(p)
     return out
 

@@ -566,10 +566,14 @@ def difference_sentence(row: dict, reference: str, metric: str) -> str:
     )
 
 
+BASELINES = ("random", "popularity")
+
+
 def readouts(result: dict, reference: str, metric: str, *, n_boot: int = 2000, protocol: str | None = None) -> list[str]:
     """One plain sentence per thing a student should notice in a comparison for this reference and metric:
-    each model below chance (mean over seeds against the chance row), each method identical to the reference
-    on every user, and each method's paired difference (:func:`difference_sentence`)."""
+    each model below chance (mean over seeds against the chance row), each trained method identical to the
+    reference on every user, and each trained method's paired difference (:func:`difference_sentence`); the
+    baselines' differences are in the forest plot, not in sentences."""
     out = []
     chance = next((e.get(metric) for e in result.get("summary", []) if e.get("method") == "chance"), None)
     for e in result.get("summary", []):
@@ -580,6 +584,8 @@ def readouts(result: dict, reference: str, metric: str, *, n_boot: int = 2000, p
             out.append(s)
     rows = forest(result, reference, metric, n_boot=n_boot, protocol=protocol)
     for r in rows:
+        if r["method"] in BASELINES:  # the forest plot shows them; the sentences are about trained models
+            continue
         same = identical_on_every_user(result, r["method"], reference, metric, protocol)
         out.append(same or difference_sentence(r, reference, metric))
     return [s for s in out if s]

@@ -436,3 +436,24 @@ def test_every_form_field_shows_its_value():
     assert lr["value"] == d["pref_lr"] > 0 and steps["value"] == d["pref_max_steps"]
     source = (ROOT / "app" / "tabs" / "train.py").read_text() + (ROOT / "app" / "tabs" / "compare.py").read_text()
     assert "the preset's)" not in source
+
+
+def test_the_held_out_accuracy_panel_is_there_before_its_first_point():
+    from app.tabs import train as T
+
+    rows = [r for r in _log() if K.EVAL_PAIR_ACCURACY not in r]
+    panels = C.panels(rows)
+    acc = next(p for p in panels if p.keys == (K.EVAL_PAIR_ACCURACY,))
+    assert acc.series == []
+    assert all(p.keys != (K.EVAL_PAIR_ACCURACY,) for p in C.panels([{"step": 1, "stage": "sft", "loss": 1.0}]))
+    fig = T.curves_figure(rows)
+    assert any(a.text == "not logged yet" for a in fig.layout.annotations)
+
+
+def test_readouts_speak_of_trained_models_not_the_baselines_differences():
+    result = _comparison()
+    for e in result["per_example"][:]:
+        if e["method"] == "IPO":
+            result["per_example"].append({**e, "method": "popularity"})
+    said = report.readouts(result, "SFT", "hit3 HR@3", n_boot=200)
+    assert not any(s.startswith("popularity") and "chance" not in s for s in said)

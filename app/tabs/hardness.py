@@ -29,7 +29,7 @@ from app.common import (
 from hanorec import methods
 
 SAMPLING = ("random", "embedding")
-FALSE_NEGATIVE = "false negatives (same colour and genre as the true item)"
+FALSE_NEGATIVE = "false negatives"  # ✗ per rejected item of the true item's own colour and genre
 STATS_COLUMNS = ["pair", "user", "lambda", "beta", "reward_margin", "accurate", "chosen_reward", "rejected_reward"]
 
 
@@ -103,7 +103,7 @@ def compute(ctx, dataset, task, model, k, temperature, sampling, seed):
     marks = same_taste_negatives(pairs, data.dataset)
     planted = data.dataset.scenario.get("false_negatives", 0.0)
     if marks is not None and (note := false_negative_summary(lam, marks, planted)):
-        text += "\n\n" + note
+        text += f"\n\n{note} The column *{FALSE_NEGATIVE}* marks each such rejected item with ✗."
     users = sorted(set(pt["user"]))
     table = pt[["pair", "user", "distance", "lambda", "beta"]].rename(columns={"distance": "D"})
     table = table.astype({"D": float, "lambda": float})

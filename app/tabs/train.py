@@ -470,8 +470,16 @@ def curves_figure(rows: list[dict], x: str = "step", smoothing: float = C.DEFAUL
                                      hovertemplate=f"{name} (EMA {smoothing:g}): %{{y:.4g}}<extra></extra>"),
                           **where)  # fmt: skip
             shown.add(s.stage)
+        if not panel.series:  # a panel shown before its first point (the held-out accuracy, every few steps)
+            # an empty trace, so the browser draws the panel's axes (an axis without a trace is not drawn)
+            fig.add_trace(go.Scatter(x=[], y=[], showlegend=False, hoverinfo="skip"), row=i // cols + 1,
+                          col=i % cols + 1)  # fmt: skip
+            fig.add_annotation(text="not logged yet", showarrow=False, xref="x domain", yref="y domain", x=0.5, y=0.5,
+                               row=i // cols + 1, col=i % cols + 1)  # fmt: skip
     noisy = [st for st in stages_ if C.noise_note(rows, st)]
-    fig.update_layout(height=max(300, 230 * n_rows), margin=dict(l=40, r=10, t=60 if noisy else 40, b=30),
+    fig.update_layout(height=max(320, 230 * n_rows + 40), margin=dict(l=40, r=10, t=60 if noisy else 40, b=30),
+                      legend=dict(orientation="h", yanchor="bottom", y=1.0 + 24 / max(320, 230 * n_rows + 40),
+                                  xanchor="right", x=1),
                       legend_title_text="stage (bold: moving average; faint: raw; dotted: rejected)")  # fmt: skip
     if noisy:
         fig.update_layout(title=dict(font=dict(size=12), text=f"{', '.join(noisy)}: trained under NoDO noise, so per-step "
