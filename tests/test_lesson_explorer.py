@@ -457,3 +457,32 @@ def test_readouts_speak_of_trained_models_not_the_baselines_differences():
             result["per_example"].append({**e, "method": "popularity"})
     said = report.readouts(result, "SFT", "hit3 HR@3", n_boot=200)
     assert not any(s.startswith("popularity") and "chance" not in s for s in said)
+
+
+@pytest.mark.slow
+def test_a_stage_trained_from_the_shipped_sft_opens_in_the_hardness_tab(tmp_path):
+    """End to end (about a minute on 2 cores): the Train tab launches HaNo-DPO from the shipped demo run's SFT
+    model (2 steps), and the Hardness tab computes lambda for that stage from the demo run's SFT."""
+    from app.common import DEMO_RUNS
+    from app.main import make_context
+    from app.tabs import hardness as H
+    from app.tabs import train as T
+
+    if not (DEMO_RUNS / "demo-hit3" / "sft").is_dir():
+        pytest.skip("the shipped demo runs are absent")
+    ctx = make_context([str(DEMO)], str(tmp_path / "runs"), "cpu")
+    try:
+        form = {"dataset": str(DEMO), "backbone": "tiny-qwen2.5-vl", "stage": "HaNo-DPO", "task": "hit3",
+                "sft_from": T.DEMO_PREFIX + "demo-hit3", "beta0": 0.1, "sigma": 0.05, "noise_target": "lora",
+                "k_negatives": 1, "sampling": "random", "epochs": 1, "lr": None, "max_steps": 2, "eval_examples": 4,
+                "log_with": T.NO_TRACKER, "seed": 0, "name": "from-demo", "hars_k": 10, "hars_temperature": 0.05}  # fmt: skip
+        T.launch_form(ctx, form)
+        done = ctx.jobs.wait("from-demo", timeout=600)
+        assert done.state == "finished", done.log_tail
+        run = ctx.runs_dir / "from-demo"
+        assert runs.stages(run) == ["hano_dpo"] and runs.sft_run_of(run, "hano_dpo") == DEMO_RUNS / "demo-hit3"
+        assert runs.read_config(run, "hano_dpo").pref.hars_temperature == 0.05
+        text, *_ = H.compute(ctx, str(DEMO), "hit3", f"{run}::hano_dpo", 10, 1.0, "random", 0)
+        assert "training pairs" in text
+    finally:
+        ctx.jobs.close()
