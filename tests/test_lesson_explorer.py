@@ -482,6 +482,12 @@ def test_a_stage_trained_from_the_shipped_sft_opens_in_the_hardness_tab(tmp_path
         run = ctx.runs_dir / "from-demo"
         assert runs.stages(run) == ["hano_dpo"] and runs.sft_run_of(run, "hano_dpo") == DEMO_RUNS / "demo-hit3"
         assert runs.read_config(run, "hano_dpo").pref.hars_temperature == 0.05
+        # training computed its lambdas at T = 0.05: spread over 0.1 (the paper's T = 1 keeps them within 0.01 here)
+        from safetensors.torch import load_file
+
+        (cached,) = (run / "hardness_cache").glob("*.safetensors")
+        lam = load_file(str(cached))["lambda"]
+        assert float(lam.max() - lam.min()) > 0.1, lam
         text, *_ = H.compute(ctx, str(DEMO), "hit3", f"{run}::hano_dpo", 10, 1.0, "random", 0)
         assert "training pairs" in text
     finally:
