@@ -492,3 +492,38 @@ def test_a_stage_trained_from_the_shipped_sft_opens_in_the_hardness_tab(tmp_path
         assert "training pairs" in text
     finally:
         ctx.jobs.close()
+
+
+def test_the_shipped_sft_is_a_source_in_both_forms(tmp_path, monkeypatch):
+    """The teaching SFT model ships under assets/demo_runs: Train and Compare both offer it (read, never
+    written), and the Train form opens on the run the lesson preset names."""
+    from app.common import DEMO_RUNS
+    from app.tabs import compare as compare_tab
+    from app.tabs import train as T
+    from hanorec import presets
+    from hanorec.config import load_config
+    from hanorec.jobs import JobManager
+
+    if not (DEMO_RUNS / "demo-hit3" / "sft").is_dir():
+        pytest.skip("the shipped demo runs are absent")
+    jm = JobManager(tmp_path, autostart=False, python="/bin/false")
+    allowed = (DEMO.resolve(), tmp_path.resolve(), DEMO_RUNS.resolve())
+
+    def resolve(p):
+        path = Path(p).resolve()
+        assert any(path == a or a in path.parents for a in allowed), path
+        return path
+
+    ctx = types.SimpleNamespace(jobs=jm, runs_dir=tmp_path, demo=False, data_dirs=[DEMO], demo_runs_dir=DEMO_RUNS,
+                                resolve_path=resolve)  # fmt: skip
+    assert "demo:demo-hit3" in compare_tab.sft_choices(ctx)
+    _, names, sft_runs = T.past_runs(ctx)
+    assert "demo:demo-hit3" in sft_runs
+    real = presets.form_defaults()
+    monkeypatch.setattr(presets, "form_defaults", lambda: {**real, "sft_run": "assets/demo_runs/demo-hit3"})
+    assert T.preset_sft_source(ctx, sft_runs) == "demo:demo-hit3"
+    picker, _, _ = compare_tab.launch(ctx, str(DEMO), "hit3", "demo:demo-hit3", ["DPO"], "0", 30, 30, 0.1, None, 0.05,
+                                      0, 0, "")  # fmt: skip
+    cfg = load_config(tmp_path / picker["value"] / "config.yaml")
+    assert Path(cfg.data.path) == DEMO.resolve()
+    assert f"--from-sft={(DEMO_RUNS / 'demo-hit3').resolve()}" in json.loads((tmp_path / picker["value"] / "job.json").read_text())["args"]

@@ -47,9 +47,23 @@ def preset_note() -> str:
 
 
 # ---- launching -----------------------------------------------------------------------------------
+DEMO_PREFIX = "demo:"  # the shipped demo runs (assets/demo_runs): their SFT models are read, never written
+
+
 def sft_choices(ctx) -> list[str]:
-    infos = runs.list_runs(ctx.runs_dir, with_metrics=False)
-    return [TRAIN_SFT] + [i.name for i in infos if "sft" in i.stages and runs.latest_checkpoint(i.path / "sft")]
+    """Train SFT per seed, or a finished run's SFT model: the runs folder's, then the shipped demo runs'."""
+    def with_sft(root, prefix=""):
+        infos = runs.list_runs(root, with_metrics=False) if root is not None else []
+        return [prefix + i.name for i in infos if "sft" in i.stages and runs.latest_checkpoint(i.path / "sft")]
+
+    return [TRAIN_SFT, *with_sft(ctx.runs_dir), *with_sft(getattr(ctx, "demo_runs_dir", None), DEMO_PREFIX)]
+
+
+def _sft_path(ctx, name: str) -> Path:
+    demo = getattr(ctx, "demo_runs_dir", None)
+    if name.startswith(DEMO_PREFIX) and demo is not None:
+        return ctx.resolve_path(str(Path(demo) / name[len(DEMO_PREFIX):]))
+    return ctx.resolve_path(str(Path(ctx.runs_dir) / name))
 
 
 def compare_jobs(ctx) -> list[str]:
@@ -90,7 +104,7 @@ def launch(ctx, dataset, task, sft_from, methods, seeds, sft_steps, pref_steps, 
     token = None if owner is None else owner_token(owner)
     sft_run = None
     if sft_from and sft_from != TRAIN_SFT:
-        sft_run = str(ctx.resolve_path(str(Path(ctx.runs_dir) / sft_from)))
+        sft_run = str(_sft_path(ctx, sft_from))
     data = str(ctx.resolve_path(dataset)) if dataset else None
     with user_errors():
         over, args, base = comparison_request(
@@ -99,6 +113,8 @@ def launch(ctx, dataset, task, sft_from, methods, seeds, sft_steps, pref_steps, 
             sigma=_num(sigma), catalogue_items=_num(catalogue_items), eval_examples=_num(eval_examples),
             extra=extra or None,
         )  # fmt: skip
+        if sft_run and data:  # the SFT run's dataset, checked to be the chosen one: named as the app resolved it
+            over["data"] = {**over.get("data", {}), "path": data}
         if not eval_examples:  # 0 = every test prompt, whatever the preset evaluates
             over["task"] = {**over.get("task", {}), "max_eval_examples": None}
         # one source of truth: a comparison trained here starts from the Train tab's lesson preset
