@@ -37,7 +37,6 @@ FROM_SCRATCH = "train SFT first, in this run"
 NO_TRACKER = "none (metrics.jsonl only)"
 # A launch with a tiny backbone starts from the lesson preset (configs/lab.yaml through hanorec.presets, the
 # Compare tab's too): the form opens on its values and its fields override them.
-CURVES = list(K.CURVES)
 STAGE_COLORS = ["#636efa", "#ef553b", "#00cc96", "#ab63fa"]
 JOB_COLUMNS = ["job", "stage", "state", "queue position", "progress", "message"]
 RUN_COLUMNS = ["run", "stage", "status", "steps", "final loss", "reward margin", "pair acc. (held-out)", "eval",
