@@ -527,3 +527,13 @@ def test_the_shipped_sft_is_a_source_in_both_forms(tmp_path, monkeypatch):
     cfg = load_config(tmp_path / picker["value"] / "config.yaml")
     assert Path(cfg.data.path) == DEMO.resolve()
     assert f"--from-sft={(DEMO_RUNS / 'demo-hit3').resolve()}" in json.loads((tmp_path / picker["value"] / "job.json").read_text())["args"]
+
+
+def test_the_run_list_flags_a_stage_below_chance(tmp_path):
+    from app.tabs import train as T
+
+    res = {"rows": [{"method": "DPO", "protocol": "ranking", "HR@3": 0.425, "chance": {"HR@3": 0.4286}}]}
+    info = runs.RunInfo(name="r", path=tmp_path, config=None, stages=["sft", "dpo"], status="finished",
+                        metrics=_log(stage="dpo"), stage_results={"dpo": res})  # fmt: skip
+    row = dict(zip(T.RUN_COLUMNS, T._summary_row(info, "dpo")))
+    assert "below chance" in row["readout"] and row["eval"].startswith("HR@3 0.425")

@@ -39,8 +39,8 @@ NO_TRACKER = "none (metrics.jsonl only)"
 # Compare tab's too): the form opens on its values and its fields override them.
 STAGE_COLORS = ["#636efa", "#ef553b", "#00cc96", "#ab63fa"]
 JOB_COLUMNS = ["job", "stage", "state", "queue position", "progress", "message"]
-RUN_COLUMNS = ["run", "stage", "status", "steps", "final loss", "reward margin", "pair acc. (held-out)", "eval",
-               "readout"]  # fmt: skip
+RUN_COLUMNS = ["run", "stage", "status", "steps", "final loss", "reward margin", "pair acc. (held-out)", "readout",
+               "eval"]  # fmt: skip
 X_AXES = {"step": "step", "wall time (s)": "time"}
 
 
@@ -568,8 +568,8 @@ def _summary_row(info, stage: str) -> list:
         _fmt(last.get(K.LOSS)),
         _fmt(last.get(K.REWARD_MARGIN)),
         _fmt(C.held_out_accuracy(rows, stage)),  # the held-out pairs', not the last batch of 4's
-        _eval_text(res),
         " ".join(report.run_readouts(res, _sft_results(info, stage), name=info.label(stage) if stage != "-" else "")),
+        _eval_text(res),
     ]
 
 
