@@ -218,10 +218,23 @@ def make_context(data_dirs=None, runs_dir="runs", device="auto", threads=0, demo
 
     runs = Path(runs_dir).expanduser().resolve()
     runs.mkdir(parents=True, exist_ok=True)
+    dirs += scenario_dirs(runs)
     jobs = _job_manager(runs, None if device == "auto" else device, demo, plugin_dir)
     return AppContext(data_dirs=dirs, runs_dir=runs, device=device, jobs=jobs, threads=threads, demo=demo,
                       demo_runs_dir=Path(demo_runs) if demo_runs else DEMO_RUNS, plugins_dir=plugin_dir,
                       trust_proxy=trust_proxy)  # fmt: skip
+
+
+def scenario_dirs(runs: Path) -> list[Path]:
+    """The teaching-scenario datasets (hanorec.data.teaching_datasets), made once under <runs>/.cache/scenarios
+    and offered in every dataset picker; none when the runs folder cannot take them (one line on stderr)."""
+    from hanorec.data import teaching_datasets
+
+    try:
+        return [teaching_datasets(runs / ".cache" / "scenarios")]
+    except OSError as e:
+        print(f"The teaching-scenario datasets could not be written under {runs}: {e}", file=sys.stderr)
+        return []
 
 
 def _job_manager(runs: Path, device: str | None, demo: bool = False, plugins: Path | None = None):

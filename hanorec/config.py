@@ -73,6 +73,7 @@ LIMITS = {
     "batch_size": 1 << 16,
     "grad_accum": 1 << 16,
     "sample_temperature": 100.0,
+    "hars_temperature": 100.0,
 }
 
 
@@ -408,6 +409,11 @@ class PrefConfig(OptimConfig):
         True, "HaRS: online responsiveness eta over the gathered micro-batch (HaNo-DPO, or pref.hars=true)."
     )
     hardness_k: int = _f(10, "Neighbours in an item's hardness profile (K).")
+    hars_temperature: float = _f(
+        1.0,
+        "HaRS: profile temperature T of p_i = softmax(s_i / T) when lambda is computed for training; 1 is the "
+        "paper's, anything else is beyond it (a lower T sharpens the profiles and widens lambda's spread).",
+    )
     noise_target: str = _f(
         "lora",
         "NoDO: where Gaussian noise goes during training forwards of the policy.",
@@ -478,7 +484,7 @@ class PrefConfig(OptimConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        _positive(self, "beta", "k_negatives", "hardness_k", "max_pairs")
+        _positive(self, "beta", "k_negatives", "hardness_k", "max_pairs", "hars_temperature")
         _positive(self, "noise_sigma", "sft_weight", "max_pixels", allow_zero=True)
         if not 0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"label_smoothing = {self.label_smoothing!r} must be in [0, 0.5)")

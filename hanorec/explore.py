@@ -57,7 +57,7 @@ def find_datasets(folders: Sequence[Path]) -> list[Path]:
         if is_dataset_folder(folder):
             out.append(folder)
         elif folder.is_dir():
-            out += [p for p in sorted(folder.iterdir()) if is_dataset_folder(p)]
+            out += [p for p in sorted(folder.iterdir()) if not p.name.startswith(".") and is_dataset_folder(p)]
     return list(dict.fromkeys(out))
 
 
@@ -541,8 +541,8 @@ def noise_sweep(
 def training_pairs(cfg, data, emb_ids=None, emb=None, *, sampling: str | None = None, seed: int | None = None,
                    k_negatives: int | None = None):  # fmt: skip
     """The preference pairs a run with this config trains on (hanorec.pairs.build_pairs over the first
-    cfg.pref.max_pairs training examples); sampling / seed may be changed to re-sample the negatives, and
-    k_negatives to draw another number of rejected answers per pair."""
+    cfg.pref.max_pairs training examples, a preference-noise scenario's swaps included); sampling / seed may be
+    changed to re-sample the negatives, and k_negatives to draw another number of rejected answers per pair."""
     from hanorec.pairs import build_pairs
 
     p = cfg.pref
@@ -553,8 +553,47 @@ def training_pairs(cfg, data, emb_ids=None, emb=None, *, sampling: str | None = 
     return build_pairs(
         data.train[: p.max_pairs],
         data.dataset,
-        seed=cfg.seed if seed is None else int(seed),
+        seed=(cfg.seed if getattr(p, "pair_seed", None) is None else p.pair_seed) if seed is None else int(seed),
         k_negatives=p.k_negatives if k_negatives is None else int(k_negatives),
         sampling=sampling,
         item_embeddings=table,
+        swap=getattr(data.dataset, "scenario", {}).get("preference_noise", 0.0),  # as training builds them
+    )
+
+
+def same_taste_negatives(pairs: Sequence, ds: RecDataset) -> list[int] | None:
+    """Per pair, how many of its rejected items share the true item's (colour, genre) cluster: the false
+    negatives a teaching scenario plants (hanorec.data.SCENARIOS, false_negatives; a random draw lands there
+    too, about 1 time in 16 on the demo). None when the items carry no colour and genre (not a demo dataset)."""
+    def cluster(item):
+        a = ds.items[item].attributes if item in ds.items else {}
+        return (a.get("color"), a.get("genre"))
+
+    if not pairs or None in cluster(next(iter(ds.items))):
+        return None
+    out = []
+    for p in pairs:
+        target = cluster(p.example.targets[0]) if p.example.targets else (None, None)
+        out.append(sum(1 for n in dict.fromkeys(p.negative_item_ids) if None not in target and cluster(n) == target))
+    return out
+
+
+def false_negative_summary(lambdas: Sequence[float], marks: Sequence[int] | None, planted: float = 0.0) -> str:
+    """One sentence: lambda on the pairs whose rejected answer holds a same-taste (false) negative against the
+    other pairs, so a student sees whether HaRS finds them (a hard negative should get lambda < the rest's).
+    '' without marks or without both kinds of pair."""
+    if marks is None:
+        return ""
+    lam = np.asarray(lambdas, dtype=np.float64)
+    fn = np.asarray(marks) > 0
+    if len(lam) != len(fn) or not fn.any() or fn.all():
+        return ""
+    a, b = float(lam[fn].mean()), float(lam[~fn].mean())
+    rank = float((lam[fn][:, None] < lam[~fn][None, :]).mean() + 0.5 * (lam[fn][:, None] == lam[~fn][None, :]).mean())
+    what = f"planted at {planted:g}" if planted else "not planted here: random draws from the true item's cluster"
+    verdict = "lower, as HaRS intends for hard negatives" if a < b else "not lower: lambda does not single them out"
+    return (
+        f"False negatives ({what}): {int(fn.sum())} of {len(fn)} pairs reject an item of the true item's own "
+        f"colour and genre. Their mean lambda is {a:.5f} against {b:.5f} for the other pairs ({verdict}); a "
+        f"false-negative pair has the lower lambda in {rank:.0%} of comparisons with another pair (50% = chance)."
     )

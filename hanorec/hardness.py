@@ -352,14 +352,16 @@ def pair_hardness(
     pairs,
     *,
     k: int = 10,
+    temperature: float = PAPER_TEMPERATURE,
     cache_dir: str | os.PathLike | None = None,
     model_key: str = "",
     block_size: int = 1024,
     on_log=None,
     should_stop=None,
 ) -> dict[str, torch.Tensor]:
-    """lambda_n for every preference pair, with the distances D_n; cached by (model, dataset, pairs, K).
+    """lambda_n for every preference pair, with the distances D_n; cached by (model, dataset, pairs, K, T).
 
+    temperature: the profile temperature T (pref.hars_temperature; 1 = the paper's, beyond it otherwise).
     Returns {"lambda": (S,), "distance": (S,)}.
     """
     if not 1 <= k < len(ds.items):
@@ -372,11 +374,13 @@ def pair_hardness(
     dataset_fp = dataset_fingerprint(ds)
     pairs_fp = fingerprint([[list(p.positive_item_ids), list(p.negative_item_ids)] for p in pairs])
     key = {"model": model_key or bundle.name, "dataset": dataset_fp, "pairs": pairs_fp, "k": k}
+    if float(temperature) != PAPER_TEMPERATURE:  # the paper's T keeps the keys of caches written before T existed
+        key["temperature"] = float(temperature)
     cache = HardnessCache(cache_dir) if cache_dir else None
     if cache is not None and (hit := cache.get(key)) is not None:
         return hit
     index = item_index(bundle, ds, block_size=block_size, on_log=on_log, should_stop=should_stop)
-    distance = index.sample_distances(pairs, k=min(k, len(index.ids) - 1))
+    distance = index.sample_distances(pairs, k=min(k, len(index.ids) - 1), temperature=float(temperature))
     out = {"lambda": hardness_lambda(distance), "distance": distance}
     if cache is not None:
         cache.put(key, out, {"n_pairs": len(pairs), "n_items": len(index.ids)})
@@ -512,7 +516,7 @@ def beyond_paper_note(k: int, temperature: float) -> str:
     return (
         ""
         if not parts
-        else "Beyond the paper: " + " and ".join(parts) + "; training uses the paper's setting."
+        else "Beyond the paper: " + " and ".join(parts) + " (training follows its run's pref.hardness_k and pref.hars_temperature, the paper's by default)."
     )
 
 

@@ -973,6 +973,7 @@ def comparison_request(
         base = Path(sft_run).resolve() / runs.CONFIG_FILE
         if runs.latest_checkpoint(Path(sft_run) / runs.SFT_STAGE) is None:
             raise JobError(f"run {Path(sft_run).name} has no SFT checkpoint to compare from")
+        runs.check_sft_dataset(sft_run, dataset)  # never swap the chosen dataset for the SFT run's
         task = runs.read_config(sft_run).task.name
     else:
         over["data"] = {"path": str(dataset)}

@@ -18,6 +18,8 @@ BETA_MEAN = "hardness/beta_mean"
 LAMBDA_MEAN = "hardness/lambda_mean"
 ETA = "hardness/eta"
 NOISE_SIGMA = "noise/sigma"
+EVAL_PAIR_ACCURACY = "eval/pair_accuracy"
+KL_REFERENCE = "kl/reference"
 
 PREFERENCE = (
     REWARD_CHOSEN, REWARD_REJECTED, REWARD_ACCURACY, REWARD_MARGIN, LOGP_CHOSEN, LOGP_REJECTED, ETA, BETA_MEAN,

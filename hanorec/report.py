@@ -492,3 +492,123 @@ def merge_comparisons(results: Sequence[dict], *, n_boot: int = 2000) -> dict:
         "per_example": per_example,
         "merged_from": len(results),
     }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Readouts: what a result means, one plain sentence each (the Compare tab and the Train tab's run list show
+# them, so a student never has to notice these alone)
+
+
+def _num(v) -> float | None:
+    import math
+
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v) if math.isfinite(v) else None
+
+
+def below_chance(name: str, metric: str, value, chance) -> str:
+    """The sentence for a model whose metric is below a random ranking's, '' otherwise."""
+    v, c = _num(value), _num(chance)
+    if v is None or c is None or not v < c:
+        return ""
+    return (
+        f"{name} is below chance on {metric}: {v:.4f} against {c:.4f} for a random ranking, so it ranks the "
+        "true item no better than guessing."
+    )
+
+
+def identical_on_every_user(result: dict, method: str, reference: str, metric: str, protocol: str | None = None) -> str:
+    """The sentence for a method whose per-example values equal its reference's on every test example of
+    every seed (training changed no ranking this metric sees), '' otherwise."""
+    task, name = metric.split(maxsplit=1)
+    key = "score" if name == "AUC" else name
+    by = {}
+    for e in protocol_entries(result.get("per_example", []), protocol):
+        if e.get("task") == task and e.get("method") in (method, reference) and key in e.get("values", {}):
+            by[(e["method"], e["seed"])] = e["values"]
+    seeds = sorted({s for (m, s) in by if m == method} & {s for (m, s) in by if m == reference})
+    if not seeds:
+        return ""
+    users: set = set()
+    for s in seeds:
+        a, b = by[(method, s)], by[(reference, s)]
+        if list(a.get("user", [])) != list(b.get("user", [])) or list(a[key]) != list(b[key]):
+            return ""
+        users.update(map(str, a.get("user", [])))
+    return (
+        f"{method} gives exactly the same {metric} as {reference} on every one of the {len(users)} test users "
+        f"({len(seeds)} seed{'s' if len(seeds) > 1 else ''}): training changed no ranking this metric sees."
+    )
+
+
+def difference_sentence(row: dict, reference: str, metric: str) -> str:
+    """What one forest row (:func:`forest`) means: a difference the interval shows, or, when the interval
+    holds 0, how large a difference the comparison rules out ('no difference larger than ±x')."""
+    mean, low, high, mdd = (_num(row.get(k)) for k in ("mean", "low", "high", "detectable"))
+    if mean is None or low is None or high is None:
+        return ""
+    m = row["method"]
+    if row.get("excludes_zero"):
+        word = "above" if mean > 0 else "below"
+        return (
+            f"{m} is {word} {reference} on {metric} by {mean:+.4f} (95% interval [{low:+.4f}, {high:+.4f}] "
+            "excludes 0): a difference the comparison can see."
+        )
+    if mdd is not None and mdd > 0 and -mdd <= low and high <= mdd:
+        return (
+            f"{m} against {reference} on {metric}: no difference larger than ±{mdd:.4f} (the interval "
+            f"[{low:+.4f}, {high:+.4f}] lies inside the detectable difference), so any effect is smaller than that."
+        )
+    return (
+        f"{m} against {reference} on {metric}: the interval [{low:+.4f}, {high:+.4f}] holds 0 but is wider than "
+        f"the detectable difference{f' ±{mdd:.4f}' if mdd else ''}: too few users to tell; add seeds or users."
+    )
+
+
+BASELINES = ("random", "popularity")
+
+
+def readouts(result: dict, reference: str, metric: str, *, n_boot: int = 2000, protocol: str | None = None) -> list[str]:
+    """One plain sentence per thing a student should notice in a comparison for this reference and metric:
+    each model below chance (mean over seeds against the chance row), each trained method identical to the
+    reference on every user, and each trained method's paired difference (:func:`difference_sentence`); the
+    baselines' differences are in the forest plot, not in sentences."""
+    out = []
+    chance = next((e.get(metric) for e in result.get("summary", []) if e.get("method") == "chance"), None)
+    for e in result.get("summary", []):
+        if e.get("method") in ("chance", "random") or metric not in e:
+            continue
+        s = below_chance(e["method"], metric, e[metric][0], chance[0] if chance else None)
+        if s:
+            out.append(s)
+    rows = forest(result, reference, metric, n_boot=n_boot, protocol=protocol)
+    for r in rows:
+        if r["method"] in BASELINES:  # the forest plot shows them; the sentences are about trained models
+            continue
+        same = identical_on_every_user(result, r["method"], reference, metric, protocol)
+        out.append(same or difference_sentence(r, reference, metric))
+    return [s for s in out if s]
+
+
+def run_readouts(results: dict | None, reference: dict | None = None, name: str = "This model") -> list[str]:
+    """Readouts for one evaluated stage (its results.json): below chance on any metric its rows carry a chance
+    level for, and, given the results of the SFT model it started from (``reference``), every metric of every
+    protocol exactly equal to SFT's (the preference stage changed nothing the evaluation sees)."""
+    if not isinstance(results, dict):
+        return []
+    out = []
+    rows = [r for r in results.get("rows", []) if isinstance(r, dict) and r.get("method") not in ("random", "popularity")]
+    for r in rows:  # each protocol's row, on its main metric (the first it has a chance level for)
+        chance = r.get("chance") if isinstance(r.get("chance"), dict) else {}
+        metric = next((m for m in ("HR@3", "HR@1", "AUC", "NDCG@3", "MRR") if m in chance and m in r), None)
+        if metric is not None:
+            where = f"{metric} ({r.get('protocol', 'ranking')} protocol)"
+            out.append(below_chance(name, where, r.get(metric), chance.get(metric)))
+    if isinstance(reference, dict):
+        ref_rows = {r.get("protocol"): r for r in reference.get("rows", []) if isinstance(r, dict) and r.get("method") == "SFT"}
+        same = [r for r in rows if r.get("protocol") in ref_rows]
+        keys = ("HR@1", "HR@3", "NDCG@3", "MRR", "AUC", "n")
+        if same and all(all(r.get(k) == ref_rows[r.get("protocol")].get(k) for k in keys) for r in same):
+            out.append(f"{name} scores exactly what its SFT model scores on every metric: training changed no ranking.")
+    return [s for s in out if s]

@@ -426,6 +426,61 @@ def sft_dir_of(cfg, run_dir: str | Path) -> Path:
     return Path(cfg.pref.sft_run or run_dir) / SFT_STAGE
 
 
+def sft_run_of(run_dir: str | Path, stage: str) -> Path:
+    """The run folder whose sft/ holds the SFT model a stage was trained on, the model HaRS embedded the items
+    with: for a preference stage, the run of the SFT checkpoint its sft_source.json records (a stage trained
+    from another run's SFT, the Train tab's option), else its config's pref.sft_run, else the run itself."""
+    run = Path(run_dir)
+    if stage == SFT_STAGE:
+        return run
+    src = run / stage / SFT_SOURCE_FILE
+    if _real_file(src):
+        try:
+            recorded = Path(str(json.loads(src.read_text())["checkpoint"]))
+        except (OSError, ValueError, KeyError, TypeError):  # damaged: the config says the same
+            recorded = None
+        if recorded is not None:
+            recorded = recorded if recorded.is_absolute() else run / recorded
+            # <sft run>/sft/checkpoints/step-N
+            if recorded.is_dir() and recorded.parent.name == "checkpoints" and recorded.parents[1].name == SFT_STAGE:
+                return recorded.parents[2]
+    try:
+        cfg = read_config(run, stage)
+    except Exception:  # a hand-edited config: the run's own SFT
+        cfg = None
+    sft_run = getattr(getattr(cfg, "pref", None), "sft_run", None)
+    return Path(sft_run) if sft_run else run
+
+
+def dataset_of(run_dir: str | Path) -> Path | None:
+    """The dataset folder a run was trained on (its config's data.path, resolved; a relative path, as a shipped
+    run writes it, from the working folder or else the repository), None when the run has no readable config."""
+    try:
+        cfg = read_config(run_dir)
+    except Exception:  # a hand-edited config.yaml
+        return None
+    if cfg is None:
+        return None
+    path = Path(cfg.data.path).expanduser()
+    if not path.is_absolute() and not path.exists():
+        path = Path(__file__).resolve().parents[1] / path
+    return path.resolve()
+
+
+def check_sft_dataset(sft_run: str | Path, dataset: str | Path | None) -> None:
+    """RunError in one sentence when a finished run's SFT model was trained on another dataset than the one
+    chosen (its tokenizer, items and users are that dataset's): no silent swap of either."""
+    if not dataset:
+        return
+    trained = dataset_of(sft_run)
+    chosen = Path(dataset).expanduser().resolve()
+    if trained is not None and trained != chosen:
+        raise RunError(
+            f"The SFT run {Path(sft_run).name} was trained on {trained.name}, not on the chosen dataset "
+            f"{chosen.name}: choose that dataset, or an SFT source trained on {chosen.name}, or train SFT here."
+        )
+
+
 def record_sft_source(stage_path: str | Path, sft_checkpoint: Path) -> None:
     """Remember which SFT checkpoint a preference stage was trained on (loading rebuilds that model)."""
     stage_path = Path(stage_path)

@@ -334,7 +334,7 @@ def test_train_tab_through_gradio_client(client):
     option_defaults = [k.default for m in methods.all_methods() for k in methods.option_knobs(m)]
     job_update, status, owner = client.predict(
         str(DEMO), "tiny-llava", "SFT", "hit3", "train SFT first, in this run", 0.1, 0.05, "lora", 3, "random",
-        1, 0, 2, 2, "none (metrics.jsonl only)", 0, "via-client", [], *option_defaults, "",  # "": no owner token yet
+        1, 0, 2, 2, "none (metrics.jsonl only)", 0, "via-client", [], 10, 1.0, *option_defaults, "",  # "": no owner yet
         api_name="/train_launch",
     )  # fmt: skip
     job = job_update["value"]
@@ -382,3 +382,17 @@ def test_resolved_paths_are_remembered_only_while_they_exist(app_ctx, tmp_path):
     for _ in range(2):
         with pytest.raises(gradio.Error):
             app_ctx.resolve_path(str(tmp_path))  # outside the allowed folders, every time
+
+
+def test_hardness_tab_marks_the_planted_false_negatives(client, app_ctx):
+    """The app makes the teaching scenarios at start and offers them; on the false-negatives one the Hardness
+    tab marks the rejected items of the true item's own colour and genre and says whether lambda finds them."""
+    scenario = next(v for _, v in app_ctx.dataset_choices() if v.endswith("demo-false-negatives-30"))
+    text, fig, table, _ = client.predict(scenario, "hit3", "base", 10, 1.0, "random", 0, api_name="/hardness_compute")
+    assert "False negatives (planted at 0.3)" in text
+    cols = table["headers"]
+    marked = [r[cols.index("false negatives")] for r in table["data"]]
+    assert 0.2 < sum(bool(m) for m in marked) / len(marked) < 0.9
+    plain, _, plain_table, _ = client.predict(str(DEMO), "hit3", "base", 10, 1.0, "random", 0, api_name="/hardness_compute")
+    assert "not planted here" in plain
+    assert sum(bool(r[-1]) for r in plain_table["data"]) < sum(bool(m) for m in marked) / 2

@@ -12,7 +12,8 @@ import gradio as gr
 import pytest
 
 from app.tabs import train as T
-from hanorec import runs
+from hanorec import presets, runs
+from hanorec.config import load_config
 from hanorec.jobs import JobManager
 
 DEMO = (Path(__file__).resolve().parents[1] / "assets" / "demo").resolve()
@@ -81,7 +82,8 @@ def poll_until(ctx, job, states, timeout=240):
 def test_form_overrides_per_stage():
     sft = T.form_overrides("d", "tiny-llava", "SFT", "hit3", lr=1e-3, max_steps=30, log_with="tensorboard")
     assert sft["sft"]["lr"] == 1e-3 and "lr" not in sft["pref"]
-    assert sft["sft"]["max_steps"] == 30 and sft["lora"]["modules_to_save"] == ["embed_tokens", "lm_head"]
+    assert sft["sft"]["max_steps"] == 30 and "lora" not in sft  # the tiny model's LoRA: the lesson preset's
+    assert T.base_config("tiny-llava") == presets.lab_path() and T.base_config("org/model") is None
     assert sft["sft"]["log_with"] == "tensorboard" == sft["pref"]["log_with"]
     hano = T.form_overrides("d", "tiny-llava", "HaNo-DPO", "hit1", beta0=0.2, sigma=0.1, noise_target="logits",
                             sampling="embedding", lr=5e-4, max_steps=10)  # fmt: skip
@@ -92,6 +94,8 @@ def test_form_overrides_per_stage():
     assert T.form_overrides("d", "tiny-llava", "S-DPO", "hit3", k_negatives=3)["pref"]["k_negatives"] == 3
     real = T.form_overrides("d", "org/model", "SFT", "hit3")
     assert "lora" not in real and real["model"]["name"] == "org/model"
+    lab = presets.lab_config({"data": {"path": str(DEMO)}})
+    assert load_config(T.base_config("tiny-llava"), sft).lora.modules_to_save == lab.lora.modules_to_save
 
 
 def test_picking_a_stage_shows_its_loss_paper_and_only_its_knobs():
@@ -101,6 +105,7 @@ def test_picking_a_stage_shows_its_loss_paper_and_only_its_knobs():
     assert shown == {"simpo.gamma"} and beta["visible"] and not k_neg["visible"]
     assert addons["choices"] == ["NoDO"] and sigma["visible"]  # SimPO has no beta for HaRS; NoDO can be added
     text, beta, sigma, noise_target, k_neg, addons, *options = T.method_view("HaNo-DPO")
+    options = options[: len(T.option_fields())]  # then HaRS' K and temperature, the learning rate and the steps
     assert sigma["visible"] and noise_target["visible"] and not any(o["visible"] for o in options)
     assert not addons["visible"]  # HaRS and NoDO are its own
     assert T.method_view("S-DPO")[4]["visible"] and T.method_view("S-DPO")[5]["choices"] == ["HaRS", "NoDO"]
@@ -112,10 +117,10 @@ def test_picking_a_stage_shows_its_loss_paper_and_only_its_knobs():
 
 def test_past_runs_table_compare_and_curves_of_a_finished_run(ctx):
     """A run made in-process (the CLI's `run`) is listed, compared and drawn."""
-    from hanorec.config import load_config
     from hanorec.pipeline import run_pipeline
 
-    cfg = load_config(overrides=T.form_overrides(str(DEMO), "tiny-llava", "SFT", "hit3", max_steps=3, eval_examples=2))
+    over = T.form_overrides(str(DEMO), "tiny-llava", "SFT", "hit3", max_steps=3, eval_examples=2)
+    cfg = load_config(T.base_config("tiny-llava"), over)
     cfg.output_dir = str(ctx.runs_dir / "inproc")
     cfg.model.tiny_hidden_size, cfg.task.max_train_examples = 64, 12
     run_pipeline(cfg, print_fn=lambda *a: None)
@@ -126,7 +131,7 @@ def test_past_runs_table_compare_and_curves_of_a_finished_run(ctx):
     cmp_table, fig = T.compare(ctx, names, "loss")
     assert cmp_table["stage"].item() == "SFT" and [list(t.x) for t in fig.data] == [[1, 2, 3]]
     curves = T.curves_figure(runs.read_metrics(ctx.runs_dir / "inproc"))
-    assert [t.name for t in curves.data] == ["sft"]  # SFT logs a loss only
+    assert [t.name for t in curves.data] == ["sft", "sft"]  # SFT logs a loss only: raw (faint) and smoothed
 
 
 @pytest.mark.slow

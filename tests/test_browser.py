@@ -110,6 +110,7 @@ def test_data_tab(page, shots):
     assert page.locator("#data-history img").count() >= 6
     prompt = page.locator("#data-prompt textarea").input_value()
     assert "<image>" in prompt
+    page.get_by_text("colour is shown only in its image").first.wait_for(timeout=30_000)  # the demo's planted logic
     page.get_by_text("What the model sees").click()  # the accordion: chat template, image tokens expanded
     seen = page.locator("#data-seen textarea")
     seen.wait_for(timeout=30_000)
@@ -122,9 +123,17 @@ def test_data_tab(page, shots):
 
 
 def test_train_tab_runs_a_tiny_training_to_the_end(page, shots):
+    """Train from the lesson preset: the form shows its values (never "0: the preset's"); only the steps and the
+    evaluation are shortened here. The curves show the held-out pair accuracy's panel."""
+    from hanorec.presets import form_defaults
+
     open_tab(page, "Train")
     page.get_by_role("combobox", name="Stage", exact=True).click()
     page.get_by_role("option", name="HaNo-DPO", exact=True).click()  # SFT then HaNo-DPO in one run
+    # the stage's own learning rate from the preset replaces SFT's, and HaNo-DPO's HaRS knobs appear
+    page.locator("#train-hars-temperature").wait_for(state="visible", timeout=30_000)
+    page.wait_for_function(f"() => Number(document.querySelector('#train-lr input').value) === {form_defaults()['pref_lr']}",
+                           timeout=30_000)  # fmt: skip
     page.get_by_label("max steps (empty: epochs)", exact=True).fill("2")
     page.get_by_label("evaluation prompts (empty: all)", exact=True).fill("2")
     page.locator("#train-launch").click()
@@ -138,6 +147,8 @@ def test_train_tab_runs_a_tiny_training_to_the_end(page, shots):
     page.get_by_text("users have a test prompt").wait_for(timeout=60_000)
     open_tab(page, "Train")
     page.locator("#train-status").get_by_text("finished").wait_for(timeout=TRAIN_TIMEOUT_MS)
+    page.locator("#train-curves").get_by_text("eval/pair_accuracy").first.wait_for(timeout=30_000)
+    page.locator("#train-curves").get_by_text("kl/reference").first.wait_for(timeout=30_000)
     no_errors(page)
     shoot(page, shots, "train")
 
@@ -206,6 +217,8 @@ def test_compare_tab_launches_a_comparison_and_reads_it(page, shots):
     page.locator("#compare-scatter .main-svg").first.wait_for(timeout=60_000)
     page.locator("#compare-forest-text").get_by_text("DPO").first.wait_for(timeout=30_000)
     assert "±" in page.locator("#compare-forest-text").inner_text()
+    page.locator("#compare-readout").get_by_text("What this means").wait_for(timeout=30_000)
+    assert "SFT" in page.locator("#compare-readout").inner_text()
     table = page.locator("#compare-table").inner_text()
     assert "chance" in table and "SFT" in table and "DPO" in table
     files = page.locator("#compare-files").inner_text()

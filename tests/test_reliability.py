@@ -579,7 +579,8 @@ def demo_app(tmp_path_factory):
 
 LAUNCH = dict(dataset=str(DEMO), backbone="tiny-llava", stage="SFT", task="hit3", sft_from="train SFT first, in this run",
               beta0=0.1, sigma=0.05, noise_target="lora", k_negatives=3, sampling="random", epochs=1, lr=0,
-              max_steps=10, eval_examples=20, log_with="none (metrics.jsonl only)", seed=0, name="")  # fmt: skip
+              max_steps=10, eval_examples=20, log_with="none (metrics.jsonl only)", seed=0, name="", hars_k=10,
+              hars_temperature=1.0)  # fmt: skip
 
 
 def _launch_values(owner="", **changes) -> list:

@@ -16,7 +16,7 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from app.common import TASKS, number_field, owner_state, owner_token, user_errors
-from hanorec import report, runs
+from hanorec import presets, report, runs
 from hanorec.jobs import COMPARE, COMPARE_LIMITS, comparison_request
 
 TRAIN_SFT = "train SFT for each seed"
@@ -36,10 +36,34 @@ def _num(value):
     return None if value in (None, "") or value == 0 else value
 
 
+def preset_note() -> str:
+    """What the lesson preset (configs/lab.yaml, the Train tab's too) fixes beside the fields shown."""
+    d = presets.form_defaults()
+    return (
+        f"From the lesson preset `configs/lab.yaml`, the Train tab's too: SFT learning rate {d['sft_lr']:g} at batch "
+        f"{d['sft_batch']}, preference batch {d['pref_batch']}, backbone `{d['model']}`; the fields below start "
+        "at its values."
+    )
+
+
 # ---- launching -----------------------------------------------------------------------------------
+DEMO_PREFIX = "demo:"  # the shipped demo runs (assets/demo_runs): their SFT models are read, never written
+
+
 def sft_choices(ctx) -> list[str]:
-    infos = runs.list_runs(ctx.runs_dir, with_metrics=False)
-    return [TRAIN_SFT] + [i.name for i in infos if "sft" in i.stages and runs.latest_checkpoint(i.path / "sft")]
+    """Train SFT per seed, or a finished run's SFT model: the runs folder's, then the shipped demo runs'."""
+    def with_sft(root, prefix=""):
+        infos = runs.list_runs(root, with_metrics=False) if root is not None else []
+        return [prefix + i.name for i in infos if "sft" in i.stages and runs.latest_checkpoint(i.path / "sft")]
+
+    return [TRAIN_SFT, *with_sft(ctx.runs_dir), *with_sft(getattr(ctx, "demo_runs_dir", None), DEMO_PREFIX)]
+
+
+def _sft_path(ctx, name: str) -> Path:
+    demo = getattr(ctx, "demo_runs_dir", None)
+    if name.startswith(DEMO_PREFIX) and demo is not None:
+        return ctx.resolve_path(str(Path(demo) / name[len(DEMO_PREFIX):]))
+    return ctx.resolve_path(str(Path(ctx.runs_dir) / name))
 
 
 def compare_jobs(ctx) -> list[str]:
@@ -80,7 +104,7 @@ def launch(ctx, dataset, task, sft_from, methods, seeds, sft_steps, pref_steps, 
     token = None if owner is None else owner_token(owner)
     sft_run = None
     if sft_from and sft_from != TRAIN_SFT:
-        sft_run = str(ctx.resolve_path(str(Path(ctx.runs_dir) / sft_from)))
+        sft_run = str(_sft_path(ctx, sft_from))
     data = str(ctx.resolve_path(dataset)) if dataset else None
     with user_errors():
         over, args, base = comparison_request(
@@ -89,7 +113,12 @@ def launch(ctx, dataset, task, sft_from, methods, seeds, sft_steps, pref_steps, 
             sigma=_num(sigma), catalogue_items=_num(catalogue_items), eval_examples=_num(eval_examples),
             extra=extra or None, limits=COMPARE_LIMITS[bool(getattr(ctx, "demo", False))],
         )  # fmt: skip
-        job = ctx.jobs.submit(over, stage=COMPARE, config=base, args=args, owner=token)
+        if sft_run and data:  # the SFT run's dataset, checked to be the chosen one: named as the app resolved it
+            over["data"] = {**over.get("data", {}), "path": data}
+        if not eval_examples:  # 0 = every test prompt, whatever the preset evaluates
+            over["task"] = {**over.get("task", {}), "max_eval_examples": None}
+        # one source of truth: a comparison trained here starts from the Train tab's lesson preset
+        job = ctx.jobs.submit(over, stage=COMPARE, config=base or presets.lab_path(), args=args, owner=token)
         st = ctx.jobs.status(job)
     return gr.update(choices=compare_jobs(ctx), value=job), status_text(st), token
 
@@ -222,14 +251,18 @@ def forest_figure(rows: list[dict], reference: str, metric: str) -> go.Figure:
 
 
 def show_forest(ctx, folder, reference, metric):
+    """The forest plot, its table, and the readouts: what the result means, one sentence each (a model below
+    chance, a method identical to the reference on every user, each difference or the size it rules out)."""
     if not (folder and reference and metric):
-        return go.Figure(), ""
+        return go.Figure(), "", ""
     result = load(ctx, folder)
     with user_errors():
         rows = report.forest(result, reference, metric)
+        said = report.readouts(result, reference, metric)
     lines = [f"| method | {metric} vs {reference} |", "|---|---:|"]
     lines += [f"| {r['method']} | {report.format_difference(r)} |" for r in rows]
-    return forest_figure(rows, reference, metric), "\n".join(lines)
+    readout = "**What this means**\n\n" + "\n".join(f"- {line}" for line in said) if said else ""
+    return forest_figure(rows, reference, metric), "\n".join(lines), readout
 
 
 def show_scatter(ctx, folder, metric, a, b):
@@ -270,18 +303,23 @@ def build(ctx) -> None:
                                label="Methods (the registry's rows)", elem_id="compare-methods")  # fmt: skip
     knobs = gr.Markdown(knob_note(DEFAULT_METHODS), elem_id="compare-knobs")
     caps = COMPARE_LIMITS[bool(getattr(ctx, "demo", False))]  # every number: one sentence when out of range
+    d = presets.form_defaults()
     with gr.Accordion("Hyperparameters (shared by every method)", open=True):
+        gr.Markdown(preset_note(), elem_id="compare-preset")
         with gr.Row():
-            sft_steps = number_field(30, precision=0, label="SFT max steps", minimum=1, maximum=caps.steps)
-            pref_steps = number_field(30, precision=0, label="preference max steps", minimum=1, maximum=caps.steps)
-            beta = number_field(0, label="beta (0: the preset's)", minimum=0, maximum=1000)
-            lr = number_field(0, label="preference learning rate (0: the preset's)", minimum=0, maximum=10)
-            sigma = number_field(0.05, label="NoDO sigma (methods with NoDO)", minimum=0, maximum=100)
+            sft_steps = number_field(d["sft_max_steps"], precision=0, label="SFT max steps", minimum=1,
+                                     maximum=caps.steps)
+            pref_steps = number_field(d["pref_max_steps"], precision=0, label="preference max steps", minimum=1,
+                                      maximum=caps.steps)
+            beta = number_field(d["beta"], label="beta", minimum=0, maximum=1000)
+            lr = number_field(d["pref_lr"], label="preference learning rate", minimum=0, maximum=10)
+            sigma = number_field(d["noise_sigma"], label="NoDO sigma (methods with NoDO)", minimum=0, maximum=100)
         with gr.Row():
-            catalogue_items = number_field(0, precision=0, label="catalogue items (0: every unseen item)", minimum=0,
+            catalogue_items = number_field(d["catalogue_items"] or 0, precision=0,
+                                           label="catalogue items (0: every unseen item)", minimum=0,
                                            maximum=caps.catalogue_items)  # fmt: skip
-            eval_examples = number_field(0, precision=0, label="test prompts (0: all)", minimum=0,
-                                         maximum=caps.eval_examples)  # fmt: skip
+            eval_examples = number_field(d["eval_examples"] or 0, precision=0, label="test prompts (0: all)",
+                                         minimum=0, maximum=caps.eval_examples)  # fmt: skip
             extra = gr.Textbox(label="more overrides, e.g. --pref.options.epsilon=0.2", scale=2)
     launch_btn = gr.Button("Launch comparison in background", variant="primary", elem_id="compare-launch")
     with gr.Row():
@@ -304,6 +342,7 @@ def build(ctx) -> None:
         reference = gr.Dropdown([], label="Reference", scale=1, elem_id="compare-reference")
         metric = gr.Dropdown([], label="Metric", scale=1, elem_id="compare-metric")
     forest = gr.Plot(label="Paired differences against the reference", elem_id="compare-forest")
+    readout = gr.Markdown(elem_id="compare-readout")
     forest_text = gr.Markdown(elem_id="compare-forest-text")
     with gr.Row():
         method_a = gr.Dropdown([], label="Method A (y)", scale=1)
@@ -328,10 +367,10 @@ def build(ctx) -> None:
     refresh_btn.click(refresh, None, [folder, sft_from, job], api_name="compare_refresh")
     opened = open_btn.click(partial(open_folder, ctx), [folder],
                             [reference, metric, method_a, method_b, table, caption, files], api_name="compare_open")
-    opened.then(partial(show_forest, ctx), [folder, reference, metric], [forest, forest_text])
+    opened.then(partial(show_forest, ctx), [folder, reference, metric], [forest, forest_text, readout])
     opened.then(partial(show_scatter, ctx), [folder, metric, method_a, method_b], scatter_plot)
     for trigger in (reference, metric):
-        trigger.input(partial(show_forest, ctx), [folder, reference, metric], [forest, forest_text],
+        trigger.input(partial(show_forest, ctx), [folder, reference, metric], [forest, forest_text, readout],
                       api_visibility="private")  # fmt: skip
     for trigger in (metric, method_a, method_b):
         trigger.input(partial(show_scatter, ctx), [folder, metric, method_a, method_b], scatter_plot,

@@ -40,6 +40,7 @@ def open_dataset_steps(ctx, dataset: str, task: str):
     """The page's open, in two steps: first the users with a test prompt and the summary (the first user is
     shown while the rest is counted), then the statistics and figures (counted once per dataset fingerprint,
     kept on disk under the runs folder: another app process reads them instead of counting again)."""
+    from hanorec.data import planted_sentences
     from hanorec.explore import dataset_stats
 
     data = ctx.prepared(dataset, task)
@@ -49,6 +50,7 @@ def open_dataset_steps(ctx, dataset: str, task: str):
         summary += " Text only: no item has an image, so prompts carry no images."
     if len(users) > MAX_USER_CHOICES:
         summary += f" The list shows the first {MAX_USER_CHOICES:,}; type any other user id."
+    summary += "".join(f"\n\n- {line}" for line in planted_sentences(data.dataset))  # demo logic, scenario
     pick = gr.update(choices=users[:MAX_USER_CHOICES], value=users[0] if users else None)
     empty = pd.DataFrame([], columns=["statistic", "value"])
     yield pick, summary + " Counting the statistics…", empty, None, None, None

@@ -30,6 +30,7 @@ from app.common import (
 from hanorec import methods
 
 SAMPLING = ("random", "embedding")
+FALSE_NEGATIVE = "false negatives"  # ✗ per rejected item of the true item's own colour and genre
 STATS_COLUMNS = ["pair", "user", "lambda", "beta", "reward_margin", "accurate", "chosen_reward", "rejected_reward"]
 
 
@@ -46,10 +47,13 @@ def _setup(ctx, dataset, task, model):
         data = ctx.prepared(dataset, task)
         emb_source = source
     else:
+        from hanorec.runs import sft_run_of
+
         run, _, stage = source.rpartition("::")
         cfg = ctx.model(source, dataset, task)[1] or ctx.config(dataset, task)
         data = ctx.prepared_for(cfg)
-        emb_source = f"{run}::sft"
+        # the SFT model the stage was trained on, in this run or in the run it took its SFT from
+        emb_source = f"{sft_run_of(ctx.resolve_path(run), stage)}::sft"
     bundle, _ = ctx.model(emb_source, dataset, task)
 
     def build():
@@ -81,8 +85,10 @@ def _pairs(ctx, dataset, task, model, k, temperature, sampling, seed):
 
 # ---- handlers -----------------------------------------------------------------------------------
 def compute(ctx, dataset, task, model, k, temperature, sampling, seed):
-    """lambda and beta of every training pair; the distribution and its spread in numbers."""
-    from hanorec.explore import spread
+    """lambda and beta of every training pair; the distribution and its spread in numbers; in a demo dataset,
+    which rejected items are false negatives (the true item's own colour and genre: what a teaching scenario
+    plants), and whether lambda finds them."""
+    from hanorec.explore import false_negative_summary, same_taste_negatives, spread
 
     cfg, data, _, pairs, pt = _pairs(ctx, dataset, task, model, k, temperature, sampling, seed)
     lam = pt["lambda"].tolist()
@@ -95,12 +101,19 @@ def compute(ctx, dataset, task, model, k, temperature, sampling, seed):
         f"beta = beta0 x lambda spans {cfg.pref.beta * s['min']:.5f} to {cfg.pref.beta * s['max']:.5f}; "
         "training also multiplies it by the batch responsiveness eta (see the run's metrics)." + beyond
     )
+    marks = same_taste_negatives(pairs, data.dataset)
+    planted = data.dataset.scenario.get("false_negatives", 0.0)
+    if marks is not None and (note := false_negative_summary(lam, marks, planted)):
+        text += f"\n\n{note} The column *{FALSE_NEGATIVE}* marks each such rejected item with ✗."
     users = sorted(set(pt["user"]))
     table = pt[["pair", "user", "distance", "lambda", "beta"]].rename(columns={"distance": "D"})
     table = table.astype({"D": float, "lambda": float})
     table["beta"] = (cfg.pref.beta * table["lambda"]).clip(lower=1e-6)  # beta0 x lambda in float64, as training
+    if marks is not None:  # a demo dataset: which rejected items share the true item's colour and genre
+        table[FALSE_NEGATIVE] = ["✗ " * m if m else "" for m in marks]
     table = table.round(6)
-    return text, lambda_figure(lam), table, gr.update(choices=users, value=users[0] if users else None)
+    fig = lambda_figure(lam, marks if planted else None)
+    return text, fig, table, gr.update(choices=users, value=users[0] if users else None)
 
 
 def pair_view(ctx, dataset, task, model, k, temperature, sampling, seed, user):
@@ -179,7 +192,8 @@ def score_pairs(ctx, dataset, task, model, progress=gr.Progress()):
     with user_errors("scoring the training pairs"):
         pairs = training_pairs(cfg, data, index.ids, index.embeddings)
         hard = methods.uses_hardness(cfg.pref)
-        lam = pairs_table(pairs, index, k=_k(index, cfg.pref.hardness_k))["lambda"].tolist() if hard else [1.0] * len(pairs)
+        temperature = getattr(cfg.pref, "hars_temperature", 1.0)  # what training computed lambda with
+        lam = pairs_table(pairs, index, k=_k(index, cfg.pref.hardness_k), temperature=temperature)["lambda"].tolist() if hard else [1.0] * len(pairs)
         progress(0, desc="scoring pairs")
         rows = pair_stats(
             bundle, data.dataset, pairs, lam, beta0=cfg.pref.beta,
@@ -277,8 +291,17 @@ def select_pair(evt: gr.SelectData):
 
 
 # ---- figures ------------------------------------------------------------------------------------
-def lambda_figure(lam) -> go.Figure:
-    fig = go.Figure(go.Histogram(x=lam, nbinsx=40, marker_color="#4c78a8"))
+def lambda_figure(lam, marks=None) -> go.Figure:
+    """lambda's histogram; with ``marks`` (false negatives per pair, a false-negatives scenario), the pairs
+    holding one stacked in their own colour, so a student sees where lambda puts them."""
+    if marks is None:
+        fig = go.Figure(go.Histogram(x=lam, nbinsx=40, marker_color="#4c78a8"))
+    else:
+        fig = go.Figure()
+        for fn, color, name in ((False, "#4c78a8", "other pairs"), (True, "#e45756", "with a false negative")):
+            fig.add_trace(go.Histogram(x=[v for v, m in zip(lam, marks) if (m > 0) == fn], nbinsx=40, name=name,
+                                       marker_color=color))  # fmt: skip
+        fig.update_layout(barmode="stack")
     fig.add_vline(x=1.0, line_dash="dot", line_color="grey", annotation_text="lambda = 1 (DPO)")
     fig.update_layout(
         title="lambda over the training pairs (x axis zoomed to the data)", xaxis_title="lambda", yaxis_title="pairs",

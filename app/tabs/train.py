@@ -16,9 +16,18 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from app.common import USER_ERRORS, download_buttons, number, number_field, owner_state, owner_token
+from app.common import (
+    USER_ERRORS,
+    download_buttons,
+    number,
+    number_field,
+    owner_state,
+    owner_token,
+    slider_field,
+)
+from hanorec import curves as C
 from hanorec import logkeys as K
-from hanorec import methods, runs
+from hanorec import methods, presets, report, runs
 from hanorec.backbones import tiny_presets
 from hanorec.jobs import JobError, available_trackers, stages
 
@@ -26,19 +35,13 @@ PRESETS = tiny_presets()  # one per family, the paper's first
 TASKS = ("hit3", "hit1", "next1")
 FROM_SCRATCH = "train SFT first, in this run"
 NO_TRACKER = "none (metrics.jsonl only)"
-# A launch from the app finishes in about a minute on 2 CPU cores with a tiny preset: few steps, small
-# evaluation; the rest is the tiny CPU preset (configs/tiny-cpu.yaml).
-QUICK = {
-    "model": {"tiny_hidden_size": 128, "tiny_layers": 2},
-    "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "modules_to_save": ["embed_tokens", "lm_head"]},
-    "sft": {"lr": 2e-3, "batch_size": 4, "grad_accum": 1, "log_every": 1, "progress_bar": False},
-    "pref": {"batch_size": 4, "grad_accum": 1, "log_every": 1, "progress_bar": False},
-    "eval": {"batch_size": 14, "baselines": ["random", "popularity"]},
-}
-CURVES = list(K.CURVES)
+# A launch with a tiny backbone starts from the lesson preset (configs/lab.yaml through hanorec.presets, the
+# Compare tab's too): the form opens on its values and its fields override them.
 STAGE_COLORS = ["#636efa", "#ef553b", "#00cc96", "#ab63fa"]
 JOB_COLUMNS = ["job", "stage", "state", "queue position", "progress", "message"]
-RUN_COLUMNS = ["run", "stage", "status", "steps", "final loss", "reward margin", "reward acc.", "eval"]
+RUN_COLUMNS = ["run", "stage", "status", "steps", "final loss", "reward margin", "pair acc. (held-out)", "readout",
+               "eval"]  # fmt: skip
+X_AXES = {"step": "step", "wall time (s)": "time"}
 
 
 @contextmanager
@@ -56,13 +59,39 @@ def _errors():
 # The launch form's fields, in the order of its widgets (build) and of the /train_launch API's arguments;
 # each method option's widget follows them, named "<method>.<knob>" (option_fields).
 FORM_FIELDS = ("dataset", "backbone", "stage", "task", "sft_from", "beta0", "sigma", "noise_target", "k_negatives",
-               "sampling", "epochs", "lr", "max_steps", "eval_examples", "log_with", "seed", "name", "addons")  # fmt: skip
+               "sampling", "epochs", "lr", "max_steps", "eval_examples", "log_with", "seed", "name", "addons",
+               "hars_k", "hars_temperature")  # fmt: skip
 ADDONS = ("HaRS", "NoDO")  # on a method other than HaNo-DPO: beyond the paper
 
 
 def option_fields() -> list[str]:
     """One form field per registered method's own knob (pref.options), "<method>.<knob>"."""
     return [f"{m.name}.{k.name}" for m in methods.all_methods() for k in methods.option_knobs(m)]
+
+
+def base_config(backbone: str):
+    """The config file a launch starts from: the lesson preset for a tiny backbone, None (the package's
+    defaults) for a real checkpoint, which must not get the tiny model's LoRA settings."""
+    return presets.lab_path() if backbone.startswith("tiny-") else None
+
+
+def uses_hars(stage: str, addons=None) -> bool:
+    """Whether the stage's method computes HaRS' lambda: HaNo-DPO's own (not its w/o HaRS ablation), or the
+    HaRS add-on picked on a method that takes it."""
+    if stage == "SFT":
+        return False
+    row = methods.variant_of(stage)
+    m = methods.get(row["method"])
+    if m.hars == "builtin":
+        return row.get("hardness", True) is not False
+    return m.hars == "addon" and "HaRS" in (addons or [])
+
+
+def hars_note(k, temperature) -> str:
+    """'' at the paper's K = 10 and T = 1, else the words that label the setting beyond the paper."""
+    from hanorec.hardness import beyond_paper_note
+
+    return beyond_paper_note(int(k), float(temperature)) if k and temperature else ""
 
 
 def form_overrides(
@@ -84,12 +113,18 @@ def form_overrides(
     seed: int = 0,
     options: dict | None = None,
     addons: list | None = None,
+    hars_k: int | None = None,
+    hars_temperature: float | None = None,
 ) -> dict:
-    """The form's values as config overrides (the variant's own fields are added by JobManager.submit).
+    """The form's values as config overrides on :func:`base_config` (the variant's own fields are added by
+    JobManager.submit).
 
     Only the knobs the stage's method reads are written: K for a method taking K rejected completions, the
     NoDO target where the row does not fix it (or where the NoDO add-on is picked), HaRS where picked and
-    the method takes it (pref.hars), and the method's own options ("<method>.<knob>" keys)."""
+    the method takes it (pref.hars) with its K neighbours and profile temperature, and the method's own
+    options ("<method>.<knob>" keys)."""
+    from hanorec.config import load_config
+
     over: dict = {
         "seed": int(seed),
         "data": {"path": data_path},
@@ -98,8 +133,6 @@ def form_overrides(
         "sft": {"epochs": epochs, "max_steps": int(max_steps) if max_steps else None},
         "pref": {"epochs": epochs, "max_steps": int(max_steps) if max_steps else None, "beta": beta0},
     }
-    if backbone.startswith("tiny-"):
-        over = _merge(QUICK, over)
     if stage != "SFT":
         row = methods.variant_of(stage)
         method = methods.get(row["method"])
@@ -110,13 +143,19 @@ def form_overrides(
             pref["noise_target"] = noise_target if noise_target != "none" else "lora"
         if "HaRS" in (addons or []) and method.hars == "addon":
             pref["hars"] = True
+        if uses_hars(stage, addons):
+            if hars_k:
+                pref["hardness_k"] = int(hars_k)
+            if hars_temperature:
+                pref["hars_temperature"] = float(hars_temperature)
         if method.k_rejected:
             pref["k_negatives"] = int(k_negatives)
         own = {k.name: (options or {}).get(f"{method.name}.{k.name}") for k in methods.option_knobs(method)}
         if any(v is not None for v in own.values()):
             pref["options"] = {k: v for k, v in own.items() if v is not None}
         if max_steps:
-            pref["max_pairs"] = int(max_steps) * over["pref"].get("batch_size", 4)
+            base = load_config(base_config(backbone)).pref
+            pref["max_pairs"] = int(max_steps) * base.batch_size * base.grad_accum
         over["pref"].update(pref)
     if lr:
         over["sft" if stage == "SFT" else "pref"]["lr"] = float(lr)
@@ -157,6 +196,8 @@ def checked_numbers(ctx, f: dict) -> dict:
         eval_examples=dict(label="evaluation prompts", integer=True, minimum=1, maximum=eval_cap or 2**31 - 1,
                            optional=eval_cap is None),
         seed=dict(label="seed", integer=True, minimum=0, maximum=2**32 - 1),
+        hars_k=dict(label="HaRS K neighbours", integer=True, minimum=1, maximum=100_000, optional=True),
+        hars_temperature=dict(label="HaRS profile temperature", minimum=1e-3, maximum=100, optional=True),
     )  # fmt: skip
     return {key: number(f[key], **rule) for key, rule in rules.items() if key in f}
 
@@ -195,22 +236,36 @@ def launch_form(ctx, form: dict):
     model = backbone_name(ctx, f["backbone"])
     sft_run = None
     if f["sft_from"] and f["sft_from"] != FROM_SCRATCH and stage != "SFT":
-        sft_run = str(ctx.resolve_path(str(Path(ctx.runs_dir) / f["sft_from"])))
+        sft_run = str(_run_path(ctx, str(f["sft_from"])))
+        with _errors():
+            runs.check_sft_dataset(sft_run, data_path)  # its tokenizer, items and users are its dataset's
     named = ("beta0", "sigma", "noise_target", "k_negatives", "sampling", "epochs", "lr", "max_steps",
-             "eval_examples", "log_with", "seed", "addons")  # fmt: skip
+             "eval_examples", "log_with", "seed", "addons", "hars_k", "hars_temperature")  # fmt: skip
     options = {key: f[key] for key in option_fields() if key in f}
     over = form_overrides(data_path, model, stage, task, options=options, **{key: f[key] for key in named if key in f})
+    if sft_run is None:  # SFT trained first in this run, whatever SFT run the preset names
+        over["pref"]["sft_run"] = None
     with _errors():
-        job = ctx.jobs.submit(over, stage=stage, name=(f["name"] or "").strip() or None, sft_run=sft_run, owner=token)
+        job = ctx.jobs.submit(over, stage=stage, config=base_config(model), name=(f["name"] or "").strip() or None,
+                              sft_run=sft_run, owner=token)  # fmt: skip
         status = ctx.jobs.status(job)
     return gr.update(choices=job_choices(ctx), value=job), status_text(status), token
 
 
 def method_view(stage: str):
-    """When a stage is picked: its method's one-line loss and paper, and only the knobs it reads."""
+    """When a stage is picked: its method's one-line loss and paper, and only the knobs it reads (HaRS' K and
+    profile temperature where the method computes lambda), then the stage's learning rate and steps from the
+    lesson preset."""
+    d = presets.form_defaults()
+    stage_values = (
+        gr.update(value=d["sft_lr"] if stage == "SFT" else d["pref_lr"]),
+        gr.update(value=d["sft_max_steps"] if stage == "SFT" else d["pref_max_steps"]),
+    )
     if stage == "SFT":
         text = "**SFT**: mean token NLL of the answer (method.md section 5)."
-        return (text, *[gr.update(visible=False)] * 5, *[gr.update(visible=False) for _ in option_fields()])
+        hidden = gr.update(visible=False)
+        return (text, *[hidden] * 5, *[gr.update(visible=False) for _ in option_fields()], hidden, hidden,
+                *stage_values)  # fmt: skip
     row = methods.variant_of(stage)
     m = methods.get(row["method"])
     text = f"**{stage}** (`--pref.method={m.name}`): `{m.equation}`. {m.paper}."
@@ -221,6 +276,12 @@ def method_view(stage: str):
     addons = [a for a in ADDONS if (a == "HaRS" and m.hars == "addon") or (a == "NoDO" and not nodo)]
     if stage != m.label:  # an ablation is defined by what it leaves out
         addons = []
+    hars = uses_hars(stage) or "HaRS" in addons
+    if hars:
+        text += (
+            " HaRS: lambda from each pair's neighbour profiles (K and the profile temperature below; the paper's "
+            "K = 10, T = 1 give lambda close to 1 at this scale, a lower temperature widens it, beyond the paper)."
+        )
     return (
         text,
         gr.update(visible=any(k.name == "beta" for k in m.knobs)),
@@ -229,7 +290,20 @@ def method_view(stage: str):
         gr.update(visible=m.k_rejected),
         gr.update(visible=bool(addons), choices=addons, value=[]),
         *[gr.update(visible=key in own) for key in option_fields()],
+        gr.update(visible=hars),
+        gr.update(visible=hars),
+        *stage_values,
     )
+
+
+def hars_label(k, temperature) -> str:
+    """Under the HaRS fields: 'the paper's setting', or what is beyond it."""
+    try:
+        note = hars_note(number(k, "HaRS K neighbours", integer=True, minimum=1),
+                         number(temperature, "HaRS profile temperature", minimum=1e-3))  # fmt: skip
+    except gr.Error as e:
+        return str(e)
+    return f"**{note}**" if note else "HaRS at the paper's setting (K = 10, temperature 1)."
 
 
 # ---- watching ------------------------------------------------------------------------------------
@@ -243,17 +317,30 @@ def current_job(ctx) -> str | None:
     return jobs[0].job_id if jobs else None
 
 
-def poll(ctx, job_id):
-    """The timer's refresh: status line, progress bar, live curves, log tail and the queue."""
+def poll(ctx, job_id, x_axis: str = "step", smoothing: float = C.DEFAULT_SMOOTHING):
+    """The timer's refresh: status line, progress bar, live curves (against the step or the wall time, raw
+    and smoothed), log tail and the queue."""
     jobs = ctx.jobs.jobs()
     table = jobs_table(jobs)
+    x, w = _curve_settings(x_axis, smoothing)
     if not job_id:
-        return "No run selected: launch one above.", progress_html(None), curves_figure([]), "", table
+        return "No run selected: launch one above.", progress_html(None), curves_figure([], x, w), "", table
     try:
         st = ctx.jobs.status(job_id)
     except (JobError, OSError, ValueError) as e:  # a damaged or vanished job: say so, keep the page working
-        return f"**{job_id}** · {e}", progress_html(None), curves_figure([]), "", table
-    return status_text(st), progress_html(st), curves_figure(runs.read_metrics(st.run_dir)), st.log_tail, table
+        return f"**{job_id}** · {e}", progress_html(None), curves_figure([], x, w), "", table
+    rows = runs.read_metrics(st.run_dir)
+    note = curves_note(rows)
+    return status_text(st) + (f"\n\n{note}" if note else ""), progress_html(st), curves_figure(rows, x, w), st.log_tail, table
+
+
+def _curve_settings(x_axis, smoothing) -> tuple[str, float]:
+    """The x axis ("step" or "time") and the EMA weight from the page's radio and slider, one sentence if bad."""
+    x = X_AXES.get(x_axis, x_axis if x_axis in X_AXES.values() else None)
+    if x is None:
+        raise gr.Error(f"x axis {str(x_axis)[:40]!r}: use one of {list(X_AXES)}.")
+    w = number(smoothing, "smoothing", minimum=0, maximum=0.99)
+    return x, w
 
 
 def stop(ctx, job_id, owner=None):
@@ -293,8 +380,24 @@ def page_load(ctx):
         gr.update(choices=job_choices(ctx), value=job),
         table,
         gr.update(choices=names, value=first),
-        gr.update(choices=[FROM_SCRATCH, *sft_runs], value=FROM_SCRATCH),
+        gr.update(choices=[FROM_SCRATCH, *sft_runs], value=preset_sft_source(ctx, sft_runs)),
     )
+
+
+def preset_sft_source(ctx, sft_runs: list[str]) -> str:
+    """The SFT source the form opens on: the run the lesson preset's pref.sft_run names when it is listed
+    (a shipped teaching SFT model), else training SFT first."""
+    named = presets.form_defaults().get("sft_run")
+    if not named:
+        return FROM_SCRATCH
+    want = Path(named) if Path(named).is_absolute() else presets.LAB_PRESET.parents[1] / named
+    for name in sft_runs:
+        try:
+            if _run_path(ctx, name).resolve() == want.resolve():
+                return name
+        except gr.Error:
+            continue
+    return FROM_SCRATCH
 
 
 def status_text(st) -> str:
@@ -335,33 +438,69 @@ def jobs_table(jobs, finished_shown: int = 5) -> pd.DataFrame:
 
 
 def _last_per_step(rows: list[dict]) -> list[dict]:
-    """A resumed run may log a step twice (after a crash): keep the newest row per (stage, step)."""
-    out: dict = {}
-    for r in rows:
-        out[(r.get("stage_dir"), r.get("step"))] = r
-    return list(out.values())
+    """A resumed run may log a step twice, and the held-out evaluation logs beside a step: one merged row per
+    (stage, step), the newest values winning (hanorec.curves.merged_rows)."""
+    return C.merged_rows(rows)
 
 
-def curves_figure(rows: list[dict]) -> go.Figure:
-    """Loss, reward margin and accuracy, eta, mean beta and noise sigma against the step, one line per stage."""
-    fig = make_subplots(rows=2, cols=3, subplot_titles=[t for _, t in CURVES])
-    rows = _last_per_step(rows)
-    stages_ = list(dict.fromkeys(r.get("stage_dir") for r in rows))
+def curves_figure(rows: list[dict], x: str = "step", smoothing: float = C.DEFAULT_SMOOTHING) -> go.Figure:
+    """The curves a DPO course draws (hanorec.curves.PANELS that have points: loss, held-out pair accuracy,
+    rewards, margins, batch accuracy, log-probs, KL to the reference, lambda beside beta and eta, noise), one
+    colour per stage, the raw values faint and their moving average bold; the title carries the note on
+    NoDO's swings for a stage trained under noise."""
+    panels = C.panels(rows, x=x, smoothing=smoothing)
+    cols = 3 if len(panels) > 4 else max(1, len(panels))
+    n_rows = max(1, -(-len(panels) // cols))
+    fig = make_subplots(rows=n_rows, cols=cols, subplot_titles=[p.title for p in panels] or [""],
+                        vertical_spacing=min(0.12, 0.5 / n_rows))  # fmt: skip
+    stages_ = list(dict.fromkeys(s.stage for p in panels for s in p.series))
     shown: set = set()
-    for i, (key, _) in enumerate(CURVES):
-        for s in stages_:
-            pts = [(r["step"], r[key]) for r in rows if r.get("stage_dir") == s and key in r]
-            if pts:
-                x, y = zip(*pts)
-                color = STAGE_COLORS[stages_.index(s) % len(STAGE_COLORS)]  # one colour per stage in every panel
-                trace = go.Scatter(x=x, y=y, mode="lines+markers", name=s, legendgroup=s, showlegend=s not in shown,
-                                   line={"color": color}, marker={"color": color})  # fmt: skip
-                fig.add_trace(trace, row=i // 3 + 1, col=i % 3 + 1)
-                shown.add(s)
-    fig.update_layout(height=460, margin=dict(l=40, r=10, t=40, b=30), legend_title_text="stage")
-    if not rows:
+    for i, panel in enumerate(panels):
+        for s in panel.series:
+            color = STAGE_COLORS[stages_.index(s.stage) % len(STAGE_COLORS)]  # one colour per stage in every panel
+            dash = "dot" if len(panel.keys) > 1 and s.key == panel.keys[1] else "solid"  # rejected: dotted
+            name = s.stage if len(panel.keys) == 1 else f"{s.stage} {s.key.rsplit('/', 1)[-1]}"
+            where = dict(row=i // cols + 1, col=i % cols + 1)
+            fig.add_trace(go.Scatter(x=s.x, y=s.raw, mode="lines", name=name, legendgroup=s.stage, showlegend=False,
+                                     opacity=0.3, line={"color": color, "width": 1, "dash": dash},
+                                     hovertemplate=f"{name} (raw): %{{y:.4g}}<extra></extra>"), **where)  # fmt: skip
+            fig.add_trace(go.Scatter(x=s.x, y=s.smooth, mode="lines", name=s.stage, legendgroup=s.stage,
+                                     showlegend=s.stage not in shown, line={"color": color, "width": 2.5, "dash": dash},
+                                     hovertemplate=f"{name} (EMA {smoothing:g}): %{{y:.4g}}<extra></extra>"),
+                          **where)  # fmt: skip
+            shown.add(s.stage)
+        if not panel.series:  # a panel shown before its first point (the held-out accuracy, every few steps)
+            # an empty trace, so the browser draws the panel's axes (an axis without a trace is not drawn)
+            fig.add_trace(go.Scatter(x=[], y=[], showlegend=False, hoverinfo="skip"), row=i // cols + 1,
+                          col=i % cols + 1)  # fmt: skip
+            fig.add_annotation(text="not logged yet", showarrow=False, xref="x domain", yref="y domain", x=0.5, y=0.5,
+                               row=i // cols + 1, col=i % cols + 1)  # fmt: skip
+    noisy = [st for st in stages_ if C.noise_note(rows, st)]
+    fig.update_layout(height=max(320, 230 * n_rows + 40), margin=dict(l=40, r=10, t=60 if noisy else 40, b=30),
+                      legend=dict(orientation="h", yanchor="bottom", y=1.0 + 24 / max(320, 230 * n_rows + 40),
+                                  xanchor="right", x=1),
+                      legend_title_text="stage (bold: moving average; faint: raw; dotted: rejected)")  # fmt: skip
+    if noisy:
+        fig.update_layout(title=dict(font=dict(size=12), text=f"{', '.join(noisy)}: trained under NoDO noise, so per-step "
+                                     "rewards and margins swing; read the bold moving average"))  # fmt: skip
+    fig.update_xaxes(title_text="step" if x == "step" else "seconds since the stage began", row=n_rows)
+    if not panels:
         fig.add_annotation(text="no metrics logged yet", showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5)
     return fig
+
+
+def curves_note(rows: list[dict]) -> str:
+    """The sentences under the curves: each stage's held-out pair accuracy and, for a stage trained under
+    NoDO noise, why its margins swing."""
+    rows = C.merged_rows(rows)
+    out = []
+    for stage in dict.fromkeys(r.get("stage_dir", r.get("stage")) for r in rows):
+        acc = C.held_out_accuracy(rows, stage)
+        if acc is not None:
+            out.append(f"{stage}: held-out pair accuracy {acc:.3f} (eval/pair_accuracy, the fixed validation pairs).")
+        if note := C.noise_note(rows, stage):
+            out.append(note)
+    return "\n".join(f"- {line}" for line in out)
 
 
 # ---- past runs and comparison --------------------------------------------------------------------
@@ -388,8 +527,8 @@ def past_runs(ctx):
     infos = _all_runs(ctx)
     table = pd.DataFrame([_summary_row(i, s) for i in infos for s in i.stages or ["-"]], columns=RUN_COLUMNS)
     names = [f"{i.name}::{s}" for i in infos for s in i.stages]
-    sft_runs = [i.name for i in infos if "sft" in i.stages and runs.latest_checkpoint(i.path / "sft")
-                and not i.name.startswith(DEMO_PREFIX)]  # fmt: skip
+    # the shipped demo runs' SFT models too (read, never written: a preference run writes its own folder)
+    sft_runs = [i.name for i in infos if "sft" in i.stages and runs.latest_checkpoint(i.path / "sft")]
     return table, names, sft_runs
 
 
@@ -404,9 +543,9 @@ def jobs_signature(ctx) -> str:
     return "|".join(f"{j.job_id}:{j.state}" for j in ctx.jobs.jobs())
 
 
-def tick(ctx, job_id, last: str):
+def tick(ctx, job_id, last: str, x_axis: str = "step", smoothing: float = C.DEFAULT_SMOOTHING):
     """The timer's one request per second: the followed job's view, and the past runs when a job changed."""
-    return (*poll(ctx, job_id), *refresh_if_jobs_changed(ctx, last))
+    return (*poll(ctx, job_id, x_axis, smoothing), *refresh_if_jobs_changed(ctx, last))
 
 
 def refresh_if_jobs_changed(ctx, last: str):
@@ -428,9 +567,21 @@ def _summary_row(info, stage: str) -> list:
         last.get("step", ""),
         _fmt(last.get(K.LOSS)),
         _fmt(last.get(K.REWARD_MARGIN)),
-        _fmt(last.get(K.REWARD_ACCURACY)),
+        _fmt(C.held_out_accuracy(rows, stage)),  # the held-out pairs', not the last batch of 4's
+        " ".join(report.run_readouts(res, _sft_results(info, stage), name=info.label(stage) if stage != "-" else "")),
         _eval_text(res),
     ]
+
+
+def _sft_results(info, stage: str) -> dict | None:
+    """The results of the SFT model a preference stage started from, when that is this run's own SFT."""
+    if stage in ("-", runs.SFT_STAGE):
+        return None
+    try:
+        same = runs.sft_run_of(info.path, stage).resolve() == Path(info.path).resolve()
+    except OSError:
+        return None
+    return info.results if same else None
 
 
 def _fmt(v) -> str:
@@ -511,30 +662,42 @@ def build(ctx) -> None:
         gr.Markdown("Background runs are not available (hanorec.jobs could not be loaded).")
         return
     datasets = _dataset_choices(ctx)
+    d = presets.form_defaults()
     gr.Markdown(
         "Launch a small run in the background (it keeps running if you close the page; one run at a time, "
         "later launches wait in the queue). A preference stage starts from an SFT model: trained first in the "
-        "same run, or taken from a finished run."
+        "same run, or taken from a finished run. The form opens on the lesson preset `configs/lab.yaml` (the "
+        f"Compare tab's too): SFT batch {d['sft_batch']}, preference batch {d['pref_batch']}; each field shows "
+        "the value a launch uses."
     )
     with gr.Row():
         dataset = gr.Dropdown(datasets, value=datasets[0][1] if datasets else None, label="Dataset", scale=3)
-        backbone = gr.Dropdown(list(PRESETS), value=PRESETS[0], allow_custom_value=True, scale=2,
+        backbone = gr.Dropdown(list(PRESETS), value=d["model"] if d["model"] in PRESETS else PRESETS[0],
+                               allow_custom_value=True, scale=2,
                                label="Backbone (tiny preset, Hugging Face id, or model folder)")  # fmt: skip
         stage = gr.Dropdown(list(stages()), value="SFT", label="Stage", scale=2)
-        task = gr.Dropdown(list(TASKS), value="hit3", label="Task", scale=1)
+        task = gr.Dropdown(list(TASKS), value=d["task"] if d["task"] in TASKS else "hit3", label="Task", scale=1)
     with gr.Row():
-        sft_from = gr.Dropdown([FROM_SCRATCH], value=FROM_SCRATCH, label="SFT model for a preference stage", scale=3)
+        sft_from = gr.Dropdown([FROM_SCRATCH], value=FROM_SCRATCH, label="SFT model for a preference stage", scale=3,
+                               elem_id="train-sft-from")  # fmt: skip
         name = gr.Textbox(label="Run name (optional)", placeholder="date-stage", scale=2)
-        seed = number_field(0, precision=0, label="Seed", scale=1, minimum=0)
+        seed = number_field(d["seed"], precision=0, label="Seed", scale=1, minimum=0)
     method_md = gr.Markdown(method_view("SFT")[0], elem_id="train-method")
     with gr.Accordion("Hyperparameters", open=True):
         with gr.Row():
-            beta0 = number_field(0.1, label="beta (HaNo-DPO: beta0)", minimum=1e-6, visible=False)
-            sigma = number_field(0.05, label="noise sigma (NoDO)", minimum=0, visible=False)
-            noise_target = gr.Dropdown(["lora", "logits", "none"], value="lora", label="noise target", visible=False)
-            k_neg = number_field(3, precision=0, label="K negatives", minimum=1, visible=False)
-            sampling = gr.Dropdown(["random", "embedding"], value="random", label="negative sampling")
+            beta0 = number_field(d["beta"], label="beta (HaNo-DPO: beta0)", minimum=1e-6, visible=False)
+            sigma = number_field(d["noise_sigma"], label="noise sigma (NoDO)", minimum=0, visible=False)
+            noise_target = gr.Dropdown(["lora", "logits", "none"], value=d["noise_target"], label="noise target",
+                                       visible=False)  # fmt: skip
+            k_neg = number_field(max(3, d["k_negatives"]), precision=0, label="K negatives", minimum=1, visible=False)
+            sampling = gr.Dropdown(["random", "embedding"], value=d["negative_sampling"], label="negative sampling")
             addons = gr.CheckboxGroup(list(ADDONS), value=[], label="add-ons (beyond the paper)", visible=False)
+        with gr.Row():  # HaRS, where the stage's method computes lambda
+            hars_k = number_field(d["hardness_k"], precision=0, label="HaRS K neighbours (paper: 10)", minimum=1,
+                                  visible=False, elem_id="train-hars-k")  # fmt: skip
+            hars_t = number_field(d["hars_temperature"], label="HaRS profile temperature (paper: 1)", minimum=1e-3,
+                                  maximum=100, visible=False, elem_id="train-hars-temperature")  # fmt: skip
+            hars_text = gr.Markdown(hars_label(d["hardness_k"], d["hars_temperature"]), elem_id="train-hars-note")
         with gr.Row():  # each method's own knobs, shown when its stage is picked
             option_widgets = []
             for m in methods.all_methods():
@@ -546,12 +709,13 @@ def build(ctx) -> None:
                         option_widgets.append(number_field(knob.default, label=label, info=knob.help, visible=False,
                                                            precision=0 if knob.type is int else None))  # fmt: skip
         with gr.Row():
-            epochs = number_field(1, label="epochs", minimum=0.01)
-            lr = number_field(0, label="learning rate (0: the preset's)", minimum=0)
-            max_steps = number_field(30, precision=0, label="max steps (empty: epochs)", minimum=1,
-                                    maximum=ctx_limit(ctx, "max_steps"))
-            eval_examples = number_field(40, precision=0, label="evaluation prompts (empty: all)", minimum=1,
-                                        maximum=ctx_limit(ctx, "eval_examples"))
+            epochs = number_field(d["epochs"], label="epochs", minimum=0.01)
+            lr = number_field(d["sft_lr"], label="learning rate (of the stage launched)", minimum=0,
+                              elem_id="train-lr")  # fmt: skip
+            max_steps = number_field(d["sft_max_steps"], precision=0, label="max steps (empty: epochs)", minimum=1,
+                                     maximum=ctx_limit(ctx, "max_steps"), elem_id="train-max-steps")  # fmt: skip
+            eval_examples = number_field(d["eval_examples"], precision=0, label="evaluation prompts (empty: all)",
+                                         minimum=1, maximum=ctx_limit(ctx, "eval_examples"))  # fmt: skip
             log_with = gr.Dropdown([NO_TRACKER, *available_trackers()], value=NO_TRACKER,
                                    label="also log to (installed trackers)")  # fmt: skip
     launch_btn = gr.Button("Launch in background", variant="primary", elem_id="train-launch")
@@ -561,7 +725,11 @@ def build(ctx) -> None:
         resume_btn = gr.Button("Resume", scale=1, elem_id="train-resume")
     status = gr.Markdown(elem_id="train-status")
     bar = gr.HTML(progress_html(None), elem_id="train-progress")
-    curves = gr.Plot(label="Live curves (from the run's metrics.jsonl)")
+    with gr.Row():
+        x_axis = gr.Radio(list(X_AXES), value="step", label="x axis", scale=1, elem_id="train-x-axis")
+        smoothing = slider_field(0, 0.99, value=C.DEFAULT_SMOOTHING, step=0.01, scale=2, elem_id="train-smoothing",
+                                 label="smoothing (moving-average weight; 0 = raw)")  # fmt: skip
+    curves = gr.Plot(label="Live curves (from the run's metrics.jsonl)", elem_id="train-curves")
     with gr.Accordion("Log", open=False):
         log = gr.Textbox(lines=12, max_lines=12, label="job.log (last lines)", autoscroll=True)
     jobs = gr.Dataframe(headers=JOB_COLUMNS, interactive=False, label="Jobs (running, then the queue)")
@@ -572,7 +740,8 @@ def build(ctx) -> None:
     download_buttons(runs=past)
     with gr.Row():
         chosen = gr.Dropdown([], multiselect=True, label="Compare (run::stage)", scale=4)
-        metric = gr.Dropdown([k for k, _ in CURVES] + [K.LR], value=K.LOSS, label="metric", scale=1)
+        metric = gr.Dropdown(list(dict.fromkeys([k for _, keys in C.PANELS for k in keys] + [K.LR])), value=K.LOSS,
+                             label="metric", scale=1)  # fmt: skip
         compare_btn = gr.Button("Compare", scale=1)
     cmp_table = gr.Dataframe(headers=RUN_COLUMNS, interactive=False, label="Side by side")
     download_buttons(side_by_side=cmp_table)
@@ -591,15 +760,21 @@ def build(ctx) -> None:
     widgets = dict(dataset=dataset, backbone=backbone, stage=stage, task=task, sft_from=sft_from, beta0=beta0,
                    sigma=sigma, noise_target=noise_target, k_negatives=k_neg, sampling=sampling, epochs=epochs, lr=lr,
                    max_steps=max_steps, eval_examples=eval_examples, log_with=log_with, seed=seed, name=name,
-                   addons=addons)  # fmt: skip
+                   addons=addons, hars_k=hars_k, hars_temperature=hars_t)  # fmt: skip
     form = [widgets[f] for f in FORM_FIELDS] + option_widgets
     watched = [status, bar, curves, log, jobs]
     launch_btn.click(partial(launch, ctx), [*form, owner], [job, status, owner], api_name="train_launch")
-    stage.change(method_view, [stage], [method_md, beta0, sigma, noise_target, k_neg, addons, *option_widgets],
-                 api_name="train_method")  # fmt: skip
-    timer.tick(partial(tick, ctx), [job, seen_jobs], [*watched, past, chosen, sft_from, job, seen_jobs],
+    stage.change(method_view, [stage], [method_md, beta0, sigma, noise_target, k_neg, addons, *option_widgets, hars_k,
+                                        hars_t, lr, max_steps], api_name="train_method")  # fmt: skip
+    addons.change(lambda st, a: (gr.update(visible=uses_hars(st, a)),) * 2, [stage, addons], [hars_k, hars_t],
+                  api_visibility="private")  # fmt: skip
+    for field_ in (hars_k, hars_t):
+        field_.change(hars_label, [hars_k, hars_t], hars_text, api_visibility="private", show_progress="hidden")
+    timer.tick(partial(tick, ctx), [job, seen_jobs, x_axis, smoothing], [*watched, past, chosen, sft_from, job, seen_jobs],
                api_visibility="private", show_progress="hidden")  # fmt: skip
-    job.change(partial(poll, ctx), [job], watched, api_name="train_poll")
+    job.change(partial(poll, ctx), [job, x_axis, smoothing], watched, api_name="train_poll")
+    for control in (x_axis, smoothing):
+        control.change(partial(poll, ctx), [job, x_axis, smoothing], watched, api_visibility="private")
     stop_btn.click(partial(stop, ctx), [job, owner], status, api_name="train_stop")
     resume_btn.click(partial(resume, ctx), [job, owner], status, api_name="train_resume")
     refresh_btn.click(partial(refresh_runs, ctx), None, [past, chosen, sft_from, job], api_name="train_runs")

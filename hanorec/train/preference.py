@@ -70,6 +70,7 @@ def build_preference_items(
             ds,
             pairs,
             k=p.hardness_k,
+            temperature=getattr(p, "hars_temperature", 1.0),
             cache_dir=cache_dir,
             model_key=bundle.meta.get("sft_checkpoint", bundle.name),
             on_log=on_log,
