@@ -517,7 +517,8 @@ def build(ctx) -> None:
         "same run, or taken from a finished run."
     )
     with gr.Row():
-        dataset = gr.Dropdown(datasets, value=datasets[0][1] if datasets else None, label="Dataset", scale=3)
+        dataset = ctx.path_menu(gr.Dropdown(datasets, value=datasets[0][1] if datasets else None, label="Dataset",
+                                                scale=3))  # fmt: skip
         backbone = gr.Dropdown(list(PRESETS), value=PRESETS[0], allow_custom_value=True, scale=2,
                                label="Backbone (tiny preset, Hugging Face id, or model folder)")  # fmt: skip
         stage = gr.Dropdown(list(stages()), value="SFT", label="Stage", scale=2)
