@@ -262,8 +262,87 @@ class AppContext:
         return DEMO_LIMITS.get(name, default) if self.demo else default
 
     # ---- paths -----------------------------------------------------------------------------
+    def roots(self) -> list[tuple[str, Path]]:
+        """(public name, folder) of every allowed folder: `runs` for the runs folder, `demo_runs` for the
+        shipped runs, each data folder by its own name (`name-2`, `name-3`... when a name is taken). A menu
+        value names a path by these (public_path), never by the server's absolute path."""
+        out: list[tuple[str, Path]] = []
+        named = [("runs", self.runs_dir), *[("demo_runs", d) for d in self._demo_dirs()]]
+        named += [(Path(d).name, d) for d in self.data_dirs]
+        for name, folder in named:
+            if folder is None:
+                continue
+            folder = Path(folder).resolve()
+            if any(folder == f for _, f in out):
+                continue
+            name = name.replace("::", "_").strip() or "data"
+            alias, n = name, 1
+            while any(alias == a for a, _ in out):
+                n += 1
+                alias = f"{name}-{n}"
+            out.append((alias, folder))
+        return out
+
+    def public_path(self, path) -> str:
+        """The public name of a path inside an allowed folder, "<folder's public name>/<relative part>" (see
+        roots): what a menu shows and sends back; resolve_path reads it. A path outside every folder (never
+        listed by the app) becomes ".../<its last component>", still no absolute path of this machine."""
+        path = Path(path)
+        path = path if path.is_absolute() else Path(os.path.abspath(path))
+        for candidate in dict.fromkeys([path, path.resolve()]):
+            inside = [(a, f) for a, f in self.roots() if candidate == f or f in candidate.parents]
+            if inside:  # the innermost folder (a data folder may lie inside another)
+                alias, folder = max(inside, key=lambda af: len(af[1].parts))
+                rel = candidate.relative_to(folder).as_posix()
+                return alias if rel == "." else f"{alias}/{rel}"
+        return f".../{path.name}"
+
+    def public_text(self, text: str) -> str:
+        """text with every absolute path in it named by public_path's names (hanorec.paths.redact)."""
+        from hanorec.paths import redact
+
+        return redact(text, {str(folder): alias for alias, folder in self.roots()})
+
+    def path_menu(self, dropdown: gr.Dropdown) -> gr.Dropdown:
+        """A dataset or model picker whose values are public names (public_path) that also takes what a name
+        stands for from an API caller: a path (a model: "<path>::<stage>") that resolve_path confines is read
+        as its public name before Gradio checks it is one of the choices, so exactly the listed datasets and
+        models are taken, however they are spelled. (The instance's preprocess is replaced, as number_field
+        does.)"""
+        check = dropdown.preprocess
+
+        def preprocess(payload):
+            if isinstance(payload, str) and payload not in [v for _, v in dropdown.choices]:
+                payload = self.public_value(payload)
+            return check(payload)
+
+        dropdown.preprocess = preprocess
+        return dropdown
+
+    def public_value(self, value: str) -> str:
+        """A dataset value ("<path>") or a run's model value ("<path>::<stage>") with its path as its public
+        name, when the path is confined (resolve_path); anything else as it came (the picker refuses it)."""
+        run, sep, stage = value.rpartition("::") if "::" in value else (value, "", "")
+        try:
+            return self.public_path(self.resolve_path(run)) + sep + stage
+        except gr.Error:
+            return value
+
+    def _from_public(self, text) -> str | None:
+        """The absolute path a public name stands for (not yet checked: resolve_path confines it), or None
+        when the text does not start with a folder's public name."""
+        if not isinstance(text, str) or "\x00" in text:
+            return None
+        head, _, rest = text.strip().partition("/")
+        for alias, folder in self.roots():
+            if head == alias:
+                return str(folder / rest) if rest else str(folder)
+        return None
+
     def resolve_path(self, user_text: str, *, must_exist: bool = True) -> Path:
-        """The typed path confined to the data folders and the runs folder, else gr.Error (one sentence).
+        """A menu's public name (public_path) or a typed path, confined to the data folders and the runs
+        folder, else gr.Error (one sentence). A public name is read first; any other text (a relative path,
+        an absolute path inside the folders) goes through hanorec.paths.confine as typed.
 
         An existing path that passed is remembered for RESOLVED_TTL seconds (every view and draw names its
         dataset and model again; resolving each component costs milliseconds under a classroom's load): a
@@ -273,10 +352,18 @@ class AppContext:
             hit = self._resolved.get(key)
             if hit is not None and time.monotonic() - hit[0] < RESOLVED_TTL and _identity(hit[1]) == hit[2]:
                 return hit[1]  # the same file as before: not removed, not swapped for a link (lstat's inode)
+        allowed = [*self.data_dirs, self.runs_dir, *self._demo_dirs()]
+        public = self._from_public(user_text)
         try:
-            path = confine(user_text, [*self.data_dirs, self.runs_dir, *self._demo_dirs()], must_exist=must_exist)
-        except PathError as e:
-            raise gr.Error(str(e)) from None
+            if public is not None and (not must_exist or os.path.lexists(public)):
+                try:  # the same checks as a typed path ('..', links leading outside, loops...)
+                    path = confine(public, allowed, must_exist=must_exist)
+                except PathError as e:
+                    raise PathError(str(e).replace(repr(public), repr(user_text.strip()))) from None
+            else:
+                path = confine(user_text, allowed, must_exist=must_exist)
+        except PathError as e:  # the allowed folders by their public names, as the menus show them
+            raise gr.Error(self.public_text(str(e))) from None
         if must_exist and isinstance(user_text, str):
             if len(self._resolved) >= 1024:
                 self._resolved.clear()
@@ -289,7 +376,7 @@ class AppContext:
     def dataset_choices(self) -> list[tuple[str, str]]:
         from hanorec.explore import find_datasets
 
-        return [(_label(p), str(p)) for p in find_datasets(self.data_dirs)]
+        return [(self.public_path(p),) * 2 for p in find_datasets(self.data_dirs)]
 
     # ---- data ------------------------------------------------------------------------------
     def config(self, dataset: str, task: str, overrides: dict | None = None):
@@ -359,12 +446,12 @@ class AppContext:
         untrained presets (the paper family's first, then one per other family), then each run's stages."""
         from hanorec.models import TINY_PRESETS
 
-        out = [(f"demo (trained, read-only): {run['name']} / {stage}", f"{run['path']}::{stage}")
+        out = [(f"demo (trained, read-only): {run['name']} / {stage}", f"{self.public_path(run['path'])}::{stage}")
                for d in self._demo_dirs() for run in list_runs(d) for stage in run["stages"]]  # fmt: skip
         out.append((UNTRAINED, "base"))
         out += [(f"untrained {p} (random init)", f"base:{p}") for p in TINY_PRESETS if p != BASE_PRESET]
         for run in list_runs(self.runs_dir):
-            out += [(f"{run['name']} / {stage}", f"{run['path']}::{stage}") for stage in run["stages"]]
+            out += [(f"{run['name']} / {stage}", f"{self.public_path(run['path'])}::{stage}") for stage in run["stages"]]
         return out
 
     def default_model(self) -> str:
@@ -373,7 +460,8 @@ class AppContext:
         return next((v for v in values if v.endswith("::hano_dpo") and self._is_demo(v)), "base")
 
     def _is_demo(self, value: str) -> bool:
-        path = Path(value.rpartition("::")[0])
+        run = value.rpartition("::")[0]
+        path = Path(self._from_public(run) or run)
         return any(d.resolve() in path.resolve().parents for d in self._demo_dirs())
 
     def model(self, source: str, dataset: str, task: str = "hit3"):
@@ -443,13 +531,6 @@ def on_load(fn, inputs, outputs) -> None:
     from gradio.context import Context
 
     Context.root_block.load(fn, inputs, outputs, api_visibility="private")
-
-
-def _label(path: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    except ValueError:
-        return str(path)
 
 
 def item_image(ds, item: str):
@@ -572,11 +653,13 @@ def example_pickers(ctx: AppContext, prefix: str, *, with_model: bool = True, wi
 
     datasets = ctx.dataset_choices()
     with gr.Row():
-        dataset = gr.Dropdown(datasets, value=datasets[0][1] if datasets else None, label="Dataset", scale=3)
+        dataset = ctx.path_menu(gr.Dropdown(datasets, value=datasets[0][1] if datasets else None, label="Dataset",
+                                                scale=3))  # fmt: skip
         task = gr.Dropdown(list(TASKS), value="hit3", label="Task", scale=1)
         user = gr.Dropdown([], label="User (test prompt)", scale=2, allow_custom_value=True) if with_user else None
         model = (
-            gr.Dropdown(ctx.model_choices(), value=ctx.default_model(), label="Model", scale=3, elem_id=f"{prefix}-model")
+            ctx.path_menu(gr.Dropdown(ctx.model_choices(), value=ctx.default_model(), label="Model", scale=3,
+                                          elem_id=f"{prefix}-model"))  # fmt: skip
             if with_model
             else None
         )

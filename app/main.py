@@ -283,7 +283,8 @@ def guard(demo, ctx, pending_per_client: int | None = None) -> None:
 
     limit = PENDING_PER_CLIENT if pending_per_client is None else pending_per_client
     proxy = bool(getattr(ctx, "trust_proxy", False))
-    roots = {**{str(d): d.name for d in ctx.data_dirs}, str(ctx.runs_dir): "runs", str(ROOT): "."}
+    named = ctx.roots() if hasattr(ctx, "roots") else [*((d.name, d) for d in ctx.data_dirs), ("runs", ctx.runs_dir)]
+    roots = {str(ROOT): ".", **{str(folder): alias for alias, folder in named}}  # the menus' names (public_path)
     demo._hanorec_pending_limit = limit
     if getattr(demo, "_hanorec_guarded", False):
         return

@@ -1,4 +1,4 @@
-"""Replay the hostile-visitor probes of issues 19 and 27 (32 attacks) against a local instance of the app.
+"""Replay the hostile-visitor probes of issues 19 and 27 (33 attacks) against a local instance of the app.
 
     .venv/bin/python scripts/security_probe.py [--modes normal,demo] [--timeout 600]
 
@@ -508,6 +508,46 @@ def leaks(inst):
     return ok and all(no_server_path(inst, t) for t in texts), f"poll answered: {ok}; clean: {[no_server_path(inst, t) for t in texts]}"
 
 
+def without_files(text: str) -> str:
+    """A reply's JSON without Gradio's file payloads (FileData: its path and /gradio_api/file= URL name the
+    served file, which Gradio needs to serve it; the route itself is attacked in 19.7 and 27.x1)."""
+
+    def strip(value):
+        if isinstance(value, dict):
+            if "url" in value and "path" in value or (value.get("meta") or {}).get("_type") == "gradio.FileData":
+                return None
+            return {k: strip(v) for k, v in value.items()}
+        return [strip(v) for v in value] if isinstance(value, list) else value
+
+    try:
+        return json.dumps(strip(json.loads(text)))
+    except ValueError:
+        return text
+
+
+@attack("27.N2", "server paths in the page's menus (/config) and the pickers' replies")
+def menu_leaks(inst):
+    with http() as c:
+        config = c.get(f"{inst.url}config").text
+    menus = {x["props"].get("label"): x["props"].get("value") for x in json.loads(config)["components"]
+             if x.get("type") == "dropdown"}  # fmt: skip
+    dataset, model = menus.get("Dataset"), menus.get("Score candidates with")
+    texts = {"/config": config}
+    for name, api, data in (("dataset open", "data_open_typed", [dataset, "hit3"]), ("model list", "data_models", []),
+                            ("run list", "train_runs", []), ("compare list", "compare_refresh", [])):  # fmt: skip
+        done, texts[name] = call(inst, api, data, session="n2")
+        if not done:
+            return False, f"{name} did not answer: {texts[name][:100]}"
+    done, view = call(inst, "data_user", [dataset, "hit3", first_user(inst), model], session="n2")
+    if not done:
+        return False, f"the user view did not answer: {view[:100]}"
+    texts["user view"] = without_files(view)
+    temp = ("hanorec-gradio-", "hanorec-images-", "hanorec-downloads-")  # the app's temporary folders
+    dirty = [k for k, t in texts.items() if not no_server_path(inst, t) or any(n in t for n in temp)]
+    listed = "runs/comparison-n2" in texts["compare list"] and model.startswith("demo_runs/")
+    return not dirty and listed, f"menus: dataset {dataset!r}, model {model!r}; replies naming a server folder: {dirty}"
+
+
 @attack("27.x1", "Gradio's file route for /etc/passwd and the runs folder's secret")
 def file_route_outside(inst):
     with http() as c:
@@ -590,7 +630,7 @@ def prepare(work: Path) -> None:
     (failed / "job.log").write_text(f"Traceback (most recent call last):\n  File \"{ROOT}/hanorec/cli.py\", line 1\n"
                                     f"RuntimeError: boom in {failed}/x.bin\n")  # fmt: skip
     comparison = {"seeds": [0], "summary": [], "methods": [], "protocol": "ranking"}
-    for where in (work / "comparison", outside / "comparison"):
+    for where in (work / "comparison", outside / "comparison", runs / "comparison-n2"):
         where.mkdir(parents=True, exist_ok=True)
         (where / "comparison.json").write_text(json.dumps(comparison))
 

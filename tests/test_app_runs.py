@@ -57,7 +57,8 @@ class _NoProgress:
 
 def test_models_of_the_run_are_listed(ctx, trained):
     values = [v for _, v in ctx.model_choices()]
-    assert f"{trained / 'tiny'}::sft" in values and f"{trained / 'tiny'}::hano_dpo" in values
+    assert "runs/tiny::sft" in values and "runs/tiny::hano_dpo" in values  # public names, not the server's path
+    assert ctx.resolve_path("runs/tiny") == (trained / "tiny").resolve()
 
 
 def test_hardness_lambda_equals_what_training_used(ctx, trained):

@@ -262,4 +262,5 @@ def test_data_tab_opens_in_two_steps_and_keeps_statistics_under_the_runs_folder(
     once = tab.open_dataset(ctx, str(folder), "hit3")  # the API's call: everything at once
     assert once[0] == users and once[1] == later[1] and once[2].equals(later[2])
     typed = tab.open_typed(ctx, str(folder), "hit3")
-    assert typed[0]["value"] == str(folder.resolve()) and typed[1] == users
+    assert typed[0]["value"] == ctx.public_path(folder) and typed[1] == users  # a public name, not the path
+    assert str(tmp_path) not in typed[0]["value"] and ctx.resolve_path(typed[0]["value"]) == folder.resolve()

@@ -52,8 +52,9 @@ def test_every_tab_shows_the_trained_hano_dpo_model_first(ctx):
     from app.main import build_app
     from app.tabs import train
 
-    assert ctx.default_model() == f"{SHIPPED}::hano_dpo"
-    assert [v for _, v in ctx.model_choices()][:4] == [f"{SHIPPED}::{s}" for s in ("sft", "dpo", "hano_dpo")] + ["base"]
+    assert ctx.default_model() == "demo_runs/demo-hit3::hano_dpo"  # the public name, never the server's path
+    assert [v for _, v in ctx.model_choices()][:4] == [f"demo_runs/demo-hit3::{s}" for s in ("sft", "dpo", "hano_dpo")] + ["base"]
+    assert ctx.resolve_path("demo_runs/demo-hit3") == SHIPPED.resolve()
     demo = build_app(ctx)
     pickers = [b for b in demo.blocks.values() if isinstance(b, gr.Dropdown) and b.label in ("Model", "Score candidates with")]
     assert len(pickers) == 3 and {p.value for p in pickers} == {ctx.default_model()}  # Data, Hardness, Noise lab

@@ -4,7 +4,7 @@
 "more overrides", config reading, run listing). B-N: confinement of overrides, per-visitor caps that count
 the client, a per-client limit on pending events, Compare's size caps, option bounds, exports, the score
 cache, symbolic links, the secret in /config, and what replies reveal. scripts/security_probe.py replays all
-32 attacks of both probes against a live instance.
+33 attacks of both probes against a live instance.
 """
 
 from __future__ import annotations
@@ -469,6 +469,93 @@ def test_n_job_logs_and_errors_carry_no_server_path_or_traceback(app_url):
         assert secret not in reply, secret
     stream = call(url, "compare_launch", compare_values(sft_from="no-such-run"))
     assert "event: error" in stream and str(ctx.runs_dir) not in stream and str(DEMO) not in stream
+
+
+def test_n_public_names_stand_for_paths_inside_the_roots_and_stay_confined(tmp_path):
+    import gradio as gr
+
+    from app.common import AppContext
+
+    taken, first, second = tmp_path / "a" / "runs", tmp_path / "b" / "data", tmp_path / "c" / "data"
+    for folder in (taken, first / "ds", second / "ds", tmp_path / "runs" / "r1" / "sft", tmp_path / "outside"):
+        folder.mkdir(parents=True)
+    ctx = AppContext(data_dirs=[taken, first, second, first], runs_dir=tmp_path / "runs")
+    assert [a for a, _ in ctx.roots()] == ["runs", "runs-2", "data", "data-2"]  # each folder once, names unique
+    assert ctx.public_path(second / "ds") == "data-2/ds" and ctx.public_path(tmp_path / "runs") == "runs"
+    assert ctx.resolve_path("data-2/ds") == (second / "ds").resolve()
+    assert ctx.resolve_path(str(second / "ds")) == (second / "ds").resolve()  # a typed absolute path still works
+    assert ctx.public_value(f"{tmp_path / 'runs' / 'r1'}::sft") == "runs/r1::sft"
+    assert ctx.public_path(tmp_path / "outside") == ".../outside"  # never the absolute path, even outside
+    (tmp_path / "runs" / "escape").symlink_to(tmp_path / "outside")
+    (tmp_path / "runs" / "loop").symlink_to(tmp_path / "runs" / "loop")
+    for name, words in (("data/../data-2", "'..'"), ("runs/escape", "leads outside"), ("runs/loop", "loop"),
+                        ("runs/%2e%2e", "URL-encoded"), ("data-2/ds\x00", "NUL")):  # fmt: skip
+        with pytest.raises(gr.Error, match=words) as refused:
+            ctx.resolve_path(name)
+        assert str(tmp_path) not in str(refused.value), refused.value  # the folders by their public names
+    assert ctx.public_value(str(tmp_path / "outside")) == str(tmp_path / "outside")  # left for the picker to refuse
+
+
+def server_folders(ctx) -> list[str]:
+    """The absolute folders of the server a reply must not name: data, runs, shipped runs, repo, temp."""
+    import os
+
+    from app.common import images_dir
+
+    folders = [*map(str, ctx.data_dirs), str(ctx.runs_dir), str(REPO), str(images_dir())]
+    folders += [str(d) for d in ctx._demo_dirs()] + [os.environ.get("GRADIO_TEMP_DIR") or str(images_dir())]
+    return sorted(set(folders), key=len, reverse=True)
+
+
+def without_files(value):
+    """A reply without Gradio's file payloads (FileData: its path and /gradio_api/file= URL name the served
+    file by its path, which Gradio needs to serve it); everything else as it is."""
+    if isinstance(value, dict):
+        if "url" in value and "path" in value or (value.get("meta") or {}).get("_type") == "gradio.FileData":
+            return None
+        return {k: without_files(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [without_files(v) for v in value]
+    return value
+
+
+def reply_text(stream: str) -> str:
+    """The JSON of an API call's answer (its event stream's data lines), without file payloads."""
+    data = [json.loads(line[5:]) for line in stream.splitlines() if line.startswith("data:") and line[5:].strip()]
+    assert data and "event: complete" in stream, stream[:500]
+    return json.dumps(without_files(data))
+
+
+def test_n_menus_and_replies_name_no_server_folder(app_url):
+    """The page's /config and the pickers' replies name datasets, models, runs and comparisons by public
+    names (AppContext.public_path), and a picked name still opens the same dataset and model."""
+    import httpx
+
+    ctx, url, _ = app_url
+    comparison = Path(ctx.runs_dir) / "cmp-n"
+    comparison.mkdir(exist_ok=True)
+    (comparison / "comparison.json").write_text("{}")
+    config = httpx.get(f"{url}config", timeout=60).text
+    dropdowns = [c["props"] for c in json.loads(config)["components"] if c.get("type") == "dropdown"]
+    values = {p["label"]: p.get("value") for p in dropdowns}
+    dataset, model = values["Dataset"], values["Score candidates with"]
+    replies = {
+        "/config": config,
+        "dataset open": reply_text(call(url, "data_open_typed", [dataset, "hit3"])),
+        "model list": reply_text(call(url, "data_models", [])),
+        "run list": reply_text(call(url, "train_runs", [])),
+        "compare list": reply_text(call(url, "compare_refresh", [])),
+    }
+    user = json.loads(replies["dataset open"])[-1][1]["value"]
+    replies["user view"] = reply_text(call(url, "data_user", [dataset, "hit3", user, model]))
+    for what, text in replies.items():
+        for folder in server_folders(ctx):
+            assert folder not in text, (what, folder)
+    assert ctx.resolve_path(dataset) == DEMO.resolve()  # the picked name opens the same dataset
+    assert model.startswith("demo_runs/") and ctx.resolve_path(model.rpartition("::")[0]).is_relative_to(REPO)
+    assert '"cmp-n"' not in replies["compare list"] and "runs/cmp-n" in replies["compare list"]
+    view = json.loads(replies["user view"])[-1]
+    assert view[0] and view[1]["data"] and all(row[3] is not None for row in view[1]["data"])  # scored by the model
 
 
 # ---- safe defaults: a plain `docker run` is demo mode; every interface needs a login --------------------

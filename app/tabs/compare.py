@@ -167,7 +167,7 @@ def control(ctx, job_id, action: str, owner=None):
 
 # ---- results -------------------------------------------------------------------------------------
 def folder_choices(ctx) -> list[str]:
-    return [str(p) for p in report.find_comparisons(ctx.runs_dir)]
+    return [ctx.public_path(p) for p in report.find_comparisons(ctx.runs_dir)]
 
 
 def load(ctx, folder: str) -> dict:
@@ -195,7 +195,7 @@ def open_folder(ctx, folder):
     csv_path, tex_path = out / f"{name}.csv", out / f"{name}.tex"
     csv_path.write_text(report.summary_csv(result))
     tex_path.write_text(report.summary_latex(result))
-    caption = (
+    caption = ctx.public_text(
         f"{len(result['seeds'])} seed(s) {result['seeds']}, dataset `{result.get('dataset')}`, model "
         f"`{result.get('model')}`; mean ± std over seeds, {report.protocol_words(result.get('protocol', 'ranking'))}; "
         "chance = a random ranking."
@@ -294,7 +294,8 @@ def build(ctx) -> None:
     offered = list(report.preference_methods())
     gr.Markdown(INTRO)
     with gr.Row():
-        dataset = gr.Dropdown(datasets, value=datasets[0][1] if datasets else None, label="Dataset", scale=3)
+        dataset = ctx.path_menu(gr.Dropdown(datasets, value=datasets[0][1] if datasets else None, label="Dataset",
+                                                scale=3))  # fmt: skip
         task = gr.Dropdown([t for t in TASKS], value="hit3", label="Task", scale=1)
         sft_from = gr.Dropdown([TRAIN_SFT], value=TRAIN_SFT, label="SFT source", scale=3, elem_id="compare-sft")
         seeds = gr.Textbox("0,1,2", label="Seeds", scale=1, elem_id="compare-seeds")

@@ -75,10 +75,10 @@ def open_typed(ctx, typed: str, task: str):
 
 def open_typed_steps(ctx, typed: str, task: str):
     """open_typed in open_dataset_steps' two steps (the page's button)."""
-    path = str(ctx.resolve_path(typed))
+    path = ctx.public_path(ctx.resolve_path(typed))  # the menu's name for it, never the server's path
     choices = ctx.dataset_choices()
     if path not in [v for _, v in choices]:
-        choices.append((typed, path))
+        choices.append((path, path))
     steps = open_dataset_steps(ctx, path, task)
     first = next(steps)
     yield (gr.update(choices=choices, value=path), *first)
@@ -240,7 +240,8 @@ def build(ctx) -> None:
 
     datasets = ctx.dataset_choices()
     with gr.Row():
-        dataset = gr.Dropdown(datasets, value=datasets[0][1] if datasets else None, label="Dataset", scale=3)
+        dataset = ctx.path_menu(gr.Dropdown(datasets, value=datasets[0][1] if datasets else None, label="Dataset",
+                                                scale=3))  # fmt: skip
         typed = gr.Textbox(label="…or type a dataset folder (inside the allowed folders)", scale=3)
         open_btn = gr.Button("Open folder", scale=1)
         task = gr.Dropdown(list(TASKS), value="hit3", label="Task", scale=1)
@@ -255,7 +256,8 @@ def build(ctx) -> None:
             fig_pop = gr.Plot(label="Item popularity")
     with gr.Row():
         user = gr.Dropdown([], label="User (test prompt)", scale=2, allow_custom_value=True)
-        model = gr.Dropdown(ctx.model_choices(), value=ctx.default_model(), label="Score candidates with", scale=3)
+        model = ctx.path_menu(gr.Dropdown(ctx.model_choices(), value=ctx.default_model(),
+                                              label="Score candidates with", scale=3))  # fmt: skip
         refresh = gr.Button("Refresh model list", scale=1)
     gr.Markdown(
         "**History** in time order (click an image to enlarge): ◆ = shown in the prompt, ★ = a true next item "

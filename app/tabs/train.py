@@ -671,7 +671,8 @@ def build(ctx) -> None:
         "the value a launch uses."
     )
     with gr.Row():
-        dataset = gr.Dropdown(datasets, value=datasets[0][1] if datasets else None, label="Dataset", scale=3)
+        dataset = ctx.path_menu(gr.Dropdown(datasets, value=datasets[0][1] if datasets else None, label="Dataset",
+                                            scale=3))  # fmt: skip
         backbone = gr.Dropdown(list(PRESETS), value=d["model"] if d["model"] in PRESETS else PRESETS[0],
                                allow_custom_value=True, scale=2,
                                label="Backbone (tiny preset, Hugging Face id, or model folder)")  # fmt: skip
