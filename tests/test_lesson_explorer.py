@@ -362,7 +362,9 @@ def test_the_app_offers_the_scenarios_in_every_picker(tmp_path):
     ctx = make_context([str(DEMO)], str(tmp_path / "runs"), "cpu")
     try:
         values = [v for _, v in ctx.dataset_choices()]
-        assert values[0] == str(DEMO.resolve())
+        assert values[0] == "demo"  # public names (no server path), each opening its folder
+        assert ctx.resolve_path(values[0]) == DEMO.resolve()
+        assert all(ctx.resolve_path(v).parent.name == "scenarios" for v in values[1:])
         assert [Path(v).name for v in values[1:]] == ["demo-false-negatives-30", "demo-preference-noise-30",
                                                       "demo-uneven-density"]  # fmt: skip
     finally:
