@@ -511,7 +511,7 @@ def load_model(
     proc = adapter.load_image_processor(name, trust_remote_code=trust_remote_code)
     size = image_size if image_size is not None else meta.get("image_size")
     if size is None and max_pixels:
-        adapter.cap_pixels(proc, max_pixels)
+        cap_image_pixels(proc, max_pixels)  # keeps the processor's own settings, for set_max_pixels(bundle, 0)
     return ModelBundle(model, tok, proc, adapter.family, meta.get("name", name), image_size=size, meta=meta)
 
 
