@@ -7,7 +7,8 @@ Commands:
   sft         stage 1 only
   pref        stage 2 (any registered method by --pref.method, its knobs by --pref.options.NAME=VALUE) from the
               run's SFT checkpoint, then evaluation
-  compare     SFT, DPO, S-DPO, HaNo-DPO and its ablations over seeds and tasks: --seeds=0,1,2 --tasks=hit3,hit1
+  compare     SFT, DPO, S-DPO, HaNo-DPO and its ablations over seeds and tasks: --seeds=0,1,2 (default: the
+              configuration's compare_seeds, 42 in the paper presets) --tasks=hit3,hit1
               (--variants=DPO,IPO,... any rows of `methods`, or all; default: the paper's); --from-sft=RUN
               starts every seed from RUN's SFT model; SIGTERM stops it, the same command resumes it
               (--readme=README.md writes the table, command, machine and wall time into the README)
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
             return 0
         if command == "compare":
-            seeds = _int_list("seeds", extra.get("seeds", "0,1,2"))
+            seeds = _int_list("seeds", extra["seeds"]) if "seeds" in extra else list(cfg.compare_seeds)
             tasks = [t for t in extra.get("tasks", "hit3,hit1").split(",") if t]
             from hanorec.tasks import TASKS
 
