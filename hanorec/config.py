@@ -257,6 +257,19 @@ class ModelConfig:
         choices=("auto", "float32", "bfloat16", "float16"),
     )
     trust_remote_code: bool = _f(False, "Allow a checkpoint's own code to run (off unless you trust it).")
+    init: str = _f(
+        "pretrained",
+        "pretrained: load the checkpoint's weights (from the local cache or a folder); random: build the "
+        "architecture of a known checkpoint id (`python -m hanorec models` lists them) from its published config "
+        "numbers with random weights and a tokenizer trained on the dataset's text, nothing downloaded (real "
+        "widths on any machine, e.g. to check memory and the code path; depth cut by model.layers).",
+        choices=("pretrained", "random"),
+    )
+    layers: int | None = _f(
+        None,
+        "model.init=random: decoder layers (and vision blocks) to keep, at least one of each kind of block "
+        "(window and full attention, sliding and global, ...); null: the published depth.",
+    )
     tiny_hidden_size: int = _f(128, "Tiny presets: language model hidden size.")
     tiny_layers: int = _f(2, "Tiny presets: language model layers.")
     tiny_vocab_size: int = _f(600, "Tiny presets: size of the BPE vocabulary trained on the dataset's text.")
@@ -278,6 +291,7 @@ class ModelConfig:
         _check_numbers(self)
         _check_choices(self)
         _positive(self, "tiny_hidden_size", "tiny_layers", "tiny_vocab_size", "max_length", "max_pixels")
+        _positive(self, "layers")
 
 
 @dataclass

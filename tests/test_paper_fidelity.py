@@ -29,6 +29,8 @@ def test_a_loaded_checkpoint_capped_at_load_can_be_uncapped(tmp_path):
         return h * w * 8 * 8
 
     assert pixels() <= 32 * 32
+    bundle.save(tmp_path / "again")  # the processor's saved settings are its own, nothing of ours in them
+    assert "hanorec" not in (tmp_path / "again" / "preprocessor_config.json").read_text()
     assert set_max_pixels(bundle, 0)
     assert pixels() == 64 * 64  # the saved processor's own cap (max_pixels 64 x 64)
 
