@@ -15,9 +15,13 @@ depth follows. The rest is counted:
 - gradient checkpointing: each layer keeps only its input (tokens x hidden size x 2 bytes, computed), and one
   layer's activations (measured) live again while it is recomputed;
 - one row of each micro-batch is measured; a batch of B rows keeps B times as much (rows of one length);
-- the largest kept tensor once more, for the transient copy a loss makes of it (the logits in float32, the
-  usual peak of a forward and backward); stage 2 adds the reference pass (no gradient): one layer's activations
-  and that copy again.
+- SFT's head: the trunk is measured at the real length and the model's loss over every position is counted,
+  not run (a 2,600-token row at the full vocabulary would pass this machine's memory budget): cross-entropy
+  keeps the float32 log-softmax (4 bytes per logit) for backward, and the bf16 logits with their float32 copy
+  (6 bytes per logit) are transient; stage 2's scoring computes logits at the answer positions only and is
+  measured whole;
+- the transient copy (SFT: the logits above; stage 2: its largest kept tensor) once more; stage 2 adds the
+  reference pass (no gradient): one layer's activations and that copy again.
 
 Time comes from FLOPs per optimizer step at an assumed model FLOPs utilisation (MFU) and the GPU's dense bf16
 peak: forward = 2 x parameters x tokens (the language model's layers and head, the vision tower once per image)
@@ -145,7 +149,8 @@ def measure(cfg, layers: int, example, corpus: Sequence[str]) -> dict[str, Probe
     from hanorec.pipeline import stage_max_pixels
     from hanorec.scoring import shared_prefix_logps
 
-    bundle = build_random(cfg.model.name, corpus, layers=layers, dtype="bfloat16", seed=0)
+    bundle = build_random(cfg.model.name, corpus, layers=layers, dtype="bfloat16", seed=0,
+                          attn_implementation=cfg.model.attn_implementation or "sdpa")  # fmt: skip
     add_lora(bundle, cfg.lora, seed=0)
     model = bundle.model
     model.train()
@@ -162,12 +167,19 @@ def measure(cfg, layers: int, example, corpus: Sequence[str]) -> dict[str, Probe
         set_max_pixels(bundle, stage_max_pixels(cfg, stage_cfg.max_pixels))
         prompt = bundle.encode_prompt(text, images)
         n_img = len(prompt.input_ids) - bundle.text_token_count(text)
+        vocab = model.get_output_embeddings().weight.shape[0]
+        head = transient = 0
         if stage == "sft":
             batch = bundle.collate([prompt], [bundle.encode_completion(example.answer)])
             batch = {k: (v.to(torch.bfloat16) if k == "pixel_values" else v) for k, v in batch.items()}
             tokens = int(batch["input_ids"].numel())
-            with count_saved(params) as seen:
-                loss = model(**batch, use_cache=False).loss
+            labels = batch.pop("labels")
+            with count_saved(params) as seen:  # the trunk at the real length; the head's logits counted below
+                loss = model(**batch, use_cache=False, logits_to_keep=1).logits.float().sum()
+            del labels
+            # the model's loss over every position: cross-entropy keeps the float32 log-softmax (4 bytes per
+            # logit) for backward; the bf16 logits and their float32 copy (6 bytes) are transient
+            head, transient = 4 * tokens * vocab, 6 * tokens * vocab
         else:
             k = max(1, cfg.pref.k_negatives)
             comps = [[bundle.encode_completion(o) for o in example.options[: 1 + k]]]
@@ -176,7 +188,8 @@ def measure(cfg, layers: int, example, corpus: Sequence[str]) -> dict[str, Probe
                 logps, _ = shared_prefix_logps(model, bundle, [prompt], comps, dtype=torch.bfloat16)
                 loss = sum(x.sum() for x in logps)
         del loss
-        out[stage] = Probe(layers, sum(seen.values()), max(seen.values(), default=0), lora, tokens, n_img)
+        largest = max(transient, max(seen.values(), default=0))
+        out[stage] = Probe(layers, sum(seen.values()) + head, largest, lora, tokens, n_img)
     del bundle, model
     return out
 

@@ -465,6 +465,7 @@ def build_random(
     dtype: str = "auto",
     seed: int = 0,
     max_pixels: int | None = None,
+    attn_implementation: str | None = None,
 ) -> ModelBundle:
     """Checkpoint ``name``'s published architecture with random weights, nothing downloaded: every width, head
     count, vocabulary size and image-processor setting as published (its family adapter holds the numbers), the
@@ -487,6 +488,8 @@ def build_random(
             model, proc = adapter.build_published(name, tok, layers)
     finally:
         torch.set_default_dtype(previous)
+    if attn_implementation:
+        model.set_attn_implementation(attn_implementation)
     random_init(model, seed, zero_centred_norms=adapter.zero_centred_norms)
     model.tie_weights()  # a published tied head shares the embedding (the construction above skipped it)
     model = model.to(want)
@@ -705,7 +708,8 @@ def get_model(cfg, texts: Sequence[str] | None = None, seed: int = 0, image_size
     if getattr(cfg, "init", "pretrained") == "random" and cfg.name not in TINY_PRESETS:
         if texts is None:
             raise ModelError(f"model.init = 'random' ({cfg.name}) needs the dataset's text to train its tokenizer")
-        return build_random(cfg.name, texts, layers=cfg.layers, dtype=cfg.dtype, seed=seed, max_pixels=cfg.max_pixels)
+        return build_random(cfg.name, texts, layers=cfg.layers, dtype=cfg.dtype, seed=seed, max_pixels=cfg.max_pixels,
+                            attn_implementation=cfg.attn_implementation)  # fmt: skip
     if cfg.name in TINY_PRESETS:
         if texts is None:
             raise ModelError(f"tiny preset {cfg.name!r} needs the dataset's text to train its tokenizer")

@@ -29,6 +29,10 @@ FAMILIES = {
     "google/gemma-3-4b-it": None,
     "HuggingFaceTB/SmolVLM2-2.2B-Instruct": None,
 }
+# Gemma 3's tower attends over 4,096 patches per 896 x 896 image, and CPU attention materialises the scores:
+# its preference stage passed 7 GB on the 2-core sandbox even with one pair per micro-batch (its SFT step ran),
+# over this suite's memory budget; its architecture is checked above, its training step is left to a GPU
+TOO_BIG_FOR_CPU = {"google/gemma-3-4b-it": "its 896 x 896 images' attention passed 7 GB in the preference stage on CPU"}
 # Posters of 240 x 360 (86,400 pixels, under the cap): CI's time budget. At the cap itself (560 x 840 posters, 308
 # visual tokens each, 1,066-token hit3 prompts) the Qwen2.5-VL run took 263 s on the 2-core sandbox: set
 # HANOREC_PAPER_CAPS=1 to run it (test_real_width_at_the_papers_image_cap).
@@ -101,16 +105,28 @@ def test_random_init_is_refused_for_an_unknown_id_in_one_sentence():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(FAMILIES))
-def test_real_width_trains_one_sft_and_one_hano_dpo_step_on_cpu(tmp_path, name):
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=pytest.mark.skip(reason=TOO_BIG_FOR_CPU[n])) if n in TOO_BIG_FOR_CPU else n for n in FAMILIES],
+)
+def test_real_width_trains_one_sft_and_one_hano_dpo_step_on_cpu(tmp_path, name, two_threads):
     train_one_step_each(tmp_path, name, POSTER, min_tokens=60 if FAMILIES[name] else None)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("HANOREC_PAPER_CAPS") != "1", reason="263 s on 2 cores: HANOREC_PAPER_CAPS=1")
-def test_real_width_at_the_papers_image_cap(tmp_path):
+def test_real_width_at_the_papers_image_cap(tmp_path, two_threads):
     """Qwen2.5-VL-3B at the paper's preference cap: posters larger than 262,144 pixels are scaled under it."""
     train_one_step_each(tmp_path, "Qwen/Qwen2.5-VL-3B-Instruct", PAPER_POSTER, min_tokens=300)
+
+
+@pytest.fixture
+def two_threads():
+    """Real widths are compute-bound: both cores (the suite's default is one thread, for tiny models)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
 
 
 def train_one_step_each(tmp_path, name: str, poster: tuple[int, int], min_tokens: int | None) -> None:
@@ -122,7 +138,7 @@ def train_one_step_each(tmp_path, name: str, poster: tuple[int, int], min_tokens
     data_path = posters(tmp_path / "data", poster)
     over = [
         f"--data.path={data_path}", f"--output_dir={tmp_path / 'run'}", f"--model.name={name}", "--model.init=random",
-        "--model.layers=1", "--model.dtype=bfloat16", f"--model.max_pixels={cap or 'null'}", "--model.max_length=4096",
+        "--model.layers=1", "--model.dtype=bfloat16", "--model.attn_implementation=sdpa", f"--model.max_pixels={cap or 'null'}", "--model.max_length=4096",
         "--task.name=hit3", "--task.max_train_examples=3", "--task.max_eval_examples=2", "--lora.dropout=0",
         "--sft.max_steps=1", "--sft.batch_size=1", "--sft.grad_accum=1", "--sft.mixed_precision=no",
         "--sft.progress_bar=false", "--pref.max_steps=1", "--pref.batch_size=3", "--pref.grad_accum=1",
@@ -138,6 +154,7 @@ def train_one_step_each(tmp_path, name: str, poster: tuple[int, int], min_tokens
     view = bundle.model_view(r.text, r.images)
     if cap:  # the processor's own resolution under the cap (~300 visual tokens per poster at 262,144 pixels)
         assert all(w * h <= cap for w, h in view.image_sizes) and min(view.image_tokens) >= min_tokens
+    del bundle  # stage 2 reloads the base model from the run folder, as a separate command would
     bundle, pref = pipeline.run_preference(cfg, data)
     assert pref.global_step == 1
     logged = [line for line in (tmp_path / "run" / "hano_dpo" / "metrics.jsonl").read_text().splitlines() if "loss" in line]
@@ -155,7 +172,7 @@ def train_one_step_each(tmp_path, name: str, poster: tuple[int, int], min_tokens
 
 
 @pytest.mark.slow
-def test_estimate_extrapolates_activation_memory_in_depth():
+def test_estimate_extrapolates_activation_memory_in_depth(two_threads):
     """Activation memory measured at 2 and 4 layers (real width) predicts the measurement at 6 within 10%."""
     from hanorec.estimate import _example, check_extrapolation
     from hanorec.tasks import corpus_text
