@@ -145,10 +145,13 @@ def measure(cfg, layers: int, example, corpus: Sequence[str]) -> dict[str, Probe
     """Build the preset's architecture with ``layers`` decoder layers (real width, random weights in bf16, LoRA
     as the preset) and measure one row of each stage's micro-batch: SFT's prompt and answer through the
     model's loss, stage 2's prompt with its chosen and rejected answers through shared-prefix scoring."""
+    import gc
+
     from hanorec.models import add_lora, build_random, set_max_pixels
     from hanorec.pipeline import stage_max_pixels
     from hanorec.scoring import shared_prefix_logps
 
+    gc.collect()  # a model measured before is held in reference cycles (peft): free it before building this one
     bundle = build_random(cfg.model.name, corpus, layers=layers, dtype="bfloat16", seed=0,
                           attn_implementation=cfg.model.attn_implementation or "sdpa")  # fmt: skip
     add_lora(bundle, cfg.lora, seed=0)
@@ -190,7 +193,6 @@ def measure(cfg, layers: int, example, corpus: Sequence[str]) -> dict[str, Probe
         del loss
         largest = max(transient, max(seen.values(), default=0))
         out[stage] = Probe(layers, sum(seen.values()) + head, largest, lora, tokens, n_img)
-    del bundle, model
     return out
 
 
@@ -338,11 +340,25 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def _measure_sft(args) -> int:
+    import torch as _torch
+
+    cfg, n, example, corpus, threads = args
+    _torch.set_num_threads(threads)
+    return measure(cfg, n, example, corpus)["sft"].saved
+
+
 def check_extrapolation(cfg, corpus, example, layers=(2, 4), target: int = 6) -> tuple[float, float]:
-    """(predicted, measured) activation bytes of one SFT row at ``target`` layers from ``layers``."""
-    points = {n: measure(cfg, n, example, corpus)["sft"].saved for n in layers}
-    measured = measure(cfg, target, example, corpus)["sft"].saved
-    return extrapolate(points, target), float(measured)
+    """(predicted, measured) activation bytes of one SFT row at ``target`` layers from ``layers``; each depth is
+    measured in a process of its own, so no model outlives its measurement."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    saved = {}
+    for n in (*layers, target):
+        with ctx.Pool(1) as pool:
+            saved[n] = pool.map(_measure_sft, [(cfg, n, example, corpus, torch.get_num_threads())])[0]
+    return extrapolate({n: saved[n] for n in layers}, target), float(saved[target])
 
 
 __all__ = ["GPUS", "count_saved", "estimate", "extrapolate", "format_estimate", "linear_fit", "math"]
