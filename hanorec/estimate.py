@@ -141,7 +141,7 @@ def _n_train(cfg) -> int | None:
     return len(prepare_data(cfg).train)
 
 
-def measure(cfg, layers: int, example, corpus: Sequence[str]) -> dict[str, Probe]:
+def measure(cfg, layers: int, example, corpus: Sequence[str], stages=("sft", "pref")) -> dict[str, Probe]:
     """Build the preset's architecture with ``layers`` decoder layers (real width, random weights in bf16, LoRA
     as the preset) and measure one row of each stage's micro-batch: SFT's prompt and answer through the
     model's loss, stage 2's prompt with its chosen and rejected answers through shared-prefix scoring."""
@@ -162,7 +162,7 @@ def measure(cfg, layers: int, example, corpus: Sequence[str]) -> dict[str, Probe
     images = [Image.new("RGB", POSTER, (90, 60, 30)) for _ in example.image_items]
     text = example.prompt
     out = {}
-    for stage, stage_cfg in (("sft", cfg.sft), ("pref", cfg.pref)):
+    for stage, stage_cfg in [(st, c) for st, c in (("sft", cfg.sft), ("pref", cfg.pref)) if st in stages]:
         if stage == "pref" and cfg.pref.disable_dropout:  # as stage 2 trains (hanorec.train.preference)
             from hanorec.train.preference import disable_dropout
 
@@ -345,7 +345,7 @@ def _measure_sft(args) -> int:
 
     cfg, n, example, corpus, threads = args
     _torch.set_num_threads(threads)
-    return measure(cfg, n, example, corpus)["sft"].saved
+    return measure(cfg, n, example, corpus, stages=("sft",))["sft"].saved
 
 
 def check_extrapolation(cfg, corpus, example, layers=(2, 4), target: int = 6) -> tuple[float, float]:
