@@ -7,7 +7,8 @@ Commands:
   sft         stage 1 only
   pref        stage 2 (any registered method by --pref.method, its knobs by --pref.options.NAME=VALUE) from the
               run's SFT checkpoint, then evaluation
-  compare     SFT, DPO, S-DPO, HaNo-DPO and its ablations over seeds and tasks: --seeds=0,1,2 --tasks=hit3,hit1
+  compare     SFT, DPO, S-DPO, HaNo-DPO and its ablations over seeds and tasks: --seeds=0,1,2 (default: the
+              configuration's compare_seeds, 42 in the paper presets) --tasks=hit3,hit1
               (--variants=DPO,IPO,... any rows of `methods`, or all; default: the paper's); --from-sft=RUN
               starts every seed from RUN's SFT model; SIGTERM stops it, the same command resumes it
               (--readme=README.md writes the table, command, machine and wall time into the README)
@@ -19,6 +20,10 @@ Commands:
               everything merged), the tokenizer, processor and chat template, and a model card (README.md)
   export-pairs  the preference pairs a stage trained on, as JSONL in TRL's format:
               `export-pairs --run DIR --stage NAME --out FILE.jsonl`
+  estimate    peak GPU memory per device and time per epoch of a preset's SFT and preference stages, with
+              gradient checkpointing on and off: activation memory measured on this machine at real width and
+              cut depth (--layers=2,4), extrapolated to the full depth; time from FLOPs at an assumed MFU
+              (--mfu=0.3) on --gpu=h100 (or h200, a100, l40s, a10g), --gpus=1
   models      list the backbone families: each one's tiny offline preset, the checkpoint types it loads
               (by id from the local cache, or from a folder), example checkpoints and its GPU preset
   --plugins DIR  (with run, sft, pref, compare) import the .py files in DIR, which register more preference
@@ -197,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if command in ("export", "export-pairs"):
             return _export(command, fixed, argv)
+        if command == "estimate":
+            return _estimate(fixed)
         config_path, overrides, extra = _split_args(fixed)
         cfg = load_config(config_path, overrides)
         if command == "config":
@@ -210,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
             except methods.MethodError as e:
                 raise ConfigError(str(e)) from None
         if command in ("run", "sft", "pref", "compare", "evaluate"):
-            check_model_name(cfg.model.name)  # before any data is loaded
+            check_model_name(cfg.model.name, cfg.model.init)  # before any data is loaded
             _quiet_libraries()
             if cfg.threads:
                 import torch
@@ -236,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
                     )
             return 0
         if command == "compare":
-            seeds = _int_list("seeds", extra.get("seeds", "0,1,2"))
+            seeds = _int_list("seeds", extra["seeds"]) if "seeds" in extra else list(cfg.compare_seeds)
             tasks = [t for t in extra.get("tasks", "hit3,hit1").split(",") if t]
             from hanorec.tasks import TASKS
 
@@ -295,6 +302,41 @@ def main(argv: list[str] | None = None) -> int:
     except user_errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+
+
+def _estimate(args: list[str]) -> int:
+    """`estimate --config FILE [--layers=2,4] [--mfu=0.3] [--gpu=h100] [--gpus=1] [--section.key=value ...]`."""
+    from hanorec.config import ConfigError, load_config
+    from hanorec.estimate import GPUS, estimate
+
+    opts = {"layers": "2,4", "mfu": "0.3", "gpu": "h100", "gpus": "1"}
+    rest = []
+    for a in args:
+        key = a[2:].split("=", 1)[0] if a.startswith("--") and "=" in a else None
+        if key in opts:
+            opts[key] = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+    config_path, overrides, extra = _split_args(rest)
+    if extra:
+        raise ConfigError(f"estimate takes --config, --layers, --mfu, --gpu, --gpus and config keys, not --{next(iter(extra))}")
+    layers = _int_list("layers", opts["layers"])
+    if len(set(layers)) < 2 or min(layers) < 1:
+        raise ConfigError(f"--layers={opts['layers']} must name at least two different depths, e.g. --layers=2,4")
+    try:
+        mfu, gpus = float(opts["mfu"]), int(opts["gpus"])
+    except ValueError:
+        raise ConfigError(f"--mfu={opts['mfu']} must be a fraction in (0, 1] and --gpus={opts['gpus']} a count") from None
+    if not 0 < mfu <= 1 or gpus < 1 or opts["gpu"] not in GPUS:
+        raise ConfigError(f"--mfu must be in (0, 1], --gpus at least 1 and --gpu one of {list(GPUS)}")
+    cfg = load_config(config_path, overrides)
+    _quiet_libraries()
+    import torch
+
+    torch.set_num_threads(cfg.threads or torch.get_num_threads())
+    print(f"estimate: {_describe_source(config_path, overrides)}")
+    estimate(cfg, layers=sorted(set(layers)), mfu=mfu, gpu=opts["gpu"], n_gpus=gpus)
+    return 0
 
 
 def _export(command: str, args: list[str], argv: list[str]) -> int:

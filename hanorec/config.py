@@ -126,6 +126,19 @@ class DataConfig:
         "several files, negatives avoid the row's own items.",
         choices=("leave_one_out", "last_window_by_user", "by_user", "files"),
     )
+    untitled: str = _f(
+        "raise",
+        "An id in pairs.tsv or a split file that the titles file lacks: raise (a bad row, see on_error) or "
+        "unknown (kept and shown as [unknown N], as the authors' loader shows it).",
+        choices=("raise", "unknown"),
+    )
+    prompts: str = _f(
+        "ours",
+        "ours: candidates drawn by our seeded generator; authors (split_policy files): the authors' drawn SFT "
+        "files beside the split files ({split}-mllm_sft_{1,3}.json or {split}_sft_{1,3}[.json]), when present, "
+        "give each row's candidates, hit1 label and order, and their prompt and answer text.",
+        choices=("ours", "authors"),
+    )
     min_interactions: int = _f(6, "Users with fewer interactions are dropped (the authors' code skips rows under 6).")
     max_items_per_user: int | None = _f(
         None, "Use only each user's last N items (the authors' code keeps a row's last 6)."
@@ -245,6 +258,19 @@ class ModelConfig:
         choices=("auto", "float32", "bfloat16", "float16"),
     )
     trust_remote_code: bool = _f(False, "Allow a checkpoint's own code to run (off unless you trust it).")
+    init: str = _f(
+        "pretrained",
+        "pretrained: load the checkpoint's weights (from the local cache or a folder); random: build the "
+        "architecture of a known checkpoint id (`python -m hanorec models` lists them) from its published config "
+        "numbers with random weights and a tokenizer trained on the dataset's text, nothing downloaded (real "
+        "widths on any machine, e.g. to check memory and the code path; depth cut by model.layers).",
+        choices=("pretrained", "random"),
+    )
+    layers: int | None = _f(
+        None,
+        "model.init=random: decoder layers (and vision blocks) to keep, at least one of each kind of block "
+        "(window and full attention, sliding and global, ...); null: the published depth.",
+    )
     tiny_hidden_size: int = _f(128, "Tiny presets: language model hidden size.")
     tiny_layers: int = _f(2, "Tiny presets: language model layers.")
     tiny_vocab_size: int = _f(600, "Tiny presets: size of the BPE vocabulary trained on the dataset's text.")
@@ -266,6 +292,7 @@ class ModelConfig:
         _check_numbers(self)
         _check_choices(self)
         _positive(self, "tiny_hidden_size", "tiny_layers", "tiny_vocab_size", "max_length", "max_pixels")
+        _positive(self, "layers")
 
 
 @dataclass
@@ -587,6 +614,11 @@ class RunConfig:
         "machine and several times faster when other work shares the cores; null: torch's default (all cores, "
         "for large models on CPU). Reruns are bit-identical for the same threads, machine and torch build.",
     )
+    compare_seeds: list = _f(
+        [0, 1, 2],
+        "The seeds `compare` trains when --seeds is not given (the paper presets: 42, the seed of the authors' "
+        "runs).",
+    )
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Dataset."})
     task: TaskConfig = field(default_factory=TaskConfig, metadata={"help": "Task and prompts."})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Backbone."})
@@ -600,6 +632,12 @@ class RunConfig:
         _positive(self, "threads")
         if not 0 <= self.seed <= LIMITS["seed"]:
             raise ConfigError(f"seed = {self.seed!r} must be in [0, {LIMITS['seed']}]")
+        if not self.compare_seeds or not all(
+            isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= LIMITS["seed"] for x in self.compare_seeds
+        ):
+            raise ConfigError(
+                f"compare_seeds = {self.compare_seeds!r} must be a non-empty list of seeds in [0, {LIMITS['seed']}]"
+            )
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -732,10 +770,32 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict | No
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must hold a mapping of sections, not {type(loaded).__name__}")
         values = loaded
+    layers = [values]
     if overrides:
         over = parse_overrides(overrides) if isinstance(overrides, list) else overrides
+        layers.append(over)
         values = _merge(values, over)
-    return _build(cls, values)
+    cfg = _build(cls, values)
+    if cls is RunConfig:
+        noise = _method_noise(cfg.pref.method, layers)
+        if noise is not None and noise != cfg.pref.noise_target:
+            cfg = _build(cls, _merge(values, {"pref": {"noise_target": noise}}))
+    return cfg
+
+
+def _method_noise(method: str, layers: list[dict]) -> str | None:
+    """The NoDO setting a method named without one gets: a layer (the preset file, then the overrides) that
+    names pref.method and sets no pref.noise_target, with no later layer setting it, trains the method's own
+    row (e.g. DPO: no noise), so `pref --config paper.yaml --pref.method=dpo` is the DPO baseline, not DPO
+    with the preset's NoDO; --pref.noise_target=lora beside it asks for the noise."""
+    from hanorec import methods
+
+    named = [i for i, layer in enumerate(layers) if "method" in (layer.get("pref") or {})]
+    if not named:
+        return None
+    if any("noise_target" in (layer.get("pref") or {}) for layer in layers[named[-1]:]):
+        return None
+    return methods.get(method).variant.get("noise_target")
 
 
 def describe(cls=RunConfig, prefix: str = "") -> str:

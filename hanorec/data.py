@@ -95,6 +95,7 @@ class LoadSummary:
     missing_images: int  # items whose image file does not exist
     missing_image_ids: list[str]  # the first 20 of them
     bad_rows: list[str]  # one message per skipped bad row (on_error="report")
+    untitled: int = 0  # ids a split or pairs file names that the titles file lacks, kept as "[unknown N]"
 
     @property
     def text_only(self) -> bool:
@@ -111,6 +112,8 @@ class LoadSummary:
         elif self.missing_image_ids:
             shown = ", ".join(self.missing_image_ids[:5])
             text += f" (e.g. {shown})"
+        if self.untitled:
+            text += f"; {self.untitled:,} ids without a title shown as [unknown N]"
         text += f"; {len(self.bad_rows):,} bad rows skipped"
         if self.bad_rows:
             text += f" (first: {self.bad_rows[0]})"
@@ -227,6 +230,7 @@ def load_dataset(
     on_error: str = "raise",
     check_images: bool = True,
     split_files: bool = False,
+    untitled: str = "raise",
 ) -> RecDataset:
     """Load a dataset folder in the ``hanorec`` or ``movielens`` format (see module docstring).
 
@@ -245,6 +249,9 @@ def load_dataset(
         user may appear in several files. ``pairs.tsv`` is then optional: without it a user's sequence
         (``sequences``, used by the data views) is its row in the last file that lists it (test, else val,
         else train).
+    untitled: an id in pairs.tsv or a split file that the titles file does not list: "raise" (a bad row, as
+        on_error says) or "unknown" (kept, titled "[unknown N]" as the authors' loader shows it, its image
+        looked up as any item's; counted in the summary).
     """
     if format not in FORMATS:
         raise DataError(f"Unknown dataset format {format!r}; expected one of {', '.join(FORMATS)}.")
@@ -253,6 +260,8 @@ def load_dataset(
         raise DataError(f"Unknown domain {domain!r}; expected one of {', '.join(DOMAINS)}.")
     if on_error not in ("raise", "report"):
         raise DataError(f"Unknown on_error {on_error!r}; expected 'raise' or 'report'.")
+    if untitled not in UNTITLED:
+        raise DataError(f"Unknown untitled {untitled!r}; expected one of {', '.join(UNTITLED)}.")
     root = Path(path).expanduser()
     if not root.exists():
         raise DataError(
@@ -291,6 +300,9 @@ def load_dataset(
         if titles_file is None:
             raise DataError(f"The file {root / 'titles.csv'} does not exist.")
         rows = _read_item_table(titles_file, problems, header="detect")
+        titled = len(rows)
+        if untitled == "unknown":
+            rows = _UntitledRows(rows)
         if split_files:
             split_rows = {
                 name[: -len(".tsv")]: _read_rows(root / name, rows, problems, titles_file.name)
@@ -301,6 +313,7 @@ def load_dataset(
         else:  # a user's sequence for the data views: its row in the last file that lists it
             sequences = {r.user: list(r.items) for name in ("train", "val", "test") for r in split_rows[name]}
         titles_name = titles_file.name
+        n_untitled = len(rows) - titled
     else:
         ratings_file, movies_file = root / "ratings.csv", root / "movies.csv"
         for f in (ratings_file, movies_file):
@@ -309,6 +322,7 @@ def load_dataset(
         rows = _read_item_table(movies_file, problems, header="movielens")
         sequences = _read_ratings(ratings_file, rows, problems)
         titles_name = movies_file.name
+        n_untitled = 0
     if not sequences:
         data_file = pairs_file if format == "hanorec" else root / "ratings.csv"
         if data_file is None:  # split files only
@@ -348,9 +362,25 @@ def load_dataset(
         missing_images=len(missing),
         missing_image_ids=missing[:20],
         bad_rows=problems.messages,
+        untitled=n_untitled,
     )
     name = root.resolve().name if root.name in ("", ".", "..") else root.name
     return RecDataset(name, domain, root, items, sequences, summary, read_scenario(root), split_rows)
+
+
+UNTITLED = ("raise", "unknown")
+
+
+class _UntitledRows(dict):
+    """The titles table of load_dataset(untitled="unknown"): an id it lacks is added, titled as the authors'
+    loader shows it (hanorec.tasks.unknown_title), when a row names it."""
+
+    def add_missing(self, ids) -> None:
+        from hanorec.tasks import unknown_title
+
+        for i in ids:
+            if i not in self:
+                self[i] = (unknown_title(i), {}, 0)
 
 
 def _find_file(root: Path, name: str) -> Path | None:
@@ -466,6 +496,8 @@ def _read_rows(
 
 def _iter_rows(path: Path, rows: dict, problems: _Problems, titles_name: str, *, one_per_user: bool = False):
     """(user, items, line number) of every usable row of a ``user<TAB>item item ...`` file (see _read_rows)."""
+    if isinstance(rows, _UntitledRows):
+        rows.add_missing(i for line in _read_lines(path) if "\t" in line for i in line.split("\t", 1)[1].split())
     known = set(rows)  # one C-speed test per line when every id is known (the usual case), not one per item
     first_line: dict[str, int] = {}
     for line_no, text in enumerate(_read_lines(path), start=1):

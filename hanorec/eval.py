@@ -9,7 +9,7 @@ candidates. Metric arithmetic lives in hanorec.metrics; this module runs the mod
 - generative (ours): greedy decoding, lenient title matching, an invalid hit1 answer scored 0.5.
 - paper (the authors' evaluation): sampled decoding (:data:`PAPER_SAMPLING`, seeded per example by
   :func:`sampling_seed`), quotes stripped from each line, exact case-sensitive titles, hit1 AUC over the
-  answers that are exactly Yes or No, at most :data:`PAPER_MAX_EXAMPLES` examples (the first ones, in order).
+  answers that read Yes or No once stripped of surrounding whitespace and lowercased, at most :data:`PAPER_MAX_EXAMPLES` examples (the first ones, in order).
 """
 
 from __future__ import annotations

@@ -311,6 +311,11 @@ class HardnessCache:
 # Item embeddings read from the model itself, and lambda for a set of preference pairs
 
 
+# pixels (as the model receives them) per batch of item images: 32 tiny-preset images, 8 at 262,144 pixels,
+# 2 at 896 x 896 (a 4,096-patch tower whose attention would otherwise take ~17 GB for 32 images on CPU)
+IMAGE_PIXEL_BUDGET = 1 << 21
+
+
 @torch.no_grad()
 def item_embeddings(
     bundle, ds, item_ids: Sequence[str] | None = None, batch_size: int = 32, *, on_log=None, should_stop=None
@@ -326,6 +331,9 @@ def item_embeddings(
     from hanorec.progress import Progress
 
     ids = sorted(ds.items) if item_ids is None else list(item_ids)
+    if ids:  # large images go fewer at a time: the vision tower's attention grows with the patches per batch
+        first = bundle._process_images([ds.load_image(ids[0], size=bundle.image_size)])[0]
+        batch_size = max(1, min(batch_size, IMAGE_PIXEL_BUDGET // max(1, first.numel() // 3)))
     progress = Progress("hardness", -(-len(ids) // batch_size), on_log=on_log, should_stop=should_stop)
     embed = bundle.model.get_input_embeddings()
     device = embed.weight.device

@@ -17,6 +17,7 @@ import copy
 import json
 import re
 import threading
+import weakref
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -446,6 +447,95 @@ def build_tiny(
 
 
 # ------------------------------------------------------------------------------------------------
+# Published architectures with random weights (model.init=random)
+# ------------------------------------------------------------------------------------------------
+RANDOM_INIT_VOCAB = 4000  # the locally trained tokenizer's target size; the model keeps the published vocabulary
+
+
+def published_ids() -> dict[str, str]:
+    """Checkpoint id -> family, for every id whose architecture model.init=random can build."""
+    return {name: a.family for a in all_backbones() for name in a.published}
+
+
+def build_random(
+    name: str,
+    texts: Sequence[str],
+    *,
+    layers: int | None = None,
+    dtype: str = "auto",
+    seed: int = 0,
+    max_pixels: int | None = None,
+    attn_implementation: str | None = None,
+) -> ModelBundle:
+    """Checkpoint ``name``'s published architecture with random weights, nothing downloaded: every width, head
+    count, vocabulary size and image-processor setting as published (its family adapter holds the numbers), the
+    depth cut to ``layers`` (at least one block of each kind), a BPE tokenizer trained on ``texts`` (its tokens
+    are a subset of the model's published vocabulary). Deterministic for a seed."""
+    ids = published_ids()
+    if name not in ids:
+        raise ModelError(
+            f"model.init = 'random' builds a known checkpoint's architecture; {name!r} is not one of {sorted(ids)}"
+        )
+    adapter = backbone(ids[name])
+    tok = train_tokenizer(texts, RANDOM_INIT_VOCAB, adapter.family)
+    from transformers.initialization import no_init_weights
+
+    previous = torch.get_default_dtype()
+    want = default_dtype(dtype)
+    torch.set_default_dtype(want)  # built in the run's dtype: no full fp32 copy first
+    try:
+        with no_init_weights():  # transformers' own init of half a billion weights takes ~30 s on 2 cores
+            model, proc = adapter.build_published(name, tok, layers)
+    finally:
+        torch.set_default_dtype(previous)
+    if attn_implementation:
+        model.set_attn_implementation(attn_implementation)
+    random_init(model, seed, zero_centred_norms=adapter.zero_centred_norms)
+    model.tie_weights()  # a published tied head shares the embedding (the construction above skipped it)
+    model = model.to(want)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    if max_pixels:
+        cap_image_pixels(proc, max_pixels)
+    meta = {"init": "random", "published": name, "layers": layers, "seed": seed}
+    return ModelBundle(model, tok, proc, adapter.family, name, meta=meta)
+
+
+RANDOM_BLOCK = 1 << 22  # values drawn per large weight; the rest repeat them (same memory and compute)
+
+
+def random_init(model: torch.nn.Module, seed: int, std: float = 0.02, zero_centred_norms: bool = False) -> None:
+    """Weights as a freshly initialised model has them, drawn from one generator seeded with ``seed``: matrices
+    (linear, embedding, convolution, projection) N(0, std), biases 0, norm scales at their identity (1, or 0 for
+    a family whose norms scale by (1 + w): its adapter's zero_centred_norms). A weight larger than RANDOM_BLOCK values draws that many and repeats them
+    (the published vocabulary's embedding would otherwise take seconds to draw; memory and compute are those
+    of the full weight)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module_name, module in model.named_modules():
+            zero_centred = zero_centred_norms and "Norm" in type(module).__name__
+            for pname, p in module.named_parameters(recurse=False):
+                if p.ndim <= 1:
+                    if pname == "bias" or zero_centred:
+                        p.zero_()
+                    elif "Norm" in type(module).__name__ or "norm" in module_name:
+                        p.fill_(1.0)
+                    else:
+                        p.normal_(0.0, std, generator=g)
+                    continue
+                flat = p.view(-1)
+                n = min(flat.numel(), RANDOM_BLOCK)
+                block = torch.empty(n, dtype=p.dtype).normal_(0.0, std, generator=g)
+                for start in range(0, flat.numel(), n):
+                    flat[start : start + n] = block[: min(n, flat.numel() - start)]
+
+
+def builds_locally(model_cfg) -> bool:
+    """The model is built from the dataset's text (a tiny preset, or model.init=random), not loaded."""
+    return model_cfg.name in TINY_PRESETS or getattr(model_cfg, "init", "pretrained") == "random"
+
+
+# ------------------------------------------------------------------------------------------------
 # Loading by id or folder
 # ------------------------------------------------------------------------------------------------
 def family_of(model_type: str) -> str:
@@ -511,7 +601,7 @@ def load_model(
     proc = adapter.load_image_processor(name, trust_remote_code=trust_remote_code)
     size = image_size if image_size is not None else meta.get("image_size")
     if size is None and max_pixels:
-        adapter.cap_pixels(proc, max_pixels)
+        cap_image_pixels(proc, max_pixels)  # keeps the processor's own settings, for set_max_pixels(bundle, 0)
     return ModelBundle(model, tok, proc, adapter.family, meta.get("name", name), image_size=size, meta=meta)
 
 
@@ -519,9 +609,22 @@ def cap_image_pixels(processor, max_pixels: int) -> bool:
     """Cap the pixels per image of a processor that resizes by pixel count (its family's adapter says
     how): larger images are scaled down keeping their aspect ratio. Returns False (processor unchanged)
     for fixed-size processors, which resize every image to one size."""
-    if not hasattr(processor, "hanorec_default_state"):  # the processor's own settings, for set_max_pixels(0)
-        processor.hanorec_default_state = copy.deepcopy(vars(processor))
+    if _default_state(processor) is None:  # the processor's own settings, for set_max_pixels(0)
+        state = copy.deepcopy(vars(processor))
+        key = id(processor)
+        _DEFAULT_STATES[key] = (weakref.ref(processor), state)
+        weakref.finalize(processor, _DEFAULT_STATES.pop, key, None)
     return any(a.cap_pixels(processor, max_pixels) for a in all_backbones())
+
+
+# a processor's own settings before the first cap, kept outside the processor (an attribute of its own would
+# be written into preprocessor_config.json by save_pretrained)
+_DEFAULT_STATES: dict[int, tuple] = {}
+
+
+def _default_state(processor) -> dict | None:
+    ref, state = _DEFAULT_STATES.get(id(processor), (None, None))
+    return state if ref is not None and ref() is processor else None
 
 
 HUB_ID = re.compile(r"(?!.*(--|\.\.))(?:[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9])?/)?[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9])?")
@@ -559,7 +662,7 @@ def set_max_pixels(bundle: ModelBundle, max_pixels: int | None) -> bool:
         return False
     if max_pixels:
         return cap_image_pixels(proc, max_pixels)
-    default = getattr(proc, "hanorec_default_state", None)
+    default = _default_state(proc)
     if default is None:  # never capped: already the processor's own default
         return True
     for key, value in copy.deepcopy(default).items():
@@ -567,12 +670,17 @@ def set_max_pixels(bundle: ModelBundle, max_pixels: int | None) -> bool:
     return True
 
 
-def check_model_name(name: str) -> None:
+def check_model_name(name: str, init: str = "pretrained") -> None:
     """Raise ModelError before any data is loaded when `name` is neither a tiny preset, a local folder,
-    nor a model id in the local Hugging Face cache; the message lists the presets and the closest name."""
+    nor a model id in the local Hugging Face cache (with init "random": a checkpoint id whose published
+    architecture an adapter holds); the message lists the presets and the closest name."""
     import difflib
 
     check_model_form(name)
+    if init == "random" and name not in TINY_PRESETS:
+        if name not in published_ids():
+            raise ModelError(f"model.init = 'random' builds one of {sorted(published_ids())}, not {name!r}")
+        return
     if name in TINY_PRESETS or Path(name).exists():
         return
     try:
@@ -597,6 +705,11 @@ def get_model(cfg, texts: Sequence[str] | None = None, seed: int = 0, image_size
 
     image_size (tiny presets): the square size images are resized to before the processor (default 64).
     """
+    if getattr(cfg, "init", "pretrained") == "random" and cfg.name not in TINY_PRESETS:
+        if texts is None:
+            raise ModelError(f"model.init = 'random' ({cfg.name}) needs the dataset's text to train its tokenizer")
+        return build_random(cfg.name, texts, layers=cfg.layers, dtype=cfg.dtype, seed=seed, max_pixels=cfg.max_pixels,
+                            attn_implementation=cfg.attn_implementation)  # fmt: skip
     if cfg.name in TINY_PRESETS:
         if texts is None:
             raise ModelError(f"tiny preset {cfg.name!r} needs the dataset's text to train its tokenizer")
@@ -634,6 +747,7 @@ def format_models() -> str:
             f"  checkpoint types {', '.join(row['model_types'])}",
             f"  e.g.             {', '.join(row['checkpoints'])}",
             f"  GPU preset       {row['gpu_config']}",
+            f"  random init      {', '.join(row['random_init']) or '-'} (--model.init=random --model.layers=N)",
             f"  positions        {row['position_ids']}",
             "",
         ]

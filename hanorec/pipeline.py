@@ -107,7 +107,7 @@ def _prepare_data(cfg: RunConfig, for_training: bool, on_log, should_stop, defer
     d = cfg.data
     ds = load_dataset(
         d.path, format=d.format, domain=d.domain, image_dir=d.image_dir, on_error=d.on_error,
-        split_files=d.split_policy == "files",
+        split_files=d.split_policy == "files", untitled=d.untitled,
     )  # fmt: skip
     progress.tick(phase="load")
     if d.max_users:
@@ -129,7 +129,9 @@ def _prepare_data(cfg: RunConfig, for_training: bool, on_log, should_stop, defer
     t = cfg.task
     words = t.words(d.domain)
 
-    def examples(windows, offset, shuffle, cap, phase):
+    drawn = authors_drawn(cfg, ds, splits)
+
+    def examples(windows, offset, shuffle, cap, phase, split):
         # a teaching scenario's false negatives reach the training examples only (hanorec.data.SCENARIOS)
         planted = ds.scenario.get("false_negatives", 0.0) if phase == "train examples" else 0.0
         out = build_examples(
@@ -150,6 +152,7 @@ def _prepare_data(cfg: RunConfig, for_training: bool, on_log, should_stop, defer
             outer_quotes=t.hit3_outer_quotes,
             negatives=t.negatives,
             max_item_id=t.max_item_id,
+            drawn=drawn.get(split),
         )
         progress.tick(phase=phase)
         return out
@@ -160,14 +163,38 @@ def _prepare_data(cfg: RunConfig, for_training: bool, on_log, should_stop, defer
     if splits.policy == "files" and train_cap is not None:
         # the first rows of train.tsv, before shuffling, as LLaMA-Factory's max_samples keeps a file's first rows
         train_windows, train_cap = splits.train[:train_cap], None
+        if "train" in drawn:
+            drawn["train"] = drawn["train"][: len(train_windows)]
     return PreparedData(
         ds,
         splits,
-        examples(train_windows, 0, True, train_cap, "train examples"),
-        examples(val_windows, 1000, False, t.max_eval_examples, "val examples"),
-        examples(splits.test, 2000, False, t.max_eval_examples, "test examples"),
+        examples(train_windows, 0, True, train_cap, "train examples", "train"),
+        examples(val_windows, 1000, False, t.max_eval_examples, "val examples", "val"),
+        examples(splits.test, 2000, False, t.max_eval_examples, "test examples", "test"),
         (lambda: dict(train_popularity(splits.train))) if defer else dict(train_popularity(splits.train)),
     )
+
+
+def authors_drawn(cfg: RunConfig, ds: RecDataset, splits: Splits) -> dict:
+    """data.prompts = authors: split name -> the draws read from the authors' drawn SFT file of that split
+    (hanorec.authors_files), for each split whose file is in data.path; {} otherwise."""
+    from hanorec.authors_files import authors_draws, find_sft_file
+    from hanorec.config import ConfigError
+
+    if cfg.data.prompts != "authors":
+        return {}
+    if cfg.data.split_policy != "files":
+        raise ConfigError("data.prompts = 'authors' reads the authors' drawn SFT files, which belong to their "
+                          "train.tsv / val.tsv / test.tsv rows: use it with --data.split_policy=files")  # fmt: skip
+    if cfg.task.template_set != "authors" or (cfg.task.name == "hit3" and not cfg.task.hit3_outer_quotes):
+        raise ConfigError("data.prompts = 'authors' keeps the authors' prompt and answer text: use it with "
+                          "--task.template_set=authors and --task.hit3_outer_quotes=true")  # fmt: skip
+    out = {}
+    for split in ("train", "val", "test"):
+        path = find_sft_file(cfg.data.path, split, cfg.task.name)
+        if path is not None:
+            out[split] = authors_draws(cfg.task.name, getattr(splits, split), ds, path)
+    return out
 
 
 def stage_max_pixels(cfg: RunConfig, stage_cap: int | None) -> int:

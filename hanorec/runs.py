@@ -392,18 +392,21 @@ def base_model(cfg, sft_dir: str | Path | None = None, texts=None):
     Without a saved copy a tiny preset is built from `texts` (the dataset's text trains its tokenizer);
     any other backbone is loaded by its Hugging Face id or folder.
     """
-    from hanorec.models import get_model, load_model
+    from hanorec.models import builds_locally, get_model, load_model
 
     saved = Path(sft_dir) / BASE_MODEL_DIR if sft_dir else None
     if saved is not None and (saved / "config.json").is_file():
         bundle = load_model(saved, dtype=cfg.model.dtype)
+        if bundle.meta.get("init") == "random":  # a random-init real architecture: the name it was built as
+            bundle.name = bundle.meta.get("published", bundle.name)
     else:
-        if texts is None and cfg.model.name.startswith("tiny-"):
+        if texts is None and builds_locally(cfg.model):
             raise RunError(
-                f"the tiny base model of this run is missing ({saved}); it is written when SFT starts"
+                f"the base model of this run (built from the dataset's text) is missing ({saved}); it is written "
+                "when SFT starts"
             )
         bundle = get_model(cfg.model, texts, seed=cfg.seed, image_size=cfg.data.image_size)
-        if saved is not None and cfg.model.name.startswith("tiny-"):
+        if saved is not None and builds_locally(cfg.model):
             # written under a temporary name, then renamed: a kill mid-write leaves no half model behind
             tmp = saved.with_name(f".tmp-{saved.name}")
             shutil.rmtree(tmp, ignore_errors=True)

@@ -318,6 +318,17 @@ class _Draw:
     candidates: tuple[str, ...]  # hit3/next1: displayed order; hit1: (target,)
     negatives: tuple[str, ...]  # hit3/next1: sampled order; hit1: the not-watched items
     label: bool | None = None
+    text: tuple[str, str] | None = None  # (prompt, answer) read from the authors' drawn SFT files, kept verbatim
+
+
+def _assemble(task: str, d: _Draw, *args) -> Example:
+    """The Example of a draw; a draw read from the authors' files keeps their prompt and answer text."""
+    ex = _format(task, d, *args)
+    if d.text is not None and (ex.prompt, ex.answer) != d.text:
+        from dataclasses import replace
+
+        ex = replace(ex, prompt=d.text[0], answer=d.text[1])
+    return ex
 
 
 def _pool_keys(ds: RecDataset, pool: Sequence[str]):
@@ -372,7 +383,7 @@ def _draw(
     return _Draw(window, (target,), tuple(not_watched), label)
 
 
-def _assemble(
+def _format(
     task: str,
     d: _Draw,
     ds: RecDataset,
@@ -622,6 +633,7 @@ def build_examples(
     negatives: str = "titled",
     max_item_id: int | None = None,
     false_negatives: float = 0.0,
+    drawn: Sequence[_Draw] | None = None,
 ) -> list[Example] | ExampleList:
     """Examples for every window, deterministic for (seed, windows). shuffle=True permutes (training).
 
@@ -641,7 +653,8 @@ def build_examples(
     (called when first needed: lazy splits' train and val windows, hanorec.data.make_splits).
     template_set, outer_quotes: see :func:`build_example`. negatives: "titled" (items with a title) or
     "id_range" (the authors': ids 1 to max_item_id, see :func:`id_range_pool`). false_negatives: see
-    :func:`build_example`."""
+    :func:`build_example`. drawn: the windows' draws already made (one per window, in order: the authors'
+    drawn SFT files, hanorec.authors_files), used instead of drawing."""
     shape = _check_task(task, template_set)
     if negatives not in NEGATIVE_POOLS:
         raise TaskError(f"unknown negative pool {negatives!r}; use one of {list(NEGATIVE_POOLS)}")
@@ -655,7 +668,10 @@ def build_examples(
     def draws() -> list[_Draw]:
         rng, memo = random.Random(seed), {}
         with no_cyclic_gc():
-            out = [_draw(task, w, ds, rng, n_neg, memo, pool, false_negatives) for w in given()]
+            if drawn is not None:
+                out = list(drawn)
+            else:
+                out = [_draw(task, w, ds, rng, n_neg, memo, pool, false_negatives) for w in given()]
         if shuffle:
             random.Random(seed + 1).shuffle(out)  # the same permutation shuffling the built examples gave
         return out if max_examples is None else out[:max_examples]
@@ -663,7 +679,7 @@ def build_examples(
     def given() -> Sequence[Window]:
         return windows() if callable(windows) else windows
 
-    if lazy and defer and not shuffle:  # windows in order: draw only as far as a reader needs (_PrefixDraws)
+    if lazy and defer and not shuffle and drawn is None:  # windows in order: draw only as far as a reader needs (_PrefixDraws)
         rng, memo = random.Random(seed), {}
         kept = given if max_examples is None else (lambda: given()[:max_examples])
         deferred = _PrefixDraws(kept, lambda w: _draw(task, w, ds, rng, n_neg, memo, pool, false_negatives))

@@ -50,6 +50,13 @@ class Backbone:
     vision_modules: tuple[str, ...] = ()  # modules (last names) that turn pixels into LM vectors
     mrope: bool = False  # 3-D (temporal, height, width) rotary positions
 
+    # ---- published architectures (model.init=random) -------------------------------------------
+    # checkpoint id -> its published config numbers (config.json and preprocessor_config.json, as facts):
+    # {"text": text config keys, "vision": vision config keys, "top": top-level keys, "processor": image
+    # processor keys}; built with random weights by build_published, depth cut by model.layers
+    published: dict = {}
+    zero_centred_norms: bool = False  # RMSNorm scales by (1 + w): a fresh norm has w = 0
+
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         if cls.family:
@@ -65,6 +72,21 @@ class Backbone:
         """(model, image processor) of the tiny preset: ``text`` holds the language model's config
         keys (vocabulary from ``tok``), to be put in the family's own text config."""
         raise NotImplementedError
+
+    def build_published(self, name: str, tok, layers: int | None):
+        """(model, image processor) of checkpoint ``name``'s published architecture with random weights:
+        every width, head count, vocabulary size and image setting as published, the depth cut to ``layers``
+        (keeping at least one block of each kind); token ids from ``tok``."""
+        raise BackboneError(f"model.init = 'random' is not available for {self.label} checkpoints")
+
+    @staticmethod
+    def cut(depth: int, layers: int | None, least: int = 1) -> int:
+        """The depth kept of a stack of ``depth`` blocks: ``layers`` (at least ``least``, at most ``depth``)."""
+        return depth if layers is None else max(least, min(int(layers), depth))
+
+    @staticmethod
+    def special_ids(tok) -> dict:
+        return dict(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
 
     # ---- chat text and image tokens -------------------------------------------------------------
     def chat_content(self, content: str):
@@ -166,6 +188,7 @@ class Backbone:
             "model_types": list(self.model_types),
             "checkpoints": list(self.checkpoints),
             "gpu_config": self.gpu_config,
+            "random_init": sorted(self.published),
             "position_ids": "M-RoPE (3-D)" if self.mrope else "1-D RoPE",
         }
 

@@ -32,7 +32,46 @@ class Gemma3(Backbone):
     tiny_tokens = ("<start_of_image>", "<image_soft_token>", "<end_of_image>")
     vision_modules = ("vision_tower", "multi_modal_projector")
     tiny_vision_size = 32
+    zero_centred_norms = True  # Gemma's RMSNorm scales by (1 + w)
     tiny_sliding_window = 48  # shorter than a tiny prompt, so the sliding layers really slide in tests
+    # google/gemma-3-4b-it's config.json (5 sliding-window layers, then 1 global) and preprocessor_config.json
+    published = {
+        "google/gemma-3-4b-it": {
+            "text": dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, num_attention_heads=8,
+                         num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256, vocab_size=262208,
+                         sliding_window=1024, max_position_embeddings=131072, rms_norm_eps=1e-6,
+                         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                          "full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                             "rope_theta": 1000000.0}}),
+            "global_every": 6,
+            "vision": dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304,
+                           num_hidden_layers=27, num_attention_heads=16, image_size=896, patch_size=14,
+                           layer_norm_eps=1e-6),
+            "top": dict(mm_tokens_per_image=256, tie_word_embeddings=True),
+            "processor": dict(size={"height": 896, "width": 896}, do_pan_and_scan=False, image_mean=[0.5, 0.5, 0.5],
+                              image_std=[0.5, 0.5, 0.5]),
+        },
+    }  # fmt: skip
+
+    def build_published(self, name: str, tok, layers: int | None):
+        from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil
+
+        spec = self.published[name]
+        text = dict(spec["text"], **self.special_ids(tok))
+        n = self.cut(text["num_hidden_layers"], layers, least=2)  # a sliding-window layer and a global one
+        every = spec["global_every"]
+        kinds = ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(n)]
+        if "full_attention" not in kinds:
+            kinds[-1] = "full_attention"
+        text.update(num_hidden_layers=n, layer_types=kinds)
+        vision = dict(spec["vision"], num_hidden_layers=self.cut(spec["vision"]["num_hidden_layers"], layers))
+        cfg = Gemma3Config(
+            text_config=text, vision_config=vision,
+            boi_token_index=tok.convert_tokens_to_ids("<start_of_image>"),
+            eoi_token_index=tok.convert_tokens_to_ids("<end_of_image>"),
+            image_token_index=tok.convert_tokens_to_ids("<image_soft_token>"), **spec["top"],
+        )  # fmt: skip
+        return Gemma3ForConditionalGeneration(cfg), Gemma3ImageProcessorPil(**spec["processor"])
 
     def build_tiny_model(self, tok, text: dict, image_size: int):
         from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3ImageProcessorPil

@@ -30,6 +30,21 @@ class Qwen25VL(Backbone):
     vision_modules = ("visual",)
     mrope = True
     tiny_patch = 8
+    # Qwen/Qwen2.5-VL-3B-Instruct's config.json and preprocessor_config.json
+    published = {
+        "Qwen/Qwen2.5-VL-3B-Instruct": {
+            "text": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+                         num_key_value_heads=2, vocab_size=151936, max_position_embeddings=128000, rms_norm_eps=1e-6,
+                         hidden_act="silu", rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                                             "mrope_section": [16, 24, 24]}),
+            "vision": dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                           fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu", tokens_per_second=2),
+            "top": dict(tie_word_embeddings=True),
+            "processor": dict(patch_size=14, merge_size=2, temporal_patch_size=2, min_pixels=3136,
+                              max_pixels=12845056, image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711]),
+        },
+    }  # fmt: skip
 
     # ---- tiny preset ----------------------------------------------------------------------------
     def check_tiny_image_size(self, image_size: int) -> None:
@@ -86,6 +101,27 @@ class Qwen25VL(Backbone):
         )
         # 64x64 with 8x8 patches merged 2x2 -> 16 visual tokens per image
         return Qwen2_5_VLForConditionalGeneration(cfg), self.tiny_processor(image_size)
+
+    def cut_vision(self, vision: dict, layers: int | None) -> dict:
+        """The vision tower cut to ``layers`` blocks (at least 2), keeping the published full-attention blocks
+        that fall inside and at least one (the last) besides the window-attention ones."""
+        depth = self.cut(vision["depth"], layers, least=2)
+        full = [i for i in vision["fullatt_block_indexes"] if i < depth] or [depth - 1]
+        return dict(vision, depth=depth, fullatt_block_indexes=full)
+
+    def build_published(self, name: str, tok, layers: int | None):
+        from transformers import (
+            Qwen2_5_VLConfig,
+            Qwen2_5_VLForConditionalGeneration,
+            Qwen2VLImageProcessorPil,
+        )
+
+        spec = self.published[name]
+        text = dict(spec["text"], **self.special_ids(tok))
+        text["num_hidden_layers"] = self.cut(text["num_hidden_layers"], layers)
+        cfg = Qwen2_5_VLConfig(text_config=text, vision_config=self.cut_vision(spec["vision"], layers),
+                               **self.token_ids(tok), **spec["top"])  # fmt: skip
+        return Qwen2_5_VLForConditionalGeneration(cfg), Qwen2VLImageProcessorPil(**spec["processor"])
 
     # ---- pixels ---------------------------------------------------------------------------------
     def process_images(self, bundle, images: Sequence):

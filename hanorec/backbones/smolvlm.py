@@ -42,6 +42,37 @@ class SmolVLM(Backbone):
     language_model = "text_model"
     vision_modules = ("vision_model", "connector")
     tiny_vision_size = 64
+    # HuggingFaceTB/SmolVLM2-2.2B-Instruct's config.json (SmolLM2-1.7B text model, SigLIP at 384 with 14-pixel
+    # patches, 3x3 pixel shuffle: 81 visual tokens per tile) and preprocessor_config.json
+    published = {
+        "HuggingFaceTB/SmolVLM2-2.2B-Instruct": {
+            "text": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=24, num_attention_heads=32,
+                         num_key_value_heads=32, vocab_size=49280, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                         rope_parameters={"rope_type": "default", "rope_theta": 130000.0}),
+            "vision": dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                           image_size=384, patch_size=14),
+            "top": dict(scale_factor=3, tie_word_embeddings=False),
+            "processor": dict(do_image_splitting=False, size={"longest_edge": 1536},
+                              max_image_size={"longest_edge": 384}, image_mean=[0.5, 0.5, 0.5],
+                              image_std=[0.5, 0.5, 0.5]),
+        },
+    }  # fmt: skip
+
+    def build_published(self, name: str, tok, layers: int | None):
+        from transformers import (
+            LlamaConfig,
+            SmolVLMConfig,
+            SmolVLMForConditionalGeneration,
+            SmolVLMImageProcessorPil,
+        )
+
+        spec = self.published[name]
+        text = dict(spec["text"], **self.special_ids(tok))
+        text["num_hidden_layers"] = self.cut(text["num_hidden_layers"], layers)
+        vision = dict(spec["vision"], num_hidden_layers=self.cut(spec["vision"]["num_hidden_layers"], layers))
+        cfg = SmolVLMConfig(vision_config=vision, text_config=LlamaConfig(**text).to_dict(),
+                            image_token_id=tok.convert_tokens_to_ids("<image>"), **spec["top"])  # fmt: skip
+        return SmolVLMForConditionalGeneration(cfg), SmolVLMImageProcessorPil(**spec["processor"])
 
     def build_tiny_model(self, tok, text: dict, image_size: int):
         from transformers import (
