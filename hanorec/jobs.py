@@ -211,10 +211,15 @@ class JobManager:
         gpu_duration_s: int | None = None,
         max_queued: int | None = None,
         max_per_owner: int | None = None,
+        handler_gpu: bool = False,
+        bridge_wait_s: float = 600.0,
     ):
         """max_queued: jobs waiting at most (None: no cap); max_per_owner: jobs waiting or running per owner token.
         in_process: run jobs in a thread of this process through train_in_chunks (None: on ZeroGPU only);
-        chunk_steps / chunk_seconds: each GPU call's budget (default: half of gpu_duration_s, 60 s)."""
+        chunk_steps / chunk_seconds: each GPU call's budget (default: half of gpu_duration_s, 60 s).
+        handler_gpu: in-process jobs hand their GPU calls to a hanorec.spaces.GpuBridge per job (bridge_for),
+        which the visitor's event handler serves, so every call is charged to that visitor (a Space's ZeroGPU);
+        a call no page takes within bridge_wait_s stops the job (resume continues from its checkpoint)."""
         from hanorec import spaces
 
         self.in_process = spaces.on_zero_gpu() if in_process is None else in_process
@@ -224,6 +229,8 @@ class JobManager:
             "gpu_duration_s": gpu_duration_s or spaces.DEFAULT_DURATION_S,
         }
         self._stops: dict[str, threading.Event] = {}
+        self.handler_gpu, self.bridge_wait_s = handler_gpu, bridge_wait_s
+        self._bridges: dict = {}
         self._device_env = device_env(device)
         self.runs_dir = Path(runs_dir).resolve()
         self.runs_dir.mkdir(parents=True, exist_ok=True)
@@ -553,14 +560,24 @@ class JobManager:
         runs.write_status(run, "running", pid=os.getpid(), runner_pid=None, in_process=True,
                           started=time.time(), command=None)  # fmt: skip
 
+        bridge = self.bridge_for(run.name) if self.handler_gpu else None
+
         def target():
             try:
-                run_job_chunked(run, stop, **self.chunking)
+                run_job_chunked(run, stop, **self.chunking, bridge=bridge)
             finally:
                 self._stops.pop(run.name, None)
 
         threading.Thread(target=target, daemon=True, name=f"hanorec-job-{run.name}").start()
         return run.name
+
+    def bridge_for(self, job: str):
+        """The GpuBridge that carries job's GPU calls to the event handler serving it (handler_gpu)."""
+        from hanorec import spaces
+
+        if job not in self._bridges:
+            self._bridges[job] = spaces.GpuBridge(wait_s=self.bridge_wait_s)
+        return self._bridges[job]
 
     def close(self) -> None:
         """Stop checking the queue (running jobs go on; a new JobManager picks the queue up again)."""
@@ -660,6 +677,7 @@ def run_job_chunked(
     max_steps_per_call: int | None = None,
     max_seconds_per_call: float | None = None,
     gpu_duration_s: int | None = None,
+    bridge=None,
 ) -> str:
     """A job's commands in this process (ZeroGPU): training through hanorec.spaces.train_in_chunks, each
     call resuming from the newest checkpoint, then the command's evaluation in one more GPU call; the same
@@ -696,7 +714,7 @@ def run_job_chunked(
                     )[1]
             chunked = spaces.train_in_chunks(
                 train, max_steps_per_call=max_steps_per_call, max_seconds_per_call=max_seconds_per_call,
-                gpu_duration_s=duration, should_stop=stop.is_set,
+                gpu_duration_s=duration, should_stop=stop.is_set, bridge=bridge,
                 on_chunk=lambda i, r: log(f"GPU call {i} ({duration} s): step {r.global_step}/{r.total_steps}"),
             )  # fmt: skip
             if chunked.last.stopped_early and chunked.last.global_step < chunked.last.total_steps:
@@ -705,12 +723,20 @@ def run_job_chunked(
                 return "stopped"
             finish = {"run": pipeline.run_pipeline, "pref": pipeline.run_preference_pipeline}.get(command)
             if finish is not None:  # the evaluation (training is complete, so the resume trains nothing)
-                result = spaces.gpu_call(finish, duration)(cfg, should_stop=stop.is_set, print_fn=log)
+                if bridge is not None:  # the visitor's handler makes the call (hanorec.spaces.GpuBridge)
+                    result = bridge.submit(finish, (cfg,), {"should_stop": stop.is_set, "print_fn": log},
+                                           duration_s=duration, label="evaluation")  # fmt: skip
+                else:
+                    result = spaces.gpu_call(finish, duration)(cfg, should_stop=stop.is_set, print_fn=log)
                 if result.get("stopped_early"):
                     _final(run, "stopped", "stopped during evaluation; resume evaluates again")
                     return "stopped"
         except StopRequested as e:
             _final(run, "stopped", f"stopped during {e.stage}; resume runs it again")
+            return "stopped"
+        except TimeoutError as e:  # a GPU call no visitor's page took (GpuBridge): keep the checkpoint
+            log(f"stopped: {e}")
+            _final(run, "stopped", f"{e}; resume continues from the last checkpoint")
             return "stopped"
         except Exception as e:  # noqa: BLE001 - a thread of the app: say why in the job, never die silently
             log(f"error: {e}")
