@@ -273,6 +273,11 @@ class JobManager:
 
         commands = commands_for(stage, sft_run)
         over = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
+        if self.handler_gpu and (name is None or name not in self._bridges):
+            raise JobError(
+                "on this ZeroGPU Space a job trains from the ZeroGPU tab, where each GPU call is made (and paid "
+                "for) by your own request"
+            )
         if stage == COMPARE and self.in_process:
             raise JobError("a comparison runs as a CLI subprocess; on this Space run `python -m hanorec compare`")
         if args and stage != COMPARE:

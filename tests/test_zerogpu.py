@@ -298,3 +298,50 @@ def test_the_space_app_builds_on_its_state_root_with_the_zerogpu_tab(double, tmp
     monkeypatch.setenv(S.WARM_ENV, "many")
     with pytest.raises(ValueError, match="HANOREC_WARM must be a whole number"):
         S.warm_users()
+
+
+def test_a_job_without_a_handler_to_serve_it_is_refused_on_zerogpu(tmp_path):
+    """With handler_gpu, a job launched elsewhere than the ZeroGPU tab (the Train tab, a notebook) would wait
+    for a handler that never comes: it is refused in one sentence instead."""
+    from hanorec.jobs import JobError, JobManager
+
+    manager = JobManager(tmp_path / "runs", autostart=False, in_process=True, handler_gpu=True)
+    with pytest.raises(JobError, match="trains from the ZeroGPU tab"):
+        manager.submit({}, name="from-train-tab")
+    assert not (tmp_path / "runs" / "from-train-tab").exists()
+
+
+@pytest.mark.slow  # a real tiny SFT job (4 steps, 2 evaluation prompts): about 20 to 60 s on a 2-core machine
+def test_a_real_job_trains_through_the_visitors_handler(double, tmp_path, monkeypatch):
+    """The ZeroGPU tab's action with the real JobManager and a tiny SFT job: every GPU call (two training
+    chunks, then the evaluation) is made by this thread, which plays the event handler with the visitor's
+    request, each at the planned duration; the job finishes with its results and the ledger holds the calls."""
+    from gradio.context import LocalContext
+
+    from app.tabs.train import form_overrides
+    from hanorec import runs
+    from hanorec.jobs import JobManager
+
+    monkeypatch.setattr(double, "MAX_DURATION_S", 60)
+    plan_kw = {"seconds_per_step": 20.0, "setup_s": 20.0, "eval_s": 20.0, "call_cap_s": 60}  # 2 steps a call
+    manager = JobManager(tmp_path / "runs", poll_s=0.2, in_process=True, handler_gpu=True, chunk_steps=2)
+    ledger = spaces.GpuLedger(tmp_path / "runs" / ".gpu-ledger.json")
+    demo = REPO / "assets" / "demo"
+    over = form_overrides(str(demo), "tiny-llava", "SFT", "hit3", max_steps=4, eval_examples=2)
+
+    class Req:
+        headers = {"x-ip-token": "ana-token"}
+
+    LocalContext.request.set(Req())
+    try:
+        lines = list(spaces.train_on_gpu(manager, over, stage="SFT", steps=4, visitor="hf:ana", tier="pro",
+                                         ledger=ledger, plan_kw=plan_kw))  # fmt: skip
+    finally:
+        manager.close()
+    job = lines[0].split(":")[0]
+    assert lines[-1] == f"{job}: finished", lines
+    assert [c["duration"] for c in double.CALLS] == [60, 60, 60] and all(
+        c["token"] == "ana-token" for c in double.CALLS
+    )
+    assert all(c["thread"] == threading.current_thread().name for c in double.CALLS)
+    assert runs.read_results(tmp_path / "runs" / job)["rows"] and ledger.used("hf:ana") == 180
