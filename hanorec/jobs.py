@@ -36,6 +36,7 @@ Local runs are unchanged.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -494,6 +495,7 @@ class JobManager:
                 event = self._stops.get(job_id)
                 if event is not None:
                     event.set()  # the running GPU call ends at its next step, with a checkpoint
+                    (run / STOP_FLAG).touch()  # seen by a call running in ZeroGPU's worker process
                 else:  # started by an app that is gone: nothing runs it any more
                     runs.write_status(run, "stopped", message="the app that ran it stopped", in_process=None)
             elif st["status"] == "running":
@@ -566,6 +568,7 @@ class JobManager:
                           started=time.time(), command=None)  # fmt: skip
 
         bridge = self.bridge_for(run.name) if self.handler_gpu else None
+        (run / STOP_FLAG).unlink(missing_ok=True)
 
         def target():
             try:
@@ -717,6 +720,8 @@ def run_job_chunked(
                     return pipeline.run_preference(
                         cfg, data, should_stop=stop.is_set, train_should_stop=_either(budget, stop)
                     )[1]
+            if bridge is not None:  # the call crosses into ZeroGPU's worker process: picklable, by name
+                train = functools.partial(_train_in_gpu_call, str(run), command)
             chunked = spaces.train_in_chunks(
                 train, max_steps_per_call=max_steps_per_call, max_seconds_per_call=max_seconds_per_call,
                 gpu_duration_s=duration, should_stop=stop.is_set, bridge=bridge,
@@ -729,8 +734,8 @@ def run_job_chunked(
             finish = {"run": pipeline.run_pipeline, "pref": pipeline.run_preference_pipeline}.get(command)
             if finish is not None:  # the evaluation (training is complete, so the resume trains nothing)
                 if bridge is not None:  # the visitor's handler makes the call (hanorec.spaces.GpuBridge)
-                    result = bridge.submit(finish, (cfg,), {"should_stop": stop.is_set, "print_fn": log},
-                                           duration_s=duration, label="evaluation")  # fmt: skip
+                    result = bridge.submit(_evaluate_in_gpu_call, (str(run), command), duration_s=duration,
+                                           label="evaluation")  # fmt: skip
                 else:
                     result = spaces.gpu_call(finish, duration)(cfg, should_stop=stop.is_set, print_fn=log)
                 if result.get("stopped_early"):
@@ -749,6 +754,51 @@ def run_job_chunked(
             return "failed"
     _final(run, "finished", "")
     return "finished"
+
+
+STOP_FLAG = ".stop-request"  # a stop request a GPU call in another process can see (ZeroGPU's worker)
+
+
+def _stop_flag(run: Path):
+    def should_stop() -> bool:
+        return (run / STOP_FLAG).exists()
+
+    return should_stop
+
+
+def _train_in_gpu_call(run_dir: str, command: str, budget):
+    """One training call of a job, from its run folder alone (ZeroGPU pickles a call's arguments to its
+    worker process, so no closure, event or model crosses): the configuration and data are read again, the
+    stage resumes from its newest checkpoint, stops at the budget or at the run's stop flag, and returns the
+    TrainResult."""
+    from hanorec import pipeline
+
+    run = Path(run_dir)
+    stop = _stop_flag(run)
+    cfg = runs.read_config(run)
+    data = pipeline.prepare_data(cfg, should_stop=stop)
+
+    def either() -> bool:
+        return budget() or stop()
+
+    if command in ("run", "sft"):
+        return pipeline.run_sft(cfg, data, should_stop=either)[1]
+    return pipeline.run_preference(cfg, data, should_stop=stop, train_should_stop=either)[1]
+
+
+def _evaluate_in_gpu_call(run_dir: str, command: str) -> dict:
+    """The evaluation call of a job (training is complete, so the resume trains nothing), from its run folder
+    alone; its lines go to the job's log file. Returns the results dict (plain data)."""
+    from hanorec import pipeline
+
+    run = Path(run_dir)
+
+    def log(line: str) -> None:
+        with open(run / LOG_FILE, "a") as fh:
+            fh.write(line + "\n")
+
+    finish = {"run": pipeline.run_pipeline, "pref": pipeline.run_preference_pipeline}[command]
+    return finish(runs.read_config(run), should_stop=_stop_flag(run), print_fn=log)
 
 
 def _either(budget, stop: threading.Event):

@@ -51,7 +51,22 @@ DURATION = re.compile(r"^\d+(s|m|h|d)$")  # startup_duration_timeout: "any valid
 # ---- this Space --------------------------------------------------------------------------------------------
 SPACE_PYTHON = spaces.ZERO_GPU_PYTHON[0]  # 3.12.12
 SPACE_TORCH = spaces.ZERO_GPU_TORCH[-1]  # 2.11.0: the newest ZeroGPU lists (scripts/check_torch.sh ran on it)
-REAL_CHECKPOINT = "Qwen/Qwen2.5-VL-3B-Instruct"
+# the real checkpoint the ZeroGPU mode preloads: the paper preset's backbone (its name lives in the config only)
+REAL_CONFIG_GLOB = "paper-*-movielens.yaml"
+
+
+def real_checkpoint() -> str:
+    import yaml
+
+    found = sorted((REPO / "configs").glob(REAL_CONFIG_GLOB))
+    if not found:
+        raise UserError(f"configs/ holds no {REAL_CONFIG_GLOB} to take the real checkpoint's name from.")
+    name = ((yaml.safe_load(found[0].read_text()) or {}).get("model") or {}).get("name")
+    if not isinstance(name, str) or not REPO_ID.match(name):
+        raise UserError(f"{found[0].name} names no Hub model id under model.name.")
+    return name
+
+
 APP_FILE = "app/space.py"
 MODES = ("zerogpu", "cpu")
 # what the Space needs of the repository (what the Dockerfile copies)
@@ -96,8 +111,8 @@ def front_matter(
         "tags": ["recommendation", "dpo", "multimodal", "lora", "education"],
     }
     if mode == "zerogpu":
-        meta["models"] = [REAL_CHECKPOINT]
-        meta["preload_from_hub"] = [REAL_CHECKPOINT]
+        meta["models"] = [real_checkpoint()]
+        meta["preload_from_hub"] = [real_checkpoint()]
         meta["tags"] = [*meta["tags"], "zerogpu"]
     else:
         meta["suggested_hardware"] = "cpu-basic"

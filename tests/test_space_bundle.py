@@ -51,7 +51,9 @@ def test_front_matter_is_valid_for_the_hub_and_zerogpu(space_dir):
     )
     assert meta["hf_oauth"] is True and meta["app_file"] == B.APP_FILE
     assert len(meta["short_description"]) < 60
-    assert B.REAL_CHECKPOINT in meta["models"] and B.REAL_CHECKPOINT in meta["preload_from_hub"]
+    assert (
+        meta["models"] == meta["preload_from_hub"] == ["Qwen/Qwen2.5-VL-3B-Instruct"] == [B.real_checkpoint()]
+    )
     assert meta["tags"] and all(isinstance(t, str) for t in meta["tags"])
 
 

@@ -6,6 +6,7 @@ sentence with the figure, when over the visitor's tier."""
 
 from __future__ import annotations
 
+import pickle
 import subprocess
 import sys
 import threading
@@ -51,6 +52,10 @@ def test_the_old_way_a_job_thread_calling_the_gpu_is_refused(double):
     assert double.CALLS[0]["request"] is False
 
 
+def times_ten(i):  # a GPU call's function crosses to ZeroGPU's worker by name: module level, picklable
+    return i * 10
+
+
 def _serve_app(bridge_job, bridge):
     """A Gradio app whose one event is the handler that serves the bridge (as app/space.py's panel does)."""
     import gradio as gr
@@ -88,8 +93,8 @@ def test_gpu_calls_run_in_the_visitors_handler_with_its_token_and_a_sized_durati
 
     def job():
         for i in range(2):
-            results.append(bridge.submit(lambda i=i: i * 10, duration_s=60, label=f"training, call {i + 1}"))
-        results.append(bridge.submit(lambda: "evaluated", duration_s=60, label="evaluation"))
+            results.append(bridge.submit(times_ten, (i,), duration_s=60, label=f"training, call {i + 1}"))
+        results.append(bridge.submit(str, ("evaluated",), duration_s=60, label="evaluation"))
 
     demo, url = _serve_app(job, bridge)
     try:
@@ -119,7 +124,7 @@ def test_a_duration_over_the_cap_is_refused_by_the_double_and_reported_to_the_jo
 
     def job():
         try:
-            bridge.submit(lambda: 1, duration_s=60)
+            bridge.submit(times_ten, (1,), duration_s=60)
         except RuntimeError as e:
             errors.append(str(e))
 
@@ -129,6 +134,21 @@ def test_a_duration_over_the_cap_is_refused_by_the_double_and_reported_to_the_jo
     list(bridge.serve(finished=lambda: not t.is_alive(), poll_s=0.05))
     t.join()
     assert errors and "larger than the maximum allowed" in errors[0]
+
+
+def test_a_closure_cannot_cross_to_the_gpu_worker(double):
+    """The real package pickles a call's arguments to its worker process: the double does too, so the closures
+    the app once handed to spaces.GPU fail here as they would on a Space."""
+    from gradio.context import LocalContext
+
+    class Req:
+        headers = {"x-ip-token": "t"}
+
+    LocalContext.request.set(Req())
+    task = spaces.gpu_generator()
+    with pytest.raises((AttributeError, TypeError, pickle.PicklingError)):
+        list(task(lambda: 1, (), {}, 10))
+    assert list(task(times_ten, (4,), {}, 10)) == [("started", None), ("result", 40)]
 
 
 def test_a_call_no_page_takes_times_out_for_the_job():

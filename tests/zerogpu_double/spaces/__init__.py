@@ -10,6 +10,10 @@ What it keeps of the real package:
   with the call's own arguments (wrappers.static_duration), default 60 s (client.DEFAULT_SCHEDULE_DURATION),
   and takes the visitor's token from the request's X-IP-Token header (client._get_token_and_payload).
 
+- the arguments of a call, and every value it returns or yields, cross a process boundary (the real
+  wrappers put them on multiprocessing queues to and from a forked worker): here they are pickled and
+  unpickled, so a closure, a lock or an event among them fails as it would there.
+
 What it makes strict where the real one degrades: a call with no request (from a thread that is not an event
 handler) is refused here, where the real client falls back to the Space's IP-based quota; a duration over
 MAX_DURATION_S is refused, as the real scheduler refuses an "illegal duration". Every call is recorded in CALLS.
@@ -17,6 +21,7 @@ MAX_DURATION_S is refused, as the real scheduler refuses an "illegal duration". 
 
 import inspect
 import os
+import pickle
 import threading
 from datetime import timedelta
 from functools import partial, wraps
@@ -73,13 +78,16 @@ def _GPU(task, duration, size):
         @wraps(task)
         def gen_wrapper(*args, **kwargs):
             _schedule(task.__name__, duration, args, kwargs, True)
-            yield from task(*args, **kwargs)
+            args, kwargs = pickle.loads(pickle.dumps((args, kwargs)))  # to the worker
+            for value in task(*args, **kwargs):
+                yield pickle.loads(pickle.dumps(value))  # back from the worker
 
         return gen_wrapper
 
     @wraps(task)
     def wrapper(*args, **kwargs):
         _schedule(task.__name__, duration, args, kwargs, False)
-        return task(*args, **kwargs)
+        args, kwargs = pickle.loads(pickle.dumps((args, kwargs)))
+        return pickle.loads(pickle.dumps(task(*args, **kwargs)))
 
     return wrapper
