@@ -25,6 +25,7 @@ if str(ROOT) not in sys.path:
 
 from app import main as M  # noqa: E402 - sets the offline environment first
 from hanorec import spaces as zg  # noqa: E402
+from hanorec.errors import UserError  # noqa: E402
 
 # spaces.GPU-decorated at module scope on ZeroGPU (the function itself elsewhere)
 GPU_TASK = zg.gpu_generator()
@@ -107,22 +108,44 @@ def gpu_panel(ctx, ledger) -> None:
     go = gr.Button("Train on ZeroGPU", variant="primary")
     out = gr.Textbox(label="GPU calls", lines=8)
 
-    def run(stage_name, n_steps, request: gr.Request, profile: gr.OAuthProfile | None = None):
+    def steps_of(stage_name, n_steps, request, profile):
         visitor, tier = visitor_of(profile, request)
-        over = form_overrides(
-            str(M.DEFAULT_DATA), "tiny-llava", stage_name, M.WARM_TASK, max_steps=int(n_steps)
-        )
-        lines = []
+        if stage_name not in ("SFT", "HaNo-DPO"):
+            yield f"Stage must be SFT or HaNo-DPO, not {str(stage_name)[:40]!r}."
+            return
         try:
-            for line in zg.train_on_gpu(ctx.jobs, over, stage=stage_name, steps=int(n_steps), visitor=visitor,
-                                        tier=tier, ledger=ledger):  # fmt: skip
+            n = int(n_steps)
+        except (TypeError, ValueError, OverflowError):
+            n = 0
+        if not 1 <= n <= SPACE_STEPS_MAX:
+            yield f"Training steps must be a whole number from 1 to {SPACE_STEPS_MAX}, got {str(n_steps)[:40]}."
+            return
+        # a refused job (JobError, ConfigError) is one sentence on the page
+        try:
+            over = form_overrides(str(M.DEFAULT_DATA), "tiny-llava", stage_name, M.WARM_TASK, max_steps=n)
+            yield from zg.train_on_gpu(ctx.jobs, over, stage=stage_name, steps=n, visitor=visitor, tier=tier,
+                                       ledger=ledger, sft_run=None)  # fmt: skip
+        except (UserError, ValueError) as e:
+            yield str(e)
+
+    # a login parameter only where the Space has OAuth: Gradio attaches its OAuth routes (and needs authlib)
+    # for any handler that asks for a profile
+    if oauth_available():
+
+        def run(stage_name, n_steps, request: gr.Request, profile: gr.OAuthProfile | None):
+            lines = []
+            for line in steps_of(stage_name, n_steps, request, profile):
                 lines.append(line)
                 yield "\n".join(lines)
-        except (ValueError, RuntimeError) as e:  # JobError, ConfigError: one sentence on the page
-            lines.append(str(e))
-            yield "\n".join(lines)
+    else:
 
-    go.click(run, [stage, steps], out, concurrency_limit=4)
+        def run(stage_name, n_steps, request: gr.Request):
+            lines = []
+            for line in steps_of(stage_name, n_steps, request, None):
+                lines.append(line)
+                yield "\n".join(lines)
+
+    go.click(run, [stage, steps], out, concurrency_limit=4, api_name="train_on_zerogpu")
 
 
 def build_space(ctx, ledger, sentence: str):

@@ -187,8 +187,8 @@ def plan_job(
     call of the same duration evaluates (it must also cover setup_s + eval_s)."""
     import math
 
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"a job needs at least 1 training step, got {steps}")
+    if not isinstance(steps, int) or not 1 <= steps <= 1_000_000:
+        raise ValueError(f"a job's training steps must be from 1 to 1000000, got {steps}")
     if not (
         isinstance(seconds_per_step, (int, float))
         and math.isfinite(seconds_per_step)

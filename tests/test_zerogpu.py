@@ -365,3 +365,38 @@ def test_a_real_job_trains_through_the_visitors_handler(double, tmp_path, monkey
     )
     assert all(c["thread"] == threading.current_thread().name for c in double.CALLS)
     assert runs.read_results(tmp_path / "runs" / job)["rows"] and ledger.used("hf:ana") == 180
+
+
+@pytest.mark.slow  # the Space's page served, then a real tiny SFT job (4 steps): about 15 to 60 s on 2 cores
+def test_the_space_pages_zerogpu_tab_trains_with_the_visitors_token(double, tmp_path, monkeypatch):
+    """app/space.py's ZeroGPU tab through HTTP (gradio_client with an X-IP-Token header, as the Hub's proxy
+    sends it): a job over the unauthenticated tier is refused in one sentence with the figure before anything
+    is queued; a 4-step job trains in two calls (training, evaluation) made with the visitor's token."""
+    from gradio_client import Client
+
+    monkeypatch.setattr(double, "MAX_DURATION_S", spaces.TIER_DAILY_S["unauthenticated"])
+    monkeypatch.setenv(spaces.STATE_ENV, str(tmp_path))
+    monkeypatch.delitem(sys.modules, "app.space", raising=False)
+    import app.space as S
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from load_jobs import serve
+
+    ctx, ledger, sentence, _ = S.make_space_context(warm=0, log=lambda *a: None)
+    demo = S.build_space(ctx, ledger, sentence)
+    url = serve(demo, S.M.launch_options(ctx))
+    try:
+        client = Client(url, verbose=False, headers={"X-IP-Token": "visitor-token"})
+        refused = client.predict("SFT", 200, api_name="/train_on_zerogpu")
+        assert refused.startswith("This job needs about 240 GPU seconds") and "80 steps would fit" in refused
+        assert not [p for p in (tmp_path / "runs").iterdir() if p.name.startswith("gpu-")]
+        text = client.predict("SFT", 4, api_name="/train_on_zerogpu")
+    finally:
+        demo.close()
+        ctx.jobs.close()
+    lines = text.splitlines()
+    assert lines[0].endswith("queued; about 80 GPU seconds in 2 calls of 40 s") and lines[-1].endswith(
+        ": finished"
+    )
+    assert [(c["duration"], c["token"]) for c in double.CALLS] == [(40, "visitor-token")] * 2
+    assert ledger.used("ip:127.0.0.1") == 80
