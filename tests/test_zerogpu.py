@@ -315,6 +315,8 @@ def test_the_space_app_builds_on_its_state_root_with_the_zerogpu_tab(double, tmp
     request = type("R", (), {"client": type("C", (), {"host": "10.0.0.7"})()})()
     assert S.visitor_of(profile, request) == ("hf:ana", "free")
     assert S.visitor_of(None, request) == ("ip:10.0.0.7", "unauthenticated")
+    request.headers = {"x-forwarded-for": "203.0.113.9, 10.0.0.7"}  # behind the Hub's proxy
+    assert S.visitor_of(None, request) == ("ip:203.0.113.9", "unauthenticated")
     monkeypatch.setenv(S.WARM_ENV, "many")
     with pytest.raises(ValueError, match="HANOREC_WARM must be a whole number"):
         S.warm_users()
