@@ -29,6 +29,8 @@ Commands:
   --plugins DIR  (with run, sft, pref, compare) import the .py files in DIR, which register more preference
               methods (short for --pref.plugins=[DIR], recorded in the run's config so a resume finds them);
               only the training process imports them, never a command that reads a config
+  space       the folder to push to a Hugging Face Space: `space --out DIR [--mode=zerogpu|cpu] [--org=ORG]`
+              (README.md with the Space's front matter, requirements.txt, the app and the package; docs/space.md)
   config      print the resolved configuration as YAML: `config --config preset.yaml --sft.lr=3e-4`;
               `config --help` lists every key with its default and help text, and
               `config --config preset.yaml --help` the same with the preset's values
@@ -123,6 +125,23 @@ def _split_args(argv: list[str]) -> tuple[str | None, list[str], dict]:
     return config, overrides, extra
 
 
+def _space(args: list[str]) -> int:
+    from hanorec.config import ConfigError
+    from hanorec.space_bundle import write_space
+
+    opts = {}
+    for a in args:
+        flag, sep, value = a.partition("=")
+        if flag not in ("--out", "--mode", "--org") or not sep or not value:
+            raise ConfigError(f"space takes --out=DIR, --mode=zerogpu|cpu and --org=ORG, not {a!r}")
+        opts[flag[2:]] = value
+    if "out" not in opts:
+        raise ConfigError("space needs --out DIR, a new folder to write the Space into")
+    out = write_space(opts["out"], mode=opts.get("mode", "zerogpu"), org=opts.get("org"))
+    print(f"Space folder written to {out} (mode {opts.get('mode', 'zerogpu')}); push it as docs/space.md says")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -133,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     fixed = []
     i = 0
     while i < len(rest):
-        if rest[i] in ("--config", "--checkpoint", "--out", "--stage", "--run", "--plugins") and i + 1 < len(rest):
+        if rest[i] in ("--config", "--checkpoint", "--out", "--stage", "--run", "--plugins", "--mode", "--org") and i + 1 < len(rest):
             fixed.append(f"{rest[i]}={rest[i + 1]}")
             i += 2
         else:
@@ -204,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
             return _export(command, fixed, argv)
         if command == "estimate":
             return _estimate(fixed)
+        if command == "space":
+            return _space(fixed)
         config_path, overrides, extra = _split_args(fixed)
         cfg = load_config(config_path, overrides)
         if command == "config":

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextvars
 import fcntl
+import functools
 import hashlib
 import json
 import math
@@ -220,6 +221,8 @@ class JobManager:
         max_per_owner: int | None = None,
         plugins: list[str] | None = None,
         public: bool = False,
+        handler_gpu: bool = False,
+        bridge_wait_s: float = 600.0,
     ):
         """max_queued: jobs waiting at most (None: no cap); max_per_owner: jobs waiting or running per visitor
         (the CLIENT of the request: its address or login; without one, per owner token).
@@ -228,7 +231,10 @@ class JobManager:
         overrides or a base config naming others are refused, so no request chooses what a job imports.
         public: messages and log tails are shown to strangers: no absolute path of this machine, no traceback.
         in_process: run jobs in a thread of this process through train_in_chunks (None: on ZeroGPU only);
-        chunk_steps / chunk_seconds: each GPU call's budget (default: half of gpu_duration_s, 60 s)."""
+        chunk_steps / chunk_seconds: each GPU call's budget (default: half of gpu_duration_s, 60 s).
+        handler_gpu: in-process jobs hand their GPU calls to a hanorec.spaces.GpuBridge per job (bridge_for),
+        which the visitor's event handler serves, so every call is charged to that visitor (a Space's ZeroGPU);
+        a call no page takes within bridge_wait_s stops the job (resume continues from its checkpoint)."""
         from hanorec import spaces
 
         self.in_process = spaces.on_zero_gpu() if in_process is None else in_process
@@ -238,6 +244,8 @@ class JobManager:
             "gpu_duration_s": gpu_duration_s or spaces.DEFAULT_DURATION_S,
         }
         self._stops: dict[str, threading.Event] = {}
+        self.handler_gpu, self.bridge_wait_s = handler_gpu, bridge_wait_s
+        self._bridges: dict = {}
         self._device_env = device_env(device)
         self.runs_dir = Path(runs_dir).resolve()
         self.runs_dir.mkdir(parents=True, exist_ok=True)
@@ -283,6 +291,11 @@ class JobManager:
 
         commands = commands_for(stage, sft_run)
         over = parse_overrides(overrides) if isinstance(overrides, list) else dict(overrides or {})
+        if self.handler_gpu and (name is None or name not in self._bridges):
+            raise JobError(
+                "on this ZeroGPU Space a job trains from the ZeroGPU tab, where each GPU call is made (and paid "
+                "for) by your own request"
+            )
         if stage == COMPARE and self.in_process:
             raise JobError("a comparison runs as a CLI subprocess; on this Space run `python -m hanorec compare`")
         if args and stage != COMPARE:
@@ -521,6 +534,7 @@ class JobManager:
                 event = self._stops.get(job_id)
                 if event is not None:
                     event.set()  # the running GPU call ends at its next step, with a checkpoint
+                    (run / STOP_FLAG).touch()  # seen by a call running in ZeroGPU's worker process
                 else:  # started by an app that is gone: nothing runs it any more
                     runs.write_status(run, "stopped", message="the app that ran it stopped", in_process=None)
             elif st["status"] == "running":
@@ -592,14 +606,25 @@ class JobManager:
         runs.write_status(run, "running", pid=os.getpid(), runner_pid=None, in_process=True,
                           started=time.time(), command=None)  # fmt: skip
 
+        bridge = self.bridge_for(run.name) if self.handler_gpu else None
+        (run / STOP_FLAG).unlink(missing_ok=True)
+
         def target():
             try:
-                run_job_chunked(run, stop, **self.chunking)
+                run_job_chunked(run, stop, **self.chunking, bridge=bridge)
             finally:
                 self._stops.pop(run.name, None)
 
         threading.Thread(target=target, daemon=True, name=f"hanorec-job-{run.name}").start()
         return run.name
+
+    def bridge_for(self, job: str):
+        """The GpuBridge that carries job's GPU calls to the event handler serving it (handler_gpu)."""
+        from hanorec import spaces
+
+        if job not in self._bridges:
+            self._bridges[job] = spaces.GpuBridge(wait_s=self.bridge_wait_s)
+        return self._bridges[job]
 
     def close(self) -> None:
         """Stop checking the queue (running jobs go on; a new JobManager picks the queue up again)."""
@@ -699,6 +724,7 @@ def run_job_chunked(
     max_steps_per_call: int | None = None,
     max_seconds_per_call: float | None = None,
     gpu_duration_s: int | None = None,
+    bridge=None,
 ) -> str:
     """A job's commands in this process (ZeroGPU): training through hanorec.spaces.train_in_chunks, each
     call resuming from the newest checkpoint, then the command's evaluation in one more GPU call; the same
@@ -736,9 +762,11 @@ def run_job_chunked(
                     return pipeline.run_preference(
                         cfg, data, should_stop=stop.is_set, train_should_stop=_either(budget, stop)
                     )[1]
+            if bridge is not None:  # the call crosses into ZeroGPU's worker process: picklable, by name
+                train = functools.partial(_train_in_gpu_call, str(run), command)
             chunked = spaces.train_in_chunks(
                 train, max_steps_per_call=max_steps_per_call, max_seconds_per_call=max_seconds_per_call,
-                gpu_duration_s=duration, should_stop=stop.is_set,
+                gpu_duration_s=duration, should_stop=stop.is_set, bridge=bridge,
                 on_chunk=lambda i, r: log(f"GPU call {i} ({duration} s): step {r.global_step}/{r.total_steps}"),
             )  # fmt: skip
             if chunked.last.stopped_early and chunked.last.global_step < chunked.last.total_steps:
@@ -747,12 +775,20 @@ def run_job_chunked(
                 return "stopped"
             finish = {"run": pipeline.run_pipeline, "pref": pipeline.run_preference_pipeline}.get(command)
             if finish is not None:  # the evaluation (training is complete, so the resume trains nothing)
-                result = spaces.gpu_call(finish, duration)(cfg, should_stop=stop.is_set, print_fn=log)
+                if bridge is not None:  # the visitor's handler makes the call (hanorec.spaces.GpuBridge)
+                    result = bridge.submit(_evaluate_in_gpu_call, (str(run), command), duration_s=duration,
+                                           label="evaluation")  # fmt: skip
+                else:
+                    result = spaces.gpu_call(finish, duration)(cfg, should_stop=stop.is_set, print_fn=log)
                 if result.get("stopped_early"):
                     _final(run, "stopped", "stopped during evaluation; resume evaluates again")
                     return "stopped"
         except StopRequested as e:
             _final(run, "stopped", f"stopped during {e.stage}; resume runs it again")
+            return "stopped"
+        except TimeoutError as e:  # a GPU call no visitor's page took (GpuBridge): keep the checkpoint
+            log(f"stopped: {e}")
+            _final(run, "stopped", f"{e}; resume continues from the last checkpoint")
             return "stopped"
         except Exception as e:  # noqa: BLE001 - a thread of the app: say why in the job, never die silently
             log(f"error: {e}")
@@ -760,6 +796,51 @@ def run_job_chunked(
             return "failed"
     _final(run, "finished", "")
     return "finished"
+
+
+STOP_FLAG = ".stop-request"  # a stop request a GPU call in another process can see (ZeroGPU's worker)
+
+
+def _stop_flag(run: Path):
+    def should_stop() -> bool:
+        return (run / STOP_FLAG).exists()
+
+    return should_stop
+
+
+def _train_in_gpu_call(run_dir: str, command: str, budget):
+    """One training call of a job, from its run folder alone (ZeroGPU pickles a call's arguments to its
+    worker process, so no closure, event or model crosses): the configuration and data are read again, the
+    stage resumes from its newest checkpoint, stops at the budget or at the run's stop flag, and returns the
+    TrainResult."""
+    from hanorec import pipeline
+
+    run = Path(run_dir)
+    stop = _stop_flag(run)
+    cfg = runs.read_config(run)
+    data = pipeline.prepare_data(cfg, should_stop=stop)
+
+    def either() -> bool:
+        return budget() or stop()
+
+    if command in ("run", "sft"):
+        return pipeline.run_sft(cfg, data, should_stop=either)[1]
+    return pipeline.run_preference(cfg, data, should_stop=stop, train_should_stop=either)[1]
+
+
+def _evaluate_in_gpu_call(run_dir: str, command: str) -> dict:
+    """The evaluation call of a job (training is complete, so the resume trains nothing), from its run folder
+    alone; its lines go to the job's log file. Returns the results dict (plain data)."""
+    from hanorec import pipeline
+
+    run = Path(run_dir)
+
+    def log(line: str) -> None:
+        with open(run / LOG_FILE, "a") as fh:
+            fh.write(line + "\n")
+
+    finish = {"run": pipeline.run_pipeline, "pref": pipeline.run_preference_pipeline}[command]
+    return finish(runs.read_config(run), should_stop=_stop_flag(run), print_fn=log)
 
 
 def _either(budget, stop: threading.Event):

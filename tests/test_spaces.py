@@ -172,60 +172,7 @@ def test_no_zero_gpu_without_the_spaces_package(monkeypatch):
     assert not spaces.on_zero_gpu()
 
 
-def front_matter() -> dict:
-    import re
-
-    import yaml
-
-    text = (REPO / "docs" / "space.md").read_text()
-    block = re.search(r"^---\n(.*?)^---$", text, flags=re.S | re.M)
-    assert block, "docs/space.md holds no front matter block"
-    return yaml.safe_load(block.group(1))
-
-
-# The Hub's limits on the front matter (the Spaces configuration reference, hub-docs
-# docs/hub/spaces-config-reference.md, and the Hub's refusal of a short_description of 60 characters or more,
-# which fails the push with a configuration error).
-HUB_COLORS = {"red", "yellow", "green", "blue", "indigo", "purple", "pink", "gray"}
-HUB_SDKS = {"gradio", "docker", "static"}
-HUB_HARDWARE = {
-    "cpu-basic", "cpu-upgrade", "t4-small", "t4-medium", "l4x1", "l4x4", "l40sx1", "l40sx4", "l40sx8",
-    "a10g-small", "a10g-large", "a10g-largex2", "a10g-largex4", "a100-large", "a100x4", "a100x8",
-}  # fmt: skip
-HUB_FIELDS = {
-    "title", "emoji", "colorFrom", "colorTo", "sdk", "python_version", "sdk_version", "suggested_hardware",
-    "suggested_storage", "app_file", "app_build_command", "app_port", "base_path", "fullWidth", "header",
-    "short_description", "models", "datasets", "tags", "thumbnail", "pinned", "hf_oauth", "hf_oauth_scopes",
-    "hf_oauth_expiration_minutes", "hf_oauth_authorized_org", "disable_embedding", "startup_duration_timeout",
-    "custom_headers", "preload_from_hub", "license", "license_name", "license_link",
-}  # fmt: skip
-SHORT_DESCRIPTION_MAX = 59  # under 60 characters
-
-
-def test_space_front_matter_is_within_the_hubs_field_limits():
-    import re
-    import unicodedata
-
-    meta = front_matter()
-    assert set(meta) <= HUB_FIELDS, set(meta) - HUB_FIELDS
-    assert isinstance(meta["short_description"], str)
-    assert 0 < len(meta["short_description"]) <= SHORT_DESCRIPTION_MAX, len(meta["short_description"])
-    assert meta["colorFrom"] in HUB_COLORS and meta["colorTo"] in HUB_COLORS
-    assert meta["sdk"] in HUB_SDKS and meta["suggested_hardware"] in HUB_HARDWARE
-    assert re.fullmatch(r"3\.\d+(\.\d+)?", str(meta["python_version"]))
-    assert isinstance(meta["pinned"], bool) and isinstance(meta["title"], str) and meta["title"].strip()
-    emoji = [c for c in meta["emoji"] if c not in "\ufe0f\u200d"]  # variation selector, zero-width joiner
-    assert len(emoji) == 1 and unicodedata.category(emoji[0]) == "So", meta["emoji"]
-
-
-def test_space_front_matter_matches_the_gradio_pin():
-    meta = front_matter()
-    import re
-
-    pin = re.search(r"^gradio>=([\d.]+),<([\d.]+)", (REPO / "requirements.txt").read_text(), flags=re.M)
-    assert meta["sdk"] == "gradio" and meta["sdk_version"] == pin.group(1)
-    assert (REPO / meta["app_file"]).is_file() and meta["app_file"] == "app/main.py"
-    assert meta["suggested_hardware"] and "spaces" not in (REPO / "requirements.txt").read_text()
+# The Space's front matter and requirements: tests/test_space_bundle.py.
 
 
 def test_stop_on_zero_gpu_ends_the_running_call_and_no_other_starts(tmp_path, monkeypatch):
