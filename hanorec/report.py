@@ -479,7 +479,17 @@ def merge_comparisons(results: Sequence[dict], *, n_boot: int = 2000) -> dict:
     rows = [row for r in results for row in r["rows"]]
     per_example = [e for r in results for e in r["per_example"]]
     protocol = first.get("protocol", "ranking")
+    meter = {}
+    sections = [r.get(IMAGE_ABLATION) for r in results]
+    if all(isinstance(m, dict) and isinstance(m.get("per_example"), list) for m in sections):
+        # the modality meter, when every part ran it: its drops recomputed over all seeds
+        blanked = [e for m in sections for e in m["per_example"]]
+        meter = {IMAGE_ABLATION: {
+            **image_ablation_section(per_example, blanked, list(sections[0].get("drop", {}))),
+            "rows": [row for m in sections for row in m.get("rows", [])],
+        }}  # fmt: skip
     return {
+        **meter,
         **{k: first.get(k) for k in ("protocol", "paired_protocol", "split", "split_policy", "dataset", "model",
                                      "machine")},  # fmt: skip
         "paired_protocol": first.get("paired_protocol") or protocol,

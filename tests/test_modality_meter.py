@@ -159,3 +159,20 @@ def test_the_compare_tab_shows_the_panel_and_says_how_to_get_it(tmp_path):
     panel = tab.show_images(ctx, "new", "hit3 MRR")
     assert "hit3 MRR with images" in panel and "- DPO uses the images" in panel and "| random |" in panel
     assert tab.show_images(ctx, "", None) == ""
+
+
+def test_merged_comparisons_keep_the_meter_when_every_part_ran_it():
+    from hanorec.report import merge_comparisons
+
+    plain, dark = _meter_result()
+
+    def part(seed, meter=True):
+        pe = [e for e in plain if e["seed"] == seed]
+        out = {"rows": [], "per_example": pe, "seeds": [seed], "paired_protocol": "catalogue", "protocol": "catalogue"}
+        if meter:
+            out[IMAGE_ABLATION] = image_ablation_section(pe, [e for e in dark if e["seed"] == seed], ["catalogue"])
+        return out
+
+    merged = merge_comparisons([part(0), part(1)], n_boot=2000)
+    assert merged[IMAGE_ABLATION]["drop"] == image_ablation_section(plain, dark, ["catalogue"])["drop"]
+    assert IMAGE_ABLATION not in merge_comparisons([part(0), part(1, meter=False)], n_boot=200)
