@@ -70,7 +70,7 @@ def limits_text() -> str:
         f"  Compare: {COMPARE_LIMITS[False].describe()}; demo mode: launches refused (and the caps would be "
         f"{COMPARE_LIMITS[True].describe()})\n"
         "  Compare's \"more overrides\" field takes only pref.options.NAME (|value| <= 1e4) and these numbers: "
-        f"{numbers}\n"
+        f"{numbers}; and the switch eval.image_ablation (true or false)\n"
         "  uploads: none (the app has no upload field; Gradio's upload route is refused); exports: one per stage "
         "and checkpoint, reused, at most 6 kept\n"
         "  plug-in methods: only from the --plugins folder; never from a form or an API call"

@@ -2,7 +2,8 @@
 
 Commands:
   make-demo   write the bundled demo dataset (deterministic): --out=assets/demo --seed=0; teaching scenarios
-              (beyond the paper): --false-negatives=F --preference-noise=F --uneven-density=F, fractions in [0, 1]
+              (beyond the paper): --false-negatives=F --preference-noise=F --uneven-density=F --title-noise=F,
+              fractions in [0, 1]
   run         data -> SFT -> evaluation, prints a metrics table (resumes an interrupted run)
   sft         stage 1 only
   pref        stage 2 (any registered method by --pref.method, its knobs by --pref.options.NAME=VALUE) from the
@@ -172,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             _, over, extra = _split_args(fixed)
             seed, planted = 0, {}
             scenario_flags = {"--false-negatives": "false_negatives", "--preference-noise": "preference_noise",
-                              "--uneven-density": "uneven_density"}  # fmt: skip
+                              "--uneven-density": "uneven_density", "--title-noise": "title_noise"}  # fmt: skip
             for o in over:
                 flag, _, value = o.partition("=")
                 if flag == "--seed":

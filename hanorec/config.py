@@ -575,6 +575,12 @@ class EvalConfig:
         "interacted with (the same for every method of a run); null ranks against all of them.",
     )
     catalogue_chunk: int = _f(256, "Catalogue protocol: titles scored per forward (bounds memory).")
+    image_ablation: bool = _f(
+        False,
+        "The modality meter: evaluate every model again with its history images blanked (a flat grey of the "
+        "same size: the token count unchanged) and report, per protocol, the metrics and the per-user paired "
+        "drop against the same model with its images (interval and detectable difference). Doubles evaluation.",
+    )
 
     def sampling(self) -> dict:
         """The paper protocol's keyword arguments for sampled decoding (no repetition penalty, as the authors)."""

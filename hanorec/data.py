@@ -1054,6 +1054,12 @@ SCENARIOS = {
         "of items (the largest up to 1 + 19 x this value times the smallest), so HaRS' neighbour profiles differ "
         "between positives (dense clusters) and negatives. Stresses HaRS' hardness estimate."
     ),
+    "title_noise": (
+        "Title noise (beyond the paper): this fraction of the items has a title written with the words of a "
+        "genre drawn at random, so the titles say less (at 1: nothing) about a user's taste and the images "
+        "become the only route to it. Run the evaluation with eval.image_ablation to see how much each "
+        "trained model relies on the images."
+    ),
 }
 
 
@@ -1155,6 +1161,7 @@ def make_demo(
     false_negatives: float = 0.0,
     preference_noise: float = 0.0,
     uneven_density: float = 0.0,
+    title_noise: float = 0.0,
 ) -> Path:
     """Write a small synthetic multimodal dataset in the hanorec format and return its folder.
 
@@ -1174,12 +1181,14 @@ def make_demo(
     Teaching scenarios (beyond the paper; :data:`SCENARIOS` says what each stresses), each a fraction in
     [0, 1], written to scenario.json when any is set: ``false_negatives`` and ``preference_noise`` act when
     training data are built from this folder; ``uneven_density`` gives the (colour, genre) clusters uneven
-    sizes. With all three at 0 the files are those of the plain demo.
+    sizes; ``title_noise`` writes this fraction of the titles with the words of a genre drawn at random (seeded
+    apart from the rest, so the images and sequences are those of the plain demo), so at 1 the titles carry no
+    taste signal and the images are the only route to it. With all at 0 the files are those of the plain demo.
     """
     if n_items < 16 or n_users < 1 or image_size < 16:
         raise ValueError("make_demo needs n_items >= 16, n_users >= 1 and image_size >= 16.")
     planted = {"false_negatives": false_negatives, "preference_noise": preference_noise,
-               "uneven_density": uneven_density}  # fmt: skip
+               "uneven_density": uneven_density, "title_noise": title_noise}  # fmt: skip
     for key, value in planted.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
             raise ValueError(f"make_demo: {key} = {value!r} must be a number in [0, 1].")
@@ -1202,7 +1211,12 @@ def make_demo(
     item_ids = [str(k + 1) for k in range(n_items)]
     titles: list[str] = []
     seen_titles: set[str] = set()
+    # the title-noise scenario draws from its own stream: the main one (and so every image and sequence) is
+    # consumed as in the plain demo, since every genre has as many words
+    noise_rng = random.Random(f"hanorec-title-noise:{seed}")
     for _, genre in labels:
+        if title_noise and noise_rng.random() < title_noise:
+            genre = noise_rng.choice(genres)
         title = _demo_title(rng, genre)
         while title in seen_titles:
             title = _demo_title(rng, genre)

@@ -298,6 +298,19 @@ def catalogue_candidates(example: Example, ds: RecDataset, size: int | None = No
     return [example.targets[0], *pool]
 
 
+def encode_example_prompt(bundle: ModelBundle, text: str, images, blank_images: bool = False):
+    """``bundle.encode_prompt(text, images)``; with ``blank_images`` every image blanked after processing, as
+    mDPO's imageless rows are (:func:`hanorec.train.preference.imageless_prompt`: the normalised pixel values
+    set to 0, the image processor's mean colour, a flat grey), so the image tokens, the grid, the positions
+    and the token count are those of the prompt with its images (the modality meter, eval.image_ablation)."""
+    prompt = bundle.encode_prompt(text, images)
+    if not blank_images:
+        return prompt
+    from hanorec.train.preference import imageless_prompt
+
+    return imageless_prompt(prompt)
+
+
 def hash_user(user: str) -> int:
     """A stable integer for a user id (Python's hash() of a str changes between processes)."""
     return int.from_bytes(hashlib.sha256(str(user).encode()).digest()[:4], "little")
@@ -312,6 +325,7 @@ def catalogue_scores(
     chunk: int = CATALOGUE_CHUNK,
     device=None,
     progress: _Progress | None = None,
+    blank_images: bool = False,
 ) -> list[np.ndarray] | None:
     """The catalogue protocol's scores: per example, the log-likelihood of every candidate's quoted title
     after :func:`hanorec.tasks.catalogue_prompt`. The prompt is encoded once per example; its titles go
@@ -324,7 +338,7 @@ def catalogue_scores(
     out: list[np.ndarray] = []
     for e, items in zip(examples, candidates):
         images = [ds.load_image(i) for i in e.image_items]
-        prompt = bundle.encode_prompt(catalogue_prompt(e, ds), images)
+        prompt = encode_example_prompt(bundle, catalogue_prompt(e, ds), images, blank_images)
         # the answer's opening as the ranking options have it (task.hit3_outer_quotes adds one quote)
         lead = e.options[0][: len(e.options[0]) - len(quote(ds.items[e.candidates[0]].title))] if e.options else ""
         titles = [lead + quote(ds.items[i].title) for i in items]
@@ -381,6 +395,7 @@ def rank_options(
     mode: str = "shared_prefix",
     device=None,
     progress: _Progress | None = None,
+    blank_images: bool = False,
 ) -> torch.Tensor | None:
     """Ranking-protocol scores (N, C): every option's log-likelihood given its prompt.
 
@@ -395,7 +410,7 @@ def rank_options(
         prompts = []
         for e in chunk:
             r = render(e, ds)
-            prompts.append(bundle.encode_prompt(r.text, r.images))
+            prompts.append(encode_example_prompt(bundle, r.text, r.images, blank_images))
         options = [e.options for e in chunk]
         per_forward = sum(len(o) for o in options)  # all of the chunk's options in one forward
         out += score_options(bundle, prompts, options, batch_size=per_forward, device=device, mode=mode)
@@ -425,6 +440,7 @@ def evaluate(
     paper_max_examples: int | None = PAPER_MAX_EXAMPLES,
     catalogue_items: int | None = None,
     catalogue_chunk: int = CATALOGUE_CHUNK,
+    blank_images: bool = False,
 ) -> EvalResult:
     """Score `examples` with the model (if given) under each protocol, and the baselines on the same candidates.
 
@@ -442,6 +458,8 @@ def evaluate(
     all), ``catalogue_chunk`` titles per forward; when it runs, ``per_example`` holds its values (the
     comparison's main paired intervals then use it) and ``ranking_per_example`` the ranking protocol's,
     else ``per_example`` holds the ranking protocol's.
+    blank_images: the model sees every history image blanked (:func:`encode_example_prompt`; the token count
+    unchanged), for the modality meter; the baselines see no images either way.
     """
     if not examples:
         raise ValueError("no examples to evaluate")
@@ -468,7 +486,8 @@ def evaluate(
         try:
             if "ranking" in protocols:
                 scores = rank_options(
-                    bundle, ds, examples, batch_size=batch_size, mode=scoring, device=device, progress=bar
+                    bundle, ds, examples, batch_size=batch_size, mode=scoring, device=device, progress=bar,
+                    blank_images=blank_images,
                 )
                 if scores is None:
                     result.stopped = True
@@ -477,7 +496,8 @@ def evaluate(
                 result.option_scores = scores.tolist()
             if use_catalogue:
                 cat_scores = catalogue_scores(
-                    bundle, ds, examples, cat_items, chunk=catalogue_chunk, device=device, progress=bar
+                    bundle, ds, examples, cat_items, chunk=catalogue_chunk, device=device, progress=bar,
+                    blank_images=blank_images,
                 )
                 if cat_scores is None:
                     result.stopped = True
@@ -486,14 +506,14 @@ def evaluate(
             if "generative" in protocols:
                 for e in examples:
                     r = render(e, ds)
-                    p = bundle.encode_prompt(r.text, r.images)
+                    p = encode_example_prompt(bundle, r.text, r.images, blank_images)
                     result.generations.append(generate(bundle, p, max_new_tokens=max_new_tokens, device=device))
                     if bar.advance(1, "generative"):
                         result.stopped = True
                         return result
             for i, e in enumerate(capped):  # the paper protocol: seeded sampling, one example at a time
                 r = render(e, ds)
-                p = bundle.encode_prompt(r.text, r.images)
+                p = encode_example_prompt(bundle, r.text, r.images, blank_images)
                 result.paper_generations.append(
                     generate(
                         bundle, p, max_new_tokens=max_new_tokens, device=device, sampling=sampling,

@@ -891,6 +891,8 @@ OVERRIDE_NUMBERS: dict[str, tuple[float, float, bool]] = {
     "eval.catalogue_items": (1, 100_000, True),
     "eval.catalogue_chunk": (1, 1024, True),
 }
+# and these switches, true or false (the modality meter doubles a comparison's evaluation, not its training)
+OVERRIDE_SWITCHES = ("eval.image_ablation",)
 MAX_OVERRIDE_TEXT = 2000  # characters of a free-text override field
 OPTION_KEY = re.compile(r"pref\.options\.[A-Za-z_][A-Za-z0-9_]{0,63}")
 
@@ -941,10 +943,14 @@ def checked_overrides(text: str | list[str] | None, *, max_steps: int | None = N
             if key == "pref.max_steps" and max_steps is not None:
                 hi = min(hi, max_steps)
             value = str(_number(value, key, lo, hi, integer))
+        elif key in OVERRIDE_SWITCHES:
+            value = value.strip().lower()
+            if value not in ("true", "false"):
+                raise JobError(f"{key} = {value[:40]!r} must be true or false")
         else:
             raise JobError(
-                f"{key[:60]} cannot be set here: this field takes only pref.options.* and the numeric pref.* and "
-                "eval.* settings (python app/main.py --help lists them)"
+                f"{key[:60]} cannot be set here: this field takes only pref.options.*, the numeric pref.* and "
+                "eval.* settings and eval.image_ablation (python app/main.py --help lists them)"
             )
         checked.append(f"--{key}={value}")
     try:

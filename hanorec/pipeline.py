@@ -20,10 +20,12 @@ from hanorec.eval import EvalResult, evaluate, format_results, train_popularity
 from hanorec.models import ModelBundle, add_lora, set_max_pixels
 from hanorec.report import (
     EXTRA_PAIRED,
+    IMAGE_ABLATION,
     comparison_report,
     comparison_table,
     comparison_tables,
     format_difference,
+    image_ablation_section,
     machine_description,
     paired_differences,
     paired_table,
@@ -43,6 +45,8 @@ from hanorec.runs import (
 from hanorec.tasks import TASK_SHAPES, Example, build_examples, corpus_text, no_cyclic_gc
 from hanorec.train.checkpoint import latest_checkpoint
 from hanorec.train.preference import build_preference_items
+from hanorec.train.refcache import FOLDER as REFERENCE_FOLDER
+from hanorec.train.refcache import ReferenceCache
 
 # re-exported: the run layout lives in hanorec.runs, stage-2 variants in hanorec.methods, and the
 # comparison's text and README section in hanorec.report
@@ -252,7 +256,10 @@ def run_eval(
     *,
     on_log: Callable | None = None,
     should_stop: Callable | None = None,
+    blank_images: bool = False,
 ) -> EvalResult:
+    """cfg.eval's evaluation of ``bundle`` on the prepared data (``blank_images``: the modality meter's second
+    pass, every history image blanked; hanorec.eval.evaluate)."""
     examples = data.test if cfg.eval.split == "test" else data.val
     if bundle is not None:
         set_max_pixels(bundle, stage_max_pixels(cfg, cfg.eval.max_pixels))
@@ -273,7 +280,14 @@ def run_eval(
         paper_max_examples=cfg.eval.paper_max_examples,
         catalogue_items=cfg.eval.catalogue_items,
         catalogue_chunk=cfg.eval.catalogue_chunk,
+        blank_images=blank_images,
     )
+
+
+def meter_protocols(cfg: RunConfig) -> list[str]:
+    """The protocols whose paired drop the modality meter keeps: the comparison's paired one first."""
+    main = "catalogue" if "catalogue" in cfg.eval.protocols else "ranking"
+    return list(dict.fromkeys([main, *(p for p in EXTRA_PAIRED if p in cfg.eval.protocols)]))
 
 
 def run_pipeline(
@@ -319,8 +333,11 @@ def run_preference(
     should_stop: Callable | None = None,
     resume: bool = True,
     train_should_stop: Callable | None = None,
+    reference_cache=None,
 ):
     """Stage 2 from the run's SFT checkpoint. Returns (bundle, TrainResult).
+
+    reference_cache: a hanorec.train.refcache.ReferenceCache shared by the stages of one comparison seed.
 
     train_should_stop (default should_stop) is polled by the training loop only, after every optimizer step,
     not while the pairs and their hardness are prepared: hanorec.spaces' per-call budgets count steps."""
@@ -357,6 +374,7 @@ def run_preference(
     result = train_preference(
         cfg, bundle, data.dataset, items, out, resume=resume, on_log=on_log,
         should_stop=should_stop if train_should_stop is None else train_should_stop,
+        reference_cache=reference_cache,
     )  # fmt: skip
     return bundle, result
 
@@ -378,7 +396,21 @@ def _evaluate_trained(cfg, bundle, train, data, method, prefix, start, on_log, s
         print_fn("stopped during evaluation; run the same command again to evaluate the trained model")
         return stopped
     print_fn(format_results(cfg.task.name, ev.rows, split=cfg.eval.split, split_policy=cfg.data.split_policy))
+    meter = {}
+    if cfg.eval.image_ablation:  # the modality meter: the same evaluation with the history images blanked
+        dark = run_eval(cfg, bundle, data, method=method, on_log=on_log, should_stop=should_stop, blank_images=True)
+        if dark.stopped:
+            print_fn("stopped during the evaluation with the images blanked; run the same command again")
+            return stopped
+        meter = {IMAGE_ABLATION: {
+            **image_ablation_section(per_example_entries(cfg.task.name, cfg.seed, ev),
+                                     per_example_entries(cfg.task.name, cfg.seed, dark), meter_protocols(cfg)),
+            "rows": dark.rows,
+        }}  # fmt: skip
+        print_fn("with the history images blanked:")
+        print_fn(format_results(cfg.task.name, dark.rows, split=cfg.eval.split, split_policy=cfg.data.split_policy))
     return {
+        **meter,
         "task": cfg.task.name,
         "dataset": str(cfg.data.path),
         "model": cfg.model.name,
@@ -455,6 +487,7 @@ def run_comparison(
     sft_run: str | Path | None = None,
     should_stop: Callable[[], bool] | None = None,
     on_progress: Callable[[dict], None] | None = None,
+    share_reference: bool = True,
 ) -> dict:
     """SFT, then each preference variant (default: the paper's, hanorec.methods.paper_variants; any row of
     hanorec.methods.variants) from the same SFT model, per task and seed; mean and std table, and each
@@ -471,6 +504,10 @@ def run_comparison(
     result is ``{"stopped_early": True, ...}`` and nothing is written; running the same comparison again
     resumes each stage from its newest checkpoint (a finished stage is only evaluated again).
     on_progress receives ``{"part", "parts", "current", "stage_dir"}`` as each (task, seed, method) starts.
+
+    share_reference: the variants of a (task, seed) share their reference log-probs
+    (hanorec.train.refcache, kept under <task>/seed<N>/reference_logps/): each micro-batch's reference is
+    computed by the first variant that trains on it and reused bit for bit by the others.
 
     With `readme`, the table (with the command, the machine and the wall time) replaces the README section
     marked `<!-- comparison:<output folder name> -->` (appended at the end when the markers are missing).
@@ -505,6 +542,21 @@ def run_comparison(
         print_fn(f"stopped during {where}; run the same comparison again to resume")
         return {"stopped_early": True, "stopped_at": where, "part": part, "parts": parts}
 
+    blanked_rows: list[dict] = []
+    blanked: list[dict] = []
+
+    def blank_pass(c, bundle, data, method, baselines, task, seed) -> bool:
+        """The modality meter's pass (eval.image_ablation): the same evaluation with the history images
+        blanked; False when it was stopped."""
+        if not cfg.eval.image_ablation:
+            return True
+        dark = run_eval(c, bundle, data, method=method, baselines=baselines, should_stop=should_stop, blank_images=True)
+        if dark.stopped:
+            return False
+        blanked_rows.extend({"task": task, "seed": seed, **r} for r in dark.rows)
+        blanked.extend(per_example_entries(task, seed, dark))
+        return True
+
     for task in tasks:
         for seed in seeds:
             run_dir = root / task / f"seed{seed}"
@@ -524,14 +576,19 @@ def run_comparison(
                 return stopped(f"{task} seed {seed} SFT evaluation")
             rows += [{"task": task, "seed": seed, **r} for r in ev.rows]
             per_example += per_example_entries(task, seed, ev)
+            if not blank_pass(c, bundle, data, "SFT", cfg.eval.baselines, task, seed):
+                return stopped(f"{task} seed {seed} SFT evaluation with the images blanked")
             del bundle
+            ref_cache = ReferenceCache(run_dir / REFERENCE_FOLDER) if share_reference else None
             for v in variants:
                 over = dict(overrides[v])
                 if task == "hit1" and over.get("k_negatives", 1) > 1:
                     over["k_negatives"] = 1  # hit1 has a single rejected answer: S-DPO reduces to DPO
                 cv = _with(c, pref={**over, "sft_run": str(source)})
                 begin(f"{task} seed {seed}: {v}", run_dir / stage_slug(v))
-                bundle, train = run_preference(cv, data, name=stage_slug(v), should_stop=should_stop)
+                bundle, train = run_preference(
+                    cv, data, name=stage_slug(v), should_stop=should_stop, reference_cache=ref_cache
+                )
                 if train.stopped_early:
                     return stopped(f"{task} seed {seed} {v}")
                 ev = run_eval(cv, bundle, data, method=v, baselines=[], should_stop=should_stop)
@@ -539,6 +596,8 @@ def run_comparison(
                     return stopped(f"{task} seed {seed} {v} evaluation")
                 rows += [{"task": task, "seed": seed, **r} for r in ev.rows]
                 per_example += per_example_entries(task, seed, ev)
+                if not blank_pass(cv, bundle, data, v, [], task, seed):
+                    return stopped(f"{task} seed {seed} {v} evaluation with the images blanked")
                 print_fn(format_results(task, ev.rows, split=cfg.eval.split, split_policy=cfg.data.split_policy))
                 del bundle
     # both tables read the catalogue protocol when the run has it (hit1: the ranking protocol), else ranking;
@@ -570,6 +629,9 @@ def run_comparison(
         "machine": machine_description(),
         "per_example": per_example,
     }
+    if cfg.eval.image_ablation:
+        meter = image_ablation_section(per_example, blanked, meter_protocols(cfg))
+        result[IMAGE_ABLATION] = {**meter, "rows": blanked_rows}
     root.mkdir(parents=True, exist_ok=True)
     (root / "comparison.json").write_text(json.dumps(result, indent=2))
     table = comparison_tables(result)

@@ -35,6 +35,9 @@ def comparison_tables(result: dict) -> str:
     for p in EXTRA_PAIRED:  # the ranking protocol's beside the catalogue's, the authors' protocol's
         if result.get(f"paired_{p}"):
             table += "\n\n" + paired_table(result[f"paired_{p}"], n, p, split, policy)
+    meter = image_use_table(result)  # the modality meter, when eval.image_ablation ran
+    if meter:
+        table += "\n\n" + meter
     return table
 
 
@@ -476,7 +479,17 @@ def merge_comparisons(results: Sequence[dict], *, n_boot: int = 2000) -> dict:
     rows = [row for r in results for row in r["rows"]]
     per_example = [e for r in results for e in r["per_example"]]
     protocol = first.get("protocol", "ranking")
+    meter = {}
+    sections = [r.get(IMAGE_ABLATION) for r in results]
+    if all(isinstance(m, dict) and isinstance(m.get("per_example"), list) for m in sections):
+        # the modality meter, when every part ran it: its drops recomputed over all seeds
+        blanked = [e for m in sections for e in m["per_example"]]
+        meter = {IMAGE_ABLATION: {
+            **image_ablation_section(per_example, blanked, list(sections[0].get("drop", {}))),
+            "rows": [row for m in sections for row in m.get("rows", [])],
+        }}  # fmt: skip
     return {
+        **meter,
         **{k: first.get(k) for k in ("protocol", "paired_protocol", "split", "split_policy", "dataset", "model",
                                      "machine")},  # fmt: skip
         "paired_protocol": first.get("paired_protocol") or protocol,
@@ -612,3 +625,157 @@ def run_readouts(results: dict | None, reference: dict | None = None, name: str 
         if same and all(all(r.get(k) == ref_rows[r.get("protocol")].get(k) for k in keys) for r in same):
             out.append(f"{name} scores exactly what its SFT model scores on every metric: training changed no ranking.")
     return [s for s in out if s]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The modality meter (eval.image_ablation): how much each model loses when its history images are blanked
+
+IMAGE_ABLATION = "image_ablation"  # the key results.json and comparison.json keep it under (absent: not run)
+BLANKING = (
+    "every history image blanked after processing: its normalised pixel values set to 0, the image processor's "
+    "mean colour (a flat grey), so the image tokens and the token count are unchanged (mDPO's imageless prompt)"
+)
+
+
+def image_drops(
+    per_example: list[dict],
+    blanked: list[dict],
+    *,
+    protocol: str | None = None,
+    n_boot: int = 2000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> list[dict]:
+    """Per method evaluated both ways, the drop when its history images are blanked: its value with the images
+    minus its value without them, the mean per-user paired difference with its bootstrap interval and
+    detectable difference (:func:`paired_differences` on the two evaluations, seeds pooled). Positive: the
+    images help it. ``blanked`` holds the blanked evaluations' entries, as ``per_example`` the plain ones.
+    Returns one dict per method: ``{"method", "<task> <metric>": PairedDifference dict, ...}``."""
+    out = []
+    for method in _method_order(e["method"] for e in blanked):
+        both = [{**e, "method": "with images"} for e in per_example if e["method"] == method]
+        both += [{**e, "method": "blanked"} for e in blanked if e["method"] == method]
+        d = paired_differences(both, references=("blanked",), n_boot=n_boot, seed=seed, level=level, protocol=protocol)
+        if d:
+            out.append({"method": method, **{k: v for k, v in d[0].items() if k not in ("method", "reference")}})
+    return out
+
+
+def image_ablation_section(per_example: list[dict], blanked: list[dict], protocols: Sequence[str]) -> dict:
+    """What results.json / comparison.json keep under :data:`IMAGE_ABLATION`: the blanked evaluations'
+    per-example values and, per protocol they hold, :func:`image_drops` (recomputable from the two)."""
+    have = {e.get("protocol", "ranking") for e in blanked}
+    return {
+        "blanking": BLANKING,
+        "per_example": blanked,
+        "drop": {p: image_drops(per_example, blanked, protocol=p) for p in protocols if p in have},
+    }
+
+
+def _mean_of(entries: list[dict], method: str, task: str, key: str) -> float | None:
+    values = [float(v) for e in entries if e["method"] == method and e["task"] == task for v in e["values"].get(key, [])]
+    return sum(values) / len(values) if values else None
+
+
+def image_use_choice(result: dict, metric: str | None = None, protocol: str | None = None) -> tuple[str, str] | None:
+    """(protocol, metric) the "uses the images?" panel reads: ``protocol`` when the meter has it, else the
+    comparison's paired protocol, else the first kept; ``metric`` ('<task> <metric>'), else the first the
+    meter has. None when the comparison ran without eval.image_ablation (older files included)."""
+    section = result.get(IMAGE_ABLATION)
+    if not isinstance(section, dict) or not isinstance(section.get("drop"), dict) or not section["drop"]:
+        return None
+    drops = section["drop"]
+    protocol = protocol if protocol in drops else result.get("paired_protocol")
+    if protocol not in drops:
+        protocol = next(iter(drops))
+    rows = [r for r in drops[protocol] if isinstance(r, dict)]
+    if metric is None:
+        metric = next((f"{t} {m}" for t, m in PAIRED_METRICS if any(f"{t} {m}" in r for r in rows)), None)
+    return None if metric is None else (protocol, metric)
+
+
+def image_use(result: dict, metric: str | None = None, protocol: str | None = None) -> list[dict]:
+    """The Compare tab's "uses the images?" panel: per method evaluated with its images blanked (random first,
+    then SFT, then the trained methods; popularity, which reads no images either, is left out), its mean on
+    ``metric`` with and without the images and the drop with its interval: ``{"method", "with images",
+    "blanked", "drop", "low", "high", "detectable", "excludes_zero", "n_users", "reading"}``
+    (:func:`image_use_choice` picks the protocol and metric). [] when the meter did not run."""
+    choice = image_use_choice(result, metric, protocol)
+    if choice is None:
+        return []
+    protocol, metric = choice
+    section = result[IMAGE_ABLATION]
+    rows = [r for r in section["drop"][protocol] if isinstance(r, dict) and r.get("method") != "popularity"]
+    task, name = metric.split(maxsplit=1)
+    key = "score" if name == "AUC" else name
+    plain = protocol_entries(result.get("per_example", []), protocol)
+    dark = protocol_entries(section.get("per_example", []), protocol)
+    by_method = {r["method"]: r for r in rows}
+    order = ["random", "SFT"] + [m for m in _method_order(by_method) if m not in ("random", "SFT")]
+    out = []
+    for m in order:
+        d = by_method.get(m, {}).get(metric)
+        if not isinstance(d, dict):
+            continue
+        row = {"method": m, "with images": _mean_of(plain, m, task, key), "blanked": _mean_of(dark, m, task, key),
+               "drop": d.get("mean"), **{k: d.get(k) for k in ("low", "high", "detectable", "excludes_zero", "n_users")}}  # fmt: skip
+        row["reading"] = image_use_sentence(row, metric)
+        out.append(row)
+    return out
+
+
+def image_use_sentence(row: dict, metric: str) -> str:
+    """One plain sentence: does this method measurably use its history images on ``metric``?"""
+    m, drop, low, high, mdd = row["method"], row["drop"], row.get("low"), row.get("high"), row.get("detectable")
+    if m in BASELINES:
+        return f"{m} never looks at an image: its drop is 0 by construction, the meter's zero."
+    if not all(isinstance(x, (int, float)) and x == x for x in (drop, low, high)):
+        return f"{m}: the drop on {metric} could not be computed."
+    span = f"{drop:+.4f} [{low:+.4f}, {high:+.4f}]"
+    if low > 0:
+        return f"{m} uses the images: blanking them costs {span} {metric}."
+    if high < 0:
+        return f"{m} does better without its images ({span} {metric}): the images mislead it."
+    if isinstance(mdd, (int, float)) and mdd == mdd and -mdd <= low and high <= mdd:
+        return f"{m} does not measurably use the images: no drop larger than ±{mdd:.4f} on {metric} ({span})."
+    return f"{m}: the drop {span} on {metric} holds 0 but is wider than the detectable ±{mdd:.4f}: too few users to tell."
+
+
+def image_use_table(result: dict, metric: str | None = None, protocol: str | None = None) -> str:
+    """:func:`image_use` as markdown (comparison.md and the Compare tab); "" when the meter did not run."""
+    rows = image_use(result, metric, protocol)
+    if not rows:
+        return ""
+    protocol, metric = image_use_choice(result, metric, protocol)
+
+    def num(x):
+        return f"{x:.4f}" if isinstance(x, (int, float)) and x == x else "-"
+
+    lines = [f"| method | {metric} with images | blanked | drop [95% CI] ±detectable |", "|---|---:|---:|---:|"]
+    for r in rows:
+        d = {"mean": r["drop"], "low": r["low"], "high": r["high"], "detectable": r["detectable"],
+             "excludes_zero": r["excludes_zero"]}  # fmt: skip
+        ok = all(isinstance(d[k], (int, float)) and d[k] == d[k] for k in ("mean", "low", "high"))
+        lines.append(f"| {r['method']} | {num(r['with images'])} | {num(r['blanked'])} | "
+                     f"{format_difference(d) if ok else '-'} |")  # fmt: skip
+    lines.append(
+        f"\nUses the images? {protocol.capitalize()} protocol. The drop is a model's value with its history images "
+        f"minus its value with {BLANKING}: the mean per-user paired difference [95% percentile bootstrap interval "
+        "over test users, seeds pooled], * when it excludes 0, ±x the difference detectable with 80% power."
+    )
+    return "\n".join(lines)
+
+
+def image_use_panel(result: dict, metric: str | None = None) -> str:
+    """The Compare tab's "uses the images?" panel as markdown: :func:`image_use_table` on ``metric`` when the
+    meter has it (else its first metric) and one sentence per method; without the meter, how to run it."""
+    choice = image_use_choice(result, metric)
+    if choice is None:
+        return (
+            "**Uses the images?** This comparison ran without the modality meter: run it again with "
+            "`--eval.image_ablation=true` (the CLI, or the Compare form's overrides field) to see how much each "
+            "model loses when its history images are blanked."
+        )
+    protocol, metric = choice
+    said = "\n".join(f"- {r['reading']}" for r in image_use(result, metric, protocol))
+    return f"**Uses the images?**\n\n{image_use_table(result, metric, protocol)}\n\n{said}"

@@ -74,3 +74,33 @@ def test_catalogue_benchmark_grows_the_catalogue_and_times_each_size(capsys):
     assert big["candidates"] - small["candidates"] == 90 and big["tokens_per_user"] > small["tokens_per_user"]
     assert small["forwards_per_user"] == -(-small["candidates"] // 128) and small["s_per_user"] > 0
     assert "ratio 400 / 310 items" in capsys.readouterr().out
+
+
+def test_compare_benchmark_estimates_the_readme_comparison_from_the_variants_that_share():
+    """Every registered variant that uses a reference, grouped by pair set (K rejected, mDPO's imageless rows):
+    all but the first of each group read shared values, 3 seeds x their steps x the saving per step."""
+    import bench_compare
+
+    from hanorec import methods
+
+    groups = {}
+    for v in methods.variants():
+        over = methods.variant_of(v)
+        m = methods.get(over["method"])
+        if m.needs_reference:
+            groups.setdefault((over.get("k_negatives", 1), m.needs_imageless), []).append(v)
+    readers = sum(len(g) - 1 for g in groups.values())
+    text = bench_compare.readme_estimate(0.1)
+    assert f"so {readers} per seed would read shared values" in text
+    assert f"that is {3 * readers * 120 * 0.1 / 60:.1f} min of its 92.8 min" in text
+
+
+@pytest.mark.slow
+def test_compare_benchmark_runs_both_paths_at_tiny_size_and_they_agree(capsys):
+    """About 40 s: the old and the new comparison path once each at tiny size; the same results."""
+    import bench_compare
+
+    assert bench_compare.main(["--users", "12", "--sft-steps", "2", "--pairs", "8", "--repeats", "1",
+                               "--catalogue-items", "5", "--variants", "DPO,HaNo-DPO w/o NoDO"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "both sides gave the same rows and per-example values: True" in out and "ratio" in out

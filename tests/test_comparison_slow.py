@@ -143,3 +143,44 @@ def test_comparison_under_both_protocols_gives_paired_intervals_under_each(tmp_p
     md = (tmp_path / "cmp" / "comparison.md").read_text()
     assert paired_table(saved["paired_paper"], 1, "paper", "test", saved["split_policy"]) in md
     assert paired_table(saved["paired_paper"], 1, "paper", "test", saved["split_policy"]) in comparison_report(saved)
+
+
+def test_the_modality_meter_lands_in_comparison_json_and_the_run_results(tmp_path):
+    """eval.image_ablation: every model of the comparison evaluated again with its images blanked; the
+    metrics with the images are those of the same comparison without the meter; random's drop is 0."""
+    from hanorec.pipeline import run_pipeline
+    from hanorec.report import image_use, load_comparison
+
+    over = {"eval": {"protocols": ["ranking", "catalogue"], "catalogue_items": 10, "image_ablation": True}}
+    cfg = tiny_comparison(tmp_path / "cmp", max_eval_examples=8, **over)
+    result = run_comparison(cfg, seeds=(0,), tasks=("hit3",), variants=("DPO",), print_fn=lambda *a: None)
+    meter = load_comparison(tmp_path / "cmp")["image_ablation"]
+    assert {(e["method"], e["protocol"]) for e in meter["per_example"]} == {
+        (m, p) for m in ("random", "popularity", "SFT", "DPO") for p in ("ranking", "catalogue")
+    }
+    assert list(meter["drop"]) == ["catalogue", "ranking"]
+    rows = {r["method"]: r for r in image_use(result)}
+    assert list(rows) == ["random", "SFT", "DPO"] and rows["random"]["drop"] == 0.0
+    assert "Uses the images?" in (tmp_path / "cmp" / "comparison.md").read_text()
+    plain_cfg = tiny_comparison(tmp_path / "plain", max_eval_examples=8, eval={**over["eval"], "image_ablation": False})
+    plain = run_comparison(plain_cfg, seeds=(0,), tasks=("hit3",), variants=("DPO",), print_fn=lambda *a: None)
+    assert plain["per_example"] == result["per_example"] and "image_ablation" not in plain
+    # a single run's results.json carries it too
+    run = run_pipeline(tiny_comparison(tmp_path / "run", max_eval_examples=8, **over), print_fn=lambda *a: None)
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["image_ablation"]["drop"]["catalogue"][0]["method"] == "random"
+    assert {r["method"] for r in run["image_ablation"]["rows"]} == {"SFT", "random", "popularity"}
+
+
+def test_a_comparison_sharing_its_reference_logps_gives_the_same_results(tmp_path):
+    """Every variant of a seed reuses the reference sums the first computed (hanorec.train.refcache): the
+    rows and per-example values are those of the comparison where each computes its own, exactly."""
+    variants = ("DPO", "HaNo-DPO", "mDPO")
+    shared = run_comparison(tiny_comparison(tmp_path / "shared"), seeds=(0,), tasks=("hit3",), variants=variants,
+                            print_fn=lambda *a: None)  # fmt: skip
+    own = run_comparison(tiny_comparison(tmp_path / "own"), seeds=(0,), tasks=("hit3",), variants=variants,
+                         print_fn=lambda *a: None, share_reference=False)  # fmt: skip
+    assert shared["per_example"] == own["per_example"]
+    assert shared["rows"] == own["rows"]
+    assert len(list((tmp_path / "shared" / "hit3" / "seed0" / "reference_logps").glob("*.safetensors"))) == 1
+    assert not (tmp_path / "own" / "hit3" / "seed0" / "reference_logps").exists()

@@ -99,3 +99,32 @@ def test_make_demo_cli_options(tmp_path, capsys):
     assert "rDPO and cDPO" in capsys.readouterr().out
     assert main(["make-demo", f"--out={tmp_path}", "--false-negatives=x"]) == 2
     assert "fraction in [0, 1]" in capsys.readouterr().err
+
+
+def _title_genre(title: str) -> set[str]:
+    from hanorec.data import DEMO_GENRE_WORDS
+
+    return {g for g, words in DEMO_GENRE_WORDS.items() if any(w in title.split() for w in words)}
+
+
+def test_title_noise_takes_the_taste_out_of_the_titles_only(tmp_path):
+    """At 1 a title's words match its item's genre no more than chance; the images and the sequences are
+    byte for byte those of the plain demo (its own seeded stream), and the same call gives the same files."""
+    plain, noisy, again = tmp_path / "plain", tmp_path / "noisy", tmp_path / "again"
+    make_demo(plain, n_items=160, n_users=20, image_size=16)
+    make_demo(noisy, n_items=160, n_users=20, image_size=16, title_noise=1.0)
+    make_demo(again, n_items=160, n_users=20, image_size=16, title_noise=1.0)
+    ds_plain, ds = load_dataset(plain), load_dataset(noisy)
+    assert ds.scenario == {"title_noise": 1.0} and "Title noise" in scenario_sentences(ds.scenario)[0]
+    assert (noisy / "pairs.tsv").read_bytes() == (plain / "pairs.tsv").read_bytes()
+    assert all((noisy / "images" / f).read_bytes() == (plain / "images" / f).read_bytes()
+               for f in ("1.jpg", "80.jpg", "160.jpg"))  # fmt: skip
+    assert (noisy / "titles.csv").read_bytes() == (again / "titles.csv").read_bytes()
+
+    def agree(d):
+        return sum(d.items[i].attributes["genre"] in _title_genre(d.items[i].title) for i in d.items) / len(d.items)
+
+    assert agree(ds_plain) == 1.0
+    assert agree(ds) < 0.45  # chance is 1/4; 160 items put 0.45 about 5 standard errors above it
+    assert main(["make-demo", f"--out={tmp_path / 'cli'}", "--title-noise=0.5"]) == 0
+    assert json.loads((tmp_path / "cli" / "scenario.json").read_text()) == {"title_noise": 0.5}

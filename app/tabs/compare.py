@@ -265,6 +265,16 @@ def show_forest(ctx, folder, reference, metric):
     return forest_figure(rows, reference, metric), "\n".join(lines), readout
 
 
+def show_images(ctx, folder, metric):
+    """The "uses the images?" panel (hanorec.report.image_use_panel): each model's drop when its history
+    images are blanked, beside SFT and random; how to run the meter when the comparison did not."""
+    if not folder:
+        return ""
+    result = load(ctx, folder)
+    with user_errors():
+        return report.image_use_panel(result, metric)
+
+
 def show_scatter(ctx, folder, metric, a, b):
     if not (folder and metric and a and b):
         return go.Figure()
@@ -349,6 +359,7 @@ def build(ctx) -> None:
         method_a = gr.Dropdown([], label="Method A (y)", scale=1)
         method_b = gr.Dropdown([], label="Method B (x)", scale=1)
     scatter_plot = gr.Plot(label="Per-user scatter", elem_id="compare-scatter")
+    images = gr.Markdown(elem_id="compare-images")
 
     timer = gr.Timer(1.0)
     form = [dataset, task, sft_from, methods, seeds, sft_steps, pref_steps, beta, lr, sigma, catalogue_items,
@@ -370,6 +381,8 @@ def build(ctx) -> None:
                             [reference, metric, method_a, method_b, table, caption, files], api_name="compare_open")
     opened.then(partial(show_forest, ctx), [folder, reference, metric], [forest, forest_text, readout])
     opened.then(partial(show_scatter, ctx), [folder, metric, method_a, method_b], scatter_plot)
+    opened.then(partial(show_images, ctx), [folder, metric], images)
+    metric.input(partial(show_images, ctx), [folder, metric], images, api_visibility="private")
     for trigger in (reference, metric):
         trigger.input(partial(show_forest, ctx), [folder, reference, metric], [forest, forest_text, readout],
                       api_visibility="private")  # fmt: skip

@@ -27,6 +27,7 @@ from hanorec.scoring import multi_completion_logps, pack_shared_prefix
 from hanorec.tasks import render
 from hanorec.train.checkpoint import load_adapter_weights
 from hanorec.train.loop import TrainResult, train_loop
+from hanorec.train.refcache import pair_key
 
 
 @dataclass
@@ -108,6 +109,7 @@ def make_pref_collate(bundle: ModelBundle, ds: RecDataset):
             "completions": completions,
             "lambda": torch.tensor([it.hardness_lambda for it in items], dtype=torch.float32),
             "ref": torch.tensor([it.ref_logps for it in items]) if items[0].ref_logps is not None else None,
+            "keys": [pair_key(it.pair) for it in items],  # what a shared reference cache keys the batch by
         }
 
     return collate
@@ -189,9 +191,13 @@ def _adapter_disabled(model):
         model._adapters_disabled = False
 
 
-def make_pref_loss(cfg, bundle: ModelBundle, accelerator, noise: LoRANoise | None) -> Callable:
+def make_pref_loss(
+    cfg, bundle: ModelBundle, accelerator, noise: LoRANoise | None, reference_cache=None
+) -> Callable:
     """loss_fn(model, batch) -> (loss, metrics) for cfg.pref's registered method. A method that carries state
-    across batches keeps it in ``loss_fn.method_state`` (saved in checkpoints by the training loop)."""
+    across batches keeps it in ``loss_fn.method_state`` (saved in checkpoints by the training loop).
+    reference_cache: a :class:`hanorec.train.refcache.ReferenceScope`; a micro-batch whose reference sums it
+    keeps skips the reference forward (the kept values are a step's own), one it lacks is stored there."""
     from hanorec import methods
     from hanorec.methods.hars import hars_beta
 
@@ -238,7 +244,16 @@ def make_pref_loss(cfg, bundle: ModelBundle, accelerator, noise: LoRANoise | Non
             if method.needs_imageless:
                 ref, ref_imageless = ref[:, :-1], ref[:, -1]
         elif method.needs_reference:
-            sums = _reference_sums(peft_model, bundle, prompts, completions, p.scoring, dtype, packed)
+            keys = batch.get("keys") if reference_cache is not None else None
+            sums = None
+            if keys is not None:
+                sums = reference_cache.lookup(keys, method.needs_imageless, [len(c) for c in completions])
+            if sums is None:
+                sums = _reference_sums(peft_model, bundle, prompts, completions, p.scoring, dtype, packed)
+                if keys is not None:
+                    reference_cache.store(keys, method.needs_imageless, sums)
+            else:
+                sums = [s.to(device) for s in sums]
             ref, ref_imageless = _split_rows(sums, n_ex)
         else:  # a reference-free loss: no reference forward
             ref = torch.zeros(n_ex, len(completions[0]), device=device)
@@ -386,8 +401,14 @@ def train_preference(
     resume: bool = True,
     on_log=None,
     should_stop=None,
+    reference_cache=None,
 ) -> TrainResult:
-    """Train bundle.model (merged SFT + fresh LoRA) on preference items with cfg.pref's method."""
+    """Train bundle.model (merged SFT + fresh LoRA) on preference items with cfg.pref's method.
+
+    reference_cache: a :class:`hanorec.train.refcache.ReferenceCache` shared by the stages of one comparison
+    seed (same SFT model): the reference sums of each micro-batch are computed by the first stage that sees it
+    and reused, bit for bit, by the others (not with pref.precompute_ref, several processes, or a dropout
+    outside the LoRA layers)."""
     from accelerate import Accelerator
 
     from hanorec.train.loop import resolve_mixed_precision
@@ -407,7 +428,19 @@ def train_preference(
     noise = (
         LoRANoise(bundle.model, p.noise_sigma, scale=p.noise_scale) if (p.noise_target == "lora" and p.noise_sigma > 0) else None
     )
-    loss_fn = make_pref_loss(cfg, bundle, accelerator, noise)
+    scope = None
+    if reference_cache is not None and not p.precompute_ref and accelerator.num_processes == 1:
+        from hanorec import methods
+        from hanorec.train.refcache import dropout_active
+
+        if methods.get(p.method).needs_reference and not dropout_active(bundle.model):
+            context = (
+                f"{bundle.name}|{p.scoring}|{next(bundle.model.parameters()).dtype}|{p.mixed_precision}|"
+                f"{accelerator.device.type}|pixels={p.max_pixels}/{cfg.model.max_pixels}"
+            )
+            sft_key = bundle.meta.get("sft_checkpoint", bundle.name)
+            scope = reference_cache.scope(sft_key, context, [pair_key(it.pair) for it in items])
+    loss_fn = make_pref_loss(cfg, bundle, accelerator, noise, reference_cache=scope)
     restore_dropout = disable_dropout(bundle.model) if p.disable_dropout else None
     try:
         return train_loop(
@@ -427,6 +460,8 @@ def train_preference(
             drop_last=True,  # as the authors' trainer: eta's trimmed mean never sees a short micro-batch
         )
     finally:
+        if scope is not None:
+            reference_cache.save()
         if restore_dropout is not None:
             restore_dropout()
         close = getattr(loss_fn, "close_noise", None)  # a wrapped loss function (benchmarks) may not have it
