@@ -801,6 +801,10 @@ def _method_noise(method: str, layers: list[dict]) -> str | None:
         return None
     if any("noise_target" in (layer.get("pref") or {}) for layer in layers[named[-1]:]):
         return None
+    if not methods.is_registered(method):
+        # a plug-in's method: reading a config imports nothing, so its row is known only in the process that
+        # trains (hanorec.methods.activate); the layers' own noise setting stands
+        return None
     return methods.get(method).variant.get("noise_target")
 
 
