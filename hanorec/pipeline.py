@@ -330,8 +330,25 @@ def run_preference(
     result = train_preference(
         cfg, bundle, data.dataset, items, out, resume=resume, on_log=on_log,
         should_stop=should_stop if train_should_stop is None else train_should_stop,
+        eval_items=held_out_items(cfg, data),
     )  # fmt: skip
     return bundle, result
+
+
+def held_out_items(cfg: RunConfig, data: PreparedData) -> list:
+    """pref.eval_pairs fixed pairs from the first validation examples (seeded by the run's seed, with one
+    rejected completion each as the training pairs have), for eval/pair_accuracy; [] when off or without a
+    validation split."""
+    from hanorec.pairs import build_pairs
+    from hanorec.train.preference import PrefItem
+
+    n = cfg.pref.eval_pairs
+    if not n or not len(data.val):
+        return []
+    examples = [data.val[k] for k in range(min(n, len(data.val)))]
+    seed = cfg.seed if cfg.pref.pair_seed is None else cfg.pref.pair_seed
+    pairs = build_pairs(examples, data.dataset, seed=seed + 1, k_negatives=cfg.pref.k_negatives)
+    return [PrefItem(pair) for pair in pairs]
 
 
 def _evaluate_trained(cfg, bundle, train, data, method, prefix, start, on_log, should_stop, print_fn) -> dict:
