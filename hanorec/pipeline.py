@@ -617,7 +617,7 @@ def run_sweep(
             ev = run_eval(cv, bundle, data, method=label, baselines=[])
             del bundle
             logged = [json.loads(line) for line in (root / task / f"seed{seed}" / name / "metrics.jsonl").open()]
-            last = logged[-1] if logged else {}
+            last = next((r for r in reversed(logged) if "loss" in r), {})  # a training step's row, not eval/
             diag = {k: last[k] for k in (*K.SWEEP_DIAGNOSTICS, K.BETA_MEAN) if k in last}
             rows += [{"task": task, "seed": seed, "setting": label, **r, **diag} for r in ev.rows]
             per_example += per_example_entries(task, seed, ev)
