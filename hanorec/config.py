@@ -508,11 +508,17 @@ class PrefConfig(OptimConfig):
     sft_run: str | None = _f(
         None, "Run folder whose SFT adapter is merged before stage 2 (default: this run's output_dir)."
     )
+    eval_pairs: int = _f(
+        0,
+        "Held-out pair accuracy (eval/pair_accuracy in metrics.jsonl): this many fixed pairs from the validation "
+        "examples, scored at step 0, every pref.eval_every steps and at the end (0: off).",
+    )
+    eval_every: int = _f(10, "Optimizer steps between two held-out pair evaluations (pref.eval_pairs).")
 
     def __post_init__(self):
         super().__post_init__()
-        _positive(self, "beta", "k_negatives", "hardness_k", "max_pairs", "hars_temperature")
-        _positive(self, "noise_sigma", "sft_weight", "max_pixels", allow_zero=True)
+        _positive(self, "beta", "k_negatives", "hardness_k", "max_pairs", "hars_temperature", "eval_every")
+        _positive(self, "noise_sigma", "sft_weight", "max_pixels", "eval_pairs", allow_zero=True)
         if not 0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"label_smoothing = {self.label_smoothing!r} must be in [0, 0.5)")
         from hanorec import methods

@@ -18,8 +18,15 @@ BETA_MEAN = "hardness/beta_mean"
 LAMBDA_MEAN = "hardness/lambda_mean"
 ETA = "hardness/eta"
 NOISE_SIGMA = "noise/sigma"
-EVAL_PAIR_ACCURACY = "eval/pair_accuracy"
+# KL(policy || reference) per step, over each prompt's trained completions (chosen + rejected), each model's
+# probabilities renormalised over that set (hanorec.train.preference.completion_kl; docs/method.md section 6)
 KL_REFERENCE = "kl/reference"
+# held-out pair accuracy: the share of fixed validation pairs whose chosen completion gains more log-probability
+# over the reference than the rejected one (ties count half), every pref.eval_every steps and at step 0
+EVAL_PAIR_ACCURACY = "eval/pair_accuracy"
+EVAL_KL_REFERENCE = "eval/kl_reference"  # the same KL as KL_REFERENCE, on those validation pairs
+EVAL_LOGP_CHOSEN = "eval/logps/chosen"  # the policy's mean summed log-prob of those pairs' chosen answers
+EVAL_LOGP_REJECTED = "eval/logps/rejected"  # ... and of their rejected answers
 
 PREFERENCE = (
     REWARD_CHOSEN, REWARD_REJECTED, REWARD_ACCURACY, REWARD_MARGIN, LOGP_CHOSEN, LOGP_REJECTED, ETA, BETA_MEAN,

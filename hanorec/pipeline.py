@@ -375,8 +375,25 @@ def run_preference(
         cfg, bundle, data.dataset, items, out, resume=resume, on_log=on_log,
         should_stop=should_stop if train_should_stop is None else train_should_stop,
         reference_cache=reference_cache,
+        eval_items=held_out_items(cfg, data),
     )  # fmt: skip
     return bundle, result
+
+
+def held_out_items(cfg: RunConfig, data: PreparedData) -> list:
+    """pref.eval_pairs fixed pairs from the first validation examples (seeded by the run's seed, with one
+    rejected completion each as the training pairs have), for eval/pair_accuracy; [] when off or without a
+    validation split."""
+    from hanorec.pairs import build_pairs
+    from hanorec.train.preference import PrefItem
+
+    n = cfg.pref.eval_pairs
+    if not n or not len(data.val):
+        return []
+    examples = [data.val[k] for k in range(min(n, len(data.val)))]
+    seed = cfg.seed if cfg.pref.pair_seed is None else cfg.pref.pair_seed
+    pairs = build_pairs(examples, data.dataset, seed=seed + 1, k_negatives=cfg.pref.k_negatives)
+    return [PrefItem(pair) for pair in pairs]
 
 
 def _evaluate_trained(cfg, bundle, train, data, method, prefix, start, on_log, should_stop, print_fn) -> dict:
@@ -689,7 +706,7 @@ def run_sweep(
             ev = run_eval(cv, bundle, data, method=label, baselines=[])
             del bundle
             logged = [json.loads(line) for line in (root / task / f"seed{seed}" / name / "metrics.jsonl").open()]
-            last = logged[-1] if logged else {}
+            last = next((r for r in reversed(logged) if "loss" in r), {})  # a training step's row, not eval/
             diag = {k: last[k] for k in (*K.SWEEP_DIAGNOSTICS, K.BETA_MEAN) if k in last}
             rows += [{"task": task, "seed": seed, "setting": label, **r, **diag} for r in ev.rows]
             per_example += per_example_entries(task, seed, ev)

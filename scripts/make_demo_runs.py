@@ -1,12 +1,20 @@
-"""The trained demo runs the app shows first: SFT, DPO and HaNo-DPO on hit3, tiny adapters, rebuilt byte for byte.
+"""The trained demo runs the app shows first, tiny adapters rebuilt byte for byte: SFT, DPO and HaNo-DPO on hit3,
+and the teaching SFT model the lesson preset (configs/lab.yaml) starts from.
 
-    .venv/bin/python scripts/make_demo_runs.py            # rebuild assets/demo_runs/ (about 2 CPU minutes)
+    .venv/bin/python scripts/make_demo_runs.py            # rebuild assets/demo_runs/ (about 6 CPU minutes)
     .venv/bin/python scripts/make_demo_runs.py --check    # rebuild into a temporary folder, compare every file's
                                                           # SHA-256 with the shipped ones (exit 1 on a difference)
+    .venv/bin/python scripts/make_demo_runs.py --check --runs teach-hit3   # one run only
 
-One run folder, assets/demo_runs/demo-hit3/, trained from the bundled demo data (assets/demo) with the tiny
-Qwen2.5-VL preset: SFT, then DPO and HaNo-DPO, each from that SFT model, each evaluated on the first 40 test
-prompts. Only what loading and listing a stage needs ships: the newest checkpoint's adapter, configuration
+Two run folders, both trained from the bundled demo data (assets/demo) with the tiny Qwen2.5-VL preset:
+
+- assets/demo_runs/demo-hit3/: SFT (200 steps on at most 2 windows per user), then DPO and HaNo-DPO, each from
+  that SFT model, each evaluated on the first 60 test prompts (the ranking protocol).
+- assets/demo_runs/teach-hit3/: the teaching SFT model (SFT only, every training window, longer; see TEACH
+  and scripts/learnability.py for why), evaluated on all 240 test users under the ranking and the catalogue
+  protocols with the random and popularity baselines.
+
+Only what loading and listing a stage needs ships: the newest checkpoint's adapter, configuration
 and trainer state, the tiny base model, the metrics logs and the results. Everything that would differ from
 one build to the next is taken out: wall-clock times, absolute paths (configurations name the demo data and
 the run by paths relative to the repository; the SFT source a preference stage names is relative to its
@@ -37,12 +45,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 OUT = ROOT / "assets" / "demo_runs"
 RUN = "demo-hit3"
+TEACH = "teach-hit3"  # the teaching SFT model (configs/lab.yaml's pref.sft_run)
 STAGES = ("sft", "dpo", "hano_dpo")
 VARIANTS = ("DPO", "HaNo-DPO")  # the paper's names; their folders are STAGES[1:]
 KEEP_IN_CHECKPOINT = ("adapter", "config.yaml", "trainer_state.json")
 KEEP_IN_ADAPTER = ("adapter_model.safetensors", "adapter_config.json")
 BUILD_FILE = "build.json"  # beside the run: the torch build and CPU kernel set it was made with
 TOL_WEIGHT, TOL_LOGGED, TOL_RESULT = 1e-3, 1e-3, 0.02  # --check on another kernel set (measured: 3e-4, 1e-5, 0)
+TEACH_STEPS, TEACH_LR = 800, 3e-3  # the teaching SFT model's schedule (scripts/learnability.py measured it)
 TIME_KEYS = ("elapsed_s", "wall_s", "time_s", "updated", "started", "ended")
 DEMO_REL, RUN_REL = "assets/demo", f"assets/demo_runs/{RUN}"
 
@@ -60,10 +70,22 @@ OVERRIDES = {
              "noise_sigma": 0.05},
     "eval": {"protocols": ["ranking"], "batch_size": 14, "baselines": ["random", "popularity"]},
 }  # fmt: skip
+# The teaching SFT model: what scripts/learnability.py found the tiny model needs to learn the demo world
+# (every training window, not 2 per user, and several times the steps); evaluated on every test user.
+TEACH_OVERRIDES = {
+    **OVERRIDES,
+    "data": {"path": str(ROOT / DEMO_REL), "max_train_windows_per_user": None},
+    "task": {"name": "hit3", "max_eval_examples": None},
+    "sft": {**OVERRIDES["sft"], "max_steps": TEACH_STEPS, "lr": TEACH_LR, "log_every": 10},
+    "pref": {},
+    "eval": {"protocols": ["ranking", "catalogue"], "batch_size": 14, "baselines": ["random", "popularity"]},
+}
+# run name -> (overrides, stages, preference variants trained from its SFT)
+RUNS = {RUN: (OVERRIDES, STAGES, VARIANTS), TEACH: (TEACH_OVERRIDES, ("sft",), ())}
 
 
-def build(dest: Path) -> Path:
-    """Train the three stages into a scratch folder, then write the cleaned run to dest/demo-hit3."""
+def build(dest: Path, names=tuple(RUNS)) -> Path:
+    """Train each named run's stages into a scratch folder, then write the cleaned run to dest/<name>; dest."""
     import torch
 
     from hanorec.config import load_config
@@ -72,33 +94,35 @@ def build(dest: Path) -> Path:
 
     torch.set_num_threads(1)
     quiet = lambda *a, **k: None  # noqa: E731
-    with tempfile.TemporaryDirectory(prefix="hanorec-demo-runs-") as tmp:
-        scratch = Path(tmp) / RUN
-        cfg = load_config(overrides={**OVERRIDES, "output_dir": str(scratch)})
-        run_pipeline(cfg, print_fn=quiet)
-        for label in VARIANTS:  # each variant's own fields (DPO: no noise; HaNo-DPO: HaRS and NoDO)
-            run_preference_pipeline(_with(cfg, pref=dict(variant_of(label))), print_fn=quiet)
-        target = dest / RUN
-        shutil.rmtree(target, ignore_errors=True)
-        target.mkdir(parents=True)
-        _clean_copy(scratch, target, cfg)
-    return target
+    for name in names:
+        overrides, stages, variants = RUNS[name]
+        with tempfile.TemporaryDirectory(prefix="hanorec-demo-runs-") as tmp:
+            scratch = Path(tmp) / name
+            cfg = load_config(overrides={**overrides, "output_dir": str(scratch)})
+            run_pipeline(cfg, print_fn=quiet)
+            for label in variants:  # each variant's own fields (DPO: no noise; HaNo-DPO: HaRS and NoDO)
+                run_preference_pipeline(_with(cfg, pref=dict(variant_of(label))), print_fn=quiet)
+            target = dest / name
+            shutil.rmtree(target, ignore_errors=True)
+            target.mkdir(parents=True)
+            _clean_copy(scratch, target, cfg, stages)
+    return dest
 
 
-def _clean_copy(src: Path, dst: Path, cfg) -> None:
+def _clean_copy(src: Path, dst: Path, cfg, stages=STAGES) -> None:
     from hanorec import runs
     from hanorec.config import load_config
 
     def config_text(path: Path) -> str:
         c = load_config(path)
-        c.data.path, c.output_dir, c.pref.sft_run = DEMO_REL, RUN_REL, None
+        c.data.path, c.output_dir, c.pref.sft_run = DEMO_REL, f"assets/demo_runs/{dst.name}", None
         return c.to_yaml()
 
     (dst / runs.CONFIG_FILE).write_text(config_text(_saved_config(src, cfg)))
     _write_json(dst / runs.STATUS_FILE, {"status": "finished", "read_only": True,
                                           "message": "a demo run shipped with the repository (read-only)"})  # fmt: skip
     _write_json(dst / runs.RESULTS_FILE, _clean(json.loads((src / runs.RESULTS_FILE).read_text()), src))
-    for stage in STAGES:
+    for stage in stages:
         s_src, s_dst = src / stage, dst / stage
         ckpt = runs.latest_checkpoint(s_src)
         c_dst = s_dst / "checkpoints" / ckpt.name
@@ -196,15 +220,21 @@ def _within_tolerance(old: Path, new: Path, name: str) -> bool:
     return False  # any other file must be identical
 
 
-def check(shipped: Path = OUT) -> tuple[list[str], str]:
-    """Rebuild into a temporary folder; the files that differ from (or are missing in) the shipped run, and
-    which comparison was made (bytes on the shipped build's kernel set, tolerances on another)."""
+def run_digests(root: Path, names) -> dict[str, str]:
+    """:func:`digests` of each named run folder under root, keyed <run>/<relative path>."""
+    return {f"{name}/{k}": v for name in names for k, v in digests(root / name).items()}
+
+
+def check(shipped: Path = OUT, names=tuple(RUNS)) -> tuple[list[str], str]:
+    """Rebuild the named runs into a temporary folder; the files that differ from (or are missing in) the
+    shipped runs, and which comparison was made (bytes on the shipped build's kernel set, tolerances on
+    another)."""
     recorded = json.loads((shipped / BUILD_FILE).read_text()) if (shipped / BUILD_FILE).is_file() else {}
     here = build_info()
     with tempfile.TemporaryDirectory(prefix="hanorec-demo-check-") as tmp:
-        new_root = build(Path(tmp))
-        new = digests(new_root)
-        old = digests(shipped / RUN)
+        new_root = build(Path(tmp), names)
+        new = run_digests(new_root, names)
+        old = run_digests(shipped, names)
         bad = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if recorded == here:
             return bad, f"bytes (built and checked with torch {here['torch']}, {here['cpu_capability']} kernels)"
@@ -212,25 +242,28 @@ def check(shipped: Path = OUT) -> tuple[list[str], str]:
                f"{here['cpu_capability']} kernels: other kernels round differently)")  # fmt: skip
         missing = sorted(k for k in set(old) ^ set(new))
         return missing + [k for k in bad if k in old and k in new
-                          and not _within_tolerance(shipped / RUN, new_root, k)], how  # fmt: skip
+                          and not _within_tolerance(shipped, new_root, k)], how  # fmt: skip
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=OUT, help="folder that receives demo-hit3/ (default assets/demo_runs)")
     p.add_argument("--check", action="store_true", help="rebuild in a temporary folder and compare with --out")
+    p.add_argument("--runs", nargs="+", choices=list(RUNS), default=list(RUNS), help="which runs (default: all)")
     args = p.parse_args()
     if args.check:
-        bad, how = check(args.out)
+        bad, how = check(args.out, tuple(args.runs))
         same = "identical: every file's SHA-256 matches" if how.startswith("bytes") else "equal within tolerance"
         print(f"compared by {how}")
         print(same if not bad else "differ: " + ", ".join(bad))
         return 1 if bad else 0
-    target = build(args.out)
+    build(args.out, tuple(args.runs))
     _write_json(args.out / BUILD_FILE, build_info())
-    total = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
-    print(f"wrote {target} ({total / 1e6:.2f} MB)")
-    for name, digest in digests(target).items():
+    for name in args.runs:
+        target = args.out / name
+        total = sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
+        print(f"wrote {target} ({total:,} bytes, {total / 1e6:.2f} MB)")
+    for name, digest in run_digests(args.out, args.runs).items():
         print(f"{digest[:16]}  {name}")
     return 0
 

@@ -13,6 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "assets" / "demo"
 SHIPPED = ROOT / "assets" / "demo_runs" / "demo-hit3"
+TEACH = ROOT / "assets" / "demo_runs" / "teach-hit3"  # the teaching SFT model configs/lab.yaml starts from
 sys.path.insert(0, str(ROOT / "scripts"))
 
 
@@ -53,7 +54,8 @@ def test_every_tab_shows_the_trained_hano_dpo_model_first(ctx):
     from app.tabs import train
 
     assert ctx.default_model() == "demo_runs/demo-hit3::hano_dpo"  # the public name, never the server's path
-    assert [v for _, v in ctx.model_choices()][:4] == [f"demo_runs/demo-hit3::{s}" for s in ("sft", "dpo", "hano_dpo")] + ["base"]
+    assert [v for _, v in ctx.model_choices()][:5] == [f"demo_runs/demo-hit3::{s}" for s in ("sft", "dpo", "hano_dpo")] + [
+        f"demo_runs/{TEACH.name}::sft", "base"]  # fmt: skip
     assert ctx.resolve_path("demo_runs/demo-hit3") == SHIPPED.resolve()
     demo = build_app(ctx)
     pickers = [b for b in demo.blocks.values() if isinstance(b, gr.Dropdown) and b.label in ("Model", "Score candidates with")]
@@ -87,19 +89,59 @@ def test_the_demo_model_works_in_every_tab_and_nothing_is_written(ctx):
 
 
 @pytest.mark.slow
-def test_the_command_rebuilds_the_shipped_bytes():
-    """scripts/make_demo_runs.py --check trains the three stages again (about a CPU minute) into a temporary
-    folder and compares every file's SHA-256 with the shipped ones (within stated tolerances when this machine's
-    CPU kernels differ from the ones recorded in build.json)."""
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_demo_runs.py"), "--check"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
+@pytest.mark.parametrize("run", ["demo-hit3", "teach-hit3"])
+def test_the_command_rebuilds_the_shipped_bytes(run):
+    """scripts/make_demo_runs.py --check --runs RUN trains the run again (demo-hit3's three stages: about a CPU
+    minute; teach-hit3's SFT and its evaluation on 240 test users under two protocols: about 4 CPU minutes) into
+    a temporary folder and compares every file's SHA-256 with the shipped ones (within stated tolerances when
+    this machine's CPU kernels differ from the ones recorded in build.json)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_demo_runs.py"), "--check", "--runs", run],
+                          cwd=ROOT, capture_output=True, text=True, timeout=1200)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     import torch
 
     built = json.loads((SHIPPED.parent / "build.json").read_text())
     same = built == {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability()}
     assert ("identical: every file's SHA-256 matches" if same else "equal within tolerance") in proc.stdout
-    assert json.loads((SHIPPED / "status.json").read_text())["read_only"] is True
+    assert json.loads((SHIPPED.parent / run / "status.json").read_text())["read_only"] is True
+
+
+def test_the_teaching_model_ships_small_and_beats_random_and_popularity_under_both_protocols():
+    """The teaching SFT model (scripts/learnability.py says why it trains longer on every window): a few MB,
+    SFT only, evaluated on all 240 demo test users, its HR@3 above random and popularity under the ranking and
+    the catalogue protocol (the paired intervals: scripts/learnability.py --teach, BENCHMARKS.md)."""
+    from make_demo_runs import TIME_KEYS, digests
+
+    from hanorec import runs
+
+    files = digests(TEACH)
+    size = sum((TEACH / f).stat().st_size for f in files)
+    assert size < 6e6, size
+    assert runs.stages(TEACH) == ["sft"] and runs.read_status(TEACH)["status"] == "finished"
+    rows = runs.read_results(TEACH)["rows"]
+    hr3 = {(r["method"], r["protocol"]): r["HR@3"] for r in rows}
+    for protocol in ("ranking", "catalogue"):
+        assert {r["n"] for r in rows if r["protocol"] == protocol} == {240}
+        assert hr3["SFT", protocol] > max(hr3["random", protocol], hr3["popularity", protocol]) + 0.03, hr3
+    for f in files:
+        if f.endswith((".json", ".yaml", ".jsonl")):
+            text = (TEACH / f).read_text()
+            assert "/tmp" not in text and "/work" not in text and not any(f'"{k}"' in text for k in TIME_KEYS), f
+
+
+def test_the_lab_preset_loads_and_starts_from_the_teaching_model():
+    """configs/lab.yaml: a complete, valid config whose preference stage starts from the shipped teaching SFT
+    run, with the held-out pair accuracy on, and whose model and data match that run's (else the SFT adapter
+    would not fit the base model, or the pairs would come from other windows)."""
+    from hanorec.config import load_config
+
+    lab = load_config(ROOT / "configs" / "lab.yaml")
+    assert (ROOT / lab.pref.sft_run).resolve() == TEACH.resolve()
+    assert lab.pref.eval_pairs > 0 and lab.pref.eval_every > 0 and lab.pref.max_steps <= 60
+    teach = load_config(TEACH / "config.yaml")
+    assert lab.model == teach.model and lab.lora == teach.lora and lab.task.name == teach.task.name
+    assert lab.data.max_train_windows_per_user == teach.data.max_train_windows_per_user
+    assert (ROOT / lab.data.path).resolve() == (ROOT / teach.data.path).resolve() == DEMO.resolve()
 
 
 

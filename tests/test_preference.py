@@ -633,3 +633,101 @@ def test_short_micro_batches_are_dropped_and_refused(merged, ds, items, tmp_path
         make_cfg(tmp_path, method="hano_dpo", batch_size=2)
     make_cfg(tmp_path, method="hano_dpo", batch_size=2, responsiveness=False)  # no trimmed mean: allowed
     make_cfg(tmp_path, method="dpo", noise_target="none", batch_size=2)
+
+
+# ------------------------------------------------------------------------------------------------
+# The KL to the reference and held-out pair accuracy (kl/reference, eval/pair_accuracy)
+# ------------------------------------------------------------------------------------------------
+def test_completion_kl_by_hand():
+    """Policy 3:1 over (chosen, rejected), reference 1:1: KL = 0.75 ln 1.5 + 0.25 ln 0.5 = 0.130812; adding a
+    constant to a prompt's completions changes nothing (renormalised); equal models give exactly 0."""
+    from hanorec.train.preference import completion_kl
+
+    pol = torch.tensor([[math.log(0.75), math.log(0.25)], [-3.0, -5.0]], dtype=torch.float64)
+    ref = torch.tensor([[math.log(0.5), math.log(0.5)], [-3.0, -5.0]], dtype=torch.float64)
+    kl = completion_kl(pol, ref)
+    assert kl[0].item() == pytest.approx(0.75 * math.log(1.5) + 0.25 * math.log(0.5), abs=1e-12)
+    assert kl[0].item() == pytest.approx(0.130812, abs=1e-6)
+    assert kl[1].item() == 0.0
+    assert completion_kl(pol - 7.0, ref + 2.0)[0].item() == pytest.approx(kl[0].item(), abs=1e-12)
+
+
+def test_pair_accuracy_by_hand():
+    """Log-ratio margins +2, -1, 0 (a tie, half right): accuracy 0.5; S-DPO rows compare every rejected."""
+    from hanorec.train.preference import pair_accuracy
+
+    ref = torch.zeros(3, 2)
+    pol = torch.tensor([[-1.0, -3.0], [-2.0, -1.0], [-4.0, -4.0]])
+    acc, kl = pair_accuracy(pol, ref)
+    assert acc == 0.5 and kl > 0
+    assert pair_accuracy(ref, ref) == (0.5, 0.0)  # the policy at step 0 is the reference
+    acc2, _ = pair_accuracy(torch.tensor([[-1.0, -2.0, 0.0, -3.0]]), torch.zeros(1, 4))
+    assert acc2 == pytest.approx(2 / 3)  # chosen beats 2 of its 3 rejected completions
+
+
+def test_step_metrics_log_the_kl_only_when_there_is_a_reference():
+    from hanorec import logkeys as K
+    from hanorec.methods.base import LossOutput
+    from hanorec.train.preference import step_metrics
+
+    out = LossOutput(losses=torch.zeros(2), chosen_rewards=torch.tensor([0.2, 0.0]),
+                     rejected_rewards=torch.tensor([0.1, 0.3]), beta=torch.full((2,), 0.1))  # fmt: skip
+    pol_c, pol_r = torch.tensor([-1.0, -2.0]), torch.tensor([[-3.0], [-1.0]])
+    with_kl = step_metrics(out, pol_c, pol_r, None, 0.0, kl=0.25)
+    assert with_kl[K.KL_REFERENCE] == 0.25 and with_kl[K.REWARD_ACCURACY] == 0.5
+    assert K.KL_REFERENCE not in step_metrics(out, pol_c, pol_r, None, 0.0)
+    assert K.KL_REFERENCE == "kl/reference" and K.EVAL_PAIR_ACCURACY == "eval/pair_accuracy"
+
+
+def _eval_run(merged, ds, items, out_dir, steps, should_stop=None, **pref):
+    cfg = make_cfg(out_dir, max_steps=steps, eval_every=2, **METHODS["dpo"], **pref)
+    bundle = copy.deepcopy(merged)
+    result = train_preference(cfg, bundle, ds, items, out_dir, resume=True, should_stop=should_stop,
+                              eval_items=items[:4])  # fmt: skip
+    return bundle, result, read_metrics(out_dir)
+
+
+def test_held_out_pairs_logged_at_step_0_every_n_steps_and_the_end(merged, ds, items, tmp_path):
+    """DPO without noise: at step 0 and step 1 the policy is the reference, so eval/pair_accuracy = 0.5 and
+    both KLs are 0; later rows are rows of their own at steps 2, 4 and the last (5)."""
+    from hanorec import logkeys as K
+
+    _, result, rows = _eval_run(merged, ds, items, tmp_path, steps=5)
+    assert result.global_step == 5
+    evals = [r for r in rows if K.EVAL_PAIR_ACCURACY in r]
+    assert [r["step"] for r in evals] == [0, 2, 4, 5]
+    assert evals[0][K.EVAL_PAIR_ACCURACY] == 0.5 and evals[0][K.EVAL_KL_REFERENCE] == 0.0
+    assert all(0.0 <= r[K.EVAL_PAIR_ACCURACY] <= 1.0 and r[K.EVAL_KL_REFERENCE] >= 0 for r in evals)
+    assert any(r[K.EVAL_KL_REFERENCE] > 0 for r in evals[1:])  # training moved the policy off the reference
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4, 5]
+    assert steps[0][K.KL_REFERENCE] == pytest.approx(0.0, abs=1e-9)
+    assert all(r[K.KL_REFERENCE] >= 0 for r in steps) and any(r[K.KL_REFERENCE] > 0 for r in steps[1:])
+    assert not any(K.EVAL_PAIR_ACCURACY in r for r in steps)
+
+
+def test_held_out_evaluation_keeps_training_and_resume_bit_identical(merged, ds, items, tmp_path):
+    """The same weights and logged values (i) with and without held-out evaluation, and (ii) uninterrupted or
+    stopped at step 3 and resumed; the eval rows are logged once each."""
+    from hanorec import logkeys as K
+
+    def same(rows_a, rows_b, keys):
+        strip = [[{k: r[k] for k in keys if k in r} for r in rows] for rows in (rows_a, rows_b)]
+        assert strip[0] == strip[1]
+
+    plain_cfg = make_cfg(tmp_path / "plain", max_steps=5, **METHODS["dpo"])
+    plain = copy.deepcopy(merged)
+    train_preference(plain_cfg, plain, ds, items, tmp_path / "plain", resume=False)
+    a, _, rows_a = _eval_run(merged, ds, items, tmp_path / "a", steps=5)
+    wa, wp = trainable_state(a.model), trainable_state(plain.model)
+    assert all(torch.equal(wa[n], wp[n]) for n in wa)
+    same([r for r in rows_a if "loss" in r], read_metrics(tmp_path / "plain"), ("step", "loss", "lr"))
+
+    _, stopped, _ = _eval_run(merged, ds, items, tmp_path / "b", steps=5, should_stop=lambda: True)
+    assert stopped.global_step == 1 and stopped.stopped_early
+    b, result, rows_b = _eval_run(merged, ds, items, tmp_path / "b", steps=5)
+    assert result.global_step == 5
+    wb = trainable_state(b.model)
+    assert all(torch.equal(wa[n], wb[n]) for n in wa)
+    keys = ("step", "loss", "lr", K.KL_REFERENCE, K.EVAL_PAIR_ACCURACY, K.EVAL_KL_REFERENCE, *METRIC_KEYS)
+    same(rows_a, rows_b, keys)

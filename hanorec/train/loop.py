@@ -249,7 +249,8 @@ class _Run:
     """The state of one training run and its steps: resume, one micro-batch, log, checkpoint."""
 
     def __init__(self, *, model, items, collate, loss_fn, train_cfg, seed, output_dir, config_yaml,
-                 accelerator, on_log, should_stop, stage, drop_last=False, validation=None):  # fmt: skip
+                 accelerator, on_log, should_stop, stage, drop_last=False, validation=None, step_eval=None,
+                 eval_every=0):  # fmt: skip
         self.items, self.collate, self.loss_fn, self.cfg, self.seed = items, collate, loss_fn, train_cfg, seed
         self.output_dir, self.config_yaml, self.stage = Path(output_dir), config_yaml, stage
         self.acc, self.on_log, self.should_stop = accelerator, on_log, should_stop
@@ -294,6 +295,7 @@ class _Run:
         self.scheduler.split_batches = True
         self.state = {"global_step": 0, "epoch": 0, "micro_in_epoch": 0, "stage": stage}
         self.validation = validation
+        self.step_eval, self.eval_every = step_eval, eval_every
         self.best_weights: dict | None = None  # trainable tensors of the best validation (CPU copies)
         if validation is not None:
             self.state["val"] = {"history": [], "best": None, "since_best": 0, "early_stopped": False, "kept": "last"}
@@ -499,6 +501,7 @@ class _Run:
                 continue
             self.state["global_step"] += 1
             self.log_step()
+            self.evaluate_step()
             if self.checkpoint_due():
                 self.checkpoint()
             if self.should_stop is not None and self.should_stop():
@@ -512,6 +515,35 @@ class _Run:
         if not self.cfg.save_every or validated:
             self.checkpoint()
         return self.early_stopped
+
+    def evaluate_step(self, force: bool = False) -> None:
+        """step_eval at this step when due (every eval_every steps and at the last; force: now, at step 0): the
+        model in eval mode under no_grad, the RNG restored after; one metrics.jsonl row of its values."""
+        step = self.state["global_step"]
+        if self.step_eval is None:
+            return
+        if not force and step != self.total_steps and (not self.eval_every or step % self.eval_every):
+            return
+        from hanorec.train.checkpoint import rng_state, set_rng_state
+
+        model = self.acc.unwrap_model(self.model)
+        saved, was = rng_state(), model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                values = self.step_eval(model)
+        finally:
+            model.train(was)
+            set_rng_state(saved)
+        event = make_event(self.stage, step, self.total_steps, start=self.start, epoch=self.epoch_progress,
+                           **{k: float(v) for k, v in values.items()})  # fmt: skip
+        if self.acc.is_main_process:
+            with self.log_path.open("a") as fh:
+                fh.write(json.dumps(event) + "\n")
+        if self.cfg.log_with:
+            self.acc.log(event, step=step)
+        if self.on_log is not None:
+            self.on_log(event)
 
     # ---- validation and early stopping ------------------------------------------------------------
     @property
@@ -585,6 +617,8 @@ class _Run:
     def run(self) -> TrainResult:
         self.stopped = False
         self.model.train()
+        if self.state["global_step"] == 0:
+            self.evaluate_step(force=True)  # where the curve starts (a resumed run logged it already)
         while self.state["global_step"] < self.total_steps and not self.early_stopped and not self.run_epoch():
             pass
         step = self.state["global_step"]
@@ -621,6 +655,8 @@ def train_loop(
     stage: str = "sft",
     drop_last: bool = False,
     validation: Validation | None = None,
+    step_eval: Callable[[torch.nn.Module], dict] | None = None,
+    eval_every: int = 0,
 ) -> TrainResult:
     """Train `model` on `items`; loss_fn(model, batch) returns (scalar loss, metrics of floats).
 
@@ -631,6 +667,9 @@ def train_loop(
     with a checkpoint. Zero items raise EmptyTrainingSet before anything is built. drop_last leaves out each
     epoch's last partial micro-batch (see plan_steps). validation: score after every epoch and at the end,
     with optional early stopping (see Validation); its events carry val/<metric> keys instead of the loss.
+    step_eval(model) -> {key: value}: evaluated at step 0, every ``eval_every`` optimizer steps and at the last
+    step, in eval mode under no_grad with the RNG restored afterwards (so it never changes training, and a
+    resumed run trains the same weights); each call's values go to metrics.jsonl as a row of their own.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -657,6 +696,7 @@ def train_loop(
         model=model, items=items, collate=collate, loss_fn=loss_fn, train_cfg=train_cfg, seed=seed,
         output_dir=output_dir, config_yaml=config_yaml, accelerator=accelerator, on_log=on_log,
         should_stop=should_stop, stage=stage, drop_last=drop_last, validation=validation,
+        step_eval=step_eval, eval_every=eval_every,
     )  # fmt: skip
     run.resume(resume)
     run.announce()

@@ -296,8 +296,11 @@ def make_pref_loss(
         if eta is not None and out.eta is None:
             out.eta = eta
         loss = out.total()
+        # the KL needs reference log-probs: a reference-free loss (SimPO) has none unless they were precomputed
+        has_ref = batch["ref"] is not None or method.needs_reference
+        kl = completion_kl(pol_all.detach(), ref.to(pol_c.dtype)).mean().item() if has_ref else None
         metrics = step_metrics(out, pol_c, pol_r, batch["lambda"] if methods.uses_hardness(p) else None,
-                               p.noise_sigma if p.noise_target != "none" else 0.0)  # fmt: skip
+                               p.noise_sigma if p.noise_target != "none" else 0.0, kl=kl)  # fmt: skip
         return loss, metrics
 
     loss_fn.close_noise = lambda: pending[0].close()
@@ -305,11 +308,29 @@ def make_pref_loss(
     return loss_fn
 
 
-def step_metrics(out, pol_c: torch.Tensor, pol_r: torch.Tensor, lam: torch.Tensor | None, sigma: float) -> dict:
-    """The logged values of one preference step (their names: hanorec.logkeys)."""
+def completion_kl(policy: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """KL(policy || reference) per prompt over its scored completions: (B, 1+K) summed log-probs of the chosen
+    and rejected completions under each model -> (B,).
+
+    Each model's probabilities are renormalised over the prompt's completions (a softmax of the summed
+    log-probs), so the value is the KL between the two models' choices among those answers: 0 when the
+    policy ranks them with the reference's relative odds, whatever it does elsewhere. It costs nothing beyond
+    the step's own forwards. For one rejected completion it is the KL of two Bernoullis whose log-odds are
+    the policy's and the reference's chosen-minus-rejected margins (docs/method.md section 6)."""
+    log_p = torch.log_softmax(policy.double(), dim=-1)
+    log_q = torch.log_softmax(reference.double(), dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).clamp_min(0.0)
+
+
+def step_metrics(
+    out, pol_c: torch.Tensor, pol_r: torch.Tensor, lam: torch.Tensor | None, sigma: float, kl: float | None = None
+) -> dict:
+    """The logged values of one preference step (their names: hanorec.logkeys); kl: the mean
+    :func:`completion_kl` of the step (None for a reference-free loss: the key is left out)."""
     from hanorec import logkeys as K
 
     rej_reward = out.rejected_rewards if out.rejected_rewards.dim() == 1 else out.rejected_rewards.mean(1)
+    extra = {} if kl is None else {K.KL_REFERENCE: kl}
     return {
         K.REWARD_CHOSEN: out.chosen_rewards.mean().item(),
         K.REWARD_REJECTED: rej_reward.mean().item(),
@@ -321,8 +342,66 @@ def step_metrics(out, pol_c: torch.Tensor, pol_r: torch.Tensor, lam: torch.Tenso
         K.LAMBDA_MEAN: lam.mean().item() if lam is not None else 1.0,
         K.ETA: float(out.eta) if out.eta is not None else 1.0,
         K.NOISE_SIGMA: sigma,
+        **extra,
         **out.logged,
     }
+
+
+TIE_NATS = 1e-6  # held-out pairs whose two log-ratios differ by less than this count as ties (half right)
+
+
+def pair_accuracy(
+    policy: torch.Tensor, reference: torch.Tensor, tie: float = TIE_NATS
+) -> tuple[float, float]:
+    """(accuracy, mean KL) of held-out pairs from (N, 1+K) summed log-probs under the policy and the reference.
+
+    A pair is right when its chosen completion's log-ratio log pi/pi_ref exceeds a rejected one's (DPO's
+    implicit reward with beta = 1; every rejected completion is compared, ties count half), so the policy at
+    step 0, which equals the reference, scores exactly 0.5. The KL is :func:`completion_kl`'s mean."""
+    ratio = policy.double() - reference.double()
+    diff = ratio[:, :1] - ratio[:, 1:]  # (N, K)
+    right = (diff > tie).double() + 0.5 * (diff.abs() <= tie).double()
+    return float(right.mean()), float(completion_kl(policy, reference).mean())
+
+
+class HeldOutPairs:
+    """pref.eval_pairs fixed validation pairs, their reference log-probs scored once (adapter disabled); calling
+    it with the policy returns {eval/pair_accuracy, eval/kl_reference, eval/logps/chosen, eval/logps/rejected}. Scored in eval mode without noise or
+    gradients; the training loop restores the RNG afterwards, so evaluating never changes training."""
+
+    def __init__(self, bundle: ModelBundle, ds: RecDataset, items: Sequence[PrefItem], mode: str, batch_size: int = 8):
+        self.bundle, self.mode, self.batch_size = bundle, mode, batch_size
+        self.encoded = [_encode(bundle, ds, items[k : k + batch_size]) for k in range(0, len(items), batch_size)]
+        self.reference = self._score(bundle.model, reference=True)
+
+    def _score(self, model, reference: bool = False) -> torch.Tensor:
+        device = next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        was = model.training
+        model.eval()
+        rows = []
+        try:
+            for prompts, completions in self.encoded:
+                moved = [_to(pr, device) for pr in prompts]
+                if reference:
+                    rows.append(reference_logps(model, self.bundle, moved, completions, self.mode, dtype).cpu())
+                else:
+                    with torch.no_grad():
+                        sums, _ = multi_completion_logps(
+                            model, self.bundle, moved, completions, mode=self.mode, dtype=dtype
+                        )
+                    rows.append(torch.stack(sums).cpu())
+        finally:
+            model.train(was)
+        return torch.cat(rows).double()
+
+    def __call__(self, model) -> dict:
+        from hanorec import logkeys as K
+
+        policy = self._score(model)
+        acc, kl = pair_accuracy(policy, self.reference)
+        return {K.EVAL_PAIR_ACCURACY: acc, K.EVAL_KL_REFERENCE: kl, K.EVAL_LOGP_CHOSEN: float(policy[:, 0].mean()),
+                K.EVAL_LOGP_REJECTED: float(policy[:, 1:].mean())}  # fmt: skip
 
 
 def _close_after_backward(loss: torch.Tensor, context: contextlib.ExitStack) -> None:
@@ -402,13 +481,16 @@ def train_preference(
     on_log=None,
     should_stop=None,
     reference_cache=None,
+    eval_items: Sequence[PrefItem] | None = None,
 ) -> TrainResult:
     """Train bundle.model (merged SFT + fresh LoRA) on preference items with cfg.pref's method.
 
     reference_cache: a :class:`hanorec.train.refcache.ReferenceCache` shared by the stages of one comparison
     seed (same SFT model): the reference sums of each micro-batch are computed by the first stage that sees it
     and reused, bit for bit, by the others (not with pref.precompute_ref, several processes, or a dropout
-    outside the LoRA layers)."""
+    outside the LoRA layers).
+    eval_items: held-out pairs (:class:`HeldOutPairs`) scored at step 0, every pref.eval_every steps and at
+    the end; their eval/ keys go to metrics.jsonl as rows of their own."""
     from accelerate import Accelerator
 
     from hanorec.train.loop import resolve_mixed_precision
@@ -440,6 +522,7 @@ def train_preference(
             )
             sft_key = bundle.meta.get("sft_checkpoint", bundle.name)
             scope = reference_cache.scope(sft_key, context, [pair_key(it.pair) for it in items])
+    held_out = HeldOutPairs(bundle, ds, eval_items, p.scoring) if eval_items else None
     loss_fn = make_pref_loss(cfg, bundle, accelerator, noise, reference_cache=scope)
     restore_dropout = disable_dropout(bundle.model) if p.disable_dropout else None
     try:
@@ -458,6 +541,8 @@ def train_preference(
             should_stop=should_stop,
             stage=p.method,
             drop_last=True,  # as the authors' trainer: eta's trimmed mean never sees a short micro-batch
+            step_eval=held_out,
+            eval_every=p.eval_every,
         )
     finally:
         if scope is not None:
