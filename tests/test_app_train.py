@@ -89,7 +89,8 @@ def test_form_overrides_per_stage():
                             sampling="embedding", lr=5e-4, max_steps=10)  # fmt: skip
     assert hano["pref"]["beta"] == 0.2 and hano["pref"]["noise_sigma"] == 0.1
     assert hano["pref"]["noise_target"] == "logits" and hano["pref"]["negative_sampling"] == "embedding"
-    assert hano["pref"]["lr"] == 5e-4 and hano["pref"]["max_pairs"] == 40 and hano["task"]["name"] == "hit1"
+    assert hano["pref"]["lr"] == 5e-4 and hano["task"]["name"] == "hit1"
+    assert hano["pref"]["max_pairs"] == 10 * presets.lab_config().pref.batch_size  # each pair once in 10 steps
     assert "noise_target" not in T.form_overrides("d", "tiny-llava", "HaNo-DPO w/o NoDO", "hit3")["pref"]
     assert T.form_overrides("d", "tiny-llava", "S-DPO", "hit3", k_negatives=3)["pref"]["k_negatives"] == 3
     real = T.form_overrides("d", "org/model", "SFT", "hit3")
@@ -122,7 +123,7 @@ def test_past_runs_table_compare_and_curves_of_a_finished_run(ctx):
     over = T.form_overrides(str(DEMO), "tiny-llava", "SFT", "hit3", max_steps=3, eval_examples=2)
     cfg = load_config(T.base_config("tiny-llava"), over)
     cfg.output_dir = str(ctx.runs_dir / "inproc")
-    cfg.model.tiny_hidden_size, cfg.task.max_train_examples = 64, 12
+    cfg.model.tiny_hidden_size, cfg.task.max_train_examples, cfg.sft.log_every = 64, 12, 1
     run_pipeline(cfg, print_fn=lambda *a: None)
     table, names, sft_runs = T.past_runs(ctx)
     assert list(table["run"]) == ["inproc"] and list(table["steps"]) == [3] and sft_runs == ["inproc"]
