@@ -93,7 +93,7 @@ def test_the_demo_model_works_in_every_tab_and_nothing_is_written(ctx):
 @pytest.mark.parametrize("run", ["demo-hit3", "teach-hit3"])
 def test_the_command_rebuilds_the_shipped_bytes(run):
     """scripts/make_demo_runs.py --check --runs RUN trains the run again (demo-hit3's three stages: about a CPU
-    minute; teach-hit3's SFT and its evaluation on 240 test users under two protocols: about 4 CPU minutes) into
+    minute; teach-hit3's SFT and its evaluation on 240 test users under two protocols: 7.5 minutes on the 2-core sandbox) into
     a temporary folder and compares every file's SHA-256 with the shipped ones (within stated tolerances when
     this machine's CPU kernels differ from the ones recorded in build.json)."""
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "make_demo_runs.py"), "--check", "--runs", run],
