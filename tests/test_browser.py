@@ -135,7 +135,7 @@ def test_train_tab_runs_a_tiny_training_to_the_end(page, shots):
     page.wait_for_function(f"() => Number(document.querySelector('#train-lr input').value) === {form_defaults()['pref_lr']}",
                            timeout=30_000)  # fmt: skip
     page.get_by_label("max steps (empty: epochs)", exact=True).fill("2")
-    page.get_by_label("evaluation prompts (empty: all)", exact=True).fill("2")
+    page.get_by_label("evaluation prompts (0: all)", exact=True).fill("2")
     page.locator("#train-launch").click()
     status = page.locator("#train-status")
     status.get_by_text("hano-dpo").wait_for(timeout=60_000)

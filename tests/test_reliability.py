@@ -606,7 +606,7 @@ def _launch(client, owner="", **changes):
         ("seed", 1.5, "Seed: 1.5 is not a whole number"),
         ("max_steps", [1, 2], "max steps (empty: epochs): a number is needed, not list"),
         ("max_steps", 10_000, "max steps (empty: epochs): 10000 is above the maximum, 60"),  # demo mode's cap
-        ("eval_examples", 5_000, "evaluation prompts (empty: all): 5000 is above the maximum, 100"),
+        ("eval_examples", 5_000, "evaluation prompts: 5000 is above the maximum, 100"),
         ("beta0", "NaN", "beta (HaNo-DPO: beta0): nan is not a finite number"),
         ("sigma", {"a": 1}, "noise sigma (NoDO): a number is needed, not dict"),
         ("epochs", -1, "epochs: -1 is below the minimum, 0.01"),

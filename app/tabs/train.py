@@ -193,8 +193,8 @@ def checked_numbers(ctx, f: dict) -> dict:
         lr=dict(label="learning rate", minimum=0, maximum=10, optional=True),
         max_steps=dict(label="max steps", integer=True, minimum=1, maximum=steps_cap or 10**8,
                        optional=steps_cap is None),
-        eval_examples=dict(label="evaluation prompts", integer=True, minimum=1, maximum=eval_cap or 2**31 - 1,
-                           optional=eval_cap is None),
+        eval_examples=dict(label="evaluation prompts", integer=True, minimum=1 if eval_cap else 0,  # 0: all
+                           maximum=eval_cap or 2**31 - 1, optional=eval_cap is None),
         seed=dict(label="seed", integer=True, minimum=0, maximum=2**32 - 1),
         hars_k=dict(label="HaRS K neighbours", integer=True, minimum=1, maximum=100_000, optional=True),
         hars_temperature=dict(label="HaRS profile temperature", minimum=1e-3, maximum=100, optional=True),
@@ -715,8 +715,10 @@ def build(ctx) -> None:
                               elem_id="train-lr")  # fmt: skip
             max_steps = number_field(d["sft_max_steps"], precision=0, label="max steps (empty: epochs)", minimum=1,
                                      maximum=ctx_limit(ctx, "max_steps"), elem_id="train-max-steps")  # fmt: skip
-            eval_examples = number_field(d["eval_examples"], precision=0, label="evaluation prompts (empty: all)",
-                                         minimum=1, maximum=ctx_limit(ctx, "eval_examples"))  # fmt: skip
+            eval_cap = ctx_limit(ctx, "eval_examples")  # demo mode: a number up to the cap; else 0 means all
+            eval_examples = number_field(min(d["eval_examples"] or eval_cap, eval_cap) if eval_cap else (d["eval_examples"] or 0),
+                                         precision=0, label="evaluation prompts" + ("" if eval_cap else " (0: all)"),
+                                         minimum=1 if eval_cap else 0, maximum=eval_cap)  # fmt: skip
             log_with = gr.Dropdown([NO_TRACKER, *available_trackers()], value=NO_TRACKER,
                                    label="also log to (installed trackers)")  # fmt: skip
     launch_btn = gr.Button("Launch in background", variant="primary", elem_id="train-launch")
