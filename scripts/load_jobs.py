@@ -83,16 +83,21 @@ def session(url: str, users: list[str], seconds: float, max_requests: int, seed:
 
 
 JOB_CAP = 4  # jobs waiting in total in the job sessions' app (demo mode's cap)
-FORM = [str(DEMO), "tiny-llava", "SFT", "hit3", "train SFT first, in this run", 0.1, 0.05, "lora", 3, "random", 1, 0,
-        10, 20, "none (metrics.jsonl only)", 0]  # fmt: skip
+FORM = dict(dataset=str(DEMO), backbone="tiny-llava", stage="SFT", task="hit3", sft_from="train SFT first, in this run",
+            beta0=0.1, sigma=0.05, noise_target="lora", k_negatives=3, sampling="random", epochs=1, lr=0, max_steps=10,
+            eval_examples=20, log_with="none (metrics.jsonl only)", seed=0, addons=[], hars_k=10,
+            hars_temperature=1.0)  # fmt: skip
 
 
 def form_values(name: str, token: str) -> list:
-    """The Train tab's launch inputs: the form's fields, each method's options (defaults), the owner token."""
+    """The Train tab's launch inputs in the form's order (app.tabs.train.FORM_FIELDS), each method's options
+    (defaults), the owner token."""
+    from app.tabs.train import FORM_FIELDS
     from hanorec import methods
 
+    values = {**FORM, "name": name}
     options = [k.default for m in methods.all_methods() for k in methods.option_knobs(m)]
-    return [*FORM, name, [], *options, token]  # name, then addons (none)
+    return [values[f] for f in FORM_FIELDS] + options + [token]
 
 
 def job_session(url: str, i: int, seconds: float, max_requests: int, ctx, jobs: dict, out: dict, lock) -> None:

@@ -137,7 +137,8 @@ def train_values(inst: Instance, owner: str = "", **changes) -> list:
     form = dict(dataset=str(inst.data), backbone="tiny-llava", stage="SFT", task="hit3",
                 sft_from="train SFT first, in this run", beta0=0.1, sigma=0.05, noise_target="lora", k_negatives=3,
                 sampling="random", epochs=1, lr=0, max_steps=10, eval_examples=20,
-                log_with="none (metrics.jsonl only)", seed=0, name="", addons=[])  # fmt: skip
+                log_with="none (metrics.jsonl only)", seed=0, name="", addons=[], hars_k=10,
+                hars_temperature=1.0)  # fmt: skip
     form.update(changes)
     options = [k.default for m in methods.all_methods() for k in methods.option_knobs(m)]
     return [form[f] for f in FORM_FIELDS] + options + [owner]
