@@ -422,8 +422,10 @@ def test_each_trains_from_the_app(tmp_path):
                       "sft_from": T.FROM_SCRATCH, **FORM, "max_steps": 2, "name": f"app-{name}"}  # fmt: skip
             T.launch_form(ctx, fields)
             poll_until(ctx, f"app-{name}", ["finished"], timeout=300)
-            logged = runs.read_metrics(runs_dir / f"app-{name}", name)
+            rows = runs.read_metrics(runs_dir / f"app-{name}", name)
+            logged = [r for r in rows if "loss" in r]  # training steps; the preset's held-out rows come beside them
             assert [r["step"] for r in logged] == [1, 2] and all(math.isfinite(r["loss"]) for r in logged)
+            assert [r["step"] for r in rows if "eval/pair_accuracy" in r] == [0, 2]  # the lesson preset's held-out pairs
             assert runs.run_info(runs_dir / f"app-{name}").label(name) == label
     finally:
         ctx.jobs.close()
