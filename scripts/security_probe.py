@@ -502,7 +502,7 @@ def config_secret(inst):
 @attack("27.N", "server paths and tracebacks in replies and job logs")
 def leaks(inst):
     call(inst, "train_runs", [], session="n")
-    ok, poll = call(inst, "train_poll", ["failed-job"], session="n")
+    ok, poll = call(inst, "train_poll", ["failed-job", "step", 0.6], session="n")  # job, x-axis, smoothing
     _, err = call(inst, "compare_launch", compare_values(inst, sft_from="no-such-run"))
     _, err2 = call(inst, "data_open_typed", ["no/such/folder", "hit3"])
     texts = [poll, err, err2]
