@@ -524,6 +524,13 @@ class _Run:
             return
         if not force and step != self.total_steps and (not self.eval_every or step % self.eval_every):
             return
+        values = self._evaluate_aside(self.step_eval)
+        self._emit(make_event(self.stage, step, self.total_steps, start=self.start, epoch=self.epoch_progress,
+                              **{k: float(v) for k, v in values.items()}), step)  # fmt: skip
+
+    def _evaluate_aside(self, evaluate):
+        """evaluate(model) with the model in eval mode under no_grad and the RNG restored after, so training
+        (and a resume) continues exactly as if it had not run."""
         from hanorec.train.checkpoint import rng_state, set_rng_state
 
         model = self.acc.unwrap_model(self.model)
@@ -531,12 +538,13 @@ class _Run:
         model.eval()
         try:
             with torch.no_grad():
-                values = self.step_eval(model)
+                return evaluate(model)
         finally:
             model.train(was)
             set_rng_state(saved)
-        event = make_event(self.stage, step, self.total_steps, start=self.start, epoch=self.epoch_progress,
-                           **{k: float(v) for k, v in values.items()})  # fmt: skip
+
+    def _emit(self, event: dict, step: int) -> None:
+        """One metrics.jsonl row (main process), the tracker's log and the on_log callback."""
         if self.acc.is_main_process:
             with self.log_path.open("a") as fh:
                 fh.write(json.dumps(event) + "\n")
@@ -558,17 +566,8 @@ class _Run:
         val, step = self.state["val"], self.state["global_step"]
         if val["history"] and val["history"][-1]["step"] == step:
             return False
-        from hanorec.train.checkpoint import rng_state, set_rng_state
-
         model = self.acc.unwrap_model(self.model)
-        saved = rng_state()
-        model.eval()
-        try:
-            with torch.no_grad():
-                metrics = self.validation.evaluate(model)
-        finally:
-            model.train()
-            set_rng_state(saved)
+        metrics = self._evaluate_aside(self.validation.evaluate)
         name = self.validation.metric
         value = float(metrics[name])
         record = {"step": step, "epoch": round(self.epoch_progress, 6), "metric": name, "value": value,
@@ -589,13 +588,7 @@ class _Run:
             self.stage, step, self.total_steps, start=self.start, epoch=self.epoch_progress,
             **{f"val/{k}": float(v) for k, v in metrics.items()}, **{f"val/best_{name}": val["best"]["value"]},
         )  # fmt: skip
-        if self.acc.is_main_process:
-            with self.log_path.open("a") as fh:
-                fh.write(json.dumps(event) + "\n")
-        if self.cfg.log_with:
-            self.acc.log(event, step=step)
-        if self.on_log is not None:
-            self.on_log(event)
+        self._emit(event, step)
         return True
 
     def keep_best(self) -> bool:
