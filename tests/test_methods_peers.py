@@ -337,33 +337,14 @@ def test_mdpo_step_scores_the_imageless_rows_with_the_policy_and_the_reference(p
 
 
 # ---- training and resume -----------------------------------------------------------------------------
-TINY = (
-    "--seed=0 --model.name=tiny-llava --model.tiny_hidden_size=64 --model.tiny_vocab_size=400 --lora.r=4 "
-    "--lora.alpha=8 --task.max_train_examples=16 --task.max_eval_examples=2 --sft.max_steps=1 --sft.batch_size=4 "
-    "--sft.progress_bar=false --pref.max_steps=4 --pref.batch_size=4 --pref.log_every=1 --pref.save_every=1 "
-    "--pref.progress_bar=false --pref.noise_target=none"
-).split()
+from test_methods import TINY, sft_run, tiny_cfg  # noqa: E402,F401  (the tiny LLaVA preset and its SFT run, defined once)
+
 ROWS = {"dmpo": ["--pref.k_negatives=3"], "dynamicpo": ["--pref.k_negatives=3"], "mdpo": []}
-
-
-def tiny_cfg(out, *pref):
-    return load_config(overrides=[*TINY, f"--output_dir={out}", *pref])
-
-
-@pytest.fixture(scope="module")
-def sft_run(tmp_path_factory):
-    from hanorec.pipeline import prepare_data, run_sft
-
-    root = tmp_path_factory.mktemp("sft")
-    cfg = tiny_cfg(root)
-    data = prepare_data(cfg)
-    run_sft(cfg, data)
-    return root, data
 
 
 @pytest.mark.slow  # three methods x (4 + 2 + 2 steps): about 40 s of CPU
 @pytest.mark.parametrize("name", list(ROWS))
-def test_each_resumes_bit_exact(sft_run, tmp_path, name):
+def test_each_resumes_bit_exact(sft_run, tmp_path, name):  # noqa: F811 (the fixture imported above)
     from hanorec import runs
     from hanorec.pipeline import run_preference
 
