@@ -39,19 +39,15 @@ NEGATIVE_COLUMNS = ["pair", "negative", "logp_chosen", "logp_rejected", "reward_
 def planted_false_negatives(pair, ds) -> list[bool] | None:
     """Per rejected answer of ``pair``: whether it holds an item of the first target's (colour, genre) cluster
     (what the false-negatives scenario plants); None when the items carry no colour and genre."""
-    key = _cluster(ds, pair.example.targets[0])
+    from hanorec.explore import taste_cluster
+
+    key = taste_cluster(ds, pair.example.targets[0])
     if key is None:
         return None
     m = len(pair.negative_item_ids) // len(pair.rejected)  # aligned item ids per rejected answer
     return [
-        any(_cluster(ds, i) == key for i in pair.negative_item_ids[j * m : (j + 1) * m]) for j in range(len(pair.rejected))
+        any(taste_cluster(ds, i) == key for i in pair.negative_item_ids[j * m : (j + 1) * m]) for j in range(len(pair.rejected))
     ]
-
-
-def _cluster(ds, item):
-    attrs = ds.items[item].attributes if item in ds.items else {}
-    key = (attrs.get("color"), attrs.get("genre"))
-    return None if None in key else key
 
 
 def betas_side_by_side(

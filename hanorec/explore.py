@@ -561,20 +561,25 @@ def training_pairs(cfg, data, emb_ids=None, emb=None, *, sampling: str | None = 
     )
 
 
+def taste_cluster(ds: RecDataset, item: str) -> tuple | None:
+    """An item's (colour, genre) taste cluster on a demo dataset (hanorec.data.make_demo), None when the item
+    is unknown or carries no colour or no genre. A false negative is a rejected item in the true item's one."""
+    attrs = ds.items[item].attributes if item in ds.items else {}
+    key = (attrs.get("color"), attrs.get("genre"))
+    return None if None in key else key
+
+
 def same_taste_negatives(pairs: Sequence, ds: RecDataset) -> list[int] | None:
     """Per pair, how many of its rejected items share the true item's (colour, genre) cluster: the false
     negatives a teaching scenario plants (hanorec.data.SCENARIOS, false_negatives; a random draw lands there
     too, about 1 time in 16 on the demo). None when the items carry no colour and genre (not a demo dataset)."""
-    def cluster(item):
-        a = ds.items[item].attributes if item in ds.items else {}
-        return (a.get("color"), a.get("genre"))
-
-    if not pairs or None in cluster(next(iter(ds.items))):
+    if not pairs or taste_cluster(ds, next(iter(ds.items))) is None:
         return None
     out = []
     for p in pairs:
-        target = cluster(p.example.targets[0]) if p.example.targets else (None, None)
-        out.append(sum(1 for n in dict.fromkeys(p.negative_item_ids) if None not in target and cluster(n) == target))
+        target = taste_cluster(ds, p.example.targets[0]) if p.example.targets else None
+        out.append(sum(1 for n in dict.fromkeys(p.negative_item_ids)
+                       if target is not None and taste_cluster(ds, n) == target))  # fmt: skip
     return out
 
 

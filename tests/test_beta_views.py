@@ -47,6 +47,7 @@ def test_betas_side_by_side_by_hand():
 
 def test_planted_false_negatives_mark_the_targets_cluster(ds):
     from hanorec.data import make_splits
+    from hanorec.explore import taste_cluster
     from hanorec.pairs import build_pairs
     from hanorec.tasks import TASK_SHAPES, build_examples
 
@@ -55,10 +56,10 @@ def test_planted_false_negatives_mark_the_targets_cluster(ds):
     pairs = build_pairs(build_examples("hit3", splits.train, ds, seed=0, max_examples=40), ds, seed=0, k_negatives=2)
     marks = [B.planted_false_negatives(p, ds) for p in pairs]
     for p, m in zip(pairs[:40], marks):
-        key = B._cluster(ds, p.example.targets[0])
+        key = taste_cluster(ds, p.example.targets[0])
         for j in range(2):
             items = p.negative_item_ids[j * 3 : (j + 1) * 3]
-            assert m[j] == any(B._cluster(ds, i) == key for i in items)
+            assert m[j] == any(taste_cluster(ds, i) == key for i in items)
     assert any(any(m) for m in marks) and not all(all(m) for m in marks)  # both cases occur by chance
 
 
